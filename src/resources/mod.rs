@@ -1,0 +1,327 @@
+//! The `WebhookEndpoint` custom resource and the names every component shares.
+//!
+//! The CRD in `crds/` is generated from these types (`capy-webhooks crd`); a test fails when the
+//! checked-in file drifts from them.
+
+// Several `printcolumn(type_ = "string")` entries are distinct columns, not duplicates.
+#![allow(clippy::duplicated_attributes)]
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// API group of every resource this operator defines.
+pub const GROUP: &str = "webhooks.capydb.io";
+/// Field manager of every server-side apply this operator makes.
+pub const FIELD_MANAGER: &str = "capy-webhooks";
+/// Label naming the organization that owns an endpoint; lets one organization be listed by selector.
+pub const ORGANIZATION_LABEL: &str = "webhooks.capydb.io/organization-id";
+/// Label naming the endpoint an owned object (Secret, ConfigMap) belongs to.
+pub const ENDPOINT_LABEL: &str = "webhooks.capydb.io/endpoint";
+/// Standard label marking objects this operator manages.
+pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
+/// Value of [`MANAGED_BY_LABEL`].
+pub const MANAGED_BY: &str = "capy-webhooks";
+/// Standard label telling what role an owned object plays.
+pub const COMPONENT_LABEL: &str = "app.kubernetes.io/component";
+/// [`COMPONENT_LABEL`] value of signing-secret Secrets.
+pub const SIGNING_SECRET_COMPONENT: &str = "signing-secret";
+
+/// Condition type: the endpoint is fully reconciled and usable.
+pub const CONDITION_READY: &str = "Ready";
+/// Condition type: the signing secret exists and is valid.
+pub const CONDITION_SECRET_READY: &str = "SecretReady";
+
+/// Longest URL accepted, in characters (the REST contract's limit).
+pub const MAX_URL_LENGTH: usize = 2048;
+/// Longest description accepted, in characters.
+pub const MAX_DESCRIPTION_LENGTH: usize = 1024;
+/// Most event-type patterns one endpoint may subscribe to.
+pub const MAX_EVENT_TYPES: usize = 64;
+/// Longest event-type pattern accepted, in characters.
+pub const MAX_EVENT_TYPE_LENGTH: usize = 128;
+
+/// Event-type pattern: dot-separated segments, optionally ending in `.*` (`database.*`).
+pub const EVENT_TYPE_PATTERN: &str = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*(\.\*)?$";
+/// Organization ids end up in a label value, so they must be valid label values.
+pub const ORGANIZATION_ID_PATTERN: &str = r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$";
+
+/// Desired state of one outbound webhook endpoint of one organization.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "webhooks.capydb.io",
+    version = "v1",
+    kind = "WebhookEndpoint",
+    namespaced,
+    status = "WebhookEndpointStatus",
+    shortname = "whep",
+    category = "capydb",
+    doc = "An outbound webhook endpoint: where CapyDB delivers signed events for one organization.",
+    printcolumn(
+        name = "URL",
+        type_ = "string",
+        json_path = ".spec.url",
+        description = "Where events are delivered"
+    ),
+    printcolumn(
+        name = "Active",
+        type_ = "boolean",
+        json_path = ".spec.active",
+        description = "Whether deliveries are sent"
+    ),
+    printcolumn(
+        name = "Health",
+        type_ = "string",
+        json_path = ".status.health",
+        description = "Health from recent delivery outcomes"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Reconciled and usable"
+    ),
+    printcolumn(
+        name = "Organization",
+        type_ = "string",
+        json_path = ".spec.organizationId",
+        priority = 1,
+        description = "Owning organization"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    selectable = ".spec.organizationId"
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookEndpointSpec {
+    /// Organization that owns this endpoint. Set once at creation; it cannot change.
+    #[schemars(
+        length(min = 1, max = 63),
+        pattern(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
+    )]
+    #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message("organizationId is immutable"))]
+    pub organization_id: String,
+
+    /// Absolute http(s) URL that receives deliveries (at most 2048 characters). Whether plain
+    /// http and private addresses are allowed is the operator's configuration.
+    #[schemars(length(min = 1, max = 2048))]
+    #[x_kube(validation = kube::core::Rule::new(
+        "isURL(self) && url(self).getScheme() in ['https', 'http'] && url(self).getHostname() != ''"
+    ).message("url must be an absolute http:// or https:// URL with a host"))]
+    pub url: String,
+
+    /// Free text shown to users (at most 1024 characters).
+    #[serde(default)]
+    #[schemars(length(max = 1024))]
+    pub description: String,
+
+    /// Event types delivered to this endpoint: exact names (`database.created`) or prefixes
+    /// (`database.*`). Empty means every event type.
+    #[serde(default)]
+    #[schemars(
+        length(max = 64),
+        inner(length(min = 1, max = 128), pattern(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*(\.\*)?$"))
+    )]
+    pub event_types: Vec<String>,
+
+    /// Whether events are delivered. Pending deliveries of an inactive endpoint wait.
+    #[serde(default = "default_active")]
+    pub active: bool,
+
+    /// Raise this number to ask the controller for a new signing secret; the previous secret
+    /// keeps co-signing for the grace period. It can only be raised.
+    #[serde(default)]
+    #[schemars(range(min = 0))]
+    #[x_kube(validation = kube::core::Rule::new("self >= oldSelf").message("secretRotation can only be raised"))]
+    pub secret_rotation: i64,
+
+    /// Attempts per delivery before it is marked failed; defaults to the retry schedule's length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 50))]
+    pub max_attempts: Option<u32>,
+}
+
+fn default_active() -> bool {
+    true
+}
+
+/// Health of an endpoint, from recent delivery outcomes (the README defines the rule).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// Recent deliveries succeed.
+    Healthy,
+    /// Some recent deliveries fail.
+    Degraded,
+    /// Recent deliveries fail.
+    Failing,
+    /// The endpoint is inactive.
+    Disabled,
+    /// No delivery yet.
+    #[default]
+    Unknown,
+}
+
+impl Health {
+    /// The lowercase name used by the REST API and the CR status.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Healthy => "healthy",
+            Health::Degraded => "degraded",
+            Health::Failing => "failing",
+            Health::Disabled => "disabled",
+            Health::Unknown => "unknown",
+        }
+    }
+}
+
+/// Observed state, written by the controller (and the dispatcher's periodic summary).
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookEndpointStatus {
+    /// The `metadata.generation` this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// `Ready` and `SecretReady`, plus `Healthy` once deliveries happen.
+    #[serde(default)]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// Name of the Secret holding the signing secret(s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+
+    /// The last `spec.secretRotation` the controller completed.
+    #[serde(default)]
+    pub secret_rotation: i64,
+
+    /// Health from recent delivery outcomes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+
+    /// Why the endpoint was disabled automatically, if it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disabled_reason: Option<String>,
+
+    /// Summary of delivery outcomes, written at most once per summary interval.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deliveries: Option<DeliverySummary>,
+
+    /// When this status last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub updated_at: Option<Time>,
+}
+
+/// Delivery counters kept in the endpoint's status.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeliverySummary {
+    /// Deliveries that succeeded.
+    pub succeeded: u64,
+    /// Deliveries that gave up.
+    pub failed: u64,
+    /// Deliveries waiting for an attempt.
+    pub pending: u64,
+    /// Failed attempts since the last success.
+    pub consecutive_failures: u64,
+    /// Time of the last successful attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_success_at: Option<Time>,
+    /// Time of the last failed attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_failure_at: Option<Time>,
+}
+
+/// Which namespaces the operator serves.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// One namespace.
+    Namespace(String),
+    /// Every namespace (needs cluster-wide RBAC).
+    AllNamespaces,
+}
+
+impl Scope {
+    /// An API handle over this scope for any namespaced kind.
+    pub fn api<K>(&self, client: kube::Client) -> kube::Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        match self {
+            Scope::Namespace(ns) => kube::Api::namespaced(client, ns),
+            Scope::AllNamespaces => kube::Api::all(client),
+        }
+    }
+}
+
+/// Name of the Secret that holds an endpoint's signing secret.
+pub fn signing_secret_name(endpoint_name: &str) -> String {
+    format!("{endpoint_name}-signing")
+}
+
+/// The CRD as YAML, exactly as checked in under `crds/`.
+pub fn crd_yaml() -> String {
+    let crd = WebhookEndpoint::crd();
+    let yaml = serde_yaml::to_string(&crd).expect("the CRD always serializes");
+    format!("# Generated by `capy-webhooks crd`; do not edit. Regenerate with `make crds`.\n{yaml}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crd_has_contracted_names_and_columns() {
+        let crd = WebhookEndpoint::crd();
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("webhookendpoints.webhooks.capydb.io")
+        );
+        assert_eq!(crd.spec.scope, "Namespaced");
+        let version = &crd.spec.versions[0];
+        assert_eq!(version.name, "v1");
+        assert!(version.subresources.as_ref().unwrap().status.is_some());
+        let columns: Vec<_> = version
+            .additional_printer_columns
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        for wanted in ["URL", "Active", "Health", "Age"] {
+            assert!(columns.contains(&wanted), "missing printer column {wanted}");
+        }
+    }
+
+    #[test]
+    fn checked_in_crd_matches_the_types() {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/crds/webhookendpoints.webhooks.capydb.io.yaml"
+        );
+        let on_disk = std::fs::read_to_string(path).expect("crds/ file exists");
+        assert!(
+            on_disk == crd_yaml(),
+            "crds/webhookendpoints.webhooks.capydb.io.yaml is stale: run `make crds`"
+        );
+    }
+
+    #[test]
+    fn spec_defaults_apply_when_fields_are_absent() {
+        let spec: WebhookEndpointSpec =
+            serde_json::from_str(r#"{"organizationId":"org_1","url":"https://example.com/hook"}"#).unwrap();
+        assert!(spec.active);
+        assert!(spec.event_types.is_empty());
+        assert_eq!(spec.secret_rotation, 0);
+        assert_eq!(spec.description, "");
+    }
+
+    #[test]
+    fn patterns_in_constants_match_schema_attributes() {
+        let schema = serde_json::to_string(&WebhookEndpoint::crd()).unwrap();
+        let escaped = |p: &str| serde_json::to_string(p).unwrap();
+        assert!(schema.contains(&escaped(EVENT_TYPE_PATTERN)));
+        assert!(schema.contains(&escaped(ORGANIZATION_ID_PATTERN)));
+    }
+}
