@@ -1,10 +1,14 @@
 //! capy-webhooks: CapyDB's outbound webhooks as a Kubernetes operator.
 //!
 //! Layering, bottom up: [`resources`] (the CRD and shared names), the pure domain modules
-//! ([`signing`], [`validation`]), then the components ([`controller`]). `main.rs` only wires
-//! components together.
+//! ([`signing`], [`validation`]), what components share ([`http`], [`auth`]), then the
+//! components ([`controller`], [`api`]). `main.rs` only wires components together.
 
+pub mod api;
+pub mod auth;
 pub mod controller;
+pub mod http;
+pub mod ids;
 pub mod resources;
 pub mod signing;
 pub mod telemetry;

@@ -1,5 +1,8 @@
 //! The `capy-webhooks` binary: parses the command line and starts components.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -7,6 +10,10 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use tokio::sync::watch;
 use tracing::info;
 
+use capy_webhooks::api::{self, ApiConfig};
+use capy_webhooks::auth::Authenticator;
+use capy_webhooks::auth::api_keys::{self, ApiKeyIndex};
+use capy_webhooks::auth::clerk::{ClerkConfig, ClerkVerifier, JwksSource};
 use capy_webhooks::controller::{self, ControllerConfig};
 use capy_webhooks::resources::{Scope, crd_yaml};
 use capy_webhooks::telemetry::{self, LogFormat};
@@ -29,6 +36,49 @@ enum Command {
     Run(RunArgs),
     /// Print the WebhookEndpoint CRD as YAML (what `crds/` holds).
     Crd,
+    /// Mint, list and revoke REST API keys (stored hashed as Secrets).
+    #[command(subcommand)]
+    ApiKey(ApiKeyCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ApiKeyCommand {
+    /// Mint a key for an organization (or one of its projects); the key is printed once.
+    Create {
+        /// Organization id.
+        #[arg(long)]
+        org: String,
+        /// Project id, for a project-scoped key.
+        #[arg(long)]
+        project: Option<String>,
+        /// A name to recognise the key by.
+        #[arg(long)]
+        name: Option<String>,
+        #[command(flatten)]
+        ns: NamespaceArg,
+    },
+    /// List an organization's keys (never the keys themselves).
+    List {
+        /// Organization id.
+        #[arg(long)]
+        org: String,
+        #[command(flatten)]
+        ns: NamespaceArg,
+    },
+    /// Revoke a key by id; it stops working within seconds.
+    Revoke {
+        /// Key id, as printed by `create` and `list`.
+        id: String,
+        #[command(flatten)]
+        ns: NamespaceArg,
+    },
+}
+
+#[derive(Args, Debug)]
+struct NamespaceArg {
+    /// Namespace holding the API keys (default: the in-cluster namespace, else `default`).
+    #[arg(long, env = "CAPY_WEBHOOKS_NAMESPACE")]
+    namespace: Option<String>,
 }
 
 /// A component `run` can start.
@@ -36,6 +86,8 @@ enum Command {
 enum Component {
     /// Reconciles WebhookEndpoints and owns their signing Secrets.
     Controller,
+    /// The public REST API.
+    Api,
 }
 
 #[derive(Args, Debug)]
@@ -56,6 +108,44 @@ struct RunArgs {
     /// Serve every namespace (needs the chart's ClusterRole).
     #[arg(long, env = "CAPY_WEBHOOKS_ALL_NAMESPACES")]
     all_namespaces: bool,
+
+    /// Address of the public REST API.
+    #[arg(long, env = "CAPY_WEBHOOKS_API_LISTEN", default_value = "0.0.0.0:8080")]
+    api_listen: SocketAddr,
+
+    /// Largest REST request body in bytes; larger bodies get 413.
+    #[arg(long, env = "CAPY_WEBHOOKS_API_BODY_LIMIT", default_value_t = 64 * 1024)]
+    api_body_limit: usize,
+
+    /// How long create and rotate-secret wait for the controller before answering 503.
+    #[arg(long, env = "CAPY_WEBHOOKS_CONTROLLER_WAIT", default_value = "10s", value_parser = parse_duration)]
+    controller_wait: Duration,
+
+    /// Namespace of API keys and of endpoints created over REST (default: the served namespace,
+    /// else the in-cluster namespace, else `default`).
+    #[arg(long, env = "CAPY_WEBHOOKS_HOME_NAMESPACE")]
+    home_namespace: Option<String>,
+
+    /// JWKS URL of the Clerk instance, for session tokens.
+    #[arg(
+        long,
+        env = "CAPY_WEBHOOKS_CLERK_JWKS_URL",
+        conflicts_with = "clerk_jwks_file",
+        requires = "clerk_issuer"
+    )]
+    clerk_jwks_url: Option<String>,
+
+    /// JWKS file of the Clerk instance, for session tokens.
+    #[arg(long, env = "CAPY_WEBHOOKS_CLERK_JWKS_FILE", requires = "clerk_issuer")]
+    clerk_jwks_file: Option<PathBuf>,
+
+    /// Required `iss` of Clerk session tokens (e.g. https://clerk.example.com).
+    #[arg(long, env = "CAPY_WEBHOOKS_CLERK_ISSUER")]
+    clerk_issuer: Option<String>,
+
+    /// Accepted `azp` values of Clerk session tokens, comma separated (empty: not checked).
+    #[arg(long, env = "CAPY_WEBHOOKS_CLERK_AUTHORIZED_PARTIES", value_delimiter = ',')]
+    clerk_authorized_parties: Vec<String>,
 
     /// How long a rotated-out signing secret keeps co-signing deliveries (e.g. 24h, 30m).
     #[arg(long, env = "CAPY_WEBHOOKS_ROTATION_GRACE_PERIOD", default_value = "24h", value_parser = parse_duration)]
@@ -101,20 +191,106 @@ async fn shutdown_signal() {
     let _ = ctrl_c.await;
 }
 
+fn default_namespace(given: Option<String>) -> String {
+    given.or_else(in_cluster_namespace).unwrap_or_else(|| "default".into())
+}
+
+async fn kube_client() -> anyhow::Result<kube::Client> {
+    kube::Client::try_default()
+        .await
+        .context("cannot build a Kubernetes client from the kubeconfig or in-cluster settings")
+}
+
+async fn api_key_command(command: ApiKeyCommand) -> anyhow::Result<()> {
+    let client = kube_client().await?;
+    match command {
+        ApiKeyCommand::Create { org, project, name, ns } => {
+            let ns = default_namespace(ns.namespace);
+            let (record, key) = api_keys::create_key(&client, &ns, &org, project.as_deref(), name.as_deref())
+                .await
+                .context("creating the API key Secret")?;
+            eprintln!(
+                "API key {} created for organization {} in namespace {ns}; it is shown only once:",
+                record.id, record.organization_id
+            );
+            println!("{key}");
+        }
+        ApiKeyCommand::List { org, ns } => {
+            let ns = default_namespace(ns.namespace);
+            let keys = api_keys::list_keys(&client, &ns, &org)
+                .await
+                .context("listing API keys")?;
+            println!("{:<28} {:<24} {:<16} CREATED", "ID", "NAME", "PROJECT");
+            for k in keys {
+                println!(
+                    "{:<28} {:<24} {:<16} {}",
+                    k.id,
+                    k.name,
+                    k.project_id.as_deref().unwrap_or("-"),
+                    k.created_at
+                );
+            }
+        }
+        ApiKeyCommand::Revoke { id, ns } => {
+            let ns = default_namespace(ns.namespace);
+            if !api_keys::revoke_key(&client, &ns, &id)
+                .await
+                .context("revoking the API key")?
+            {
+                anyhow::bail!("no API key {id} in namespace {ns}");
+            }
+            eprintln!("API key {id} revoked");
+        }
+    }
+    Ok(())
+}
+
+async fn authenticator(args: &RunArgs, client: &kube::Client, home_namespace: &str) -> anyhow::Result<Authenticator> {
+    let index = ApiKeyIndex::new();
+    tokio::spawn(index.clone().run(client.clone(), home_namespace.to_string()));
+    let jwks = match (&args.clerk_jwks_url, &args.clerk_jwks_file) {
+        (Some(url), _) => Some(JwksSource::Url(url.clone())),
+        (None, Some(file)) => Some(JwksSource::File(file.clone())),
+        (None, None) => None,
+    };
+    let clerk = match jwks {
+        Some(jwks) => {
+            let issuer = args
+                .clerk_issuer
+                .clone()
+                .context("--clerk-issuer is required with a JWKS")?;
+            let mut config = ClerkConfig::new(jwks, issuer);
+            config.authorized_parties = args
+                .clerk_authorized_parties
+                .iter()
+                .filter(|p| !p.is_empty())
+                .cloned()
+                .collect();
+            let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+            let verifier = ClerkVerifier::new(config, http)
+                .await
+                .map_err(|e| anyhow::anyhow!("loading the Clerk JWKS: {e}"))?;
+            Some(Arc::new(verifier))
+        }
+        None => None,
+    };
+    index.wait_ready().await;
+    Ok(Authenticator::new(index, clerk))
+}
+
 async fn run(args: RunArgs) -> anyhow::Result<()> {
     telemetry::init(args.log_format);
     let scope = if args.all_namespaces {
         Scope::AllNamespaces
     } else {
-        Scope::Namespace(
-            args.namespace
-                .or_else(in_cluster_namespace)
-                .unwrap_or_else(|| "default".into()),
-        )
+        Scope::Namespace(default_namespace(args.namespace.clone()))
     };
-    let client = kube::Client::try_default()
-        .await
-        .context("cannot build a Kubernetes client from the kubeconfig or in-cluster settings")?;
+    let home_namespace = match (&args.home_namespace, &scope) {
+        (Some(ns), _) => ns.clone(),
+        (None, Scope::Namespace(ns)) => ns.clone(),
+        (None, Scope::AllNamespaces) => default_namespace(None),
+    };
+    let client = kube_client().await?;
     info!(version = env!("CARGO_PKG_VERSION"), components = ?args.components, ?scope, "capy-webhooks starting");
 
     // One shutdown signal fans out to every component.
@@ -144,6 +320,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 };
                 tasks.spawn(controller::run(client.clone(), config, stopped()));
             }
+            Component::Api => {
+                let listener = capy_webhooks::http::bind(args.api_listen, "REST API").await?;
+                let auth = authenticator(&args, &client, &home_namespace).await?;
+                let config = ApiConfig {
+                    listen: args.api_listen,
+                    scope: scope.clone(),
+                    home_namespace: home_namespace.clone(),
+                    url_policy: UrlPolicy {
+                        allow_http: args.allow_http,
+                    },
+                    body_limit: args.api_body_limit,
+                    controller_wait: args.controller_wait,
+                };
+                tasks.spawn(api::run(client.clone(), config, auth, listener, stopped()));
+            }
         }
     }
     // A component that fails ends the process, so that Kubernetes restarts it.
@@ -163,6 +354,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Run(args) => run(args).await,
+        Command::ApiKey(command) => api_key_command(command).await,
     }
 }
 

@@ -1,0 +1,61 @@
+# capy-webhooks developer entry points. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+CLUSTER_DIR ?= $(CURDIR)/.cluster
+CARGO ?= cargo
+# Extra arguments for `make run`, e.g. RUN_ARGS="--log-format json".
+RUN_ARGS ?=
+
+.PHONY: help
+help: ## List targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
+
+.PHONY: control-plane
+control-plane: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, helm once (cached)
+	@hack/build-control-plane.sh >/dev/null
+
+.PHONY: cluster
+cluster: control-plane ## Start a local control plane in the background (.cluster/kubeconfig); reuses a running one
+	@if hack/cluster.sh status $(CLUSTER_DIR) >/dev/null 2>&1; then \
+	  echo "local control plane already running: export KUBECONFIG=$(CLUSTER_DIR)/kubeconfig"; \
+	else \
+	  hack/cluster.sh down $(CLUSTER_DIR) >/dev/null 2>&1 || true; \
+	  hack/cluster.sh up $(CLUSTER_DIR); \
+	fi
+
+.PHONY: cluster-down
+cluster-down: ## Stop the local control plane and remove its data
+	@hack/cluster.sh down $(CLUSTER_DIR)
+
+.PHONY: crds
+crds: ## Regenerate crds/ from the Rust types
+	$(CARGO) run --quiet -- crd > crds/webhookendpoints.webhooks.capydb.io.yaml
+
+.PHONY: build
+build: ## Build the operator (debug)
+	$(CARGO) build
+
+.PHONY: run
+run: build ## Run the operator against $$KUBECONFIG, or a local control plane when it is unset
+	@set -euo pipefail; \
+	if [ -z "$${KUBECONFIG:-}" ]; then $(MAKE) --no-print-directory cluster; export KUBECONFIG=$(CLUSTER_DIR)/kubeconfig; fi; \
+	kubectl=$$(hack/cluster.sh bin-dir)/kubectl; \
+	$$kubectl apply --server-side -f crds/ >/dev/null; \
+	$$kubectl wait --for=condition=Established --timeout=30s crd/webhookendpoints.webhooks.capydb.io >/dev/null; \
+	echo "KUBECONFIG=$$KUBECONFIG  kubectl=$$kubectl"; \
+	exec target/debug/capy-webhooks run --namespace default --allow-http $(RUN_ARGS)
+
+.PHONY: fmt
+fmt: ## Format the code
+	$(CARGO) fmt --all
+
+.PHONY: lint
+lint: ## rustfmt check and clippy with warnings as errors
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --all-targets -- -D warnings
+
+.PHONY: test
+test: control-plane ## Every test: unit tests, then integration tests on a real control plane
+	$(CARGO) fmt --all -- --check
+	$(CARGO) test --all-targets -- --test-threads=4

@@ -1,0 +1,571 @@
+//! The public REST facade: the documented routes over WebhookEndpoint CRs.
+//!
+//! Reads come from a watch-backed cache (a kube-runtime reflector), never a round trip per
+//! request. Writes go to the API server and return once it accepted them; create and
+//! rotate-secret also wait (bounded) for the controller to write the signing secret.
+
+pub mod model;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures::{Future, StreamExt};
+use jiff::Timestamp;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+use tokio::sync::watch;
+use tracing::{info, warn};
+use warp::http::{HeaderMap, StatusCode};
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use crate::auth::{Authenticator, Principal};
+use crate::controller::desired::stored_key_ring;
+use crate::http::{ApiError, parse_json};
+use crate::resources::{CONDITION_SECRET_READY, Scope, WebhookEndpoint, signing_secret_name};
+use crate::signing::StoredKeyRing;
+use crate::validation::UrlPolicy;
+use model::{
+    CreateRequest, UpdateRequest, endpoint_view, new_endpoint, new_endpoint_name, sort_for_listing, update_patch,
+};
+
+/// Field manager of the facade's writes (distinct from the controller's server-side applies).
+pub const API_FIELD_MANAGER: &str = "capy-webhooks-api";
+/// Default and largest `limit` of the deliveries route.
+pub const DEFAULT_DELIVERIES_LIMIT: usize = 50;
+/// Largest `limit` accepted by the deliveries route.
+pub const MAX_DELIVERIES_LIMIT: usize = 1000;
+
+/// Settings of the REST facade.
+#[derive(Clone, Debug)]
+pub struct ApiConfig {
+    /// Address of the public REST API.
+    pub listen: SocketAddr,
+    /// Namespaces whose endpoints are served.
+    pub scope: Scope,
+    /// Namespace where endpoints created over REST are placed.
+    pub home_namespace: String,
+    /// Which URLs are accepted.
+    pub url_policy: UrlPolicy,
+    /// Largest request body, in bytes.
+    pub body_limit: usize,
+    /// How long create and rotate-secret wait for the controller.
+    pub controller_wait: Duration,
+}
+
+/// A watch-backed cache of endpoints, with a signal that fires on every change so writers can
+/// wait for the controller's status or for their own write to show up.
+#[derive(Clone)]
+pub struct EndpointCache {
+    store: Store<WebhookEndpoint>,
+    changes: watch::Receiver<u64>,
+}
+
+impl EndpointCache {
+    /// Starts the reflector in the background and returns the cache (not yet synced).
+    pub fn start(client: Client, scope: &Scope) -> Self {
+        let api: Api<WebhookEndpoint> = scope.api(client);
+        let (store, writer) = reflector::store();
+        let (tx, rx) = watch::channel(0u64);
+        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+        tokio::spawn(async move {
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(_) => {
+                        tx.send_modify(|n| *n += 1);
+                    }
+                    Err(e) => warn!(error = %e, "endpoint watch failed; retrying"),
+                }
+            }
+        });
+        Self { store, changes: rx }
+    }
+
+    /// Waits until the initial list is in.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        self.store
+            .wait_until_ready()
+            .await
+            .map_err(|e| anyhow::anyhow!("endpoint cache never synced: {e}"))
+    }
+
+    /// Every cached endpoint of one organization, in listing order.
+    pub fn list(&self, organization_id: &str) -> Vec<Arc<WebhookEndpoint>> {
+        let mut found: Vec<_> = self
+            .store
+            .state()
+            .into_iter()
+            .filter(|e| e.spec.organization_id == organization_id)
+            .collect();
+        sort_for_listing(&mut found);
+        found
+    }
+
+    /// One endpoint of one organization. Another organization's endpoint is "not found".
+    pub fn find(&self, scope: &Scope, organization_id: &str, id: &str) -> Option<Arc<WebhookEndpoint>> {
+        let found = match scope {
+            Scope::Namespace(ns) => self.store.get(&ObjectRef::new(id).within(ns)),
+            Scope::AllNamespaces => self
+                .store
+                .find(|e| e.name_any() == id && e.spec.organization_id == organization_id),
+        };
+        found.filter(|e| e.spec.organization_id == organization_id && e.metadata.deletion_timestamp.is_none())
+    }
+
+    /// Waits up to `timeout` for `check` to return `Some` on the cached object `(ns, name)`
+    /// (or on its absence, given as `None`).
+    pub async fn wait_for<T>(
+        &self,
+        namespace: &str,
+        name: &str,
+        timeout: Duration,
+        mut check: impl FnMut(Option<&WebhookEndpoint>) -> Option<T>,
+    ) -> Option<T> {
+        let key = ObjectRef::new(name).within(namespace);
+        let mut changes = self.changes.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            changes.borrow_and_update();
+            if let Some(found) = check(self.store.get(&key).as_deref()) {
+                return Some(found);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// Shared state of the handlers.
+pub struct ApiState {
+    client: Client,
+    cache: EndpointCache,
+    auth: Authenticator,
+    config: ApiConfig,
+}
+
+type Shared = Arc<ApiState>;
+
+fn kube_error(e: kube::Error, doing: &str) -> ApiError {
+    match &e {
+        kube::Error::Api(status) if status.code >= 500 => {
+            warn!(error = %e, doing, "API server error");
+            ApiError::unavailable("the Kubernetes API is unavailable; retry later", 5)
+        }
+        kube::Error::Api(_) => {
+            warn!(error = %e, doing, "unexpected API refusal");
+            ApiError::internal()
+        }
+        _ => {
+            warn!(error = %e, doing, "Kubernetes API unreachable");
+            ApiError::unavailable("the Kubernetes API cannot be reached; retry later", 5)
+        }
+    }
+}
+
+fn is_status(e: &kube::Error, code: u16) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == code)
+}
+
+impl ApiState {
+    /// Authenticates the caller and checks it may act on organization `org`.
+    ///
+    /// 401 for a missing or bad credential; 403 for a valid credential of another organization,
+    /// and for project-scoped API keys: webhook endpoints are organization-wide and receive every
+    /// project's events, so managing them needs an organization key or session.
+    async fn authorize(&self, org: &str, headers: &HeaderMap) -> Result<Principal, ApiError> {
+        let header = match headers.get(warp::http::header::AUTHORIZATION) {
+            None => None,
+            Some(v) => Some(
+                v.to_str()
+                    .map_err(|_| ApiError::new(StatusCode::UNAUTHORIZED, "malformed Authorization header"))?,
+            ),
+        };
+        let principal = self.auth.authenticate(header).await.map_err(|e| {
+            let status = StatusCode::from_u16(e.status_code()).unwrap_or(StatusCode::UNAUTHORIZED);
+            let mut err = ApiError::new(status, e.to_string());
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                err.retry_after = Some(5);
+            }
+            err
+        })?;
+        if principal.organization_id != org {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "this credential does not belong to this organization",
+            ));
+        }
+        if principal.project_id.is_some() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "project-scoped API keys cannot manage webhook endpoints, which are organization-wide; use an organization API key",
+            ));
+        }
+        Ok(principal)
+    }
+
+    fn find(&self, org: &str, id: &str) -> Result<Arc<WebhookEndpoint>, ApiError> {
+        self.cache
+            .find(&self.config.scope, org, id)
+            .ok_or_else(|| ApiError::not_found(format!("webhook endpoint {id} not found")))
+    }
+
+    async fn read_signing_secret(&self, namespace: &str, name: &str) -> Result<String, ApiError> {
+        let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
+        let secret = secrets
+            .get_opt(&signing_secret_name(name))
+            .await
+            .map_err(|e| kube_error(e, "reading signing secret"))?;
+        match stored_key_ring(secret.as_ref()) {
+            StoredKeyRing::Valid(ring) => Ok(ring.current.expose().to_string()),
+            _ => Err(ApiError::unavailable(
+                "the signing secret is being repaired; retry shortly",
+                2,
+            )),
+        }
+    }
+
+    async fn list(&self, org: String, headers: HeaderMap) -> Result<Response, ApiError> {
+        self.authorize(&org, &headers).await?;
+        let endpoints: Vec<_> = self.cache.list(&org).iter().map(|e| endpoint_view(e, true)).collect();
+        Ok(warp::reply::json(&json!({ "webhook_endpoints": endpoints })).into_response())
+    }
+
+    async fn create(&self, org: String, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+        self.authorize(&org, &headers).await?;
+        let request: CreateRequest = parse_json(&body)?;
+        let ns = &self.config.home_namespace;
+        let name = new_endpoint_name(Timestamp::now());
+        let endpoint = new_endpoint(&name, ns, &org, request, self.config.url_policy).map_err(ApiError::bad_request)?;
+        let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), ns);
+        let params = PostParams {
+            field_manager: Some(API_FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        let created = api.create(&params, &endpoint).await.map_err(|e| match &e {
+            kube::Error::Api(s) if s.code == 422 => ApiError::bad_request(s.message.clone()),
+            _ => kube_error(e, "creating endpoint"),
+        })?;
+        info!(organization = %org, endpoint = %name, "endpoint created");
+
+        let generation = created.metadata.generation;
+        let ready = self
+            .cache
+            .wait_for(ns, &name, self.config.controller_wait, |ep| {
+                ep.filter(|ep| secret_ready(ep) && ep.status.as_ref().and_then(|s| s.observed_generation) >= generation)
+                    .cloned()
+            })
+            .await;
+        let Some(ready) = ready else {
+            // Without its secret the caller could never verify deliveries, and a retry would make
+            // a second endpoint: take this one back so nothing half-made is left.
+            let _ = api.delete(&name, &DeleteParams::default()).await;
+            warn!(endpoint = %name, "controller did not write the signing secret in time; create undone");
+            return Err(ApiError::unavailable(
+                format!(
+                    "the controller did not prepare the signing secret within {}s, so nothing was created; retry later",
+                    self.config.controller_wait.as_secs()
+                ),
+                5,
+            ));
+        };
+        let secret = self.read_signing_secret(ns, &name).await?;
+        let body = json!({ "webhook_endpoint": endpoint_view(&ready, false), "plaintext_secret": secret });
+        Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::CREATED).into_response())
+    }
+
+    async fn update(&self, org: String, id: String, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+        self.authorize(&org, &headers).await?;
+        let request: UpdateRequest = parse_json(&body)?;
+        let existing = self.find(&org, &id)?;
+        let patch = update_patch(&org, &request, self.config.url_policy).map_err(ApiError::bad_request)?;
+        let patch: json_patch::Patch = serde_json::from_value(patch).map_err(|_| ApiError::internal())?;
+        let ns = existing.namespace().unwrap_or_default();
+        let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), &ns);
+        let params = PatchParams {
+            field_manager: Some(API_FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        let updated = api.patch(&id, &params, &Patch::Json::<()>(patch)).await.map_err(|e| {
+            if is_status(&e, 404) || is_status(&e, 422) && e.to_string().contains("test operation") {
+                ApiError::not_found(format!("webhook endpoint {id} not found"))
+            } else if let kube::Error::Api(s) = &e
+                && s.code == 422
+            {
+                ApiError::bad_request(s.message.clone())
+            } else {
+                kube_error(e, "updating endpoint")
+            }
+        })?;
+        // Read-your-writes: the next list shows this change.
+        let rv = updated.resource_version();
+        self.cache
+            .wait_for(&ns, &id, Duration::from_secs(2), |ep| {
+                ep.is_none_or(|ep| ep.metadata.generation >= updated.metadata.generation || ep.resource_version() == rv)
+                    .then_some(())
+            })
+            .await;
+        Ok(warp::reply::json(&json!({ "webhook_endpoint": endpoint_view(&updated, false) })).into_response())
+    }
+
+    async fn delete(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
+        self.authorize(&org, &headers).await?;
+        let existing = self.find(&org, &id)?;
+        let ns = existing.namespace().unwrap_or_default();
+        let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), &ns);
+        // The uid precondition makes sure the object checked above is the one deleted.
+        let params = DeleteParams {
+            preconditions: Some(Preconditions {
+                uid: existing.uid(),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        api.delete(&id, &params).await.map_err(|e| {
+            if is_status(&e, 404) || is_status(&e, 409) {
+                ApiError::not_found(format!("webhook endpoint {id} not found"))
+            } else {
+                kube_error(e, "deleting endpoint")
+            }
+        })?;
+        info!(organization = %org, endpoint = %id, "endpoint deleted");
+        self.cache
+            .wait_for(&ns, &id, Duration::from_secs(2), |ep| ep.is_none().then_some(()))
+            .await;
+        Ok(warp::reply::json(&json!({ "deleted": true })).into_response())
+    }
+
+    async fn rotate_secret(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
+        self.authorize(&org, &headers).await?;
+        let existing = self.find(&org, &id)?;
+        let ns = existing.namespace().unwrap_or_default();
+        let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), &ns);
+        let params = PatchParams {
+            field_manager: Some(API_FIELD_MANAGER.into()),
+            ..Default::default()
+        };
+        let mut current = existing.spec.secret_rotation;
+        let mut attempts = 0;
+        // Test-and-set on secretRotation: two racing rotations give two rotations, each of which
+        // answers with the secret that its own request produced or a newer one.
+        let target = loop {
+            let target = current + 1;
+            let patch: json_patch::Patch = serde_json::from_value(json!([
+                {"op": "test", "path": "/spec/organizationId", "value": org},
+                {"op": "test", "path": "/spec/secretRotation", "value": current},
+                {"op": "replace", "path": "/spec/secretRotation", "value": target},
+            ]))
+            .map_err(|_| ApiError::internal())?;
+            match api.patch(&id, &params, &Patch::Json::<()>(patch)).await {
+                Ok(_) => break target,
+                Err(e) if is_status(&e, 422) && attempts < 5 => {
+                    attempts += 1;
+                    let fresh = api.get_opt(&id).await.map_err(|e| kube_error(e, "reading endpoint"))?;
+                    match fresh {
+                        Some(ep) if ep.spec.organization_id == org => current = ep.spec.secret_rotation,
+                        _ => return Err(ApiError::not_found(format!("webhook endpoint {id} not found"))),
+                    }
+                }
+                Err(e) if is_status(&e, 404) => {
+                    return Err(ApiError::not_found(format!("webhook endpoint {id} not found")));
+                }
+                Err(e) => return Err(kube_error(e, "rotating secret")),
+            }
+        };
+        let rotated = self
+            .cache
+            .wait_for(&ns, &id, self.config.controller_wait, |ep| {
+                ep.filter(|ep| secret_ready(ep) && ep.status.as_ref().is_some_and(|s| s.secret_rotation >= target))
+                    .cloned()
+            })
+            .await;
+        let Some(rotated) = rotated else {
+            return Err(ApiError::unavailable(
+                "the rotation was requested but the controller has not completed it yet; retry later to get the new secret",
+                5,
+            ));
+        };
+        let secret = self.read_signing_secret(&ns, &id).await?;
+        info!(organization = %org, endpoint = %id, rotation = target, "secret rotated");
+        let body = json!({ "webhook_endpoint": endpoint_view(&rotated, false), "plaintext_secret": secret });
+        Ok(warp::reply::json(&body).into_response())
+    }
+
+    async fn deliveries(
+        &self,
+        org: String,
+        id: String,
+        headers: HeaderMap,
+        query: HashMap<String, String>,
+    ) -> Result<Response, ApiError> {
+        self.authorize(&org, &headers).await?;
+        let limit = parse_limit(query.get("limit").map(String::as_str))?;
+        self.find(&org, &id)?;
+        // The dispatcher and its delivery log are not built yet: an existing endpoint has no
+        // deliveries to show.
+        let deliveries: Vec<serde_json::Value> = Vec::with_capacity(0);
+        Ok(warp::reply::json(&json!({ "deliveries": &deliveries[..deliveries.len().min(limit)] })).into_response())
+    }
+}
+
+fn secret_ready(ep: &WebhookEndpoint) -> bool {
+    ep.status.as_ref().is_some_and(|s| {
+        s.secret_name.is_some()
+            && s.conditions
+                .iter()
+                .any(|c| c.type_ == CONDITION_SECRET_READY && c.status == "True")
+    })
+}
+
+/// Parses the deliveries route's `limit`: absent is 50; 1 to 1000 accepted; anything else 400.
+pub fn parse_limit(raw: Option<&str>) -> Result<usize, ApiError> {
+    let Some(raw) = raw else {
+        return Ok(DEFAULT_DELIVERIES_LIMIT);
+    };
+    match raw.parse::<usize>() {
+        Ok(n) if (1..=MAX_DELIVERIES_LIMIT).contains(&n) => Ok(n),
+        _ => Err(ApiError::bad_request(format!(
+            "limit must be an integer from 1 to {MAX_DELIVERIES_LIMIT}"
+        ))),
+    }
+}
+
+fn respond(result: Result<Response, ApiError>) -> Response {
+    result.unwrap_or_else(Reply::into_response)
+}
+
+/// The OpenAPI 3.1 document of the public API.
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+/// Every route of the public API, with JSON errors for anything unmatched.
+pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
+    let body_limit = state.config.body_limit;
+    let with_state = warp::any().map(move || state.clone());
+    let headers = warp::header::headers_cloned();
+    let body = crate::http::json_bytes(body_limit);
+    // Paths are matched before methods so that a known path with a wrong method is 405 and an
+    // unknown path is 404.
+    let collection = warp::path!("v1" / "organizations" / String / "webhook-endpoints");
+    let item = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String);
+    let rotate = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "rotate-secret");
+    let deliveries = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "deliveries");
+
+    let list = collection
+        .and(warp::get())
+        .and(headers)
+        .and(with_state.clone())
+        .then(|org, h, s: Shared| async move { respond(s.list(org, h).await) });
+    let create = collection
+        .and(warp::post())
+        .and(headers)
+        .and(body.clone())
+        .and(with_state.clone())
+        .then(|org, h, b, s: Shared| async move { respond(s.create(org, h, b).await) });
+    let update = item
+        .and(warp::patch())
+        .and(headers)
+        .and(body)
+        .and(with_state.clone())
+        .then(|org, id, h, b, s: Shared| async move { respond(s.update(org, id, h, b).await) });
+    let delete = item
+        .and(warp::delete())
+        .and(headers)
+        .and(with_state.clone())
+        .then(|org, id, h, s: Shared| async move { respond(s.delete(org, id, h).await) });
+    let rotate = rotate
+        .and(warp::post())
+        .and(headers)
+        .and(with_state.clone())
+        .then(|org, id, h, s: Shared| async move { respond(s.rotate_secret(org, id, h).await) });
+    let deliveries = deliveries
+        .and(warp::get())
+        .and(headers)
+        .and(warp::query::<HashMap<String, String>>())
+        .and(with_state)
+        .then(|org, id, h, q, s: Shared| async move { respond(s.deliveries(org, id, h, q).await) });
+    let openapi = warp::path!("openapi.json")
+        .and(warp::get())
+        .map(|| warp::reply::with_header(OPENAPI_JSON, "content-type", "application/json").into_response());
+
+    let routes = list
+        .or(create)
+        .unify()
+        .or(update)
+        .unify()
+        .or(delete)
+        .unify()
+        .or(rotate)
+        .unify()
+        .or(deliveries)
+        .unify()
+        .or(openapi)
+        .unify()
+        .recover(crate::http::recover)
+        .unify();
+    crate::http::with_request_log(routes, "api")
+}
+
+/// Runs the REST facade on `listener` until `shutdown` resolves.
+pub async fn run(
+    client: Client,
+    config: ApiConfig,
+    auth: Authenticator,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let cache = EndpointCache::start(client.clone(), &config.scope);
+    cache.wait_ready().await?;
+    let state = Arc::new(ApiState {
+        client,
+        cache,
+        auth,
+        config,
+    });
+    info!(listen = %listener.local_addr()?, "REST API serving");
+    crate::http::serve(listener, routes(state), shutdown).await;
+    info!("REST API stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn limits() {
+        assert_eq!(parse_limit(None).unwrap(), 50);
+        assert_eq!(parse_limit(Some("1")).unwrap(), 1);
+        assert_eq!(parse_limit(Some("1000")).unwrap(), 1000);
+        for bad in ["0", "1001", "-1", "ten", "", "1.5"] {
+            assert_eq!(
+                parse_limit(Some(bad)).unwrap_err().status,
+                StatusCode::BAD_REQUEST,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn openapi_document_is_json_with_every_route() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI_JSON).unwrap();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let paths = doc["paths"].as_object().unwrap();
+        for p in [
+            "/v1/organizations/{orgID}/webhook-endpoints",
+            "/v1/organizations/{orgID}/webhook-endpoints/{endpointID}",
+            "/v1/organizations/{orgID}/webhook-endpoints/{endpointID}/rotate-secret",
+            "/v1/organizations/{orgID}/webhook-endpoints/{endpointID}/deliveries",
+        ] {
+            assert!(paths.contains_key(p), "{p}");
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! REST ⇄ CR mapping: the documented JSON shapes and how they map onto `WebhookEndpoint`s.
+//! Pure functions, tested without IO.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use kube::ResourceExt;
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::resources::{Health, ORGANIZATION_LABEL, WebhookEndpoint, WebhookEndpointSpec};
+use crate::validation::{UrlPolicy, validate_description, validate_event_types, validate_url};
+
+/// The Endpoint object of the REST contract, field for field.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct EndpointView {
+    /// RFC 3339 UTC.
+    pub created_at: String,
+    /// Free text.
+    pub description: String,
+    /// Subscribed event types; empty means all.
+    pub event_types: Vec<String>,
+    /// The CR's name.
+    pub id: String,
+    /// Whether deliveries are sent.
+    pub is_active: bool,
+    /// Owning organization.
+    pub organization_id: String,
+    /// RFC 3339 UTC; moves when the endpoint's settings change.
+    pub updated_at: String,
+    /// Delivery target.
+    pub url: String,
+    /// Only in list responses.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health: Option<&'static str>,
+}
+
+/// Body of `POST /webhook-endpoints`.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    /// Required delivery target.
+    pub url: String,
+    /// Optional free text.
+    #[serde(default)]
+    pub description: Option<String>,
+    /// Optional event types; absent or empty means all.
+    #[serde(default)]
+    pub event_types: Option<Vec<String>>,
+    /// Optional; defaults to true.
+    #[serde(default)]
+    pub is_active: Option<bool>,
+}
+
+/// Body of `PATCH /webhook-endpoints/{id}`: any subset of the settable fields.
+#[derive(Deserialize, Debug, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateRequest {
+    /// New delivery target.
+    pub url: Option<String>,
+    /// New description.
+    pub description: Option<String>,
+    /// New event types (replaces the list).
+    pub event_types: Option<Vec<String>>,
+    /// New active flag.
+    pub is_active: Option<bool>,
+}
+
+/// Formats a time as the contract wants it: RFC 3339, UTC, whole seconds, `Z`.
+pub fn rfc3339(t: Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
+fn created_at(endpoint: &WebhookEndpoint) -> Timestamp {
+    endpoint
+        .metadata
+        .creation_timestamp
+        .as_ref()
+        .map(|t| t.0)
+        .unwrap_or(Timestamp::UNIX_EPOCH)
+}
+
+/// When the endpoint's settings last changed: the newest write to anything but status, as the
+/// API server records it in `managedFields` (so kubectl edits count too), else creation time.
+pub fn updated_at(endpoint: &WebhookEndpoint) -> Timestamp {
+    let created = created_at(endpoint);
+    endpoint
+        .metadata
+        .managed_fields
+        .iter()
+        .flatten()
+        .filter(|m| m.subresource.as_deref().unwrap_or("").is_empty())
+        .filter_map(|m| m.time.as_ref().map(|t| t.0))
+        .fold(created, Timestamp::max)
+}
+
+/// The health shown in list responses.
+pub fn health(endpoint: &WebhookEndpoint) -> Health {
+    if !endpoint.spec.active {
+        return Health::Disabled;
+    }
+    endpoint
+        .status
+        .as_ref()
+        .and_then(|s| s.health)
+        .unwrap_or(Health::Unknown)
+}
+
+/// Maps a CR to the REST Endpoint object; `with_health` for list responses.
+pub fn endpoint_view(endpoint: &WebhookEndpoint, with_health: bool) -> EndpointView {
+    EndpointView {
+        created_at: rfc3339(created_at(endpoint)),
+        description: endpoint.spec.description.clone(),
+        event_types: endpoint.spec.event_types.clone(),
+        id: endpoint.name_any(),
+        is_active: endpoint.spec.active,
+        organization_id: endpoint.spec.organization_id.clone(),
+        updated_at: rfc3339(updated_at(endpoint)),
+        url: endpoint.spec.url.clone(),
+        health: with_health.then(|| health(endpoint).as_str()),
+    }
+}
+
+/// Orders endpoints for listing: creation time, then id.
+pub fn sort_for_listing(endpoints: &mut [std::sync::Arc<WebhookEndpoint>]) {
+    endpoints.sort_by(|a, b| {
+        let key = |e: &WebhookEndpoint| (e.metadata.creation_timestamp.as_ref().map(|t| t.0), e.name_any());
+        key(a).cmp(&key(b))
+    });
+}
+
+/// Validates a create request and builds the CR it asks for.
+pub fn new_endpoint(
+    name: &str,
+    namespace: &str,
+    organization_id: &str,
+    request: CreateRequest,
+    policy: UrlPolicy,
+) -> Result<WebhookEndpoint, String> {
+    validate_url(&request.url, policy)?;
+    let description = request.description.unwrap_or_default();
+    validate_description(&description)?;
+    let event_types = request.event_types.unwrap_or_default();
+    validate_event_types(&event_types)?;
+    Ok(WebhookEndpoint {
+        metadata: ObjectMeta {
+            name: Some(name.to_string()),
+            namespace: Some(namespace.to_string()),
+            labels: Some(BTreeMap::from([(
+                ORGANIZATION_LABEL.to_string(),
+                organization_id.to_string(),
+            )])),
+            ..Default::default()
+        },
+        spec: WebhookEndpointSpec {
+            organization_id: organization_id.to_string(),
+            url: request.url,
+            description,
+            event_types,
+            active: request.is_active.unwrap_or(true),
+            secret_rotation: 0,
+            max_attempts: None,
+        },
+        status: None,
+    })
+}
+
+/// Validates an update and builds a JSON Patch for it. The first operation tests the
+/// organization, so the write fails atomically if the endpoint is not this organization's;
+/// only the fields given are touched, so concurrent updates of other fields are never lost.
+pub fn update_patch(organization_id: &str, request: &UpdateRequest, policy: UrlPolicy) -> Result<Value, String> {
+    let mut ops = vec![json!({"op": "test", "path": "/spec/organizationId", "value": organization_id})];
+    if let Some(url) = &request.url {
+        validate_url(url, policy)?;
+        ops.push(json!({"op": "add", "path": "/spec/url", "value": url}));
+    }
+    if let Some(description) = &request.description {
+        validate_description(description)?;
+        ops.push(json!({"op": "add", "path": "/spec/description", "value": description}));
+    }
+    if let Some(event_types) = &request.event_types {
+        validate_event_types(event_types)?;
+        ops.push(json!({"op": "add", "path": "/spec/eventTypes", "value": event_types}));
+    }
+    if let Some(active) = request.is_active {
+        ops.push(json!({"op": "add", "path": "/spec/active", "value": active}));
+    }
+    Ok(Value::Array(ops))
+}
+
+/// A new endpoint name: `ep-` and a lowercase ULID (see [`crate::ids`]). Sortable by creation
+/// time, unguessable, and a valid DNS-1123 label.
+pub fn new_endpoint_name(now: Timestamp) -> String {
+    format!("ep-{}", crate::ids::time_sortable_id(now))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, Time};
+
+    const LAX: UrlPolicy = UrlPolicy { allow_http: true };
+
+    fn ts(s: i64) -> Timestamp {
+        Timestamp::from_second(s).unwrap()
+    }
+
+    fn endpoint() -> WebhookEndpoint {
+        let mut ep = new_endpoint(
+            "ep-1",
+            "ns",
+            "org_1",
+            CreateRequest {
+                url: "https://x.example/h".into(),
+                description: None,
+                event_types: None,
+                is_active: None,
+            },
+            LAX,
+        )
+        .unwrap();
+        ep.metadata.creation_timestamp = Some(Time(ts(1_566_656_122)));
+        ep
+    }
+
+    #[test]
+    fn view_has_exactly_the_documented_fields() {
+        let view = serde_json::to_value(endpoint_view(&endpoint(), false)).unwrap();
+        let keys: Vec<_> = view.as_object().unwrap().keys().cloned().collect();
+        assert_eq!(
+            keys,
+            [
+                "created_at",
+                "description",
+                "event_types",
+                "id",
+                "is_active",
+                "organization_id",
+                "updated_at",
+                "url"
+            ]
+        );
+        assert_eq!(view["created_at"], "2019-08-24T14:15:22Z");
+        assert_eq!(view["updated_at"], "2019-08-24T14:15:22Z");
+        assert_eq!(view["is_active"], true);
+        let listed = serde_json::to_value(endpoint_view(&endpoint(), true)).unwrap();
+        assert_eq!(listed["health"], "unknown");
+    }
+
+    #[test]
+    fn health_is_disabled_for_inactive_endpoints() {
+        let mut ep = endpoint();
+        ep.spec.active = false;
+        assert_eq!(health(&ep), Health::Disabled);
+    }
+
+    #[test]
+    fn updated_at_follows_spec_writes_not_status_writes() {
+        let mut ep = endpoint();
+        let entry = |sub: Option<&str>, t: i64| ManagedFieldsEntry {
+            subresource: sub.map(str::to_string),
+            time: Some(Time(ts(t))),
+            ..Default::default()
+        };
+        ep.metadata.managed_fields = Some(vec![entry(None, 1_566_656_200), entry(Some("status"), 1_566_657_000)]);
+        assert_eq!(updated_at(&ep), ts(1_566_656_200));
+    }
+
+    #[test]
+    fn create_validates_and_defaults() {
+        let req = |url: &str| CreateRequest {
+            url: url.into(),
+            description: None,
+            event_types: None,
+            is_active: None,
+        };
+        let ep = endpoint();
+        assert!(ep.spec.active);
+        assert_eq!(ep.labels()[ORGANIZATION_LABEL], "org_1");
+        assert!(new_endpoint("n", "ns", "o", req("http://x.example"), UrlPolicy { allow_http: false }).is_err());
+        let bad_types = CreateRequest {
+            event_types: Some(vec!["a b".into()]),
+            ..req("https://x.example")
+        };
+        assert!(
+            new_endpoint("n", "ns", "o", bad_types, LAX)
+                .unwrap_err()
+                .contains("event type")
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_by_name() {
+        let err = serde_json::from_str::<CreateRequest>(r#"{"url": "https://x", "secret": "s"}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `secret`"));
+        let err = serde_json::from_str::<UpdateRequest>(r#"{"active": true}"#).unwrap_err();
+        assert!(err.to_string().contains("unknown field `active`"));
+    }
+
+    #[test]
+    fn update_patch_touches_only_given_fields_and_tests_the_organization() {
+        let req = UpdateRequest {
+            description: Some("d".into()),
+            ..Default::default()
+        };
+        let patch = update_patch("org_1", &req, LAX).unwrap();
+        assert_eq!(
+            patch,
+            json!([
+                {"op": "test", "path": "/spec/organizationId", "value": "org_1"},
+                {"op": "add", "path": "/spec/description", "value": "d"},
+            ])
+        );
+        let bad = UpdateRequest {
+            url: Some("ftp://x".into()),
+            ..Default::default()
+        };
+        assert!(update_patch("org_1", &bad, LAX).is_err());
+    }
+
+    #[test]
+    fn names_are_dns_labels_sortable_by_time() {
+        let a = new_endpoint_name(ts(1_700_000_000));
+        let b = new_endpoint_name(ts(1_700_000_001));
+        assert_eq!(a.len(), 29);
+        assert!(a < b);
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        );
+        assert_ne!(new_endpoint_name(ts(1)), new_endpoint_name(ts(1)));
+    }
+}

@@ -1,0 +1,298 @@
+//! HTTP plumbing shared by the public REST API and the internal ingest port: JSON error bodies,
+//! bounded JSON request bodies, request ids in logs, and serving with graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+
+use bytes::{Buf, BytesMut};
+use futures::StreamExt;
+use serde::de::DeserializeOwned;
+use warp::http::{HeaderValue, StatusCode, header};
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+/// An error answered as `{"error": message}` with an `application/json` content type.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Message for the caller; never contains secrets or tokens.
+    pub message: String,
+    /// Seconds for a `Retry-After` header (503s).
+    pub retry_after: Option<u64>,
+}
+
+impl warp::reject::Reject for ApiError {}
+
+impl ApiError {
+    /// An error with the given status and message.
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+    /// 400 Bad Request.
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+    /// 404 Not Found.
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, message)
+    }
+    /// 500, with a generic message; the cause goes to the log, not to the caller.
+    pub fn internal() -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal error")
+    }
+    /// 503 with `Retry-After`.
+    pub fn unavailable(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+            retry_after: Some(retry_after_secs),
+        }
+    }
+}
+
+impl Reply for ApiError {
+    fn into_response(self) -> Response {
+        let mut response = warp::reply::with_status(
+            warp::reply::json(&serde_json::json!({ "error": self.message })),
+            self.status,
+        )
+        .into_response();
+        if let Some(secs) = self.retry_after {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+/// Turns every rejection into a JSON error: never an HTML or empty body.
+pub async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+    let error = if let Some(e) = rejection.find::<ApiError>() {
+        e.clone()
+    } else if rejection.is_not_found() {
+        ApiError::not_found("no such route")
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
+    } else if rejection.find::<warp::reject::PayloadTooLarge>().is_some() {
+        ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "request body is too large")
+    } else if rejection.find::<warp::reject::UnsupportedMediaType>().is_some() {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content-type must be application/json",
+        )
+    } else if let Some(e) = rejection.find::<warp::reject::InvalidQuery>() {
+        ApiError::bad_request(format!("invalid query string: {e}"))
+    } else if let Some(e) = rejection.find::<warp::reject::InvalidHeader>() {
+        ApiError::bad_request(e.to_string())
+    } else if let Some(e) = rejection.find::<warp::reject::MissingHeader>() {
+        ApiError::bad_request(e.to_string())
+    } else {
+        tracing::error!(?rejection, "unhandled rejection");
+        ApiError::internal()
+    };
+    Ok(error.into_response())
+}
+
+/// Whether a `Content-Type` value is JSON (`application/json`, any parameters).
+pub fn is_json_content_type(value: &str) -> bool {
+    value
+        .split(';')
+        .next()
+        .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
+}
+
+/// Reads a JSON body of at most `limit` bytes, unparsed, so a handler can authenticate first.
+///
+/// 415 for a missing or non-JSON content type, 413 beyond the limit (checked on the declared
+/// length and again while reading, so a chunked body cannot grow past it).
+pub fn json_bytes(limit: usize) -> impl Filter<Extract = (bytes::Bytes,), Error = Rejection> + Clone {
+    warp::header::optional::<String>("content-type")
+        .and(warp::header::optional::<u64>("content-length"))
+        .and(warp::body::stream())
+        .and_then(
+            move |content_type: Option<String>, length: Option<u64>, body| async move {
+                if !content_type.as_deref().is_some_and(is_json_content_type) {
+                    return Err(warp::reject::custom(ApiError::new(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "content-type must be application/json",
+                    )));
+                }
+                let too_large = || {
+                    warp::reject::custom(ApiError::new(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        format!("request body is larger than {limit} bytes"),
+                    ))
+                };
+                if length.is_some_and(|l| l > limit as u64) {
+                    return Err(too_large());
+                }
+                read_limited(body, limit).await.map_err(|e| match e {
+                    None => too_large(),
+                    Some(e) => warp::reject::custom(ApiError::bad_request(format!("reading body: {e}"))),
+                })
+            },
+        )
+}
+
+/// Collects a body stream, failing with `None` as soon as it exceeds `limit` bytes.
+async fn read_limited<S, B>(body: S, limit: usize) -> Result<bytes::Bytes, Option<warp::Error>>
+where
+    S: futures::Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    futures::pin_mut!(body);
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(Some)?;
+        if buf.len() + chunk.remaining() > limit {
+            return Err(None);
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            let n = part.len();
+            buf.extend_from_slice(part);
+            chunk.advance(n);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Reads a JSON body of at most `limit` bytes (see [`json_bytes`]) and parses it as `T`: 400 for
+/// bad JSON with serde's message, which names unknown fields and wrong types.
+pub fn json_body<T: DeserializeOwned + Send>(limit: usize) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
+    json_bytes(limit).and_then(|bytes: bytes::Bytes| async move { parse_json(&bytes).map_err(warp::reject::custom) })
+}
+
+/// Parses JSON, turning serde's error into a 400 that says what is wrong.
+pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(bytes).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Syntax | serde_json::error::Category::Eof => "request body is not valid JSON",
+            _ => "invalid request body",
+        };
+        ApiError::bad_request(format!("{what}: {e}"))
+    })
+}
+
+/// Wraps routes so that every request gets a span with a fresh request id (echoed in the
+/// `x-request-id` response header) and one log line with its status and latency.
+pub fn with_request_log<F>(
+    routes: F,
+    component: &'static str,
+) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone
+where
+    F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
+{
+    warp::any()
+        .map(new_request_id)
+        .and(warp::method())
+        .and(warp::path::full())
+        .and(routes)
+        .map(move |id: String, method: warp::http::Method, path: warp::path::FullPath, mut response: Response| {
+            // Paths carry organization and endpoint ids, never credentials; queries are not logged.
+            tracing::info!(component, request_id = %id, %method, path = path.as_str(), status = response.status().as_u16(), "request");
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                response.headers_mut().insert("x-request-id", v);
+            }
+            response
+        })
+}
+
+fn new_request_id() -> String {
+    use rand::Rng;
+    let n: u64 = rand::rng().random();
+    format!("{n:016x}")
+}
+
+/// Serves `routes` on an already bound listener until `shutdown` resolves; in-flight requests
+/// finish first.
+pub async fn serve<F>(listener: tokio::net::TcpListener, routes: F, shutdown: impl Future<Output = ()> + Send + 'static)
+where
+    F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
+{
+    warp::serve(routes).incoming(listener).graceful(shutdown).run().await;
+}
+
+/// Binds a TCP listener, with an error that names the address.
+pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for the {what}: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_content_types() {
+        assert!(is_json_content_type("application/json"));
+        assert!(is_json_content_type("Application/JSON; charset=utf-8"));
+        assert!(!is_json_content_type("text/plain"));
+        assert!(!is_json_content_type("application/jsonx"));
+    }
+
+    #[derive(serde::Deserialize, Debug)]
+    #[serde(deny_unknown_fields)]
+    #[allow(dead_code)]
+    struct Body {
+        url: String,
+    }
+
+    #[test]
+    fn parse_errors_name_the_problem() {
+        let e = parse_json::<Body>(b"{").unwrap_err();
+        assert!(e.message.starts_with("request body is not valid JSON"), "{}", e.message);
+        let e = parse_json::<Body>(br#"{"url": "x", "colour": 1}"#).unwrap_err();
+        assert!(e.message.contains("unknown field `colour`"), "{}", e.message);
+        let e = parse_json::<Body>(br#"{"url": 5}"#).unwrap_err();
+        assert!(
+            e.message.contains("invalid type: integer `5`, expected a string"),
+            "{}",
+            e.message
+        );
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+    }
+
+    #[tokio::test]
+    async fn rejections_become_json_errors() {
+        let routes = warp::path!("a")
+            .and(warp::get())
+            .map(|| "ok")
+            .or(warp::path!("b")
+                .and(warp::post())
+                .and(json_body::<Body>(16))
+                .map(|b: Body| b.url))
+            .recover(recover);
+        let res = warp::test::request().path("/nope").reply(&routes).await;
+        assert_eq!(res.status(), 404);
+        assert_eq!(res.headers()["content-type"], "application/json");
+        let res = warp::test::request().method("DELETE").path("/a").reply(&routes).await;
+        assert_eq!(res.status(), 405);
+        let res = warp::test::request()
+            .method("POST")
+            .path("/b")
+            .header("content-type", "text/plain")
+            .body("x")
+            .reply(&routes)
+            .await;
+        assert_eq!(res.status(), 415);
+        let res = warp::test::request()
+            .method("POST")
+            .path("/b")
+            .header("content-type", "application/json")
+            .body(r#"{"url": "a very long url value"}"#)
+            .reply(&routes)
+            .await;
+        assert_eq!(res.status(), 413);
+        let body: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
+        assert!(body["error"].as_str().unwrap().contains("16 bytes"));
+    }
+}
