@@ -6,6 +6,8 @@ CLUSTER_DIR ?= $(CURDIR)/.cluster
 CARGO ?= cargo
 # Extra arguments for `make run`, e.g. RUN_ARGS="--log-format json".
 RUN_ARGS ?=
+# Organization of the development API key `make run` prints.
+DEV_ORG ?= org_demo
 
 .PHONY: help
 help: ## List targets
@@ -43,7 +45,11 @@ run: build ## Run the operator against $$KUBECONFIG, or a local control plane wh
 	kubectl=$$(hack/cluster.sh bin-dir)/kubectl; \
 	$$kubectl apply --server-side -f crds/ >/dev/null; \
 	$$kubectl wait --for=condition=Established --timeout=30s crd/webhookendpoints.webhooks.capydb.io >/dev/null; \
-	echo "KUBECONFIG=$$KUBECONFIG  kubectl=$$kubectl"; \
+	key=$$(target/debug/capy-webhooks api-key create --org $(DEV_ORG) --name make-run --namespace default 2>/dev/null); \
+	echo "KUBECONFIG=$$KUBECONFIG"; \
+	echo "kubectl=$$kubectl"; \
+	echo "development API key for organization $(DEV_ORG): $$key"; \
+	echo "REST API: http://127.0.0.1:8080/v1/organizations/$(DEV_ORG)/webhook-endpoints"; \
 	exec target/debug/capy-webhooks run --namespace default --allow-http $(RUN_ARGS)
 
 .PHONY: fmt

@@ -7,6 +7,7 @@
 pub mod api;
 pub mod auth;
 pub mod controller;
+pub mod delivery;
 pub mod http;
 pub mod ids;
 pub mod resources;

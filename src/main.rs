@@ -97,7 +97,7 @@ struct RunArgs {
         long,
         env = "CAPY_WEBHOOKS_COMPONENTS",
         value_delimiter = ',',
-        default_value = "controller"
+        default_value = "api,controller"
     )]
     components: Vec<Component>,
 

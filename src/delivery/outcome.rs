@@ -1,0 +1,181 @@
+//! What one delivery attempt's result means for the delivery and the endpoint.
+//!
+//! The rule (design §4): 2xx is success; 410 Gone means the receiver wants no more deliveries,
+//! so the endpoint is disabled; every other status, a timeout or a connection error is a
+//! failure that is retried; an address refused by the SSRF guard is final, since retrying
+//! cannot make it allowed.
+
+use std::time::Duration;
+
+/// The result of one delivery attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AttemptOutcome {
+    /// The receiver answered 2xx.
+    Success {
+        /// The HTTP status.
+        status: u16,
+    },
+    /// The receiver answered with a status that is neither 2xx nor 410.
+    HttpFailure {
+        /// The HTTP status.
+        status: u16,
+        /// The receiver's `Retry-After`, kept only for 429 and 503.
+        retry_after: Option<Duration>,
+    },
+    /// The receiver answered 410 Gone: stop delivering and disable the endpoint.
+    Gone,
+    /// No complete response within the timeout.
+    Timeout,
+    /// The connection failed (refused, reset, TLS error, DNS failure...); the text says how.
+    ConnectError(String),
+    /// The SSRF guard refused every address of the target; the text says why.
+    Refused(String),
+}
+
+impl AttemptOutcome {
+    /// The HTTP status, when the receiver answered at all.
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            AttemptOutcome::Success { status } | AttemptOutcome::HttpFailure { status, .. } => Some(*status),
+            AttemptOutcome::Gone => Some(410),
+            AttemptOutcome::Timeout | AttemptOutcome::ConnectError(_) | AttemptOutcome::Refused(_) => None,
+        }
+    }
+
+    /// Whether the attempt succeeded; everything else counts as a failure for health.
+    pub fn is_success(&self) -> bool {
+        matches!(self, AttemptOutcome::Success { .. })
+    }
+
+    /// The `Retry-After` to honour when scheduling the next attempt.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            AttemptOutcome::HttpFailure { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
+/// Classifies a response by its status and parsed `Retry-After`.
+///
+/// 2xx is [`Success`](AttemptOutcome::Success), 410 is [`Gone`](AttemptOutcome::Gone), anything
+/// else (1xx, 3xx — redirects are not followed —, 4xx, 5xx) is an
+/// [`HttpFailure`](AttemptOutcome::HttpFailure). `Retry-After` is kept only on 429 Too Many
+/// Requests and 503 Service Unavailable, the two statuses where it means "come back later";
+/// elsewhere it is dropped so a receiver cannot stretch retries with an arbitrary header.
+pub fn classify(status: u16, retry_after: Option<Duration>) -> AttemptOutcome {
+    match status {
+        200..=299 => AttemptOutcome::Success { status },
+        410 => AttemptOutcome::Gone,
+        429 | 503 => AttemptOutcome::HttpFailure { status, retry_after },
+        _ => AttemptOutcome::HttpFailure {
+            status,
+            retry_after: None,
+        },
+    }
+}
+
+/// Whether the delivery should be attempted again (if attempts remain).
+///
+/// Everything retries except [`Success`](AttemptOutcome::Success) (done),
+/// [`Gone`](AttemptOutcome::Gone) (the receiver said stop) and
+/// [`Refused`](AttemptOutcome::Refused) (the target is not allowed; a retry would be refused
+/// again — a change of DNS or policy shows up on the next event's delivery).
+pub fn is_retryable(outcome: &AttemptOutcome) -> bool {
+    match outcome {
+        AttemptOutcome::Success { .. } | AttemptOutcome::Gone | AttemptOutcome::Refused(_) => false,
+        AttemptOutcome::HttpFailure { .. } | AttemptOutcome::Timeout | AttemptOutcome::ConnectError(_) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINUTE: Option<Duration> = Some(Duration::from_secs(60));
+
+    #[test]
+    fn two_hundreds_succeed() {
+        for status in [200, 201, 202, 204, 299] {
+            assert_eq!(classify(status, None), AttemptOutcome::Success { status });
+            // A Retry-After on a success means nothing.
+            assert_eq!(classify(status, MINUTE), AttemptOutcome::Success { status });
+            assert!(classify(status, None).is_success());
+            assert!(!is_retryable(&classify(status, None)));
+        }
+    }
+
+    #[test]
+    fn gone_disables_and_does_not_retry() {
+        assert_eq!(classify(410, None), AttemptOutcome::Gone);
+        assert_eq!(classify(410, MINUTE), AttemptOutcome::Gone);
+        assert!(!is_retryable(&AttemptOutcome::Gone));
+        assert!(!AttemptOutcome::Gone.is_success());
+        assert_eq!(AttemptOutcome::Gone.status(), Some(410));
+    }
+
+    #[test]
+    fn other_statuses_fail_and_retry() {
+        for status in [
+            100, 199, 300, 301, 302, 304, 400, 401, 403, 404, 409, 411, 418, 500, 502, 504, 599, 0, 999,
+        ] {
+            let outcome = classify(status, None);
+            assert_eq!(
+                outcome,
+                AttemptOutcome::HttpFailure {
+                    status,
+                    retry_after: None
+                },
+                "{status}"
+            );
+            assert!(is_retryable(&outcome), "{status}");
+            assert!(!outcome.is_success());
+            assert_eq!(outcome.status(), Some(status));
+        }
+    }
+
+    #[test]
+    fn retry_after_is_kept_only_on_429_and_503() {
+        for status in [429, 503] {
+            let outcome = classify(status, MINUTE);
+            assert_eq!(
+                outcome,
+                AttemptOutcome::HttpFailure {
+                    status,
+                    retry_after: MINUTE
+                }
+            );
+            assert_eq!(outcome.retry_after(), MINUTE);
+            assert_eq!(classify(status, None).retry_after(), None);
+        }
+        for status in [400, 404, 408, 500, 502, 504, 301] {
+            let outcome = classify(status, MINUTE);
+            assert_eq!(
+                outcome,
+                AttemptOutcome::HttpFailure {
+                    status,
+                    retry_after: None
+                },
+                "{status}"
+            );
+            assert_eq!(outcome.retry_after(), None);
+        }
+        assert_eq!(classify(200, MINUTE).retry_after(), None);
+    }
+
+    #[test]
+    fn transport_failures_retry_but_refusals_do_not() {
+        assert!(is_retryable(&AttemptOutcome::Timeout));
+        assert!(is_retryable(&AttemptOutcome::ConnectError("connection refused".into())));
+        assert!(!is_retryable(&AttemptOutcome::Refused("loopback".into())));
+        for outcome in [
+            AttemptOutcome::Timeout,
+            AttemptOutcome::ConnectError("reset".into()),
+            AttemptOutcome::Refused("private".into()),
+        ] {
+            assert!(!outcome.is_success());
+            assert_eq!(outcome.status(), None);
+            assert_eq!(outcome.retry_after(), None);
+        }
+    }
+}
