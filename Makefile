@@ -46,11 +46,15 @@ run: build ## Run the operator against $$KUBECONFIG, or a local control plane wh
 	$$kubectl apply --server-side -f crds/ >/dev/null; \
 	$$kubectl wait --for=condition=Established --timeout=30s crd/webhookendpoints.webhooks.capydb.io >/dev/null; \
 	key=$$(target/debug/capy-webhooks api-key create --org $(DEV_ORG) --name make-run --namespace default 2>/dev/null); \
+	mkdir -p $(CLUSTER_DIR); token_file=$(CLUSTER_DIR)/ingest-token; \
+	[ -s $$token_file ] || python3 -c 'import secrets; print(secrets.token_hex(24))' > $$token_file; \
 	echo "KUBECONFIG=$$KUBECONFIG"; \
 	echo "kubectl=$$kubectl"; \
 	echo "development API key for organization $(DEV_ORG): $$key"; \
 	echo "REST API: http://127.0.0.1:8080/v1/organizations/$(DEV_ORG)/webhook-endpoints"; \
-	exec target/debug/capy-webhooks run --namespace default --allow-http $(RUN_ARGS)
+	echo "ingest:   http://127.0.0.1:8081/v1/organizations/$(DEV_ORG)/events  (token in $$token_file)"; \
+	exec target/debug/capy-webhooks run --namespace default --allow-http --allow-private-targets \
+	  --ingest-token-file $$token_file $(RUN_ARGS)
 
 .PHONY: fmt
 fmt: ## Format the code

@@ -15,6 +15,13 @@ use capy_webhooks::auth::Authenticator;
 use capy_webhooks::auth::api_keys::{self, ApiKeyIndex};
 use capy_webhooks::auth::clerk::{ClerkConfig, ClerkVerifier, JwksSource};
 use capy_webhooks::controller::{self, ControllerConfig};
+use capy_webhooks::delivery::schedule::RetrySchedule;
+use capy_webhooks::delivery::sender::SenderConfig;
+use capy_webhooks::delivery::ssrf::TargetPolicy;
+use capy_webhooks::delivery_log::LogConfig;
+use capy_webhooks::dispatcher::{Dispatcher, DispatcherConfig};
+use capy_webhooks::endpoints::EndpointCache;
+use capy_webhooks::ingest::IngestConfig;
 use capy_webhooks::resources::{Scope, crd_yaml};
 use capy_webhooks::telemetry::{self, LogFormat};
 use capy_webhooks::validation::UrlPolicy;
@@ -33,7 +40,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the operator's components.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print the WebhookEndpoint CRD as YAML (what `crds/` holds).
     Crd,
     /// Mint, list and revoke REST API keys (stored hashed as Secrets).
@@ -88,6 +95,8 @@ enum Component {
     Controller,
     /// The public REST API.
     Api,
+    /// Event ingest (internal port) and signed delivery with retries.
+    Dispatcher,
 }
 
 #[derive(Args, Debug)]
@@ -97,7 +106,7 @@ struct RunArgs {
         long,
         env = "CAPY_WEBHOOKS_COMPONENTS",
         value_delimiter = ',',
-        default_value = "api,controller"
+        default_value = "api,controller,dispatcher"
     )]
     components: Vec<Component>,
 
@@ -151,6 +160,59 @@ struct RunArgs {
     #[arg(long, env = "CAPY_WEBHOOKS_ROTATION_GRACE_PERIOD", default_value = "24h", value_parser = parse_duration)]
     rotation_grace_period: Duration,
 
+    /// Address of the internal event-ingest port.
+    #[arg(long, env = "CAPY_WEBHOOKS_INGEST_LISTEN", default_value = "0.0.0.0:8081")]
+    ingest_listen: SocketAddr,
+
+    /// File holding the bearer token producers present to the ingest port (required by the
+    /// dispatcher; mount it from a Secret).
+    #[arg(long, env = "CAPY_WEBHOOKS_INGEST_TOKEN_FILE")]
+    ingest_token_file: Option<PathBuf>,
+
+    /// Largest event body accepted by the ingest port, in bytes; larger bodies get 413.
+    #[arg(long, env = "CAPY_WEBHOOKS_INGEST_PAYLOAD_LIMIT", default_value_t = 64 * 1024)]
+    ingest_payload_limit: usize,
+
+    /// Delays before each attempt, comma separated; its length is the default max_attempts.
+    #[arg(
+        long,
+        env = "CAPY_WEBHOOKS_RETRY_SCHEDULE",
+        default_value = "0s,5s,5m,30m,2h,5h,10h,10h"
+    )]
+    retry_schedule: RetrySchedule,
+
+    /// Finished deliveries kept per endpoint in its log (every pending one is kept).
+    #[arg(long, env = "CAPY_WEBHOOKS_RETAIN_FINISHED_DELIVERIES", default_value_t = 100)]
+    retain_finished_deliveries: usize,
+
+    /// Attempts in flight per endpoint at most.
+    #[arg(long, env = "CAPY_WEBHOOKS_PER_ENDPOINT_CONCURRENCY", default_value_t = 8)]
+    per_endpoint_concurrency: usize,
+
+    /// TCP connect timeout of an attempt.
+    #[arg(long, env = "CAPY_WEBHOOKS_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    connect_timeout: Duration,
+
+    /// Total timeout of an attempt, response included.
+    #[arg(long, env = "CAPY_WEBHOOKS_ATTEMPT_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    attempt_timeout: Duration,
+
+    /// Status summaries are written at most this often per endpoint.
+    #[arg(long, env = "CAPY_WEBHOOKS_SUMMARY_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    summary_interval: Duration,
+
+    /// Disable an endpoint whose every delivery attempt failed for this long.
+    #[arg(long, env = "CAPY_WEBHOOKS_AUTO_DISABLE_AFTER", default_value = "5d", value_parser = parse_duration)]
+    auto_disable_after: Duration,
+
+    /// On SIGTERM, how long in-flight attempts may take to finish.
+    #[arg(long, env = "CAPY_WEBHOOKS_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    shutdown_grace: Duration,
+
+    /// Deliver to loopback, private, link-local and CGNAT addresses (metadata addresses stay refused).
+    #[arg(long, env = "CAPY_WEBHOOKS_ALLOW_PRIVATE_TARGETS")]
+    allow_private_targets: bool,
+
     /// Accept plain http:// endpoint URLs (development only).
     #[arg(long, env = "CAPY_WEBHOOKS_ALLOW_HTTP")]
     allow_http: bool,
@@ -169,6 +231,19 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
                 .map_err(|e| format!("{s:?} is not a fixed-length duration: {e}"))
         })?;
     Duration::try_from(span).map_err(|_| format!("{s:?} must not be negative"))
+}
+
+fn read_ingest_token(path: Option<&std::path::Path>) -> anyhow::Result<String> {
+    let path = path.context("the dispatcher needs --ingest-token-file (the bearer token of the ingest port)")?;
+    let token =
+        std::fs::read_to_string(path).with_context(|| format!("reading the ingest token from {}", path.display()))?;
+    let token = token.trim().to_string();
+    anyhow::ensure!(
+        token.len() >= 16,
+        "the ingest token in {} is shorter than 16 characters",
+        path.display()
+    );
+    Ok(token)
 }
 
 fn in_cluster_namespace() -> Option<String> {
@@ -300,42 +375,104 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         info!("shutdown requested");
         let _ = stop_tx.send(true);
     });
-    let stopped = move || {
-        let mut rx = stop_rx.clone();
-        async move {
-            let _ = rx.wait_for(|stop| *stop).await;
+    let stopped = {
+        let stop_rx = stop_rx.clone();
+        move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
         }
     };
+    let url_policy = UrlPolicy {
+        allow_http: args.allow_http,
+    };
+    let wants = |c: Component| args.components.contains(&c);
 
     let mut tasks = tokio::task::JoinSet::new();
-    for component in &args.components {
-        match component {
-            Component::Controller => {
-                let config = ControllerConfig {
-                    scope: scope.clone(),
-                    rotation_grace_period: args.rotation_grace_period,
-                    url_policy: UrlPolicy {
-                        allow_http: args.allow_http,
+    if wants(Component::Controller) {
+        let config = ControllerConfig {
+            scope: scope.clone(),
+            rotation_grace_period: args.rotation_grace_period,
+            url_policy,
+        };
+        tasks.spawn(controller::run(client.clone(), config, stopped()));
+    }
+    // The REST API and the dispatcher share one watch-backed endpoint cache.
+    let cache =
+        (wants(Component::Api) || wants(Component::Dispatcher)).then(|| EndpointCache::start(client.clone(), &scope));
+    let dispatcher = match &cache {
+        Some(cache) if wants(Component::Dispatcher) => {
+            let token = read_ingest_token(args.ingest_token_file.as_deref())?;
+            let ingest_listener = capy_webhooks::http::bind(args.ingest_listen, "ingest port").await?;
+            let config = DispatcherConfig {
+                scope: scope.clone(),
+                schedule: args.retry_schedule.clone(),
+                log: LogConfig {
+                    max_finished: args.retain_finished_deliveries,
+                    ..LogConfig::default()
+                },
+                sender: SenderConfig {
+                    connect_timeout: args.connect_timeout,
+                    total_timeout: args.attempt_timeout,
+                    policy: TargetPolicy {
+                        allow_private: args.allow_private_targets,
+                        allow_metadata: false,
                     },
-                };
-                tasks.spawn(controller::run(client.clone(), config, stopped()));
-            }
-            Component::Api => {
-                let listener = capy_webhooks::http::bind(args.api_listen, "REST API").await?;
-                let auth = authenticator(&args, &client, &home_namespace).await?;
-                let config = ApiConfig {
-                    listen: args.api_listen,
-                    scope: scope.clone(),
-                    home_namespace: home_namespace.clone(),
-                    url_policy: UrlPolicy {
-                        allow_http: args.allow_http,
-                    },
-                    body_limit: args.api_body_limit,
-                    controller_wait: args.controller_wait,
-                };
-                tasks.spawn(api::run(client.clone(), config, auth, listener, stopped()));
-            }
+                    allow_http: args.allow_http,
+                    ..SenderConfig::default()
+                },
+                per_endpoint_concurrency: args.per_endpoint_concurrency,
+                summary_interval: args.summary_interval,
+                auto_disable_after: args.auto_disable_after,
+                persist_timeout: Duration::from_secs(10),
+                shutdown_grace: args.shutdown_grace,
+            };
+            let dispatcher = Dispatcher::start(client.clone(), cache.clone(), config, stop_rx.clone()).await?;
+            let ingest = IngestConfig {
+                listen: args.ingest_listen,
+                token,
+                payload_limit: args.ingest_payload_limit,
+                idempotency_window: Duration::from_secs(24 * 3600),
+                idempotency_capacity: 100_000,
+            };
+            tasks.spawn(capy_webhooks::ingest::run(
+                dispatcher.clone(),
+                ingest,
+                ingest_listener,
+                stopped(),
+            ));
+            let draining = dispatcher.clone();
+            let stop = stopped();
+            tasks.spawn(async move {
+                stop.await;
+                draining.wait_stopped().await;
+                Ok(())
+            });
+            Some(dispatcher)
         }
+        _ => None,
+    };
+    if let (Some(cache), true) = (&cache, wants(Component::Api)) {
+        let listener = capy_webhooks::http::bind(args.api_listen, "REST API").await?;
+        let auth = authenticator(&args, &client, &home_namespace).await?;
+        let config = ApiConfig {
+            listen: args.api_listen,
+            scope: scope.clone(),
+            home_namespace: home_namespace.clone(),
+            url_policy,
+            body_limit: args.api_body_limit,
+            controller_wait: args.controller_wait,
+        };
+        tasks.spawn(api::run(
+            client.clone(),
+            config,
+            auth,
+            cache.clone(),
+            dispatcher,
+            listener,
+            stopped(),
+        ));
     }
     // A component that fails ends the process, so that Kubernetes restarts it.
     while let Some(result) = tasks.join_next().await {
@@ -353,7 +490,7 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", crd_yaml());
             Ok(())
         }
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(*args).await,
         Command::ApiKey(command) => api_key_command(command).await,
     }
 }

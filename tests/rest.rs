@@ -6,128 +6,18 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capy_webhooks::api::{self, ApiConfig};
-use capy_webhooks::auth::Authenticator;
-use capy_webhooks::auth::api_keys::{self, ApiKeyIndex};
+use capy_webhooks::api;
+use capy_webhooks::auth::api_keys;
 use capy_webhooks::auth::clerk::testing::TestIssuer;
-use capy_webhooks::auth::clerk::{ClerkConfig, ClerkVerifier, JwksSource};
-use capy_webhooks::controller::{self, ControllerConfig};
-use capy_webhooks::resources::{ORGANIZATION_LABEL, Scope, WebhookEndpoint};
-use capy_webhooks::validation::UrlPolicy;
+use capy_webhooks::resources::{ORGANIZATION_LABEL, WebhookEndpoint};
 use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client, ResourceExt};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::sync::watch;
+use support::operator::{ISSUER, Operator, Options};
 
 const ORG: &str = "org_alpha";
 const OTHER_ORG: &str = "org_beta";
-const ISSUER: &str = "https://clerk.test.capydb.local";
-
-/// An operator (controller and REST API) running in this test process, scoped to one namespace.
-struct Operator {
-    base: String,
-    stop: watch::Sender<bool>,
-    http: reqwest::Client,
-}
-
-impl Operator {
-    async fn start(client: &Client, ns: &str, with_controller: bool, jwks_url: &str) -> Self {
-        let (stop, stop_rx) = watch::channel(false);
-        let stopped = move || {
-            let mut rx = stop_rx.clone();
-            async move {
-                let _ = rx.wait_for(|s| *s).await;
-            }
-        };
-        if with_controller {
-            let config = ControllerConfig {
-                scope: Scope::Namespace(ns.into()),
-                rotation_grace_period: Duration::from_secs(3600),
-                url_policy: UrlPolicy { allow_http: true },
-            };
-            tokio::spawn(controller::run(client.clone(), config, stopped()));
-        }
-        let index = ApiKeyIndex::new();
-        tokio::spawn(index.clone().run(client.clone(), ns.to_string()));
-        index.wait_ready().await;
-        let clerk = ClerkVerifier::new(
-            ClerkConfig {
-                jwks: JwksSource::Url(jwks_url.to_string()),
-                issuer: ISSUER.into(),
-                authorized_parties: vec![],
-                ..ClerkConfig::default()
-            },
-            reqwest::Client::new(),
-        )
-        .await
-        .expect("JWKS loads");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let config = ApiConfig {
-            listen: addr,
-            scope: Scope::Namespace(ns.into()),
-            home_namespace: ns.into(),
-            url_policy: UrlPolicy { allow_http: true },
-            body_limit: 16 * 1024,
-            controller_wait: if with_controller {
-                Duration::from_secs(20)
-            } else {
-                Duration::from_secs(1)
-            },
-        };
-        tokio::spawn(api::run(
-            client.clone(),
-            config,
-            Authenticator::new(index, Some(Arc::new(clerk))),
-            listener,
-            stopped(),
-        ));
-        let base = format!("http://{addr}/v1/organizations");
-        let http = reqwest::Client::new();
-        support::wait_for("REST API up", Duration::from_secs(30), || async {
-            http.get(format!("http://{addr}/openapi.json"))
-                .send()
-                .await
-                .ok()
-                .filter(|r| r.status() == 200)
-        })
-        .await;
-        Self { base, stop, http }
-    }
-
-    fn url(&self, org: &str, rest: &str) -> String {
-        format!("{}/{org}/webhook-endpoints{rest}", self.base)
-    }
-
-    async fn call(
-        &self,
-        method: &str,
-        url: &str,
-        token: Option<&str>,
-        body: Option<Value>,
-    ) -> (StatusCode, Value, reqwest::header::HeaderMap) {
-        let mut req = self.http.request(method.parse().unwrap(), url);
-        if let Some(t) = token {
-            req = req.header("authorization", format!("Bearer {t}"));
-        }
-        if let Some(b) = body {
-            req = req.json(&b);
-        }
-        let res = req.send().await.unwrap();
-        let status = res.status();
-        let headers = res.headers().clone();
-        let text = res.text().await.unwrap();
-        let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON body for {method} {url}: {text:?}"));
-        (status, body, headers)
-    }
-}
-
-impl Drop for Operator {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-    }
-}
 
 /// Serves a JWKS document on loopback, as a Clerk instance would.
 async fn serve_jwks(jwks: String) -> String {
@@ -176,7 +66,17 @@ async fn setup(prefix: &str, with_controller: bool) -> (Client, String, Operator
     let ns = support::test_namespace(&client, prefix).await;
     let issuer = TestIssuer::new("kid-1");
     let jwks_url = serve_jwks(issuer.jwks_json()).await;
-    let op = Operator::start(&client, &ns, with_controller, &jwks_url).await;
+    let opts = Options {
+        controller: with_controller,
+        controller_wait: if with_controller {
+            Duration::from_secs(20)
+        } else {
+            Duration::from_secs(1)
+        },
+        jwks_url: Some(jwks_url),
+        ..Options::default()
+    };
+    let op = Operator::start(&client, &ns, opts).await;
     (client, ns, op, issuer)
 }
 
@@ -188,9 +88,7 @@ fn session_claims(org: &str, exp_offset: i64) -> Value {
 #[tokio::test]
 async fn every_route_works_with_the_documented_shapes() {
     let (client, ns, op, issuer) = setup("rest", true).await;
-    let (_, key) = api_keys::create_key(&client, &ns, ORG, None, Some("test"))
-        .await
-        .unwrap();
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
     let k = Some(key.as_str());
 
     // Create.
@@ -306,12 +204,10 @@ async fn every_route_works_with_the_documented_shapes() {
 #[tokio::test]
 async fn authentication_matrix_over_every_route() {
     let (client, ns, op, issuer) = setup("authz", true).await;
-    let (_, org_key) = api_keys::create_key(&client, &ns, ORG, None, None).await.unwrap();
-    let (_, other_key) = api_keys::create_key(&client, &ns, OTHER_ORG, None, None).await.unwrap();
-    let (_, project_key) = api_keys::create_key(&client, &ns, ORG, Some("prj_1"), None)
-        .await
-        .unwrap();
-    let (revoked, revoked_key) = api_keys::create_key(&client, &ns, ORG, None, None).await.unwrap();
+    let (_, org_key) = op.mint_key(&client, &ns, ORG, None).await;
+    let (_, other_key) = op.mint_key(&client, &ns, OTHER_ORG, None).await;
+    let (_, project_key) = op.mint_key(&client, &ns, ORG, Some("prj_1")).await;
+    let (revoked, revoked_key) = op.mint_key(&client, &ns, ORG, None).await;
     // The revoked key works until it is revoked, then stops within seconds.
     let (status, _, _) = op.call("GET", &op.url(ORG, ""), Some(&revoked_key), None).await;
     assert_eq!(status, 200);
@@ -426,7 +322,7 @@ async fn authentication_matrix_over_every_route() {
 #[tokio::test]
 async fn bad_requests_get_clear_json_errors() {
     let (client, ns, op, _) = setup("hardening", true).await;
-    let (_, key) = api_keys::create_key(&client, &ns, ORG, None, None).await.unwrap();
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
     let url = op.url(ORG, "");
     let send = |req: reqwest::RequestBuilder| async {
         let res = req
@@ -487,7 +383,7 @@ async fn bad_requests_get_clear_json_errors() {
 #[tokio::test]
 async fn kubectl_and_rest_see_the_same_endpoints() {
     let (client, ns, op, _) = setup("interop", true).await;
-    let (_, key) = api_keys::create_key(&client, &ns, ORG, None, None).await.unwrap();
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
     let manifest = format!(
         "apiVersion: webhooks.capydb.io/v1\nkind: WebhookEndpoint\nmetadata:\n  name: from-kubectl\n  namespace: {ns}\n\
          spec:\n  organizationId: {ORG}\n  url: https://hooks.example.com/k\n"
@@ -544,7 +440,7 @@ async fn kubectl_and_rest_see_the_same_endpoints() {
 #[tokio::test]
 async fn racing_updates_lose_nothing() {
     let (client, ns, op, _) = setup("race", true).await;
-    let (_, key) = api_keys::create_key(&client, &ns, ORG, None, None).await.unwrap();
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
     let (_, created, _) = op
         .call(
             "POST",
@@ -602,7 +498,7 @@ async fn racing_updates_lose_nothing() {
 #[tokio::test]
 async fn create_without_a_controller_answers_503_and_leaves_nothing() {
     let (client, ns, op, _) = setup("nocontroller", false).await;
-    let (_, key) = api_keys::create_key(&client, &ns, ORG, None, None).await.unwrap();
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
     let (status, body, headers) = op
         .call(
             "POST",

@@ -12,15 +12,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{Future, StreamExt};
+use futures::Future;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
-use kube::runtime::reflector::{self, ObjectRef, Store};
-use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
-use tokio::sync::watch;
 use tracing::{info, warn};
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
@@ -28,13 +25,13 @@ use warp::{Filter, Reply};
 
 use crate::auth::{Authenticator, Principal};
 use crate::controller::desired::stored_key_ring;
+use crate::dispatcher::{Dispatcher, SubmitError};
+use crate::endpoints::EndpointCache;
 use crate::http::{ApiError, parse_json};
 use crate::resources::{CONDITION_SECRET_READY, Scope, WebhookEndpoint, signing_secret_name};
 use crate::signing::StoredKeyRing;
 use crate::validation::UrlPolicy;
-use model::{
-    CreateRequest, UpdateRequest, endpoint_view, new_endpoint, new_endpoint_name, sort_for_listing, update_patch,
-};
+use model::{CreateRequest, UpdateRequest, endpoint_view, new_endpoint, new_endpoint_name, update_patch};
 
 /// Field manager of the facade's writes (distinct from the controller's server-side applies).
 pub const API_FIELD_MANAGER: &str = "capy-webhooks-api";
@@ -60,97 +57,14 @@ pub struct ApiConfig {
     pub controller_wait: Duration,
 }
 
-/// A watch-backed cache of endpoints, with a signal that fires on every change so writers can
-/// wait for the controller's status or for their own write to show up.
-#[derive(Clone)]
-pub struct EndpointCache {
-    store: Store<WebhookEndpoint>,
-    changes: watch::Receiver<u64>,
-}
-
-impl EndpointCache {
-    /// Starts the reflector in the background and returns the cache (not yet synced).
-    pub fn start(client: Client, scope: &Scope) -> Self {
-        let api: Api<WebhookEndpoint> = scope.api(client);
-        let (store, writer) = reflector::store();
-        let (tx, rx) = watch::channel(0u64);
-        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
-        tokio::spawn(async move {
-            futures::pin_mut!(stream);
-            while let Some(event) = stream.next().await {
-                match event {
-                    Ok(_) => {
-                        tx.send_modify(|n| *n += 1);
-                    }
-                    Err(e) => warn!(error = %e, "endpoint watch failed; retrying"),
-                }
-            }
-        });
-        Self { store, changes: rx }
-    }
-
-    /// Waits until the initial list is in.
-    pub async fn wait_ready(&self) -> anyhow::Result<()> {
-        self.store
-            .wait_until_ready()
-            .await
-            .map_err(|e| anyhow::anyhow!("endpoint cache never synced: {e}"))
-    }
-
-    /// Every cached endpoint of one organization, in listing order.
-    pub fn list(&self, organization_id: &str) -> Vec<Arc<WebhookEndpoint>> {
-        let mut found: Vec<_> = self
-            .store
-            .state()
-            .into_iter()
-            .filter(|e| e.spec.organization_id == organization_id)
-            .collect();
-        sort_for_listing(&mut found);
-        found
-    }
-
-    /// One endpoint of one organization. Another organization's endpoint is "not found".
-    pub fn find(&self, scope: &Scope, organization_id: &str, id: &str) -> Option<Arc<WebhookEndpoint>> {
-        let found = match scope {
-            Scope::Namespace(ns) => self.store.get(&ObjectRef::new(id).within(ns)),
-            Scope::AllNamespaces => self
-                .store
-                .find(|e| e.name_any() == id && e.spec.organization_id == organization_id),
-        };
-        found.filter(|e| e.spec.organization_id == organization_id && e.metadata.deletion_timestamp.is_none())
-    }
-
-    /// Waits up to `timeout` for `check` to return `Some` on the cached object `(ns, name)`
-    /// (or on its absence, given as `None`).
-    pub async fn wait_for<T>(
-        &self,
-        namespace: &str,
-        name: &str,
-        timeout: Duration,
-        mut check: impl FnMut(Option<&WebhookEndpoint>) -> Option<T>,
-    ) -> Option<T> {
-        let key = ObjectRef::new(name).within(namespace);
-        let mut changes = self.changes.clone();
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            changes.borrow_and_update();
-            if let Some(found) = check(self.store.get(&key).as_deref()) {
-                return Some(found);
-            }
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
-                Ok(Ok(())) => continue,
-                _ => return None,
-            }
-        }
-    }
-}
-
 /// Shared state of the handlers.
 pub struct ApiState {
     client: Client,
     cache: EndpointCache,
     auth: Authenticator,
     config: ApiConfig,
+    /// Present when the dispatcher runs in this process: the recovery routes need it.
+    dispatcher: Option<Dispatcher>,
 }
 
 type Shared = Arc<ApiState>;
@@ -409,11 +323,53 @@ impl ApiState {
     ) -> Result<Response, ApiError> {
         self.authorize(&org, &headers).await?;
         let limit = parse_limit(query.get("limit").map(String::as_str))?;
-        self.find(&org, &id)?;
-        // The dispatcher and its delivery log are not built yet: an existing endpoint has no
-        // deliveries to show.
-        let deliveries: Vec<serde_json::Value> = Vec::with_capacity(0);
-        Ok(warp::reply::json(&json!({ "deliveries": &deliveries[..deliveries.len().min(limit)] })).into_response())
+        let endpoint = self.find(&org, &id)?;
+        let ns = endpoint.namespace().unwrap_or_default();
+        let records = crate::delivery_log::read_endpoint(&self.client, &ns, &id, limit)
+            .await
+            .map_err(|e| kube_error(e, "reading the delivery log"))?;
+        let deliveries: Vec<_> = records.iter().map(|r| r.to_api()).collect();
+        Ok(warp::reply::json(&json!({ "deliveries": deliveries })).into_response())
+    }
+
+    fn dispatcher(&self) -> Result<&Dispatcher, ApiError> {
+        self.dispatcher.as_ref().ok_or_else(|| {
+            ApiError::unavailable("the dispatcher does not run in this process; use one that runs it", 30)
+        })
+    }
+
+    async fn retry_delivery(
+        &self,
+        org: String,
+        id: String,
+        delivery: String,
+        headers: HeaderMap,
+    ) -> Result<Response, ApiError> {
+        self.authorize(&org, &headers).await?;
+        let endpoint = self.find(&org, &id)?;
+        let record = self
+            .dispatcher()?
+            .retry(&endpoint, &delivery)
+            .await
+            .map_err(submit_error)?;
+        let body = json!({ "delivery": record.to_api() });
+        Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
+    }
+
+    async fn test_endpoint(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
+        self.authorize(&org, &headers).await?;
+        let endpoint = self.find(&org, &id)?;
+        let record = self.dispatcher()?.send_test(&endpoint).await.map_err(submit_error)?;
+        let body = json!({ "delivery": record.to_api() });
+        Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
+    }
+}
+
+fn submit_error(e: SubmitError) -> ApiError {
+    match e {
+        SubmitError::NotFound(m) => ApiError::not_found(m),
+        SubmitError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
+        SubmitError::Unavailable(m) => ApiError::unavailable(m, 2),
     }
 }
 
@@ -458,6 +414,9 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
     let item = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String);
     let rotate = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "rotate-secret");
     let deliveries = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "deliveries");
+    let retry =
+        warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "deliveries" / String / "retry");
+    let test = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "test");
 
     let list = collection
         .and(warp::get())
@@ -490,8 +449,18 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .and(warp::get())
         .and(headers)
         .and(warp::query::<HashMap<String, String>>())
-        .and(with_state)
+        .and(with_state.clone())
         .then(|org, id, h, q, s: Shared| async move { respond(s.deliveries(org, id, h, q).await) });
+    let retry = retry
+        .and(warp::post())
+        .and(headers)
+        .and(with_state.clone())
+        .then(|org, id, d, h, s: Shared| async move { respond(s.retry_delivery(org, id, d, h).await) });
+    let test = test
+        .and(warp::post())
+        .and(headers)
+        .and(with_state)
+        .then(|org, id, h, s: Shared| async move { respond(s.test_endpoint(org, id, h).await) });
     let openapi = warp::path!("openapi.json")
         .and(warp::get())
         .map(|| warp::reply::with_header(OPENAPI_JSON, "content-type", "application/json").into_response());
@@ -507,6 +476,10 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .unify()
         .or(deliveries)
         .unify()
+        .or(retry)
+        .unify()
+        .or(test)
+        .unify()
         .or(openapi)
         .unify()
         .recover(crate::http::recover)
@@ -514,21 +487,24 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
     crate::http::with_request_log(routes, "api")
 }
 
-/// Runs the REST facade on `listener` until `shutdown` resolves.
+/// Runs the REST facade on `listener` until `shutdown` resolves. `cache` must be started; the
+/// facade waits for it to sync before serving.
 pub async fn run(
     client: Client,
     config: ApiConfig,
     auth: Authenticator,
+    cache: EndpointCache,
+    dispatcher: Option<Dispatcher>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
-    let cache = EndpointCache::start(client.clone(), &config.scope);
     cache.wait_ready().await?;
     let state = Arc::new(ApiState {
         client,
         cache,
         auth,
         config,
+        dispatcher,
     });
     info!(listen = %listener.local_addr()?, "REST API serving");
     crate::http::serve(listener, routes(state), shutdown).await;

@@ -67,10 +67,7 @@ pub struct UpdateRequest {
     pub is_active: Option<bool>,
 }
 
-/// Formats a time as the contract wants it: RFC 3339, UTC, whole seconds, `Z`.
-pub fn rfc3339(t: Timestamp) -> String {
-    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
-}
+pub use crate::resources::rfc3339;
 
 fn created_at(endpoint: &WebhookEndpoint) -> Timestamp {
     endpoint
@@ -120,14 +117,6 @@ pub fn endpoint_view(endpoint: &WebhookEndpoint, with_health: bool) -> EndpointV
         url: endpoint.spec.url.clone(),
         health: with_health.then(|| health(endpoint).as_str()),
     }
-}
-
-/// Orders endpoints for listing: creation time, then id.
-pub fn sort_for_listing(endpoints: &mut [std::sync::Arc<WebhookEndpoint>]) {
-    endpoints.sort_by(|a, b| {
-        let key = |e: &WebhookEndpoint| (e.metadata.creation_timestamp.as_ref().map(|t| t.0), e.name_any());
-        key(a).cmp(&key(b))
-    });
 }
 
 /// Validates a create request and builds the CR it asks for.

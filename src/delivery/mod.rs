@@ -1,18 +1,19 @@
-//! The pure cores of the dispatcher (design §4).
+//! Delivery rules (design §4) and the signed HTTP attempt.
 //!
-//! Everything here is plain data and functions with no IO: no network, no DNS, no clock reads
-//! (the current time and the jitter are passed in), so every rule is unit-tested on its own.
-//! The IO parts of the dispatcher — ingest, the durable delivery log, HTTP sending — are not
-//! built yet; they will call into these modules:
+//! Apart from [`sender`], everything here is plain data and functions with no IO: no network, no
+//! DNS, no clock reads (the current time and the jitter are passed in), so every rule is
+//! unit-tested on its own. The dispatcher calls into these modules:
 //!
 //! - [`schedule`]: when the next attempt happens (retry schedule, jitter, `Retry-After`).
 //! - [`outcome`]: what an attempt's result means (success, retry, give up, disable).
 //! - [`event_types`]: which endpoints an event goes to.
 //! - [`health`]: the health rule and when a failing endpoint is disabled.
 //! - [`ssrf`]: which resolved addresses a delivery may connect to.
+//! - [`sender`]: one signed attempt over a keep-alive client with the SSRF guard in its resolver.
 
 pub mod event_types;
 pub mod health;
 pub mod outcome;
 pub mod schedule;
+pub mod sender;
 pub mod ssrf;

@@ -255,6 +255,11 @@ impl Scope {
     }
 }
 
+/// Formats a time as the REST contract wants it: RFC 3339, UTC, whole seconds, `Z`.
+pub fn rfc3339(t: jiff::Timestamp) -> String {
+    t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string()
+}
+
 /// Name of the Secret that holds an endpoint's signing secret.
 pub fn signing_secret_name(endpoint_name: &str) -> String {
     format!("{endpoint_name}-signing")

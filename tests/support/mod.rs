@@ -11,6 +11,9 @@
 //! made in, so start-up here is synchronous and clients are made per test with [`client`].
 #![allow(dead_code)]
 
+pub mod operator;
+pub mod receiver;
+
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};

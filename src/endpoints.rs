@@ -1,0 +1,133 @@
+//! A watch-backed cache of WebhookEndpoints, shared by the REST facade (reads, read-your-writes
+//! waits) and the dispatcher (fan-out, endpoint settings, wake-ups on change).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::watcher::Event;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use tokio::sync::{broadcast, watch};
+use tracing::warn;
+
+use crate::resources::{Scope, WebhookEndpoint};
+
+/// A watch-backed cache of endpoints, with a signal that fires on every change so writers can
+/// wait for the controller's status or for their own write to show up.
+#[derive(Clone)]
+pub struct EndpointCache {
+    store: Store<WebhookEndpoint>,
+    changes: watch::Receiver<u64>,
+    changed: broadcast::Sender<ObjectRef<WebhookEndpoint>>,
+}
+
+impl EndpointCache {
+    /// Starts the reflector in the background and returns the cache (not yet synced).
+    pub fn start(client: Client, scope: &Scope) -> Self {
+        let api: Api<WebhookEndpoint> = scope.api(client);
+        let (store, writer) = reflector::store();
+        let (tx, rx) = watch::channel(0u64);
+        let (changed, _) = broadcast::channel(4096);
+        let notify = changed.clone();
+        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+        tokio::spawn(async move {
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                match event {
+                    Ok(Event::Apply(ep) | Event::Delete(ep) | Event::InitApply(ep)) => {
+                        let _ = notify.send(ObjectRef::from(&ep));
+                        tx.send_modify(|n| *n += 1);
+                    }
+                    Ok(_) => tx.send_modify(|n| *n += 1),
+                    Err(e) => warn!(error = %e, "endpoint watch failed; retrying"),
+                }
+            }
+        });
+        Self {
+            store,
+            changes: rx,
+            changed,
+        }
+    }
+
+    /// Waits until the initial list is in.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        self.store
+            .wait_until_ready()
+            .await
+            .map_err(|e| anyhow::anyhow!("endpoint cache never synced: {e}"))
+    }
+
+    /// Endpoints that changed (or were deleted) from now on. A receiver that lags behind gets
+    /// `RecvError::Lagged` and should treat every endpoint as changed.
+    pub fn subscribe(&self) -> broadcast::Receiver<ObjectRef<WebhookEndpoint>> {
+        self.changed.subscribe()
+    }
+
+    /// One endpoint by namespace and name.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<WebhookEndpoint>> {
+        self.store.get(&ObjectRef::new(name).within(namespace))
+    }
+
+    /// Every cached endpoint.
+    pub fn all(&self) -> Vec<Arc<WebhookEndpoint>> {
+        self.store.state()
+    }
+
+    /// Every cached endpoint of one organization, in listing order.
+    pub fn list(&self, organization_id: &str) -> Vec<Arc<WebhookEndpoint>> {
+        let mut found: Vec<_> = self
+            .store
+            .state()
+            .into_iter()
+            .filter(|e| e.spec.organization_id == organization_id)
+            .collect();
+        sort_for_listing(&mut found);
+        found
+    }
+
+    /// One endpoint of one organization. Another organization's endpoint is "not found".
+    pub fn find(&self, scope: &Scope, organization_id: &str, id: &str) -> Option<Arc<WebhookEndpoint>> {
+        let found = match scope {
+            Scope::Namespace(ns) => self.store.get(&ObjectRef::new(id).within(ns)),
+            Scope::AllNamespaces => self
+                .store
+                .find(|e| e.name_any() == id && e.spec.organization_id == organization_id),
+        };
+        found.filter(|e| e.spec.organization_id == organization_id && e.metadata.deletion_timestamp.is_none())
+    }
+
+    /// Waits up to `timeout` for `check` to return `Some` on the cached object `(ns, name)`
+    /// (or on its absence, given as `None`).
+    pub async fn wait_for<T>(
+        &self,
+        namespace: &str,
+        name: &str,
+        timeout: Duration,
+        mut check: impl FnMut(Option<&WebhookEndpoint>) -> Option<T>,
+    ) -> Option<T> {
+        let key = ObjectRef::new(name).within(namespace);
+        let mut changes = self.changes.clone();
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            changes.borrow_and_update();
+            if let Some(found) = check(self.store.get(&key).as_deref()) {
+                return Some(found);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return None,
+            }
+        }
+    }
+}
+
+/// Orders endpoints for listing: creation time, then id.
+fn sort_for_listing(endpoints: &mut [std::sync::Arc<WebhookEndpoint>]) {
+    endpoints.sort_by(|a, b| {
+        let key = |e: &WebhookEndpoint| (e.metadata.creation_timestamp.as_ref().map(|t| t.0), e.name_any());
+        key(a).cmp(&key(b))
+    });
+}

@@ -1,0 +1,273 @@
+//! The internal ingest port: platform services post events here; the dispatcher fans them out.
+//!
+//! `POST /v1/organizations/{orgID}/events` with `Authorization: Bearer <ingest token>`, body
+//! `{"type": "...", "data": {...}}`, optional `Idempotency-Key`. 202 once every delivery is
+//! durable; 503 with `Retry-After` when they cannot be persisted.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures::Future;
+use serde::Deserialize;
+use serde_json::{Value, json};
+use subtle::ConstantTimeEq;
+use tracing::info;
+use warp::http::{HeaderMap, StatusCode};
+use warp::reply::Response;
+use warp::{Filter, Reply};
+
+use crate::dispatcher::{Dispatcher, SubmitError};
+use crate::http::{ApiError, parse_json};
+use crate::validation::validate_event_type;
+
+/// Settings of the ingest port.
+#[derive(Clone)]
+pub struct IngestConfig {
+    /// Listen address (internal).
+    pub listen: SocketAddr,
+    /// The bearer token producers must present. Never logged.
+    pub token: String,
+    /// Largest event body in bytes.
+    pub payload_limit: usize,
+    /// How long an `Idempotency-Key` answers with its first result.
+    pub idempotency_window: Duration,
+    /// How many keys are remembered at most.
+    pub idempotency_capacity: usize,
+}
+
+impl std::fmt::Debug for IngestConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IngestConfig")
+            .field("listen", &self.listen)
+            .field("token", &"<redacted>")
+            .field("payload_limit", &self.payload_limit)
+            .finish()
+    }
+}
+
+/// Body of an event.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct EventRequest {
+    /// Event type, e.g. `database.created` (no wildcards).
+    #[serde(rename = "type")]
+    pub event_type: String,
+    /// Event data: a JSON object.
+    pub data: Value,
+}
+
+/// Remembers the first successful answer to each `(organization, Idempotency-Key)` for a
+/// bounded time and number of keys.
+#[derive(Default)]
+pub struct IdempotencyCache {
+    entries: HashMap<(String, String), (Instant, Value)>,
+    order: VecDeque<(Instant, (String, String))>,
+}
+
+impl IdempotencyCache {
+    /// The remembered answer, if still within `window`.
+    pub fn get(&mut self, key: &(String, String), window: Duration, now: Instant) -> Option<Value> {
+        self.expire(window, usize::MAX, now);
+        self.entries.get(key).map(|(_, v)| v.clone())
+    }
+
+    /// Remembers an answer; the oldest keys go first when over `capacity`.
+    pub fn put(&mut self, key: (String, String), value: Value, window: Duration, capacity: usize, now: Instant) {
+        if self.entries.contains_key(&key) {
+            return;
+        }
+        self.entries.insert(key.clone(), (now, value));
+        self.order.push_back((now, key));
+        self.expire(window, capacity, now);
+    }
+
+    fn expire(&mut self, window: Duration, capacity: usize, now: Instant) {
+        while let Some((at, key)) = self.order.front() {
+            if now.duration_since(*at) < window && self.entries.len() <= capacity {
+                break;
+            }
+            self.entries.remove(key);
+            self.order.pop_front();
+        }
+    }
+}
+
+struct IngestState {
+    dispatcher: Dispatcher,
+    config: IngestConfig,
+    idempotency: Mutex<IdempotencyCache>,
+}
+
+fn authorize(headers: &HeaderMap, token: &str) -> Result<(), ApiError> {
+    let presented = headers
+        .get(warp::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing or malformed ingest token"))?;
+    if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+        Ok(())
+    } else {
+        Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid ingest token"))
+    }
+}
+
+fn validate(request: &EventRequest) -> Result<(), ApiError> {
+    if request.event_type.ends_with(".*") {
+        return Err(ApiError::bad_request("an event's type cannot be a pattern"));
+    }
+    validate_event_type(&request.event_type).map_err(ApiError::bad_request)?;
+    if !request.data.is_object() {
+        return Err(ApiError::bad_request("data must be a JSON object"));
+    }
+    Ok(())
+}
+
+impl IngestState {
+    async fn ingest(&self, org: String, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
+        authorize(&headers, &self.config.token)?;
+        let request: EventRequest = parse_json(&body)?;
+        validate(&request)?;
+        let idempotency_key = headers
+            .get("idempotency-key")
+            .map(|v| v.to_str().map(str::to_string))
+            .transpose()
+            .map_err(|_| ApiError::bad_request("Idempotency-Key must be ASCII"))?;
+        let cache_key = idempotency_key.map(|k| (org.clone(), k));
+        if let Some(key) = &cache_key {
+            let cached = self.idempotency.lock().expect("idempotency lock").get(
+                key,
+                self.config.idempotency_window,
+                Instant::now(),
+            );
+            if let Some(answer) = cached {
+                return Ok(warp::reply::with_status(warp::reply::json(&answer), StatusCode::ACCEPTED).into_response());
+            }
+        }
+        let (event_id, deliveries) = self
+            .dispatcher
+            .submit(&org, &request.event_type, request.data)
+            .await
+            .map_err(|e| match e {
+                SubmitError::Unavailable(m) => ApiError::unavailable(format!("event not accepted: {m}"), 2),
+                other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+            })?;
+        info!(organization = %org, event = %event_id, event_type = %request.event_type, deliveries, "event accepted");
+        let answer = json!({"id": event_id, "deliveries": deliveries});
+        if let Some(key) = cache_key {
+            self.idempotency.lock().expect("idempotency lock").put(
+                key,
+                answer.clone(),
+                self.config.idempotency_window,
+                self.config.idempotency_capacity,
+                Instant::now(),
+            );
+        }
+        Ok(warp::reply::with_status(warp::reply::json(&answer), StatusCode::ACCEPTED).into_response())
+    }
+}
+
+/// The ingest routes.
+pub fn routes(
+    dispatcher: Dispatcher,
+    config: IngestConfig,
+) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
+    let limit = config.payload_limit;
+    let state = Arc::new(IngestState {
+        dispatcher,
+        config,
+        idempotency: Mutex::default(),
+    });
+    let events = warp::path!("v1" / "organizations" / String / "events")
+        .and(warp::post())
+        .and(warp::header::headers_cloned())
+        .and(crate::http::json_bytes(limit))
+        .and(warp::any().map(move || state.clone()))
+        .then(|org, headers, body, state: Arc<IngestState>| async move {
+            state
+                .ingest(org, headers, body)
+                .await
+                .unwrap_or_else(Reply::into_response)
+        });
+    crate::http::with_request_log(events.recover(crate::http::recover).unify(), "ingest")
+}
+
+/// Serves the ingest port until `shutdown` resolves.
+pub async fn run(
+    dispatcher: Dispatcher,
+    config: IngestConfig,
+    listener: tokio::net::TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    info!(listen = %listener.local_addr()?, "ingest serving");
+    crate::http::serve(listener, routes(dispatcher, config), shutdown).await;
+    info!("ingest stopped");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn idempotency_answers_within_the_window_and_forgets_after() {
+        let mut cache = IdempotencyCache::default();
+        let t0 = Instant::now();
+        let key = ("org".to_string(), "k1".to_string());
+        let window = Duration::from_secs(60);
+        cache.put(key.clone(), json!({"id": "evt_1"}), window, 10, t0);
+        cache.put(key.clone(), json!({"id": "evt_2"}), window, 10, t0);
+        assert_eq!(
+            cache.get(&key, window, t0 + Duration::from_secs(59)),
+            Some(json!({"id": "evt_1"}))
+        );
+        assert_eq!(cache.get(&key, window, t0 + Duration::from_secs(61)), None);
+    }
+
+    #[test]
+    fn idempotency_is_bounded_in_size() {
+        let mut cache = IdempotencyCache::default();
+        let t0 = Instant::now();
+        let window = Duration::from_secs(60);
+        for i in 0..5 {
+            cache.put(("o".into(), i.to_string()), json!(i), window, 3, t0);
+        }
+        assert!(cache.get(&("o".into(), "0".into()), window, t0).is_none());
+        assert_eq!(cache.get(&("o".into(), "4".into()), window, t0), Some(json!(4)));
+    }
+
+    #[test]
+    fn ingest_token_is_checked() {
+        let mut headers = HeaderMap::new();
+        assert_eq!(
+            authorize(&headers, "secret-token").unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        headers.insert("authorization", "Bearer wrong".parse().unwrap());
+        assert!(authorize(&headers, "secret-token").is_err());
+        headers.insert("authorization", "Bearer secret-token".parse().unwrap());
+        assert!(authorize(&headers, "secret-token").is_ok());
+    }
+
+    #[test]
+    fn events_are_validated() {
+        let ok = EventRequest {
+            event_type: "database.created".into(),
+            data: json!({"id": 1}),
+        };
+        assert!(validate(&ok).is_ok());
+        let pattern = EventRequest {
+            event_type: "database.*".into(),
+            data: json!({}),
+        };
+        assert!(validate(&pattern).is_err());
+        let not_object = EventRequest {
+            event_type: "a.b".into(),
+            data: json!([1]),
+        };
+        assert!(validate(&not_object).is_err());
+    }
+}

@@ -1,0 +1,305 @@
+//! The delivery log against a real kube-apiserver (and kube-controller-manager's garbage collector).
+
+mod support;
+
+use std::time::Duration;
+
+use capy_webhooks::delivery_log::{
+    self, DeliveryRecord, DeliveryState, EndpointLog, LogConfig, PendingWrites, SegmentWrite, new_delivery_id,
+};
+use capy_webhooks::resources::{ENDPOINT_LABEL, Scope, WebhookEndpoint, WebhookEndpointSpec};
+use jiff::{SignedDuration, Timestamp};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, Client, ResourceExt};
+use serde_json::json;
+
+const ORG: &str = "org_dlog";
+const ONE_MIB: usize = 1024 * 1024;
+
+async fn setup(prefix: &str) -> (Client, String) {
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, prefix).await;
+    (client, ns)
+}
+
+/// A real endpoint CR, so that its log's owner reference resolves; returns its uid.
+async fn create_endpoint(client: &Client, ns: &str, name: &str) -> String {
+    let ep = WebhookEndpoint::new(
+        name,
+        WebhookEndpointSpec {
+            organization_id: ORG.into(),
+            url: "https://hooks.example.com/in".into(),
+            description: "delivery log test".into(),
+            event_types: vec![],
+            active: true,
+            secret_rotation: 0,
+            max_attempts: None,
+        },
+    );
+    let api: Api<WebhookEndpoint> = Api::namespaced(client.clone(), ns);
+    api.create(&PostParams::default(), &ep).await.unwrap().uid().unwrap()
+}
+
+fn new_record(endpoint: &str, now: Timestamp, n: usize) -> DeliveryRecord {
+    let event_id = format!("evt_{n:06}");
+    DeliveryRecord {
+        id: new_delivery_id(now),
+        endpoint_id: endpoint.into(),
+        organization_id: ORG.into(),
+        event_id: event_id.clone(),
+        event_type: "database.created".into(),
+        payload: json!({
+            "type": "database.created",
+            "timestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+            "data": {"database_id": format!("db_{n}"), "event": event_id, "notes": "x".repeat(400)},
+        }),
+        state: DeliveryState::Pending,
+        attempts: 0,
+        max_attempts: 8,
+        created_at: now,
+        updated_at: now,
+        next_attempt_at: Some(now),
+        delivered_at: None,
+        response_status: None,
+        last_error: None,
+    }
+}
+
+/// The outcome of one attempt: most succeed, every fifth fails for good.
+fn finish(mut record: DeliveryRecord, now: Timestamp, n: usize) -> DeliveryRecord {
+    record.attempts += 1;
+    record.updated_at = now;
+    record.next_attempt_at = None;
+    if n.is_multiple_of(5) {
+        record.state = DeliveryState::Failed;
+        record.response_status = Some(503);
+        record.last_error = Some("HTTP 503 Service Unavailable: upstream overloaded".into());
+    } else {
+        record.state = DeliveryState::Succeeded;
+        record.delivered_at = Some(now);
+        record.response_status = Some(204);
+    }
+    record
+}
+
+/// Bytes of a ConfigMap's data, as the API server's 1 MiB limit counts them.
+fn data_bytes(cm: &ConfigMap) -> usize {
+    cm.data.iter().flatten().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+async fn segments_of(client: &Client, ns: &str, endpoint: &str) -> Vec<ConfigMap> {
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let selector = format!("{},{ENDPOINT_LABEL}={endpoint}", delivery_log::log_selector());
+    api.list(&ListParams::default().labels(&selector)).await.unwrap().items
+}
+
+async fn recover(client: &Client, ns: &str, endpoint: &str, uid: &str, config: &LogConfig) -> EndpointLog {
+    let all = delivery_log::load_all(client, &Scope::Namespace(ns.to_string()))
+        .await
+        .unwrap();
+    let mut groups = delivery_log::group_by_endpoint(all);
+    let mine = groups
+        .remove(&(ns.to_string(), endpoint.to_string()))
+        .unwrap_or_default();
+    EndpointLog::from_configmaps(ns, endpoint, uid, ORG, config.clone(), mine)
+}
+
+fn assert_same_image(a: &EndpointLog, b: &EndpointLog) {
+    assert_eq!(a.segments(), b.segments());
+    assert_eq!(a.records().collect::<Vec<_>>(), b.records().collect::<Vec<_>>());
+    assert_eq!(
+        (a.pending_count(), a.approx_bytes()),
+        (b.pending_count(), b.approx_bytes())
+    );
+}
+
+/// Takes the batch and applies it; returns (writes, API calls).
+async fn commit(client: &Client, ns: &str, log: &mut EndpointLog) -> (usize, usize) {
+    let writes = log.take_writes();
+    let calls = delivery_log::apply(client, ns, &writes).await.unwrap();
+    (writes.len(), calls)
+}
+
+#[tokio::test]
+async fn a_thousand_deliveries_take_few_writes_stay_bounded_recover_and_are_collected() {
+    let (client, ns) = setup("dlog").await;
+    let endpoint = "ep-dlog";
+    let uid = create_endpoint(&client, &ns, endpoint).await;
+    let config = LogConfig {
+        max_finished: 100,
+        segment_bytes: 64 * 1024,
+        max_segments: 16,
+    };
+    let mut log = EndpointLog::new(&ns, endpoint, &uid, ORG, config.clone());
+
+    // 10 batches of 100 new pending deliveries; each batch also finishes the previous 100.
+    let start = Timestamp::now();
+    let mut clock = 0i64;
+    let mut tick = || {
+        clock += 1;
+        start + SignedDuration::from_millis(clock)
+    };
+    let (mut writes, mut calls, mut max_record) = (0, 0, 0);
+    let mut previous: Vec<String> = Vec::new();
+    let mut max_segment_bytes = 0;
+    let mut max_segments = 0;
+    let mut per_round = Vec::new();
+    for round in 0..10 {
+        let mut ids = Vec::new();
+        for i in 0..100 {
+            let n = round * 100 + i;
+            let record = new_record(endpoint, tick(), n);
+            max_record = max_record.max(record.stored_len());
+            ids.push(record.id.clone());
+            log.insert(record).unwrap();
+        }
+        for (i, id) in previous.iter().enumerate() {
+            let done = finish(log.get(id).unwrap().clone(), tick(), i);
+            max_record = max_record.max(done.stored_len());
+            assert!(log.update(done));
+        }
+        previous = ids;
+        let (w, c) = commit(&client, &ns, &mut log).await;
+        // New records fill ~2 segments, their outcomes touch ~2 more, emptied ones are deleted.
+        assert!(w <= 6, "round {round}: {w} writes");
+        per_round.push(w);
+        writes += w;
+        calls += c;
+
+        let on_server = segments_of(&client, &ns, endpoint).await;
+        assert_eq!(on_server.len(), log.segment_count(), "round {round}");
+        max_segments = max_segments.max(on_server.len());
+        for cm in &on_server {
+            let bytes = data_bytes(cm);
+            assert!(bytes < ONE_MIB);
+            assert!(
+                bytes <= config.segment_bytes + max_record,
+                "round {round}: {bytes} bytes"
+            );
+            max_segment_bytes = max_segment_bytes.max(bytes);
+        }
+
+        if round == 4 {
+            // Recovery in the middle of the run rebuilds the same image, which carries on.
+            let back = recover(&client, &ns, endpoint, &uid, &config).await;
+            assert_same_image(&back, &log);
+            log = back;
+            assert!(log.take_writes().is_empty());
+        }
+    }
+    for (i, id) in previous.iter().enumerate() {
+        let done = finish(log.get(id).unwrap().clone(), tick(), i);
+        assert!(log.update(done));
+    }
+    let (w, c) = commit(&client, &ns, &mut log).await;
+    writes += w;
+    calls += c;
+
+    // Retention: the newest 100 finished deliveries are kept, nothing is pending.
+    assert_eq!((log.len(), log.finished_count(), log.pending_count()), (100, 100, 0));
+    let on_server = segments_of(&client, &ns, endpoint).await;
+    let stored: usize = on_server.iter().map(|cm| cm.data.as_ref().map_or(0, |d| d.len())).sum();
+    assert_eq!(stored, 100);
+    assert!(calls <= 70, "{calls} API calls for 1,000 deliveries");
+    eprintln!(
+        "[delivery_log] 1,000 deliveries + 1,000 outcomes: {writes} writes, {calls} API calls; \
+         largest segment {max_segment_bytes} bytes (budget {}), at most {max_segments} segments; \
+         largest record {max_record} bytes; final {} segments, {} bytes; writes per batch {per_round:?}",
+        config.segment_bytes,
+        on_server.len(),
+        on_server.iter().map(data_bytes).sum::<usize>()
+    );
+
+    let back = recover(&client, &ns, endpoint, &uid, &config).await;
+    assert_same_image(&back, &log);
+
+    // The REST read: newest first, limited.
+    let page = delivery_log::read_endpoint(&client, &ns, endpoint, 25).await.unwrap();
+    let expected: Vec<DeliveryRecord> = log.newest_first(25).into_iter().cloned().collect();
+    assert_eq!(page, expected);
+    assert!(page.windows(2).all(|w| w[0].created_at >= w[1].created_at));
+    assert_eq!(page[0].payload["data"]["event"], "evt_000999");
+    assert_eq!(
+        delivery_log::read_endpoint(&client, &ns, endpoint, 1000)
+            .await
+            .unwrap()
+            .len(),
+        100
+    );
+    assert!(
+        delivery_log::read_endpoint(&client, &ns, "no-such-endpoint", 10)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Deleting the endpoint garbage-collects its log.
+    let endpoints: Api<WebhookEndpoint> = Api::namespaced(client.clone(), &ns);
+    endpoints.delete(endpoint, &DeleteParams::default()).await.unwrap();
+    support::wait_for("delivery log garbage-collected", Duration::from_secs(90), || async {
+        segments_of(&client, &ns, endpoint).await.is_empty().then_some(())
+    })
+    .await;
+    support::delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn a_failed_batch_is_restored_and_written_again() {
+    let (client, ns) = setup("dlog-restore").await;
+    let endpoint = "ep-restore";
+    let uid = create_endpoint(&client, &ns, endpoint).await;
+    let config = LogConfig {
+        max_finished: 10,
+        segment_bytes: 16 * 1024,
+        max_segments: 16,
+    };
+    let mut log = EndpointLog::new(&ns, endpoint, &uid, ORG, config.clone());
+    let now = Timestamp::now();
+    for n in 0..60 {
+        log.insert(new_record(endpoint, now + SignedDuration::from_millis(n), n as usize))
+            .unwrap();
+    }
+    commit(&client, &ns, &mut log).await;
+    let segments = log.segments();
+    assert!(segments.len() >= 3);
+
+    // The first segment disappears behind the log's back; the batch updating it fails with a 404.
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    configmaps
+        .delete(&segments[0].name, &DeleteParams::default())
+        .await
+        .unwrap();
+    let in_first = segments[0].ids[0].clone();
+    let done = finish(log.get(&in_first).unwrap().clone(), Timestamp::now(), 1);
+    assert!(log.update(done));
+    let in_last = segments.last().unwrap().ids[0].clone();
+    let mut retried = log.get(&in_last).unwrap().clone();
+    retried.attempts = 1;
+    retried.last_error = Some("connection refused".into());
+    assert!(log.update(retried));
+    let writes: PendingWrites = log.take_writes();
+    assert_eq!(writes.len(), 2);
+    assert!(writes.writes().iter().all(|w| matches!(w, SegmentWrite::Patch { .. })));
+    match delivery_log::apply(&client, &ns, &writes).await {
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 404),
+        other => panic!("expected a 404, got {other:?}"),
+    }
+    log.restore(writes);
+    assert!(log.has_changes());
+
+    // The retry recreates the lost segment and merges into the one that exists (409 → patch).
+    let writes = log.take_writes();
+    assert_eq!(writes.len(), 2);
+    assert!(writes.record_ids().any(|id| id == in_first));
+    let calls = delivery_log::apply(&client, &ns, &writes).await.unwrap();
+    assert_eq!(calls, 3, "one create, one create that conflicts and merges");
+    let back = recover(&client, &ns, endpoint, &uid, &config).await;
+    assert_same_image(&back, &log);
+    assert_eq!(
+        back.get(&in_last).unwrap().last_error.as_deref(),
+        Some("connection refused")
+    );
+    support::delete_namespace(&client, &ns).await;
+}

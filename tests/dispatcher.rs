@@ -1,0 +1,477 @@
+//! The dispatcher end to end: real API server, real operator components, real receivers on
+//! loopback, signatures checked by an independent Standard Webhooks implementation.
+
+mod support;
+
+use std::time::Duration;
+
+use capy_webhooks::api;
+use capy_webhooks::resources::WebhookEndpoint;
+use k8s_openapi::api::events::v1::Event as K8sEvent;
+use kube::api::ListParams;
+use kube::{Api, Client};
+use serde_json::{Value, json};
+use support::operator::{Operator, Options};
+use support::receiver::{Answer, Receiver};
+
+const ORG: &str = "org_deliver";
+const WAIT: Duration = Duration::from_secs(30);
+
+struct Setup {
+    client: Client,
+    ns: String,
+    op: Operator,
+    key: String,
+}
+
+async fn setup(prefix: &str, opts: Options) -> Setup {
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, prefix).await;
+    let op = Operator::start(
+        &client,
+        &ns,
+        Options {
+            dispatcher: true,
+            ..opts
+        },
+    )
+    .await;
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
+    Setup { client, ns, op, key }
+}
+
+impl Setup {
+    /// Creates an endpoint over REST; returns its id and plaintext secret.
+    async fn endpoint(&self, url: &str, event_types: &[&str]) -> (String, String) {
+        let body = json!({"url": url, "event_types": event_types});
+        let (status, created, _) = self
+            .op
+            .call("POST", &self.op.url(ORG, ""), Some(&self.key), Some(body))
+            .await;
+        assert_eq!(status, 201, "{created}");
+        (
+            created["webhook_endpoint"]["id"].as_str().unwrap().to_string(),
+            created["plaintext_secret"].as_str().unwrap().to_string(),
+        )
+    }
+
+    async fn deliveries(&self, id: &str) -> Vec<Value> {
+        let (status, body, _) = self
+            .op
+            .call(
+                "GET",
+                &self.op.url(ORG, &format!("/{id}/deliveries?limit=1000")),
+                Some(&self.key),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_conforms("DeliveryList", &body);
+        body["deliveries"].as_array().unwrap().clone()
+    }
+
+    /// Waits until the endpoint's newest delivery satisfies `check`.
+    async fn wait_delivery(&self, id: &str, what: &str, check: impl Fn(&Value) -> bool) -> Value {
+        support::wait_for(what, WAIT, || async {
+            self.deliveries(id).await.into_iter().next().filter(|d| check(d))
+        })
+        .await
+    }
+}
+
+fn assert_conforms(schema: &str, value: &Value) {
+    let doc: Value = serde_json::from_str(api::OPENAPI_JSON).unwrap();
+    let root = json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$ref": format!("#/components/schemas/{schema}"),
+        "components": doc["components"],
+    });
+    let validator = jsonschema::validator_for(&root).expect("OpenAPI schemas compile");
+    let errors: Vec<String> = validator.iter_errors(value).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{schema} does not conform: {errors:?}\n{value:#}");
+}
+
+fn verify(secret: &str, received: &support::receiver::Received) -> Result<(), String> {
+    let wh = standardwebhooks::Webhook::new(secret).map_err(|e| e.to_string())?;
+    wh.verify(&received.body, &received.headers).map_err(|e| e.to_string())
+}
+
+async fn wait_received(receiver: &Receiver, n: usize) -> Vec<support::receiver::Received> {
+    support::wait_for(&format!("{n} requests at the receiver"), WAIT, || async {
+        let got = receiver.received();
+        (got.len() >= n).then_some(got)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_signed_delivery_verifies_and_shows_in_the_deliveries_route() {
+    let s = setup("signed", Options::default()).await;
+    let receiver = Receiver::start(vec![]).await;
+    let (id, secret) = s.endpoint(&receiver.url("/hooks"), &["database.*"]).await;
+
+    let (status, accepted) = s.op.ingest(ORG, "database.created", json!({"name": "orders"})).await;
+    assert_eq!(status, 202, "{accepted}");
+    assert_eq!(accepted["deliveries"], 1);
+    let event_id = accepted["id"].as_str().unwrap();
+    // Not subscribed: no delivery.
+    let (status, skipped) = s.op.ingest(ORG, "user.created", json!({})).await;
+    assert_eq!((status.as_u16(), skipped["deliveries"].as_u64()), (202, Some(0)));
+
+    let got = wait_received(&receiver, 1).await;
+    let request = &got[0];
+    verify(&secret, request).expect("the standardwebhooks crate verifies the signature");
+    assert!(request.header("user-agent").starts_with("capy-webhooks/"));
+    assert_eq!(request.header("content-type"), "application/json");
+    let envelope = request.json();
+    assert_eq!(envelope["type"], "database.created");
+    assert_eq!(envelope["data"], json!({"name": "orders"}));
+    assert!(envelope["timestamp"].as_str().unwrap().ends_with('Z'));
+
+    let delivery = s
+        .wait_delivery(&id, "delivery succeeded", |d| d["state"] == "succeeded")
+        .await;
+    assert_eq!(delivery["id"], request.header("webhook-id"));
+    assert_eq!(delivery["attempts"], 1);
+    assert_eq!(delivery["response_status"], 200);
+    assert_eq!(delivery["event_type"], "database.created");
+    assert_eq!(delivery["endpoint_id"], id.as_str());
+    assert_eq!(delivery["organization_id"], ORG);
+    assert_eq!(delivery["payload"], envelope);
+    assert!(delivery["delivered_at"].is_string());
+    assert!(delivery["next_attempt_at"].is_null());
+    assert!(!event_id.is_empty());
+    // Only the receiver's verification matters to customers; an altered body must fail it.
+    let mut tampered = request.clone();
+    tampered.body = bytes::Bytes::from_static(b"{\"type\":\"other\"}");
+    assert!(verify(&secret, &tampered).is_err());
+}
+
+#[tokio::test]
+async fn a_failure_then_success_gives_two_attempts() {
+    let s = setup("retry", Options::default()).await;
+    let receiver = Receiver::start(vec![Answer::Status(500)]).await;
+    let (id, _) = s.endpoint(&receiver.url("/"), &[]).await;
+    s.op.ingest(ORG, "a.b", json!({})).await;
+    let delivery = s
+        .wait_delivery(&id, "succeeded after a retry", |d| d["state"] == "succeeded")
+        .await;
+    assert_eq!(delivery["attempts"], 2);
+    let got = receiver.received();
+    assert_eq!(got.len(), 2);
+    assert_eq!(
+        got[0].header("webhook-id"),
+        got[1].header("webhook-id"),
+        "webhook-id is stable across retries"
+    );
+}
+
+#[tokio::test]
+async fn exhausted_attempts_give_failed_and_the_recovery_routes_resend() {
+    let s = setup("exhaust", Options::default()).await;
+    let receiver = Receiver::start(vec![Answer::Status(500), Answer::Status(502), Answer::Status(500)]).await;
+    let (id, _) = s.endpoint(&receiver.url("/"), &[]).await;
+    s.op.ingest(ORG, "a.b", json!({"n": 1})).await;
+    let failed = s
+        .wait_delivery(&id, "failed after 3 attempts", |d| d["state"] == "failed")
+        .await;
+    assert_eq!(failed["attempts"], 3);
+    assert_eq!(failed["max_attempts"], 3);
+    assert_eq!(failed["response_status"], 500);
+    assert!(failed["last_error"].as_str().unwrap().contains("HTTP 500"), "{failed}");
+    assert!(failed["next_attempt_at"].is_null());
+    assert!(failed["delivered_at"].is_null());
+
+    // Retry a finished delivery: one more attempt, now; the receiver answers 200 this time.
+    let delivery_id = failed["id"].as_str().unwrap();
+    let url = s.op.url(ORG, &format!("/{id}/deliveries/{delivery_id}/retry"));
+    let (status, body, _) = s.op.call("POST", &url, Some(&s.key), None).await;
+    assert_eq!(status, 202, "{body}");
+    assert_conforms("DeliveryResponse", &body);
+    assert_eq!(body["delivery"]["state"], "pending");
+    let done = s
+        .wait_delivery(&id, "retried delivery succeeded", |d| d["state"] == "succeeded")
+        .await;
+    assert_eq!(done["attempts"], 4);
+    let (status, _, _) =
+        s.op.call(
+            "POST",
+            &s.op.url(ORG, &format!("/{id}/deliveries/msg_nope/retry")),
+            Some(&s.key),
+            None,
+        )
+        .await;
+    assert_eq!(status, 404);
+
+    // The test route sends a webhook.test event whatever the endpoint subscribes to.
+    let (status, body, _) =
+        s.op.call("POST", &s.op.url(ORG, &format!("/{id}/test")), Some(&s.key), None)
+            .await;
+    assert_eq!(status, 202, "{body}");
+    let got = wait_received(&receiver, 5).await;
+    assert_eq!(got[4].json()["type"], "webhook.test");
+}
+
+#[tokio::test]
+async fn retry_after_is_honoured_on_429() {
+    let s = setup("retryafter", Options::default()).await;
+    let receiver = Receiver::start(vec![Answer::RetryAfter(429, 2)]).await;
+    let (id, _) = s.endpoint(&receiver.url("/"), &[]).await;
+    s.op.ingest(ORG, "a.b", json!({})).await;
+    s.wait_delivery(&id, "succeeded after Retry-After", |d| d["state"] == "succeeded")
+        .await;
+    let got = receiver.received();
+    let gap = got[1].at.duration_since(got[0].at);
+    // The schedule says 200 ms; the receiver asked for 2 s.
+    assert!(gap >= Duration::from_millis(1900), "second attempt after {gap:?}");
+}
+
+#[tokio::test]
+async fn a_timeout_is_a_failed_attempt() {
+    let opts = Options {
+        attempt_timeout: Duration::from_millis(300),
+        ..Options::default()
+    };
+    let s = setup("timeout", opts).await;
+    let receiver = Receiver::start(vec![Answer::Slow(Duration::from_secs(2)); 3]).await;
+    let (id, _) = s.endpoint(&receiver.url("/"), &[]).await;
+    s.op.ingest(ORG, "a.b", json!({})).await;
+    let failed = s
+        .wait_delivery(&id, "failed by timeouts", |d| d["state"] == "failed")
+        .await;
+    assert_eq!(failed["attempts"], 3);
+    assert!(failed["last_error"].as_str().unwrap().contains("timed out"), "{failed}");
+    assert!(failed["response_status"].is_null());
+}
+
+#[tokio::test]
+async fn gone_disables_the_endpoint_with_a_reason_and_an_event() {
+    let s = setup("gone", Options::default()).await;
+    let receiver = Receiver::start(vec![Answer::Status(410)]).await;
+    let (id, _) = s.endpoint(&receiver.url("/"), &[]).await;
+    s.op.ingest(ORG, "a.b", json!({})).await;
+    let failed = s.wait_delivery(&id, "failed by 410", |d| d["state"] == "failed").await;
+    assert_eq!(failed["attempts"], 1);
+    let api: Api<WebhookEndpoint> = Api::namespaced(s.client.clone(), &s.ns);
+    let ep = support::wait_for("endpoint disabled", WAIT, || async {
+        api.get(&id).await.ok().filter(|ep| {
+            !ep.spec.active
+                && ep
+                    .status
+                    .as_ref()
+                    .and_then(|st| st.disabled_reason.as_deref())
+                    .is_some_and(|r| r.contains("410"))
+        })
+    })
+    .await;
+    assert!(!ep.spec.active);
+    let (_, listed, _) = s.op.call("GET", &s.op.url(ORG, ""), Some(&s.key), None).await;
+    assert_eq!(listed["webhook_endpoints"][0]["is_active"], false);
+    assert_eq!(listed["webhook_endpoints"][0]["health"], "disabled");
+    let events: Api<K8sEvent> = Api::namespaced(s.client.clone(), &s.ns);
+    support::wait_for("EndpointDisabled event", WAIT, || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .find(|e| e.reason.as_deref() == Some("EndpointDisabled") && e.type_.as_deref() == Some("Warning"))
+    })
+    .await;
+    // An inactive endpoint gets no new deliveries.
+    let (_, accepted) = s.op.ingest(ORG, "a.b", json!({})).await;
+    assert_eq!(accepted["deliveries"], 0);
+}
+
+#[tokio::test]
+async fn during_rotation_both_secrets_sign_and_each_verifies() {
+    let s = setup("rotation", Options::default()).await;
+    let receiver = Receiver::start(vec![]).await;
+    let (id, old_secret) = s.endpoint(&receiver.url("/"), &[]).await;
+    let (status, rotated, _) =
+        s.op.call(
+            "POST",
+            &s.op.url(ORG, &format!("/{id}/rotate-secret")),
+            Some(&s.key),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200);
+    let new_secret = rotated["plaintext_secret"].as_str().unwrap().to_string();
+    // The dispatcher's key cache follows the Secret through a watch: wait for both signatures.
+    let request = support::wait_for("a delivery signed with both secrets", WAIT, || async {
+        s.op.ingest(ORG, "a.b", json!({})).await;
+        let got = wait_received(&receiver, 1).await;
+        got.into_iter()
+            .last()
+            .filter(|r| r.header("webhook-signature").split(' ').count() == 2)
+    })
+    .await;
+    let signatures: Vec<String> = request
+        .header("webhook-signature")
+        .split(' ')
+        .map(str::to_string)
+        .collect();
+    for (secret, signature) in [(&new_secret, &signatures[0]), (&old_secret, &signatures[1])] {
+        let mut only_one = request.clone();
+        only_one.headers.insert("webhook-signature", signature.parse().unwrap());
+        verify(secret, &only_one).expect("each signature verifies with its own secret");
+        let mut wrong = request.clone();
+        wrong.headers.insert("webhook-signature", signature.parse().unwrap());
+        let other = if secret == &new_secret {
+            &old_secret
+        } else {
+            &new_secret
+        };
+        assert!(verify(other, &wrong).is_err());
+    }
+}
+
+#[tokio::test]
+async fn an_inactive_endpoint_holds_its_deliveries_until_reactivated() {
+    let opts = Options {
+        schedule: "0s,2s,2s",
+        ..Options::default()
+    };
+    let s = setup("inactive", opts).await;
+    let receiver = Receiver::start(vec![Answer::Status(500)]).await;
+    let (id, _) = s.endpoint(&receiver.url("/"), &[]).await;
+    s.op.ingest(ORG, "a.b", json!({})).await;
+    wait_received(&receiver, 1).await;
+    let (status, _, _) =
+        s.op.call(
+            "PATCH",
+            &s.op.url(ORG, &format!("/{id}")),
+            Some(&s.key),
+            Some(json!({"is_active": false})),
+        )
+        .await;
+    assert_eq!(status, 200);
+    // The retry was due 2 s after the first attempt: give it well past that.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    assert_eq!(receiver.received().len(), 1, "no attempt while inactive");
+    let pending = s.deliveries(&id).await;
+    assert_eq!(pending[0]["state"], "pending");
+    s.op.call(
+        "PATCH",
+        &s.op.url(ORG, &format!("/{id}")),
+        Some(&s.key),
+        Some(json!({"is_active": true})),
+    )
+    .await;
+    let done = s
+        .wait_delivery(&id, "delivered after re-activation", |d| d["state"] == "succeeded")
+        .await;
+    assert_eq!(done["attempts"], 2);
+}
+
+#[tokio::test]
+async fn health_and_delivery_summary_reach_the_status() {
+    let s = setup("health", Options::default()).await;
+    let receiver = Receiver::start(vec![]).await;
+    let (id, _) = s.endpoint(&receiver.url("/"), &[]).await;
+    for n in 0..5 {
+        s.op.ingest(ORG, "a.b", json!({"n": n})).await;
+    }
+    let api: Api<WebhookEndpoint> = Api::namespaced(s.client.clone(), &s.ns);
+    let ep = support::wait_for("status summary", WAIT, || async {
+        api.get(&id).await.ok().filter(|ep| {
+            ep.status
+                .as_ref()
+                .and_then(|st| st.deliveries.as_ref())
+                .is_some_and(|d| d.succeeded == 5)
+        })
+    })
+    .await;
+    let status = ep.status.unwrap();
+    assert_eq!(status.health, Some(capy_webhooks::resources::Health::Healthy));
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Healthy" && c.status == "True")
+    );
+    assert!(
+        status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == "Ready" && c.status == "True"),
+        "controller's conditions kept"
+    );
+    let (_, listed, _) = s.op.call("GET", &s.op.url(ORG, ""), Some(&s.key), None).await;
+    assert_eq!(listed["webhook_endpoints"][0]["health"], "healthy");
+    assert_eq!(s.deliveries(&id).await.len(), 5);
+}
+
+#[tokio::test]
+async fn ingest_refuses_bad_requests() {
+    let s = setup("ingest", Options::default()).await;
+    let url = format!("{}/v1/organizations/{ORG}/events", s.op.ingest_base);
+    let send = |req: reqwest::RequestBuilder| async move {
+        let res = req.send().await.unwrap();
+        let status = res.status().as_u16();
+        let body: Value = res.json().await.unwrap();
+        assert!(body["error"].is_string(), "{body}");
+        status
+    };
+    let token = support::operator::INGEST_TOKEN;
+    assert_eq!(
+        send(s.op.http.post(&url).json(&json!({"type": "a.b", "data": {}}))).await,
+        401
+    );
+    assert_eq!(
+        send(
+            s.op.http
+                .post(&url)
+                .bearer_auth("wrong-token-0123456789")
+                .json(&json!({"type": "a.b", "data": {}}))
+        )
+        .await,
+        401
+    );
+    assert_eq!(
+        send(
+            s.op.http
+                .post(&url)
+                .bearer_auth(token)
+                .json(&json!({"type": "a.*", "data": {}}))
+        )
+        .await,
+        400
+    );
+    assert_eq!(
+        send(
+            s.op.http
+                .post(&url)
+                .bearer_auth(token)
+                .json(&json!({"type": "a.b", "data": {}, "x": 1}))
+        )
+        .await,
+        400
+    );
+    let huge = json!({"type": "a.b", "data": {"blob": "x".repeat(70 * 1024)}});
+    assert_eq!(send(s.op.http.post(&url).bearer_auth(token).json(&huge)).await, 413);
+    assert_eq!(send(s.op.http.post(&url).bearer_auth(token).body("{}")).await, 415);
+
+    // Idempotency-Key: the same key answers with the first result and delivers once.
+    let receiver = Receiver::start(vec![]).await;
+    s.endpoint(&receiver.url("/"), &[]).await;
+    let post = || {
+        s.op.http
+            .post(&url)
+            .bearer_auth(token)
+            .header("idempotency-key", "order-42")
+            .json(&json!({"type": "a.b", "data": {}}))
+            .send()
+    };
+    let first: Value = post().await.unwrap().json().await.unwrap();
+    let second: Value = post().await.unwrap().json().await.unwrap();
+    assert_eq!(first, second);
+    wait_received(&receiver, 1).await;
+    let (_, again) = s.op.ingest(ORG, "a.c", json!({})).await;
+    wait_received(&receiver, 2).await;
+    assert_ne!(again["id"], first["id"]);
+    assert_eq!(receiver.received().len(), 2, "the duplicate was not delivered");
+}

@@ -1,0 +1,255 @@
+//! The operator's components running inside a test process, scoped to one namespace, plus an
+//! HTTP client for its REST and ingest ports.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use capy_webhooks::api::{self, ApiConfig};
+use capy_webhooks::auth::Authenticator;
+use capy_webhooks::auth::api_keys::ApiKeyIndex;
+use capy_webhooks::auth::clerk::{ClerkConfig, ClerkVerifier, JwksSource};
+use capy_webhooks::controller::{self, ControllerConfig};
+use capy_webhooks::delivery::sender::SenderConfig;
+use capy_webhooks::delivery::ssrf::TargetPolicy;
+use capy_webhooks::delivery_log::LogConfig;
+use capy_webhooks::dispatcher::{Dispatcher, DispatcherConfig};
+use capy_webhooks::endpoints::EndpointCache;
+use capy_webhooks::ingest::{self, IngestConfig};
+use capy_webhooks::resources::Scope;
+use capy_webhooks::validation::UrlPolicy;
+use kube::Client;
+use reqwest::StatusCode;
+use serde_json::Value;
+use tokio::sync::watch;
+
+/// Issuer of the test Clerk instance.
+pub const ISSUER: &str = "https://clerk.test.capydb.local";
+/// The ingest token of test operators.
+pub const INGEST_TOKEN: &str = "test-ingest-token-0123456789";
+
+/// Which components to run and how.
+pub struct Options {
+    pub controller: bool,
+    pub dispatcher: bool,
+    pub controller_wait: Duration,
+    pub schedule: &'static str,
+    pub jwks_url: Option<String>,
+    pub auto_disable_after: Duration,
+    pub summary_interval: Duration,
+    pub persist_timeout: Duration,
+    pub attempt_timeout: Duration,
+    pub rotation_grace: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            controller: true,
+            dispatcher: false,
+            controller_wait: Duration::from_secs(20),
+            schedule: "0s,200ms,200ms",
+            jwks_url: None,
+            auto_disable_after: Duration::from_secs(24 * 3600),
+            summary_interval: Duration::from_millis(200),
+            persist_timeout: Duration::from_secs(10),
+            attempt_timeout: Duration::from_secs(5),
+            rotation_grace: Duration::from_secs(3600),
+        }
+    }
+}
+
+/// A running operator; stops (gracefully) when dropped or `stop`ped.
+pub struct Operator {
+    pub base: String,
+    pub ingest_base: String,
+    pub http: reqwest::Client,
+    stop: watch::Sender<bool>,
+    dispatcher: Option<Dispatcher>,
+}
+
+impl Operator {
+    pub async fn start(client: &Client, ns: &str, opts: Options) -> Self {
+        let (stop, stop_rx) = watch::channel(false);
+        let stopped = {
+            let stop_rx = stop_rx.clone();
+            move || {
+                let mut rx = stop_rx.clone();
+                async move {
+                    let _ = rx.wait_for(|s| *s).await;
+                }
+            }
+        };
+        let scope = Scope::Namespace(ns.into());
+        let url_policy = UrlPolicy { allow_http: true };
+        if opts.controller {
+            let config = ControllerConfig {
+                scope: scope.clone(),
+                rotation_grace_period: opts.rotation_grace,
+                url_policy,
+            };
+            tokio::spawn(controller::run(client.clone(), config, stopped()));
+        }
+        let cache = EndpointCache::start(client.clone(), &scope);
+        let mut ingest_base = String::new();
+        let dispatcher = if opts.dispatcher {
+            let config = DispatcherConfig {
+                scope: scope.clone(),
+                schedule: opts.schedule.parse().expect("test schedule parses"),
+                log: LogConfig::default(),
+                sender: SenderConfig {
+                    total_timeout: opts.attempt_timeout,
+                    policy: TargetPolicy {
+                        allow_private: true,
+                        allow_metadata: false,
+                    },
+                    allow_http: true,
+                    ..SenderConfig::default()
+                },
+                per_endpoint_concurrency: 8,
+                summary_interval: opts.summary_interval,
+                auto_disable_after: opts.auto_disable_after,
+                persist_timeout: opts.persist_timeout,
+                shutdown_grace: Duration::from_secs(5),
+            };
+            let dispatcher = Dispatcher::start(client.clone(), cache.clone(), config, stop_rx.clone())
+                .await
+                .expect("dispatcher starts");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            ingest_base = format!("http://{}", listener.local_addr().unwrap());
+            let config = IngestConfig {
+                listen: listener.local_addr().unwrap(),
+                token: INGEST_TOKEN.into(),
+                payload_limit: 64 * 1024,
+                idempotency_window: Duration::from_secs(3600),
+                idempotency_capacity: 1000,
+            };
+            tokio::spawn(ingest::run(dispatcher.clone(), config, listener, stopped()));
+            Some(dispatcher)
+        } else {
+            None
+        };
+        let index = ApiKeyIndex::new();
+        tokio::spawn(index.clone().run(client.clone(), ns.to_string()));
+        index.wait_ready().await;
+        let clerk = match &opts.jwks_url {
+            Some(url) => Some(Arc::new(
+                ClerkVerifier::new(
+                    ClerkConfig::new(JwksSource::Url(url.clone()), ISSUER),
+                    reqwest::Client::new(),
+                )
+                .await
+                .expect("JWKS loads"),
+            )),
+            None => None,
+        };
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = ApiConfig {
+            listen: addr,
+            scope,
+            home_namespace: ns.into(),
+            url_policy,
+            body_limit: 16 * 1024,
+            controller_wait: opts.controller_wait,
+        };
+        tokio::spawn(api::run(
+            client.clone(),
+            config,
+            Authenticator::new(index, clerk),
+            cache,
+            dispatcher.clone(),
+            listener,
+            stopped(),
+        ));
+        let http = reqwest::Client::new();
+        super::wait_for("REST API up", Duration::from_secs(30), || async {
+            http.get(format!("http://{addr}/openapi.json"))
+                .send()
+                .await
+                .ok()
+                .filter(|r| r.status() == 200)
+        })
+        .await;
+        Self {
+            base: format!("http://{addr}/v1/organizations"),
+            ingest_base,
+            http,
+            stop,
+            dispatcher,
+        }
+    }
+
+    /// Stops every component and waits for the dispatcher to drain.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        if let Some(d) = &self.dispatcher {
+            d.wait_stopped().await;
+        }
+    }
+
+    pub fn url(&self, org: &str, rest: &str) -> String {
+        format!("{}/{org}/webhook-endpoints{rest}", self.base)
+    }
+
+    pub async fn call(
+        &self,
+        method: &str,
+        url: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (StatusCode, Value, reqwest::header::HeaderMap) {
+        let mut req = self.http.request(method.parse().unwrap(), url);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let res = req.send().await.unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let text = res.text().await.unwrap();
+        let body = serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON body for {method} {url}: {text:?}"));
+        (status, body, headers)
+    }
+
+    /// Mints an API key and waits until the operator's key index knows it (the index follows
+    /// the Secrets through a watch, so a brand-new key works a moment after it is made).
+    pub async fn mint_key(
+        &self,
+        client: &Client,
+        ns: &str,
+        org: &str,
+        project: Option<&str>,
+    ) -> (capy_webhooks::auth::api_keys::ApiKeyRecord, String) {
+        let (record, key) = capy_webhooks::auth::api_keys::create_key(client, ns, org, project, None)
+            .await
+            .expect("API key created");
+        super::wait_for("new API key known to the operator", Duration::from_secs(10), || async {
+            let (status, _, _) = self.call("GET", &self.url(org, ""), Some(&key), None).await;
+            (status != StatusCode::UNAUTHORIZED).then_some(())
+        })
+        .await;
+        (record, key)
+    }
+
+    /// Posts an event to the ingest port.
+    pub async fn ingest(&self, org: &str, event_type: &str, data: Value) -> (StatusCode, Value) {
+        let res = self
+            .http
+            .post(format!("{}/v1/organizations/{org}/events", self.ingest_base))
+            .bearer_auth(INGEST_TOKEN)
+            .json(&serde_json::json!({"type": event_type, "data": data}))
+            .send()
+            .await
+            .unwrap();
+        let status = res.status();
+        (status, res.json().await.unwrap())
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
