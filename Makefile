@@ -6,6 +6,8 @@ CLUSTER_DIR ?= $(CURDIR)/.cluster
 CARGO ?= cargo
 # Extra arguments for `make run`, e.g. RUN_ARGS="--log-format json".
 RUN_ARGS ?=
+# Arguments for the benchmark harness, e.g. BENCH_ARGS=--quick.
+BENCH_ARGS ?=
 # Organization of the development API key `make run` prints.
 DEV_ORG ?= org_demo
 
@@ -31,8 +33,9 @@ cluster-down: ## Stop the local control plane and remove its data
 	@hack/cluster.sh down $(CLUSTER_DIR)
 
 .PHONY: crds
-crds: ## Regenerate crds/ from the Rust types
+crds: ## Regenerate crds/ (and the Helm chart's copy) from the Rust types
 	$(CARGO) run --quiet -- crd > crds/webhookendpoints.webhooks.capydb.io.yaml
+	cp crds/webhookendpoints.webhooks.capydb.io.yaml charts/capy-webhooks/files/crd.yaml
 
 .PHONY: build
 build: ## Build the operator (debug)
@@ -56,6 +59,11 @@ run: build ## Run the operator against $$KUBECONFIG, or a local control plane wh
 	exec target/debug/capy-webhooks run --namespace default --allow-http --allow-private-targets \
 	  --ingest-token-file $$token_file $(RUN_ARGS)
 
+.PHONY: bench
+bench: control-plane ## Throughput, latency and footprint on a local control plane; writes BENCHMARKS.md (BENCH_ARGS=--quick for a short run)
+	$(CARGO) build --release --bin capy-webhooks
+	$(CARGO) bench --bench capy -- $(BENCH_ARGS)
+
 .PHONY: fmt
 fmt: ## Format the code
 	$(CARGO) fmt --all
@@ -68,4 +76,4 @@ lint: ## rustfmt check and clippy with warnings as errors
 .PHONY: test
 test: control-plane ## Every test: unit tests, then integration tests on a real control plane
 	$(CARGO) fmt --all -- --check
-	$(CARGO) test --all-targets -- --test-threads=4
+	$(CARGO) test --lib --bins --tests -- --test-threads=4

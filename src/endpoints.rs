@@ -54,10 +54,14 @@ impl EndpointCache {
 
     /// Waits until the initial list is in.
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
-        self.store
-            .wait_until_ready()
+        store_ready(&self.store)
             .await
             .map_err(|e| anyhow::anyhow!("endpoint cache never synced: {e}"))
+    }
+
+    /// A number that grows with every change seen by the watch (for caches built on this one).
+    pub fn version(&self) -> u64 {
+        *self.changes.borrow()
     }
 
     /// Endpoints that changed (or were deleted) from now on. A receiver that lags behind gets
@@ -120,6 +124,22 @@ impl EndpointCache {
                 Ok(Ok(())) => continue,
                 _ => return None,
             }
+        }
+    }
+}
+
+/// Waits until `store` has its first full list, like `Store::wait_until_ready`, but safe with
+/// several waiters: kube-runtime's readiness signal wakes only the task that polled it last, so
+/// a second waiter (say, the controller's own runner and a readiness probe) could sleep forever.
+/// Polling again every 200 ms makes every waiter see it.
+pub async fn store_ready<K>(store: &Store<K>) -> Result<(), reflector::store::WriterDropped>
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    loop {
+        if let Ok(result) = tokio::time::timeout(Duration::from_millis(200), store.wait_until_ready()).await {
+            return result;
         }
     }
 }

@@ -4,6 +4,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::time::Instant;
 
 use bytes::{Buf, BytesMut};
 use futures::StreamExt;
@@ -11,6 +12,8 @@ use serde::de::DeserializeOwned;
 use warp::http::{HeaderValue, StatusCode, header};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
+
+use crate::telemetry::Metrics;
 
 /// An error answered as `{"error": message}` with an `application/json` content type.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -181,28 +184,54 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     })
 }
 
-/// Wraps routes so that every request gets a span with a fresh request id (echoed in the
-/// `x-request-id` response header) and one log line with its status and latency.
+/// Maps a request path to its route template (ids replaced, e.g.
+/// `/v1/organizations/:org/webhook-endpoints/:id`), for the `route` label of metrics. Paths no
+/// route serves map to `other`, so that labels stay few whatever clients send.
+pub type RouteTemplate = fn(&str) -> &'static str;
+
+/// The `route` label of requests no route serves.
+pub const OTHER_ROUTE: &str = "other";
+
+/// Wraps routes so that every request gets a fresh request id (echoed in the `x-request-id`
+/// response header), one log line with its status and latency, and its metrics
+/// (`capy_webhooks_http_requests_total`, `capy_webhooks_http_request_duration_seconds`) under the
+/// route template `route_of` gives its path.
 pub fn with_request_log<F>(
     routes: F,
     component: &'static str,
+    route_of: RouteTemplate,
+    metrics: Metrics,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone
 where
     F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
 {
     warp::any()
-        .map(new_request_id)
+        .map(|| (new_request_id(), Instant::now()))
         .and(warp::method())
         .and(warp::path::full())
         .and(routes)
-        .map(move |id: String, method: warp::http::Method, path: warp::path::FullPath, mut response: Response| {
-            // Paths carry organization and endpoint ids, never credentials; queries are not logged.
-            tracing::info!(component, request_id = %id, %method, path = path.as_str(), status = response.status().as_u16(), "request");
-            if let Ok(v) = HeaderValue::from_str(&id) {
-                response.headers_mut().insert("x-request-id", v);
-            }
-            response
-        })
+        .map(
+            move |(id, started): (String, Instant),
+                  method: warp::http::Method,
+                  path: warp::path::FullPath,
+                  mut response: Response| {
+                let elapsed = started.elapsed();
+                let status = response.status().as_u16();
+                // Paths carry organization and endpoint ids, never credentials; queries are not logged.
+                tracing::info!(component, request_id = %id, %method, path = path.as_str(), status, latency_ms = elapsed.as_millis() as u64, "request");
+                metrics.http_request(component, route_of(path.as_str()), method.as_str(), status, elapsed);
+                if let Ok(v) = HeaderValue::from_str(&id) {
+                    response.headers_mut().insert("x-request-id", v);
+                }
+                response
+            },
+        )
+}
+
+/// Splits a path into its segments (`/a/b` is `["a", "b"]`; a trailing slash gives a last empty
+/// segment), for route-template functions.
+pub fn path_segments(path: &str) -> Vec<&str> {
+    path.strip_prefix('/').unwrap_or(path).split('/').collect()
 }
 
 fn new_request_id() -> String {

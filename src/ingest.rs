@@ -20,7 +20,8 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::dispatcher::{Dispatcher, SubmitError};
-use crate::http::{ApiError, parse_json};
+use crate::http::{ApiError, OTHER_ROUTE, parse_json, path_segments};
+use crate::telemetry::Metrics;
 use crate::validation::validate_event_type;
 
 /// Settings of the ingest port.
@@ -36,6 +37,8 @@ pub struct IngestConfig {
     pub idempotency_window: Duration,
     /// How many keys are remembered at most.
     pub idempotency_capacity: usize,
+    /// Where requests are counted.
+    pub metrics: Metrics,
 }
 
 impl std::fmt::Debug for IngestConfig {
@@ -176,6 +179,7 @@ pub fn routes(
     config: IngestConfig,
 ) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
     let limit = config.payload_limit;
+    let metrics = config.metrics.clone();
     let state = Arc::new(IngestState {
         dispatcher,
         config,
@@ -192,7 +196,20 @@ pub fn routes(
                 .await
                 .unwrap_or_else(Reply::into_response)
         });
-    crate::http::with_request_log(events.recover(crate::http::recover).unify(), "ingest")
+    crate::http::with_request_log(
+        events.recover(crate::http::recover).unify(),
+        "ingest",
+        route_template,
+        metrics,
+    )
+}
+
+/// The route template of an ingest path (the `route` label of HTTP metrics).
+pub fn route_template(path: &str) -> &'static str {
+    match path_segments(path).as_slice() {
+        ["v1", "organizations", org, "events"] if !org.is_empty() => "/v1/organizations/:org/events",
+        _ => OTHER_ROUTE,
+    }
 }
 
 /// Serves the ingest port until `shutdown` resolves.
@@ -237,6 +254,22 @@ mod tests {
         }
         assert!(cache.get(&("o".into(), "0".into()), window, t0).is_none());
         assert_eq!(cache.get(&("o".into(), "4".into()), window, t0), Some(json!(4)));
+    }
+
+    #[test]
+    fn route_templates_hide_organizations() {
+        assert_eq!(
+            route_template("/v1/organizations/org_1/events"),
+            "/v1/organizations/:org/events"
+        );
+        for other in [
+            "/",
+            "/v1/organizations//events",
+            "/v1/organizations/org_1/events/x",
+            "/metrics",
+        ] {
+            assert_eq!(route_template(other), OTHER_ROUTE, "{other}");
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //!
 //! Layering, bottom up: [`resources`] (the CRD and shared names), the pure domain modules
 //! ([`signing`], [`validation`]), what components share ([`http`], [`auth`]), then the
-//! components ([`controller`], [`api`]). `main.rs` only wires components together.
+//! components ([`controller`], [`api`], [`dispatcher`], [`ingest`], and the [`ops`] port for
+//! probes and metrics). `main.rs` only wires components together.
 
 pub mod api;
 pub mod auth;
@@ -14,6 +15,7 @@ pub mod endpoints;
 pub mod http;
 pub mod ids;
 pub mod ingest;
+pub mod ops;
 pub mod resources;
 pub mod signing;
 pub mod telemetry;

@@ -23,7 +23,7 @@ use capy_webhooks::dispatcher::{Dispatcher, DispatcherConfig};
 use capy_webhooks::endpoints::EndpointCache;
 use capy_webhooks::ingest::IngestConfig;
 use capy_webhooks::resources::{Scope, crd_yaml};
-use capy_webhooks::telemetry::{self, LogFormat};
+use capy_webhooks::telemetry::{self, LogFormat, Metrics, Readiness, ReadyHandle};
 use capy_webhooks::validation::UrlPolicy;
 
 /// CapyDB outbound webhooks, as a Kubernetes operator.
@@ -217,6 +217,10 @@ struct RunArgs {
     #[arg(long, env = "CAPY_WEBHOOKS_ALLOW_HTTP")]
     allow_http: bool,
 
+    /// Address of the operations port: /healthz, /readyz and /metrics (OpenMetrics text).
+    #[arg(long, env = "CAPY_WEBHOOKS_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    metrics_listen: SocketAddr,
+
     /// Log line format.
     #[arg(long, env = "CAPY_WEBHOOKS_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -365,7 +369,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         (None, Scope::Namespace(ns)) => ns.clone(),
         (None, Scope::AllNamespaces) => default_namespace(None),
     };
-    let client = kube_client().await?;
     info!(version = env!("CARGO_PKG_VERSION"), components = ?args.components, ?scope, "capy-webhooks starting");
 
     // One shutdown signal fans out to every component.
@@ -389,12 +392,37 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     let wants = |c: Component| args.components.contains(&c);
 
+    // The operations port comes first, so probes are answered during start-up: every component
+    // to start is registered (not ready) before it opens.
+    let metrics = Metrics::new();
+    let readiness = Readiness::new();
+    let ready = |c: Component, name: &str| {
+        if wants(c) {
+            readiness.register(name)
+        } else {
+            ReadyHandle::detached()
+        }
+    };
+    let controller_ready = ready(Component::Controller, "controller");
+    let api_ready = ready(Component::Api, "api");
+    let dispatcher_ready = ready(Component::Dispatcher, "dispatcher");
     let mut tasks = tokio::task::JoinSet::new();
+    let ops_listener = capy_webhooks::http::bind(args.metrics_listen, "operations port").await?;
+    tasks.spawn(capy_webhooks::ops::run(
+        metrics.clone(),
+        readiness.clone(),
+        ops_listener,
+        stopped(),
+    ));
+
+    let client = kube_client().await?;
     if wants(Component::Controller) {
         let config = ControllerConfig {
             scope: scope.clone(),
             rotation_grace_period: args.rotation_grace_period,
             url_policy,
+            metrics: metrics.clone(),
+            ready: controller_ready,
         };
         tasks.spawn(controller::run(client.clone(), config, stopped()));
     }
@@ -427,6 +455,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 auto_disable_after: args.auto_disable_after,
                 persist_timeout: Duration::from_secs(10),
                 shutdown_grace: args.shutdown_grace,
+                metrics: metrics.clone(),
+                ready: dispatcher_ready,
             };
             let dispatcher = Dispatcher::start(client.clone(), cache.clone(), config, stop_rx.clone()).await?;
             let ingest = IngestConfig {
@@ -435,6 +465,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
                 payload_limit: args.ingest_payload_limit,
                 idempotency_window: Duration::from_secs(24 * 3600),
                 idempotency_capacity: 100_000,
+                metrics: metrics.clone(),
             };
             tasks.spawn(capy_webhooks::ingest::run(
                 dispatcher.clone(),
@@ -463,6 +494,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             url_policy,
             body_limit: args.api_body_limit,
             controller_wait: args.controller_wait,
+            metrics: metrics.clone(),
+            ready: api_ready,
         };
         tasks.spawn(api::run(
             client.clone(),

@@ -1,7 +1,22 @@
-//! Logging set-up. Log lines never carry secrets or tokens: the types that hold them redact
-//! themselves in `Debug`, and handlers log ids, not bodies.
+//! Logging set-up, Prometheus metrics and readiness. Log lines never carry secrets or tokens:
+//! the types that hold them redact themselves in `Debug`, and handlers log ids, not bodies.
+//!
+//! [`Metrics`] holds one `prometheus_client` registry with every metric family of the operator;
+//! components get a clone (cheap: an `Arc`). [`Readiness`] is the registry behind `/readyz`:
+//! each started component registers a name and flips it ready once it serves.
 
-use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::{Registry, Unit};
+use tracing_subscriber::{EnvFilter, fmt as log_fmt, prelude::*};
 
 /// Log line format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -17,9 +32,535 @@ pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr)).init(),
+        LogFormat::Text => registry.with(log_fmt::layer().with_writer(std::io::stderr)).init(),
         LogFormat::Json => registry
-            .with(fmt::layer().json().flatten_event(true).with_writer(std::io::stderr))
+            .with(log_fmt::layer().json().flatten_event(true).with_writer(std::io::stderr))
             .init(),
+    }
+}
+
+/// Prefix of every metric name.
+pub const METRIC_PREFIX: &str = "capy_webhooks";
+/// Content type of `/metrics`.
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// How a delivery ended (or that it will be attempted again): the `outcome` label of
+/// `capy_webhooks_deliveries_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeliveryOutcome {
+    /// Delivered (a 2xx).
+    Succeeded,
+    /// Given up: attempts used up, 410 Gone, or refused by the SSRF guard.
+    Failed,
+    /// An attempt failed and another one is scheduled.
+    Retried,
+}
+
+impl DeliveryOutcome {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeliveryOutcome::Succeeded => "succeeded",
+            DeliveryOutcome::Failed => "failed",
+            DeliveryOutcome::Retried => "retried",
+        }
+    }
+}
+
+/// What the operator wrote to the API server: the `kind` label of
+/// `capy_webhooks_apiserver_writes_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum WriteKind {
+    /// A signing Secret.
+    Secret,
+    /// The status subresource of a WebhookEndpoint.
+    EndpointStatus,
+    /// A WebhookEndpoint itself (create, spec or label patch, delete).
+    Endpoint,
+    /// A delivery-log ConfigMap.
+    ConfigMap,
+    /// An Event (created or patched into a series by the recorder).
+    Event,
+}
+
+impl WriteKind {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WriteKind::Secret => "secret",
+            WriteKind::EndpointStatus => "endpoint_status",
+            WriteKind::Endpoint => "endpoint",
+            WriteKind::ConfigMap => "configmap",
+            WriteKind::Event => "event",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabels {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct HttpLabels {
+    component: &'static str,
+    route: &'static str,
+    method: &'static str,
+    status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    component: &'static str,
+    route: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabels {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabels {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+/// Builds the per-route latency histograms of a family.
+#[derive(Clone, Copy)]
+struct LatencyBuckets;
+
+impl MetricConstructor<Histogram> for LatencyBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(LATENCY_BUCKETS)
+    }
+}
+
+/// Seconds: from 5 ms to 30 s (create and rotate-secret wait for the controller up to 10 s).
+const LATENCY_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+
+struct Inner {
+    registry: Registry,
+    reconciles: Counter,
+    reconcile_duration: Histogram,
+    reconcile_errors: Family<ReasonLabels, Counter>,
+    http_requests: Family<HttpLabels, Counter>,
+    http_duration: Family<RouteLabels, Histogram, LatencyBuckets>,
+    deliveries: Family<OutcomeLabels, Counter>,
+    attempts: Family<ResultLabels, Counter>,
+    attempt_duration: Histogram,
+    pending: Gauge,
+    log_batch_records: Histogram,
+    log_writes: Counter,
+    apiserver_writes: Family<KindLabels, Counter>,
+}
+
+/// Every metric of the operator, in one registry. Cheap to clone; clones share the values.
+#[derive(Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// A fresh registry with every metric family at zero.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix(METRIC_PREFIX);
+        let reconciles = Counter::default();
+        registry.register("reconciles", "Reconciles of WebhookEndpoints run", reconciles.clone());
+        let reconcile_duration = Histogram::new(LATENCY_BUCKETS);
+        registry.register_with_unit(
+            "reconcile_duration",
+            "Duration of a reconcile",
+            Unit::Seconds,
+            reconcile_duration.clone(),
+        );
+        let reconcile_errors = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "reconcile_errors",
+            "Failed reconciles, by reason (controller::Error::reason)",
+            reconcile_errors.clone(),
+        );
+        let http_requests = Family::<HttpLabels, Counter>::default();
+        registry.register(
+            "http_requests",
+            "HTTP requests served, by component, route template, method and status",
+            http_requests.clone(),
+        );
+        let http_duration = Family::new_with_constructor(LatencyBuckets);
+        registry.register_with_unit(
+            "http_request_duration",
+            "Duration of an HTTP request, by component and route template",
+            Unit::Seconds,
+            http_duration.clone(),
+        );
+        let deliveries = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "deliveries",
+            "Delivery results: succeeded, failed (given up) or retried (another attempt scheduled)",
+            deliveries.clone(),
+        );
+        let attempts = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "delivery_attempts",
+            "Delivery attempts, by result: success, http_error, timeout, connect_error, refused, gone",
+            attempts.clone(),
+        );
+        let attempt_duration = Histogram::new([0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 15.0, 30.0]);
+        registry.register_with_unit(
+            "attempt_duration",
+            "Duration of a delivery attempt",
+            Unit::Seconds,
+            attempt_duration.clone(),
+        );
+        let pending = Gauge::default();
+        registry.register(
+            "pending_deliveries",
+            "Deliveries pending, across every endpoint this process dispatches for",
+            pending.clone(),
+        );
+        let log_batch_records = Histogram::new(exponential_buckets(1.0, 2.0, 12));
+        registry.register(
+            "log_write_batch_records",
+            "Records per group-commit write of a delivery log",
+            log_batch_records.clone(),
+        );
+        let log_writes = Counter::default();
+        registry.register(
+            "log_writes",
+            "Group-commit writes of delivery logs (batches) that the API server accepted",
+            log_writes.clone(),
+        );
+        let apiserver_writes = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "apiserver_writes",
+            "Creates, patches and deletes the API server accepted from the operator, by kind",
+            apiserver_writes.clone(),
+        );
+        // Label values known up front are exported at zero, so rates work from the first scrape.
+        for kind in [
+            WriteKind::Secret,
+            WriteKind::EndpointStatus,
+            WriteKind::Endpoint,
+            WriteKind::ConfigMap,
+            WriteKind::Event,
+        ] {
+            let _ = apiserver_writes.get_or_create(&KindLabels { kind: kind.as_str() });
+        }
+        for outcome in [
+            DeliveryOutcome::Succeeded,
+            DeliveryOutcome::Failed,
+            DeliveryOutcome::Retried,
+        ] {
+            let _ = deliveries.get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            });
+        }
+        for result in ["success", "http_error", "timeout", "connect_error", "refused", "gone"] {
+            let _ = attempts.get_or_create(&ResultLabels { result });
+        }
+        Self {
+            inner: Arc::new(Inner {
+                registry,
+                reconciles,
+                reconcile_duration,
+                reconcile_errors,
+                http_requests,
+                http_duration,
+                deliveries,
+                attempts,
+                attempt_duration,
+                pending,
+                log_batch_records,
+                log_writes,
+                apiserver_writes,
+            }),
+        }
+    }
+
+    /// One reconcile finished after `duration`; `error` is the failure's reason, if it failed.
+    pub fn reconciled(&self, duration: Duration, error: Option<&'static str>) {
+        self.inner.reconciles.inc();
+        self.inner.reconcile_duration.observe(duration.as_secs_f64());
+        if let Some(reason) = error {
+            self.inner
+                .reconcile_errors
+                .get_or_create(&ReasonLabels { reason })
+                .inc();
+        }
+    }
+
+    /// Exports `capy_webhooks_reconcile_errors_total` at zero for each of `reasons`, so the
+    /// series exist before the first failure.
+    pub fn declare_reconcile_error_reasons(&self, reasons: &[&'static str]) {
+        for &reason in reasons {
+            let _ = self.inner.reconcile_errors.get_or_create(&ReasonLabels { reason });
+        }
+    }
+
+    /// One HTTP request answered. `route` must be a template (ids replaced), never a raw path.
+    pub fn http_request(
+        &self,
+        component: &'static str,
+        route: &'static str,
+        method: &str,
+        status: u16,
+        duration: Duration,
+    ) {
+        let method = method_label(method);
+        self.inner
+            .http_requests
+            .get_or_create(&HttpLabels {
+                component,
+                route,
+                method,
+                status,
+            })
+            .inc();
+        self.inner
+            .http_duration
+            .get_or_create(&RouteLabels { component, route })
+            .observe(duration.as_secs_f64());
+    }
+
+    /// A delivery succeeded, failed for good, or will be retried.
+    pub fn delivery(&self, outcome: DeliveryOutcome) {
+        self.inner
+            .deliveries
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    /// One delivery attempt ended with `result` (see `AttemptOutcome::metric_label`).
+    pub fn attempt(&self, result: &'static str, duration: Duration) {
+        self.inner.attempts.get_or_create(&ResultLabels { result }).inc();
+        self.inner.attempt_duration.observe(duration.as_secs_f64());
+    }
+
+    /// Moves the pending-deliveries gauge by `delta`.
+    pub fn pending_changed(&self, delta: i64) {
+        if delta != 0 {
+            self.inner.pending.inc_by(delta);
+        }
+    }
+
+    /// A group-commit write of a delivery log carrying `records` records was accepted.
+    pub fn log_write(&self, records: usize) {
+        self.inner.log_writes.inc();
+        self.inner.log_batch_records.observe(records as f64);
+    }
+
+    /// The API server accepted `count` writes of `kind`.
+    pub fn apiserver_writes(&self, kind: WriteKind, count: u64) {
+        if count > 0 {
+            self.inner
+                .apiserver_writes
+                .get_or_create(&KindLabels { kind: kind.as_str() })
+                .inc_by(count);
+        }
+    }
+
+    /// The registry in the OpenMetrics text format (ends with `# EOF`).
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// The `method` label: the standard methods as they are, anything else `other` (a client can
+/// send any token as a method; labels must stay few).
+fn method_label(method: &str) -> &'static str {
+    match method {
+        "GET" => "GET",
+        "HEAD" => "HEAD",
+        "POST" => "POST",
+        "PUT" => "PUT",
+        "PATCH" => "PATCH",
+        "DELETE" => "DELETE",
+        "OPTIONS" => "OPTIONS",
+        _ => "other",
+    }
+}
+
+/// Which started components are ready, for `/readyz`. Cheap to clone; clones share the state.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    components: Arc<Mutex<BTreeMap<String, bool>>>,
+}
+
+impl fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map().entries(self.snapshot()).finish()
+    }
+}
+
+impl Readiness {
+    /// An empty registry (ready, since nothing it waits for was started).
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a component, not ready yet; it flips ready through the returned handle.
+    pub fn register(&self, name: &str) -> ReadyHandle {
+        self.components
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), false);
+        ReadyHandle {
+            target: Some((self.clone(), name.to_string())),
+        }
+    }
+
+    /// Every registered component and whether it is ready, by name.
+    pub fn snapshot(&self) -> BTreeMap<String, bool> {
+        self.components.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Names of the registered components not ready yet, sorted.
+    pub fn not_ready(&self) -> Vec<String> {
+        self.snapshot()
+            .into_iter()
+            .filter(|(_, ready)| !ready)
+            .map(|(name, _)| name)
+            .collect()
+    }
+
+    /// Whether every registered component is ready.
+    pub fn is_ready(&self) -> bool {
+        self.not_ready().is_empty()
+    }
+}
+
+/// A component's switch in a [`Readiness`] registry. The default handle is detached: flipping
+/// it does nothing (for components run without a registry, as in tests).
+#[derive(Clone, Default)]
+pub struct ReadyHandle {
+    target: Option<(Readiness, String)>,
+}
+
+impl fmt::Debug for ReadyHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.target {
+            Some((_, name)) => write!(f, "ReadyHandle({name})"),
+            None => write!(f, "ReadyHandle(detached)"),
+        }
+    }
+}
+
+impl ReadyHandle {
+    /// A handle that belongs to no registry.
+    pub fn detached() -> Self {
+        Self::default()
+    }
+
+    /// Marks the component ready.
+    pub fn set_ready(&self) {
+        if let Some((readiness, name)) = &self.target {
+            readiness
+                .components
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .insert(name.clone(), true);
+            tracing::info!(component = %name, "ready");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn readiness_waits_for_every_registered_component() {
+        let readiness = Readiness::new();
+        assert!(readiness.is_ready(), "nothing started, nothing to wait for");
+        let api = readiness.register("api");
+        let controller = readiness.register("controller");
+        assert!(!readiness.is_ready());
+        assert_eq!(readiness.not_ready(), ["api", "controller"]);
+        controller.set_ready();
+        assert_eq!(readiness.not_ready(), ["api"]);
+        api.clone().set_ready();
+        assert!(readiness.is_ready());
+        assert_eq!(readiness.snapshot().len(), 2);
+        // Flipping twice, or a detached handle, changes nothing.
+        api.set_ready();
+        ReadyHandle::detached().set_ready();
+        assert!(readiness.is_ready());
+        assert_eq!(readiness.snapshot().len(), 2);
+    }
+
+    #[test]
+    fn metrics_text_has_every_family() {
+        let metrics = Metrics::new();
+        metrics.reconciled(Duration::from_millis(12), None);
+        metrics.reconciled(Duration::from_millis(12), Some("WriteSecretFailed"));
+        metrics.http_request(
+            "api",
+            "/v1/organizations/:org/webhook-endpoints",
+            "POST",
+            201,
+            Duration::from_millis(30),
+        );
+        metrics.http_request("api", "other", "BREW", 404, Duration::from_millis(1));
+        metrics.delivery(DeliveryOutcome::Succeeded);
+        metrics.attempt("success", Duration::from_millis(40));
+        metrics.pending_changed(3);
+        metrics.pending_changed(-1);
+        metrics.log_write(7);
+        metrics.apiserver_writes(WriteKind::ConfigMap, 2);
+        let text = metrics.encode();
+        for family in [
+            "# TYPE capy_webhooks_reconciles counter",
+            "# TYPE capy_webhooks_reconcile_duration_seconds histogram",
+            "# TYPE capy_webhooks_reconcile_errors counter",
+            "# TYPE capy_webhooks_http_requests counter",
+            "# TYPE capy_webhooks_http_request_duration_seconds histogram",
+            "# TYPE capy_webhooks_deliveries counter",
+            "# TYPE capy_webhooks_delivery_attempts counter",
+            "# TYPE capy_webhooks_attempt_duration_seconds histogram",
+            "# TYPE capy_webhooks_pending_deliveries gauge",
+            "# TYPE capy_webhooks_log_write_batch_records histogram",
+            "# TYPE capy_webhooks_log_writes counter",
+            "# TYPE capy_webhooks_apiserver_writes counter",
+        ] {
+            assert!(text.contains(family), "{family} missing from\n{text}");
+        }
+        for sample in [
+            "capy_webhooks_reconciles_total 2",
+            "capy_webhooks_reconcile_errors_total{reason=\"WriteSecretFailed\"} 1",
+            "capy_webhooks_http_requests_total{component=\"api\",route=\"/v1/organizations/:org/webhook-endpoints\",method=\"POST\",status=\"201\"} 1",
+            "capy_webhooks_http_requests_total{component=\"api\",route=\"other\",method=\"other\",status=\"404\"} 1",
+            "capy_webhooks_deliveries_total{outcome=\"succeeded\"} 1",
+            "capy_webhooks_deliveries_total{outcome=\"retried\"} 0",
+            "capy_webhooks_delivery_attempts_total{result=\"success\"} 1",
+            "capy_webhooks_pending_deliveries 2",
+            "capy_webhooks_log_writes_total 1",
+            "capy_webhooks_log_write_batch_records_count 1",
+            "capy_webhooks_apiserver_writes_total{kind=\"configmap\"} 2",
+            "capy_webhooks_apiserver_writes_total{kind=\"secret\"} 0",
+        ] {
+            assert!(text.contains(sample), "{sample} missing from\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
     }
 }

@@ -31,6 +31,8 @@ impl RunningController {
             scope: Scope::Namespace(namespace.to_string()),
             rotation_grace_period: grace,
             url_policy: UrlPolicy { allow_http: false },
+            metrics: capy_webhooks::telemetry::Metrics::new(),
+            ready: capy_webhooks::telemetry::ReadyHandle::detached(),
         };
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(controller::run(client.clone(), config, async move {

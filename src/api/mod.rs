@@ -27,9 +27,10 @@ use crate::auth::{Authenticator, Principal};
 use crate::controller::desired::stored_key_ring;
 use crate::dispatcher::{Dispatcher, SubmitError};
 use crate::endpoints::EndpointCache;
-use crate::http::{ApiError, parse_json};
+use crate::http::{ApiError, OTHER_ROUTE, parse_json, path_segments};
 use crate::resources::{CONDITION_SECRET_READY, Scope, WebhookEndpoint, signing_secret_name};
 use crate::signing::StoredKeyRing;
+use crate::telemetry::{Metrics, ReadyHandle, WriteKind};
 use crate::validation::UrlPolicy;
 use model::{CreateRequest, UpdateRequest, endpoint_view, new_endpoint, new_endpoint_name, update_patch};
 
@@ -55,6 +56,10 @@ pub struct ApiConfig {
     pub body_limit: usize,
     /// How long create and rotate-secret wait for the controller.
     pub controller_wait: Duration,
+    /// Where requests and API-server writes are counted.
+    pub metrics: Metrics,
+    /// Flipped once the caches (endpoints, API keys) are synced and the API serves.
+    pub ready: ReadyHandle,
 }
 
 /// Shared state of the handlers.
@@ -65,7 +70,13 @@ pub struct ApiState {
     config: ApiConfig,
     /// Present when the dispatcher runs in this process: the recovery routes need it.
     dispatcher: Option<Dispatcher>,
+    /// Serialized list responses per organization, tagged with the cache version they were
+    /// built from: a list is rebuilt only after an endpoint changed, not on every read.
+    list_bodies: std::sync::Mutex<HashMap<String, (u64, Bytes)>>,
 }
+
+/// Most organizations whose list response is kept serialized.
+const LIST_BODIES_KEPT: usize = 1024;
 
 type Shared = Arc<ApiState>;
 
@@ -127,6 +138,10 @@ impl ApiState {
         Ok(principal)
     }
 
+    fn wrote(&self, kind: WriteKind) {
+        self.config.metrics.apiserver_writes(kind, 1);
+    }
+
     fn find(&self, org: &str, id: &str) -> Result<Arc<WebhookEndpoint>, ApiError> {
         self.cache
             .find(&self.config.scope, org, id)
@@ -150,8 +165,31 @@ impl ApiState {
 
     async fn list(&self, org: String, headers: HeaderMap) -> Result<Response, ApiError> {
         self.authorize(&org, &headers).await?;
-        let endpoints: Vec<_> = self.cache.list(&org).iter().map(|e| endpoint_view(e, true)).collect();
-        Ok(warp::reply::json(&json!({ "webhook_endpoints": endpoints })).into_response())
+        // Read the version first: a change while building makes the entry stale, never wrong.
+        let version = self.cache.version();
+        let cached = self
+            .list_bodies
+            .lock()
+            .expect("list cache lock")
+            .get(&org)
+            .filter(|(v, _)| *v == version)
+            .cloned();
+        let body = match cached {
+            Some((_, body)) => body,
+            None => {
+                let endpoints: Vec<_> = self.cache.list(&org).iter().map(|e| endpoint_view(e, true)).collect();
+                let body = Bytes::from(
+                    serde_json::to_vec(&json!({ "webhook_endpoints": endpoints })).map_err(|_| ApiError::internal())?,
+                );
+                let mut bodies = self.list_bodies.lock().expect("list cache lock");
+                if bodies.len() >= LIST_BODIES_KEPT {
+                    bodies.clear();
+                }
+                bodies.insert(org, (version, body.clone()));
+                body
+            }
+        };
+        Ok(warp::reply::with_header(body.to_vec(), "content-type", "application/json").into_response())
     }
 
     async fn create(&self, org: String, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
@@ -169,6 +207,7 @@ impl ApiState {
             kube::Error::Api(s) if s.code == 422 => ApiError::bad_request(s.message.clone()),
             _ => kube_error(e, "creating endpoint"),
         })?;
+        self.wrote(WriteKind::Endpoint);
         info!(organization = %org, endpoint = %name, "endpoint created");
 
         let generation = created.metadata.generation;
@@ -182,7 +221,9 @@ impl ApiState {
         let Some(ready) = ready else {
             // Without its secret the caller could never verify deliveries, and a retry would make
             // a second endpoint: take this one back so nothing half-made is left.
-            let _ = api.delete(&name, &DeleteParams::default()).await;
+            if api.delete(&name, &DeleteParams::default()).await.is_ok() {
+                self.wrote(WriteKind::Endpoint);
+            }
             warn!(endpoint = %name, "controller did not write the signing secret in time; create undone");
             return Err(ApiError::unavailable(
                 format!(
@@ -220,6 +261,7 @@ impl ApiState {
                 kube_error(e, "updating endpoint")
             }
         })?;
+        self.wrote(WriteKind::Endpoint);
         // Read-your-writes: the next list shows this change.
         let rv = updated.resource_version();
         self.cache
@@ -251,6 +293,7 @@ impl ApiState {
                 kube_error(e, "deleting endpoint")
             }
         })?;
+        self.wrote(WriteKind::Endpoint);
         info!(organization = %org, endpoint = %id, "endpoint deleted");
         self.cache
             .wait_for(&ns, &id, Duration::from_secs(2), |ep| ep.is_none().then_some(()))
@@ -280,7 +323,10 @@ impl ApiState {
             ]))
             .map_err(|_| ApiError::internal())?;
             match api.patch(&id, &params, &Patch::Json::<()>(patch)).await {
-                Ok(_) => break target,
+                Ok(_) => {
+                    self.wrote(WriteKind::Endpoint);
+                    break target;
+                }
                 Err(e) if is_status(&e, 422) && attempts < 5 => {
                     attempts += 1;
                     let fresh = api.get_opt(&id).await.map_err(|e| kube_error(e, "reading endpoint"))?;
@@ -405,6 +451,7 @@ pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 /// Every route of the public API, with JSON errors for anything unmatched.
 pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
     let body_limit = state.config.body_limit;
+    let metrics = state.config.metrics.clone();
     let with_state = warp::any().map(move || state.clone());
     let headers = warp::header::headers_cloned();
     let body = crate::http::json_bytes(body_limit);
@@ -484,7 +531,28 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .unify()
         .recover(crate::http::recover)
         .unify();
-    crate::http::with_request_log(routes, "api")
+    crate::http::with_request_log(routes, "api", route_template, metrics)
+}
+
+/// The route template of a REST path (the `route` label of HTTP metrics): ids become `:org`,
+/// `:id` and `:delivery`; a path no route serves is `other`.
+pub fn route_template(path: &str) -> &'static str {
+    let param = |s: &str| !s.is_empty();
+    match path_segments(path).as_slice() {
+        ["openapi.json"] => "/openapi.json",
+        ["v1", "organizations", org, "webhook-endpoints", rest @ ..] if param(org) => match rest {
+            [] => "/v1/organizations/:org/webhook-endpoints",
+            [id] if param(id) => "/v1/organizations/:org/webhook-endpoints/:id",
+            [id, "rotate-secret"] if param(id) => "/v1/organizations/:org/webhook-endpoints/:id/rotate-secret",
+            [id, "deliveries"] if param(id) => "/v1/organizations/:org/webhook-endpoints/:id/deliveries",
+            [id, "deliveries", delivery, "retry"] if param(id) && param(delivery) => {
+                "/v1/organizations/:org/webhook-endpoints/:id/deliveries/:delivery/retry"
+            }
+            [id, "test"] if param(id) => "/v1/organizations/:org/webhook-endpoints/:id/test",
+            _ => OTHER_ROUTE,
+        },
+        _ => OTHER_ROUTE,
+    }
 }
 
 /// Runs the REST facade on `listener` until `shutdown` resolves. `cache` must be started; the
@@ -499,14 +567,18 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     cache.wait_ready().await?;
+    auth.api_keys().wait_ready().await;
+    let ready = config.ready.clone();
     let state = Arc::new(ApiState {
         client,
         cache,
         auth,
         config,
         dispatcher,
+        list_bodies: Default::default(),
     });
     info!(listen = %listener.local_addr()?, "REST API serving");
+    ready.set_ready();
     crate::http::serve(listener, routes(state), shutdown).await;
     info!("REST API stopped");
     Ok(())
@@ -527,6 +599,46 @@ mod tests {
                 StatusCode::BAD_REQUEST,
                 "{bad}"
             );
+        }
+    }
+
+    #[test]
+    fn route_templates_hide_ids() {
+        let base = "/v1/organizations/:org/webhook-endpoints";
+        for (path, want) in [
+            ("/v1/organizations/org_1/webhook-endpoints", base.to_string()),
+            ("/v1/organizations/org_1/webhook-endpoints/ep-01", format!("{base}/:id")),
+            (
+                "/v1/organizations/org_1/webhook-endpoints/ep-01/rotate-secret",
+                format!("{base}/:id/rotate-secret"),
+            ),
+            (
+                "/v1/organizations/org_1/webhook-endpoints/ep-01/deliveries",
+                format!("{base}/:id/deliveries"),
+            ),
+            (
+                "/v1/organizations/org_1/webhook-endpoints/ep-01/deliveries/msg_1/retry",
+                format!("{base}/:id/deliveries/:delivery/retry"),
+            ),
+            (
+                "/v1/organizations/org_1/webhook-endpoints/ep-01/test",
+                format!("{base}/:id/test"),
+            ),
+            ("/openapi.json", "/openapi.json".to_string()),
+        ] {
+            assert_eq!(route_template(path), want, "{path}");
+        }
+        for other in [
+            "/",
+            "",
+            "/v1/organizations/org_1/webhook-endpoints/",
+            "/v1/organizations//webhook-endpoints",
+            "/v1/organizations/org_1/webhook-endpoints/ep-01/nope",
+            "/v1/organizations/org_1/events",
+            "/openapi.json/x",
+            "/secret-looking/ep-0123456789",
+        ] {
+            assert_eq!(route_template(other), OTHER_ROUTE, "{other}");
         }
     }
 

@@ -30,6 +30,7 @@ use crate::resources::{
     WebhookEndpointStatus, signing_secret_name,
 };
 use crate::signing::{KeyRingChange, SigningSecret, StoredKeyRing, plan_key_ring};
+use crate::telemetry::{Metrics, ReadyHandle, WriteKind};
 use crate::validation::{UrlPolicy, validate_spec};
 use desired::{
     Outcome, Owner, desired_secret, desired_status, secret_matches, signing_secret_selector, stored_key_ring,
@@ -44,6 +45,10 @@ pub struct ControllerConfig {
     pub rotation_grace_period: Duration,
     /// Which URLs count as valid.
     pub url_policy: UrlPolicy,
+    /// Where reconciles and API-server writes are counted.
+    pub metrics: Metrics,
+    /// Flipped once the controller runs and its first list of endpoints is in.
+    pub ready: ReadyHandle,
 }
 
 /// Everything a reconcile needs, shared by all of them.
@@ -76,6 +81,15 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every [`Error::reason`].
+    pub const REASONS: [&'static str; 5] = [
+        "MissingMetadata",
+        "ReadSecretFailed",
+        "WriteSecretFailed",
+        "WriteLabelFailed",
+        "WriteStatusFailed",
+    ];
+
     /// A stable, short name: the `reason` label of metrics and the Event reason.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -117,15 +131,24 @@ impl Context {
             action: action.into(),
             secondary: None,
         };
-        if let Err(e) = self.recorder.publish(&event, &endpoint.object_ref(&())).await {
-            warn!(endpoint = %endpoint.name_any(), error = %e, "could not publish Event");
+        match self.recorder.publish(&event, &endpoint.object_ref(&())).await {
+            Ok(()) => self.wrote(WriteKind::Event),
+            Err(e) => warn!(endpoint = %endpoint.name_any(), error = %e, "could not publish Event"),
         }
+    }
+
+    fn wrote(&self, kind: WriteKind) {
+        self.config.metrics.apiserver_writes(kind, 1);
     }
 }
 
 /// Reconciles one endpoint.
 pub async fn reconcile(endpoint: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let started = std::time::Instant::now();
     let result = reconcile_inner(&endpoint, &ctx).await;
+    ctx.config
+        .metrics
+        .reconciled(started.elapsed(), result.as_ref().err().map(Error::reason));
     if result.is_ok() {
         ctx.failures
             .lock()
@@ -141,7 +164,7 @@ async fn reconcile_inner(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Ac
     let now = Timestamp::now();
     let endpoints: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &namespace);
 
-    ensure_organization_label(endpoint, &endpoints).await?;
+    ensure_organization_label(endpoint, &endpoints, ctx).await?;
 
     if let Err(reason) = validate_spec(&endpoint.spec, ctx.config.url_policy) {
         let status = desired_status(
@@ -150,7 +173,7 @@ async fn reconcile_inner(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Ac
             &Outcome::InvalidSpec(reason.clone()),
             now,
         );
-        if write_status(endpoint, &endpoints, &status).await? {
+        if write_status(endpoint, &endpoints, &status, ctx).await? {
             ctx.publish(endpoint, EventType::Warning, "InvalidSpec", "Validate", reason)
                 .await;
         }
@@ -202,6 +225,7 @@ async fn reconcile_inner(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Ac
             )
             .await
             .map_err(Error::WriteSecret)?;
+        ctx.wrote(WriteKind::Secret);
     }
 
     let outcome = Outcome::Ready {
@@ -209,7 +233,7 @@ async fn reconcile_inner(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Ac
         rotation: plan.ring.rotation,
     };
     let status = desired_status(endpoint.status.as_ref(), endpoint.metadata.generation, &outcome, now);
-    write_status(endpoint, &endpoints, &status).await?;
+    write_status(endpoint, &endpoints, &status, ctx).await?;
 
     match &plan.change {
         KeyRingChange::Unchanged | KeyRingChange::Pruned => {}
@@ -249,7 +273,11 @@ async fn reconcile_inner(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Ac
     })
 }
 
-async fn ensure_organization_label(endpoint: &WebhookEndpoint, endpoints: &Api<WebhookEndpoint>) -> Result<(), Error> {
+async fn ensure_organization_label(
+    endpoint: &WebhookEndpoint,
+    endpoints: &Api<WebhookEndpoint>,
+    ctx: &Context,
+) -> Result<(), Error> {
     let org = &endpoint.spec.organization_id;
     if endpoint.labels().get(ORGANIZATION_LABEL) == Some(org) {
         return Ok(());
@@ -267,6 +295,7 @@ async fn ensure_organization_label(endpoint: &WebhookEndpoint, endpoints: &Api<W
         )
         .await
         .map_err(Error::WriteLabel)?;
+    ctx.wrote(WriteKind::Endpoint);
     Ok(())
 }
 
@@ -277,6 +306,7 @@ async fn write_status(
     endpoint: &WebhookEndpoint,
     endpoints: &Api<WebhookEndpoint>,
     status: &WebhookEndpointStatus,
+    ctx: &Context,
 ) -> Result<bool, Error> {
     if endpoint.status.as_ref() == Some(status) {
         return Ok(false);
@@ -305,6 +335,7 @@ async fn write_status(
         )
         .await
         .map_err(Error::WriteStatus)?;
+    ctx.wrote(WriteKind::EndpointStatus);
     Ok(true)
 }
 
@@ -348,9 +379,18 @@ pub async fn run(
     let secret_changes = watcher(secrets, watcher::Config::default().labels(&signing_secret_selector()))
         .default_backoff()
         .touched_objects();
+    config.metrics.declare_reconcile_error_reasons(&Error::REASONS);
     let ctx = Arc::new(Context::new(client, config));
     info!(scope = ?ctx.config.scope, "controller starting");
-    Controller::new(endpoints, watcher::Config::default())
+    let controller = Controller::new(endpoints, watcher::Config::default());
+    let store = controller.store();
+    let ready = ctx.config.ready.clone();
+    tokio::spawn(async move {
+        if crate::endpoints::store_ready(&store).await.is_ok() {
+            ready.set_ready();
+        }
+    });
+    controller
         .owns_stream(secret_changes)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
@@ -367,6 +407,20 @@ pub async fn run(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_reason_is_declared() {
+        let io = || kube::Error::Api(Box::new(kube::core::Status::failure("x", "y").with_code(500)));
+        for error in [
+            Error::MissingMetadata("uid"),
+            Error::ReadSecret(io()),
+            Error::WriteSecret(io()),
+            Error::WriteLabel(io()),
+            Error::WriteStatus(io()),
+        ] {
+            assert!(Error::REASONS.contains(&error.reason()), "{}", error.reason());
+        }
+    }
 
     #[test]
     fn retry_delay_doubles_and_caps() {

@@ -47,6 +47,18 @@ impl AttemptOutcome {
         matches!(self, AttemptOutcome::Success { .. })
     }
 
+    /// The `result` label of `capy_webhooks_delivery_attempts_total`.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            AttemptOutcome::Success { .. } => "success",
+            AttemptOutcome::HttpFailure { .. } => "http_error",
+            AttemptOutcome::Gone => "gone",
+            AttemptOutcome::Timeout => "timeout",
+            AttemptOutcome::ConnectError(_) => "connect_error",
+            AttemptOutcome::Refused(_) => "refused",
+        }
+    }
+
     /// The `Retry-After` to honour when scheduling the next attempt.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -103,6 +115,19 @@ mod tests {
             assert!(classify(status, None).is_success());
             assert!(!is_retryable(&classify(status, None)));
         }
+    }
+
+    #[test]
+    fn metric_labels() {
+        assert_eq!(classify(204, None).metric_label(), "success");
+        assert_eq!(classify(500, None).metric_label(), "http_error");
+        assert_eq!(classify(410, None).metric_label(), "gone");
+        assert_eq!(AttemptOutcome::Timeout.metric_label(), "timeout");
+        assert_eq!(
+            AttemptOutcome::ConnectError("reset".into()).metric_label(),
+            "connect_error"
+        );
+        assert_eq!(AttemptOutcome::Refused("loopback".into()).metric_label(), "refused");
     }
 
     #[test]

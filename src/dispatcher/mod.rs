@@ -31,6 +31,7 @@ use crate::delivery_log::{DeliveryRecord, DeliveryState, EndpointLog, LogConfig,
 use crate::endpoints::EndpointCache;
 use crate::resources::{Scope, WebhookEndpoint, signing_secret_name};
 use crate::signing::{KeyRing, StoredKeyRing};
+use crate::telemetry::{Metrics, ReadyHandle};
 pub use status::{CONDITION_HEALTHY, DispatchSummary};
 use worker::{Msg, Worker};
 
@@ -60,6 +61,10 @@ pub struct DispatcherConfig {
     pub persist_timeout: Duration,
     /// On shutdown, how long in-flight attempts may take to finish.
     pub shutdown_grace: Duration,
+    /// Where deliveries, attempts, log writes and API-server writes are counted.
+    pub metrics: Metrics,
+    /// Flipped once the caches are synced and every log is recovered.
+    pub ready: ReadyHandle,
 }
 
 /// Why an event or a recovery request could not be accepted.
@@ -164,6 +169,7 @@ impl Dispatcher {
         };
         dispatcher.recover().await?;
         dispatcher.spawn_wakeups();
+        dispatcher.shared.config.ready.set_ready();
         Ok(dispatcher)
     }
 

@@ -26,6 +26,7 @@ use crate::delivery::schedule::next_attempt_delay;
 use crate::delivery::sender::AttemptResult;
 use crate::delivery_log::{DeliveryRecord, DeliveryState, EndpointLog, PendingWrites};
 use crate::resources::{DeliverySummary, Health, WebhookEndpoint};
+use crate::telemetry::{DeliveryOutcome, WriteKind};
 
 /// Messages a worker handles.
 pub(crate) enum Msg {
@@ -99,6 +100,8 @@ pub(crate) struct Worker {
     disabled_reason: Option<String>,
     summary_dirty: bool,
     summary_written_at: Option<Instant>,
+    /// This worker's share of the pending-deliveries gauge.
+    reported_pending: i64,
 }
 
 impl Worker {
@@ -136,6 +139,7 @@ impl Worker {
             disabled_reason: status.disabled_reason,
             summary_dirty: false,
             summary_written_at: None,
+            reported_pending: 0,
         }
     }
 
@@ -147,6 +151,7 @@ impl Worker {
         let mut stopping = self.shared.stopping.clone();
         let mut grace_deadline: Option<Instant> = None;
         loop {
+            self.report_pending();
             let is_stopping = *stopping.borrow();
             if is_stopping && grace_deadline.is_none() {
                 grace_deadline = Some(Instant::now() + self.shared.config.shutdown_grace);
@@ -179,7 +184,20 @@ impl Worker {
         for ack in self.waiting.drain(..) {
             ack.answer(Err(SubmitError::Unavailable("the dispatcher is shutting down".into())));
         }
+        // A stopped worker no longer dispatches its pending deliveries: take them off the gauge.
+        self.shared.config.metrics.pending_changed(-self.reported_pending);
+        self.reported_pending = 0;
         debug!(endpoint = %self.name, "worker stopped");
+    }
+
+    /// Moves the pending-deliveries gauge by what changed since the last report.
+    fn report_pending(&mut self) {
+        let pending = self.log.pending_count() as i64;
+        self.shared
+            .config
+            .metrics
+            .pending_changed(pending - self.reported_pending);
+        self.reported_pending = pending;
     }
 
     fn next_wake(&self, stopping: bool, grace_deadline: Option<Instant>) -> Instant {
@@ -277,6 +295,8 @@ impl Worker {
             return;
         };
         let endpoint = self.endpoint();
+        let metrics = &self.shared.config.metrics;
+        metrics.attempt(result.outcome.metric_label(), result.duration);
         record.attempts += 1;
         record.updated_at = at;
         record.response_status = result.outcome.status();
@@ -288,6 +308,7 @@ impl Worker {
             record.next_attempt_at = None;
             record.last_error = None;
             self.totals.succeeded += 1;
+            metrics.delivery(DeliveryOutcome::Succeeded);
             self.totals.consecutive_failures = 0;
             self.totals.last_success_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
         } else {
@@ -311,11 +332,13 @@ impl Worker {
                     let next = at.checked_add(delay).unwrap_or(at);
                     record.next_attempt_at = Some(next);
                     self.due.insert((next, id.clone()));
+                    metrics.delivery(DeliveryOutcome::Retried);
                 }
                 None => {
                     record.state = DeliveryState::Failed;
                     record.next_attempt_at = None;
                     self.totals.failed += 1;
+                    metrics.delivery(DeliveryOutcome::Failed);
                 }
             }
             if matches!(result.outcome, AttemptOutcome::Gone) {
@@ -382,7 +405,10 @@ impl Worker {
     fn write_done(&mut self, writes: PendingWrites, acks: Vec<Ack>, result: Result<usize, kube::Error>) {
         self.write_in_flight = false;
         match result {
-            Ok(_) => {
+            Ok(calls) => {
+                let metrics = &self.shared.config.metrics;
+                metrics.apiserver_writes(WriteKind::ConfigMap, calls as u64);
+                metrics.log_write(writes.record_ids().count());
                 self.write_failures = 0;
                 for id in writes.record_ids() {
                     if self.unpersisted.remove(id)
@@ -430,17 +456,23 @@ impl Worker {
                 warn!(endpoint = %name, error = %e, "could not disable endpoint");
                 return;
             }
+            let metrics = &shared.config.metrics;
+            metrics.apiserver_writes(WriteKind::Endpoint, 1);
             let status = json!({
                 "apiVersion": "webhooks.capydb.io/v1", "kind": "WebhookEndpoint",
                 "status": {"disabledReason": reason},
             });
-            let _ = api
+            if api
                 .patch_status(
                     &name,
                     &PatchParams::apply(DISPATCHER_FIELD_MANAGER).force(),
                     &Patch::Apply(&status),
                 )
-                .await;
+                .await
+                .is_ok()
+            {
+                metrics.apiserver_writes(WriteKind::EndpointStatus, 1);
+            }
             if let Ok(ep) = api.get(&name).await {
                 let event = Event {
                     type_: EventType::Warning,
@@ -449,7 +481,9 @@ impl Worker {
                     action: "Disable".into(),
                     secondary: None,
                 };
-                let _ = shared.recorder.publish(&event, &ep.object_ref(&())).await;
+                if shared.recorder.publish(&event, &ep.object_ref(&())).await.is_ok() {
+                    metrics.apiserver_writes(WriteKind::Event, 1);
+                }
             }
         });
     }
@@ -503,6 +537,10 @@ impl Worker {
             self.summary_dirty = true;
             return;
         }
+        self.shared
+            .config
+            .metrics
+            .apiserver_writes(WriteKind::EndpointStatus, 1);
         self.disabled_reason = disabled_reason;
         if let Some((warning, reason, note)) = transition_event(self.last_health, health) {
             info!(endpoint = %self.name, from = self.last_health.as_str(), to = health.as_str(), "health changed");
@@ -513,7 +551,15 @@ impl Worker {
                 action: "Deliver".into(),
                 secondary: None,
             };
-            let _ = self.shared.recorder.publish(&event, &endpoint.object_ref(&())).await;
+            if self
+                .shared
+                .recorder
+                .publish(&event, &endpoint.object_ref(&()))
+                .await
+                .is_ok()
+            {
+                self.shared.config.metrics.apiserver_writes(WriteKind::Event, 1);
+            }
         }
         self.last_health = health;
     }

@@ -16,6 +16,7 @@ use capy_webhooks::dispatcher::{Dispatcher, DispatcherConfig};
 use capy_webhooks::endpoints::EndpointCache;
 use capy_webhooks::ingest::{self, IngestConfig};
 use capy_webhooks::resources::Scope;
+use capy_webhooks::telemetry::{Metrics, ReadyHandle};
 use capy_webhooks::validation::UrlPolicy;
 use kube::Client;
 use reqwest::StatusCode;
@@ -63,6 +64,8 @@ pub struct Operator {
     pub base: String,
     pub ingest_base: String,
     pub http: reqwest::Client,
+    /// The metrics every component of this operator counts into.
+    pub metrics: Metrics,
     stop: watch::Sender<bool>,
     dispatcher: Option<Dispatcher>,
 }
@@ -80,12 +83,15 @@ impl Operator {
             }
         };
         let scope = Scope::Namespace(ns.into());
+        let metrics = Metrics::new();
         let url_policy = UrlPolicy { allow_http: true };
         if opts.controller {
             let config = ControllerConfig {
                 scope: scope.clone(),
                 rotation_grace_period: opts.rotation_grace,
                 url_policy,
+                metrics: metrics.clone(),
+                ready: ReadyHandle::detached(),
             };
             tokio::spawn(controller::run(client.clone(), config, stopped()));
         }
@@ -110,6 +116,8 @@ impl Operator {
                 auto_disable_after: opts.auto_disable_after,
                 persist_timeout: opts.persist_timeout,
                 shutdown_grace: Duration::from_secs(5),
+                metrics: metrics.clone(),
+                ready: ReadyHandle::detached(),
             };
             let dispatcher = Dispatcher::start(client.clone(), cache.clone(), config, stop_rx.clone())
                 .await
@@ -122,6 +130,7 @@ impl Operator {
                 payload_limit: 64 * 1024,
                 idempotency_window: Duration::from_secs(3600),
                 idempotency_capacity: 1000,
+                metrics: metrics.clone(),
             };
             tokio::spawn(ingest::run(dispatcher.clone(), config, listener, stopped()));
             Some(dispatcher)
@@ -151,6 +160,8 @@ impl Operator {
             url_policy,
             body_limit: 16 * 1024,
             controller_wait: opts.controller_wait,
+            metrics: metrics.clone(),
+            ready: ReadyHandle::detached(),
         };
         tokio::spawn(api::run(
             client.clone(),
@@ -174,6 +185,7 @@ impl Operator {
             base: format!("http://{addr}/v1/organizations"),
             ingest_base,
             http,
+            metrics,
             stop,
             dispatcher,
         }

@@ -1,0 +1,91 @@
+{{/* Chart name, truncated to the 63 characters of a DNS label. */}}
+{{- define "capy-webhooks.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Full name: the release name, prefixed to the chart name unless it already contains it. */}}
+{{- define "capy-webhooks.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "capy-webhooks.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels of every object. */}}
+{{- define "capy-webhooks.labels" -}}
+helm.sh/chart: {{ include "capy-webhooks.chart" . }}
+{{ include "capy-webhooks.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: capydb
+{{- end }}
+
+{{/* Labels selecting the operator pod. */}}
+{{- define "capy-webhooks.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "capy-webhooks.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "capy-webhooks.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "capy-webhooks.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the Secret holding the ingest token. */}}
+{{- define "capy-webhooks.ingestTokenSecret" -}}
+{{- default (printf "%s-ingest-token" (include "capy-webhooks.fullname" .)) .Values.ingestToken.existingSecret }}
+{{- end }}
+
+{{- define "capy-webhooks.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{/*
+RBAC rules: exactly what the operator does, shared by the Role and the ClusterRole.
+Kubernetes RBAC cannot restrict get/list/watch by label: the operator can read every Secret and
+ConfigMap where these rules apply, although it only ever selects its own by label.
+*/}}
+{{- define "capy-webhooks.rules" -}}
+# The source of truth: the controller and caches watch endpoints; the REST facade creates,
+# JSON-patches (update, rotate), deletes them; the dispatcher's auto-disable patches spec.active.
+- apiGroups: ["webhooks.capydb.io"]
+  resources: ["webhookendpoints"]
+  verbs: ["get", "list", "watch", "create", "patch", "update", "delete"]
+# Status is written with server-side apply (controller and dispatcher summaries) and read back.
+- apiGroups: ["webhooks.capydb.io"]
+  resources: ["webhookendpoints/status"]
+  verbs: ["get", "patch"]
+# Owner references with blockOwnerDeletion on the Secrets and ConfigMaps the operator creates
+# require update on the owner's finalizers subresource (OwnerReferencesPermissionEnforcement).
+- apiGroups: ["webhooks.capydb.io"]
+  resources: ["webhookendpoints/finalizers"]
+  verbs: ["update"]
+# Signing secrets `<endpoint>-signing` (controller, server-side apply; read by the dispatcher and
+# REST facade) and API-key Secrets `capy-api-key-*` (watch-backed index; the api-key CLI creates,
+# lists and revokes them). Both label-selected, but see the note above.
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# The delivery log `<endpoint>-deliveries-<n>`: listed on start, created, merge-patched by
+# group commit, deleted when pruned.
+- apiGroups: [""]
+  resources: ["configmaps"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+# kube-runtime's event Recorder creates events.k8s.io/v1 Events and patches repeats into series.
+- apiGroups: ["events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}

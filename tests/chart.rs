@@ -1,0 +1,620 @@
+//! The Helm chart against a real control plane and real Helm: lint, server-side dry runs of the
+//! rendered manifests, install, least-privilege RBAC (the operator binary and the api-key CLI run
+//! as the chart's ServiceAccount through kubeconfig impersonation), what that identity may NOT do,
+//! and CRD updates through `helm upgrade`.
+//!
+//! The CRD is cluster-scoped and only one release may own it: Helm refuses to adopt an object it
+//! did not create. This binary has its own control plane and nothing in it applies the CRD except
+//! Helm, so one shared release (installed once, with `crds.install=true`) owns it; the install,
+//! RBAC and upgrade tests all use that release.
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use base64::Engine;
+use serde_json::{Value, json};
+use support::receiver::Receiver;
+
+const RELEASE: &str = "capy-webhooks";
+/// With the release named like the chart, every object is named `capy-webhooks[-suffix]`.
+const FULLNAME: &str = "capy-webhooks";
+const CRD_NAME: &str = "webhookendpoints.webhooks.capydb.io";
+const ORG: &str = "org_chart";
+
+fn chart_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/capy-webhooks")
+}
+
+fn chart() -> String {
+    chart_dir().display().to_string()
+}
+
+/// stdout of a successful command; panics with its stderr otherwise.
+fn ok(what: &str, out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+fn random_ns(prefix: &str) -> String {
+    format!("{prefix}-{:06x}", rand::random::<u32>() & 0xff_ffff)
+}
+
+fn sa_user(ns: &str) -> String {
+    format!("system:serviceaccount:{ns}:{FULLNAME}")
+}
+
+static SHARED: OnceLock<String> = OnceLock::new();
+
+/// Namespace of the shared release (installed on first use, with the CRD).
+fn release_namespace() -> &'static str {
+    SHARED.get_or_init(|| {
+        let ns = random_ns("chart");
+        ok(
+            "helm install",
+            support::helm(&[
+                "install",
+                RELEASE,
+                &chart(),
+                "--namespace",
+                &ns,
+                "--create-namespace",
+                "--set",
+                "crds.install=true",
+                "--timeout",
+                "120s",
+            ]),
+        );
+        ok(
+            "CRD established",
+            support::kubectl(&[
+                "wait",
+                "--for=condition=Established",
+                "--timeout=90s",
+                &format!("crd/{CRD_NAME}"),
+            ]),
+        );
+        // Discovery can lag behind Established in this control plane: wait until kubectl sees it.
+        let deadline = std::time::Instant::now() + Duration::from_secs(90);
+        while !support::kubectl(&["get", "webhookendpoints", "-n", &ns])
+            .status
+            .success()
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "webhookendpoints never appeared in discovery"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        ns
+    })
+}
+
+#[test]
+fn chart_copy_of_the_crd_matches_crds_dir() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let generated = std::fs::read_to_string(root.join(support::CRD_FILE)).unwrap();
+    let copy = std::fs::read_to_string(chart_dir().join("files/crd.yaml")).unwrap();
+    assert!(
+        generated == copy,
+        "charts/capy-webhooks/files/crd.yaml differs from {}: run `make crds`",
+        support::CRD_FILE
+    );
+}
+
+#[test]
+fn helm_lint_strict() {
+    ok("helm lint --strict", support::helm(&["lint", "--strict", &chart()]));
+    // The schema refuses bad values.
+    for bad in ["logFormat=xml", "components={api,bogus}", "delivery.retrySchedule=soon"] {
+        let out = support::helm(&["lint", "--strict", &chart(), "--set", bad]);
+        assert!(!out.status.success(), "helm lint accepted --set {bad}");
+    }
+}
+
+fn render(ns: &str, sets: &[&str]) -> String {
+    let mut args = vec!["template", RELEASE, "--namespace", ns];
+    let c = chart();
+    args.push(&c);
+    for s in sets {
+        args.extend(["--set", s]);
+    }
+    ok("helm template", support::helm(&args))
+}
+
+#[tokio::test]
+async fn rendered_manifests_are_accepted_by_the_api_server() {
+    let client = support::client().await;
+    let ns = support::test_namespace(&client, "chart-dry").await;
+    let variants: [&[&str]; 3] = [
+        &[],
+        &[
+            "watchAllNamespaces=true",
+            "networkPolicy.enabled=true",
+            "networkPolicy.ingestFrom[0].namespaceSelector.matchLabels.capydb\\.io/tier=platform",
+            "networkPolicy.ingestFrom[0].podSelector.matchLabels.app=capydb",
+            "podDisruptionBudget.enabled=true",
+        ],
+        &[
+            "crds.install=false",
+            "allowHttp=true",
+            "allowPrivateTargets=true",
+            "components={api,controller}",
+            "clerk.jwksUrl=https://clerk.example.com/.well-known/jwks.json",
+            "clerk.issuer=https://clerk.example.com",
+            "clerk.authorizedParties={https://app.example.com}",
+            "ingestToken.existingSecret=my-token",
+        ],
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    for (i, sets) in variants.iter().enumerate() {
+        let rendered = render(&ns, sets);
+        assert!(
+            !rendered.contains("kind: ServiceMonitor"),
+            "ServiceMonitor only when enabled"
+        );
+        let file = dir.path().join(format!("variant-{i}.yaml"));
+        std::fs::write(&file, &rendered).unwrap();
+        let out = ok(
+            &format!("kubectl apply --dry-run=server of variant {i} ({sets:?})"),
+            support::kubectl(&["apply", "--dry-run=server", "-n", &ns, "-f", file.to_str().unwrap()]),
+        );
+        for kind in ["deployment.apps/", "serviceaccount/", "service/"] {
+            assert!(out.contains(kind), "variant {i}: no {kind} in {out}");
+        }
+        let has = |s: &str| out.contains(s);
+        match i {
+            0 => assert!(has("role.rbac") && !has("clusterrole.rbac") && has("customresourcedefinition")),
+            1 => assert!(
+                has("clusterrole.rbac")
+                    && has("clusterrolebinding")
+                    && has("networkpolicy")
+                    && has("poddisruptionbudget"),
+                "{out}"
+            ),
+            _ => assert!(!has("customresourcedefinition") && !has("secret/"), "{out}"),
+        }
+        if i == 1 {
+            assert!(rendered.contains("--all-namespaces") && rendered.contains(&format!("--home-namespace={ns}")));
+        }
+        if i == 2 {
+            for flag in [
+                "--allow-http",
+                "--allow-private-targets",
+                "--components=api,controller",
+                "--clerk-issuer=",
+            ] {
+                assert!(rendered.contains(flag), "no {flag}");
+            }
+        }
+    }
+    // A ServiceMonitor is rendered only on request (its CRD is not in this cluster).
+    assert!(render(&ns, &["serviceMonitor.enabled=true"]).contains("kind: ServiceMonitor"));
+    support::delete_namespace(&client, &ns).await;
+}
+
+fn get_json(args: &[&str]) -> Value {
+    serde_json::from_str(&ok(&format!("kubectl get {args:?}"), support::kubectl(args))).unwrap()
+}
+
+fn ingest_token(ns: &str) -> String {
+    let secret = get_json(&[
+        "get",
+        "secret",
+        &format!("{FULLNAME}-ingest-token"),
+        "-n",
+        ns,
+        "-o",
+        "json",
+    ]);
+    let b64 = secret["data"]["token"].as_str().expect("token key");
+    String::from_utf8(base64::engine::general_purpose::STANDARD.decode(b64).unwrap()).unwrap()
+}
+
+#[test]
+fn helm_install_creates_the_release_objects() {
+    let ns = release_namespace();
+    for (kind, name) in [
+        ("deployment", FULLNAME.to_string()),
+        ("service", FULLNAME.to_string()),
+        ("service", format!("{FULLNAME}-ingest")),
+        ("service", format!("{FULLNAME}-metrics")),
+        ("serviceaccount", FULLNAME.to_string()),
+        ("role", FULLNAME.to_string()),
+        ("rolebinding", FULLNAME.to_string()),
+        ("secret", format!("{FULLNAME}-ingest-token")),
+    ] {
+        ok(
+            &format!("{kind}/{name} exists"),
+            support::kubectl(&["get", kind, &name, "-n", ns]),
+        );
+    }
+    let token = ingest_token(ns);
+    assert!(
+        token.len() == 40 && token.chars().all(|c| c.is_ascii_alphanumeric()),
+        "{token:?}"
+    );
+
+    let deploy = get_json(&["get", "deployment", FULLNAME, "-n", ns, "-o", "json"]);
+    assert_eq!(deploy["spec"]["replicas"], 1);
+    assert_eq!(deploy["spec"]["strategy"]["type"], "Recreate");
+    let pod = &deploy["spec"]["template"]["spec"];
+    assert_eq!(pod["serviceAccountName"], FULLNAME);
+    assert!(pod["terminationGracePeriodSeconds"].as_i64().unwrap() > 20);
+    let c = &pod["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "run");
+    assert!(args.contains(&format!("--namespace={ns}").as_str()), "{args:?}");
+    assert!(args.contains(&"--ingest-token-file=/etc/capy-webhooks/ingest-token"));
+    assert!(args.contains(&"--log-format=json"));
+    let sc = &c["securityContext"];
+    assert_eq!(sc["runAsNonRoot"], true);
+    assert_eq!(sc["runAsUser"], 65532);
+    assert_eq!(sc["readOnlyRootFilesystem"], true);
+    assert_eq!(sc["allowPrivilegeEscalation"], false);
+    assert_eq!(sc["capabilities"]["drop"], json!(["ALL"]));
+    assert_eq!(sc["seccompProfile"]["type"], "RuntimeDefault");
+    assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+    assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+    assert_eq!(c["env"][0]["valueFrom"]["fieldRef"]["fieldPath"], "metadata.name");
+    let crd = get_json(&["get", "crd", CRD_NAME, "-o", "json"]);
+    assert_eq!(crd["metadata"]["annotations"]["meta.helm.sh/release-name"], RELEASE);
+    assert_eq!(crd["metadata"]["annotations"]["helm.sh/resource-policy"], "keep");
+    // Pods never start here (no kubelet): that is expected.
+}
+
+/// A kubeconfig like the admin's, whose user impersonates `user`.
+fn impersonating_kubeconfig(dir: &Path, user: &str) -> PathBuf {
+    let text = std::fs::read_to_string(support::kubeconfig_path()).unwrap();
+    let mut kc: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    let users = kc["users"].as_sequence_mut().expect("users");
+    for u in users {
+        u["user"]["as"] = serde_yaml::Value::String(user.into());
+    }
+    let path = dir.join("impersonating.kubeconfig");
+    std::fs::write(&path, serde_yaml::to_string(&kc).unwrap()).unwrap();
+    path
+}
+
+/// The operator binary as a child process; killed when dropped.
+struct Running(Child);
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn cli(kubeconfig: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_capy-webhooks"))
+        .args(args)
+        .env("KUBECONFIG", kubeconfig)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn the_operator_works_with_only_the_chart_rbac() {
+    let ns = release_namespace().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = impersonating_kubeconfig(dir.path(), &sa_user(&ns));
+
+    // The api-key CLI as the ServiceAccount: create, list, revoke.
+    let key = ok(
+        "api-key create as the ServiceAccount",
+        cli(
+            &kubeconfig,
+            &["api-key", "create", "--org", ORG, "--name", "chart", "--namespace", &ns],
+        ),
+    )
+    .trim()
+    .to_string();
+    assert!(key.starts_with("capy_live_"), "{key}");
+    ok(
+        "api-key create (spare)",
+        cli(
+            &kubeconfig,
+            &["api-key", "create", "--org", ORG, "--name", "spare", "--namespace", &ns],
+        ),
+    );
+    let listed = ok(
+        "api-key list",
+        cli(&kubeconfig, &["api-key", "list", "--org", ORG, "--namespace", &ns]),
+    );
+    let spare_id = listed
+        .lines()
+        .find(|l| l.contains("spare"))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("spare key not listed: {listed}"))
+        .to_string();
+    ok(
+        "api-key revoke",
+        cli(&kubeconfig, &["api-key", "revoke", &spare_id, "--namespace", &ns]),
+    );
+
+    // The operator, outside the cluster, as the ServiceAccount. The token comes from the chart.
+    let token_file = dir.path().join("ingest-token");
+    std::fs::write(&token_file, ingest_token(&ns)).unwrap();
+    let (api, ingest, metrics) = (free_port(), free_port(), free_port());
+    let help = ok("run --help", cli(&kubeconfig, &["run", "--help"]));
+    let has_metrics = help.contains("--metrics-listen");
+    let log_path = dir.path().join("operator.log");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_capy-webhooks"));
+    cmd.args(["run", "--namespace", &ns])
+        .args(["--api-listen", &format!("127.0.0.1:{api}")])
+        .args(["--ingest-listen", &format!("127.0.0.1:{ingest}")])
+        .arg("--ingest-token-file")
+        .arg(&token_file)
+        .args(["--allow-http", "--allow-private-targets", "--summary-interval", "1s"]);
+    if has_metrics {
+        cmd.args(["--metrics-listen", &format!("127.0.0.1:{metrics}")]);
+    }
+    let _op = Running(
+        cmd.env("KUBECONFIG", &kubeconfig)
+            .env("RUST_LOG", "info")
+            .env("POD_NAME", "chart-test")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log_path).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{api}/v1/organizations/{ORG}/webhook-endpoints");
+    let up = tokio::time::timeout(Duration::from_secs(60), async {
+        loop {
+            if let Ok(r) = http.get(&base).bearer_auth(&key).send().await
+                && r.status() == 200
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+    assert!(
+        up.is_ok(),
+        "REST API never answered 200 with the key; operator log:\n{}",
+        log()
+    );
+
+    let receiver = Receiver::start(vec![]).await;
+    let res = http
+        .post(&base)
+        .bearer_auth(&key)
+        .json(&json!({"url": receiver.url("/in"), "event_types": ["order.*"]}))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let created: Value = res.json().await.unwrap_or(Value::Null);
+    assert_eq!(status, 201, "{created}\noperator log:\n{}", log());
+    assert!(created["plaintext_secret"].as_str().unwrap().starts_with("whsec_"));
+    let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+    ok(
+        "signing Secret exists",
+        support::kubectl(&["get", "secret", &format!("{id}-signing"), "-n", &ns]),
+    );
+
+    let res = http
+        .post(format!("http://127.0.0.1:{ingest}/v1/organizations/{ORG}/events"))
+        .bearer_auth(std::fs::read_to_string(&token_file).unwrap())
+        .json(&json!({"type": "order.created", "data": {"n": 1}}))
+        .send()
+        .await
+        .unwrap();
+    let status = res.status().as_u16();
+    let body: Value = res.json().await.unwrap_or(Value::Null);
+    assert_eq!((status, &body["deliveries"]), (202, &json!(1)), "{body}\n{}", log());
+    support::wait_for("the receiver got the event", Duration::from_secs(30), || async {
+        (!receiver.received().is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(receiver.received()[0].json()["type"], "order.created");
+    support::wait_for("the delivery is succeeded", Duration::from_secs(30), || async {
+        let body: Value = http
+            .get(format!("{base}/{id}/deliveries"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        let list = body["deliveries"].as_array()?;
+        (list.len() == 1 && list[0]["state"] == "succeeded").then_some(())
+    })
+    .await;
+    // Events were published (events.k8s.io create).
+    support::wait_for("a SecretCreated Event", Duration::from_secs(30), || async {
+        let out = support::kubectl(&["get", "events.events.k8s.io", "-n", &ns, "-o", "json"]);
+        String::from_utf8_lossy(&out.stdout)
+            .contains("SecretCreated")
+            .then_some(())
+    })
+    .await;
+    if has_metrics {
+        for path in ["/healthz", "/readyz"] {
+            let r = http
+                .get(format!("http://127.0.0.1:{metrics}{path}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200, "{path}");
+        }
+    }
+    let res = http
+        .delete(format!("{base}/{id}"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert!(res.status().is_success(), "delete: {}", res.status());
+    let log = log();
+    assert!(
+        !log.to_lowercase().contains("forbidden"),
+        "RBAC refusals in the operator log:\n{log}"
+    );
+}
+
+fn can_i(ns: &str, args: &[&str]) -> bool {
+    let user = sa_user(ns);
+    let mut all = vec!["auth", "can-i"];
+    all.extend(args);
+    all.extend(["--as", &user]);
+    let out = support::kubectl(&all);
+    let answer = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(
+        answer == "yes" || answer == "no",
+        "kubectl {all:?}: {answer:?} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    answer == "yes"
+}
+
+#[tokio::test]
+async fn the_chart_identity_can_do_nothing_more() {
+    let ns = release_namespace().to_string();
+    let client = support::client().await;
+    let other = support::test_namespace(&client, "chart-other").await;
+    // What it needs, in its namespace.
+    for args in [
+        &["get", "secrets"][..],
+        &["watch", "configmaps"],
+        &["patch", "webhookendpoints.webhooks.capydb.io", "--subresource=status"],
+        &[
+            "update",
+            "webhookendpoints.webhooks.capydb.io",
+            "--subresource=finalizers",
+        ],
+        &["create", "events.events.k8s.io"],
+    ] {
+        let mut a = args.to_vec();
+        a.extend(["-n", &ns]);
+        assert!(can_i(&ns, &a), "should be allowed: {a:?}");
+    }
+    // What it must not do.
+    let refused: Vec<Vec<&str>> = vec![
+        vec!["get", "secrets", "-n", &other],
+        vec!["list", "configmaps", "-n", &other],
+        vec!["list", "webhookendpoints.webhooks.capydb.io", "-n", &other],
+        vec!["list", "secrets", "--all-namespaces"],
+        vec!["list", "webhookendpoints.webhooks.capydb.io", "--all-namespaces"],
+        vec!["create", "deployments.apps", "-n", &ns],
+        vec!["create", "pods", "-n", &ns],
+        vec!["create", "pods", "--subresource=exec", "-n", &ns],
+        vec!["update", "secrets", "-n", &ns],
+        vec!["create", "events", "-n", &other],
+        vec!["get", "leases.coordination.k8s.io", "-n", &ns],
+        vec!["create", "roles.rbac.authorization.k8s.io", "-n", &ns],
+        vec!["get", "customresourcedefinitions"],
+        vec!["update", "customresourcedefinitions"],
+        vec!["delete", "customresourcedefinitions"],
+        vec!["list", "namespaces"],
+    ];
+    for args in &refused {
+        assert!(!can_i(&ns, args), "should be refused: {args:?}");
+    }
+    // And a real request with the impersonating kubeconfig is refused by the API server.
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = impersonating_kubeconfig(dir.path(), &sa_user(&ns));
+    let out = Command::new(support::bin_dir().join("kubectl"))
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["get", "secrets", "-n", &other])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("forbidden"), "{out:?}");
+    support::delete_namespace(&client, &other).await;
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), target).unwrap();
+        }
+    }
+}
+
+fn printer_columns() -> Vec<String> {
+    let crd = get_json(&["get", "crd", CRD_NAME, "-o", "json"]);
+    crd["spec"]["versions"][0]["additionalPrinterColumns"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn helm_upgrade_updates_the_crd_and_keeps_the_ingest_token() {
+    let ns = release_namespace().to_string();
+    let token = ingest_token(&ns);
+    // A copy of the chart whose CRD has one more printer column.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("capy-webhooks");
+    copy_dir(&chart_dir(), &copy);
+    let crd_file = copy.join("files/crd.yaml");
+    let text = std::fs::read_to_string(&crd_file).unwrap();
+    let marker = "  - additionalPrinterColumns:\n";
+    assert!(text.contains(marker));
+    let column = "    - description: Test column added by the upgrade test\n      jsonPath: .spec.description\n      \
+                  name: ChartUpgradeProbe\n      priority: 1\n      type: string\n";
+    std::fs::write(&crd_file, text.replacen(marker, &format!("{marker}{column}"), 1)).unwrap();
+
+    let upgrade = |chart: &Path| {
+        ok(
+            "helm upgrade",
+            support::helm(&[
+                "upgrade",
+                RELEASE,
+                chart.to_str().unwrap(),
+                "--namespace",
+                &ns,
+                "--set",
+                "crds.install=true",
+            ]),
+        )
+    };
+    upgrade(&copy);
+    let cols = printer_columns();
+    assert!(cols.iter().any(|c| c == "ChartUpgradeProbe"), "{cols:?}");
+    assert_eq!(ingest_token(&ns), token, "the ingest token survives an upgrade");
+    // And back: the repository's chart removes the column again.
+    upgrade(&chart_dir());
+    let cols = printer_columns();
+    assert!(!cols.iter().any(|c| c == "ChartUpgradeProbe"), "{cols:?}");
+    assert_eq!(ingest_token(&ns), token);
+    // The CRD still serves (endpoints can be listed).
+    ok(
+        "list endpoints",
+        support::kubectl(&["get", "webhookendpoints", "-n", &ns]),
+    );
+}

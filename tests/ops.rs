@@ -1,0 +1,463 @@
+//! The operations port of the real binary: `/healthz` and `/readyz` during start-up (API server
+//! unreachable) and once running, and `/metrics` as OpenMetrics text whose counters follow the
+//! work done.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::operator::INGEST_TOKEN;
+use support::receiver::Receiver;
+
+const ORG: &str = "org_ops";
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// The listeners of one operator process.
+#[derive(Clone, Copy)]
+struct Ports {
+    api: u16,
+    ingest: u16,
+    metrics: u16,
+}
+
+impl Ports {
+    fn fresh() -> Self {
+        Self {
+            api: free_port(),
+            ingest: free_port(),
+            metrics: free_port(),
+        }
+    }
+    fn ops(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.metrics)
+    }
+}
+
+/// The operator binary as a child process; killed with SIGKILL when dropped.
+struct OperatorProcess {
+    child: Child,
+}
+
+impl OperatorProcess {
+    fn start(ns: &str, kubeconfig: &Path, ports: Ports, dir: &Path, log_name: &str) -> Self {
+        let token_file = dir.join("ingest-token");
+        std::fs::write(&token_file, INGEST_TOKEN).unwrap();
+        let log = std::fs::File::create(dir.join(log_name)).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_capy-webhooks"))
+            .args(["run", "--namespace", ns])
+            .args(["--api-listen", &format!("127.0.0.1:{}", ports.api)])
+            .args(["--ingest-listen", &format!("127.0.0.1:{}", ports.ingest)])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", ports.metrics)])
+            .arg("--ingest-token-file")
+            .arg(&token_file)
+            .args(["--allow-http", "--allow-private-targets"])
+            .args(["--summary-interval", "1s"])
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("operator binary starts");
+        Self { child }
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill(); // SIGKILL
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A copy of the test cluster's kubeconfig whose every server is `server`.
+fn kubeconfig_pointing_at(server: &str, dir: &Path) -> PathBuf {
+    let text = std::fs::read_to_string(support::kubeconfig_path()).unwrap();
+    let mut config: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
+    for cluster in config["clusters"].as_sequence_mut().expect("clusters").iter_mut() {
+        cluster["cluster"]["server"] = serde_yaml::Value::String(server.into());
+    }
+    let path = dir.join("unreachable-kubeconfig");
+    std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
+    path
+}
+
+async fn get(http: &reqwest::Client, url: &str) -> Option<(u16, String, String)> {
+    let res = http.get(url).timeout(Duration::from_secs(5)).send().await.ok()?;
+    let status = res.status().as_u16();
+    let content_type = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
+    Some((status, content_type, res.text().await.ok()?))
+}
+
+/// One sample of an exposition.
+#[derive(Debug)]
+struct Sample {
+    name: String,
+    labels: BTreeMap<String, String>,
+    value: f64,
+}
+
+/// A parsed exposition: metric family types by name, and the samples.
+#[derive(Debug, Default)]
+struct Exposition {
+    types: HashMap<String, String>,
+    samples: Vec<Sample>,
+}
+
+impl Exposition {
+    /// Sum of the samples named `name` whose labels include every pair of `labels`.
+    fn sum(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        self.samples
+            .iter()
+            .filter(|s| {
+                s.name == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|s| s.value)
+            .sum()
+    }
+}
+
+fn is_metric_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_' || c == ':')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':')
+}
+
+fn parse_value(text: &str) -> Result<f64, String> {
+    match text {
+        "+Inf" => Ok(f64::INFINITY),
+        "-Inf" => Ok(f64::NEG_INFINITY),
+        "NaN" => Ok(f64::NAN),
+        _ => text.parse().map_err(|e| format!("bad value {text:?}: {e}")),
+    }
+}
+
+/// `{a="x",b="y"}` (the braces already removed) into a map; handles `\\`, `\"` and `\n`.
+fn parse_labels(mut text: &str) -> Result<BTreeMap<String, String>, String> {
+    let mut labels = BTreeMap::new();
+    while !text.is_empty() {
+        let (key, rest) = text.split_once("=\"").ok_or_else(|| format!("bad label in {text:?}"))?;
+        if !is_metric_name(key) || key.contains(':') {
+            return Err(format!("bad label name {key:?}"));
+        }
+        let mut value = String::new();
+        let mut chars = rest.char_indices();
+        let end = loop {
+            match chars.next() {
+                Some((_, '\\')) => match chars.next() {
+                    Some((_, 'n')) => value.push('\n'),
+                    Some((_, c @ ('\\' | '"'))) => value.push(c),
+                    other => return Err(format!("bad escape {other:?} in {rest:?}")),
+                },
+                Some((i, '"')) => break i,
+                Some((_, c)) => value.push(c),
+                None => return Err(format!("unterminated label value in {rest:?}")),
+            }
+        };
+        if labels.insert(key.to_string(), value).is_some() {
+            return Err(format!("label {key} twice"));
+        }
+        text = &rest[end + 1..];
+        text = text.strip_prefix(',').unwrap_or(text);
+    }
+    Ok(labels)
+}
+
+/// Parses OpenMetrics text line by line: `# TYPE`, `# HELP`, `# UNIT`, samples
+/// `name{labels} value` or `name value`, and `# EOF` as the last line.
+fn parse_exposition(text: &str) -> Result<Exposition, String> {
+    let mut exposition = Exposition::default();
+    let body = text
+        .strip_suffix("# EOF\n")
+        .or_else(|| text.strip_suffix("# EOF"))
+        .ok_or("the exposition does not end with # EOF")?;
+    for line in body.lines() {
+        if let Some(comment) = line.strip_prefix("# ") {
+            let mut parts = comment.splitn(3, ' ');
+            let (kind, name, rest) = (parts.next(), parts.next(), parts.next());
+            let name = name.filter(|n| is_metric_name(n)).ok_or(format!("bad line {line:?}"))?;
+            match (kind, rest) {
+                (Some("TYPE"), Some(t)) => {
+                    let known = [
+                        "counter",
+                        "gauge",
+                        "histogram",
+                        "gaugehistogram",
+                        "summary",
+                        "info",
+                        "stateset",
+                        "unknown",
+                    ];
+                    if !known.contains(&t) {
+                        return Err(format!("unknown type in {line:?}"));
+                    }
+                    if exposition.types.insert(name.to_string(), t.to_string()).is_some() {
+                        return Err(format!("{name} declared twice"));
+                    }
+                }
+                (Some("HELP"), Some(_)) | (Some("UNIT"), Some(_)) => {}
+                _ => return Err(format!("bad comment line {line:?}")),
+            }
+            continue;
+        }
+        let (series, value) = line.rsplit_once(' ').ok_or(format!("bad sample line {line:?}"))?;
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => {
+                let inner = rest.strip_suffix('}').ok_or(format!("bad labels in {line:?}"))?;
+                (name, parse_labels(inner)?)
+            }
+            None => (series, BTreeMap::new()),
+        };
+        if !is_metric_name(name) {
+            return Err(format!("bad metric name in {line:?}"));
+        }
+        let family_declared = exposition.types.contains_key(name)
+            || ["_total", "_bucket", "_count", "_sum", "_created"]
+                .iter()
+                .any(|suffix| {
+                    name.strip_suffix(suffix)
+                        .is_some_and(|f| exposition.types.contains_key(f))
+                });
+        if !family_declared {
+            return Err(format!("sample {name} of no declared family"));
+        }
+        exposition.samples.push(Sample {
+            name: name.to_string(),
+            labels,
+            value: parse_value(value)?,
+        });
+    }
+    Ok(exposition)
+}
+
+async fn scrape(http: &reqwest::Client, ports: Ports) -> Exposition {
+    let (status, content_type, text) = get(http, &ports.ops("/metrics")).await.expect("/metrics answers");
+    assert_eq!(status, 200);
+    assert_eq!(
+        content_type,
+        "application/openmetrics-text; version=1.0.0; charset=utf-8"
+    );
+    parse_exposition(&text).unwrap_or_else(|e| panic!("/metrics is not OpenMetrics text ({e}):\n{text}"))
+}
+
+#[test]
+fn the_parser_refuses_broken_text() {
+    let good = "# HELP a_total x\n# TYPE a counter\na_total{k=\"v\\\"w\"} 1\n# EOF\n";
+    let parsed = parse_exposition(good).unwrap();
+    assert_eq!(parsed.sum("a_total", &[("k", "v\"w")]), 1.0);
+    for bad in [
+        "# TYPE a counter\na_total 1\n",
+        "a_total 1\n# EOF\n",
+        "# TYPE a counter\na_total{k=\"v} 1\n# EOF\n",
+        "# TYPE a counter\na_total one\n# EOF\n",
+        "# TYPE a widget\n# EOF\n",
+    ] {
+        assert!(parse_exposition(bad).is_err(), "{bad:?}");
+    }
+}
+
+#[tokio::test]
+async fn probes_and_metrics_of_the_binary() {
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, "ops").await;
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+
+    // 1. The API server cannot be reached: alive, but not ready.
+    let closed = free_port();
+    let unreachable = kubeconfig_pointing_at(&format!("https://127.0.0.1:{closed}"), dir.path());
+    let ports = Ports::fresh();
+    let mut starting = OperatorProcess::start(&ns, &unreachable, ports, dir.path(), "unreachable.log");
+    support::wait_for(
+        "/healthz while the caches cannot sync",
+        Duration::from_secs(30),
+        || async {
+            get(&http, &ports.ops("/healthz"))
+                .await
+                .filter(|(status, _, body)| *status == 200 && body == "ok")
+        },
+    )
+    .await;
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        let (status, _, body) = get(&http, &ports.ops("/readyz")).await.expect("/readyz answers");
+        assert_eq!(status, 503, "{body}");
+        let body: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(body["ready"], false);
+        let not_ready: Vec<&str> = body["not_ready"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        for component in ["api", "controller", "dispatcher"] {
+            assert!(not_ready.contains(&component), "{body}");
+        }
+        let (status, _, _) = get(&http, &ports.ops("/healthz")).await.expect("/healthz answers");
+        assert_eq!(status, 200);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    starting.kill();
+
+    // 2. The real cluster: ready once every component is.
+    let ports = Ports::fresh();
+    let mut op = OperatorProcess::start(&ns, &support::kubeconfig_path(), ports, dir.path(), "operator.log");
+    let ready: Value = support::wait_for("/readyz 200", Duration::from_secs(60), || async {
+        let (status, _, body) = get(&http, &ports.ops("/readyz")).await?;
+        (status == 200).then(|| serde_json::from_str(&body).unwrap())
+    })
+    .await;
+    assert_eq!(ready["ready"], true, "{ready}");
+    assert_eq!(
+        ready["components"],
+        json!({"api": true, "controller": true, "dispatcher": true})
+    );
+    // Every family but the per-route ones (which appear with the first request) is there at once.
+    let before = scrape(&http, ports).await;
+    for (family, kind) in [
+        ("capy_webhooks_reconciles", "counter"),
+        ("capy_webhooks_reconcile_duration_seconds", "histogram"),
+        ("capy_webhooks_reconcile_errors", "counter"),
+        ("capy_webhooks_deliveries", "counter"),
+        ("capy_webhooks_delivery_attempts", "counter"),
+        ("capy_webhooks_attempt_duration_seconds", "histogram"),
+        ("capy_webhooks_pending_deliveries", "gauge"),
+        ("capy_webhooks_log_write_batch_records", "histogram"),
+        ("capy_webhooks_log_writes", "counter"),
+        ("capy_webhooks_apiserver_writes", "counter"),
+    ] {
+        assert_eq!(before.types.get(family).map(String::as_str), Some(kind), "{family}");
+    }
+    assert_eq!(
+        before.sum("capy_webhooks_deliveries_total", &[("outcome", "succeeded")]),
+        0.0
+    );
+
+    // 3. Work: an endpoint over REST, an event delivered to a loopback receiver.
+    let receiver = Receiver::start(vec![]).await;
+    let (_, key) = capy_webhooks::auth::api_keys::create_key(&client, &ns, ORG, None, None)
+        .await
+        .unwrap();
+    let base = format!(
+        "http://127.0.0.1:{}/v1/organizations/{ORG}/webhook-endpoints",
+        ports.api
+    );
+    // The key index follows a watch: the first calls may not know the key yet.
+    let created: Value = support::wait_for("endpoint created over REST", Duration::from_secs(30), || async {
+        let res = http
+            .post(&base)
+            .bearer_auth(&key)
+            .json(&json!({"url": receiver.url("/hook")}))
+            .send()
+            .await
+            .ok()?;
+        (res.status() == 201).then_some(())?;
+        res.json().await.ok()
+    })
+    .await;
+    let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+    let res = http
+        .post(format!(
+            "http://127.0.0.1:{}/v1/organizations/{ORG}/events",
+            ports.ingest
+        ))
+        .bearer_auth(INGEST_TOKEN)
+        .json(&json!({"type": "database.created", "data": {"name": "orders"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 202);
+    let body: Value = res.json().await.unwrap();
+    assert_eq!(body["deliveries"], 1, "{body}");
+    support::wait_for("the receiver got the event", Duration::from_secs(30), || async {
+        (!receiver.received().is_empty()).then_some(())
+    })
+    .await;
+
+    // 4. The counters moved.
+    let create_route = [
+        ("component", "api"),
+        ("route", "/v1/organizations/:org/webhook-endpoints"),
+        ("method", "POST"),
+        ("status", "201"),
+    ];
+    let after = support::wait_for("metrics of the work done", Duration::from_secs(30), || async {
+        let m = scrape(&http, ports).await;
+        let moved = m.sum("capy_webhooks_reconciles_total", &[]) >= 1.0
+            && m.sum("capy_webhooks_reconcile_duration_seconds_count", &[]) >= 1.0
+            && m.sum("capy_webhooks_http_requests_total", &create_route) >= 1.0
+            && m.sum("capy_webhooks_deliveries_total", &[("outcome", "succeeded")]) >= 1.0
+            && m.sum("capy_webhooks_delivery_attempts_total", &[("result", "success")]) >= 1.0
+            && m.sum("capy_webhooks_attempt_duration_seconds_count", &[]) >= 1.0
+            && m.sum("capy_webhooks_log_writes_total", &[]) >= 2.0
+            && m.sum("capy_webhooks_pending_deliveries", &[]) == 0.0
+            && m.sum("capy_webhooks_apiserver_writes_total", &[("kind", "secret")]) >= 1.0
+            && m.sum("capy_webhooks_apiserver_writes_total", &[("kind", "endpoint")]) >= 1.0
+            && m.sum("capy_webhooks_apiserver_writes_total", &[("kind", "endpoint_status")]) >= 1.0
+            && m.sum("capy_webhooks_apiserver_writes_total", &[("kind", "configmap")]) >= 2.0
+            && m.sum("capy_webhooks_apiserver_writes_total", &[("kind", "event")]) >= 1.0;
+        moved.then_some(m)
+    })
+    .await;
+    assert_eq!(after.types["capy_webhooks_http_request_duration_seconds"], "histogram");
+    assert_eq!(after.types["capy_webhooks_http_requests"], "counter");
+    assert!(
+        after.sum(
+            "capy_webhooks_http_requests_total",
+            &[
+                ("component", "ingest"),
+                ("route", "/v1/organizations/:org/events"),
+                ("status", "202")
+            ]
+        ) >= 1.0
+    );
+    assert!(
+        after.sum(
+            "capy_webhooks_http_request_duration_seconds_count",
+            &[
+                ("component", "api"),
+                ("route", "/v1/organizations/:org/webhook-endpoints")
+            ]
+        ) >= 1.0
+    );
+    // Route labels are templates: no organization or endpoint id in any label.
+    for sample in &after.samples {
+        for value in sample.labels.values() {
+            assert!(!value.contains(ORG) && !value.contains(&id), "{sample:?}");
+        }
+    }
+
+    // 5. SIGTERM: every server stops gracefully and the process exits cleanly.
+    let pid = op.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = support::wait_for("the operator exits after SIGTERM", Duration::from_secs(30), || {
+        let exited = op.child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    assert!(status.success(), "{status:?}");
+    assert!(get(&http, &ports.ops("/healthz")).await.is_none());
+    support::delete_namespace(&client, &ns).await;
+}
