@@ -31,7 +31,16 @@ impl EndpointCache {
         let (tx, rx) = watch::channel(0u64);
         let (changed, _) = broadcast::channel(4096);
         let notify = changed.clone();
-        let stream = reflector::reflector(writer, watcher(api, watcher::Config::default())).default_backoff();
+        // managedFields' field sets are the bulk of a cached object and nothing reads them; their
+        // times stay (the REST `updated_at` is derived from them).
+        let events = watcher(api, watcher::Config::default())
+            .default_backoff()
+            .modify(|ep: &mut WebhookEndpoint| {
+                for entry in ep.metadata.managed_fields.iter_mut().flatten() {
+                    entry.fields_v1 = None;
+                }
+            });
+        let stream = reflector::reflector(writer, events);
         tokio::spawn(async move {
             futures::pin_mut!(stream);
             while let Some(event) = stream.next().await {

@@ -91,7 +91,10 @@ impl KeyRings {
     fn start(client: Client, scope: &Scope) -> Self {
         let (store, writer) = reflector::store();
         let config = watcher::Config::default().labels(&signing_secret_selector());
-        let stream = reflector::reflector(writer, watcher(scope.api::<Secret>(client), config)).default_backoff();
+        let events = watcher(scope.api::<Secret>(client), config)
+            .default_backoff()
+            .modify(|secret: &mut Secret| secret.metadata.managed_fields = None);
+        let stream = reflector::reflector(writer, events);
         tokio::spawn(async move {
             futures::pin_mut!(stream);
             while let Some(event) = stream.next().await {
