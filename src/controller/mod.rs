@@ -102,6 +102,9 @@ impl Error {
     }
 }
 
+/// Reconciles running at once at most.
+pub const RECONCILE_CONCURRENCY: u16 = 16;
+
 /// Delay before retrying an endpoint after `failures` consecutive failures: 1 s doubling to 5 min.
 pub fn retry_delay(failures: u32) -> Duration {
     let exp = failures.saturating_sub(1).min(16);
@@ -382,8 +385,18 @@ pub async fn run(
     config.metrics.declare_reconcile_error_reasons(&Error::REASONS);
     let ctx = Arc::new(Context::new(client, config));
     info!(scope = ?ctx.config.scope, "controller starting");
-    let controller = Controller::new(endpoints, watcher::Config::default());
-    let store = controller.store();
+    // The controller's own cache of endpoints, without managedFields (the bulk of each object,
+    // never read here).
+    let (store, writer) = kube::runtime::reflector::store();
+    let endpoint_changes = watcher(endpoints, watcher::Config::default())
+        .default_backoff()
+        .modify(|ep: &mut WebhookEndpoint| ep.metadata.managed_fields = None)
+        .reflect(writer)
+        .applied_objects();
+    // Bounded concurrency: at start every endpoint is due at once, and thousands of parallel
+    // reconciles only queue at the API server while holding their buffers.
+    let controller = Controller::for_stream(endpoint_changes, store.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
     let ready = ctx.config.ready.clone();
     tokio::spawn(async move {
         if crate::endpoints::store_ready(&store).await.is_ok() {
