@@ -5,12 +5,12 @@ mod support;
 
 use std::time::Duration;
 
-use capy_webhooks::api;
 use capy_webhooks::resources::WebhookEndpoint;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
 use kube::api::ListParams;
 use kube::{Api, Client};
 use serde_json::{Value, json};
+use support::assert_conforms;
 use support::operator::{Operator, Options};
 use support::receiver::{Answer, Receiver};
 
@@ -78,18 +78,6 @@ impl Setup {
         })
         .await
     }
-}
-
-fn assert_conforms(schema: &str, value: &Value) {
-    let doc: Value = serde_json::from_str(api::OPENAPI_JSON).unwrap();
-    let root = json!({
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$ref": format!("#/components/schemas/{schema}"),
-        "components": doc["components"],
-    });
-    let validator = jsonschema::validator_for(&root).expect("OpenAPI schemas compile");
-    let errors: Vec<String> = validator.iter_errors(value).map(|e| e.to_string()).collect();
-    assert!(errors.is_empty(), "{schema} does not conform: {errors:?}\n{value:#}");
 }
 
 fn verify(secret: &str, received: &support::receiver::Received) -> Result<(), String> {

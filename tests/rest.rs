@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use capy_webhooks::api;
 use capy_webhooks::auth::api_keys;
 use capy_webhooks::auth::clerk::testing::TestIssuer;
 use capy_webhooks::resources::{ORGANIZATION_LABEL, WebhookEndpoint};
@@ -14,6 +13,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::{Api, Client, ResourceExt};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
+use support::assert_conforms;
 use support::operator::{ISSUER, Operator, Options};
 
 const ORG: &str = "org_alpha";
@@ -46,19 +46,6 @@ const ENDPOINT_KEYS: [&str; 8] = [
     "updated_at",
     "url",
 ];
-
-/// Validates a response body against a schema of the served OpenAPI document.
-fn assert_conforms(schema: &str, value: &Value) {
-    let doc: Value = serde_json::from_str(api::OPENAPI_JSON).unwrap();
-    let root = json!({
-        "$schema": "https://json-schema.org/draft/2020-12/schema",
-        "$ref": format!("#/components/schemas/{schema}"),
-        "components": doc["components"],
-    });
-    let validator = jsonschema::validator_for(&root).expect("OpenAPI schemas compile");
-    let errors: Vec<String> = validator.iter_errors(value).map(|e| e.to_string()).collect();
-    assert!(errors.is_empty(), "{schema} does not conform: {errors:?}\n{value:#}");
-}
 
 async fn setup(prefix: &str, with_controller: bool) -> (Client, String, Operator, TestIssuer) {
     let client = support::client().await;

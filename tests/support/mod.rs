@@ -246,3 +246,16 @@ pub async fn install_crd(client: &Client) {
         .await;
     }
 }
+
+/// Validates a response body against a schema of the served OpenAPI document.
+pub fn assert_conforms(schema: &str, value: &serde_json::Value) {
+    let doc: serde_json::Value = serde_json::from_str(capy_webhooks::api::OPENAPI_JSON).unwrap();
+    let root = serde_json::json!({
+        "$schema": "https://json-schema.org/draft/2020-12/schema",
+        "$ref": format!("#/components/schemas/{schema}"),
+        "components": doc["components"],
+    });
+    let validator = jsonschema::validator_for(&root).expect("OpenAPI schemas compile");
+    let errors: Vec<String> = validator.iter_errors(value).map(|e| e.to_string()).collect();
+    assert!(errors.is_empty(), "{schema} does not conform: {errors:?}\n{value:#}");
+}
