@@ -98,6 +98,8 @@ pub(crate) struct Worker {
     totals: DeliverySummary,
     last_health: Health,
     disabled_reason: Option<String>,
+    /// Whether the endpoint was seen inactive since this worker last disabled it.
+    seen_inactive: bool,
     summary_dirty: bool,
     summary_written_at: Option<Instant>,
     /// This worker's share of the pending-deliveries gauge.
@@ -137,6 +139,7 @@ impl Worker {
             totals,
             last_health: status.health.unwrap_or_default(),
             disabled_reason: status.disabled_reason,
+            seen_inactive: !endpoint.spec.active,
             summary_dirty: false,
             summary_written_at: None,
             reported_pending: 0,
@@ -361,6 +364,10 @@ impl Worker {
         if let Some(reason) = disable
             && endpoint.is_some_and(|e| e.spec.active)
         {
+            // The reason is this worker's to keep: the status summary writes it (one writer of the
+            // dispatcher's status fields), and it stays until a user re-activates the endpoint.
+            self.disabled_reason = Some(reason.clone());
+            self.seen_inactive = false;
             self.disable(reason);
         }
     }
@@ -456,23 +463,7 @@ impl Worker {
                 warn!(endpoint = %name, error = %e, "could not disable endpoint");
                 return;
             }
-            let metrics = &shared.config.metrics;
-            metrics.apiserver_writes(WriteKind::Endpoint, 1);
-            let status = json!({
-                "apiVersion": "webhooks.capydb.io/v1", "kind": "WebhookEndpoint",
-                "status": {"disabledReason": reason},
-            });
-            if api
-                .patch_status(
-                    &name,
-                    &PatchParams::apply(DISPATCHER_FIELD_MANAGER).force(),
-                    &Patch::Apply(&status),
-                )
-                .await
-                .is_ok()
-            {
-                metrics.apiserver_writes(WriteKind::EndpointStatus, 1);
-            }
+            shared.config.metrics.apiserver_writes(WriteKind::Endpoint, 1);
             if let Ok(ep) = api.get(&name).await {
                 let event = Event {
                     type_: EventType::Warning,
@@ -482,7 +473,7 @@ impl Worker {
                     secondary: None,
                 };
                 if shared.recorder.publish(&event, &ep.object_ref(&())).await.is_ok() {
-                    metrics.apiserver_writes(WriteKind::Event, 1);
+                    shared.config.metrics.apiserver_writes(WriteKind::Event, 1);
                 }
             }
         });
@@ -505,14 +496,18 @@ impl Worker {
         };
         let now = Timestamp::now();
         let health = health(endpoint.spec.active, &self.window);
-        let disabled_reason = if endpoint.spec.active {
+        if !endpoint.spec.active {
+            self.seen_inactive = true;
+        } else if self.seen_inactive {
+            // Active again after being seen inactive: a user re-activated it.
+            self.disabled_reason = None;
+        }
+        let disabled_reason = if endpoint.spec.active && self.disabled_reason.is_none() {
             None
         } else {
-            endpoint
-                .status
-                .as_ref()
-                .and_then(|s| s.disabled_reason.clone())
-                .or(self.disabled_reason.clone())
+            self.disabled_reason
+                .clone()
+                .or_else(|| endpoint.status.as_ref().and_then(|s| s.disabled_reason.clone()))
         };
         let want = DispatchSummary {
             health,
