@@ -291,6 +291,12 @@ impl Dispatcher {
         tx.send(Msg::Enqueue { records, ack })
             .await
             .map_err(|_| SubmitError::Unavailable("the dispatcher is shutting down".into()))?;
+        self.await_durable(done).await
+    }
+
+    /// Waits (bounded by the persist timeout) for a worker's answer, which comes once the log
+    /// write carrying the request is durable.
+    async fn await_durable<T>(&self, done: oneshot::Receiver<Result<T, SubmitError>>) -> Result<T, SubmitError> {
         match tokio::time::timeout(self.shared.config.persist_timeout, done).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(SubmitError::Unavailable("the dispatcher is shutting down".into())),
@@ -359,11 +365,7 @@ impl Dispatcher {
             })
             .await
             .map_err(|_| SubmitError::Unavailable("the dispatcher is shutting down".into()))?;
-        match tokio::time::timeout(self.shared.config.persist_timeout, done).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(SubmitError::Unavailable("the dispatcher is shutting down".into())),
-            Err(_) => Err(SubmitError::Unavailable("timed out writing the delivery log".into())),
-        }
+        self.await_durable(done).await
     }
 
     /// Waits until every worker has finished (after `stopping` turned true): in-flight attempts
