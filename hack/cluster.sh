@@ -10,6 +10,8 @@
 #
 # With --watch-pid, a detached watchdog runs `down DIR` once PID has exited, so a test binary that
 # exits without running destructors leaves nothing behind.
+# Environment: CAPY_CLUSTER_TIMEOUT (seconds to wait for readiness, default 60);
+# CAPY_CLUSTER_PROFILING=true serves /debug/pprof on the apiserver and controller-manager (off by default).
 # Progress goes to stderr; stdout carries only the results named above.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -243,7 +245,7 @@ cmd_up() { # up DIR [--watch-pid PID]
     --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
     --service-cluster-ip-range=10.0.0.0/24 \
     --endpoint-reconciler-type=none \
-    --profiling=false
+    --profiling="${CAPY_CLUSTER_PROFILING:-false}"
 
   log "starting kube-controller-manager (secure port 127.0.0.1:$kcm_port)"
   launch "$dir" kube-controller-manager "$bin/kube-controller-manager" \
@@ -254,7 +256,7 @@ cmd_up() { # up DIR [--watch-pid PID]
     --leader-elect=false --bind-address=127.0.0.1 --secure-port="$kcm_port" \
     --kube-api-qps=100 --kube-api-burst=200 \
     --concurrent-gc-syncs=20 --concurrent-namespace-syncs=10 \
-    --profiling=false
+    --profiling="${CAPY_CLUSTER_PROFILING:-false}"
 
   local kubectl=("$bin/kubectl" --kubeconfig "$dir/kubeconfig" --request-timeout=5s)
   local deadline=$(( $(date +%s) + start_timeout ))
