@@ -9,8 +9,8 @@ use capy_webhooks::delivery_log::{
 };
 use capy_webhooks::resources::{ENDPOINT_LABEL, Scope, WebhookEndpoint, WebhookEndpointSpec};
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use k8s_openapi::api::core::v1::{ConfigMap, ResourceQuota};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client, ResourceExt};
 use serde_json::json;
 
@@ -265,12 +265,36 @@ async fn a_failed_batch_is_restored_and_written_again() {
     let segments = log.segments();
     assert!(segments.len() >= 3);
 
-    // The first segment disappears behind the log's back; the batch updating it fails with a 404.
-    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    configmaps
-        .delete(&segments[0].name, &DeleteParams::default())
+    // A ConfigMap quota reported as used up (no quota controller runs here to correct it) makes
+    // the API server refuse every ConfigMap create: the batch carrying two outcomes fails.
+    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), &ns);
+    let quota: ResourceQuota = serde_json::from_value(json!({
+        "metadata": {"name": "block-configmaps"},
+        "spec": {"hard": {"count/configmaps": "10"}},
+    }))
+    .unwrap();
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    let used = json!({"status": {"hard": {"count/configmaps": "10"}, "used": {"count/configmaps": "10"}}});
+    quotas
+        .patch_status("block-configmaps", &PatchParams::default(), &Patch::Merge(&used))
         .await
         .unwrap();
+    // The quota admission reads quotas from a cache: wait until it refuses a probe.
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    support::wait_for("ConfigMap creates refused", Duration::from_secs(30), || {
+        let configmaps = configmaps.clone();
+        async move {
+            let probe: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "quota-probe"}})).unwrap();
+            match configmaps.create(&PostParams::default(), &probe).await {
+                Err(kube::Error::Api(status)) if status.code == 403 => Some(()),
+                _ => {
+                    let _ = configmaps.delete("quota-probe", &DeleteParams::default()).await;
+                    None
+                }
+            }
+        }
+    })
+    .await;
     let in_first = segments[0].ids[0].clone();
     let done = finish(log.get(&in_first).unwrap().clone(), Timestamp::now(), 1);
     assert!(log.update(done));
@@ -280,26 +304,45 @@ async fn a_failed_batch_is_restored_and_written_again() {
     retried.last_error = Some("connection refused".into());
     assert!(log.update(retried));
     let writes: PendingWrites = log.take_writes();
-    assert_eq!(writes.len(), 2);
-    assert!(writes.writes().iter().all(|w| matches!(w, SegmentWrite::Patch { .. })));
+    assert_eq!(writes.len(), 1, "one new segment with both records");
+    let failed_name = writes.writes()[0].name().to_string();
+    assert!(matches!(&writes.writes()[0], SegmentWrite::Create(_)));
     match delivery_log::apply(&client, &ns, &writes).await {
-        Err(kube::Error::Api(status)) => assert_eq!(status.code, 404),
-        other => panic!("expected a 404, got {other:?}"),
+        Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
+        other => panic!("expected a refusal, got {other:?}"),
     }
     log.restore(writes);
     assert!(log.has_changes());
 
-    // The retry recreates the lost segment and merges into the one that exists (409 → patch).
+    // Without the quota, the next batch writes both records again, into a segment of a new name.
+    quotas
+        .delete("block-configmaps", &DeleteParams::default())
+        .await
+        .unwrap();
     let writes = log.take_writes();
-    assert_eq!(writes.len(), 2);
-    assert!(writes.record_ids().any(|id| id == in_first));
-    let calls = delivery_log::apply(&client, &ns, &writes).await.unwrap();
-    assert_eq!(calls, 3, "one create, one create that conflicts and merges");
+    assert_eq!(writes.len(), 1);
+    assert_ne!(writes.writes()[0].name(), failed_name);
+    let mut stored: Vec<&str> = writes.record_ids().collect();
+    stored.sort();
+    let mut expected = vec![in_first.as_str(), in_last.as_str()];
+    expected.sort();
+    assert_eq!(stored, expected);
+    // The API server may still hold the quota for a moment: the same batch is simply sent again.
+    support::wait_for(
+        "the create accepted once the quota is gone",
+        Duration::from_secs(30),
+        || {
+            let (client, ns, writes) = (client.clone(), ns.clone(), writes.clone());
+            async move { delivery_log::apply(&client, &ns, &writes).await.ok() }
+        },
+    )
+    .await;
     let back = recover(&client, &ns, endpoint, &uid, &config).await;
-    assert_same_image(&back, &log);
+    assert_eq!(back.records().collect::<Vec<_>>(), log.records().collect::<Vec<_>>());
     assert_eq!(
         back.get(&in_last).unwrap().last_error.as_deref(),
         Some("connection refused")
     );
+    assert_eq!(back.get(&in_first).unwrap().state, DeliveryState::Succeeded);
     support::delete_namespace(&client, &ns).await;
 }

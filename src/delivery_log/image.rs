@@ -1,12 +1,24 @@
 //! [`EndpointLog`]: the in-memory image of one endpoint's log and the group commit of its changes.
 //! Pure: no client, no clock.
+//!
+//! The log is a journal. Every batch *creates* new segments holding the current version of each
+//! record changed since the previous batch; a segment is never patched. The API server's cost of a
+//! write is then proportional to what changed, not to what a segment already holds (a merge patch
+//! makes it re-encode and re-parse the whole ConfigMap: profiled, that was 70 % of its CPU under
+//! load). A record's *live* version is its copy in the newest segment holding it; older copies are
+//! superseded.
+//!
+//! Segments are deleted oldest first, and only once they hold no live version: so whenever a
+//! superseded copy of a record is still stored, every newer copy is too, and a recovery that lets
+//! the newest copy win never brings back an older state (a pending delivery already sent, say).
+//! When more than half of [`LogConfig::max_segments`] segments exist, a batch compacts: it copies
+//! the live records of the oldest segment into the segments it creates and deletes that segment.
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
-use serde_json::Value;
 use tracing::warn;
 
 use super::record::{self, DeliveryRecord, DeliveryState, is_valid_key, truncate_error};
@@ -17,10 +29,12 @@ use super::{GROWTH_RESERVE, HARD_SEGMENT_BYTES, MAX_RECORD_BYTES, MAX_SEGMENT_BY
 pub struct LogConfig {
     /// Finished (succeeded or failed) records kept; older ones are pruned. Pending ones are always kept.
     pub max_finished: usize,
-    /// A segment is full when a new record would take it above this many bytes (keys plus values;
-    /// at most [`MAX_SEGMENT_BYTES`]).
+    /// Largest data (keys plus values) of one segment written by a batch; a larger batch is split
+    /// into several segments (at most [`MAX_SEGMENT_BYTES`]; a single record larger than this gets
+    /// a segment of its own).
     pub segment_bytes: usize,
-    /// Most segments (ConfigMaps) one endpoint's log may have; inserting beyond is [`LogFull`].
+    /// Bounds the log: its live records may take at most half of `max_segments × segment_bytes`
+    /// (more is [`LogFull`]), and batches compact once more than `max_segments / 2` segments exist.
     pub max_segments: usize,
 }
 
@@ -34,8 +48,9 @@ impl Default for LogConfig {
     }
 }
 
-/// The log cannot take another record: every segment allowed is full (or the record alone is
-/// larger than [`MAX_RECORD_BYTES`], or its id is not a valid ConfigMap key). Ingest answers 503.
+/// The log cannot take another record: its live records would exceed the capacity (see
+/// [`LogConfig::max_segments`]), or the record alone is larger than [`MAX_RECORD_BYTES`], or its
+/// id is not a valid ConfigMap key. Ingest answers 503.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the delivery log of this endpoint is full")]
 pub struct LogFull;
@@ -45,16 +60,9 @@ pub struct LogFull;
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum SegmentWrite {
-    /// Create a segment with all its records.
+    /// Create a segment with its records.
     Create(ConfigMap),
-    /// JSON merge patch `{"data": {...}}` of the changed keys only; removed keys are `null`.
-    Patch {
-        /// The segment's ConfigMap name.
-        name: String,
-        /// The merge patch.
-        patch: Value,
-    },
-    /// Delete a segment that no longer holds records.
+    /// Delete a segment that holds no live record.
     Delete {
         /// The segment's ConfigMap name.
         name: String,
@@ -66,43 +74,57 @@ impl SegmentWrite {
     pub fn name(&self) -> &str {
         match self {
             SegmentWrite::Create(cm) => cm.metadata.name.as_deref().unwrap_or_default(),
-            SegmentWrite::Patch { name, .. } | SegmentWrite::Delete { name } => name,
+            SegmentWrite::Delete { name } => name,
         }
     }
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum WriteKind {
-    Create,
-    Patch,
-    Delete,
-}
-
-/// What one write covers, to hand it back on failure.
+/// A segment a batch creates, to hand it back on failure.
 #[derive(Clone, Debug)]
-struct Touched {
+struct Created {
     seq: u64,
-    name: String,
-    kind: WriteKind,
-    /// Ids whose current record the write stores.
-    written: Vec<String>,
-    /// Ids the write removes.
-    removed: Vec<String>,
+    /// Ids of the live records it stores.
+    live: Vec<String>,
+    /// Records pruned before their last version was stored: it stores them, but they are gone
+    /// from the image.
+    retired: Vec<DeliveryRecord>,
 }
 
-/// A batch of writes from [`EndpointLog::take_writes`]: at most one per touched segment, creates
-/// first, then patches, then deletes. Apply them in order; on failure give the batch back with
-/// [`EndpointLog::restore`].
+/// A batch of writes from [`EndpointLog::take_writes`]: creates (oldest sequence number first),
+/// then deletes (oldest first). Apply them in order, stopping at the first failure; on failure
+/// give the batch back with [`EndpointLog::restore`].
 #[derive(Clone, Debug, Default)]
 pub struct PendingWrites {
     writes: Vec<SegmentWrite>,
-    touched: Vec<Touched>,
+    created: Vec<Created>,
+    deleted: Vec<(u64, String)>,
 }
 
 impl PendingWrites {
     /// The writes, in the order to apply them.
     pub fn writes(&self) -> &[SegmentWrite] {
         &self.writes
+    }
+
+    /// The creates: once they are applied, every record of the batch is durable.
+    pub fn creates(&self) -> &[SegmentWrite] {
+        &self.writes[..self.created.len()]
+    }
+
+    /// The deletes, to apply after the creates.
+    pub fn deletes(&self) -> &[SegmentWrite] {
+        &self.writes[self.created.len()..]
+    }
+
+    /// The part of the batch left once its creates were applied (for [`EndpointLog::restore`]
+    /// after only a delete failed).
+    pub fn without_creates(self) -> PendingWrites {
+        let writes = self.deletes().to_vec();
+        PendingWrites {
+            writes,
+            created: Vec::new(),
+            deleted: self.deleted,
+        }
     }
 
     /// Number of writes.
@@ -117,12 +139,12 @@ impl PendingWrites {
 
     /// Ids of the records these writes store (durable once they are applied).
     pub fn record_ids(&self) -> impl Iterator<Item = &str> {
-        self.touched.iter().flat_map(|t| t.written.iter().map(String::as_str))
-    }
-
-    /// Ids of the records these writes remove (pruned records).
-    pub fn removed_ids(&self) -> impl Iterator<Item = &str> {
-        self.touched.iter().flat_map(|t| t.removed.iter().map(String::as_str))
+        self.created.iter().flat_map(|c| {
+            c.live
+                .iter()
+                .map(String::as_str)
+                .chain(c.retired.iter().map(|r| r.id.as_str()))
+        })
     }
 }
 
@@ -131,70 +153,38 @@ impl PendingWrites {
 pub struct SegmentSummary {
     /// ConfigMap name.
     pub name: String,
-    /// Ids of its records, sorted.
+    /// Ids of the live records it holds, sorted.
     pub ids: Vec<String>,
-    /// Its data's size: keys plus values.
+    /// Its data's size: keys plus values, superseded copies included.
     pub bytes: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum SegmentState {
-    /// Never written: the next batch creates it with all its records.
-    New,
-    /// A write of it may have failed: it may or may not exist, with unknown content. The next batch
-    /// creates it with all its records (a conflict turns into a merge patch); keys removed since
-    /// stay dirty and are nulled by the batch after.
+    /// Created (or found by a recovery).
+    Stored,
+    /// Its create may have failed: it may or may not exist. It holds no live record and is deleted
+    /// once it is the oldest.
     Uncertain,
-    /// Exists as last written; `dirty` lists the keys changed since.
-    Persisted,
-    /// A delete of it may have failed: the next batch deletes it again. Takes no records.
-    Deleting,
 }
 
 #[derive(Clone, Debug)]
 struct Segment {
     name: String,
     state: SegmentState,
-    ids: BTreeSet<String>,
-    /// Keys plus values of its records (and of undecodable keys found by a recovery).
+    /// Ids whose live version this segment holds.
+    live: BTreeSet<String>,
+    /// Stored bytes of those live versions.
+    live_bytes: usize,
+    /// Keys plus values of everything it stores.
     bytes: usize,
-    /// `bytes` plus [`GROWTH_RESERVE`] per pending record: decides whether a new record fits.
-    projected: usize,
-    /// Keys changed since the last batch, each with whether it may exist on the server (so that
-    /// its removal has to be written). Unused while `New`: the create carries everything.
-    dirty: BTreeMap<String, bool>,
-}
-
-impl Segment {
-    fn new(name: String, state: SegmentState) -> Self {
-        Self {
-            name,
-            state,
-            ids: BTreeSet::new(),
-            bytes: 0,
-            projected: 0,
-            dirty: BTreeMap::new(),
-        }
-    }
-
-    /// Notes that `id` left this segment.
-    fn mark_removed(&mut self, id: &str) {
-        match self.dirty.get(id) {
-            // Added since the last batch: it never reached the server.
-            Some(false) => {
-                self.dirty.remove(id);
-            }
-            _ => {
-                self.dirty.insert(id.to_string(), true);
-            }
-        }
-    }
 }
 
 #[derive(Clone, Debug)]
 struct Entry {
     record: DeliveryRecord,
-    seq: u64,
+    /// The segment storing this very version; `None` while it awaits the next batch.
+    seq: Option<u64>,
     bytes: usize,
 }
 
@@ -212,10 +202,19 @@ pub struct EndpointLog {
     organization_id: String,
     config: LogConfig,
     records: BTreeMap<String, Entry>,
+    /// Segments that exist (or may), by sequence number.
     segments: BTreeMap<u64, Segment>,
+    /// Oldest segments whose delete may have failed: the next batch deletes them again.
+    deleting: BTreeMap<u64, String>,
+    /// Records whose current version awaits the next batch.
+    dirty: BTreeSet<String>,
+    /// Records pruned before their last version was stored; the next batch stores them.
+    retired: BTreeMap<String, DeliveryRecord>,
     /// Finished records by (updated_at, id): the first is pruned first.
     finished: BTreeSet<(Timestamp, String)>,
     pending: usize,
+    /// Bytes of every record plus [`GROWTH_RESERVE`] per pending one: decides [`LogFull`].
+    projected: usize,
     next_seq: u64,
 }
 
@@ -237,8 +236,12 @@ impl EndpointLog {
             config,
             records: BTreeMap::new(),
             segments: BTreeMap::new(),
+            deleting: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            retired: BTreeMap::new(),
             finished: BTreeSet::new(),
             pending: 0,
+            projected: 0,
             next_seq: 1,
         };
         if log.endpoint_uid.is_empty() {
@@ -250,10 +253,9 @@ impl EndpointLog {
 
     /// Rebuilds the image from the segments [`super::load_all`] found for this endpoint.
     ///
-    /// Never fails: an undecodable key is skipped with a warning (and left in place); a record found
-    /// in several segments keeps its newest copy (by `updated_at`) and the others are removed by the
-    /// next batch; segments owned by another incarnation of the endpoint (another uid) are skipped.
-    /// Retention applies at once, so the next batch may prune.
+    /// Never fails: a record's copy in the newest segment holding it wins; an undecodable key is
+    /// skipped with a warning (and goes with its segment); segments owned by another incarnation of
+    /// the endpoint (another uid) are skipped. Retention applies at once.
     pub fn from_configmaps(
         namespace: &str,
         endpoint_name: &str,
@@ -287,35 +289,35 @@ impl EndpointLog {
         found.sort_by_key(|(seq, _)| *seq);
         for (seq, cm) in found {
             let name = cm.metadata.name.unwrap_or_default();
-            log.segments
-                .insert(seq, Segment::new(name.clone(), SegmentState::Persisted));
-            for (key, value) in cm.data.unwrap_or_default() {
+            let data = cm.data.unwrap_or_default();
+            let bytes = data.iter().map(|(k, v)| k.len() + v.len()).sum();
+            log.segments.insert(
+                seq,
+                Segment {
+                    name: name.clone(),
+                    state: SegmentState::Stored,
+                    live: BTreeSet::new(),
+                    live_bytes: 0,
+                    bytes,
+                },
+            );
+            for (key, value) in data {
                 let mut record = match DeliveryRecord::from_stored(&value) {
                     Ok(r) if r.id == key => r,
                     Ok(r) => {
                         warn!(configmap = %name, key = %key, id = %r.id, "record id differs from its key; ignored");
-                        log.add_foreign(seq, key.len() + value.len());
                         continue;
                     }
                     Err(error) => {
                         warn!(configmap = %name, key = %key, %error, "undecodable delivery record; ignored");
-                        log.add_foreign(seq, key.len() + value.len());
                         continue;
                     }
                 };
                 record.normalize();
-                if let Some(existing) = log.records.get(&key) {
-                    warn!(configmap = %name, key = %key, "delivery record found in two segments; keeping the newest");
-                    if record.updated_at < existing.record.updated_at {
-                        // This copy is stale: remove it from this segment.
-                        log.segment_mut(seq).mark_removed(&key);
-                        continue;
-                    }
-                    let old = log.detach(&key).expect("present");
-                    log.segment_mut(old.seq).mark_removed(&key);
-                }
+                // Segments come oldest first: this copy supersedes any seen before.
+                log.detach(&key);
                 let bytes = record.stored_len();
-                log.attach(seq, record, bytes);
+                log.attach(record, bytes, Some(seq));
             }
         }
         log.prune();
@@ -342,9 +344,8 @@ impl EndpointLog {
         &self.config
     }
 
-    /// Adds a new record (one with a known id is updated instead). It goes into the newest segment
-    /// if it fits, else into a new segment; at [`LogConfig::max_segments`] into any older segment
-    /// with room, else [`LogFull`].
+    /// Adds a new record (one with a known id is updated instead); the next batch stores it.
+    /// [`LogFull`] when the live records would exceed the log's capacity.
     pub fn insert(&mut self, mut record: DeliveryRecord) -> Result<(), LogFull> {
         record.normalize();
         if self.records.contains_key(&record.id) {
@@ -360,34 +361,26 @@ impl EndpointLog {
             warn!(endpoint = %self.endpoint, id = %record.id, bytes, "delivery record too large for the log; refused");
             return Err(LogFull);
         }
-        let seq = self.segment_for(bytes + reserve(record.state))?;
-        let id = record.id.clone();
-        self.attach(seq, record, bytes);
-        let segment = self.segment_mut(seq);
-        if segment.state != SegmentState::New {
-            segment.dirty.entry(id).or_insert(false);
+        if self.projected + bytes + reserve(record.state) > self.capacity() {
+            return Err(LogFull);
         }
+        self.dirty.insert(record.id.clone());
+        self.attach(record, bytes, None);
         self.prune();
         Ok(())
     }
 
-    /// Replaces a record in place (same segment). Returns false, changing nothing, if the log has
-    /// no record with its id (never inserted, or pruned). Should the segment's data get above
-    /// [`HARD_SEGMENT_BYTES`], the record's `last_error` is shortened until it fits.
+    /// Replaces a record; the next batch stores the new version. Returns false, changing nothing,
+    /// if the log has no record with its id (never inserted, or pruned). Should the record get
+    /// above [`HARD_SEGMENT_BYTES`], its `last_error` is shortened until it fits.
     pub fn update(&mut self, mut record: DeliveryRecord) -> bool {
         record.normalize();
-        let Some(old) = self.detach(&record.id) else {
+        if self.detach(&record.id).is_none() {
             return false;
-        };
-        let seq = old.seq;
-        let room = HARD_SEGMENT_BYTES.saturating_sub(self.segment_mut(seq).bytes);
-        let bytes = shorten_error_to_fit(&mut record, room);
-        let id = record.id.clone();
-        self.attach(seq, record, bytes);
-        let segment = self.segment_mut(seq);
-        if segment.state != SegmentState::New {
-            segment.dirty.entry(id).or_insert(true);
         }
+        let bytes = shorten_error_to_fit(&mut record, HARD_SEGMENT_BYTES);
+        self.dirty.insert(record.id.clone());
+        self.attach(record, bytes, None);
         self.prune();
         true
     }
@@ -435,24 +428,23 @@ impl EndpointLog {
         self.finished.len()
     }
 
-    /// Bytes of all segments' data (keys plus values), as last changed in memory.
+    /// Bytes of all segments' data (keys plus values, superseded copies included).
     pub fn approx_bytes(&self) -> usize {
         self.segments.values().map(|s| s.bytes).sum()
     }
 
-    /// Segments holding records.
+    /// Segments that exist (or may).
     pub fn segment_count(&self) -> usize {
-        self.segments.values().filter(|s| !s.ids.is_empty()).count()
+        self.segments.len()
     }
 
-    /// Segments holding records, oldest first.
+    /// Segments that exist (or may), oldest first.
     pub fn segments(&self) -> Vec<SegmentSummary> {
         self.segments
             .values()
-            .filter(|s| !s.ids.is_empty())
             .map(|s| SegmentSummary {
                 name: s.name.clone(),
-                ids: s.ids.iter().cloned().collect(),
+                ids: s.live.iter().cloned().collect(),
                 bytes: s.bytes,
             })
             .collect()
@@ -460,179 +452,177 @@ impl EndpointLog {
 
     /// Whether [`Self::take_writes`] would return writes.
     pub fn has_changes(&self) -> bool {
-        self.segments.values().any(|s| match s.state {
-            SegmentState::New | SegmentState::Uncertain | SegmentState::Deleting => true,
-            SegmentState::Persisted => s.ids.is_empty() || !s.dirty.is_empty(),
-        })
+        !self.dirty.is_empty()
+            || !self.retired.is_empty()
+            || !self.deleting.is_empty()
+            || self.segments.values().next().is_some_and(|s| s.live.is_empty())
     }
 
-    /// Everything changed since the previous call, as at most one write per touched segment:
-    /// creates (new segments with all their records), then merge patches of the changed keys, then
-    /// deletes of emptied segments. The image assumes they will be applied; if applying fails, hand
-    /// them back with [`Self::restore`].
+    /// Everything changed since the previous call: creates of new segments holding the current
+    /// version of every changed record (and the live records of a segment being compacted away),
+    /// then deletes of the oldest segments that no longer hold a live record. The image assumes
+    /// the writes will be applied; if applying fails, hand them back with [`Self::restore`].
     pub fn take_writes(&mut self) -> PendingWrites {
-        let mut creates = Vec::new();
-        let mut patches = Vec::new();
-        let mut deletes = Vec::new();
-        let mut touched = Vec::new();
-        let seqs: Vec<u64> = self.segments.keys().copied().collect();
-        for seq in seqs {
-            let segment = &self.segments[&seq];
-            let kind = match segment.state {
-                SegmentState::New | SegmentState::Uncertain if !segment.ids.is_empty() => WriteKind::Create,
-                SegmentState::New => {
-                    self.segments.remove(&seq);
-                    continue;
-                }
-                _ if segment.ids.is_empty() => WriteKind::Delete,
-                SegmentState::Persisted if !segment.dirty.is_empty() => WriteKind::Patch,
-                _ => continue,
+        let mut deleted: Vec<(u64, String)> = std::mem::take(&mut self.deleting).into_iter().collect();
+        // Oldest first, and only from the front: what a deleted segment superseded is gone already.
+        let budget = self.segment_budget();
+        let (compact_above, hard_limit) = (self.compact_above(), self.config.max_segments.max(2));
+        loop {
+            let count = self.segments.len();
+            let Some(entry) = self.segments.first_entry() else {
+                break;
             };
-            let name = segment.name.clone();
-            match kind {
-                WriteKind::Create => {
-                    let data: BTreeMap<String, String> = segment
-                        .ids
-                        .iter()
-                        .map(|id| (id.clone(), self.records[id].record.to_stored()))
-                        .collect();
-                    let written: Vec<String> = data.keys().cloned().collect();
-                    creates.push(SegmentWrite::Create(self.configmap(&name, data)));
-                    let segment = self.segment_mut(seq);
-                    segment.state = SegmentState::Persisted;
-                    let ids = &segment.ids;
-                    segment.dirty.retain(|id, may_exist| *may_exist && !ids.contains(id));
-                    touched.push(Touched {
-                        seq,
-                        name,
-                        kind,
-                        written,
-                        removed: Vec::new(),
-                    });
-                }
-                WriteKind::Patch => {
-                    let dirty = std::mem::take(&mut self.segment_mut(seq).dirty);
-                    let mut data = serde_json::Map::new();
-                    let (mut written, mut removed) = (Vec::new(), Vec::new());
-                    for id in dirty.into_keys() {
-                        match self.records.get(&id) {
-                            Some(entry) if entry.seq == seq => {
-                                data.insert(id.clone(), Value::String(entry.record.to_stored()));
-                                written.push(id);
-                            }
-                            _ => {
-                                data.insert(id.clone(), Value::Null);
-                                removed.push(id);
-                            }
-                        }
-                    }
-                    let patch = serde_json::json!({ "data": data });
-                    patches.push(SegmentWrite::Patch {
-                        name: name.clone(),
-                        patch,
-                    });
-                    touched.push(Touched {
-                        seq,
-                        name,
-                        kind,
-                        written,
-                        removed,
-                    });
-                }
-                WriteKind::Delete => {
-                    let segment = self.segments.remove(&seq).expect("present");
-                    deletes.push(SegmentWrite::Delete { name: name.clone() });
-                    let removed = segment.dirty.into_keys().collect();
-                    touched.push(Touched {
-                        seq,
-                        name,
-                        kind,
-                        written: Vec::new(),
-                        removed,
-                    });
-                }
+            let segment = entry.get();
+            // Compacting copies the oldest segment's live records: worth it when they are few, and
+            // forced at the hard limit (a long-pending record must not hold the journal forever).
+            let compact = count > compact_above && (segment.live_bytes <= budget / 2 || count > hard_limit);
+            if !segment.live.is_empty() && !compact {
+                break;
             }
+            let (seq, segment) = entry.remove_entry();
+            for id in &segment.live {
+                let entry = self.records.get_mut(id).expect("live records are known");
+                entry.seq = None;
+                self.dirty.insert(id.clone());
+            }
+            deleted.push((seq, segment.name));
         }
-        creates.extend(patches);
-        creates.extend(deletes);
+
+        let mut writes = Vec::new();
+        let mut created = Vec::new();
+        let mut batch = Batch::default();
+        let items: Vec<(String, String, Option<DeliveryRecord>)> = std::mem::take(&mut self.dirty)
+            .into_iter()
+            .map(|id| {
+                let stored = self.records[&id].record.to_stored();
+                (id, stored, None)
+            })
+            .chain(
+                // An id back in the image (inserted again) is stored by its live version.
+                std::mem::take(&mut self.retired)
+                    .into_values()
+                    .filter(|r| !self.records.contains_key(&r.id))
+                    .map(|r| (r.id.clone(), r.to_stored(), Some(r))),
+            )
+            .collect();
+        for (id, stored, retired) in items {
+            if !batch.data.is_empty() && batch.bytes + id.len() + stored.len() > budget {
+                let full = std::mem::take(&mut batch);
+                self.create(full, &mut writes, &mut created);
+            }
+            batch.bytes += id.len() + stored.len();
+            match retired {
+                Some(record) => batch.retired.push(record),
+                None => batch.live.push(id.clone()),
+            }
+            batch.data.insert(id, stored);
+        }
+        if !batch.data.is_empty() {
+            self.create(batch, &mut writes, &mut created);
+        }
+        writes.extend(
+            deleted
+                .iter()
+                .map(|(_, name)| SegmentWrite::Delete { name: name.clone() }),
+        );
         PendingWrites {
-            writes: creates,
-            touched,
+            writes,
+            created,
+            deleted,
         }
     }
 
-    /// Takes back a batch whose writes failed (all or some: which ones is unknown), so that the next
-    /// batch writes it again: a segment it created or patched is written whole by a create (a
-    /// conflict turns into a merge patch; a segment deleted behind our back is recreated), keys it
-    /// removed are removed again, and a segment it deleted is deleted again.
+    /// Takes back a batch whose writes failed (all or some: which ones is unknown), so that the
+    /// next batch writes it again: records it stored are stored again (in new segments), the
+    /// segments it created may exist and are deleted once they are the oldest, and the segments it
+    /// deleted are deleted again.
     pub fn restore(&mut self, writes: PendingWrites) {
-        for touched in writes.touched {
-            match touched.kind {
-                WriteKind::Create | WriteKind::Patch => {
-                    let Some(segment) = self.segments.get_mut(&touched.seq) else {
-                        continue;
-                    };
-                    if segment.state != SegmentState::Deleting {
-                        segment.state = SegmentState::Uncertain;
-                    }
-                    for id in touched.written.into_iter().chain(touched.removed) {
-                        segment.dirty.insert(id, true);
+        for (created, write) in writes.created.into_iter().zip(&writes.writes) {
+            // A record pruned while this write was in flight is no longer dirty nor live here, yet
+            // the version the write carried may be its newest: retire it, so that it is stored.
+            if let SegmentWrite::Create(cm) = write {
+                for id in &created.live {
+                    if !self.records.contains_key(id)
+                        && !self.retired.contains_key(id)
+                        && let Some(Ok(record)) = cm
+                            .data
+                            .as_ref()
+                            .and_then(|d| d.get(id))
+                            .map(|v| DeliveryRecord::from_stored(v))
+                    {
+                        self.retired.insert(id.clone(), record);
                     }
                 }
-                WriteKind::Delete => {
-                    self.segments
-                        .entry(touched.seq)
-                        .or_insert_with(|| Segment::new(touched.name, SegmentState::Deleting));
+            }
+            if let Some(segment) = self.segments.get_mut(&created.seq) {
+                segment.state = SegmentState::Uncertain;
+                segment.live_bytes = 0;
+                for id in std::mem::take(&mut segment.live) {
+                    if let Some(entry) = self.records.get_mut(&id) {
+                        entry.seq = None;
+                        self.dirty.insert(id);
+                    }
+                }
+            }
+            for record in created.retired {
+                if !self.records.contains_key(&record.id) {
+                    self.retired.insert(record.id.clone(), record);
                 }
             }
         }
+        self.deleting.extend(writes.deleted);
+    }
+
+    /// Records a new segment for `batch` and the write creating it.
+    fn create(&mut self, batch: Batch, writes: &mut Vec<SegmentWrite>, created: &mut Vec<Created>) {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let name = segment_name(&self.endpoint, seq);
+        let mut live_bytes = 0;
+        for id in &batch.live {
+            let entry = self.records.get_mut(id).expect("dirty records are known");
+            entry.seq = Some(seq);
+            live_bytes += entry.bytes;
+        }
+        self.segments.insert(
+            seq,
+            Segment {
+                name: name.clone(),
+                state: SegmentState::Stored,
+                live: batch.live.iter().cloned().collect(),
+                live_bytes,
+                bytes: batch.bytes,
+            },
+        );
+        writes.push(SegmentWrite::Create(self.configmap(&name, batch.data)));
+        created.push(Created {
+            seq,
+            live: batch.live,
+            retired: batch.retired,
+        });
     }
 
     fn segment_budget(&self) -> usize {
         self.config.segment_bytes.clamp(1, MAX_SEGMENT_BYTES)
     }
 
-    fn segment_mut(&mut self, seq: u64) -> &mut Segment {
-        self.segments.get_mut(&seq).expect("segment of a known record")
+    /// Bytes the live records (with [`GROWTH_RESERVE`] per pending one) may take.
+    fn capacity(&self) -> usize {
+        self.config.max_segments.max(2) / 2 * self.segment_budget()
     }
 
-    /// The segment a new record needing `need` projected bytes goes into, made if needed.
-    fn segment_for(&mut self, need: usize) -> Result<u64, LogFull> {
-        let budget = self.segment_budget();
-        let fits =
-            |s: &Segment| s.state != SegmentState::Deleting && (s.ids.is_empty() || s.projected + need <= budget);
-        let newest = self
-            .segments
-            .iter()
-            .rev()
-            .find(|(_, s)| s.state != SegmentState::Deleting);
-        if let Some((&seq, segment)) = newest
-            && fits(segment)
-        {
-            return Ok(seq);
-        }
-        if self.segment_count() < self.config.max_segments.max(1) {
-            let seq = self.next_seq;
-            self.next_seq += 1;
-            self.segments
-                .insert(seq, Segment::new(segment_name(&self.endpoint, seq), SegmentState::New));
-            return Ok(seq);
-        }
-        // At the segment limit: an older segment with room will do.
-        self.segments
-            .iter()
-            .rev()
-            .find(|(_, s)| fits(s))
-            .map(|(&seq, _)| seq)
-            .ok_or(LogFull)
+    /// Above this many segments, a batch compacts the oldest one away.
+    fn compact_above(&self) -> usize {
+        self.config.max_segments.max(2) / 2
     }
 
-    /// Puts a record into a segment's accounting (not its dirty set).
-    fn attach(&mut self, seq: u64, record: DeliveryRecord, bytes: usize) {
-        let segment = self.segment_mut(seq);
-        segment.ids.insert(record.id.clone());
-        segment.bytes += bytes;
-        segment.projected += bytes + reserve(record.state);
+    /// Puts a record into the image's accounting, stored in segment `seq` (or awaiting a batch).
+    fn attach(&mut self, record: DeliveryRecord, bytes: usize, seq: Option<u64>) {
+        if let Some(segment) = seq.and_then(|seq| self.segments.get_mut(&seq)) {
+            segment.live.insert(record.id.clone());
+            segment.live_bytes += bytes;
+        }
+        self.projected += bytes + reserve(record.state);
         if record.is_finished() {
             self.finished.insert((record.updated_at, record.id.clone()));
         } else {
@@ -641,7 +631,8 @@ impl EndpointLog {
         self.records.insert(record.id.clone(), Entry { record, seq, bytes });
     }
 
-    /// Takes a record out of the image's accounting (not its segment's dirty set); the segment stays.
+    /// Takes a record out of the image's accounting; its segment (if any) no longer holds its live
+    /// version.
     fn detach(&mut self, id: &str) -> Option<Entry> {
         let entry = self.records.remove(id)?;
         if entry.record.is_finished() {
@@ -650,41 +641,27 @@ impl EndpointLog {
         } else {
             self.pending -= 1;
         }
-        let segment = self.segment_mut(entry.seq);
-        segment.ids.remove(id);
-        segment.bytes -= entry.bytes;
-        segment.projected -= entry.bytes + reserve(entry.record.state);
+        self.projected -= entry.bytes + reserve(entry.record.state);
+        if let Some(segment) = entry.seq.and_then(|seq| self.segments.get_mut(&seq)) {
+            segment.live.remove(id);
+            segment.live_bytes -= entry.bytes;
+        }
         Some(entry)
     }
 
-    fn add_foreign(&mut self, seq: u64, bytes: usize) {
-        let segment = self.segment_mut(seq);
-        segment.bytes += bytes;
-        segment.projected += bytes;
-    }
-
-    /// Removes a record; a segment that was never written and is now empty disappears at once.
-    fn remove(&mut self, id: &str) {
-        let Some(entry) = self.detach(id) else {
-            return;
-        };
-        let segment = self.segment_mut(entry.seq);
-        if segment.state == SegmentState::New {
-            if segment.ids.is_empty() {
-                self.segments.remove(&entry.seq);
-            }
-        } else {
-            segment.mark_removed(id);
-        }
-    }
-
-    /// Retention: finished records beyond the newest `max_finished` (by `updated_at`) go.
+    /// Retention: finished records beyond the newest `max_finished` (by `updated_at`) go. One whose
+    /// last version is not stored yet is retired: the next batch still stores that version, so
+    /// that a recovery never finds an older one as the newest.
     fn prune(&mut self) {
         while self.finished.len() > self.config.max_finished {
             let Some((_, id)) = self.finished.first().cloned() else {
                 break;
             };
-            self.remove(&id);
+            if let Some(entry) = self.detach(&id)
+                && self.dirty.remove(&id)
+            {
+                self.retired.insert(id, entry.record);
+            }
         }
     }
 
@@ -714,12 +691,21 @@ impl EndpointLog {
     }
 }
 
+/// Records gathered for one new segment.
+#[derive(Default)]
+struct Batch {
+    data: BTreeMap<String, String>,
+    bytes: usize,
+    live: Vec<String>,
+    retired: Vec<DeliveryRecord>,
+}
+
 /// Shortens `record.last_error` until its stored size is at most `room` (or nothing is left to
 /// cut); returns the stored size.
 fn shorten_error_to_fit(record: &mut DeliveryRecord, room: usize) -> usize {
     let mut bytes = record.stored_len();
     if bytes > room && record.last_error.is_some() {
-        warn!(id = %record.id, bytes, room, "delivery-log segment near its size limit: shortening last_error");
+        warn!(id = %record.id, bytes, room, "delivery record near the segment size limit: shortening last_error");
     }
     while bytes > room {
         let Some(error) = record.last_error.take() else {

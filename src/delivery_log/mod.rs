@@ -12,20 +12,24 @@
 //! endpoint so that deleting it garbage-collects its log. `data` maps a delivery id to the
 //! record's compact JSON ([`DeliveryRecord::to_stored`]).
 //!
-//! # Writing: group commit
+//! # Writing: a journal with group commit
 //! The dispatcher keeps an [`EndpointLog`] (the in-memory image, pure) per endpoint and changes it
 //! with [`EndpointLog::insert`] and [`EndpointLog::update`]. [`EndpointLog::take_writes`] turns
-//! everything changed since the previous call into at most one write per touched segment
-//! (a create, a JSON merge patch of only the changed keys, or a delete); [`apply`] sends them.
-//! If applying fails, [`EndpointLog::restore`] hands them back so the next batch writes them again.
+//! everything changed since the previous call into creates of new segments holding the current
+//! version of each changed record, then deletes of the oldest segments that hold no live version;
+//! [`apply`] sends them. A segment is never patched: the API server's cost of a write follows what
+//! changed, not what a segment holds. A record's copy in the newest segment wins when the log is
+//! read back. If applying fails, [`EndpointLog::restore`] hands the batch back so the next batch
+//! writes it again.
 //!
 //! # Bounds
-//! A new record goes into the newest segment when it fits in [`LogConfig::segment_bytes`]
-//! (counting pending records with [`GROWTH_RESERVE`] bytes for the fields their attempts fill in);
-//! otherwise into a new segment, up to [`LogConfig::max_segments`] ([`LogFull`] beyond). Finished
-//! records beyond the newest [`LogConfig::max_finished`] are pruned; pending ones never are.
-//! Segments stay below [`HARD_SEGMENT_BYTES`] (under the 1 MiB object limit) whatever updates do:
-//! an update that would cross it has its `last_error` shortened.
+//! A batch's new segments hold at most [`LogConfig::segment_bytes`] each. The live records may take
+//! half of [`LogConfig::max_segments`] × `segment_bytes` (pending ones counted with
+//! [`GROWTH_RESERVE`] bytes for the fields their attempts fill in; [`LogFull`] beyond); once more
+//! than `max_segments / 2` segments exist, batches compact the oldest away. Finished records beyond
+//! the newest [`LogConfig::max_finished`] are pruned (their copies go with their segments); pending
+//! ones never are. A record stays below [`HARD_SEGMENT_BYTES`] (under the 1 MiB object limit)
+//! whatever updates do: an update that would cross it has its `last_error` shortened.
 
 mod image;
 mod record;
@@ -34,7 +38,8 @@ mod store;
 pub use image::{EndpointLog, LogConfig, LogFull, PendingWrites, SegmentSummary, SegmentWrite};
 pub use record::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, new_delivery_id, truncate_error};
 pub use store::{
-    apply, endpoint_of, group_by_endpoint, load_all, log_selector, newest_first_from_configmaps, read_endpoint,
+    apply, apply_writes, endpoint_of, group_by_endpoint, load_all, log_selector, newest_first_from_configmaps,
+    read_endpoint,
 };
 
 use std::collections::BTreeMap;
@@ -61,11 +66,12 @@ pub const FIELD_MANAGER: &str = "capy-webhooks-dispatcher";
 pub const MAX_RECORD_BYTES: usize = 512 * 1024;
 /// Largest [`LogConfig::segment_bytes`] honoured; larger settings are clamped to it.
 pub const MAX_SEGMENT_BYTES: usize = 512 * 1024;
-/// Hard ceiling of one segment's data (keys plus values), below the API server's 1 MiB limit.
+/// Hard ceiling of one record (key plus stored form) after updates, below the API server's 1 MiB
+/// object limit.
 pub const HARD_SEGMENT_BYTES: usize = 1_000_000;
 /// Bytes reserved per pending record for the fields its attempts fill in (`attempts`,
-/// `delivered_at`, `response_status`, a short `last_error`, ...), so that a segment filled with
-/// pending records stays near [`LogConfig::segment_bytes`] once they finish.
+/// `delivered_at`, `response_status`, a short `last_error`, ...), so that the capacity check
+/// holds once they finish.
 pub const GROWTH_RESERVE: usize = 128;
 
 /// Infix between the endpoint name and the sequence number of a segment's name.

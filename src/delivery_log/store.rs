@@ -23,10 +23,17 @@ pub fn log_selector() -> String {
 
 /// Applies a batch from [`super::EndpointLog::take_writes`] in order, stopping at the first error
 /// (then give the batch back with [`super::EndpointLog::restore`]). Returns the API calls made.
-///
-/// A create that finds the segment already there (a retried batch) merges its data in instead;
-/// a delete of a segment already gone is fine.
 pub async fn apply(client: &Client, namespace: &str, writes: &PendingWrites) -> Result<usize, kube::Error> {
+    apply_writes(client, namespace, writes.writes()).await
+}
+
+/// Applies writes in order, stopping at the first error; returns the API calls made. Use it on
+/// [`PendingWrites::creates`] then [`PendingWrites::deletes`] to learn when a batch is durable.
+///
+/// A create that finds the segment already there (names are never reused, so only a create that
+/// succeeded but whose answer was lost) merges its data in instead; a delete of a segment already
+/// gone is fine.
+pub async fn apply_writes(client: &Client, namespace: &str, writes: &[SegmentWrite]) -> Result<usize, kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let post = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
@@ -37,7 +44,7 @@ pub async fn apply(client: &Client, namespace: &str, writes: &PendingWrites) -> 
         ..Default::default()
     };
     let mut calls = 0;
-    for write in writes.writes() {
+    for write in writes {
         calls += 1;
         match write {
             SegmentWrite::Create(cm) => match api.create(&post, cm).await {
@@ -58,9 +65,6 @@ pub async fn apply(client: &Client, namespace: &str, writes: &PendingWrites) -> 
                 }
                 Err(e) => return Err(e),
             },
-            SegmentWrite::Patch { name, patch } => {
-                api.patch(name, &patch_params, &Patch::Merge(patch)).await?;
-            }
             SegmentWrite::Delete { name } => match api.delete(name, &DeleteParams::default()).await {
                 Ok(_) => {}
                 Err(kube::Error::Api(status)) if status.code == 404 => {}
@@ -127,16 +131,17 @@ pub fn group_by_endpoint(configmaps: Vec<ConfigMap>) -> BTreeMap<(String, String
 }
 
 /// Up to `limit` records of these segments, newest first (`created_at`, then id). Undecodable
-/// values are skipped; a record in several segments counts once, with its newest `updated_at`.
+/// values are skipped; a record in several segments counts once: its copy in the newest segment
+/// (the log is a journal, see [`super::EndpointLog`]).
 pub fn newest_first_from_configmaps(configmaps: &[ConfigMap], limit: usize) -> Vec<DeliveryRecord> {
     let mut records: HashMap<String, DeliveryRecord> = HashMap::new();
-    for cm in configmaps {
+    let mut oldest_first: Vec<&ConfigMap> = configmaps.iter().collect();
+    oldest_first.sort_by_key(|cm| cm.metadata.name.as_deref().and_then(super::segment_seq));
+    for cm in oldest_first {
         for (key, value) in cm.data.iter().flatten() {
             match DeliveryRecord::from_stored(value) {
                 Ok(r) if &r.id == key => {
-                    if records.get(key).is_none_or(|known| known.updated_at < r.updated_at) {
-                        records.insert(key.clone(), r);
-                    }
+                    records.insert(key.clone(), r);
                 }
                 _ => debug!(configmap = cm.metadata.name.as_deref().unwrap_or_default(), key = %key,
                     "undecodable delivery record skipped"),
@@ -230,13 +235,23 @@ mod tests {
         let mut newer = r(2);
         newer.state = DeliveryState::Succeeded;
         newer.updated_at = ts(100);
-        let mut first = segment("a", "ep1-deliveries-1", Some("ep1"), None, &[r(1), newer.clone(), r(5)]);
+        // The copy in the newer segment wins, whatever its updated_at: the log is a journal.
+        let mut stale = r(3);
+        stale.updated_at = ts(200);
+        let mut first = segment("a", "ep1-deliveries-9", Some("ep1"), None, &[r(1), r(2), stale, r(5)]);
         first.data.as_mut().unwrap().insert("msg_bad".into(), "[]".into());
-        let second = segment("a", "ep1-deliveries-2", Some("ep1"), None, &[r(2), r(3), r(4)]);
-        let all = newest_first_from_configmaps(&[first, second], 10);
+        let second = segment(
+            "a",
+            "ep1-deliveries-10",
+            Some("ep1"),
+            None,
+            &[newer.clone(), r(3), r(4)],
+        );
+        let all = newest_first_from_configmaps(&[second, first], 10);
         let ids: Vec<String> = all.iter().map(|x| x.id.clone()).collect();
         assert_eq!(ids, [5, 4, 3, 2, 1].map(|n| r(n).id));
         assert_eq!(all[3], newer);
+        assert_eq!(all[2], r(3));
         assert_eq!(newest_first_from_configmaps(&[], 10), []);
         assert_eq!(
             log_selector(),

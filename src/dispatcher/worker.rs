@@ -41,11 +41,13 @@ pub(crate) enum Msg {
         result: AttemptResult,
         at: Timestamp,
     },
-    /// A log write finished.
+    /// The creates of a log write were applied: its records are durable.
+    Stored { ids: Vec<String>, acks: Vec<Ack> },
+    /// A log write finished. `acks` are those not answered by [`Msg::Stored`] (the creates failed).
     WriteDone {
         writes: PendingWrites,
         acks: Vec<Ack>,
-        result: Result<usize, kube::Error>,
+        result: Result<usize, WriteFailure>,
     },
     /// Send a finished delivery again.
     Retry {
@@ -54,6 +56,14 @@ pub(crate) enum Msg {
     },
     /// The endpoint changed (say, re-activated): look again.
     Wake,
+}
+
+/// Why a log write failed.
+pub(crate) enum WriteFailure {
+    /// A create failed: nothing of the batch is known to be durable.
+    Creates(kube::Error),
+    /// The creates were applied (and acknowledged), a delete failed.
+    Deletes(kube::Error),
 }
 
 /// Someone waiting for the next durable write.
@@ -244,6 +254,7 @@ impl Worker {
                 self.waiting.push(Ack::Enqueued(ack));
             }
             Msg::AttemptDone { id, result, at } => self.attempt_done(id, result, at),
+            Msg::Stored { ids, acks } => self.stored(ids, acks),
             Msg::WriteDone { writes, acks, result } => self.write_done(writes, acks, result),
             Msg::Retry { id, reply } => self.retry(id, reply),
             Msg::Wake => {}
@@ -404,36 +415,72 @@ impl Worker {
         let tx = self.tx.clone();
         self.write_in_flight = true;
         tokio::spawn(async move {
-            let result = crate::delivery_log::apply(&client, &namespace, &writes).await;
-            let _ = tx.send(Msg::WriteDone { writes, acks, result }).await;
+            use crate::delivery_log::apply_writes;
+            // Acknowledge (and start attempting) as soon as the creates are in: the deletes only
+            // collect segments that no longer hold a live record.
+            let creates = match apply_writes(&client, &namespace, writes.creates()).await {
+                Ok(calls) => calls,
+                Err(e) => {
+                    let result = Err(WriteFailure::Creates(e));
+                    let _ = tx.send(Msg::WriteDone { writes, acks, result }).await;
+                    return;
+                }
+            };
+            let ids = writes.record_ids().map(str::to_string).collect();
+            let _ = tx.send(Msg::Stored { ids, acks }).await;
+            let result = apply_writes(&client, &namespace, writes.deletes())
+                .await
+                .map(|deletes| creates + deletes)
+                .map_err(WriteFailure::Deletes);
+            let _ = tx
+                .send(Msg::WriteDone {
+                    writes,
+                    acks: Vec::new(),
+                    result,
+                })
+                .await;
         });
     }
 
-    fn write_done(&mut self, writes: PendingWrites, acks: Vec<Ack>, result: Result<usize, kube::Error>) {
+    /// The records of a log write are durable: attempt the new ones, answer those waiting.
+    fn stored(&mut self, ids: Vec<String>, acks: Vec<Ack>) {
+        self.shared.config.metrics.log_write(ids.len());
+        for id in ids {
+            if self.unpersisted.remove(&id)
+                && let Some(r) = self.log.get(&id).filter(|r| r.state == DeliveryState::Pending)
+            {
+                self.due
+                    .insert((r.next_attempt_at.unwrap_or(r.created_at), r.id.clone()));
+            }
+        }
+        for ack in acks {
+            ack.answer(Ok(()));
+        }
+    }
+
+    fn write_done(&mut self, writes: PendingWrites, acks: Vec<Ack>, result: Result<usize, WriteFailure>) {
         self.write_in_flight = false;
+        let metrics = &self.shared.config.metrics;
         match result {
             Ok(calls) => {
-                let metrics = &self.shared.config.metrics;
                 metrics.apiserver_writes(WriteKind::ConfigMap, calls as u64);
-                metrics.log_write(writes.record_ids().count());
                 self.write_failures = 0;
-                for id in writes.record_ids() {
-                    if self.unpersisted.remove(id)
-                        && let Some(r) = self.log.get(id).filter(|r| r.state == DeliveryState::Pending)
-                    {
-                        self.due
-                            .insert((r.next_attempt_at.unwrap_or(r.created_at), r.id.clone()));
-                    }
-                }
-                for ack in acks {
-                    ack.answer(Ok(()));
-                }
             }
-            Err(e) => {
+            Err(failure) => {
                 self.write_failures += 1;
                 let backoff = crate::controller::retry_delay(self.write_failures).min(Duration::from_secs(30));
-                warn!(endpoint = %self.name, error = %e, ?backoff, "delivery log write failed; will retry");
-                self.log.restore(writes);
+                match failure {
+                    WriteFailure::Creates(e) => {
+                        warn!(endpoint = %self.name, error = %e, ?backoff, "delivery log write failed; will retry");
+                        self.log.restore(writes);
+                    }
+                    WriteFailure::Deletes(e) => {
+                        metrics.apiserver_writes(WriteKind::ConfigMap, writes.creates().len() as u64);
+                        warn!(endpoint = %self.name, error = %e, ?backoff,
+                            "deleting old delivery-log segments failed; will retry");
+                        self.log.restore(writes.without_creates());
+                    }
+                }
                 self.write_retry_at = Some(Instant::now() + backoff);
                 // Those waiting are told now; what they submitted stays queued and is written on
                 // the retry, so at worst it is delivered although the caller saw 503 (at least once).

@@ -6,30 +6,29 @@ use serde_json::json;
 
 use super::*;
 use crate::delivery_log::record::tests::{record, ts};
+use crate::delivery_log::{MAX_ERROR_CHARS, segment_seq};
 use crate::resources::{COMPONENT_LABEL, ENDPOINT_LABEL, MANAGED_BY_LABEL, ORGANIZATION_LABEL};
 
-/// ConfigMap name → data, as the API server would hold them.
-#[derive(Default, Debug)]
+/// ConfigMap name → ConfigMap, as the API server would hold them.
+#[derive(Default, Debug, Clone)]
 struct FakeServer {
     objects: BTreeMap<String, ConfigMap>,
-    calls: usize,
 }
 
 impl FakeServer {
-    /// Applies writes in order, like `store::apply`; fails at write number `fail_at` (0-based).
+    /// Applies writes in order, like `store::apply`; fails at write number `fail_at` (0-based),
+    /// having applied the writes before it.
     fn apply(&mut self, writes: &PendingWrites, fail_at: Option<usize>) -> Result<(), ()> {
         for (i, write) in writes.writes().iter().enumerate() {
             if fail_at == Some(i) {
                 return Err(());
             }
-            self.calls += 1;
             match write {
                 SegmentWrite::Create(cm) => {
                     let name = cm.metadata.name.clone().unwrap();
                     match self.objects.get_mut(&name) {
                         // 409, then a merge patch of its data.
                         Some(existing) => {
-                            self.calls += 1;
                             let data = existing.data.get_or_insert_default();
                             data.extend(cm.data.clone().unwrap_or_default());
                         }
@@ -38,23 +37,7 @@ impl FakeServer {
                         }
                     }
                 }
-                SegmentWrite::Patch { name, patch } => {
-                    let Some(existing) = self.objects.get_mut(name) else {
-                        return Err(()); // 404
-                    };
-                    let data = existing.data.get_or_insert_default();
-                    for (key, value) in patch["data"].as_object().unwrap() {
-                        match value {
-                            Value::Null => {
-                                data.remove(key);
-                            }
-                            Value::String(s) => {
-                                data.insert(key.clone(), s.clone());
-                            }
-                            other => panic!("unexpected patch value {other}"),
-                        }
-                    }
-                }
+                // A 404 is fine.
                 SegmentWrite::Delete { name } => {
                     self.objects.remove(name);
                 }
@@ -65,6 +48,13 @@ impl FakeServer {
 
     fn configmaps(&self) -> Vec<ConfigMap> {
         self.objects.values().cloned().collect()
+    }
+
+    /// Names of the ConfigMaps, oldest sequence number first.
+    fn names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self.objects.keys().cloned().collect();
+        names.sort_by_key(|n| segment_seq(n));
+        names
     }
 
     fn data(&self, name: &str) -> BTreeMap<String, String> {
@@ -95,19 +85,86 @@ fn commit(log: &mut EndpointLog, server: &mut FakeServer) -> usize {
     writes.len()
 }
 
-/// The server holds exactly what the image says, record for record.
+fn id(n: u32) -> String {
+    record(n, DeliveryState::Pending).id
+}
+
+fn ids(ns: impl IntoIterator<Item = u32>) -> Vec<String> {
+    let mut ids: Vec<String> = ns.into_iter().map(id).collect();
+    ids.sort();
+    ids
+}
+
+fn names(writes: &PendingWrites) -> Vec<(&str, bool)> {
+    writes
+        .writes()
+        .iter()
+        .map(|w| (w.name(), matches!(w, SegmentWrite::Create(_))))
+        .collect()
+}
+
+fn created(writes: &PendingWrites) -> Vec<&ConfigMap> {
+    writes
+        .writes()
+        .iter()
+        .filter_map(|w| match w {
+            SegmentWrite::Create(cm) => Some(cm),
+            SegmentWrite::Delete { .. } => None,
+        })
+        .collect()
+}
+
+fn data_bytes(cm: &ConfigMap) -> usize {
+    cm.data.iter().flatten().map(|(k, v)| k.len() + v.len()).sum()
+}
+
+/// A recovery from the server's ConfigMaps gives the image's records, pending count and finished
+/// count (what survives a restart).
+fn assert_records_recover(log: &EndpointLog, server: &FakeServer) {
+    let back = recover(server, log.config().clone());
+    assert_eq!(
+        back.records().collect::<Vec<_>>(),
+        log.records().collect::<Vec<_>>(),
+        "records recovered from the server"
+    );
+    assert_eq!(back.pending_count(), log.pending_count());
+    assert_eq!(back.finished_count(), log.finished_count());
+}
+
+/// After a successful commit: a recovery from the server rebuilds the same image (records,
+/// segments with their live ids and bytes, counts), the server holds exactly the image's
+/// segments, each live record as the image has it, and nothing is left to write, but for one thing
+/// the design allows: the batch may have created segments holding only records pruned before their
+/// last version was stored (retired), and if no older segment holds a live record, the oldest of
+/// them holds none: the next batch deletes them, and writes nothing else.
 fn assert_in_sync(log: &EndpointLog, server: &FakeServer) {
-    assert!(!log.has_changes());
+    assert_records_recover(log, server);
+    let back = recover(server, log.config().clone());
+    assert_eq!(back.segments(), log.segments(), "segments recovered from the server");
     let segments = log.segments();
-    let names: BTreeSet<&str> = segments.iter().map(|s| s.name.as_str()).collect();
-    let on_server: BTreeSet<&str> = server.objects.keys().map(String::as_str).collect();
-    assert_eq!(names, on_server);
-    for segment in segments {
+    let names: Vec<String> = segments.iter().map(|s| s.name.clone()).collect();
+    assert_eq!(names, server.names());
+    for segment in &segments {
         let data = server.data(&segment.name);
-        assert_eq!(data.keys().cloned().collect::<Vec<_>>(), segment.ids);
-        for (id, value) in data {
-            assert_eq!(value, log.get(&id).unwrap().to_stored());
+        for id in &segment.ids {
+            assert_eq!(data[id], log.get(id).unwrap().to_stored(), "{id} in {}", segment.name);
         }
+    }
+    if log.has_changes() {
+        let oldest = &segments[0];
+        assert!(
+            oldest.ids.is_empty(),
+            "only an oldest segment without live records is left"
+        );
+        assert!(
+            server.data(&oldest.name).keys().all(|id| log.get(id).is_none()),
+            "it holds only pruned records"
+        );
+        let mut next = log.clone();
+        let writes = next.take_writes();
+        assert!(!writes.is_empty());
+        assert!(writes.writes().iter().all(|w| matches!(w, SegmentWrite::Delete { .. })));
+        assert!(!next.has_changes());
     }
 }
 
@@ -132,14 +189,38 @@ fn with_padding(n: u32, bytes: usize) -> DeliveryRecord {
     r
 }
 
+/// A segment as another writer (or an earlier incarnation of the endpoint) may have left it.
+fn segment_cm(seq: u64, uid: &str, data: Vec<(String, String)>) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(segment_name("ep1", seq)),
+            namespace: Some("ns1".into()),
+            labels: Some(segment_labels("ep1", "org_1")),
+            owner_references: Some(vec![OwnerReference {
+                api_version: "webhooks.capydb.io/v1".into(),
+                kind: "WebhookEndpoint".into(),
+                name: "ep1".into(),
+                uid: uid.into(),
+                controller: Some(false),
+                block_owner_deletion: Some(false),
+            }]),
+            ..Default::default()
+        },
+        data: Some(data.into_iter().collect()),
+        ..Default::default()
+    }
+}
+
 #[test]
-fn new_segments_carry_labels_owner_and_every_record() {
+fn new_segments_carry_labels_owner_and_every_changed_record() {
     let mut log = new_log(LogConfig::default());
+    assert!(!log.has_changes());
     for n in 0..3 {
         log.insert(record(n, DeliveryState::Pending)).unwrap();
     }
+    assert!(log.has_changes());
     let writes = log.take_writes();
-    assert_eq!(writes.len(), 1);
+    assert_eq!(writes.len(), 1, "a batch within the budget is one create");
     let SegmentWrite::Create(cm) = &writes.writes()[0] else {
         panic!("expected a create")
     };
@@ -150,7 +231,9 @@ fn new_segments_carry_labels_owner_and_every_record() {
     assert_eq!(labels[COMPONENT_LABEL], "delivery-log");
     assert_eq!(labels[ENDPOINT_LABEL], "ep1");
     assert_eq!(labels[ORGANIZATION_LABEL], "org_1");
-    let owner = &cm.metadata.owner_references.as_ref().unwrap()[0];
+    let owners = cm.metadata.owner_references.as_ref().unwrap();
+    assert_eq!(owners.len(), 1);
+    let owner = &owners[0];
     assert_eq!(
         (
             owner.api_version.as_str(),
@@ -164,14 +247,26 @@ fn new_segments_carry_labels_owner_and_every_record() {
         (owner.controller, owner.block_owner_deletion),
         (Some(false), Some(false))
     );
-    let data = cm.data.as_ref().unwrap();
-    assert_eq!(data.len(), 3);
-    let first = record(0, DeliveryState::Pending);
-    assert_eq!(data[&first.id], first.to_stored());
-    let mut ids: Vec<&str> = writes.record_ids().collect();
-    ids.sort();
-    assert_eq!(ids.len(), 3);
-    assert_eq!(ids[0], first.id);
+    let expected: BTreeMap<String, String> = (0..3)
+        .map(|n| {
+            let r = record(n, DeliveryState::Pending);
+            (r.id.clone(), r.to_stored())
+        })
+        .collect();
+    assert_eq!(cm.data.as_ref(), Some(&expected));
+    let mut stored: Vec<&str> = writes.record_ids().collect();
+    stored.sort();
+    assert_eq!(stored, ids(0..3));
+    assert_eq!(
+        log.segments(),
+        [SegmentSummary {
+            name: "ep1-deliveries-1".into(),
+            ids: ids(0..3),
+            bytes: data_bytes(cm),
+        }]
+    );
+    assert_eq!(log.approx_bytes(), data_bytes(cm));
+    assert!(!log.has_changes());
     assert!(log.take_writes().is_empty());
 
     // Without a uid, no owner reference (the API server refuses an empty one).
@@ -182,80 +277,256 @@ fn new_segments_carry_labels_owner_and_every_record() {
         panic!("expected a create")
     };
     assert!(cm.metadata.owner_references.is_none());
+    assert_eq!(cm.data.as_ref().unwrap().len(), 1);
 }
 
 #[test]
-fn segments_roll_over_at_the_byte_budget() {
+fn a_batch_larger_than_segment_bytes_is_split_into_several_creates() {
     let budget = 8 * 1024;
     let mut log = new_log(config(100, budget, 16));
     let mut server = FakeServer::default();
-    let size = with_padding(0, 1000).stored_len() + GROWTH_RESERVE;
+    // Two-digit numbers: every record has the same size.
+    let size = with_padding(10, 1000).stored_len();
     let per_segment = budget / size;
     assert!(per_segment >= 2);
-    for n in 0..(3 * per_segment as u32 + 1) {
+    let count = 3 * per_segment as u32 + 1;
+    for n in 10..10 + count {
+        assert_eq!(with_padding(n, 1000).stored_len(), size);
         log.insert(with_padding(n, 1000)).unwrap();
     }
-    let segments = log.segments();
-    assert_eq!(segments.len(), 4);
-    for s in &segments[..3] {
-        assert_eq!(s.ids.len(), per_segment);
-        assert!(s.bytes + GROWTH_RESERVE * s.ids.len() <= budget);
-    }
-    assert_eq!(segments[3].ids.len(), 1);
-    assert_eq!(segments[3].name, "ep1-deliveries-4");
-    assert_eq!(log.approx_bytes(), segments.iter().map(|s| s.bytes).sum::<usize>());
-
     let writes = log.take_writes();
-    assert_eq!(writes.len(), 4);
-    assert!(writes.writes().iter().all(|w| matches!(w, SegmentWrite::Create(_))));
+    let cms = created(&writes);
+    assert_eq!(cms.len(), 4, "{per_segment} records per create");
+    assert_eq!(writes.len(), 4, "and nothing else");
+    let sizes: Vec<usize> = cms.iter().map(|cm| cm.data.as_ref().unwrap().len()).collect();
+    assert_eq!(sizes, [per_segment, per_segment, per_segment, 1]);
+    for cm in &cms {
+        assert!(data_bytes(cm) <= budget, "{} bytes", data_bytes(cm));
+    }
+    let mut stored: Vec<&String> = cms.iter().flat_map(|cm| cm.data.as_ref().unwrap().keys()).collect();
+    stored.sort();
+    assert_eq!(stored.len(), count as usize, "each record once");
+    stored.dedup();
+    assert_eq!(stored.len(), count as usize);
+    let write_names: Vec<&str> = writes.writes().iter().map(SegmentWrite::name).collect();
+    assert_eq!(
+        write_names,
+        [
+            "ep1-deliveries-1",
+            "ep1-deliveries-2",
+            "ep1-deliveries-3",
+            "ep1-deliveries-4"
+        ]
+    );
+    let segment_names: Vec<String> = log.segments().into_iter().map(|s| s.name).collect();
+    assert_eq!(segment_names, write_names);
     server.apply(&writes, None).unwrap();
     assert_in_sync(&log, &server);
 
-    // A record larger than the budget gets a segment of its own.
-    let big = with_padding(1000, 2 * budget);
+    // A record larger than the budget gets a segment of its own, between its neighbours by id.
+    let big = with_padding(61, 2 * budget);
     let big_size = big.stored_len();
+    assert!(big_size > budget);
+    log.insert(with_padding(60, 10)).unwrap();
     log.insert(big).unwrap();
-    let last = log.segments().pop().unwrap();
-    assert_eq!((last.ids.len(), last.bytes), (1, big_size));
+    log.insert(with_padding(62, 10)).unwrap();
+    let writes = log.take_writes();
+    let cms = created(&writes);
+    let keys: Vec<Vec<String>> = cms
+        .iter()
+        .map(|cm| cm.data.as_ref().unwrap().keys().cloned().collect())
+        .collect();
+    assert_eq!(keys, [ids([60]), ids([61]), ids([62])]);
+    assert_eq!(data_bytes(cms[1]), big_size);
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
 }
 
 #[test]
-fn log_full_at_max_segments_then_older_segments_with_room_are_used() {
-    let budget = 4 * 1024;
-    let mut log = new_log(config(0, budget, 2));
-    let mut n = 0;
-    let full = loop {
-        match log.insert(with_padding(n, 500)) {
-            Ok(()) => n += 1,
-            Err(e) => break e,
+fn an_update_creates_a_segment_with_only_the_updated_record() {
+    let mut log = new_log(config(100, 8 * 1024, 16));
+    let mut server = FakeServer::default();
+    for n in 0..5 {
+        log.insert(record(n, DeliveryState::Pending)).unwrap();
+    }
+    assert_eq!(commit(&mut log, &mut server), 1);
+    assert_in_sync(&log, &server);
+    let first = log.segments()[0].clone();
+
+    // Nothing changed: nothing to write.
+    assert!(!log.has_changes());
+    assert!(log.take_writes().is_empty());
+
+    // Two updates of one record: one create, holding only its last version.
+    let mut r = log.get(&id(2)).unwrap().clone();
+    r.attempts = 1;
+    r.last_error = Some("connection refused".into());
+    assert!(log.update(r.clone()));
+    r.attempts = 2;
+    r.last_error = Some("timeout".into());
+    assert!(log.update(r.clone()));
+    assert!(log.has_changes());
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("ep1-deliveries-2", true)]);
+    let cm = created(&writes)[0];
+    assert_eq!(
+        cm.data.as_ref(),
+        Some(&BTreeMap::from([(id(2), r.to_stored())])),
+        "only the updated record"
+    );
+    assert_eq!(writes.record_ids().collect::<Vec<_>>(), [id(2).as_str()]);
+    // The first segment keeps its superseded copy (and its bytes); the new one holds the live one.
+    let segments = log.segments();
+    assert_eq!(segments.len(), 2);
+    assert_eq!(segments[0].ids, ids([0, 1, 3, 4]));
+    assert_eq!(segments[0].bytes, first.bytes);
+    assert_eq!(segments[1].ids, ids([2]));
+    assert_eq!(segments[1].bytes, r.stored_len());
+    server.apply(&writes, None).unwrap();
+    assert_ne!(server.data("ep1-deliveries-1")[&id(2)], r.to_stored());
+    assert_in_sync(&log, &server);
+    assert!(!log.has_changes());
+    assert!(log.take_writes().is_empty());
+
+    // An update to the very same content still is a change to store.
+    assert!(log.update(r.clone()));
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("ep1-deliveries-3", true)]);
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
+    // Unknown ids are not updated.
+    assert!(!log.update(record(99, DeliveryState::Pending)));
+    assert!(!log.has_changes());
+}
+
+#[test]
+fn superseded_segments_are_deleted_oldest_first() {
+    let mut log = new_log(config(100, 8 * 1024, 16));
+    let mut server = FakeServer::default();
+    for batch in 0..3 {
+        for n in batch * 3..batch * 3 + 3 {
+            log.insert(record(n, DeliveryState::Pending)).unwrap();
         }
-    };
-    assert_eq!(full, LogFull);
-    assert_eq!(log.segment_count(), 2);
-    assert_eq!(log.len(), n as usize);
-    assert!(log.get(&with_padding(n, 500).id).is_none());
+        commit(&mut log, &mut server);
+    }
+    assert_eq!(
+        server.names(),
+        ["ep1-deliveries-1", "ep1-deliveries-2", "ep1-deliveries-3"]
+    );
+    assert_in_sync(&log, &server);
 
-    // Finishing (and so pruning, max_finished = 0) the first segment's first record makes room there.
-    let first = log.segments()[0].ids[0].clone();
-    let mut done = log.get(&first).unwrap().clone();
-    done.state = DeliveryState::Succeeded;
-    assert!(log.update(done));
-    assert!(log.get(&first).is_none());
-    log.insert(with_padding(n, 500)).unwrap();
-    assert!(log.segments()[0].ids.contains(&with_padding(n, 500).id));
-    assert_eq!(log.segment_count(), 2);
+    // Every record of segments 1 and 2 is updated: the batch stores them in a new segment, then
+    // deletes segment 1, then segment 2.
+    for n in 0..6 {
+        let mut r = log.get(&id(n)).unwrap().clone();
+        r.attempts = 1;
+        assert!(log.update(r));
+    }
+    let segments = log.segments();
+    assert!(segments[0].ids.is_empty() && segments[1].ids.is_empty());
+    let writes = log.take_writes();
+    assert_eq!(
+        names(&writes),
+        [
+            ("ep1-deliveries-4", true),
+            ("ep1-deliveries-1", false),
+            ("ep1-deliveries-2", false)
+        ]
+    );
+    assert_eq!(created(&writes)[0].data.as_ref().unwrap().len(), 6);
+    server.apply(&writes, None).unwrap();
+    assert_eq!(server.names(), ["ep1-deliveries-3", "ep1-deliveries-4"]);
+    assert_in_sync(&log, &server);
+    assert!(!log.has_changes());
 
-    // Records that could never be stored are refused too.
-    let mut bad = record(5000, DeliveryState::Pending);
-    bad.id = "msg/with/slashes".into();
-    assert_eq!(new_log(LogConfig::default()).insert(bad), Err(LogFull));
-    let huge = with_padding(5001, MAX_RECORD_BYTES);
-    assert_eq!(new_log(LogConfig::default()).insert(huge), Err(LogFull));
+    // Records pruned without a new version (retention): their segment goes in the batch that
+    // stores what pruned them.
+    let mut log = new_log(config(2, 8 * 1024, 16));
+    let mut server = FakeServer::default();
+    log.insert(finished(0, DeliveryState::Succeeded, 10)).unwrap();
+    log.insert(finished(1, DeliveryState::Succeeded, 11)).unwrap();
+    commit(&mut log, &mut server);
+    log.insert(finished(2, DeliveryState::Succeeded, 12)).unwrap();
+    log.insert(finished(3, DeliveryState::Succeeded, 13)).unwrap();
+    assert!(log.get(&id(0)).is_none() && log.get(&id(1)).is_none());
+    let writes = log.take_writes();
+    assert_eq!(
+        names(&writes),
+        [("ep1-deliveries-2", true), ("ep1-deliveries-1", false)]
+    );
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
+}
+
+#[test]
+fn a_segment_without_live_records_waits_for_the_older_ones() {
+    let cfg = config(1, 8 * 1024, 16);
+    let mut log = new_log(cfg.clone());
+    let mut server = FakeServer::default();
+    // A is pending for long; B is delivered.
+    let (a, b, c) = (id(0), id(1), id(2));
+    log.insert(record(0, DeliveryState::Pending)).unwrap();
+    log.insert(record(1, DeliveryState::Pending)).unwrap();
+    commit(&mut log, &mut server);
+    assert!(log.update(finished(1, DeliveryState::Succeeded, 100)));
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("ep1-deliveries-2", true)], "A keeps segment 1");
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
+
+    // C finishes later: retention prunes B, and segment 2 holds no live record any more. It stays
+    // while segment 1 (holding B's pending copy) does: a recovery must find B delivered.
+    log.insert(finished(2, DeliveryState::Succeeded, 200)).unwrap();
+    assert!(log.get(&b).is_none());
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("ep1-deliveries-3", true)]);
+    server.apply(&writes, None).unwrap();
+    assert_eq!(
+        log.segments().into_iter().map(|s| (s.name, s.ids)).collect::<Vec<_>>(),
+        [
+            ("ep1-deliveries-1".to_string(), vec![a.clone()]),
+            ("ep1-deliveries-2".to_string(), vec![]),
+            ("ep1-deliveries-3".to_string(), vec![c.clone()]),
+        ]
+    );
+    assert!(
+        server.data("ep1-deliveries-1").contains_key(&b),
+        "B's pending copy is still stored"
+    );
+    assert!(!log.has_changes(), "the oldest segment holds a live record");
+    assert_in_sync(&log, &server);
+    let back = recover(&server, cfg.clone());
+    assert!(back.get(&b).is_none(), "B is not pending after a recovery");
+    assert_eq!(back.pending().map(|r| r.id.as_str()).collect::<Vec<_>>(), [a.as_str()]);
+    // What deleting segment 2 out of order would have done: B comes back as pending.
+    let mut wrong = server.clone();
+    wrong.objects.remove("ep1-deliveries-2");
+    let resurrected = recover(&wrong, cfg.clone());
+    assert_eq!(resurrected.get(&b).map(|r| r.state), Some(DeliveryState::Pending));
+
+    // A is delivered: retention prunes C; segments 1, 2 and 3 go, oldest first.
+    assert!(log.update(finished(0, DeliveryState::Succeeded, 300)));
+    assert!(log.get(&c).is_none());
+    let writes = log.take_writes();
+    assert_eq!(
+        names(&writes),
+        [
+            ("ep1-deliveries-4", true),
+            ("ep1-deliveries-1", false),
+            ("ep1-deliveries-2", false),
+            ("ep1-deliveries-3", false),
+        ]
+    );
+    server.apply(&writes, None).unwrap();
+    assert_eq!(server.names(), ["ep1-deliveries-4"]);
+    assert_in_sync(&log, &server);
+    assert_eq!(log.pending_count(), 0);
 }
 
 #[test]
 fn retention_prunes_the_oldest_finished_and_never_pending() {
     let mut log = new_log(config(3, 256 * 1024, 16));
+    let mut server = FakeServer::default();
     for n in 0..5 {
         log.insert(record(n, DeliveryState::Pending)).unwrap();
     }
@@ -266,25 +537,36 @@ fn retention_prunes_the_oldest_finished_and_never_pending() {
     assert_eq!(log.finished_count(), 3);
     assert_eq!(log.pending_count(), 5);
     assert_eq!(log.len(), 8);
-    let kept: Vec<u32> = [10, 12, 14].into();
     for n in 10..15 {
-        assert_eq!(
-            log.get(&record(n, DeliveryState::Pending).id).is_some(),
-            kept.contains(&n),
-            "record {n}"
-        );
+        assert_eq!(log.get(&id(n)).is_some(), [10, 12, 14].contains(&n), "record {n}");
     }
     assert_eq!(log.pending().count(), 5);
+    commit(&mut log, &mut server);
+    assert_in_sync(&log, &server);
 
     // A pending record finishing with a recent time evicts the oldest finished one (14, at 30).
     let mut done = finished(0, DeliveryState::Failed, 60);
     done.attempts = 8;
     assert!(log.update(done));
-    assert!(log.get(&record(14, DeliveryState::Pending).id).is_none());
+    assert!(log.get(&id(14)).is_none());
     assert_eq!((log.finished_count(), log.pending_count()), (3, 4));
+    commit(&mut log, &mut server);
+    assert_in_sync(&log, &server);
+
+    // Recovery applies retention: with a smaller max_finished, only the newest finished stay.
+    let back = recover(&server, config(1, 256 * 1024, 16));
+    let kept: Vec<&str> = back
+        .records()
+        .filter(|r| r.is_finished())
+        .map(|r| r.id.as_str())
+        .collect();
+    assert_eq!(kept, ids([0]));
+    assert_eq!(back.pending_count(), 4);
+    let back = recover(&server, config(0, 256 * 1024, 16));
+    assert_eq!((back.finished_count(), back.pending_count()), (0, 4));
 
     // Retrying a finished record makes it pending again: it is no longer subject to retention.
-    let mut again = log.get(&record(12, DeliveryState::Pending).id).unwrap().clone();
+    let mut again = log.get(&id(12)).unwrap().clone();
     again.state = DeliveryState::Pending;
     assert!(log.update(again));
     assert_eq!((log.finished_count(), log.pending_count()), (2, 5));
@@ -295,233 +577,597 @@ fn retention_prunes_the_oldest_finished_and_never_pending() {
         busy.insert(record(n, DeliveryState::Pending)).unwrap();
     }
     assert_eq!(busy.len(), 200);
+    assert_eq!(busy.pending_count(), 200);
+}
+
+#[test]
+fn a_record_pruned_before_its_last_version_was_stored_is_still_written() {
+    let cfg = config(1, 8 * 1024, 16);
+    let mut log = new_log(cfg.clone());
+    let mut server = FakeServer::default();
+    // X is delivered, then pruned by a later delivery before the batch: its delivered version
+    // must still be stored, or segment 1's pending copy would win a recovery.
+    let x = id(0);
+    log.insert(record(0, DeliveryState::Pending)).unwrap();
+    log.insert(record(1, DeliveryState::Pending)).unwrap();
+    commit(&mut log, &mut server);
+    let x_done = finished(0, DeliveryState::Succeeded, 50);
+    assert!(log.update(x_done.clone()));
+    let y = finished(2, DeliveryState::Succeeded, 60);
+    log.insert(y.clone()).unwrap();
+    assert!(log.get(&x).is_none());
+    assert!(log.has_changes());
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("ep1-deliveries-2", true)]);
+    assert_eq!(
+        created(&writes)[0].data.as_ref(),
+        Some(&BTreeMap::from([
+            (x.clone(), x_done.to_stored()),
+            (y.id.clone(), y.to_stored())
+        ]))
+    );
+    assert!(writes.record_ids().any(|i| i == x));
+    let segments = log.segments();
+    assert_eq!(segments[1].ids, [y.id.as_str()], "X is not live");
+    assert_eq!(segments[1].bytes, x_done.stored_len() + y.stored_len());
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
+    assert!(recover(&server, cfg.clone()).get(&x).is_none());
+    // Without that copy, X would come back as pending.
+    let mut without = server.clone();
+    without
+        .objects
+        .get_mut("ep1-deliveries-2")
+        .unwrap()
+        .data
+        .as_mut()
+        .unwrap()
+        .remove(&x);
+    assert_eq!(
+        recover(&without, cfg.clone()).get(&x).map(|r| r.state),
+        Some(DeliveryState::Pending)
+    );
+
+    // A record inserted, finished and pruned within one batch is written as well.
+    log.insert(record(3, DeliveryState::Pending)).unwrap();
+    assert!(log.update(finished(3, DeliveryState::Failed, 5)));
+    assert!(log.get(&id(3)).is_none());
+    assert!(log.has_changes());
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("ep1-deliveries-3", true)]);
+    assert_eq!(
+        created(&writes)[0].data.as_ref(),
+        Some(&BTreeMap::from([(
+            id(3),
+            finished(3, DeliveryState::Failed, 5).to_stored()
+        )]))
+    );
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
+    assert_eq!(log.segments()[2].ids, Vec::<String>::new());
+
+    // Once the older segments go, a segment holding only retired records is the oldest and holds
+    // no live record: the next batch deletes it.
+    assert!(log.update(finished(1, DeliveryState::Succeeded, 70)));
+    let writes = log.take_writes();
+    assert_eq!(
+        names(&writes),
+        [
+            ("ep1-deliveries-4", true),
+            ("ep1-deliveries-1", false),
+            ("ep1-deliveries-2", false),
+            ("ep1-deliveries-3", false)
+        ]
+    );
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
+    assert_eq!(log.len(), 1);
+}
+
+#[test]
+fn a_segment_holding_only_retired_records_is_deleted_by_the_next_batch() {
+    let mut log = new_log(config(0, 8 * 1024, 16));
+    let mut server = FakeServer::default();
+    log.insert(record(0, DeliveryState::Pending)).unwrap();
+    commit(&mut log, &mut server);
+    // Delivered and pruned at once (max_finished 0): the batch stores its last version and
+    // deletes segment 1; the new segment holds no live record.
+    assert!(log.update(finished(0, DeliveryState::Succeeded, 10)));
+    assert!(log.is_empty());
+    let writes = log.take_writes();
+    assert_eq!(
+        names(&writes),
+        [("ep1-deliveries-2", true), ("ep1-deliveries-1", false)]
+    );
+    server.apply(&writes, None).unwrap();
+    assert!(log.has_changes());
+    assert_in_sync(&log, &server);
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("ep1-deliveries-2", false)]);
+    server.apply(&writes, None).unwrap();
+    assert!(server.objects.is_empty());
+    assert!(!log.has_changes());
+    assert_in_sync(&log, &server);
+}
+
+#[test]
+fn compaction_keeps_the_segment_count_bounded() {
+    let max_segments = 8;
+    let cfg = config(2, 2 * 1024, max_segments);
+    let mut log = new_log(cfg.clone());
+    let mut server = FakeServer::default();
+    // Six records stay pending throughout, each stored by a batch of its own.
+    for n in 0..6 {
+        log.insert(record(n, DeliveryState::Pending)).unwrap();
+        commit(&mut log, &mut server);
+    }
+    assert!(log.segment_count() <= max_segments);
+    let initial: Vec<String> = log.segments().into_iter().map(|s| s.name).collect();
+    // Many batches: each stores a new record and the previous one's delivery. Without
+    // compaction, the oldest segment (pinned by a long-pending record) would keep every later one.
+    let mut most = 0;
+    for n in 100..160u32 {
+        log.insert(record(n, DeliveryState::Pending)).unwrap();
+        if n > 100 {
+            assert!(log.update(finished(n - 1, DeliveryState::Succeeded, i64::from(n) * 10)));
+        }
+        most = most.max(commit_within(&mut log, &mut server, max_segments));
+    }
+    assert!(most <= max_segments, "at most {most} segments");
     assert!(
-        !busy.update(record(999, DeliveryState::Pending)),
-        "unknown ids are not updated"
+        log.segments().iter().all(|s| !initial.contains(&s.name)),
+        "the long-pending records' segments were compacted away"
+    );
+    assert_eq!(log.pending().map(|r| r.id.clone()).collect::<Vec<_>>(), {
+        let mut pending = ids(0..6);
+        pending.push(id(159));
+        pending
+    });
+    assert_eq!(log.finished_count(), 2);
+    assert_eq!(server.objects.len(), log.segment_count());
+}
+
+/// Commits a batch and checks the segment count stays within `max_segments` plus what the batch
+/// created, and that the server is in sync; returns the segment count.
+fn commit_within(log: &mut EndpointLog, server: &mut FakeServer, max_segments: usize) -> usize {
+    let writes = log.take_writes();
+    let creates = created(&writes).len();
+    server.apply(&writes, None).unwrap();
+    let count = log.segment_count();
+    assert!(
+        count <= max_segments + creates,
+        "{count} segments after a batch creating {creates}"
+    );
+    assert_in_sync(log, server);
+    count
+}
+
+#[test]
+fn compaction_is_forced_above_max_segments() {
+    // Three big pending records, each alone in a segment and taking more than half of it: too
+    // costly to copy, they are compacted only once more than max_segments segments exist.
+    let max_segments = 4;
+    let budget = 4 * 1024;
+    let mut log = new_log(config(100, budget, max_segments));
+    let mut server = FakeServer::default();
+    for n in 0..3 {
+        log.insert(with_padding(n, budget / 2 - 300)).unwrap();
+        commit(&mut log, &mut server);
+    }
+    assert!(log.segments().iter().all(|s| s.ids.len() == 1 && s.bytes > budget / 2));
+    log.insert(record(10, DeliveryState::Pending)).unwrap();
+    commit(&mut log, &mut server);
+    assert_eq!(log.segment_count(), 4);
+    let first = log.segments()[0].name.clone();
+
+    // A small record updated by every batch: each batch supersedes the previous one's segment.
+    let mut most = 0;
+    for round in 1..40 {
+        let mut r = log.get(&id(10)).unwrap().clone();
+        r.attempts = round;
+        assert!(log.update(r));
+        most = most.max(commit_within(&mut log, &mut server, max_segments));
+        if round == 1 {
+            assert_eq!(log.segment_count(), 5, "no compaction at max_segments");
+            assert_eq!(log.segments()[0].name, first);
+        }
+    }
+    assert!(
+        log.segments().iter().all(|s| s.name != first),
+        "compacted above max_segments"
+    );
+    assert!(most <= max_segments + 1, "{most} segments");
+    assert_eq!(log.pending().count(), 4);
+}
+
+#[test]
+fn log_full_at_capacity_then_room_again_after_pruning() {
+    let budget = 4 * 1024;
+    let mut log = new_log(config(0, budget, 4));
+    let mut server = FakeServer::default();
+    // Capacity: max_segments / 2 × segment_bytes of live records, with GROWTH_RESERVE bytes per
+    // pending one. A padding such that one more record would fit without its reserve.
+    let capacity = 2 * budget;
+    let padding = (400..700)
+        .find(|&p| {
+            let size = with_padding(10, p).stored_len();
+            capacity % (size + GROWTH_RESERVE) >= size
+        })
+        .unwrap();
+    let cost = with_padding(10, padding).stored_len() + GROWTH_RESERVE;
+    let mut n = 10;
+    let full = loop {
+        match log.insert(with_padding(n, padding)) {
+            Ok(()) => n += 1,
+            Err(e) => break e,
+        }
+        if n % 3 == 0 {
+            commit(&mut log, &mut server);
+        }
+    };
+    assert_eq!(full, LogFull);
+    let inserted = (n - 10) as usize;
+    assert_eq!(inserted, capacity / cost);
+    assert_eq!(log.len(), inserted);
+    assert!(log.get(&id(n)).is_none());
+    let writes = log.take_writes();
+    assert!(
+        !writes.record_ids().any(|i| i == id(n)),
+        "a refused record is not written"
+    );
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
+
+    // A finished record has no growth reserve: a pending record finishing (and, max_finished 0,
+    // pruned) makes room for exactly one more.
+    let mut done = log.get(&id(10)).unwrap().clone();
+    done.state = DeliveryState::Succeeded;
+    assert!(log.update(done));
+    assert!(log.get(&id(10)).is_none());
+    log.insert(with_padding(n, padding)).unwrap();
+    assert_eq!(log.insert(with_padding(n + 1, padding)), Err(LogFull));
+    commit(&mut log, &mut server);
+    assert_in_sync(&log, &server);
+
+    // Updates leave the capacity as it was (superseded copies do not count).
+    for m in 11..=n {
+        let mut r = log.get(&id(m)).unwrap().clone();
+        r.attempts = 1;
+        assert!(log.update(r));
+    }
+    commit(&mut log, &mut server);
+    assert_eq!(log.insert(with_padding(n + 1, padding)), Err(LogFull));
+    let mut done = log.get(&id(11)).unwrap().clone();
+    done.state = DeliveryState::Failed;
+    assert!(log.update(done));
+    log.insert(with_padding(n + 1, padding)).unwrap();
+    commit(&mut log, &mut server);
+    assert_in_sync(&log, &server);
+
+    // Records that could never be stored are refused too, whatever the room.
+    let mut bad = record(5000, DeliveryState::Pending);
+    bad.id = "msg/with/slashes".into();
+    let mut empty = new_log(LogConfig::default());
+    assert_eq!(empty.insert(bad), Err(LogFull));
+    let huge = with_padding(5001, MAX_RECORD_BYTES);
+    assert!(huge.stored_len() > MAX_RECORD_BYTES);
+    assert_eq!(empty.insert(huge), Err(LogFull));
+    assert!(empty.is_empty() && !empty.has_changes());
+    let large = with_padding(5002, MAX_RECORD_BYTES - 1000);
+    assert!(large.stored_len() <= MAX_RECORD_BYTES);
+    empty.insert(large).unwrap();
+}
+
+#[test]
+fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
+    let mut log = new_log(config(10, 8 * 1024, 16));
+    let mut server = FakeServer::default();
+
+    // The only segment's create fails: it may exist, holds no live record, and is deleted once
+    // the records are stored again, in a new segment.
+    log.insert(record(0, DeliveryState::Pending)).unwrap();
+    log.insert(record(1, DeliveryState::Pending)).unwrap();
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("ep1-deliveries-1", true)]);
+    assert!(server.apply(&writes, Some(0)).is_err());
+    log.restore(writes);
+    assert!(log.has_changes());
+    assert_eq!(log.segments()[0].ids, Vec::<String>::new());
+    log.insert(record(2, DeliveryState::Pending)).unwrap();
+    let writes = log.take_writes();
+    assert_eq!(
+        names(&writes),
+        [("ep1-deliveries-2", true), ("ep1-deliveries-1", false)]
+    );
+    assert_eq!(
+        created(&writes)[0]
+            .data
+            .as_ref()
+            .unwrap()
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
+        ids(0..3)
+    );
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
+
+    // A failed create behind an older segment with live records: the uncertain segment waits.
+    let mut r = log.get(&id(0)).unwrap().clone();
+    r.attempts = 1;
+    assert!(log.update(r.clone()));
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("ep1-deliveries-3", true)]);
+    assert!(server.apply(&writes, Some(0)).is_err());
+    log.restore(writes);
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("ep1-deliveries-4", true)]);
+    assert_eq!(
+        created(&writes)[0].data.as_ref(),
+        Some(&BTreeMap::from([(id(0), r.to_stored())]))
+    );
+    server.apply(&writes, None).unwrap();
+    assert!(!log.has_changes());
+    assert_records_recover(&log, &server);
+    let segments: Vec<(String, Vec<String>)> = log.segments().into_iter().map(|s| (s.name, s.ids)).collect();
+    assert_eq!(
+        segments,
+        [
+            ("ep1-deliveries-2".to_string(), ids([1, 2])),
+            ("ep1-deliveries-3".to_string(), vec![]),
+            ("ep1-deliveries-4".to_string(), ids([0])),
+        ]
+    );
+
+    // A create applied whose answer was lost: the segment exists but is uncertain all the same.
+    let mut r1 = log.get(&id(1)).unwrap().clone();
+    r1.attempts = 1;
+    assert!(log.update(r1));
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("ep1-deliveries-5", true)]);
+    server.apply(&writes, None).unwrap();
+    log.restore(writes);
+    assert!(log.has_changes());
+    assert_records_recover(&log, &server);
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("ep1-deliveries-6", true)]);
+    server.apply(&writes, None).unwrap();
+    assert_records_recover(&log, &server);
+
+    // Once segment 2 holds no live record, it and every uncertain segment after it go.
+    let mut r2 = log.get(&id(2)).unwrap().clone();
+    r2.attempts = 1;
+    assert!(log.update(r2));
+    let writes = log.take_writes();
+    assert_eq!(
+        names(&writes),
+        [
+            ("ep1-deliveries-7", true),
+            ("ep1-deliveries-2", false),
+            ("ep1-deliveries-3", false)
+        ]
+    );
+    server.apply(&writes, None).unwrap();
+    assert_records_recover(&log, &server);
+    // Segment 4 holds record 0's live version; segment 5 is uncertain (and exists) behind it.
+    assert_eq!(
+        log.segments().into_iter().map(|s| s.name).collect::<Vec<_>>(),
+        [
+            "ep1-deliveries-4",
+            "ep1-deliveries-5",
+            "ep1-deliveries-6",
+            "ep1-deliveries-7"
+        ]
+    );
+    let mut r0 = log.get(&id(0)).unwrap().clone();
+    r0.attempts = 2;
+    assert!(log.update(r0));
+    let writes = log.take_writes();
+    assert_eq!(
+        names(&writes),
+        [
+            ("ep1-deliveries-8", true),
+            ("ep1-deliveries-4", false),
+            ("ep1-deliveries-5", false)
+        ]
+    );
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
+}
+
+#[test]
+fn restore_writes_retired_records_again() {
+    let cfg = config(0, 8 * 1024, 16);
+    let mut log = new_log(cfg.clone());
+    let mut server = FakeServer::default();
+    log.insert(record(0, DeliveryState::Pending)).unwrap();
+    log.insert(record(1, DeliveryState::Pending)).unwrap();
+    commit(&mut log, &mut server);
+    // Record 1 is delivered and pruned at once (max_finished 0): the batch stores its last version.
+    let done = finished(1, DeliveryState::Succeeded, 100);
+    assert!(log.update(done.clone()));
+    assert!(log.get(&id(1)).is_none());
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("ep1-deliveries-2", true)]);
+    assert!(server.apply(&writes, Some(0)).is_err());
+    log.restore(writes);
+    assert!(log.has_changes());
+    // The next batch stores it again, in a new segment.
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("ep1-deliveries-3", true)]);
+    assert_eq!(
+        created(&writes)[0].data.as_ref(),
+        Some(&BTreeMap::from([(id(1), done.to_stored())]))
+    );
+    assert!(writes.record_ids().any(|i| i == id(1)));
+    server.apply(&writes, None).unwrap();
+    assert_records_recover(&log, &server);
+    assert!(recover(&server, cfg).get(&id(1)).is_none(), "not pending again");
+    // Segment 2 is uncertain, behind segment 1 which holds record 0: both wait.
+    assert_eq!(
+        log.segments().into_iter().map(|s| (s.name, s.ids)).collect::<Vec<_>>(),
+        [
+            ("ep1-deliveries-1".to_string(), ids([0])),
+            ("ep1-deliveries-2".to_string(), vec![]),
+            ("ep1-deliveries-3".to_string(), vec![]),
+        ]
+    );
+    assert!(!log.has_changes());
+}
+
+#[test]
+fn restore_after_a_failed_delete_deletes_again() {
+    let mut log = new_log(config(10, 8 * 1024, 16));
+    let mut server = FakeServer::default();
+    log.insert(record(0, DeliveryState::Pending)).unwrap();
+    commit(&mut log, &mut server);
+    let mut r = log.get(&id(0)).unwrap().clone();
+    r.attempts = 1;
+    assert!(log.update(r.clone()));
+    let writes = log.take_writes();
+    assert_eq!(
+        names(&writes),
+        [("ep1-deliveries-2", true), ("ep1-deliveries-1", false)]
+    );
+    // The create is done, the delete fails.
+    assert!(server.apply(&writes, Some(1)).is_err());
+    log.restore(writes);
+    assert!(log.has_changes());
+    assert_records_recover(&log, &server);
+    // Meanwhile, a new record.
+    log.insert(record(1, DeliveryState::Pending)).unwrap();
+    let writes = log.take_writes();
+    assert_eq!(
+        names(&writes),
+        [
+            ("ep1-deliveries-3", true),
+            ("ep1-deliveries-1", false),
+            ("ep1-deliveries-2", false)
+        ]
+    );
+    assert_eq!(
+        created(&writes)[0].data.as_ref(),
+        Some(&BTreeMap::from([
+            (id(0), r.to_stored()),
+            (id(1), record(1, DeliveryState::Pending).to_stored())
+        ]))
+    );
+    server.apply(&writes, None).unwrap();
+    assert_eq!(server.names(), ["ep1-deliveries-3"]);
+    assert_in_sync(&log, &server);
+
+    // A failed batch that both creates and deletes, failing at its delete again and again.
+    assert!(log.update(finished(1, DeliveryState::Succeeded, 100)));
+    let mut r = log.get(&id(0)).unwrap().clone();
+    r.attempts = 2;
+    assert!(log.update(r));
+    for round in 0..3 {
+        let writes = log.take_writes();
+        let deletes = writes
+            .writes()
+            .iter()
+            .filter(|w| matches!(w, SegmentWrite::Delete { .. }))
+            .count();
+        assert!(deletes >= 1, "round {round}");
+        let first_delete = writes
+            .writes()
+            .iter()
+            .position(|w| matches!(w, SegmentWrite::Delete { .. }))
+            .unwrap();
+        assert!(server.apply(&writes, Some(first_delete)).is_err());
+        log.restore(writes);
+        assert_records_recover(&log, &server);
+    }
+    commit(&mut log, &mut server);
+    assert_in_sync(&log, &server);
+    assert_eq!(server.objects.len(), 1);
+}
+
+#[test]
+fn recovery_skips_corrupt_keys_foreign_segments_and_takes_the_newest_copy() {
+    let cfg = config(100, 4 * 1024, 16);
+    let r0 = record(0, DeliveryState::Pending);
+    let mut r0_newest = r0.clone();
+    r0_newest.attempts = 5;
+    r0_newest.updated_at = ts(-100); // older than in segment 9, but in a newer segment
+    let mut r0_older = r0.clone();
+    r0_older.attempts = 3;
+    r0_older.updated_at = ts(500);
+    let stored = |r: &DeliveryRecord| (r.id.clone(), r.to_stored());
+    let nine = segment_cm(
+        9,
+        "uid-1",
+        vec![
+            stored(&r0_older),
+            stored(&record(1, DeliveryState::Pending)),
+            ("msg_corrupt".into(), "{not json".into()),
+            ("msg_other".into(), record(77, DeliveryState::Pending).to_stored()),
+        ],
+    );
+    // Sorted by name, segment 10 comes before segment 9: the order is by sequence number.
+    let ten = segment_cm(
+        10,
+        "uid-1",
+        vec![stored(&r0_newest), stored(&record(2, DeliveryState::Pending))],
+    );
+    let only_corrupt = segment_cm(11, "uid-1", vec![("msg_bad".into(), "nope".into())]);
+    // A segment of an earlier endpoint of the same name (another uid) is not adopted, and its
+    // sequence number is never reused.
+    let foreign = segment_cm(40, "uid-old", vec![stored(&record(88, DeliveryState::Pending))]);
+    let mut stranger = segment_cm(50, "uid-1", vec![stored(&record(99, DeliveryState::Pending))]);
+    stranger.metadata.name = Some("ep1-something-else".into());
+    let cms = vec![ten.clone(), only_corrupt.clone(), foreign, nine.clone(), stranger];
+
+    let mut back = EndpointLog::from_configmaps("ns1", "ep1", "uid-1", "org_1", cfg, cms);
+    assert_eq!(
+        back.records().map(|r| r.id.clone()).collect::<Vec<_>>(),
+        ids(0..3),
+        "no corrupt, mismatched, foreign or stray record"
+    );
+    assert_eq!(back.get(&r0.id), Some(&r0_newest));
+    assert_eq!(back.pending_count(), 3);
+    assert_eq!(
+        back.segments(),
+        [
+            SegmentSummary {
+                name: "ep1-deliveries-9".into(),
+                ids: ids([1]),
+                bytes: data_bytes(&nine),
+            },
+            SegmentSummary {
+                name: "ep1-deliveries-10".into(),
+                ids: ids([0, 2]),
+                bytes: data_bytes(&ten),
+            },
+            SegmentSummary {
+                name: "ep1-deliveries-11".into(),
+                ids: vec![],
+                bytes: data_bytes(&only_corrupt),
+            },
+        ]
+    );
+    assert!(!back.has_changes(), "the oldest segment holds a live record");
+
+    // The recovered log carries on: a fresh sequence number, past the foreign segment's.
+    back.insert(record(3, DeliveryState::Pending)).unwrap();
+    let mut r1 = back.get(&id(1)).unwrap().clone();
+    r1.attempts = 1;
+    assert!(back.update(r1));
+    let writes = back.take_writes();
+    // Segment 9 holds no live record any more: it goes; segment 10 stays (and so does 11).
+    assert_eq!(
+        names(&writes),
+        [("ep1-deliveries-41", true), ("ep1-deliveries-9", false)]
+    );
+    assert_eq!(
+        back.segments().into_iter().map(|s| s.name).collect::<Vec<_>>(),
+        ["ep1-deliveries-10", "ep1-deliveries-11", "ep1-deliveries-41"]
     );
 }
 
 #[test]
-fn take_writes_is_minimal() {
-    let budget = 8 * 1024;
-    let mut log = new_log(config(100, budget, 16));
-    let mut server = FakeServer::default();
-    for n in 0..20 {
-        log.insert(with_padding(n, 600)).unwrap();
-    }
-    assert!(log.segment_count() >= 2);
-    assert_eq!(commit(&mut log, &mut server), log.segment_count());
-    assert_in_sync(&log, &server);
-    assert!(log.take_writes().is_empty());
-
-    // Two updates of one record: one patch, one key, other segments untouched.
-    let id = with_padding(1, 600).id;
-    let mut r = log.get(&id).unwrap().clone();
-    r.attempts = 1;
-    r.last_error = Some("connection refused".into());
-    assert!(log.update(r.clone()));
-    r.attempts = 2;
-    r.last_error = Some("timeout".into());
-    assert!(log.update(r.clone()));
-    let writes = log.take_writes();
-    assert_eq!(writes.len(), 1);
-    let SegmentWrite::Patch { name, patch } = &writes.writes()[0] else {
-        panic!("expected a patch")
-    };
-    assert_eq!(name, "ep1-deliveries-1");
-    assert_eq!(patch, &json!({"data": {id.clone(): r.to_stored()}}));
-    assert_eq!(writes.record_ids().collect::<Vec<_>>(), [id.as_str()]);
-    server.apply(&writes, None).unwrap();
-    assert_in_sync(&log, &server);
-
-    // A record inserted and pruned within one batch costs nothing.
-    let mut log = new_log(config(0, budget, 16));
-    let mut server = FakeServer::default();
-    log.insert(record(1, DeliveryState::Pending)).unwrap();
-    commit(&mut log, &mut server);
-    log.insert(record(2, DeliveryState::Pending)).unwrap();
-    assert!(log.update(finished(2, DeliveryState::Succeeded, 100)));
-    assert!(log.get(&record(2, DeliveryState::Pending).id).is_none());
-    assert!(log.take_writes().is_empty());
-
-    // A new segment and updates of existing ones in one batch: one write each.
-    let mut log = new_log(config(100, budget, 16));
-    let mut server = FakeServer::default();
-    for n in 0..20 {
-        log.insert(with_padding(n, 600)).unwrap();
-    }
-    commit(&mut log, &mut server);
-    let segments = log.segment_count();
-    for n in 0..20 {
-        let mut r = log.get(&with_padding(n, 600).id).unwrap().clone();
-        r.attempts = 1;
-        log.update(r);
-    }
-    for n in 20..30 {
-        log.insert(with_padding(n, 600)).unwrap();
-    }
-    let writes = log.take_writes();
-    let names: BTreeSet<&str> = writes.writes().iter().map(SegmentWrite::name).collect();
-    assert_eq!(names.len(), writes.len(), "one write per segment");
-    assert_eq!(writes.len(), log.segment_count());
-    let kinds: Vec<bool> = writes
-        .writes()
-        .iter()
-        .map(|w| matches!(w, SegmentWrite::Create(_)))
-        .collect();
-    assert!(kinds.is_sorted_by(|a, b| a >= b), "creates come first");
-    assert!(log.segment_count() > segments);
-    server.apply(&writes, None).unwrap();
-    assert_in_sync(&log, &server);
-}
-
-#[test]
-fn emptied_segments_are_deleted_and_unwritten_ones_never_written() {
-    let budget = 4 * 1024;
-    let mut log = new_log(config(0, budget, 16));
-    let mut server = FakeServer::default();
-
-    // Created and emptied within one batch: no write at all.
-    for n in 0..10 {
-        log.insert(with_padding(n, 500)).unwrap();
-    }
-    assert!(log.segment_count() >= 2);
-    for n in 0..10 {
-        let mut r = log.get(&with_padding(n, 500).id).unwrap().clone();
-        r.state = DeliveryState::Succeeded;
-        log.update(r);
-    }
-    assert!(log.is_empty());
-    assert!(!log.has_changes());
-    assert!(log.take_writes().is_empty());
-
-    // Written, then emptied: one delete per segment, no patch.
-    for n in 10..20 {
-        log.insert(with_padding(n, 500)).unwrap();
-    }
-    let segments = commit(&mut log, &mut server);
-    assert!(segments >= 2);
-    for n in 10..20 {
-        let mut r = log.get(&with_padding(n, 500).id).unwrap().clone();
-        r.state = DeliveryState::Failed;
-        log.update(r);
-    }
-    let writes = log.take_writes();
-    assert_eq!(writes.len(), segments);
-    assert!(writes.writes().iter().all(|w| matches!(w, SegmentWrite::Delete { .. })));
-    assert_eq!(writes.removed_ids().count(), 10);
-    server.apply(&writes, None).unwrap();
-    assert!(server.objects.is_empty());
-    assert_in_sync(&log, &server);
-
-    // An emptied segment that gets a new record before the batch is patched, not deleted.
-    log.insert(record(30, DeliveryState::Pending)).unwrap();
-    commit(&mut log, &mut server);
-    log.update(finished(30, DeliveryState::Succeeded, 99));
-    log.insert(record(31, DeliveryState::Pending)).unwrap();
-    let writes = log.take_writes();
-    assert_eq!(writes.len(), 1);
-    assert!(matches!(&writes.writes()[0], SegmentWrite::Patch { .. }));
-    server.apply(&writes, None).unwrap();
-    assert_in_sync(&log, &server);
-}
-
-#[test]
-fn restore_after_a_failure_writes_everything_again() {
-    let budget = 8 * 1024;
-    let mut log = new_log(config(2, budget, 16));
-    let mut server = FakeServer::default();
-
-    // A failed create stays a create, now with the records added since.
-    log.insert(record(1, DeliveryState::Pending)).unwrap();
-    let writes = log.take_writes();
-    assert!(server.apply(&writes, Some(0)).is_err());
-    log.restore(writes);
-    assert!(log.has_changes());
-    log.insert(record(2, DeliveryState::Pending)).unwrap();
-    let writes = log.take_writes();
-    assert_eq!(writes.len(), 1);
-    let SegmentWrite::Create(cm) = &writes.writes()[0] else {
-        panic!("expected a create")
-    };
-    assert_eq!(cm.data.as_ref().unwrap().len(), 2);
-    server.apply(&writes, None).unwrap();
-    assert_in_sync(&log, &server);
-
-    // A batch applied only in part (a create done, a patch failed): everything is written again.
-    for n in 3..12 {
-        log.insert(with_padding(n, 600)).unwrap();
-    }
-    assert!(log.update(finished(1, DeliveryState::Succeeded, 100)));
-    let writes = log.take_writes();
-    assert!(writes.len() >= 2);
-    let first_patch = writes
-        .writes()
-        .iter()
-        .position(|w| matches!(w, SegmentWrite::Patch { .. }))
-        .unwrap();
-    assert!(server.apply(&writes, Some(first_patch)).is_err());
-    log.restore(writes);
-    // Meanwhile, records finish and the oldest finished one is pruned.
-    assert!(log.update(finished(2, DeliveryState::Succeeded, 101)));
-    assert!(log.update(finished(3, DeliveryState::Succeeded, 102)));
-    assert!(log.get(&record(1, DeliveryState::Pending).id).is_none());
-    let writes = log.take_writes();
-    assert!(writes.writes().iter().all(|w| matches!(w, SegmentWrite::Create(_))));
-    let names: BTreeSet<&str> = writes.writes().iter().map(SegmentWrite::name).collect();
-    assert_eq!(names.len(), writes.len());
-    server.apply(&writes, None).unwrap();
-    // The pruned key was re-created by the merge of an earlier create: the next batch nulls it.
-    let stale = record(1, DeliveryState::Pending).id;
-    assert!(server.data("ep1-deliveries-1").contains_key(&stale));
-    let writes = log.take_writes();
-    assert_eq!(writes.len(), 1);
-    let SegmentWrite::Patch { patch, .. } = &writes.writes()[0] else {
-        panic!("expected a patch")
-    };
-    assert_eq!(patch, &json!({"data": {stale: null}}));
-    server.apply(&writes, None).unwrap();
-    assert_in_sync(&log, &server);
-
-    // A segment deleted behind the log's back: the patch fails (404), the restored batch recreates it.
-    let victim = log.segments()[0].name.clone();
-    server.objects.remove(&victim);
-    let id = log.segments()[0].ids[0].clone();
-    let mut r = log.get(&id).unwrap().clone();
-    r.attempts += 1;
-    log.update(r);
-    let writes = log.take_writes();
-    assert!(server.apply(&writes, None).is_err());
-    log.restore(writes);
-    let writes = log.take_writes();
-    server.apply(&writes, None).unwrap();
-    assert_in_sync(&log, &server);
-
-    // A failed delete is deleted again.
-    let mut log = new_log(config(0, budget, 16));
-    let mut server = FakeServer::default();
-    log.insert(record(1, DeliveryState::Pending)).unwrap();
-    commit(&mut log, &mut server);
-    log.update(finished(1, DeliveryState::Succeeded, 100));
-    let writes = log.take_writes();
-    assert!(matches!(writes.writes(), [SegmentWrite::Delete { .. }]));
-    log.restore(writes);
-    // The segment being deleted takes no new record.
-    log.insert(record(2, DeliveryState::Pending)).unwrap();
-    let writes = log.take_writes();
-    let kinds: Vec<(&str, bool)> = writes
-        .writes()
-        .iter()
-        .map(|w| (w.name(), matches!(w, SegmentWrite::Delete { .. })))
-        .collect();
-    assert_eq!(kinds, [("ep1-deliveries-2", false), ("ep1-deliveries-1", true)]);
-    server.apply(&writes, None).unwrap();
-    assert_in_sync(&log, &server);
-}
-
-#[test]
 fn recovery_rebuilds_an_identical_image() {
-    let cfg = config(20, 8 * 1024, 16);
+    let cfg = config(20, 8 * 1024, 10);
     let mut log = new_log(cfg.clone());
     let mut server = FakeServer::default();
     let mut updated = 1000;
@@ -529,7 +1175,7 @@ fn recovery_rebuilds_an_identical_image() {
         for n in round * 10..round * 10 + 10 {
             log.insert(with_padding(n, 300)).unwrap();
         }
-        // Finish the previous round's records.
+        // Finish the previous round's records, one in three with a long error (capped when stored).
         for n in round.saturating_sub(1) * 10..round * 10 {
             updated += 1;
             let state = if n % 3 == 0 {
@@ -542,7 +1188,7 @@ fn recovery_rebuilds_an_identical_image() {
             r.attempts = 1;
             r.updated_at = ts(updated);
             r.last_error = (state == DeliveryState::Failed).then(|| "HTTP 503 ".repeat(100));
-            log.update(r);
+            assert!(log.update(r));
         }
         commit(&mut log, &mut server);
         assert_in_sync(&log, &server);
@@ -554,122 +1200,82 @@ fn recovery_rebuilds_an_identical_image() {
     assert_eq!(back.records().collect::<Vec<_>>(), log.records().collect::<Vec<_>>());
     assert_eq!(back.newest_first(7), log.newest_first(7));
     assert_eq!(back.approx_bytes(), log.approx_bytes());
+    assert!(!back.has_changes());
     assert!(back.take_writes().is_empty());
 
-    // New segments continue the numbering.
+    // The recovered log carries on where the other left off.
     let last = log.segments().last().unwrap().name.clone();
-    let last_seq = crate::delivery_log::segment_seq(&last).unwrap();
-    for n in 500..540 {
-        back.insert(with_padding(n, 300)).unwrap();
-    }
-    let names: Vec<String> = back.segments().into_iter().map(|s| s.name).collect();
-    assert!(names.contains(&format!("ep1-deliveries-{}", last_seq + 1)));
-}
-
-#[test]
-fn recovery_skips_corrupt_keys_and_keeps_the_newest_duplicate() {
-    let cfg = config(100, 4 * 1024, 16);
-    let mut log = new_log(cfg.clone());
-    let mut server = FakeServer::default();
-    for n in 0..12 {
-        log.insert(with_padding(n, 500)).unwrap();
-    }
-    commit(&mut log, &mut server);
-    let names: Vec<String> = server.objects.keys().cloned().collect();
-    assert!(names.len() >= 2);
-
-    // A corrupt value, a value whose id differs from its key, and a stale copy of record 0 in the
-    // second segment next to a newer copy in the first.
-    let first = names[0].clone();
-    let second = names[1].clone();
-    let original = with_padding(0, 500);
-    let mut newer = original.clone();
-    newer.attempts = 3;
-    newer.updated_at = ts(500);
-    {
-        let data = server.objects.get_mut(&first).unwrap().data.as_mut().unwrap();
-        data.insert(original.id.clone(), newer.to_stored());
-        data.insert("msg_corrupt".into(), "{not json".into());
-        data.insert("msg_other".into(), record(77, DeliveryState::Pending).to_stored());
-        let data = server.objects.get_mut(&second).unwrap().data.as_mut().unwrap();
-        data.insert(original.id.clone(), original.to_stored());
-    }
-    // A segment of another endpoint incarnation (other uid) is not adopted.
-    let mut foreign = server.objects[&second].clone();
-    foreign.metadata.name = Some("ep1-deliveries-40".into());
-    foreign.metadata.owner_references.as_mut().unwrap()[0].uid = "uid-old".into();
-    foreign.data = Some(BTreeMap::from([(
-        "msg_x".to_string(),
-        record(88, DeliveryState::Pending).to_stored(),
-    )]));
-    let mut cms = server.configmaps();
-    cms.push(foreign);
-
-    let mut back = EndpointLog::from_configmaps("ns1", "ep1", "uid-1", "org_1", cfg, cms);
-    assert_eq!(back.len(), 12);
-    assert_eq!(back.get(&original.id), Some(&newer));
-    assert!(back.get("msg_corrupt").is_none() && back.get("msg_other").is_none());
-    assert!(back.get(&record(88, DeliveryState::Pending).id).is_none());
-    let segments = back.segments();
-    assert!(segments[0].ids.contains(&original.id) && !segments[1].ids.contains(&original.id));
-
-    // The next batch removes only the stale copy; undecodable keys are left alone.
+    let last_seq = segment_seq(&last).unwrap();
+    back.insert(with_padding(500, 300)).unwrap();
     let writes = back.take_writes();
-    assert_eq!(writes.len(), 1);
-    let SegmentWrite::Patch { name, patch } = &writes.writes()[0] else {
-        panic!("expected a patch")
-    };
-    assert_eq!(name, &second);
-    assert_eq!(patch, &json!({"data": {original.id.clone(): null}}));
+    assert_eq!(writes.writes()[0].name(), format!("ep1-deliveries-{}", last_seq + 1));
     server.apply(&writes, None).unwrap();
-    assert!(server.data(&first).contains_key("msg_corrupt"));
-
-    // New segments never reuse a name that exists, even one skipped.
-    for n in 100..120 {
-        back.insert(with_padding(n, 500)).unwrap();
-    }
-    assert!(back.segments().iter().all(|s| s.name != "ep1-deliveries-40"));
-    assert!(back.segments().iter().any(|s| s.name == "ep1-deliveries-41"));
+    assert_in_sync(&back, &server);
 }
 
 #[test]
-fn updates_never_take_a_segment_past_the_hard_limit() {
+fn updates_stay_under_the_hard_segment_limit() {
     let mut log = new_log(config(10_000, MAX_SEGMENT_BYTES * 4, 16));
-    let mut n = 0;
-    while log.segment_count() < 2 {
-        log.insert(record(n, DeliveryState::Pending)).unwrap();
-        n += 1;
+    let mut server = FakeServer::default();
+    // Two records near MAX_RECORD_BYTES: segment_bytes is clamped to MAX_SEGMENT_BYTES, so each
+    // gets a create of its own.
+    let big = |n| with_padding(n, MAX_RECORD_BYTES - 2000);
+    for n in 0..2 {
+        assert!(big(n).stored_len() <= MAX_RECORD_BYTES);
+        log.insert(big(n)).unwrap();
     }
-    let first = log.segments()[0].clone();
-    assert!(first.bytes <= MAX_SEGMENT_BYTES, "segment_bytes is clamped");
-    // Every record of the first segment fails with a long error of 4-byte characters.
-    for id in &first.ids {
-        let mut r = log.get(id).unwrap().clone();
+    let writes = log.take_writes();
+    assert_eq!(created(&writes).len(), 2);
+    server.apply(&writes, None).unwrap();
+
+    // Both fail with a long error of 4-byte characters: capped at MAX_ERROR_CHARS characters,
+    // they end up above MAX_RECORD_BYTES but far below HARD_SEGMENT_BYTES.
+    for n in 0..2 {
+        let mut r = log.get(&id(n)).unwrap().clone();
         r.attempts = 1;
         r.last_error = Some("🦫".repeat(2000));
         assert!(log.update(r));
+        let stored = log.get(&id(n)).unwrap();
+        assert_eq!(
+            stored.last_error.as_deref().map(|e| e.chars().count()),
+            Some(MAX_ERROR_CHARS)
+        );
+        assert!(stored.stored_len() > MAX_RECORD_BYTES);
     }
-    let first = log.segments()[0].clone();
-    assert!(first.bytes <= HARD_SEGMENT_BYTES, "{} bytes", first.bytes);
-    let errors: Vec<usize> = first
-        .ids
-        .iter()
-        .map(|id| {
-            log.get(id)
-                .unwrap()
-                .last_error
-                .as_deref()
-                .map_or(0, |e| e.chars().count())
-        })
-        .collect();
-    assert_eq!(errors[0], MAX_ERROR_CHARS_FOR_TEST);
-    assert!(
-        errors.iter().any(|&c| c < MAX_ERROR_CHARS_FOR_TEST),
-        "later errors were shortened"
-    );
-}
+    let writes = log.take_writes();
+    let cms = created(&writes);
+    assert_eq!(cms.len(), 2);
+    for cm in &cms {
+        assert_eq!(cm.data.as_ref().unwrap().len(), 1);
+        assert!(data_bytes(cm) <= HARD_SEGMENT_BYTES, "{} bytes", data_bytes(cm));
+    }
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
 
-const MAX_ERROR_CHARS_FOR_TEST: usize = crate::delivery_log::MAX_ERROR_CHARS;
+    // Should an update take a record past HARD_SEGMENT_BYTES, its error is shortened until it fits.
+    let mut r = log.get(&id(0)).unwrap().clone();
+    r.last_error = None;
+    r.payload["data"]["padding"] = json!("");
+    let overhead = r.stored_len();
+    r.payload["data"]["padding"] = json!("p".repeat(HARD_SEGMENT_BYTES - 1000 - overhead));
+    assert_eq!(r.stored_len(), HARD_SEGMENT_BYTES - 1000);
+    r.last_error = Some("🦫".repeat(2000));
+    assert!(log.update(r));
+    let stored = log.get(&id(0)).unwrap();
+    assert!(
+        stored.stored_len() <= HARD_SEGMENT_BYTES,
+        "{} bytes",
+        stored.stored_len()
+    );
+    let chars = stored.last_error.as_deref().map_or(0, |e| e.chars().count());
+    assert!(chars > 0 && chars < MAX_ERROR_CHARS, "{chars} characters");
+    let writes = log.take_writes();
+    let cms = created(&writes);
+    assert_eq!(cms.len(), 1);
+    assert!(data_bytes(cms[0]) <= HARD_SEGMENT_BYTES);
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
+}
 
 #[test]
 fn newest_first_orders_by_creation_then_id() {
@@ -680,9 +1286,36 @@ fn newest_first_orders_by_creation_then_id() {
     let mut same_time = record(4, DeliveryState::Pending);
     same_time.created_at = ts(3);
     log.insert(same_time).unwrap();
-    let ids: Vec<&str> = log.newest_first(3).into_iter().map(|r| r.id.as_str()).collect();
-    let id = |n| record(n, DeliveryState::Pending).id;
-    assert_eq!(ids, [id(4), id(3), id(2)]);
+    let newest: Vec<&str> = log.newest_first(3).into_iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(newest, [id(4), id(3), id(2)]);
     assert_eq!(log.newest_first(100).len(), 4);
     assert!(log.newest_first(0).is_empty());
+}
+
+#[test]
+fn a_record_pruned_while_its_batch_is_in_flight_is_not_resurrected_by_a_failure() {
+    let cfg = config(1, 8 * 1024, 16);
+    let mut log = new_log(cfg.clone());
+    let mut server = FakeServer::default();
+    // W stays pending (and keeps segment 1 alive), X and Y are pending too.
+    for n in 0..3 {
+        log.insert(record(n, DeliveryState::Pending)).unwrap();
+    }
+    commit(&mut log, &mut server);
+    let x = record(1, DeliveryState::Pending).id;
+    // X is delivered; the batch storing that is taken...
+    assert!(log.update(finished(1, DeliveryState::Succeeded, 100)));
+    let writes = log.take_writes();
+    assert_eq!(writes.record_ids().collect::<Vec<_>>(), [x.as_str()]);
+    // While that write is in flight (the worker goes on), Y is delivered: retention prunes X.
+    assert!(log.update(finished(2, DeliveryState::Succeeded, 200)));
+    assert!(log.get(&x).is_none());
+    // The write fails and is given back; the next batch succeeds.
+    assert!(server.apply(&writes, Some(0)).is_err());
+    log.restore(writes);
+    commit(&mut log, &mut server);
+    // X was delivered: it must not come back as pending.
+    let back = recover(&server, cfg);
+    assert_eq!(back.get(&x).map(|r| r.state), None);
+    assert_records_recover(&log, &server);
 }
