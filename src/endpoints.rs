@@ -1,7 +1,8 @@
 //! A watch-backed cache of WebhookEndpoints, shared by the REST facade (reads, read-your-writes
 //! waits) and the dispatcher (fan-out, endpoint settings, wake-ups on change).
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -21,6 +22,15 @@ pub struct EndpointCache {
     store: Store<WebhookEndpoint>,
     changes: watch::Receiver<u64>,
     changed: broadcast::Sender<ObjectRef<WebhookEndpoint>>,
+    versions: Arc<Mutex<Versions>>,
+}
+
+/// Change counters: the value of the global counter at each organization's last change, and at
+/// the last change that could concern any organization (a relist).
+#[derive(Default)]
+struct Versions {
+    by_organization: HashMap<String, u64>,
+    any: u64,
 }
 
 impl EndpointCache {
@@ -31,6 +41,8 @@ impl EndpointCache {
         let (tx, rx) = watch::channel(0u64);
         let (changed, _) = broadcast::channel(4096);
         let notify = changed.clone();
+        let versions: Arc<Mutex<Versions>> = Arc::default();
+        let seen = versions.clone();
         // managedFields' field sets are the bulk of a cached object and nothing reads them; their
         // times stay (the REST `updated_at` is derived from them).
         let events = watcher(api, watcher::Config::default())
@@ -47,9 +59,16 @@ impl EndpointCache {
                 match event {
                     Ok(Event::Apply(ep) | Event::Delete(ep) | Event::InitApply(ep)) => {
                         let _ = notify.send(ObjectRef::from(&ep));
-                        tx.send_modify(|n| *n += 1);
+                        tx.send_modify(|n| {
+                            *n += 1;
+                            let mut versions = seen.lock().expect("versions lock");
+                            versions.by_organization.insert(ep.spec.organization_id.clone(), *n);
+                        });
                     }
-                    Ok(_) => tx.send_modify(|n| *n += 1),
+                    Ok(_) => tx.send_modify(|n| {
+                        *n += 1;
+                        seen.lock().expect("versions lock").any = *n;
+                    }),
                     Err(e) => warn!(error = %e, "endpoint watch failed; retrying"),
                 }
             }
@@ -58,6 +77,7 @@ impl EndpointCache {
             store,
             changes: rx,
             changed,
+            versions,
         }
     }
 
@@ -68,9 +88,12 @@ impl EndpointCache {
             .map_err(|e| anyhow::anyhow!("endpoint cache never synced: {e}"))
     }
 
-    /// A number that grows with every change seen by the watch (for caches built on this one).
-    pub fn version(&self) -> u64 {
-        *self.changes.borrow()
+    /// A number that grows with every change to one organization's endpoints seen by the watch
+    /// (for caches built on this one: another organization's changes leave it alone).
+    pub fn version_of(&self, organization_id: &str) -> u64 {
+        let versions = self.versions.lock().expect("versions lock");
+        let own = versions.by_organization.get(organization_id).copied().unwrap_or(0);
+        own.max(versions.any)
     }
 
     /// Endpoints that changed (or were deleted) from now on. A receiver that lags behind gets

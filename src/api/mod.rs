@@ -73,6 +73,18 @@ pub struct ApiState {
     /// Serialized list responses per organization, tagged with the cache version they were
     /// built from: a list is rebuilt only after an endpoint changed, not on every read.
     list_bodies: std::sync::Mutex<HashMap<String, (u64, Bytes)>>,
+    /// Held while a list response is rebuilt.
+    list_rebuild: tokio::sync::Mutex<()>,
+}
+
+/// A 200 with a JSON body already serialized (shared, not copied).
+fn json_response(body: Bytes) -> Response {
+    let mut response = warp::http::Response::new(body).into_response();
+    response.headers_mut().insert(
+        warp::http::header::CONTENT_TYPE,
+        warp::http::HeaderValue::from_static("application/json"),
+    );
+    response
 }
 
 /// Most organizations whose list response is kept serialized.
@@ -165,31 +177,38 @@ impl ApiState {
 
     async fn list(&self, org: String, headers: HeaderMap) -> Result<Response, ApiError> {
         self.authorize(&org, &headers).await?;
+        if let Some(body) = self.cached_list(&org) {
+            return Ok(json_response(body));
+        }
+        // One rebuild at a time: concurrent readers of a stale list wait for it instead of each
+        // serializing the same endpoints.
+        let _rebuilding = self.list_rebuild.lock().await;
+        if let Some(body) = self.cached_list(&org) {
+            return Ok(json_response(body));
+        }
         // Read the version first: a change while building makes the entry stale, never wrong.
-        let version = self.cache.version();
-        let cached = self
-            .list_bodies
+        let version = self.cache.version_of(&org);
+        let endpoints: Vec<_> = self.cache.list(&org).iter().map(|e| endpoint_view(e, true)).collect();
+        let body = Bytes::from(
+            serde_json::to_vec(&json!({ "webhook_endpoints": endpoints })).map_err(|_| ApiError::internal())?,
+        );
+        let mut bodies = self.list_bodies.lock().expect("list cache lock");
+        if bodies.len() >= LIST_BODIES_KEPT {
+            bodies.clear();
+        }
+        bodies.insert(org, (version, body.clone()));
+        Ok(json_response(body))
+    }
+
+    /// The serialized list of `org`, if it was built since the organization's endpoints last changed.
+    fn cached_list(&self, org: &str) -> Option<Bytes> {
+        let version = self.cache.version_of(org);
+        self.list_bodies
             .lock()
             .expect("list cache lock")
-            .get(&org)
+            .get(org)
             .filter(|(v, _)| *v == version)
-            .cloned();
-        let body = match cached {
-            Some((_, body)) => body,
-            None => {
-                let endpoints: Vec<_> = self.cache.list(&org).iter().map(|e| endpoint_view(e, true)).collect();
-                let body = Bytes::from(
-                    serde_json::to_vec(&json!({ "webhook_endpoints": endpoints })).map_err(|_| ApiError::internal())?,
-                );
-                let mut bodies = self.list_bodies.lock().expect("list cache lock");
-                if bodies.len() >= LIST_BODIES_KEPT {
-                    bodies.clear();
-                }
-                bodies.insert(org, (version, body.clone()));
-                body
-            }
-        };
-        Ok(warp::reply::with_header(body.to_vec(), "content-type", "application/json").into_response())
+            .map(|(_, body)| body.clone())
     }
 
     async fn create(&self, org: String, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
@@ -576,6 +595,7 @@ pub async fn run(
         config,
         dispatcher,
         list_bodies: Default::default(),
+        list_rebuild: Default::default(),
     });
     info!(listen = %listener.local_addr()?, "REST API serving");
     ready.set_ready();
