@@ -6,7 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::reflector::{self, ObjectRef, ReflectHandle, Store};
 use kube::runtime::watcher::Event;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
@@ -23,6 +23,18 @@ pub struct EndpointCache {
     changes: watch::Receiver<u64>,
     changed: broadcast::Sender<ObjectRef<WebhookEndpoint>>,
     versions: Arc<Mutex<Versions>>,
+    feed: Arc<Mutex<Option<ControllerFeed>>>,
+}
+
+/// Changes the controller may lag behind before the cache waits for it.
+const CONTROLLER_FEED_BUFFER: usize = 1024;
+
+/// What the controller runs on: the cache's store and a stream of the endpoints that changed.
+pub struct ControllerFeed {
+    /// Every endpoint that changed (each one once the initial list is in).
+    pub trigger: ReflectHandle<WebhookEndpoint>,
+    /// The cache's store.
+    pub store: Store<WebhookEndpoint>,
 }
 
 /// Change counters: the value of the global counter at each organization's last change, and at
@@ -34,10 +46,19 @@ struct Versions {
 }
 
 impl EndpointCache {
-    /// Starts the reflector in the background and returns the cache (not yet synced).
-    pub fn start(client: Client, scope: &Scope) -> Self {
+    /// Starts the reflector in the background and returns the cache (not yet synced). With
+    /// `feeds_controller`, the controller's trigger stream is prepared too: take it with
+    /// [`Self::controller_feed`] and run the controller, or the cache stalls once its buffer fills.
+    pub fn start(client: Client, scope: &Scope, feeds_controller: bool) -> Self {
         let api: Api<WebhookEndpoint> = scope.api(client);
-        let (store, writer) = reflector::store();
+        // One cache for the whole process: the controller reads this store and is triggered by
+        // its changes instead of keeping a second copy of every endpoint.
+        let (store, writer) = reflector::store_shared(CONTROLLER_FEED_BUFFER);
+        let trigger = if feeds_controller { writer.subscribe() } else { None };
+        let feed = trigger.map(|trigger| ControllerFeed {
+            trigger,
+            store: store.clone(),
+        });
         let (tx, rx) = watch::channel(0u64);
         let (changed, _) = broadcast::channel(4096);
         let notify = changed.clone();
@@ -78,7 +99,13 @@ impl EndpointCache {
             changes: rx,
             changed,
             versions,
+            feed: Arc::new(Mutex::new(feed)),
         }
+    }
+
+    /// The controller's feed, once: `None` if the cache was started without one or it was taken.
+    pub fn controller_feed(&self) -> Option<ControllerFeed> {
+        self.feed.lock().expect("feed lock").take()
     }
 
     /// Waits until the initial list is in.

@@ -422,7 +422,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
 
     let client = kube_client().await?;
-    if wants(Component::Controller) {
+    // One watch-backed endpoint cache for the whole process: the controller, the REST API and
+    // the dispatcher all read it.
+    let cache = EndpointCache::start(client.clone(), &scope, wants(Component::Controller));
+    if let Some(feed) = cache.controller_feed() {
         let config = ControllerConfig {
             scope: scope.clone(),
             rotation_grace_period: args.rotation_grace_period,
@@ -430,67 +433,63 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             ready: controller_ready,
         };
-        tasks.spawn(controller::run(client.clone(), config, stopped()));
+        tasks.spawn(controller::run(client.clone(), config, feed, stopped()));
     }
-    // The REST API and the dispatcher share one watch-backed endpoint cache.
-    let cache =
-        (wants(Component::Api) || wants(Component::Dispatcher)).then(|| EndpointCache::start(client.clone(), &scope));
-    let dispatcher = match &cache {
-        Some(cache) if wants(Component::Dispatcher) => {
-            let token = read_ingest_token(args.ingest_token_file.as_deref())?;
-            let ingest_listener = capy_webhooks::http::bind(args.ingest_listen, "ingest port").await?;
-            let config = DispatcherConfig {
-                scope: scope.clone(),
-                schedule: args.retry_schedule.clone(),
-                log: LogConfig {
-                    max_finished: args.retain_finished_deliveries,
-                    ..LogConfig::default()
+    let dispatcher = if wants(Component::Dispatcher) {
+        let token = read_ingest_token(args.ingest_token_file.as_deref())?;
+        let ingest_listener = capy_webhooks::http::bind(args.ingest_listen, "ingest port").await?;
+        let config = DispatcherConfig {
+            scope: scope.clone(),
+            schedule: args.retry_schedule.clone(),
+            log: LogConfig {
+                max_finished: args.retain_finished_deliveries,
+                ..LogConfig::default()
+            },
+            sender: SenderConfig {
+                connect_timeout: args.connect_timeout,
+                total_timeout: args.attempt_timeout,
+                policy: TargetPolicy {
+                    allow_private: args.allow_private_targets,
+                    allow_metadata: false,
                 },
-                sender: SenderConfig {
-                    connect_timeout: args.connect_timeout,
-                    total_timeout: args.attempt_timeout,
-                    policy: TargetPolicy {
-                        allow_private: args.allow_private_targets,
-                        allow_metadata: false,
-                    },
-                    allow_http: args.allow_http,
-                    ..SenderConfig::default()
-                },
-                per_endpoint_concurrency: args.per_endpoint_concurrency,
-                summary_interval: args.summary_interval,
-                auto_disable_after: args.auto_disable_after,
-                persist_timeout: Duration::from_secs(10),
-                shutdown_grace: args.shutdown_grace,
-                metrics: metrics.clone(),
-                ready: dispatcher_ready,
-            };
-            let dispatcher = Dispatcher::start(client.clone(), cache.clone(), config, stop_rx.clone()).await?;
-            let ingest = IngestConfig {
-                listen: args.ingest_listen,
-                token,
-                payload_limit: args.ingest_payload_limit,
-                idempotency_window: Duration::from_secs(24 * 3600),
-                idempotency_capacity: 100_000,
-                metrics: metrics.clone(),
-            };
-            tasks.spawn(capy_webhooks::ingest::run(
-                dispatcher.clone(),
-                ingest,
-                ingest_listener,
-                stopped(),
-            ));
-            let draining = dispatcher.clone();
-            let stop = stopped();
-            tasks.spawn(async move {
-                stop.await;
-                draining.wait_stopped().await;
-                Ok(())
-            });
-            Some(dispatcher)
-        }
-        _ => None,
+                allow_http: args.allow_http,
+                ..SenderConfig::default()
+            },
+            per_endpoint_concurrency: args.per_endpoint_concurrency,
+            summary_interval: args.summary_interval,
+            auto_disable_after: args.auto_disable_after,
+            persist_timeout: Duration::from_secs(10),
+            shutdown_grace: args.shutdown_grace,
+            metrics: metrics.clone(),
+            ready: dispatcher_ready,
+        };
+        let dispatcher = Dispatcher::start(client.clone(), cache.clone(), config, stop_rx.clone()).await?;
+        let ingest = IngestConfig {
+            listen: args.ingest_listen,
+            token,
+            payload_limit: args.ingest_payload_limit,
+            idempotency_window: Duration::from_secs(24 * 3600),
+            idempotency_capacity: 100_000,
+            metrics: metrics.clone(),
+        };
+        tasks.spawn(capy_webhooks::ingest::run(
+            dispatcher.clone(),
+            ingest,
+            ingest_listener,
+            stopped(),
+        ));
+        let draining = dispatcher.clone();
+        let stop = stopped();
+        tasks.spawn(async move {
+            stop.await;
+            draining.wait_stopped().await;
+            Ok(())
+        });
+        Some(dispatcher)
+    } else {
+        None
     };
-    if let (Some(cache), true) = (&cache, wants(Component::Api)) {
+    if wants(Component::Api) {
         let listener = capy_webhooks::http::bind(args.api_listen, "REST API").await?;
         let auth = authenticator(&args, &client, &home_namespace).await?;
         let config = ApiConfig {
@@ -507,7 +506,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             client.clone(),
             config,
             auth,
-            cache.clone(),
+            cache,
             dispatcher,
             listener,
             stopped(),

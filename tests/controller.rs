@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use capy_webhooks::controller::desired::{CURRENT_SECRET_KEY, PREVIOUS_SECRETS_KEY};
 use capy_webhooks::controller::{self, ControllerConfig};
+use capy_webhooks::endpoints::EndpointCache;
 use capy_webhooks::resources::{
     CONDITION_READY, ENDPOINT_LABEL, MANAGED_BY_LABEL, ORGANIZATION_LABEL, Scope, WebhookEndpoint, WebhookEndpointSpec,
 };
@@ -34,8 +35,10 @@ impl RunningController {
             metrics: capy_webhooks::telemetry::Metrics::new(),
             ready: capy_webhooks::telemetry::ReadyHandle::detached(),
         };
+        let cache = EndpointCache::start(client.clone(), &config.scope, true);
+        let feed = cache.controller_feed().expect("the cache feeds the controller");
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(controller::run(client.clone(), config, async move {
+        let task = tokio::spawn(controller::run(client.clone(), config, feed, async move {
             let _ = rx.await;
         }));
         Self { stop: Some(tx), task }

@@ -25,6 +25,7 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::endpoints::ControllerFeed;
 use crate::resources::{
     CONDITION_READY, CONDITION_SECRET_READY, FIELD_MANAGER, ORGANIZATION_LABEL, Scope, WebhookEndpoint,
     WebhookEndpointStatus, signing_secret_name,
@@ -365,6 +366,7 @@ pub fn error_policy(endpoint: Arc<WebhookEndpoint>, error: &Error, ctx: Arc<Cont
 pub async fn run(
     client: Client,
     config: ControllerConfig,
+    feed: ControllerFeed,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
     let endpoints: Api<WebhookEndpoint> = config.scope.api(client.clone());
@@ -385,17 +387,10 @@ pub async fn run(
     config.metrics.declare_reconcile_error_reasons(&Error::REASONS);
     let ctx = Arc::new(Context::new(client, config));
     info!(scope = ?ctx.config.scope, "controller starting");
-    // The controller's own cache of endpoints, without managedFields (the bulk of each object,
-    // never read here).
-    let (store, writer) = kube::runtime::reflector::store();
-    let endpoint_changes = watcher(endpoints, watcher::Config::default())
-        .default_backoff()
-        .modify(|ep: &mut WebhookEndpoint| ep.metadata.managed_fields = None)
-        .reflect(writer)
-        .applied_objects();
     // Bounded concurrency: at start every endpoint is due at once, and thousands of parallel
     // reconciles only queue at the API server while holding their buffers.
-    let controller = Controller::for_stream(endpoint_changes, store.clone())
+    let ControllerFeed { trigger, store } = feed;
+    let controller = Controller::for_shared_stream(trigger, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
     let ready = ctx.config.ready.clone();
     tokio::spawn(async move {

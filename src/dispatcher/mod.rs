@@ -15,6 +15,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
@@ -23,7 +24,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use crate::controller::desired::{signing_secret_selector, stored_key_ring};
+use crate::controller::desired::{ROTATION_ANNOTATION, signing_secret_selector, stored_key_ring};
 use crate::delivery::event_types::matches;
 use crate::delivery::schedule::RetrySchedule;
 use crate::delivery::sender::{Sender, SenderConfig, envelope};
@@ -93,7 +94,22 @@ impl KeyRings {
         let config = watcher::Config::default().labels(&signing_secret_selector());
         let events = watcher(scope.api::<Secret>(client), config)
             .default_backoff()
-            .modify(|secret: &mut Secret| secret.metadata.managed_fields = None);
+            // Thousands of these are cached: keep only what the key ring is read from.
+            .modify(|secret: &mut Secret| {
+                let meta = std::mem::take(&mut secret.metadata);
+                let rotation = meta
+                    .annotations
+                    .and_then(|mut a| a.remove_entry(ROTATION_ANNOTATION))
+                    .map(|entry| [entry].into());
+                secret.metadata = ObjectMeta {
+                    name: meta.name,
+                    namespace: meta.namespace,
+                    annotations: rotation,
+                    ..Default::default()
+                };
+                secret.string_data = None;
+                secret.type_ = None;
+            });
         let stream = reflector::reflector(writer, events);
         tokio::spawn(async move {
             futures::pin_mut!(stream);

@@ -85,7 +85,8 @@ impl Operator {
         let scope = Scope::Namespace(ns.into());
         let metrics = Metrics::new();
         let url_policy = UrlPolicy { allow_http: true };
-        if opts.controller {
+        let cache = EndpointCache::start(client.clone(), &scope, opts.controller);
+        if let Some(feed) = cache.controller_feed() {
             let config = ControllerConfig {
                 scope: scope.clone(),
                 rotation_grace_period: opts.rotation_grace,
@@ -93,9 +94,8 @@ impl Operator {
                 metrics: metrics.clone(),
                 ready: ReadyHandle::detached(),
             };
-            tokio::spawn(controller::run(client.clone(), config, stopped()));
+            tokio::spawn(controller::run(client.clone(), config, feed, stopped()));
         }
-        let cache = EndpointCache::start(client.clone(), &scope);
         let mut ingest_base = String::new();
         let dispatcher = if opts.dispatcher {
             let config = DispatcherConfig {
