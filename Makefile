@@ -61,7 +61,6 @@ run: build ## Run the operator against $$KUBECONFIG, or a local control plane wh
 
 .PHONY: bench
 bench: control-plane ## Throughput, latency and footprint on a local control plane; writes BENCHMARKS.md (BENCH_ARGS=--quick for a short run)
-	$(CARGO) build --release --bin capy-webhooks
 	$(CARGO) bench --bench capy -- $(BENCH_ARGS)
 
 .PHONY: fmt

@@ -117,7 +117,9 @@ impl Operator {
         let token = workdir.join("ingest-token");
         std::fs::write(&token, INGEST_TOKEN).unwrap();
         let log = std::fs::File::create(workdir.join("operator.log")).unwrap();
-        let child = Command::new(root().join("target/release/capy-webhooks"))
+        // Cargo builds the binary for benches (in the bench profile, like --release) and names
+        // it here, wherever the target directory is.
+        let child = Command::new(env!("CARGO_BIN_EXE_capy-webhooks"))
             .args(["run", "--namespace", NS])
             .args(["--api-listen", &format!("127.0.0.1:{api}")])
             .args(["--ingest-listen", &format!("127.0.0.1:{ingest}")])
@@ -142,7 +144,7 @@ impl Operator {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("target/release/capy-webhooks exists: run `cargo build --release` first");
+            .expect("the capy-webhooks binary Cargo built for this bench runs");
         Self {
             child,
             api: format!("http://127.0.0.1:{api}"),
