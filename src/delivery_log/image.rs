@@ -159,19 +159,11 @@ pub struct SegmentSummary {
     pub bytes: usize,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum SegmentState {
-    /// Created (or found by a recovery).
-    Stored,
-    /// Its create may have failed: it may or may not exist. It holds no live record and is deleted
-    /// once it is the oldest.
-    Uncertain,
-}
-
+/// A segment that exists, or may: one whose create failed holds no live record and is deleted
+/// once it is the oldest.
 #[derive(Clone, Debug)]
 struct Segment {
     name: String,
-    state: SegmentState,
     /// Ids whose live version this segment holds.
     live: BTreeSet<String>,
     /// Stored bytes of those live versions.
@@ -295,7 +287,6 @@ impl EndpointLog {
                 seq,
                 Segment {
                     name: name.clone(),
-                    state: SegmentState::Stored,
                     live: BTreeSet::new(),
                     live_bytes: 0,
                     bytes,
@@ -555,7 +546,6 @@ impl EndpointLog {
                 }
             }
             if let Some(segment) = self.segments.get_mut(&created.seq) {
-                segment.state = SegmentState::Uncertain;
                 segment.live_bytes = 0;
                 for id in std::mem::take(&mut segment.live) {
                     if let Some(entry) = self.records.get_mut(&id) {
@@ -588,7 +578,6 @@ impl EndpointLog {
             seq,
             Segment {
                 name: name.clone(),
-                state: SegmentState::Stored,
                 live: batch.live.iter().cloned().collect(),
                 live_bytes,
                 bytes: batch.bytes,
