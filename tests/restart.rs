@@ -16,6 +16,10 @@ use support::receiver::{Answer, Receiver};
 
 const ORG: &str = "org_restart";
 
+/// The tests of this binary take turns: the outage test pauses the API server they all share, and
+/// any test running beside it would see a 4 s outage it did not ask for.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -94,6 +98,7 @@ async fn ingest(http: &reqwest::Client, ingest_port: u16, data: Value) -> (u16, 
 
 #[tokio::test]
 async fn sigkill_with_pending_deliveries_loses_nothing() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let client = support::client().await;
     support::install_crd(&client).await;
     let ns = support::test_namespace(&client, "sigkill").await;
@@ -196,6 +201,7 @@ impl Drop for Resume {
 
 #[tokio::test]
 async fn an_api_server_outage_answers_503_and_loses_nothing_acknowledged() {
+    let _turn = ONE_AT_A_TIME.lock().await;
     let Some(pid_file) = apiserver_pid() else {
         eprintln!("skipped: needs the project's own control plane (KUBECONFIG names an external cluster)");
         return;
