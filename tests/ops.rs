@@ -7,11 +7,12 @@ mod support;
 use std::collections::{BTreeMap, HashMap};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::operator::INGEST_TOKEN;
+use support::process::OperatorProcess;
 use support::receiver::Receiver;
 
 const ORG: &str = "org_ops";
@@ -36,48 +37,18 @@ impl Ports {
             metrics: free_port(),
         }
     }
+    fn args(&self) -> Vec<String> {
+        [
+            ("--api-listen", self.api),
+            ("--ingest-listen", self.ingest),
+            ("--metrics-listen", self.metrics),
+        ]
+        .into_iter()
+        .flat_map(|(flag, port)| [flag.to_string(), format!("127.0.0.1:{port}")])
+        .collect()
+    }
     fn ops(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.metrics)
-    }
-}
-
-/// The operator binary as a child process; killed with SIGKILL when dropped.
-struct OperatorProcess {
-    child: Child,
-}
-
-impl OperatorProcess {
-    fn start(ns: &str, kubeconfig: &Path, ports: Ports, dir: &Path, log_name: &str) -> Self {
-        let token_file = dir.join("ingest-token");
-        std::fs::write(&token_file, INGEST_TOKEN).unwrap();
-        let log = std::fs::File::create(dir.join(log_name)).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_capy-webhooks"))
-            .args(["run", "--namespace", ns])
-            .args(["--api-listen", &format!("127.0.0.1:{}", ports.api)])
-            .args(["--ingest-listen", &format!("127.0.0.1:{}", ports.ingest)])
-            .args(["--metrics-listen", &format!("127.0.0.1:{}", ports.metrics)])
-            .arg("--ingest-token-file")
-            .arg(&token_file)
-            .args(["--allow-http", "--allow-private-targets"])
-            .args(["--summary-interval", "1s"])
-            .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("operator binary starts");
-        Self { child }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OperatorProcess {
-    fn drop(&mut self) {
-        self.kill();
     }
 }
 
@@ -289,7 +260,7 @@ async fn probes_and_metrics_of_the_binary() {
     let closed = free_port();
     let unreachable = kubeconfig_pointing_at(&format!("https://127.0.0.1:{closed}"), dir.path());
     let ports = Ports::fresh();
-    let mut starting = OperatorProcess::start(&ns, &unreachable, ports, dir.path(), "unreachable.log");
+    let mut starting = OperatorProcess::start(&ns, &unreachable, dir.path(), "unreachable.log", &ports.args());
     support::wait_for(
         "/healthz while the caches cannot sync",
         Duration::from_secs(30),
@@ -323,7 +294,13 @@ async fn probes_and_metrics_of_the_binary() {
 
     // 2. The real cluster: ready once every component is.
     let ports = Ports::fresh();
-    let mut op = OperatorProcess::start(&ns, &support::kubeconfig_path(), ports, dir.path(), "operator.log");
+    let mut op = OperatorProcess::start(
+        &ns,
+        &support::kubeconfig_path(),
+        dir.path(),
+        "operator.log",
+        &ports.args(),
+    );
     let ready: Value = support::wait_for("/readyz 200", Duration::from_secs(60), || async {
         let (status, _, body) = get(&http, &ports.ops("/readyz")).await?;
         (status == 200).then(|| serde_json::from_str(&body).unwrap())

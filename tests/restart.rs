@@ -7,11 +7,12 @@ mod support;
 use std::collections::HashSet;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::operator::{INGEST_TOKEN, Operator, Options};
+use support::process::OperatorProcess;
 use support::receiver::{Answer, Receiver};
 
 const ORG: &str = "org_restart";
@@ -24,48 +25,20 @@ fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// The operator binary as a child process; killed with SIGKILL when dropped.
-struct OperatorProcess {
-    child: Child,
-}
-
-impl OperatorProcess {
-    fn start(ns: &str, api_port: u16, ingest_port: u16, dir: &Path, log_name: &str) -> Self {
-        let token_file = dir.join("ingest-token");
-        std::fs::write(&token_file, INGEST_TOKEN).unwrap();
-        let log = std::fs::File::create(dir.join(log_name)).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_capy-webhooks"))
-            .args(["run", "--namespace", ns, "--components", "api,controller,dispatcher"])
-            .args(["--api-listen", &format!("127.0.0.1:{api_port}")])
-            .args(["--ingest-listen", &format!("127.0.0.1:{ingest_port}")])
-            .arg("--ingest-token-file")
-            .arg(&token_file)
-            .args([
-                "--allow-http",
-                "--allow-private-targets",
-                "--retry-schedule",
-                "0s,3s,3s,3s,3s",
-            ])
-            .args(["--summary-interval", "1s"])
-            .env("KUBECONFIG", support::kubeconfig_path())
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("operator binary starts");
-        Self { child }
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill(); // SIGKILL
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for OperatorProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
+/// Listeners, and retries 3 s apart.
+fn operator_args(api_port: u16, ingest_port: u16) -> Vec<String> {
+    [
+        "--components",
+        "api,controller,dispatcher",
+        "--api-listen",
+        &format!("127.0.0.1:{api_port}"),
+        "--ingest-listen",
+        &format!("127.0.0.1:{ingest_port}"),
+        "--retry-schedule",
+        "0s,3s,3s,3s,3s",
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 async fn wait_http_up(http: &reqwest::Client, api_port: u16) {
@@ -110,7 +83,9 @@ async fn sigkill_with_pending_deliveries_loses_nothing() {
     // operator dies.
     let receiver = Receiver::start(vec![Answer::Status(503); EVENTS]).await;
 
-    let mut first = OperatorProcess::start(&ns, api_port, ingest_port, dir.path(), "first.log");
+    let args = operator_args(api_port, ingest_port);
+    let kubeconfig = support::kubeconfig_path();
+    let mut first = OperatorProcess::start(&ns, &kubeconfig, dir.path(), "first.log", &args);
     wait_http_up(&http, api_port).await;
     let (_, key) = capy_webhooks::auth::api_keys::create_key(&client, &ns, ORG, None, None)
         .await
@@ -140,7 +115,7 @@ async fn sigkill_with_pending_deliveries_loses_nothing() {
     .await;
     first.kill();
 
-    let _second = OperatorProcess::start(&ns, api_port, ingest_port, dir.path(), "second.log");
+    let _second = OperatorProcess::start(&ns, &kubeconfig, dir.path(), "second.log", &args);
     wait_http_up(&http, api_port).await;
     let deliveries = support::wait_for(
         "every delivery succeeded after the restart",

@@ -12,6 +12,7 @@
 #![allow(dead_code)]
 
 pub mod operator;
+pub mod process;
 pub mod receiver;
 
 use std::future::Future;

@@ -1,0 +1,49 @@
+//! The operator binary as a child process, for what only the real binary does (SIGKILL, its
+//! operations port, start-up against an unreachable API server).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+use super::operator::INGEST_TOKEN;
+
+/// The operator binary as a child process; killed with SIGKILL when dropped.
+pub struct OperatorProcess {
+    pub child: Child,
+}
+
+impl OperatorProcess {
+    /// Runs `capy-webhooks run --namespace ns` against the cluster `kubeconfig` names, with the
+    /// test ingest token (written to `dir`), HTTP and loopback receivers allowed, status summaries
+    /// every second, and `args` on top; its log goes to `dir/log_name`.
+    pub fn start(ns: &str, kubeconfig: &Path, dir: &Path, log_name: &str, args: &[String]) -> Self {
+        let token_file = dir.join("ingest-token");
+        std::fs::write(&token_file, INGEST_TOKEN).unwrap();
+        let log = std::fs::File::create(dir.join(log_name)).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_capy-webhooks"))
+            .args(["run", "--namespace", ns])
+            .arg("--ingest-token-file")
+            .arg(&token_file)
+            .args(["--allow-http", "--allow-private-targets"])
+            .args(["--summary-interval", "1s"])
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("operator binary starts");
+        Self { child }
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for OperatorProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
