@@ -15,6 +15,10 @@ DEV_ORG ?= org_demo
 help: ## List targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-14s %s\n", $$1, $$2}'
 
+.PHONY: disk-check
+disk-check: ## Warn when the disk looks too small for a clean build (README, "Disk")
+	@hack/check-disk.sh
+
 .PHONY: control-plane
 control-plane: ## Build etcd, kube-apiserver, kube-controller-manager, kubectl, helm once (cached)
 	@hack/build-control-plane.sh >/dev/null
@@ -60,7 +64,7 @@ run: build ## Run the operator against $$KUBECONFIG, or a local control plane wh
 	  --ingest-token-file $$token_file $(RUN_ARGS)
 
 .PHONY: bench
-bench: control-plane ## Throughput, latency and footprint on a local control plane; writes BENCHMARKS.md (BENCH_ARGS=--quick for a short run)
+bench: disk-check control-plane ## Throughput, latency and footprint on a local control plane; writes BENCHMARKS.md (BENCH_ARGS=--quick for a short run)
 	$(CARGO) bench --bench capy -- $(BENCH_ARGS)
 
 .PHONY: fmt
@@ -73,6 +77,6 @@ lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) clippy --all-targets -- -D warnings
 
 .PHONY: test
-test: control-plane ## Every test: unit tests, then integration tests on a real control plane
+test: disk-check control-plane ## Every test: unit tests, then integration tests on a real control plane
 	$(CARGO) fmt --all -- --check
 	$(CARGO) test --lib --bins --tests -- --test-threads=4
