@@ -424,7 +424,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let controller_ready = ready(Component::Controller, "controller");
     let api_ready = ready(Component::Api, "api");
     let dispatcher_ready = ready(Component::Dispatcher, "dispatcher");
-    let mut tasks = tokio::task::JoinSet::new();
+    let mut tasks = Components::new();
     let ops_listener = capy_webhooks::http::bind(args.metrics_listen, "operations port").await?;
     tasks.spawn(capy_webhooks::ops::run(
         metrics.clone(),
@@ -475,7 +475,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             ready: dispatcher_ready,
         };
-        let dispatcher = Dispatcher::start(client.clone(), cache.clone(), config, stop_rx.clone()).await?;
+        let start = Dispatcher::start(client.clone(), cache.clone(), config, stop_rx.clone());
+        let Some(dispatcher) = start_step(&mut tasks, stopped(), start).await? else {
+            return Ok(());
+        };
         let ingest = IngestConfig {
             listen: args.ingest_listen,
             token,
@@ -503,7 +506,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     };
     if wants(Component::Api) {
         let listener = capy_webhooks::http::bind(args.api_listen, "REST API").await?;
-        let auth = authenticator(&args, &client, &home_namespace).await?;
+        let start = authenticator(&args, &client, &home_namespace);
+        let Some(auth) = start_step(&mut tasks, stopped(), start).await? else {
+            return Ok(());
+        };
         let config = ApiConfig {
             listen: args.api_listen,
             scope: scope.clone(),
@@ -529,6 +535,34 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         result.context("component panicked")??;
     }
     Ok(())
+}
+
+/// The components started so far, each ending with its error (or `Ok` once it has shut down).
+type Components = tokio::task::JoinSet<anyhow::Result<()>>;
+
+/// Awaits one start-up step while watching the components already running and the shutdown
+/// signal; `None` when shutdown came first. A start-up step may wait for caches that never fill
+/// (the CRD is missing, RBAC forbids the list, the API server is unreachable): the component that
+/// says why, such as the controller, must still end the process, and so must SIGTERM.
+async fn start_step<T, E>(
+    components: &mut Components,
+    stopped: impl Future<Output = ()>,
+    step: impl Future<Output = Result<T, E>>,
+) -> anyhow::Result<Option<T>>
+where
+    anyhow::Error: From<E>,
+{
+    tokio::pin!(step, stopped);
+    loop {
+        tokio::select! {
+            done = &mut step => return Ok(Some(done?)),
+            () = &mut stopped => {
+                info!("shutdown during start-up");
+                return Ok(None);
+            }
+            Some(ended) = components.join_next() => ended.context("component panicked")??,
+        }
+    }
 }
 
 fn main() -> anyhow::Result<()> {

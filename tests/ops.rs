@@ -52,16 +52,32 @@ impl Ports {
     }
 }
 
-/// A copy of the test cluster's kubeconfig whose every server is `server`.
-fn kubeconfig_pointing_at(server: &str, dir: &Path) -> PathBuf {
+/// A copy of the test cluster's kubeconfig, written to `dir/name` after `edit`.
+fn edited_kubeconfig(dir: &Path, name: &str, edit: impl FnOnce(&mut serde_yaml::Value)) -> PathBuf {
     let text = std::fs::read_to_string(support::kubeconfig_path()).unwrap();
     let mut config: serde_yaml::Value = serde_yaml::from_str(&text).unwrap();
-    for cluster in config["clusters"].as_sequence_mut().expect("clusters").iter_mut() {
-        cluster["cluster"]["server"] = serde_yaml::Value::String(server.into());
-    }
-    let path = dir.join("unreachable-kubeconfig");
+    edit(&mut config);
+    let path = dir.join(name);
     std::fs::write(&path, serde_yaml::to_string(&config).unwrap()).unwrap();
     path
+}
+
+/// The test cluster's kubeconfig with every server set to `server`.
+fn kubeconfig_pointing_at(server: &str, dir: &Path) -> PathBuf {
+    edited_kubeconfig(dir, "unreachable-kubeconfig", |config| {
+        for cluster in config["clusters"].as_sequence_mut().expect("clusters") {
+            cluster["cluster"]["server"] = serde_yaml::Value::String(server.into());
+        }
+    })
+}
+
+/// The test cluster's kubeconfig authenticating with `token` instead of the admin certificate.
+fn kubeconfig_with_token(token: &str, dir: &Path) -> PathBuf {
+    edited_kubeconfig(dir, "token-kubeconfig", |config| {
+        for user in config["users"].as_sequence_mut().expect("users") {
+            user["user"] = serde_yaml::to_value(json!({ "token": token })).unwrap();
+        }
+    })
 }
 
 async fn get(http: &reqwest::Client, url: &str) -> Option<(u16, String, String)> {
@@ -290,7 +306,23 @@ async fn probes_and_metrics_of_the_binary() {
         assert_eq!(status, 200);
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    starting.kill();
+    // Waiting for the API server is not a reason to exit: the controller retries, and says so.
+    // SIGTERM still ends it, cleanly, although no component has finished starting.
+    assert!(starting.child.try_wait().unwrap().is_none(), "the operator exited");
+    let pid = starting.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let status = support::wait_for(
+        "the starting operator exits after SIGTERM",
+        Duration::from_secs(10),
+        || {
+            let exited = starting.child.try_wait().unwrap();
+            async move { exited }
+        },
+    )
+    .await;
+    assert!(status.success(), "{status:?}");
+    let log = std::fs::read_to_string(dir.path().join("unreachable.log")).unwrap();
+    assert!(log.contains("cannot list WebhookEndpoints yet; retrying"), "{log}");
 
     // 2. The real cluster: ready once every component is.
     let ports = Ports::fresh();
@@ -436,5 +468,44 @@ async fn probes_and_metrics_of_the_binary() {
     .await;
     assert!(status.success(), "{status:?}");
     assert!(get(&http, &ports.ops("/healthz")).await.is_none());
+    support::delete_namespace(&client, &ns).await;
+}
+
+/// An operator whose identity may not list WebhookEndpoints (no RBAC role: the most common
+/// install mistake besides a missing CRD) cannot start its controller. The process must exit and
+/// say why, not hang unready while the other components wait for caches that never fill.
+#[tokio::test]
+async fn an_operator_forbidden_to_list_endpoints_exits_and_says_why() {
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, "forbidden").await;
+    let dir = tempfile::tempdir().unwrap();
+    // The namespace's `default` service account (made by the controller manager) has no role.
+    let token = support::wait_for(
+        "a token for the default service account",
+        Duration::from_secs(30),
+        || {
+            let out = support::kubectl(&["create", "token", "default", "-n", &ns]);
+            let token = out
+                .status
+                .success()
+                .then(|| String::from_utf8(out.stdout).unwrap().trim().to_string());
+            async move { token }
+        },
+    )
+    .await;
+    let kubeconfig = kubeconfig_with_token(&token, dir.path());
+    let ports = Ports::fresh();
+    let mut op = OperatorProcess::start(&ns, &kubeconfig, dir.path(), "forbidden.log", &ports.args());
+    let status = support::wait_for("the operator exits", Duration::from_secs(60), || {
+        let exited = op.child.try_wait().unwrap();
+        async move { exited }
+    })
+    .await;
+    let log = std::fs::read_to_string(dir.path().join("forbidden.log")).unwrap();
+    assert!(!status.success(), "{status:?}\n{log}");
+    assert!(log.contains("cannot list WebhookEndpoints"), "{log}");
+    assert!(log.contains("forbidden"), "{log}");
+    assert!(!log.contains(&token), "the log must not echo the token");
     support::delete_namespace(&client, &ns).await;
 }
