@@ -477,7 +477,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         let start = Dispatcher::start(client.clone(), cache.clone(), config, stop_rx.clone());
         let Some(dispatcher) = start_step(&mut tasks, stopped(), start).await? else {
-            return Ok(());
+            return until_all_end(tasks).await;
         };
         let ingest = IngestConfig {
             listen: args.ingest_listen,
@@ -508,7 +508,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let listener = capy_webhooks::http::bind(args.api_listen, "REST API").await?;
         let start = authenticator(&args, &client, &home_namespace);
         let Some(auth) = start_step(&mut tasks, stopped(), start).await? else {
-            return Ok(());
+            return until_all_end(tasks).await;
         };
         let config = ApiConfig {
             listen: args.api_listen,
@@ -530,9 +530,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             stopped(),
         ));
     }
-    // A component that fails ends the process, so that Kubernetes restarts it.
-    while let Some(result) = tasks.join_next().await {
-        result.context("component panicked")??;
+    until_all_end(tasks).await
+}
+
+/// Waits until every component has ended; one that fails ends the process (so that Kubernetes
+/// restarts it), and on shutdown each drains before it ends.
+async fn until_all_end(mut components: Components) -> anyhow::Result<()> {
+    while let Some(ended) = components.join_next().await {
+        ended.context("component panicked")??;
     }
     Ok(())
 }
