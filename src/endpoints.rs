@@ -187,6 +187,41 @@ impl EndpointCache {
     }
 }
 
+/// First wait between attempts of [`wait_until_listable`]; it doubles up to the second.
+const LIST_RETRY_FIRST: Duration = Duration::from_millis(500);
+const LIST_RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// Waits until the API server answers a list of WebhookEndpoints in `scope`, before any cache of
+/// them starts. Fails when the answer shows the installation is wrong ([`is_installation_error`]):
+/// no such cache would ever fill, and waiting cannot fix it. Other failures (the API server is
+/// unreachable or overloaded) are logged and retried, from 0.5 s doubling to 30 s.
+pub async fn wait_until_listable(client: Client, scope: &Scope) -> anyhow::Result<()> {
+    let endpoints: Api<WebhookEndpoint> = scope.api(client);
+    let mut retry_in = LIST_RETRY_FIRST;
+    while let Err(e) = endpoints
+        .list_metadata(&kube::api::ListParams::default().limit(1))
+        .await
+    {
+        if is_installation_error(&e) {
+            anyhow::bail!(
+                "cannot list WebhookEndpoints ({e}); is the CRD installed and may this identity list \
+                 them? Run `kubectl apply -f crds/` (or `capy-webhooks crd | kubectl apply -f -`) and \
+                 check the ClusterRole of the Helm chart"
+            );
+        }
+        warn!(error = %e, ?retry_in, "cannot list WebhookEndpoints yet; retrying");
+        tokio::time::sleep(retry_in).await;
+        retry_in = (retry_in * 2).min(LIST_RETRY_MAX);
+    }
+    Ok(())
+}
+
+/// Whether a failed list means the installation is wrong: the CRD is missing (404), or this
+/// identity may not list (403) or is not recognised (401).
+pub fn is_installation_error(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(status) if matches!(status.code, 401 | 403 | 404))
+}
+
 /// Waits until `store` has its first full list, like `Store::wait_until_ready`, but safe with
 /// several waiters: kube-runtime's readiness signal wakes only the task that polled it last, so
 /// a second waiter (say, the controller's own runner and a readiness probe) could sleep forever.
@@ -209,4 +244,22 @@ fn sort_for_listing(endpoints: &mut [std::sync::Arc<WebhookEndpoint>]) {
         let key = |e: &WebhookEndpoint| (e.metadata.creation_timestamp.as_ref().map(|t| t.0), e.name_any());
         key(a).cmp(&key(b))
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_answers_about_the_installation_end_the_start() {
+        let api = |code| kube::Error::Api(Box::new(kube::core::Status::failure("x", "y").with_code(code)));
+        for code in [401, 403, 404] {
+            assert!(is_installation_error(&api(code)), "{code}");
+        }
+        for code in [429, 500, 503, 504] {
+            assert!(!is_installation_error(&api(code)), "{code}");
+        }
+        let unreachable = kube::Error::Service("connection refused".into());
+        assert!(!is_installation_error(&unreachable));
+    }
 }

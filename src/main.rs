@@ -20,7 +20,7 @@ use capy_webhooks::delivery::sender::SenderConfig;
 use capy_webhooks::delivery::ssrf::TargetPolicy;
 use capy_webhooks::delivery_log::LogConfig;
 use capy_webhooks::dispatcher::{Dispatcher, DispatcherConfig};
-use capy_webhooks::endpoints::EndpointCache;
+use capy_webhooks::endpoints::{self, EndpointCache};
 use capy_webhooks::ingest::IngestConfig;
 use capy_webhooks::resources::{Scope, crd_yaml};
 use capy_webhooks::telemetry::{self, LogFormat, Metrics, Readiness, ReadyHandle};
@@ -434,6 +434,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     ));
 
     let client = kube_client().await?;
+    // Every component reads WebhookEndpoints: an installation that forbids it ends the process
+    // here, whichever components run, instead of leaving them waiting for caches that never fill.
+    let listable = endpoints::wait_until_listable(client.clone(), &scope);
+    if start_step(&mut tasks, stopped(), listable).await?.is_none() {
+        return until_all_end(tasks).await;
+    }
     // One watch-backed endpoint cache for the whole process: the controller, the REST API and
     // the dispatcher all read it.
     let cache = EndpointCache::start(client.clone(), &scope, wants(Component::Controller));
@@ -546,9 +552,9 @@ async fn until_all_end(mut components: Components) -> anyhow::Result<()> {
 type Components = tokio::task::JoinSet<anyhow::Result<()>>;
 
 /// Awaits one start-up step while watching the components already running and the shutdown
-/// signal; `None` when shutdown came first. A start-up step may wait for caches that never fill
-/// (the CRD is missing, RBAC forbids the list, the API server is unreachable): the component that
-/// says why, such as the controller, must still end the process, and so must SIGTERM.
+/// signal; `None` when shutdown came first. A start-up step may wait long (for an API server that
+/// is unreachable, for caches to sync): a component that fails meanwhile must still end the
+/// process, and so must SIGTERM.
 async fn start_step<T, E>(
     components: &mut Components,
     stopped: impl Future<Output = ()>,

@@ -472,8 +472,8 @@ async fn probes_and_metrics_of_the_binary() {
 }
 
 /// An operator whose identity may not list WebhookEndpoints (no RBAC role: the most common
-/// install mistake besides a missing CRD) cannot start its controller. The process must exit and
-/// say why, not hang unready while the other components wait for caches that never fill.
+/// install mistake besides a missing CRD) can never fill its caches. The process must exit and say
+/// why, whichever components it runs, not hang unready.
 #[tokio::test]
 async fn an_operator_forbidden_to_list_endpoints_exits_and_says_why() {
     let client = support::client().await;
@@ -495,17 +495,24 @@ async fn an_operator_forbidden_to_list_endpoints_exits_and_says_why() {
     )
     .await;
     let kubeconfig = kubeconfig_with_token(&token, dir.path());
-    let ports = Ports::fresh();
-    let mut op = OperatorProcess::start(&ns, &kubeconfig, dir.path(), "forbidden.log", &ports.args());
-    let status = support::wait_for("the operator exits", Duration::from_secs(60), || {
-        let exited = op.child.try_wait().unwrap();
-        async move { exited }
-    })
-    .await;
-    let log = std::fs::read_to_string(dir.path().join("forbidden.log")).unwrap();
-    assert!(!status.success(), "{status:?}\n{log}");
-    assert!(log.contains("cannot list WebhookEndpoints"), "{log}");
-    assert!(log.contains("forbidden"), "{log}");
-    assert!(!log.contains(&token), "the log must not echo the token");
+    // All components, and a split deployment without the controller.
+    for (log_name, components) in [
+        ("forbidden.log", "api,controller,dispatcher"),
+        ("forbidden-split.log", "api,dispatcher"),
+    ] {
+        let mut args = Ports::fresh().args();
+        args.extend(["--components".to_string(), components.to_string()]);
+        let mut op = OperatorProcess::start(&ns, &kubeconfig, dir.path(), log_name, &args);
+        let status = support::wait_for("the operator exits", Duration::from_secs(60), || {
+            let exited = op.child.try_wait().unwrap();
+            async move { exited }
+        })
+        .await;
+        let log = std::fs::read_to_string(dir.path().join(log_name)).unwrap();
+        assert!(!status.success(), "{components}: {status:?}\n{log}");
+        assert!(log.contains("cannot list WebhookEndpoints"), "{components}: {log}");
+        assert!(log.contains("forbidden"), "{components}: {log}");
+        assert!(!log.contains(&token), "the log must not echo the token");
+    }
     support::delete_namespace(&client, &ns).await;
 }

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{Future, FutureExt as _, StreamExt};
+use futures::{Future, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
@@ -362,48 +362,13 @@ pub fn error_policy(endpoint: Arc<WebhookEndpoint>, error: &Error, ctx: Arc<Cont
     Action::requeue(delay)
 }
 
-/// First wait between start-up attempts to reach the API server; it doubles up to the second.
-const START_RETRY_FIRST: Duration = Duration::from_millis(500);
-const START_RETRY_MAX: Duration = Duration::from_secs(30);
-
-/// Whether a failed first list means the installation is wrong (the CRD is missing, or this
-/// identity is not allowed to list or not recognised): waiting cannot fix it, so the process
-/// should end and say so. Anything else (connection refused, timeouts, 5xx) may pass, and the
-/// controller waits for the API server.
-fn is_installation_error(e: &kube::Error) -> bool {
-    matches!(e, kube::Error::Api(status) if matches!(status.code, 401 | 403 | 404))
-}
-
-/// Runs the controller until `shutdown` resolves. It first waits for the API server to answer a
-/// list of WebhookEndpoints, and fails if the answer shows the installation is wrong.
+/// Runs the controller until `shutdown` resolves.
 pub async fn run(
     client: Client,
     config: ControllerConfig,
     feed: ControllerFeed,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
-    // Shared, so the start-up check below can stop on it too.
-    let shutdown = shutdown.shared();
-    let endpoints: Api<WebhookEndpoint> = config.scope.api(client.clone());
-    let mut retry_in = START_RETRY_FIRST;
-    while let Err(e) = endpoints
-        .list_metadata(&kube::api::ListParams::default().limit(1))
-        .await
-    {
-        if is_installation_error(&e) {
-            anyhow::bail!(
-                "cannot list WebhookEndpoints ({e}); is the CRD installed and may this identity list \
-                 them? Run `kubectl apply -f crds/` (or `capy-webhooks crd | kubectl apply -f -`) and \
-                 check the ClusterRole of the Helm chart"
-            );
-        }
-        warn!(error = %e, ?retry_in, "cannot list WebhookEndpoints yet; retrying");
-        tokio::select! {
-            () = tokio::time::sleep(retry_in) => {}
-            () = shutdown.clone() => return Ok(()),
-        }
-        retry_in = (retry_in * 2).min(START_RETRY_MAX);
-    }
     // Metadata only: the controller needs to know a Secret changed or vanished, not its data.
     let secrets: Api<PartialObjectMeta<Secret>> = config.scope.api(client.clone());
     let secret_changes = watcher(secrets, watcher::Config::default().labels(&signing_secret_selector()))
@@ -453,19 +418,6 @@ mod tests {
         ] {
             assert!(Error::REASONS.contains(&error.reason()), "{}", error.reason());
         }
-    }
-
-    #[test]
-    fn only_answers_about_the_installation_end_the_start() {
-        let api = |code| kube::Error::Api(Box::new(kube::core::Status::failure("x", "y").with_code(code)));
-        for code in [401, 403, 404] {
-            assert!(is_installation_error(&api(code)), "{code}");
-        }
-        for code in [429, 500, 503, 504] {
-            assert!(!is_installation_error(&api(code)), "{code}");
-        }
-        let unreachable = kube::Error::Service("connection refused".into());
-        assert!(!is_installation_error(&unreachable));
     }
 
     #[test]
