@@ -11,7 +11,9 @@
 # With --watch-pid, a detached watchdog runs `down DIR` once PID has exited, so a test binary that
 # exits without running destructors leaves nothing behind.
 # Environment: CAPY_CLUSTER_TIMEOUT (seconds to wait for readiness, default 60);
-# CAPY_CLUSTER_PROFILING=true serves /debug/pprof on the apiserver and controller-manager (off by default).
+# CAPY_CLUSTER_PROFILING=true serves /debug/pprof on the apiserver and controller-manager (off by default);
+# CAPY_CLUSTER_ETCD_QUOTA_BYTES sets etcd's --quota-backend-bytes (default: etcd's own, 2 GiB).
+# etcd's client URL (metrics, alarms) is written to DIR/etcd.url.
 # Progress goes to stderr; stdout carries only the results named above.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -22,7 +24,7 @@ start_timeout="${CAPY_CLUSTER_TIMEOUT:-60}"
 
 log() { echo "[cluster] $*" >&2; }
 die() { log "error: $*"; exit 1; }
-usage() { sed -n '2,13p' "$self" | sed 's/^# \{0,1\}//' >&2; exit 2; }
+usage() { sed -n '2,17p' "$self" | sed 's/^# \{0,1\}//' >&2; exit 2; }
 
 bin_dir() {
   local out lock="${CAPY_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/capy-webhooks}/.build.lock"
@@ -232,7 +234,9 @@ cmd_up() { # up DIR [--watch-pid PID]
     --listen-client-urls="http://127.0.0.1:$etcd_port" --advertise-client-urls="http://127.0.0.1:$etcd_port" \
     --listen-peer-urls="http://127.0.0.1:$peer_port" --initial-advertise-peer-urls="http://127.0.0.1:$peer_port" \
     --initial-cluster="capy=http://127.0.0.1:$peer_port" --initial-cluster-state=new \
-    --unsafe-no-fsync --log-level=warn
+    --unsafe-no-fsync --log-level=warn \
+    ${CAPY_CLUSTER_ETCD_QUOTA_BYTES:+--quota-backend-bytes="$CAPY_CLUSTER_ETCD_QUOTA_BYTES"}
+  echo "http://127.0.0.1:$etcd_port" >"$dir/etcd.url"
 
   log "starting kube-apiserver on $server"
   launch "$dir" kube-apiserver "$bin/kube-apiserver" \

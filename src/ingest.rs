@@ -156,6 +156,9 @@ impl IngestState {
             .await
             .map_err(|e| match e {
                 SubmitError::Unavailable(m) => ApiError::unavailable(format!("event not accepted: {m}"), 2),
+                throttled @ SubmitError::Throttled { retry_after_secs } => {
+                    ApiError::unavailable(format!("event not accepted: {throttled}"), retry_after_secs)
+                }
                 other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
             })?;
         info!(organization = %org, event = %event_id, event_type = %request.event_type, deliveries, "event accepted");

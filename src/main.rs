@@ -18,7 +18,7 @@ use capy_webhooks::controller::{self, ControllerConfig};
 use capy_webhooks::delivery::schedule::RetrySchedule;
 use capy_webhooks::delivery::sender::SenderConfig;
 use capy_webhooks::delivery::ssrf::TargetPolicy;
-use capy_webhooks::delivery_log::LogConfig;
+use capy_webhooks::delivery_log::{LogConfig, WriteBudget, parse_bytes};
 use capy_webhooks::dispatcher::{Dispatcher, DispatcherConfig};
 use capy_webhooks::endpoints::{self, EndpointCache};
 use capy_webhooks::ingest::IngestConfig;
@@ -202,6 +202,14 @@ struct RunArgs {
     /// Finished deliveries kept per endpoint in its log (every pending one is kept).
     #[arg(long, env = "CAPY_WEBHOOKS_RETAIN_FINISHED_DELIVERIES", default_value_t = 100)]
     retain_finished_deliveries: usize,
+
+    /// Bytes per second the dispatcher may write through the API server into etcd (delivery-log
+    /// segments and status summaries), as a number or with Ki, Mi, Gi: beyond it, ingest, test and
+    /// retry answer 503 with Retry-After while accepted deliveries keep flowing. The default keeps
+    /// a default 2 GiB etcd with 5-minute compaction far from its quota (README, "Sizing"); 0 turns
+    /// the budget off.
+    #[arg(long, env = "CAPY_WEBHOOKS_LOG_WRITE_BUDGET", default_value = "512Ki", value_parser = parse_bytes)]
+    log_write_budget: u64,
 
     /// Attempts in flight per endpoint at most.
     #[arg(long, env = "CAPY_WEBHOOKS_PER_ENDPOINT_CONCURRENCY", default_value_t = 8)]
@@ -476,6 +484,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             per_endpoint_concurrency: args.per_endpoint_concurrency,
             summary_interval: args.summary_interval,
             auto_disable_after: args.auto_disable_after,
+            budget: WriteBudget::new(args.log_write_budget),
             persist_timeout: Duration::from_secs(10),
             shutdown_grace: args.shutdown_grace,
             metrics: metrics.clone(),

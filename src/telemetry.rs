@@ -157,6 +157,9 @@ struct Inner {
     log_batch_records: Histogram,
     log_writes: Counter,
     apiserver_writes: Family<KindLabels, Counter>,
+    apiserver_write_bytes: Family<KindLabels, Counter>,
+    log_write_budget: Gauge,
+    ingest_throttled: Counter,
 }
 
 /// Every metric of the operator, in one registry. Cheap to clone; clones share the values.
@@ -252,6 +255,24 @@ impl Metrics {
             "Creates, patches and deletes the API server accepted from the operator, by kind",
             apiserver_writes.clone(),
         );
+        let apiserver_write_bytes = Family::<KindLabels, Counter>::default();
+        registry.register(
+            "apiserver_write_bytes",
+            "Bytes the dispatcher sent to the API server in writes (object JSON; a delete counts 128), by kind",
+            apiserver_write_bytes.clone(),
+        );
+        let log_write_budget = Gauge::default();
+        registry.register(
+            "log_write_budget_bytes",
+            "Bytes per second the dispatcher may write through the API server (--log-write-budget; 0: unlimited)",
+            log_write_budget.clone(),
+        );
+        let ingest_throttled = Counter::default();
+        registry.register(
+            "ingest_throttled",
+            "Events, tests and retries refused with 503 because the write budget was spent",
+            ingest_throttled.clone(),
+        );
         // Label values known up front are exported at zero, so rates work from the first scrape.
         for kind in [
             WriteKind::Secret,
@@ -261,6 +282,7 @@ impl Metrics {
             WriteKind::Event,
         ] {
             let _ = apiserver_writes.get_or_create(&KindLabels { kind: kind.as_str() });
+            let _ = apiserver_write_bytes.get_or_create(&KindLabels { kind: kind.as_str() });
         }
         for outcome in [
             DeliveryOutcome::Succeeded,
@@ -289,6 +311,9 @@ impl Metrics {
                 log_batch_records,
                 log_writes,
                 apiserver_writes,
+                apiserver_write_bytes,
+                log_write_budget,
+                ingest_throttled,
             }),
         }
     }
@@ -375,6 +400,28 @@ impl Metrics {
                 .get_or_create(&KindLabels { kind: kind.as_str() })
                 .inc_by(count);
         }
+    }
+
+    /// `bytes` were sent to the API server in writes of `kind`.
+    pub fn apiserver_write_bytes(&self, kind: WriteKind, bytes: u64) {
+        if bytes > 0 {
+            self.inner
+                .apiserver_write_bytes
+                .get_or_create(&KindLabels { kind: kind.as_str() })
+                .inc_by(bytes);
+        }
+    }
+
+    /// The write budget in force, in bytes per second (0: unlimited).
+    pub fn log_write_budget(&self, bytes_per_second: u64) {
+        self.inner
+            .log_write_budget
+            .set(i64::try_from(bytes_per_second).unwrap_or(i64::MAX));
+    }
+
+    /// New work was refused because the write budget was spent.
+    pub fn ingest_throttled(&self) {
+        self.inner.ingest_throttled.inc();
     }
 
     /// The registry in the OpenMetrics text format (ends with `# EOF`).
@@ -528,6 +575,9 @@ mod tests {
         metrics.pending_changed(-1);
         metrics.log_write(7);
         metrics.apiserver_writes(WriteKind::ConfigMap, 2);
+        metrics.apiserver_write_bytes(WriteKind::ConfigMap, 4096);
+        metrics.log_write_budget(524_288);
+        metrics.ingest_throttled();
         let text = metrics.encode();
         for family in [
             "# TYPE capy_webhooks_reconciles counter",
@@ -542,6 +592,9 @@ mod tests {
             "# TYPE capy_webhooks_log_write_batch_records histogram",
             "# TYPE capy_webhooks_log_writes counter",
             "# TYPE capy_webhooks_apiserver_writes counter",
+            "# TYPE capy_webhooks_apiserver_write_bytes counter",
+            "# TYPE capy_webhooks_log_write_budget_bytes gauge",
+            "# TYPE capy_webhooks_ingest_throttled counter",
         ] {
             assert!(text.contains(family), "{family} missing from\n{text}");
         }
@@ -558,6 +611,10 @@ mod tests {
             "capy_webhooks_log_write_batch_records_count 1",
             "capy_webhooks_apiserver_writes_total{kind=\"configmap\"} 2",
             "capy_webhooks_apiserver_writes_total{kind=\"secret\"} 0",
+            "capy_webhooks_apiserver_write_bytes_total{kind=\"configmap\"} 4096",
+            "capy_webhooks_apiserver_write_bytes_total{kind=\"endpoint_status\"} 0",
+            "capy_webhooks_log_write_budget_bytes 524288",
+            "capy_webhooks_ingest_throttled_total 1",
         ] {
             assert!(text.contains(sample), "{sample} missing from\n{text}");
         }

@@ -4,14 +4,15 @@ mod support;
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use capy_webhooks::delivery_log::{
-    self, DeliveryRecord, DeliveryState, EndpointLog, LogConfig, PendingWrites, SegmentWrite, new_delivery_id,
+    self, DeliveryLog, DeliveryRecord, DeliveryState, LogConfig, PendingWrites, SegmentWrite, new_delivery_id,
 };
-use capy_webhooks::resources::{ENDPOINT_LABEL, Scope, WebhookEndpoint, WebhookEndpointSpec};
+use capy_webhooks::resources::{ORGANIZATION_LABEL, Scope};
 use jiff::{SignedDuration, Timestamp};
 use k8s_openapi::api::core::v1::{ConfigMap, ResourceQuota};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::{Api, Client, ResourceExt};
+use kube::{Api, Client};
 use serde_json::json;
 
 const ORG: &str = "org_dlog";
@@ -24,37 +25,21 @@ async fn setup(prefix: &str) -> (Client, String) {
     (client, ns)
 }
 
-/// A real endpoint CR, so that its log's owner reference resolves; returns its uid.
-async fn create_endpoint(client: &Client, ns: &str, name: &str) -> String {
-    let ep = WebhookEndpoint::new(
-        name,
-        WebhookEndpointSpec {
-            organization_id: ORG.into(),
-            url: "https://hooks.example.com/in".into(),
-            description: "delivery log test".into(),
-            event_types: vec![],
-            active: true,
-            secret_rotation: 0,
-            max_attempts: None,
-        },
-    );
-    let api: Api<WebhookEndpoint> = Api::namespaced(client.clone(), ns);
-    api.create(&PostParams::default(), &ep).await.unwrap().uid().unwrap()
-}
-
-fn new_record(endpoint: &str, now: Timestamp, n: usize) -> DeliveryRecord {
+/// Adds event `n` and its delivery to `endpoint`; returns the delivery.
+fn add(log: &mut DeliveryLog, endpoint: &str, now: Timestamp, n: usize) -> DeliveryRecord {
     let event_id = format!("evt_{n:06}");
-    DeliveryRecord {
+    let payload = json!({
+        "type": "database.created",
+        "timestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
+        "data": {"database_id": format!("db_{n}"), "event": event_id, "notes": "x".repeat(400)},
+    });
+    log.insert_event(&event_id, Bytes::from(payload.to_string())).unwrap();
+    let record = DeliveryRecord {
         id: new_delivery_id(now),
         endpoint_id: endpoint.into(),
         organization_id: ORG.into(),
-        event_id: event_id.clone(),
+        event_id,
         event_type: "database.created".into(),
-        payload: json!({
-            "type": "database.created",
-            "timestamp": now.strftime("%Y-%m-%dT%H:%M:%SZ").to_string(),
-            "data": {"database_id": format!("db_{n}"), "event": event_id, "notes": "x".repeat(400)},
-        }),
         state: DeliveryState::Pending,
         attempts: 0,
         max_attempts: 8,
@@ -64,7 +49,9 @@ fn new_record(endpoint: &str, now: Timestamp, n: usize) -> DeliveryRecord {
         delivered_at: None,
         response_status: None,
         last_error: None,
-    }
+    };
+    log.insert(record.clone()).unwrap();
+    log.get(&record.id).unwrap().clone()
 }
 
 /// The outcome of one attempt: most succeed, every fifth fails for good.
@@ -89,34 +76,32 @@ fn data_bytes(cm: &ConfigMap) -> usize {
     cm.data.iter().flatten().map(|(k, v)| k.len() + v.len()).sum()
 }
 
-async fn segments_of(client: &Client, ns: &str, endpoint: &str) -> Vec<ConfigMap> {
+async fn segments_of(client: &Client, ns: &str) -> Vec<ConfigMap> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
-    let selector = format!("{},{ENDPOINT_LABEL}={endpoint}", delivery_log::log_selector());
+    let selector = format!("{},{ORGANIZATION_LABEL}={ORG}", delivery_log::log_selector());
     api.list(&ListParams::default().labels(&selector)).await.unwrap().items
 }
 
-async fn recover(client: &Client, ns: &str, endpoint: &str, uid: &str, config: &LogConfig) -> EndpointLog {
+async fn recover(client: &Client, ns: &str, config: &LogConfig) -> DeliveryLog {
     let all = delivery_log::load_all(client, &Scope::Namespace(ns.to_string()))
         .await
         .unwrap();
-    let mut groups = delivery_log::group_by_endpoint(all);
-    let mine = groups
-        .remove(&(ns.to_string(), endpoint.to_string()))
-        .unwrap_or_default();
-    EndpointLog::from_configmaps(ns, endpoint, uid, ORG, config.clone(), mine)
+    let mut groups = delivery_log::group_by_organization(all);
+    let mine = groups.remove(&(ns.to_string(), ORG.to_string())).unwrap_or_default();
+    DeliveryLog::from_configmaps(ns, ORG, config.clone(), mine)
 }
 
-fn assert_same_image(a: &EndpointLog, b: &EndpointLog) {
+fn assert_same_image(a: &DeliveryLog, b: &DeliveryLog) {
     assert_eq!(a.segments(), b.segments());
     assert_eq!(a.records().collect::<Vec<_>>(), b.records().collect::<Vec<_>>());
     assert_eq!(
-        (a.pending_count(), a.approx_bytes()),
-        (b.pending_count(), b.approx_bytes())
+        (a.pending_count(), a.approx_bytes(), a.event_count()),
+        (b.pending_count(), b.approx_bytes(), b.event_count())
     );
 }
 
 /// Takes the batch and applies it; returns (writes, API calls).
-async fn commit(client: &Client, ns: &str, log: &mut EndpointLog) -> (usize, usize) {
+async fn commit(client: &Client, ns: &str, log: &mut DeliveryLog) -> (usize, usize) {
     let writes = log.take_writes();
     let calls = delivery_log::apply(client, ns, &writes).await.unwrap();
     (writes.len(), calls)
@@ -126,13 +111,12 @@ async fn commit(client: &Client, ns: &str, log: &mut EndpointLog) -> (usize, usi
 async fn a_thousand_deliveries_take_few_writes_stay_bounded_recover_and_are_collected() {
     let (client, ns) = setup("dlog").await;
     let endpoint = "ep-dlog";
-    let uid = create_endpoint(&client, &ns, endpoint).await;
     let config = LogConfig {
         max_finished: 100,
         segment_bytes: 64 * 1024,
         max_segments: 16,
     };
-    let mut log = EndpointLog::new(&ns, endpoint, &uid, ORG, config.clone());
+    let mut log = DeliveryLog::new(&ns, ORG, config.clone());
 
     // 10 batches of 100 new pending deliveries; each batch also finishes the previous 100.
     let start = Timestamp::now();
@@ -150,10 +134,9 @@ async fn a_thousand_deliveries_take_few_writes_stay_bounded_recover_and_are_coll
         let mut ids = Vec::new();
         for i in 0..100 {
             let n = round * 100 + i;
-            let record = new_record(endpoint, tick(), n);
+            let record = add(&mut log, endpoint, tick(), n);
             max_record = max_record.max(record.stored_len());
             ids.push(record.id.clone());
-            log.insert(record).unwrap();
         }
         for (i, id) in previous.iter().enumerate() {
             let done = finish(log.get(id).unwrap().clone(), tick(), i);
@@ -162,13 +145,13 @@ async fn a_thousand_deliveries_take_few_writes_stay_bounded_recover_and_are_coll
         }
         previous = ids;
         let (w, c) = commit(&client, &ns, &mut log).await;
-        // New records fill ~2 segments, their outcomes touch ~2 more, emptied ones are deleted.
+        // New events and records fill ~2 segments, outcomes ~1 more, emptied ones are deleted.
         assert!(w <= 6, "round {round}: {w} writes");
         per_round.push(w);
         writes += w;
         calls += c;
 
-        let on_server = segments_of(&client, &ns, endpoint).await;
+        let on_server = segments_of(&client, &ns).await;
         assert_eq!(on_server.len(), log.segment_count(), "round {round}");
         max_segments = max_segments.max(on_server.len());
         for cm in &on_server {
@@ -183,7 +166,7 @@ async fn a_thousand_deliveries_take_few_writes_stay_bounded_recover_and_are_coll
 
         if round == 4 {
             // Recovery in the middle of the run rebuilds the same image, which carries on.
-            let back = recover(&client, &ns, endpoint, &uid, &config).await;
+            let back = recover(&client, &ns, &config).await;
             assert_same_image(&back, &log);
             log = back;
             assert!(log.take_writes().is_empty());
@@ -199,9 +182,23 @@ async fn a_thousand_deliveries_take_few_writes_stay_bounded_recover_and_are_coll
 
     // Retention: the newest 100 finished deliveries are kept, nothing is pending.
     assert_eq!((log.len(), log.finished_count(), log.pending_count()), (100, 100, 0));
-    let on_server = segments_of(&client, &ns, endpoint).await;
-    let stored: usize = on_server.iter().map(|cm| cm.data.as_ref().map_or(0, |d| d.len())).sum();
-    assert_eq!(stored, 100);
+    let on_server = segments_of(&client, &ns).await;
+    let keys: Vec<&String> = on_server
+        .iter()
+        .flat_map(|cm| cm.data.iter().flatten().map(|(k, _)| k))
+        .collect();
+    // The retained deliveries' events keep the segments they came in alive, and with them the
+    // superseded pending copies written beside them: bounded by the segment count, never more.
+    let delivery_keys = keys.iter().filter(|k| k.starts_with("msg_")).count();
+    assert!(
+        (100..=300).contains(&delivery_keys),
+        "{delivery_keys} delivery copies stored"
+    );
+    assert!(on_server.len() <= config.max_segments);
+    let mut events: Vec<&&String> = keys.iter().filter(|k| k.starts_with("evt_")).collect();
+    events.sort();
+    events.dedup();
+    assert_eq!(events.len(), 100, "the events of the retained deliveries");
     assert!(calls <= 70, "{calls} API calls for 1,000 deliveries");
     eprintln!(
         "[delivery_log] 1,000 deliveries + 1,000 outcomes: {writes} writes, {calls} API calls; \
@@ -212,36 +209,30 @@ async fn a_thousand_deliveries_take_few_writes_stay_bounded_recover_and_are_coll
         on_server.iter().map(data_bytes).sum::<usize>()
     );
 
-    let back = recover(&client, &ns, endpoint, &uid, &config).await;
+    let back = recover(&client, &ns, &config).await;
     assert_same_image(&back, &log);
 
-    // The REST read: newest first, limited.
-    let page = delivery_log::read_endpoint(&client, &ns, endpoint, 25).await.unwrap();
-    let expected: Vec<DeliveryRecord> = log.newest_first(25).into_iter().cloned().collect();
+    // The REST read without a dispatcher: newest first, limited, with payloads.
+    let read = delivery_log::read_organization(&client, &ns, ORG, config.clone())
+        .await
+        .unwrap();
+    let page: Vec<DeliveryRecord> = read.newest_first(endpoint, 25).into_iter().cloned().collect();
+    let expected: Vec<DeliveryRecord> = log.newest_first(endpoint, 25).into_iter().cloned().collect();
     assert_eq!(page, expected);
     assert!(page.windows(2).all(|w| w[0].created_at >= w[1].created_at));
-    assert_eq!(page[0].payload["data"]["event"], "evt_000999");
     assert_eq!(
-        delivery_log::read_endpoint(&client, &ns, endpoint, 1000)
-            .await
-            .unwrap()
-            .len(),
-        100
+        read.payload_json(&page[0].event_id).unwrap()["data"]["event"],
+        "evt_000999"
     );
-    assert!(
-        delivery_log::read_endpoint(&client, &ns, "no-such-endpoint", 10)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    assert_eq!(read.newest_first(endpoint, 1000).len(), 100);
+    assert!(read.newest_first("no-such-endpoint", 10).is_empty());
 
-    // Deleting the endpoint garbage-collects its log.
-    let endpoints: Api<WebhookEndpoint> = Api::namespaced(client.clone(), &ns);
-    endpoints.delete(endpoint, &DeleteParams::default()).await.unwrap();
-    support::wait_for("delivery log garbage-collected", Duration::from_secs(90), || async {
-        segments_of(&client, &ns, endpoint).await.is_empty().then_some(())
-    })
-    .await;
+    // The endpoint is deleted: the dispatcher removes its deliveries, and the next batch deletes
+    // every segment (the events went with them).
+    assert_eq!(log.remove_endpoint(endpoint), 100);
+    assert_eq!(log.event_count(), 0);
+    commit(&client, &ns, &mut log).await;
+    assert!(segments_of(&client, &ns).await.is_empty());
     support::delete_namespace(&client, &ns).await;
 }
 
@@ -249,17 +240,15 @@ async fn a_thousand_deliveries_take_few_writes_stay_bounded_recover_and_are_coll
 async fn a_failed_batch_is_restored_and_written_again() {
     let (client, ns) = setup("dlog-restore").await;
     let endpoint = "ep-restore";
-    let uid = create_endpoint(&client, &ns, endpoint).await;
     let config = LogConfig {
         max_finished: 10,
         segment_bytes: 16 * 1024,
         max_segments: 16,
     };
-    let mut log = EndpointLog::new(&ns, endpoint, &uid, ORG, config.clone());
+    let mut log = DeliveryLog::new(&ns, ORG, config.clone());
     let now = Timestamp::now();
     for n in 0..60 {
-        log.insert(new_record(endpoint, now + SignedDuration::from_millis(n), n as usize))
-            .unwrap();
+        add(&mut log, endpoint, now + SignedDuration::from_millis(n), n as usize);
     }
     commit(&client, &ns, &mut log).await;
     let segments = log.segments();
@@ -295,10 +284,16 @@ async fn a_failed_batch_is_restored_and_written_again() {
         }
     })
     .await;
-    let in_first = segments[0].ids[0].clone();
+    // Segments hold events first (ids sort `evt_` before `msg_`): take deliveries from the first and
+    // last segments that hold any.
+    let deliveries: Vec<&String> = segments
+        .iter()
+        .flat_map(|s| s.ids.iter().filter(|i| i.starts_with("msg_")))
+        .collect();
+    let in_first = deliveries[0].clone();
     let done = finish(log.get(&in_first).unwrap().clone(), Timestamp::now(), 1);
     assert!(log.update(done));
-    let in_last = segments.last().unwrap().ids[0].clone();
+    let in_last = deliveries[deliveries.len() - 1].clone();
     let mut retried = log.get(&in_last).unwrap().clone();
     retried.attempts = 1;
     retried.last_error = Some("connection refused".into());
@@ -337,7 +332,7 @@ async fn a_failed_batch_is_restored_and_written_again() {
         },
     )
     .await;
-    let back = recover(&client, &ns, endpoint, &uid, &config).await;
+    let back = recover(&client, &ns, &config).await;
     assert_eq!(back.records().collect::<Vec<_>>(), log.records().collect::<Vec<_>>());
     assert_eq!(
         back.get(&in_last).unwrap().last_error.as_deref(),

@@ -17,7 +17,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client, ResourceExt};
-use serde_json::json;
+use serde_json::{Value, json};
 use tracing::{info, warn};
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
@@ -389,11 +389,30 @@ impl ApiState {
         self.authorize(&org, &headers).await?;
         let limit = parse_limit(query.get("limit").map(String::as_str))?;
         let endpoint = self.find(&org, &id)?;
-        let ns = endpoint.namespace().unwrap_or_default();
-        let records = crate::delivery_log::read_endpoint(&self.client, &ns, &id, limit)
-            .await
-            .map_err(|e| kube_error(e, "reading the delivery log"))?;
-        let deliveries: Vec<_> = records.iter().map(|r| r.to_api()).collect();
+        let deliveries: Vec<Value> = match &self.dispatcher {
+            // The dispatcher in this process holds every log in memory.
+            Some(dispatcher) => dispatcher
+                .deliveries(&endpoint, limit)
+                .await
+                .map_err(submit_error)?
+                .iter()
+                .map(|(record, payload)| record.to_api(payload.as_ref()))
+                .collect(),
+            None => {
+                let ns = endpoint.namespace().unwrap_or_default();
+                let config = crate::delivery_log::LogConfig {
+                    max_finished: usize::MAX,
+                    ..Default::default()
+                };
+                let log = crate::delivery_log::read_organization(&self.client, &ns, &org, config)
+                    .await
+                    .map_err(|e| kube_error(e, "reading the delivery log"))?;
+                log.newest_first(&id, limit)
+                    .into_iter()
+                    .map(|r| r.to_api(log.payload_json(&r.event_id).as_ref()))
+                    .collect()
+            }
+        };
         Ok(warp::reply::json(&json!({ "deliveries": deliveries })).into_response())
     }
 
@@ -412,20 +431,20 @@ impl ApiState {
     ) -> Result<Response, ApiError> {
         self.authorize(&org, &headers).await?;
         let endpoint = self.find(&org, &id)?;
-        let record = self
+        let (record, payload) = self
             .dispatcher()?
             .retry(&endpoint, &delivery)
             .await
             .map_err(submit_error)?;
-        let body = json!({ "delivery": record.to_api() });
+        let body = json!({ "delivery": record.to_api(payload.as_ref()) });
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
     }
 
     async fn test_endpoint(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
         self.authorize(&org, &headers).await?;
         let endpoint = self.find(&org, &id)?;
-        let record = self.dispatcher()?.send_test(&endpoint).await.map_err(submit_error)?;
-        let body = json!({ "delivery": record.to_api() });
+        let (record, payload) = self.dispatcher()?.send_test(&endpoint).await.map_err(submit_error)?;
+        let body = json!({ "delivery": record.to_api(payload.as_ref()) });
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
     }
 }
@@ -435,6 +454,9 @@ fn submit_error(e: SubmitError) -> ApiError {
         SubmitError::NotFound(m) => ApiError::not_found(m),
         SubmitError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
         SubmitError::Unavailable(m) => ApiError::unavailable(m, 2),
+        throttled @ SubmitError::Throttled { retry_after_secs } => {
+            ApiError::unavailable(throttled.to_string(), retry_after_secs)
+        }
     }
 }
 

@@ -1,40 +1,63 @@
-//! [`EndpointLog`]: the in-memory image of one endpoint's log and the group commit of its changes.
-//! Pure: no client, no clock.
+//! [`DeliveryLog`]: the in-memory image of one organization's log in one namespace, and the group
+//! commit of its changes. Pure: no client, no clock.
+//!
+//! The log holds two kinds of entries, each under its own id as a ConfigMap data key:
+//! - **events** (`evt_...`): the payload (the envelope as sent), stored once per event however many
+//!   endpoints it fans out to, and never changed. An event lives while a delivery in the image
+//!   carries it, and goes when the last one is pruned or its endpoint removed;
+//! - **deliveries** (`msg_...`): the small record of one delivery ([`DeliveryRecord`]), written
+//!   again at every state change.
 //!
 //! The log is a journal. Every batch *creates* new segments holding the current version of each
-//! record changed since the previous batch; a segment is never patched. The API server's cost of a
+//! entry changed since the previous batch; a segment is never patched. The API server's cost of a
 //! write is then proportional to what changed, not to what a segment already holds (a merge patch
 //! makes it re-encode and re-parse the whole ConfigMap: profiled, that was 70 % of its CPU under
-//! load). A record's *live* version is its copy in the newest segment holding it; older copies are
+//! load). An entry's *live* version is its copy in the newest segment holding it; older copies are
 //! superseded.
 //!
-//! Segments are deleted oldest first, and only once they hold no live version: so whenever a
-//! superseded copy of a record is still stored, every newer copy is too, and a recovery that lets
-//! the newest copy win never brings back an older state (a pending delivery already sent, say).
-//! When more than half of [`LogConfig::max_segments`] segments exist, a batch compacts: it copies
-//! the live records of the oldest segment into the segments it creates and deletes that segment.
+//! **Invariant** (what makes read-back safe): whenever a superseded copy of an entry is stored,
+//! every newer copy of it is stored too, so a read-back that lets the copy in the newest segment
+//! win never brings back an older state (a pending delivery already sent, say). It holds because
+//! segments are deleted oldest first and only once they hold no live version, and because the
+//! deletes of a batch are sent only after its creates succeeded.
+//!
+//! When there are more segments than the live entries need ([`DeliveryLog::segment_limit`]), a
+//! batch compacts: it copies the live entries of the oldest segment into the segments it creates
+//! and deletes that segment.
+//!
+//! Segments of the first format (`<endpoint>-deliveries-<seq>`, one per endpoint, every record
+//! with its own payload) are read on recovery, written again in this format by the next batch, and
+//! deleted after it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
+use bytes::Bytes;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use serde_json::Value;
 use tracing::warn;
 
 use super::record::{self, DeliveryRecord, DeliveryState, is_valid_key, truncate_error};
-use super::{GROWTH_RESERVE, HARD_SEGMENT_BYTES, MAX_RECORD_BYTES, MAX_SEGMENT_BYTES, segment_labels, segment_name};
+use super::{
+    EVENT_KEY_PREFIX, GROWTH_RESERVE, HARD_SEGMENT_BYTES, MAX_RECORD_BYTES, MAX_SEGMENT_BYTES, journal_segment_name,
+    journal_seq, legacy_segment_seq, segment_labels,
+};
 
-/// Bounds of one endpoint's log.
+/// Bounds of one organization's log.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogConfig {
-    /// Finished (succeeded or failed) records kept; older ones are pruned. Pending ones are always kept.
+    /// Finished (succeeded or failed) deliveries kept per endpoint; older ones are pruned.
+    /// Pending ones are always kept.
     pub max_finished: usize,
     /// Largest data (keys plus values) of one segment written by a batch; a larger batch is split
-    /// into several segments (at most [`MAX_SEGMENT_BYTES`]; a single record larger than this gets
+    /// into several segments (at most [`MAX_SEGMENT_BYTES`]; a single entry larger than this gets
     /// a segment of its own).
     pub segment_bytes: usize,
-    /// Bounds the log: its live records may take at most half of `max_segments × segment_bytes`
-    /// (more is [`LogFull`]), and batches compact once more than `max_segments / 2` segments exist.
+    /// Bounds the log: each endpoint's deliveries may take at most half of `max_segments ×
+    /// segment_bytes` (more is [`LogFull`]), and batches compact once more than `max_segments / 2`
+    /// segments exist (see [`DeliveryLog::segment_limit`] for an organization whose live entries
+    /// need more).
     pub max_segments: usize,
 }
 
@@ -48,9 +71,9 @@ impl Default for LogConfig {
     }
 }
 
-/// The log cannot take another record: its live records would exceed the capacity (see
-/// [`LogConfig::max_segments`]), or the record alone is larger than [`MAX_RECORD_BYTES`], or its
-/// id is not a valid ConfigMap key. Ingest answers 503.
+/// The log cannot take another entry: an endpoint's deliveries would exceed their capacity (see
+/// [`LogConfig::max_segments`]), or the entry alone is larger than [`MAX_RECORD_BYTES`], or its id
+/// is not a valid ConfigMap key. Ingest answers 503.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("the delivery log of this endpoint is full")]
 pub struct LogFull;
@@ -60,14 +83,18 @@ pub struct LogFull;
 #[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum SegmentWrite {
-    /// Create a segment with its records.
+    /// Create a segment with its entries.
     Create(ConfigMap),
-    /// Delete a segment that holds no live record.
+    /// Delete a segment that holds no live entry.
     Delete {
         /// The segment's ConfigMap name.
         name: String,
     },
 }
+
+/// Bytes a delete is counted as: its body is tiny, and etcd keeps a tombstone of the key and
+/// revision until the next compaction.
+pub const DELETE_BYTES: u64 = 128;
 
 impl SegmentWrite {
     /// Name of the ConfigMap written.
@@ -77,27 +104,35 @@ impl SegmentWrite {
             SegmentWrite::Delete { name } => name,
         }
     }
+
+    /// Bytes this write sends to the API server: a create's object as JSON, or [`DELETE_BYTES`].
+    pub fn bytes(&self) -> u64 {
+        match self {
+            SegmentWrite::Create(cm) => serde_json::to_vec(cm).map_or(0, |v| v.len() as u64),
+            SegmentWrite::Delete { .. } => DELETE_BYTES,
+        }
+    }
 }
 
 /// A segment a batch creates, to hand it back on failure.
 #[derive(Clone, Debug)]
 struct Created {
     seq: u64,
-    /// Ids of the live records it stores.
+    /// Ids of the live entries it stores.
     live: Vec<String>,
-    /// Records pruned before their last version was stored: it stores them, but they are gone
+    /// Deliveries pruned before their last version was stored: it stores them, but they are gone
     /// from the image.
     retired: Vec<DeliveryRecord>,
 }
 
-/// A batch of writes from [`EndpointLog::take_writes`]: creates (oldest sequence number first),
+/// A batch of writes from [`DeliveryLog::take_writes`]: creates (oldest sequence number first),
 /// then deletes (oldest first). Apply them in order, stopping at the first failure; on failure
-/// give the batch back with [`EndpointLog::restore`].
+/// give the batch back with [`DeliveryLog::restore`].
 #[derive(Clone, Debug, Default)]
 pub struct PendingWrites {
     writes: Vec<SegmentWrite>,
     created: Vec<Created>,
-    deleted: Vec<(u64, String)>,
+    deleted: Vec<String>,
 }
 
 impl PendingWrites {
@@ -106,7 +141,7 @@ impl PendingWrites {
         &self.writes
     }
 
-    /// The creates: once they are applied, every record of the batch is durable.
+    /// The creates: once they are applied, every entry of the batch is durable.
     pub fn creates(&self) -> &[SegmentWrite] {
         &self.writes[..self.created.len()]
     }
@@ -116,7 +151,7 @@ impl PendingWrites {
         &self.writes[self.created.len()..]
     }
 
-    /// The part of the batch left once its creates were applied (for [`EndpointLog::restore`]
+    /// The part of the batch left once its creates were applied (for [`DeliveryLog::restore`]
     /// after only a delete failed).
     pub fn without_creates(self) -> PendingWrites {
         let writes = self.deletes().to_vec();
@@ -125,6 +160,11 @@ impl PendingWrites {
             created: Vec::new(),
             deleted: self.deleted,
         }
+    }
+
+    /// Bytes these writes send to the API server (see [`SegmentWrite::bytes`]).
+    pub fn bytes(&self) -> u64 {
+        self.writes.iter().map(SegmentWrite::bytes).sum()
     }
 
     /// Number of writes.
@@ -137,7 +177,8 @@ impl PendingWrites {
         self.writes.is_empty()
     }
 
-    /// Ids of the records these writes store (durable once they are applied).
+    /// Ids of the entries (deliveries and events) these writes store, durable once they are
+    /// applied.
     pub fn record_ids(&self) -> impl Iterator<Item = &str> {
         self.created.iter().flat_map(|c| {
             c.live
@@ -153,13 +194,13 @@ impl PendingWrites {
 pub struct SegmentSummary {
     /// ConfigMap name.
     pub name: String,
-    /// Ids of the live records it holds, sorted.
+    /// Ids of the live entries it holds, sorted.
     pub ids: Vec<String>,
     /// Its data's size: keys plus values, superseded copies included.
     pub bytes: usize,
 }
 
-/// A segment that exists, or may: one whose create failed holds no live record and is deleted
+/// A segment that exists, or may: one whose create failed holds no live entry and is deleted
 /// once it is the oldest.
 #[derive(Clone, Debug)]
 struct Segment {
@@ -180,106 +221,140 @@ struct Entry {
     bytes: usize,
 }
 
+#[derive(Clone, Debug)]
+struct EventEntry {
+    /// The envelope exactly as sent (JSON).
+    payload: Bytes,
+    seq: Option<u64>,
+    bytes: usize,
+    /// Deliveries in the image that carry it.
+    refs: usize,
+}
+
+/// What the image keeps per endpoint.
+#[derive(Clone, Debug, Default)]
+struct EndpointEntries {
+    /// Finished deliveries by (updated_at, id): the first is pruned first.
+    finished: BTreeSet<(Timestamp, String)>,
+    pending: usize,
+    /// Bytes of its deliveries plus [`GROWTH_RESERVE`] per pending one: decides [`LogFull`].
+    projected: usize,
+}
+
 fn reserve(state: DeliveryState) -> usize {
     if state.is_finished() { 0 } else { GROWTH_RESERVE }
 }
 
-/// The in-memory image of one endpoint's delivery log; its single writer (the dispatcher's worker
-/// for the endpoint) changes it and persists the changes in batches with [`Self::take_writes`].
+fn event_bytes(id: &str, payload: &[u8]) -> usize {
+    id.len() + payload.len()
+}
+
+/// Whether a data key names an event (else a delivery).
+pub fn is_event_key(key: &str) -> bool {
+    key.starts_with(EVENT_KEY_PREFIX)
+}
+
+/// The in-memory image of one organization's delivery log in one namespace; its single writer
+/// (the dispatcher's worker for the organization) changes it and persists the changes in batches
+/// with [`Self::take_writes`].
 #[derive(Clone, Debug)]
-pub struct EndpointLog {
+pub struct DeliveryLog {
     namespace: String,
-    endpoint: String,
-    endpoint_uid: String,
     organization_id: String,
     config: LogConfig,
     records: BTreeMap<String, Entry>,
+    events: BTreeMap<String, EventEntry>,
+    endpoints: HashMap<String, EndpointEntries>,
     /// Segments that exist (or may), by sequence number.
     segments: BTreeMap<u64, Segment>,
-    /// Oldest segments whose delete may have failed: the next batch deletes them again.
-    deleting: BTreeMap<u64, String>,
-    /// Records whose current version awaits the next batch.
+    /// Segments, oldest first, whose delete may have failed or that are of the first format: the
+    /// next batch deletes them (after its creates).
+    deleting: Vec<String>,
+    /// Entries whose current version awaits the next batch.
     dirty: BTreeSet<String>,
-    /// Records pruned before their last version was stored; the next batch stores them.
+    /// Deliveries pruned before their last version was stored; the next batch stores them.
     retired: BTreeMap<String, DeliveryRecord>,
-    /// Finished records by (updated_at, id): the first is pruned first.
-    finished: BTreeSet<(Timestamp, String)>,
     pending: usize,
-    /// Bytes of every record plus [`GROWTH_RESERVE`] per pending one: decides [`LogFull`].
+    /// Bytes of every entry plus [`GROWTH_RESERVE`] per pending delivery.
     projected: usize,
     next_seq: u64,
 }
 
-impl EndpointLog {
-    /// An empty log for an endpoint that has none yet (use [`Self::from_configmaps`] when it may
-    /// have one: a new log numbers its segments from 1).
-    pub fn new(
-        namespace: &str,
-        endpoint_name: &str,
-        endpoint_uid: &str,
-        organization_id: &str,
-        config: LogConfig,
-    ) -> Self {
-        let log = Self {
+impl DeliveryLog {
+    /// An empty log (use [`Self::from_configmaps`] when one may exist: a new log numbers its
+    /// segments from 1).
+    pub fn new(namespace: &str, organization_id: &str, config: LogConfig) -> Self {
+        Self {
             namespace: namespace.to_string(),
-            endpoint: endpoint_name.to_string(),
-            endpoint_uid: endpoint_uid.to_string(),
             organization_id: organization_id.to_string(),
             config,
             records: BTreeMap::new(),
+            events: BTreeMap::new(),
+            endpoints: HashMap::new(),
             segments: BTreeMap::new(),
-            deleting: BTreeMap::new(),
+            deleting: Vec::new(),
             dirty: BTreeSet::new(),
             retired: BTreeMap::new(),
-            finished: BTreeSet::new(),
             pending: 0,
             projected: 0,
             next_seq: 1,
-        };
-        if log.endpoint_uid.is_empty() {
-            warn!(namespace = %log.namespace, endpoint = %log.endpoint,
-                "endpoint uid unknown: its delivery log gets no owner reference");
         }
-        log
     }
 
-    /// Rebuilds the image from the segments [`super::load_all`] found for this endpoint.
+    /// Rebuilds the image from the segments [`super::load_all`] found for this organization in
+    /// this namespace: the one read-back of the log, used by recovery and by readers.
     ///
-    /// Never fails: a record's copy in the newest segment holding it wins; an undecodable key is
-    /// skipped with a warning (and goes with its segment); segments owned by another incarnation of
-    /// the endpoint (another uid) are skipped. Retention applies at once.
+    /// Never fails: an entry's copy in the newest segment holding it wins; an undecodable entry,
+    /// or a delivery of another organization, is skipped with a warning (and goes with its
+    /// segment). Segments of the first format are read first (they are older than any of this
+    /// format), their records kept as changes for the next batch, and the segments queued for
+    /// deletion after it. Events no delivery carries are dropped; retention applies at once.
     pub fn from_configmaps(
         namespace: &str,
-        endpoint_name: &str,
-        endpoint_uid: &str,
         organization_id: &str,
         config: LogConfig,
         configmaps: impl IntoIterator<Item = ConfigMap>,
     ) -> Self {
-        let mut log = Self::new(namespace, endpoint_name, endpoint_uid, organization_id, config);
-        let mut found: Vec<(u64, ConfigMap)> = Vec::new();
+        let mut log = Self::new(namespace, organization_id, config);
+        let mut current: Vec<(u64, ConfigMap)> = Vec::new();
+        let mut legacy: Vec<(String, u64, ConfigMap)> = Vec::new();
         for cm in configmaps {
             let name = cm.metadata.name.clone().unwrap_or_default();
-            let Some(seq) = super::segment_seq(&name) else {
+            if let Some(seq) = journal_seq(&name) {
+                // Never reuse a name that exists.
+                log.next_seq = log.next_seq.max(seq.saturating_add(1));
+                current.push((seq, cm));
+            } else if let Some(seq) = legacy_segment_seq(&name) {
+                let prefix = name[..name.rfind('-').unwrap_or(0)].to_string();
+                legacy.push((prefix, seq, cm));
+            } else {
                 warn!(configmap = %name, "not named like a delivery-log segment; ignored");
-                continue;
-            };
-            // Never reuse a name that exists, whoever owns it.
-            log.next_seq = log.next_seq.max(seq.saturating_add(1));
-            let foreign_owner = cm
-                .metadata
-                .owner_references
-                .iter()
-                .flatten()
-                .any(|o| o.kind == "WebhookEndpoint" && !log.endpoint_uid.is_empty() && o.uid != log.endpoint_uid);
-            if foreign_owner {
-                warn!(configmap = %name, "segment of an earlier endpoint of the same name; ignored");
-                continue;
             }
-            found.push((seq, cm));
         }
-        found.sort_by_key(|(seq, _)| *seq);
-        for (seq, cm) in found {
+        legacy.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        for (_, _, cm) in legacy {
+            let name = cm.metadata.name.unwrap_or_default();
+            for (key, value) in cm.data.unwrap_or_default() {
+                match DeliveryRecord::from_legacy(&value) {
+                    Ok((record, payload)) if record.id == key && record.organization_id == log.organization_id => {
+                        if !log.events.contains_key(&record.event_id) {
+                            let payload = Bytes::from(serde_json::to_vec(&payload).expect("JSON values serialize"));
+                            log.dirty.insert(record.event_id.clone());
+                            log.attach_event(record.event_id.clone(), payload, None);
+                        }
+                        log.detach(&key);
+                        log.dirty.insert(key);
+                        let bytes = record.stored_len();
+                        log.attach(record, bytes, None);
+                    }
+                    Ok(_) => warn!(configmap = %name, key = %key, "record of another id or organization; ignored"),
+                    Err(error) => warn!(configmap = %name, key = %key, %error, "undecodable delivery record; ignored"),
+                }
+            }
+            log.deleting.push(name);
+        }
+        current.sort_by_key(|(seq, _)| *seq);
+        for (seq, cm) in current {
             let name = cm.metadata.name.unwrap_or_default();
             let data = cm.data.unwrap_or_default();
             let bytes = data.iter().map(|(k, v)| k.len() + v.len()).sum();
@@ -293,39 +368,61 @@ impl EndpointLog {
                 },
             );
             for (key, value) in data {
-                let mut record = match DeliveryRecord::from_stored(&value) {
-                    Ok(r) if r.id == key => r,
-                    Ok(r) => {
-                        warn!(configmap = %name, key = %key, id = %r.id, "record id differs from its key; ignored");
+                if !is_valid_key(&key) {
+                    continue;
+                }
+                // Segments come oldest first: this copy supersedes any seen before.
+                if is_event_key(&key) {
+                    if serde_json::from_str::<serde::de::IgnoredAny>(&value).is_err() {
+                        warn!(configmap = %name, key = %key, "undecodable event payload; ignored");
                         continue;
                     }
+                    log.detach_event(&key);
+                    log.dirty.remove(&key);
+                    log.attach_event(key, Bytes::from(value), Some(seq));
+                    continue;
+                }
+                let record = match DeliveryRecord::from_stored(&key, &log.organization_id, &value) {
+                    Ok(record) => record,
                     Err(error) => {
                         warn!(configmap = %name, key = %key, %error, "undecodable delivery record; ignored");
                         continue;
                     }
                 };
-                record.normalize();
-                // Segments come oldest first: this copy supersedes any seen before.
                 log.detach(&key);
+                log.dirty.remove(&key);
                 let bytes = record.stored_len();
                 log.attach(record, bytes, Some(seq));
             }
+        }
+        for event in log.events.values_mut() {
+            event.refs = 0;
+        }
+        for entry in log.records.values() {
+            if let Some(event) = log.events.get_mut(&entry.record.event_id) {
+                event.refs += 1;
+            }
+        }
+        let unused: Vec<String> = log
+            .events
+            .iter()
+            .filter(|(_, e)| e.refs == 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in unused {
+            log.detach_event(&id);
+            log.dirty.remove(&id);
         }
         log.prune();
         log
     }
 
-    /// Namespace of the endpoint (and of its log).
+    /// Namespace of the log.
     pub fn namespace(&self) -> &str {
         &self.namespace
     }
 
-    /// The endpoint's name.
-    pub fn endpoint_name(&self) -> &str {
-        &self.endpoint
-    }
-
-    /// The endpoint's organization.
+    /// The organization whose log this is.
     pub fn organization_id(&self) -> &str {
         &self.organization_id
     }
@@ -335,25 +432,65 @@ impl EndpointLog {
         &self.config
     }
 
-    /// Adds a new record (one with a known id is updated instead); the next batch stores it.
-    /// [`LogFull`] when the live records would exceed the log's capacity.
+    /// Adds an event's payload (the envelope as sent); the next batch stores it. Insert the
+    /// deliveries that carry it right after: an event no delivery carries is dropped when the
+    /// next delivery leaves. [`LogFull`] when the payload alone is larger than
+    /// [`MAX_RECORD_BYTES`] or its id is not a valid key.
+    pub fn insert_event(&mut self, id: &str, payload: Bytes) -> Result<(), LogFull> {
+        if self.events.contains_key(id) {
+            return Ok(());
+        }
+        if !is_valid_key(id) || !is_event_key(id) {
+            warn!(organization = %self.organization_id, id, "event id is not a valid key; refused");
+            return Err(LogFull);
+        }
+        if event_bytes(id, &payload) > MAX_RECORD_BYTES {
+            warn!(organization = %self.organization_id, id, bytes = payload.len(), "event too large for the log; refused");
+            return Err(LogFull);
+        }
+        self.dirty.insert(id.to_string());
+        self.attach_event(id.to_string(), payload, None);
+        Ok(())
+    }
+
+    /// The payload of an event, if the log holds it.
+    pub fn payload(&self, event_id: &str) -> Option<&Bytes> {
+        self.events.get(event_id).map(|e| &e.payload)
+    }
+
+    /// The payload of an event as JSON, if the log holds it.
+    pub fn payload_json(&self, event_id: &str) -> Option<Value> {
+        self.payload(event_id).and_then(|p| serde_json::from_slice(p).ok())
+    }
+
+    /// Number of events held.
+    pub fn event_count(&self) -> usize {
+        self.events.len()
+    }
+
+    /// Adds a new delivery (one with a known id is updated instead); the next batch stores it.
+    /// [`LogFull`] when its endpoint's deliveries would exceed their capacity.
     pub fn insert(&mut self, mut record: DeliveryRecord) -> Result<(), LogFull> {
         record.normalize();
         if self.records.contains_key(&record.id) {
             self.update(record);
             return Ok(());
         }
-        if !is_valid_key(&record.id) {
-            warn!(endpoint = %self.endpoint, id = %record.id, "delivery id is not a valid ConfigMap key; refused");
+        if !is_valid_key(&record.id) || is_event_key(&record.id) {
+            warn!(endpoint = %record.endpoint_id, id = %record.id, "delivery id is not a valid key; refused");
             return Err(LogFull);
         }
         let bytes = record.stored_len();
         if bytes > MAX_RECORD_BYTES {
-            warn!(endpoint = %self.endpoint, id = %record.id, bytes, "delivery record too large for the log; refused");
+            warn!(endpoint = %record.endpoint_id, id = %record.id, bytes, "delivery record too large for the log; refused");
             return Err(LogFull);
         }
-        if self.projected + bytes + reserve(record.state) > self.capacity() {
+        let projected = self.endpoints.get(&record.endpoint_id).map_or(0, |e| e.projected);
+        if projected + bytes + reserve(record.state) > self.capacity() {
             return Err(LogFull);
+        }
+        if let Some(event) = self.events.get_mut(&record.event_id) {
+            event.refs += 1;
         }
         self.dirty.insert(record.id.clone());
         self.attach(record, bytes, None);
@@ -361,9 +498,9 @@ impl EndpointLog {
         Ok(())
     }
 
-    /// Replaces a record; the next batch stores the new version. Returns false, changing nothing,
-    /// if the log has no record with its id (never inserted, or pruned). Should the record get
-    /// above [`HARD_SEGMENT_BYTES`], its `last_error` is shortened until it fits.
+    /// Replaces a delivery; the next batch stores the new version. Returns false, changing
+    /// nothing, if the log has no delivery with its id (never inserted, or pruned). Should the
+    /// record get above [`HARD_SEGMENT_BYTES`], its `last_error` is shortened until it fits.
     pub fn update(&mut self, mut record: DeliveryRecord) -> bool {
         record.normalize();
         if self.detach(&record.id).is_none() {
@@ -376,47 +513,96 @@ impl EndpointLog {
         true
     }
 
-    /// The record with this id.
+    /// Drops every delivery of an endpoint (deleted, or moved to another organization) and the
+    /// events only they carried; returns how many deliveries went. They are not written again:
+    /// their stored copies go with their segments.
+    pub fn remove_endpoint(&mut self, endpoint: &str) -> usize {
+        let ids: Vec<String> = self
+            .records
+            .values()
+            .filter(|e| e.record.endpoint_id == endpoint)
+            .map(|e| e.record.id.clone())
+            .collect();
+        for id in &ids {
+            self.dirty.remove(id);
+            self.drop_record(id);
+        }
+        self.retired.retain(|_, r| r.endpoint_id != endpoint);
+        self.endpoints.remove(endpoint);
+        ids.len()
+    }
+
+    /// Drops a delivery that was inserted since the last batch and so never written (a request
+    /// refused half way); false if there is no such delivery.
+    pub fn discard_unstored(&mut self, id: &str) -> bool {
+        if self.records.get(id).is_none_or(|e| e.seq.is_some()) {
+            return false;
+        }
+        self.dirty.remove(id);
+        self.drop_record(id).is_some()
+    }
+
+    /// Drops an event no delivery carries and that was never written; false otherwise.
+    pub fn discard_unused_event(&mut self, id: &str) -> bool {
+        if self.events.get(id).is_none_or(|e| e.refs > 0 || e.seq.is_some()) {
+            return false;
+        }
+        self.dirty.remove(id);
+        self.detach_event(id).is_some()
+    }
+
+    /// The delivery with this id.
     pub fn get(&self, id: &str) -> Option<&DeliveryRecord> {
         self.records.get(id).map(|e| &e.record)
     }
 
-    /// Every record, oldest id first.
+    /// Every delivery, oldest id first.
     pub fn records(&self) -> impl Iterator<Item = &DeliveryRecord> {
         self.records.values().map(|e| &e.record)
     }
 
-    /// Pending records, oldest id first.
+    /// Pending deliveries, oldest id first.
     pub fn pending(&self) -> impl Iterator<Item = &DeliveryRecord> {
         self.records().filter(|r| !r.is_finished())
     }
 
-    /// Up to `limit` records, newest `created_at` first (then the larger id first).
-    pub fn newest_first(&self, limit: usize) -> Vec<&DeliveryRecord> {
-        let mut all: Vec<&DeliveryRecord> = self.records().collect();
+    /// The endpoints that have deliveries in the log.
+    pub fn endpoints(&self) -> impl Iterator<Item = &str> {
+        self.endpoints.keys().map(String::as_str)
+    }
+
+    /// Up to `limit` deliveries of `endpoint`, newest `created_at` first (then the larger id
+    /// first).
+    pub fn newest_first(&self, endpoint: &str, limit: usize) -> Vec<&DeliveryRecord> {
+        let mut all: Vec<&DeliveryRecord> = self.records().filter(|r| r.endpoint_id == endpoint).collect();
         all.sort_by(|a, b| record::newest_first(a, b));
         all.truncate(limit);
         all
     }
 
-    /// Number of records.
+    /// Number of deliveries.
     pub fn len(&self) -> usize {
         self.records.len()
     }
 
-    /// No records.
+    /// No deliveries.
     pub fn is_empty(&self) -> bool {
         self.records.is_empty()
     }
 
-    /// Number of pending records.
+    /// Number of pending deliveries.
     pub fn pending_count(&self) -> usize {
         self.pending
     }
 
-    /// Number of finished records.
+    /// Number of pending deliveries of one endpoint.
+    pub fn pending_count_of(&self, endpoint: &str) -> usize {
+        self.endpoints.get(endpoint).map_or(0, |e| e.pending)
+    }
+
+    /// Number of finished deliveries.
     pub fn finished_count(&self) -> usize {
-        self.finished.len()
+        self.endpoints.values().map(|e| e.finished.len()).sum()
     }
 
     /// Bytes of all segments' data (keys plus values, superseded copies included).
@@ -450,52 +636,54 @@ impl EndpointLog {
     }
 
     /// Everything changed since the previous call: creates of new segments holding the current
-    /// version of every changed record (and the live records of a segment being compacted away),
-    /// then deletes of the oldest segments that no longer hold a live record. The image assumes
+    /// version of every changed entry (and the live entries of a segment being compacted away),
+    /// then deletes of the oldest segments that no longer hold a live entry. The image assumes
     /// the writes will be applied; if applying fails, hand them back with [`Self::restore`].
     pub fn take_writes(&mut self) -> PendingWrites {
-        let mut deleted: Vec<(u64, String)> = std::mem::take(&mut self.deleting).into_iter().collect();
+        let mut deleted: Vec<String> = std::mem::take(&mut self.deleting);
         // Oldest first, and only from the front: what a deleted segment superseded is gone already.
         let budget = self.segment_budget();
-        let (compact_above, hard_limit) = (self.compact_above(), self.config.max_segments.max(2));
+        let hard_limit = self.segment_limit();
+        let compact_above = hard_limit / 2;
         loop {
             let count = self.segments.len();
             let Some(entry) = self.segments.first_entry() else {
                 break;
             };
             let segment = entry.get();
-            // Compacting copies the oldest segment's live records: worth it when they are few, and
-            // forced at the hard limit (a long-pending record must not hold the journal forever).
+            // Compacting copies the oldest segment's live entries: worth it when they are few, and
+            // forced at the hard limit (a long-pending delivery must not hold the journal forever).
             let compact = count > compact_above && (segment.live_bytes <= budget / 2 || count > hard_limit);
             if !segment.live.is_empty() && !compact {
                 break;
             }
-            let (seq, segment) = entry.remove_entry();
+            let (_, segment) = entry.remove_entry();
             for id in &segment.live {
-                let entry = self.records.get_mut(id).expect("live records are known");
-                entry.seq = None;
+                self.forget_seq(id);
                 self.dirty.insert(id.clone());
             }
-            deleted.push((seq, segment.name));
+            deleted.push(segment.name);
         }
 
         let mut writes = Vec::new();
         let mut created = Vec::new();
         let mut batch = Batch::default();
-        let items: Vec<(String, String, Option<DeliveryRecord>)> = std::mem::take(&mut self.dirty)
-            .into_iter()
-            .map(|id| {
-                let stored = self.records[&id].record.to_stored();
-                (id, stored, None)
-            })
-            .chain(
-                // An id back in the image (inserted again) is stored by its live version.
-                std::mem::take(&mut self.retired)
-                    .into_values()
-                    .filter(|r| !self.records.contains_key(&r.id))
-                    .map(|r| (r.id.clone(), r.to_stored(), Some(r))),
-            )
-            .collect();
+        let mut items: Vec<(String, String, Option<DeliveryRecord>)> = Vec::with_capacity(self.dirty.len());
+        for id in std::mem::take(&mut self.dirty) {
+            if let Some(entry) = self.records.get(&id) {
+                let stored = entry.record.to_stored();
+                items.push((id, stored, None));
+            } else if let Some(event) = self.events.get(&id) {
+                let stored = String::from_utf8_lossy(&event.payload).into_owned();
+                items.push((id, stored, None));
+            }
+        }
+        // An id back in the image (inserted again) is stored by its live version.
+        for record in std::mem::take(&mut self.retired).into_values() {
+            if !self.records.contains_key(&record.id) {
+                items.push((record.id.clone(), record.to_stored(), Some(record)));
+            }
+        }
         for (id, stored, retired) in items {
             if !batch.data.is_empty() && batch.bytes + id.len() + stored.len() > budget {
                 let full = std::mem::take(&mut batch);
@@ -511,11 +699,7 @@ impl EndpointLog {
         if !batch.data.is_empty() {
             self.create(batch, &mut writes, &mut created);
         }
-        writes.extend(
-            deleted
-                .iter()
-                .map(|(_, name)| SegmentWrite::Delete { name: name.clone() }),
-        );
+        writes.extend(deleted.iter().map(|name| SegmentWrite::Delete { name: name.clone() }));
         PendingWrites {
             writes,
             created,
@@ -524,22 +708,23 @@ impl EndpointLog {
     }
 
     /// Takes back a batch whose writes failed (all or some: which ones is unknown), so that the
-    /// next batch writes it again: records it stored are stored again (in new segments), the
+    /// next batch writes it again: entries it stored are stored again (in new segments), the
     /// segments it created may exist and are deleted once they are the oldest, and the segments it
-    /// deleted are deleted again.
+    /// deleted are deleted again, before any deleted since.
     pub fn restore(&mut self, writes: PendingWrites) {
         for (created, write) in writes.created.into_iter().zip(&writes.writes) {
-            // A record pruned while this write was in flight is no longer dirty nor live here, yet
-            // the version the write carried may be its newest: retire it, so that it is stored.
+            // A delivery pruned while this write was in flight is no longer dirty nor live here,
+            // yet the version the write carried may be its newest: retire it, so that it is stored.
             if let SegmentWrite::Create(cm) = write {
                 for id in &created.live {
-                    if !self.records.contains_key(id)
+                    if !is_event_key(id)
+                        && !self.records.contains_key(id)
                         && !self.retired.contains_key(id)
                         && let Some(Ok(record)) = cm
                             .data
                             .as_ref()
                             .and_then(|d| d.get(id))
-                            .map(|v| DeliveryRecord::from_stored(v))
+                            .map(|v| DeliveryRecord::from_stored(id, &self.organization_id, v))
                     {
                         self.retired.insert(id.clone(), record);
                     }
@@ -548,8 +733,7 @@ impl EndpointLog {
             if let Some(segment) = self.segments.get_mut(&created.seq) {
                 segment.live_bytes = 0;
                 for id in std::mem::take(&mut segment.live) {
-                    if let Some(entry) = self.records.get_mut(&id) {
-                        entry.seq = None;
+                    if self.forget_seq(&id) {
                         self.dirty.insert(id);
                     }
                 }
@@ -560,19 +744,38 @@ impl EndpointLog {
                 }
             }
         }
-        self.deleting.extend(writes.deleted);
+        let mut deleting = writes.deleted;
+        deleting.append(&mut self.deleting);
+        self.deleting = deleting;
+    }
+
+    /// Marks an entry's live version as not stored; false if the image does not hold it.
+    fn forget_seq(&mut self, id: &str) -> bool {
+        if let Some(entry) = self.records.get_mut(id) {
+            entry.seq = None;
+            true
+        } else if let Some(event) = self.events.get_mut(id) {
+            event.seq = None;
+            true
+        } else {
+            false
+        }
     }
 
     /// Records a new segment for `batch` and the write creating it.
     fn create(&mut self, batch: Batch, writes: &mut Vec<SegmentWrite>, created: &mut Vec<Created>) {
         let seq = self.next_seq;
         self.next_seq += 1;
-        let name = segment_name(&self.endpoint, seq);
+        let name = journal_segment_name(&self.organization_id, seq);
         let mut live_bytes = 0;
         for id in &batch.live {
-            let entry = self.records.get_mut(id).expect("dirty records are known");
-            entry.seq = Some(seq);
-            live_bytes += entry.bytes;
+            if let Some(entry) = self.records.get_mut(id) {
+                entry.seq = Some(seq);
+                live_bytes += entry.bytes;
+            } else if let Some(event) = self.events.get_mut(id) {
+                event.seq = Some(seq);
+                live_bytes += event.bytes;
+            }
         }
         self.segments.insert(
             seq,
@@ -595,42 +798,58 @@ impl EndpointLog {
         self.config.segment_bytes.clamp(1, MAX_SEGMENT_BYTES)
     }
 
-    /// Bytes the live records (with [`GROWTH_RESERVE`] per pending one) may take.
+    /// Bytes one endpoint's deliveries (with [`GROWTH_RESERVE`] per pending one) may take.
     fn capacity(&self) -> usize {
         self.config.max_segments.max(2) / 2 * self.segment_budget()
     }
 
-    /// Above this many segments, a batch compacts the oldest one away.
-    fn compact_above(&self) -> usize {
-        self.config.max_segments.max(2) / 2
+    /// The segment count above which compaction is forced: `max_segments`, or twice the segments
+    /// the live entries fill if that is more (an organization with many endpoints keeps more).
+    /// Above half of it, a batch compacts the oldest segment when that is cheap.
+    pub fn segment_limit(&self) -> usize {
+        let needed = self.projected.div_ceil(self.segment_budget());
+        self.config.max_segments.max(2).max(2 * needed)
     }
 
-    /// Puts a record into the image's accounting, stored in segment `seq` (or awaiting a batch).
+    /// Puts a delivery into the image's accounting, stored in segment `seq` (or awaiting a batch).
     fn attach(&mut self, record: DeliveryRecord, bytes: usize, seq: Option<u64>) {
         if let Some(segment) = seq.and_then(|seq| self.segments.get_mut(&seq)) {
             segment.live.insert(record.id.clone());
             segment.live_bytes += bytes;
         }
-        self.projected += bytes + reserve(record.state);
+        let cost = bytes + reserve(record.state);
+        self.projected += cost;
+        let endpoint = self.endpoints.entry(record.endpoint_id.clone()).or_default();
+        endpoint.projected += cost;
         if record.is_finished() {
-            self.finished.insert((record.updated_at, record.id.clone()));
+            endpoint.finished.insert((record.updated_at, record.id.clone()));
         } else {
+            endpoint.pending += 1;
             self.pending += 1;
         }
         self.records.insert(record.id.clone(), Entry { record, seq, bytes });
     }
 
-    /// Takes a record out of the image's accounting; its segment (if any) no longer holds its live
-    /// version.
+    /// Takes a delivery out of the image's accounting; its segment (if any) no longer holds its
+    /// live version. Its event keeps its reference (see [`Self::drop_record`]).
     fn detach(&mut self, id: &str) -> Option<Entry> {
         let entry = self.records.remove(id)?;
-        if entry.record.is_finished() {
-            self.finished
-                .remove(&(entry.record.updated_at, entry.record.id.clone()));
-        } else {
-            self.pending -= 1;
+        let cost = entry.bytes + reserve(entry.record.state);
+        self.projected -= cost;
+        if let Some(endpoint) = self.endpoints.get_mut(&entry.record.endpoint_id) {
+            endpoint.projected -= cost;
+            if entry.record.is_finished() {
+                endpoint
+                    .finished
+                    .remove(&(entry.record.updated_at, entry.record.id.clone()));
+            } else {
+                endpoint.pending -= 1;
+                self.pending -= 1;
+            }
+            if endpoint.projected == 0 && endpoint.pending == 0 && endpoint.finished.is_empty() {
+                self.endpoints.remove(&entry.record.endpoint_id);
+            }
         }
-        self.projected -= entry.bytes + reserve(entry.record.state);
         if let Some(segment) = entry.seq.and_then(|seq| self.segments.get_mut(&seq)) {
             segment.live.remove(id);
             segment.live_bytes -= entry.bytes;
@@ -638,31 +857,70 @@ impl EndpointLog {
         Some(entry)
     }
 
-    /// Retention: finished records beyond the newest `max_finished` (by `updated_at`) go. One whose
-    /// last version is not stored yet is retired: the next batch still stores that version, so
-    /// that a recovery never finds an older one as the newest.
+    /// Takes a delivery out of the image for good, and its event once no delivery carries it.
+    fn drop_record(&mut self, id: &str) -> Option<Entry> {
+        let entry = self.detach(id)?;
+        let event_id = &entry.record.event_id;
+        if let Some(event) = self.events.get_mut(event_id) {
+            event.refs = event.refs.saturating_sub(1);
+            if event.refs == 0 {
+                self.dirty.remove(event_id);
+                self.detach_event(&event_id.clone());
+            }
+        }
+        Some(entry)
+    }
+
+    fn attach_event(&mut self, id: String, payload: Bytes, seq: Option<u64>) {
+        let bytes = event_bytes(&id, &payload);
+        if let Some(segment) = seq.and_then(|seq| self.segments.get_mut(&seq)) {
+            segment.live.insert(id.clone());
+            segment.live_bytes += bytes;
+        }
+        self.projected += bytes;
+        self.events.insert(
+            id,
+            EventEntry {
+                payload,
+                seq,
+                bytes,
+                refs: 0,
+            },
+        );
+    }
+
+    fn detach_event(&mut self, id: &str) -> Option<EventEntry> {
+        let event = self.events.remove(id)?;
+        self.projected -= event.bytes;
+        if let Some(segment) = event.seq.and_then(|seq| self.segments.get_mut(&seq)) {
+            segment.live.remove(id);
+            segment.live_bytes -= event.bytes;
+        }
+        Some(event)
+    }
+
+    /// Retention: each endpoint's finished deliveries beyond the newest `max_finished` (by
+    /// `updated_at`) go. One whose last version is not stored yet is retired: the next batch still
+    /// stores that version, so that a recovery never finds an older one as the newest.
     fn prune(&mut self) {
-        while self.finished.len() > self.config.max_finished {
-            let Some((_, id)) = self.finished.first().cloned() else {
-                break;
-            };
-            if let Some(entry) = self.detach(&id)
-                && self.dirty.remove(&id)
+        let max = self.config.max_finished;
+        let over: Vec<String> = self
+            .endpoints
+            .values()
+            .filter(|e| e.finished.len() > max)
+            .flat_map(|e| {
+                let extra = e.finished.len() - max;
+                e.finished.iter().take(extra).map(|(_, id)| id.clone())
+            })
+            .collect();
+        for id in over {
+            let was_dirty = self.dirty.remove(&id);
+            if let Some(entry) = self.drop_record(&id)
+                && was_dirty
             {
                 self.retired.insert(id, entry.record);
             }
         }
-    }
-
-    fn owner_reference(&self) -> Option<OwnerReference> {
-        (!self.endpoint_uid.is_empty()).then(|| OwnerReference {
-            api_version: format!("{}/v1", crate::resources::GROUP),
-            kind: "WebhookEndpoint".into(),
-            name: self.endpoint.clone(),
-            uid: self.endpoint_uid.clone(),
-            controller: Some(false),
-            block_owner_deletion: Some(false),
-        })
     }
 
     fn configmap(&self, name: &str, data: BTreeMap<String, String>) -> ConfigMap {
@@ -670,8 +928,7 @@ impl EndpointLog {
             metadata: ObjectMeta {
                 name: Some(name.to_string()),
                 namespace: Some(self.namespace.clone()),
-                labels: Some(segment_labels(&self.endpoint, &self.organization_id)),
-                owner_references: self.owner_reference().map(|o| vec![o]),
+                labels: Some(segment_labels(&self.organization_id)),
                 ..Default::default()
             },
             data: Some(data),
@@ -680,7 +937,7 @@ impl EndpointLog {
     }
 }
 
-/// Records gathered for one new segment.
+/// Entries gathered for one new segment.
 #[derive(Default)]
 struct Batch {
     data: BTreeMap<String, String>,

@@ -1,62 +1,78 @@
-//! The delivery log: a durable, bounded record of every endpoint's deliveries, kept in ConfigMaps.
+//! The delivery log: a durable, bounded record of every organization's deliveries and the events
+//! they carry, kept in ConfigMaps.
 //!
-//! Shared by the dispatcher (the single writer of each endpoint's log) and the REST facade (which
-//! reads it), so it sits below both and imports neither.
+//! Shared by the dispatcher (the single writer of each organization's log) and the REST facade
+//! (which reads it), so it sits below both and imports neither.
 //!
 //! # Storage
-//! Each endpoint has zero or more *segments*: ConfigMaps `<endpoint>-deliveries-<seq>` in the
-//! endpoint's namespace, labelled with [`MANAGED_BY_LABEL`](crate::resources::MANAGED_BY_LABEL),
-//! [`COMPONENT_LABEL`](crate::resources::COMPONENT_LABEL)`=`[`COMPONENT`],
-//! [`ENDPOINT_LABEL`](crate::resources::ENDPOINT_LABEL) and
-//! [`ORGANIZATION_LABEL`](crate::resources::ORGANIZATION_LABEL), with a non-controller owner reference to the
-//! endpoint so that deleting it garbage-collects its log. `data` maps a delivery id to the
-//! record's compact JSON ([`DeliveryRecord::to_stored`]).
+//! Each organization has, in each namespace where it has endpoints, zero or more *segments*:
+//! ConfigMaps `<organization slug>-<hash>-journal-<seq>` ([`journal_segment_name`]), labelled
+//! with [`MANAGED_BY_LABEL`](crate::resources::MANAGED_BY_LABEL),
+//! [`COMPONENT_LABEL`](crate::resources::COMPONENT_LABEL)`=`[`COMPONENT`] and
+//! [`ORGANIZATION_LABEL`](crate::resources::ORGANIZATION_LABEL). `data` maps an event id
+//! (`evt_...`) to the event's payload, stored once however many endpoints it goes to, and a
+//! delivery id (`msg_...`) to the delivery's small record ([`DeliveryRecord::to_stored`]).
+//! Dispatch is partitioned by organization, so one writer fans an event out and stores it once.
 //!
 //! # Writing: a journal with group commit
-//! The dispatcher keeps an [`EndpointLog`] (the in-memory image, pure) per endpoint and changes it
-//! with [`EndpointLog::insert`] and [`EndpointLog::update`]. [`EndpointLog::take_writes`] turns
-//! everything changed since the previous call into creates of new segments holding the current
-//! version of each changed record, then deletes of the oldest segments that hold no live version;
-//! [`apply`] sends them. A segment is never patched: the API server's cost of a write follows what
-//! changed, not what a segment holds. A record's copy in the newest segment wins when the log is
-//! read back. If applying fails, [`EndpointLog::restore`] hands the batch back so the next batch
-//! writes it again.
+//! The dispatcher keeps a [`DeliveryLog`] (the in-memory image, pure) per organization and
+//! namespace, and changes it with [`DeliveryLog::insert_event`], [`DeliveryLog::insert`] and
+//! [`DeliveryLog::update`]. [`DeliveryLog::take_writes`] turns everything changed since the
+//! previous call into creates of new segments holding the current version of each changed entry,
+//! then deletes of the oldest segments that hold no live version; [`apply`] sends them. A segment is
+//! never patched: the API server's cost of a write follows what changed, not what a segment holds.
+//! An entry's copy in the newest segment wins when the log is read back. If applying fails,
+//! [`DeliveryLog::restore`] hands the batch back so the next batch writes it again.
+//!
+//! # Budget
+//! Every byte written lands in the cluster's etcd: [`WriteBudget`] limits the bytes per second the
+//! dispatcher writes, and new work is refused (ingest answers 503) while it is spent.
 //!
 //! # Bounds
-//! A batch's new segments hold at most [`LogConfig::segment_bytes`] each. The live records may take
-//! half of [`LogConfig::max_segments`] × `segment_bytes` (pending ones counted with
-//! [`GROWTH_RESERVE`] bytes for the fields their attempts fill in; [`LogFull`] beyond); once more
-//! than `max_segments / 2` segments exist, batches compact the oldest away. Finished records beyond
-//! the newest [`LogConfig::max_finished`] are pruned (their copies go with their segments); pending
-//! ones never are. A record stays below [`HARD_SEGMENT_BYTES`] (under the 1 MiB object limit)
-//! whatever updates do: an update that would cross it has its `last_error` shortened.
+//! A batch's new segments hold at most [`LogConfig::segment_bytes`] each. Each endpoint's
+//! deliveries may take half of [`LogConfig::max_segments`] × `segment_bytes` (pending ones counted
+//! with [`GROWTH_RESERVE`] bytes for the fields their attempts fill in; [`LogFull`] beyond); once
+//! there are more segments than the live entries need, batches compact the oldest away. Each
+//! endpoint's finished deliveries beyond the newest [`LogConfig::max_finished`] are pruned (their
+//! copies go with their segments), and an event goes with the last delivery carrying it; pending
+//! deliveries never are. A record stays below [`HARD_SEGMENT_BYTES`] (under the 1 MiB object
+//! limit) whatever updates do: an update that would cross it has its `last_error` shortened.
+//!
+//! # The first format
+//! Up to version 0.1 each endpoint had its own segments, `<endpoint>-deliveries-<seq>`, and every
+//! record carried its own copy of the payload. Recovery reads them ([`DeliveryLog::from_configmaps`]),
+//! the next batch writes their records in this format, and then deletes them.
 
+mod budget;
 mod image;
 mod record;
 mod store;
 
-pub use image::{EndpointLog, LogConfig, LogFull, PendingWrites, SegmentSummary, SegmentWrite};
-pub use record::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, new_delivery_id, truncate_error};
-pub use store::{
-    apply, apply_writes, endpoint_of, group_by_endpoint, load_all, log_selector, newest_first_from_configmaps,
-    read_endpoint,
+pub use budget::{TokenBucket, WriteBudget, parse_bytes};
+
+pub use image::{
+    DELETE_BYTES, DeliveryLog, LogConfig, LogFull, PendingWrites, SegmentSummary, SegmentWrite, is_event_key,
 };
+pub use record::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, new_delivery_id, truncate_error};
+pub use store::{apply, apply_writes, group_by_organization, load_all, log_selector, read_organization};
 
 use std::collections::BTreeMap;
 
 use sha2::{Digest, Sha256};
 
-use crate::resources::{COMPONENT_LABEL, ENDPOINT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, ORGANIZATION_LABEL};
+use crate::resources::{COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, ORGANIZATION_LABEL};
 
-/// Labels of every segment of `endpoint`'s log.
-pub fn segment_labels(endpoint: &str, organization_id: &str) -> BTreeMap<String, String> {
+/// Labels of every segment of an organization's log.
+pub fn segment_labels(organization_id: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         (MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string()),
         (COMPONENT_LABEL.to_string(), COMPONENT.to_string()),
-        (ENDPOINT_LABEL.to_string(), endpoint_label_value(endpoint)),
         (ORGANIZATION_LABEL.to_string(), organization_id.to_string()),
     ])
 }
+
+/// Prefix of event ids, and so of the data keys holding payloads.
+pub const EVENT_KEY_PREFIX: &str = "evt_";
 
 /// [`COMPONENT_LABEL`](crate::resources::COMPONENT_LABEL) value of delivery-log ConfigMaps.
 pub const COMPONENT: &str = "delivery-log";
@@ -74,12 +90,12 @@ pub const HARD_SEGMENT_BYTES: usize = 1_000_000;
 /// holds once they finish.
 pub const GROWTH_RESERVE: usize = 128;
 
-/// Infix between the endpoint name and the sequence number of a segment's name.
-const SEGMENT_INFIX: &str = "-deliveries-";
+/// Infix between the endpoint name and the sequence number of a first-format segment's name.
+const LEGACY_INFIX: &str = "-deliveries-";
+/// Infix between the organization's slug and the sequence number of a segment's name.
+const JOURNAL_INFIX: &str = "-journal-";
 /// Longest Kubernetes object name (DNS-1123 subdomain).
 const MAX_NAME_LENGTH: usize = 253;
-/// Longest label value.
-const MAX_LABEL_VALUE_LENGTH: usize = 63;
 /// Digits of the largest `u64`: room kept for the sequence number.
 const MAX_SEQ_DIGITS: usize = 20;
 
@@ -107,26 +123,50 @@ fn shorten(name: &str, max: usize) -> String {
     format!("{prefix}-{hash}")
 }
 
-/// Name of segment `seq` of `endpoint`'s log; a valid object name (at most 253 characters) for
-/// every valid endpoint name.
-pub fn segment_name(endpoint: &str, seq: u64) -> String {
-    let base = shorten(endpoint, MAX_NAME_LENGTH - SEGMENT_INFIX.len() - MAX_SEQ_DIGITS);
-    format!("{base}{SEGMENT_INFIX}{seq}")
+/// Name of segment `seq` of an organization's log: a DNS-1123 form of the organization id (cut
+/// to fit) and a hash of the id itself (ids differing only in case or punctuation stay apart).
+pub fn journal_segment_name(organization_id: &str, seq: u64) -> String {
+    let mut slug = String::with_capacity(organization_id.len());
+    for c in organization_id.chars() {
+        let c = c.to_ascii_lowercase();
+        let c = if c.is_ascii_alphanumeric() { c } else { '-' };
+        if !(c == '-' && slug.ends_with('-')) {
+            slug.push(c);
+        }
+    }
+    let slug = slug.trim_matches('-');
+    let room = MAX_NAME_LENGTH - JOURNAL_INFIX.len() - MAX_SEQ_DIGITS - 9;
+    let slug = slug[..slug.len().min(room)].trim_end_matches('-');
+    let hash = short_hash(organization_id);
+    if slug.is_empty() {
+        format!("{hash}{JOURNAL_INFIX}{seq}")
+    } else {
+        format!("{slug}-{hash}{JOURNAL_INFIX}{seq}")
+    }
 }
 
-/// The sequence number in a segment's name, if it has the form `<...>-deliveries-<seq>`.
-pub fn segment_seq(name: &str) -> Option<u64> {
-    let (_, seq) = name.rsplit_once(SEGMENT_INFIX)?;
+fn seq_after(name: &str, infix: &str) -> Option<u64> {
+    let (_, seq) = name.rsplit_once(infix)?;
     if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
     seq.parse().ok()
 }
 
-/// The [`ENDPOINT_LABEL`](crate::resources::ENDPOINT_LABEL) value of an endpoint's segments: its name, shortened with a hash when it
-/// is longer than a label value may be (CR names may have 253 characters, label values 63).
-pub fn endpoint_label_value(endpoint: &str) -> String {
-    shorten(endpoint, MAX_LABEL_VALUE_LENGTH)
+/// The sequence number in a segment's name, if it has the form `<...>-journal-<seq>`.
+pub fn journal_seq(name: &str) -> Option<u64> {
+    seq_after(name, JOURNAL_INFIX)
+}
+
+/// The sequence number in a first-format segment's name (`<endpoint>-deliveries-<seq>`).
+pub fn legacy_segment_seq(name: &str) -> Option<u64> {
+    seq_after(name, LEGACY_INFIX)
+}
+
+/// Name of segment `seq` of an endpoint's log in the first format (for tests and fixtures).
+pub fn legacy_segment_name(endpoint: &str, seq: u64) -> String {
+    let base = shorten(endpoint, MAX_NAME_LENGTH - LEGACY_INFIX.len() - MAX_SEQ_DIGITS);
+    format!("{base}{LEGACY_INFIX}{seq}")
 }
 
 #[cfg(test)]
@@ -134,30 +174,34 @@ mod tests {
     use super::*;
 
     #[test]
-    fn segment_names_stay_valid_for_long_endpoint_names() {
-        assert_eq!(segment_name("ep1", 3), "ep1-deliveries-3");
-        assert_eq!(segment_seq("ep1-deliveries-3"), Some(3));
-        assert_eq!(segment_seq("a-deliveries-b-deliveries-12"), Some(12));
-        assert_eq!(segment_seq("ep1-deliveries-"), None);
-        assert_eq!(segment_seq("ep1-deliveries-x1"), None);
-        assert_eq!(segment_seq("ep1"), None);
-
-        let long = format!("{}.{}", "a".repeat(200), "b-".repeat(26))
-            .trim_end_matches('-')
-            .to_string();
-        assert_eq!(long.len(), 252);
-        let name = segment_name(&long, u64::MAX);
-        assert!(name.len() <= 253, "{} chars", name.len());
-        assert_eq!(segment_seq(&name), Some(u64::MAX));
-        assert!(!name.contains("-.") && !name.contains(".-") && !name.contains("--"));
-        let other = segment_name(&format!("{}x", &long[..251]), 1);
-        assert_ne!(segment_name(&long, 1), other);
-
-        let label = endpoint_label_value(&long);
-        assert!(label.len() <= 63 && label.starts_with("aaa"));
-        assert!(label.bytes().last().unwrap().is_ascii_alphanumeric());
-        assert_eq!(endpoint_label_value("ep1"), "ep1");
-        let sixty_three = "e".repeat(63);
-        assert_eq!(endpoint_label_value(&sixty_three), sixty_three);
+    fn segment_names_are_valid_for_every_organization_id() {
+        let name = journal_segment_name("org_demo", 3);
+        assert!(name.starts_with("org-demo-") && name.ends_with("-journal-3"), "{name}");
+        assert_eq!(journal_seq(&name), Some(3));
+        assert_eq!(journal_seq("a-journal-b-journal-12"), Some(12));
+        assert_eq!(journal_seq("x-journal-"), None);
+        assert_eq!(journal_seq("x-journal-1a"), None);
+        assert_eq!(journal_seq("ep1-deliveries-3"), None);
+        assert_eq!(legacy_segment_seq("ep1-deliveries-3"), Some(3));
+        assert_eq!(legacy_segment_seq(&name), None);
+        assert_eq!(legacy_segment_name("ep1", 3), "ep1-deliveries-3");
+        // Case and punctuation are folded in the slug, but the hash keeps ids apart.
+        assert_ne!(journal_segment_name("Org_A", 1), journal_segment_name("org-a", 1));
+        let dns1123 = |n: &str| {
+            n.len() <= 253
+                && n.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && n.as_bytes()[0].is_ascii_alphanumeric()
+                && !n.contains("--")
+        };
+        for org in ["org_demo", "A", "x.y_z-1", "_._", &"o".repeat(63), "Org__2AbC..d"] {
+            let name = journal_segment_name(org, u64::MAX);
+            assert!(dns1123(&name), "{name}");
+            assert_eq!(journal_seq(&name), Some(u64::MAX));
+        }
+        let long = "e".repeat(252);
+        let legacy = legacy_segment_name(&long, u64::MAX);
+        assert!(legacy.len() <= 253);
+        assert_eq!(legacy_segment_seq(&legacy), Some(u64::MAX));
     }
 }

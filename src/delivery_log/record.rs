@@ -35,11 +35,11 @@ impl DeliveryState {
     }
 }
 
-/// One delivery of one event to one endpoint, as kept in the endpoint's log.
+/// One delivery of one event to one endpoint, as kept in the organization's log.
 ///
-/// The stored form is this struct as compact JSON with these (snake_case) field names; absent
-/// optional fields are omitted. It is a persistent format: add fields only with `#[serde(default)]`.
-#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+/// Its payload is not part of it: the log stores each event's payload once, beside the deliveries
+/// that carry it ([`super::DeliveryLog`]).
+#[derive(Clone, Debug, PartialEq)]
 pub struct DeliveryRecord {
     /// `msg_` + a time-sortable id ([`new_delivery_id`]); also the `webhook-id` header.
     pub id: String,
@@ -51,8 +51,6 @@ pub struct DeliveryRecord {
     pub event_id: String,
     /// The event's type.
     pub event_type: String,
-    /// The envelope exactly as sent: `{"type", "timestamp", "data"}`.
-    pub payload: Value,
     /// Where the delivery stands.
     pub state: DeliveryState,
     /// Attempts made so far.
@@ -64,17 +62,90 @@ pub struct DeliveryRecord {
     /// When the record last changed.
     pub updated_at: Timestamp,
     /// When the next attempt is due (pending deliveries only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_attempt_at: Option<Timestamp>,
     /// When an attempt succeeded.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delivered_at: Option<Timestamp>,
     /// HTTP status of the last attempt that got a response.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub response_status: Option<u16>,
     /// Why the last attempt failed (at most [`MAX_ERROR_CHARS`] characters once stored).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+}
+
+/// The stored form of a delivery (format 2): one ConfigMap data value, keyed by the delivery id,
+/// in a segment of its organization's log. Short keys and millisecond times, because every byte
+/// is written to etcd at every state change; the organization comes from the segment, the
+/// payload from the event.
+///
+/// A persistent format: add fields only with `#[serde(default)]`.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Stored<'a> {
+    /// Endpoint name.
+    e: std::borrow::Cow<'a, str>,
+    /// Event id.
+    v: std::borrow::Cow<'a, str>,
+    /// Event type.
+    t: std::borrow::Cow<'a, str>,
+    /// State: `p`, `s` or `f`.
+    s: char,
+    /// Attempts made.
+    a: u32,
+    /// Attempts allowed.
+    m: u32,
+    /// Created, Unix milliseconds.
+    c: i64,
+    /// Updated, Unix milliseconds.
+    u: i64,
+    /// Next attempt, Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    n: Option<i64>,
+    /// Delivered, Unix milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    d: Option<i64>,
+    /// Response status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    r: Option<u16>,
+    /// Last error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    x: Option<std::borrow::Cow<'a, str>>,
+}
+
+/// A delivery as the first format stored it (`<endpoint>-deliveries-<seq>` segments, up to
+/// version 0.1): every field spelled out, the payload in every record. Read to migrate.
+#[derive(Deserialize)]
+struct Legacy {
+    id: String,
+    endpoint_id: String,
+    organization_id: String,
+    event_id: String,
+    event_type: String,
+    payload: Value,
+    state: DeliveryState,
+    attempts: u32,
+    max_attempts: u32,
+    created_at: Timestamp,
+    updated_at: Timestamp,
+    #[serde(default)]
+    next_attempt_at: Option<Timestamp>,
+    #[serde(default)]
+    delivered_at: Option<Timestamp>,
+    #[serde(default)]
+    response_status: Option<u16>,
+    #[serde(default)]
+    last_error: Option<String>,
+}
+
+fn millis(t: Timestamp) -> i64 {
+    t.as_millisecond()
+}
+
+fn from_millis(ms: i64) -> Result<Timestamp, String> {
+    Timestamp::from_millisecond(ms).map_err(|e| format!("time {ms} out of range: {e}"))
+}
+
+/// `t` to whole milliseconds, as the stored form keeps it.
+fn to_millisecond(t: Timestamp) -> Timestamp {
+    Timestamp::from_millisecond(t.as_millisecond()).unwrap_or(t)
 }
 
 /// A new delivery id: `msg_` + a lowercase ULID of `now`. Valid as a ConfigMap key and sortable
@@ -118,8 +189,8 @@ impl DeliveryRecord {
     }
 
     /// The contract's Delivery object: exactly its keys, `null` where a value is absent,
-    /// timestamps RFC 3339 UTC in whole seconds with `Z`.
-    pub fn to_api(&self) -> Value {
+    /// timestamps RFC 3339 UTC in whole seconds with `Z`. `payload` is the event's envelope.
+    pub fn to_api(&self, payload: Option<&Value>) -> Value {
         let time = |t: Option<Timestamp>| t.map(crate::resources::rfc3339);
         json!({
             "attempts": self.attempts,
@@ -132,42 +203,108 @@ impl DeliveryRecord {
             "max_attempts": self.max_attempts,
             "next_attempt_at": time(self.next_attempt_at),
             "organization_id": self.organization_id,
-            "payload": self.payload,
+            "payload": payload,
             "response_status": self.response_status,
             "state": self.state.as_str(),
             "updated_at": crate::resources::rfc3339(self.updated_at),
         })
     }
 
-    /// Caps `last_error` as storing it would; the in-memory image holds records in this form so
-    /// that it equals what a recovery reads back.
+    /// Brings the record to what storing it keeps: `last_error` capped, times in whole
+    /// milliseconds. The in-memory log holds records in this form, so that it equals what a
+    /// recovery reads back.
     pub fn normalize(&mut self) {
         if let Some(error) = &self.last_error
             && error.chars().nth(MAX_ERROR_CHARS).is_some()
         {
             self.last_error = Some(truncate_error(error, MAX_ERROR_CHARS));
         }
+        self.created_at = to_millisecond(self.created_at);
+        self.updated_at = to_millisecond(self.updated_at);
+        self.next_attempt_at = self.next_attempt_at.map(to_millisecond);
+        self.delivered_at = self.delivered_at.map(to_millisecond);
     }
 
-    /// The stored form: compact JSON, `last_error` capped at [`MAX_ERROR_CHARS`] characters.
+    /// The stored form (format 2, see [`Stored`]): compact JSON, `last_error` capped at
+    /// [`MAX_ERROR_CHARS`] characters.
     pub fn to_stored(&self) -> String {
-        let too_long = self
-            .last_error
-            .as_ref()
-            .is_some_and(|e| e.chars().nth(MAX_ERROR_CHARS).is_some());
-        let result = if too_long {
-            let mut capped = self.clone();
-            capped.normalize();
-            serde_json::to_string(&capped)
-        } else {
-            serde_json::to_string(self)
+        let last_error = self.last_error.as_deref().map(|e| {
+            if e.chars().nth(MAX_ERROR_CHARS).is_some() {
+                std::borrow::Cow::Owned(truncate_error(e, MAX_ERROR_CHARS))
+            } else {
+                std::borrow::Cow::Borrowed(e)
+            }
+        });
+        let stored = Stored {
+            e: self.endpoint_id.as_str().into(),
+            v: self.event_id.as_str().into(),
+            t: self.event_type.as_str().into(),
+            s: match self.state {
+                DeliveryState::Pending => 'p',
+                DeliveryState::Succeeded => 's',
+                DeliveryState::Failed => 'f',
+            },
+            a: self.attempts,
+            m: self.max_attempts,
+            c: millis(self.created_at),
+            u: millis(self.updated_at),
+            n: self.next_attempt_at.map(millis),
+            d: self.delivered_at.map(millis),
+            r: self.response_status,
+            x: last_error,
         };
-        result.expect("a delivery record always serializes")
+        serde_json::to_string(&stored).expect("a delivery record always serializes")
     }
 
-    /// Parses the stored form.
-    pub fn from_stored(text: &str) -> Result<Self, serde_json::Error> {
-        serde_json::from_str(text)
+    /// Parses the stored form of delivery `id` in a log of `organization_id`.
+    pub fn from_stored(id: &str, organization_id: &str, text: &str) -> Result<Self, String> {
+        let stored: Stored = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let state = match stored.s {
+            'p' => DeliveryState::Pending,
+            's' => DeliveryState::Succeeded,
+            'f' => DeliveryState::Failed,
+            other => return Err(format!("unknown state {other:?}")),
+        };
+        Ok(Self {
+            id: id.to_string(),
+            endpoint_id: stored.e.into_owned(),
+            organization_id: organization_id.to_string(),
+            event_id: stored.v.into_owned(),
+            event_type: stored.t.into_owned(),
+            state,
+            attempts: stored.a,
+            max_attempts: stored.m,
+            created_at: from_millis(stored.c)?,
+            updated_at: from_millis(stored.u)?,
+            next_attempt_at: stored.n.map(from_millis).transpose()?,
+            delivered_at: stored.d.map(from_millis).transpose()?,
+            response_status: stored.r,
+            last_error: stored.x.map(std::borrow::Cow::into_owned),
+        })
+    }
+
+    /// Parses a record of the first stored format, which carried its own payload; returns the
+    /// record (normalized) and the payload.
+    pub fn from_legacy(text: &str) -> Result<(Self, Value), String> {
+        let old: Legacy = serde_json::from_str(text).map_err(|e| e.to_string())?;
+        let mut record = Self {
+            id: old.id,
+            endpoint_id: old.endpoint_id,
+            organization_id: old.organization_id,
+            event_id: old.event_id,
+            event_type: old.event_type,
+            state: old.state,
+            attempts: old.attempts,
+            max_attempts: old.max_attempts,
+            created_at: old.created_at,
+            updated_at: old.updated_at,
+            next_attempt_at: old.next_attempt_at,
+            delivered_at: old.delivered_at,
+            response_status: old.response_status,
+            last_error: old.last_error,
+        };
+        record.normalize();
+        Ok((record, old.payload))
     }
 
     /// Bytes this record takes in a ConfigMap: its key plus its stored form.
@@ -192,7 +329,6 @@ pub(crate) mod tests {
             organization_id: "org_1".into(),
             event_id: format!("evt_{n}"),
             event_type: "database.created".into(),
-            payload: json!({"type": "database.created", "timestamp": "2023-11-14T22:13:20Z", "data": {"n": n}}),
             state,
             attempts: 0,
             max_attempts: 8,
@@ -210,23 +346,39 @@ pub(crate) mod tests {
         let mut r = record(7, DeliveryState::Pending);
         r.updated_at = Timestamp::from_nanosecond(1_700_000_000_123_456_789).unwrap();
         let text = r.to_stored();
-        assert!(!text.contains("delivered_at") && !text.contains('\n'));
-        assert!(text.contains(r#""state":"pending""#));
-        assert_eq!(DeliveryRecord::from_stored(&text).unwrap(), r);
+        assert!(!text.contains(r#""d":"#) && !text.contains('\n'));
+        assert!(text.contains(r#""s":"p""#));
+        assert!(
+            !text.contains("org_1"),
+            "the organization comes from the segment: {text}"
+        );
+        // Times are kept to the millisecond.
+        let back = DeliveryRecord::from_stored(&r.id, "org_1", &text).unwrap();
+        assert_eq!(back.updated_at, Timestamp::from_millisecond(1_700_000_000_123).unwrap());
+        r.normalize();
+        assert_eq!(back, r);
+        assert_eq!(r.to_stored(), text);
 
         r.state = DeliveryState::Succeeded;
         r.delivered_at = Some(ts(9));
         r.response_status = Some(204);
         r.last_error = Some("previous attempt: timeout".into());
-        assert_eq!(DeliveryRecord::from_stored(&r.to_stored()).unwrap(), r);
+        assert_eq!(DeliveryRecord::from_stored(&r.id, "org_1", &r.to_stored()).unwrap(), r);
         assert_eq!(r.stored_len(), r.id.len() + r.to_stored().len());
+        assert!(DeliveryRecord::from_stored(&r.id, "org_1", "[]").is_err());
+        let bad_state = r.to_stored().replace(r#""s":"s""#, r#""s":"q""#);
+        assert!(
+            DeliveryRecord::from_stored(&r.id, "org_1", &bad_state)
+                .unwrap_err()
+                .contains("unknown state")
+        );
     }
 
     #[test]
     fn last_error_is_capped_on_a_char_boundary() {
         let mut r = record(1, DeliveryState::Failed);
         r.last_error = Some("é".repeat(600));
-        let back = DeliveryRecord::from_stored(&r.to_stored()).unwrap();
+        let back = DeliveryRecord::from_stored(&r.id, "org_1", &r.to_stored()).unwrap();
         let stored = back.last_error.unwrap();
         assert_eq!(stored.chars().count(), MAX_ERROR_CHARS);
         assert!(stored.ends_with("é…"));
@@ -242,7 +394,8 @@ pub(crate) mod tests {
     #[test]
     fn to_api_has_exactly_the_contract_keys() {
         let r = record(3, DeliveryState::Pending);
-        let api = r.to_api();
+        let payload = json!({"type": "database.created", "timestamp": "2023-11-14T22:13:20Z", "data": {"n": 3}});
+        let api = r.to_api(Some(&payload));
         let keys: Vec<&str> = api.as_object().unwrap().keys().map(String::as_str).collect();
         assert_eq!(
             keys,
@@ -275,11 +428,33 @@ pub(crate) mod tests {
         done.delivered_at = Some(Timestamp::from_nanosecond(1_700_000_010_999_000_000).unwrap());
         done.response_status = Some(200);
         done.next_attempt_at = None;
-        let api = done.to_api();
+        let api = done.to_api(None);
+        assert_eq!(api["payload"], Value::Null);
         assert_eq!(api["delivered_at"], "2023-11-14T22:13:30Z");
         assert_eq!(api["response_status"], 200);
         assert_eq!(api["next_attempt_at"], Value::Null);
         assert_eq!(api["state"], "succeeded");
+    }
+
+    /// A record exactly as version 0.1 stored it (`<endpoint>-deliveries-<seq>` segments).
+    pub(crate) const LEGACY_RECORD: &str = r#"{"id":"msg_01kbkz8g2v3m4n5p6q7r8s9t0v","endpoint_id":"ep-01kbkz7x","organization_id":"org_demo","event_id":"evt_01kbkz8g2v3m4n5p6q7r8s9t0w","event_type":"database.created","payload":{"type":"database.created","timestamp":"2026-11-30T10:00:00Z","data":{"db":"main"}},"state":"pending","attempts":1,"max_attempts":8,"created_at":"2026-11-30T10:00:00.123456789Z","updated_at":"2026-11-30T10:00:05.5Z","next_attempt_at":"2026-11-30T10:05:05.5Z","response_status":503,"last_error":"HTTP 503"}"#;
+
+    #[test]
+    fn the_first_stored_format_is_read_with_its_payload() {
+        let (record, payload) = DeliveryRecord::from_legacy(LEGACY_RECORD).unwrap();
+        assert_eq!(record.id, "msg_01kbkz8g2v3m4n5p6q7r8s9t0v");
+        assert_eq!(record.endpoint_id, "ep-01kbkz7x");
+        assert_eq!(record.organization_id, "org_demo");
+        assert_eq!(record.event_type, "database.created");
+        assert_eq!(record.state, DeliveryState::Pending);
+        assert_eq!((record.attempts, record.max_attempts), (1, 8));
+        assert_eq!(record.created_at.to_string(), "2026-11-30T10:00:00.123Z");
+        assert_eq!(record.next_attempt_at.unwrap().to_string(), "2026-11-30T10:05:05.5Z");
+        assert_eq!(record.response_status, Some(503));
+        assert_eq!(payload["data"]["db"], "main");
+        // Read as format 2, the first format is an error (never a half-read record).
+        assert!(DeliveryRecord::from_stored(&record.id, "org_demo", LEGACY_RECORD).is_err());
+        assert!(DeliveryRecord::from_legacy(&record.to_stored()).is_err());
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The delivery log's IO: applying a batch of writes, loading every log, reading one endpoint's.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -8,10 +8,9 @@ use kube::{Api, Client};
 use serde_json::json;
 use tracing::{debug, warn};
 
-use super::image::{PendingWrites, SegmentWrite};
-use super::record::{self, DeliveryRecord};
-use super::{COMPONENT, FIELD_MANAGER, endpoint_label_value};
-use crate::resources::{COMPONENT_LABEL, ENDPOINT_LABEL, GROUP, MANAGED_BY, MANAGED_BY_LABEL, Scope};
+use super::image::{DeliveryLog, LogConfig, PendingWrites, SegmentWrite};
+use super::{COMPONENT, FIELD_MANAGER};
+use crate::resources::{COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, ORGANIZATION_LABEL, Scope};
 
 /// Page size of list calls.
 const PAGE_SIZE: u32 = 500;
@@ -21,8 +20,8 @@ pub fn log_selector() -> String {
     format!("{MANAGED_BY_LABEL}={MANAGED_BY},{COMPONENT_LABEL}={COMPONENT}")
 }
 
-/// Applies a batch from [`super::EndpointLog::take_writes`] in order, stopping at the first error
-/// (then give the batch back with [`super::EndpointLog::restore`]). Returns the API calls made.
+/// Applies a batch from [`super::DeliveryLog::take_writes`] in order, stopping at the first error
+/// (then give the batch back with [`super::DeliveryLog::restore`]). Returns the API calls made.
 pub async fn apply(client: &Client, namespace: &str, writes: &PendingWrites) -> Result<usize, kube::Error> {
     apply_writes(client, namespace, writes.writes()).await
 }
@@ -92,167 +91,86 @@ async fn list_all(api: &Api<ConfigMap>, selector: &str) -> Result<Vec<ConfigMap>
     }
 }
 
-/// Every delivery-log segment in scope (paginated); group them with [`group_by_endpoint`].
+/// Every delivery-log segment in scope (paginated); group them with [`group_by_organization`].
 pub async fn load_all(client: &Client, scope: &Scope) -> Result<Vec<ConfigMap>, kube::Error> {
     list_all(&scope.api::<ConfigMap>(client.clone()), &log_selector()).await
 }
 
-/// The endpoint a segment belongs to: the name in its `WebhookEndpoint` owner reference, else its
-/// endpoint label (which is shortened for names longer than 63 characters).
-pub fn endpoint_of(cm: &ConfigMap) -> Option<String> {
-    let group_prefix = format!("{GROUP}/");
-    let owner = cm
-        .metadata
-        .owner_references
-        .iter()
-        .flatten()
-        .find(|o| o.kind == "WebhookEndpoint" && o.api_version.starts_with(&group_prefix));
-    match owner {
-        Some(o) => Some(o.name.clone()),
-        None => cm.metadata.labels.as_ref()?.get(ENDPOINT_LABEL).cloned(),
-    }
-}
-
-/// Segments grouped by (namespace, endpoint name), ready for
-/// [`super::EndpointLog::from_configmaps`]. Segments naming no endpoint are skipped with a warning.
-pub fn group_by_endpoint(configmaps: Vec<ConfigMap>) -> BTreeMap<(String, String), Vec<ConfigMap>> {
+/// Segments grouped by (namespace, organization), ready for
+/// [`super::DeliveryLog::from_configmaps`]. Segments naming no organization are skipped with a
+/// warning.
+pub fn group_by_organization(configmaps: Vec<ConfigMap>) -> BTreeMap<(String, String), Vec<ConfigMap>> {
     let mut groups: BTreeMap<(String, String), Vec<ConfigMap>> = BTreeMap::new();
     for cm in configmaps {
-        let (Some(namespace), Some(endpoint)) = (cm.metadata.namespace.clone(), endpoint_of(&cm)) else {
+        let organization = cm
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(ORGANIZATION_LABEL))
+            .cloned();
+        let (Some(namespace), Some(organization)) = (cm.metadata.namespace.clone(), organization) else {
             warn!(
                 configmap = cm.metadata.name.as_deref().unwrap_or_default(),
-                "delivery-log segment names no endpoint; ignored"
+                "delivery-log segment names no organization; ignored"
             );
             continue;
         };
-        groups.entry((namespace, endpoint)).or_default().push(cm);
+        groups.entry((namespace, organization)).or_default().push(cm);
     }
     groups
 }
 
-/// Up to `limit` records of these segments, newest first (`created_at`, then id). Undecodable
-/// values are skipped; a record in several segments counts once: its copy in the newest segment
-/// (the log is a journal, see [`super::EndpointLog`]).
-pub fn newest_first_from_configmaps(configmaps: &[ConfigMap], limit: usize) -> Vec<DeliveryRecord> {
-    let mut records: HashMap<String, DeliveryRecord> = HashMap::new();
-    let mut oldest_first: Vec<&ConfigMap> = configmaps.iter().collect();
-    oldest_first.sort_by_key(|cm| cm.metadata.name.as_deref().and_then(super::segment_seq));
-    for cm in oldest_first {
-        for (key, value) in cm.data.iter().flatten() {
-            match DeliveryRecord::from_stored(value) {
-                Ok(r) if &r.id == key => {
-                    records.insert(key.clone(), r);
-                }
-                _ => debug!(configmap = cm.metadata.name.as_deref().unwrap_or_default(), key = %key,
-                    "undecodable delivery record skipped"),
-            }
-        }
-    }
-    let mut records: Vec<DeliveryRecord> = records.into_values().collect();
-    records.sort_by(record::newest_first);
-    records.truncate(limit);
-    records
-}
-
-/// Up to `limit` records of one endpoint's log, newest first, read from the API server.
-pub async fn read_endpoint(
+/// One organization's log in one namespace, read back from the API server.
+pub async fn read_organization(
     client: &Client,
     namespace: &str,
-    endpoint: &str,
-    limit: usize,
-) -> Result<Vec<DeliveryRecord>, kube::Error> {
+    organization_id: &str,
+    config: LogConfig,
+) -> Result<DeliveryLog, kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
-    let selector = format!("{},{ENDPOINT_LABEL}={}", log_selector(), endpoint_label_value(endpoint));
-    let mut segments = list_all(&api, &selector).await?;
-    segments.retain(|cm| endpoint_of(cm).as_deref() == Some(endpoint));
-    Ok(newest_first_from_configmaps(&segments, limit))
+    let selector = format!("{},{ORGANIZATION_LABEL}={organization_id}", log_selector());
+    let segments = list_all(&api, &selector).await?;
+    Ok(DeliveryLog::from_configmaps(
+        namespace,
+        organization_id,
+        config,
+        segments,
+    ))
 }
 
 #[cfg(test)]
 mod tests {
-    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     use super::*;
-    use crate::delivery_log::DeliveryState;
-    use crate::delivery_log::record::tests::{record, ts};
 
-    fn segment(
-        namespace: &str,
-        name: &str,
-        owner: Option<&str>,
-        label: Option<&str>,
-        records: &[DeliveryRecord],
-    ) -> ConfigMap {
+    fn segment(namespace: &str, name: &str, organization: Option<&str>) -> ConfigMap {
         ConfigMap {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some(namespace.into()),
-                labels: label.map(|l| BTreeMap::from([(ENDPOINT_LABEL.to_string(), l.to_string())])),
-                owner_references: owner.map(|o| {
-                    vec![OwnerReference {
-                        api_version: "webhooks.capydb.io/v1".into(),
-                        kind: "WebhookEndpoint".into(),
-                        name: o.into(),
-                        uid: "u".into(),
-                        ..Default::default()
-                    }]
-                }),
+                labels: organization.map(|o| BTreeMap::from([(ORGANIZATION_LABEL.to_string(), o.to_string())])),
                 ..Default::default()
             },
-            data: Some(records.iter().map(|r| (r.id.clone(), r.to_stored())).collect()),
             ..Default::default()
         }
     }
 
     #[test]
-    fn segments_group_by_namespace_and_owner() {
-        let long = "e".repeat(100);
+    fn segments_group_by_namespace_and_organization() {
         let cms = vec![
-            segment("a", "ep1-deliveries-1", Some("ep1"), Some("ep1"), &[]),
-            segment("a", "ep1-deliveries-2", None, Some("ep1"), &[]),
-            segment("b", "ep1-deliveries-1", Some("ep1"), Some("ep1"), &[]),
-            segment(
-                "a",
-                "x-deliveries-1",
-                Some(&long),
-                Some(&endpoint_label_value(&long)),
-                &[],
-            ),
-            segment("a", "stray", None, None, &[]),
+            segment("a", "o1-x-journal-1", Some("org_1")),
+            segment("a", "ep1-deliveries-2", Some("org_1")),
+            segment("b", "o1-x-journal-1", Some("org_1")),
+            segment("a", "o2-x-journal-1", Some("org_2")),
+            segment("a", "stray", None),
         ];
-        let groups = group_by_endpoint(cms);
+        let groups = group_by_organization(cms);
         let sizes: Vec<(&str, &str, usize)> = groups
             .iter()
-            .map(|((ns, ep), cms)| (ns.as_str(), &ep[..3], cms.len()))
+            .map(|((ns, org), cms)| (ns.as_str(), org.as_str(), cms.len()))
             .collect();
-        assert_eq!(sizes, [("a", "eee", 1), ("a", "ep1", 2), ("b", "ep1", 1)]);
-        assert!(groups.contains_key(&("a".to_string(), long)));
-    }
-
-    #[test]
-    fn reading_configmaps_sorts_dedupes_and_skips_garbage() {
-        let r = |n| record(n, DeliveryState::Pending);
-        let mut newer = r(2);
-        newer.state = DeliveryState::Succeeded;
-        newer.updated_at = ts(100);
-        // The copy in the newer segment wins, whatever its updated_at: the log is a journal.
-        let mut stale = r(3);
-        stale.updated_at = ts(200);
-        let mut first = segment("a", "ep1-deliveries-9", Some("ep1"), None, &[r(1), r(2), stale, r(5)]);
-        first.data.as_mut().unwrap().insert("msg_bad".into(), "[]".into());
-        let second = segment(
-            "a",
-            "ep1-deliveries-10",
-            Some("ep1"),
-            None,
-            &[newer.clone(), r(3), r(4)],
-        );
-        let all = newest_first_from_configmaps(&[second, first], 10);
-        let ids: Vec<String> = all.iter().map(|x| x.id.clone()).collect();
-        assert_eq!(ids, [5, 4, 3, 2, 1].map(|n| r(n).id));
-        assert_eq!(all[3], newer);
-        assert_eq!(all[2], r(3));
-        assert_eq!(newest_first_from_configmaps(&[], 10), []);
+        assert_eq!(sizes, [("a", "org_1", 2), ("a", "org_2", 1), ("b", "org_1", 1)]);
         assert_eq!(
             log_selector(),
             "app.kubernetes.io/managed-by=capy-webhooks,app.kubernetes.io/component=delivery-log"

@@ -1,17 +1,19 @@
 //! The dispatcher: fans events out to endpoints, keeps each endpoint's deliveries durable in its
 //! ConfigMap log, sends signed attempts, retries, and reports health.
 //!
-//! One worker task per endpoint is the single writer of that endpoint's log and owns its
-//! schedule (see [`worker`]). Ingest hands records to workers and answers only once they are
+//! One worker task per organization (and namespace) is the single writer of that organization's
+//! log and owns the schedules of its endpoints (see [`worker`]): an event fans out in one place
+//! and its payload is stored once. Ingest hands records to workers and answers only once they are
 //! durable. On start, pending deliveries are read back from the logs and resumed.
 
 mod status;
 mod worker;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures::StreamExt;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
@@ -28,12 +30,13 @@ use crate::controller::desired::{ROTATION_ANNOTATION, signing_secret_selector, s
 use crate::delivery::event_types::matches;
 use crate::delivery::schedule::RetrySchedule;
 use crate::delivery::sender::{Sender, SenderConfig, envelope};
-use crate::delivery_log::{DeliveryRecord, DeliveryState, EndpointLog, LogConfig, new_delivery_id};
+use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, LogConfig, WriteBudget, new_delivery_id};
 use crate::endpoints::EndpointCache;
 use crate::resources::{Scope, WebhookEndpoint, signing_secret_name};
 use crate::signing::{KeyRing, StoredKeyRing};
 use crate::telemetry::{Metrics, ReadyHandle};
 pub use status::{CONDITION_HEALTHY, DispatchSummary};
+pub use worker::Listed;
 use worker::{Msg, Worker};
 
 /// Field manager of the dispatcher's writes.
@@ -58,6 +61,9 @@ pub struct DispatcherConfig {
     pub summary_interval: Duration,
     /// An endpoint whose deliveries all failed for this long is disabled.
     pub auto_disable_after: Duration,
+    /// Bytes per second the dispatcher may write through the API server; new work is refused
+    /// while it is spent.
+    pub budget: WriteBudget,
     /// How long ingest waits for a durable write before answering 503.
     pub persist_timeout: Duration,
     /// On shutdown, how long in-flight attempts may take to finish.
@@ -80,6 +86,12 @@ pub enum SubmitError {
     /// The delivery is still pending.
     #[error("{0}")]
     Conflict(String),
+    /// The write budget is spent: try again after this many seconds.
+    #[error("the delivery log's write budget is spent; retry in {retry_after_secs} s")]
+    Throttled {
+        /// Seconds until the budget admits new work again.
+        retry_after_secs: u64,
+    },
 }
 
 /// A cache of every endpoint's key ring, from a watch on the signing Secrets.
@@ -144,11 +156,17 @@ pub(crate) struct Shared {
     stopping: watch::Receiver<bool>,
 }
 
+/// A worker's key: the namespace and organization of its log.
+type WorkerKey = (String, String);
+
 /// Handle to the running dispatcher: submit events, retry deliveries, send test events.
 #[derive(Clone)]
 pub struct Dispatcher {
     shared: Arc<Shared>,
-    workers: Arc<Mutex<HashMap<ObjectRef<WebhookEndpoint>, mpsc::Sender<Msg>>>>,
+    workers: Arc<Mutex<HashMap<WorkerKey, mpsc::Sender<Msg>>>>,
+    /// Which worker holds deliveries of each endpoint, to wake it when the endpoint changes
+    /// (also once it is deleted, when the cache no longer knows its organization).
+    routes: Arc<Mutex<HashMap<ObjectRef<WebhookEndpoint>, WorkerKey>>>,
     tasks: Arc<Mutex<tokio::task::JoinSet<()>>>,
 }
 
@@ -168,6 +186,7 @@ impl Dispatcher {
             .await
             .map_err(|e| anyhow::anyhow!("signing secret cache never synced: {e}"))?;
         endpoints.wait_ready().await?;
+        config.metrics.log_write_budget(config.budget.rate());
         let reporter = Reporter {
             controller: "capy-webhooks-dispatcher".into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -184,6 +203,7 @@ impl Dispatcher {
         let dispatcher = Dispatcher {
             shared,
             workers: Arc::default(),
+            routes: Arc::default(),
             tasks: Arc::new(Mutex::new(tokio::task::JoinSet::new())),
         };
         dispatcher.recover().await?;
@@ -192,39 +212,58 @@ impl Dispatcher {
         Ok(dispatcher)
     }
 
-    /// Reads every endpoint's log back and starts a worker for each, so pending deliveries resume.
+    /// Reads every organization's log back and starts a worker for each, so pending deliveries
+    /// resume.
     async fn recover(&self) -> anyhow::Result<()> {
         let configmaps = crate::delivery_log::load_all(&self.shared.client, &self.shared.config.scope)
             .await
             .map_err(|e| anyhow::anyhow!("reading the delivery logs: {e}"))?;
         let mut resumed = 0;
-        for ((namespace, name), cms) in crate::delivery_log::group_by_endpoint(configmaps) {
-            let Some(ep) = self.shared.endpoints.get(&namespace, &name) else {
-                continue;
-            };
-            let log = EndpointLog::from_configmaps(
-                &namespace,
-                &name,
-                &ep.uid().unwrap_or_default(),
-                &ep.spec.organization_id,
-                self.shared.config.log.clone(),
-                cms,
-            );
+        for ((namespace, organization), mut cms) in crate::delivery_log::group_by_organization(configmaps) {
+            // A segment of the first format belongs to one endpoint: only its own incarnation's
+            // (same uid) counts.
+            cms.retain(|cm| self.is_current_incarnation(&namespace, cm));
+            let log = DeliveryLog::from_configmaps(&namespace, &organization, self.shared.config.log.clone(), cms);
             resumed += log.pending_count();
-            self.spawn_worker(&ep, log);
+            let endpoints: Vec<String> = log.endpoints().map(str::to_string).collect();
+            let key = (namespace.clone(), organization);
+            self.spawn_worker(key.clone(), log);
+            let mut routes = self.routes.lock().expect("routes lock");
+            for endpoint in endpoints {
+                routes.insert(ObjectRef::new(&endpoint).within(&namespace), key.clone());
+            }
         }
         info!(pending = resumed, "delivery logs recovered");
         Ok(())
     }
 
+    /// Whether a segment may be read: one of the first format only if the endpoint owning it is
+    /// the one of that name now (a new endpoint of an old name must not inherit its deliveries).
+    fn is_current_incarnation(&self, namespace: &str, cm: &k8s_openapi::api::core::v1::ConfigMap) -> bool {
+        let Some(owner) = cm
+            .metadata
+            .owner_references
+            .iter()
+            .flatten()
+            .find(|o| o.kind == "WebhookEndpoint")
+        else {
+            return true;
+        };
+        self.shared
+            .endpoints
+            .get(namespace, &owner.name)
+            .is_none_or(|ep| ep.uid().as_deref() == Some(owner.uid.as_str()))
+    }
+
     fn spawn_wakeups(&self) {
         let mut changes = self.shared.endpoints.subscribe();
-        let workers = self.workers.clone();
+        let (workers, routes) = (self.workers.clone(), self.routes.clone());
         tokio::spawn(async move {
             loop {
                 match changes.recv().await {
                     Ok(key) => {
-                        let tx = workers.lock().expect("workers lock").get(&key).cloned();
+                        let route = routes.lock().expect("routes lock").get(&key).cloned();
+                        let tx = route.and_then(|r| workers.lock().expect("workers lock").get(&r).cloned());
                         if let Some(tx) = tx {
                             let _ = tx.try_send(Msg::Wake);
                         }
@@ -241,17 +280,22 @@ impl Dispatcher {
         });
     }
 
-    fn spawn_worker(&self, endpoint: &WebhookEndpoint, log: EndpointLog) -> mpsc::Sender<Msg> {
-        let key = ObjectRef::from(endpoint);
+    fn spawn_worker(&self, key: WorkerKey, log: DeliveryLog) -> mpsc::Sender<Msg> {
         let (tx, rx) = mpsc::channel(1024);
-        let worker = Worker::new(self.shared.clone(), endpoint, log, tx.clone(), rx);
+        let worker = Worker::new(self.shared.clone(), log, tx.clone(), rx);
         self.tasks.lock().expect("tasks lock").spawn(worker.run());
         self.workers.lock().expect("workers lock").insert(key, tx.clone());
         tx
     }
 
+    /// The worker of an endpoint's organization, started (with an empty log) if there is none.
     fn worker_for(&self, endpoint: &WebhookEndpoint) -> mpsc::Sender<Msg> {
-        let key = ObjectRef::from(endpoint);
+        let namespace = endpoint.namespace().unwrap_or_default();
+        let key = (namespace.clone(), endpoint.spec.organization_id.clone());
+        self.routes
+            .lock()
+            .expect("routes lock")
+            .insert(ObjectRef::from(endpoint), key.clone());
         if let Some(tx) = self
             .workers
             .lock()
@@ -261,14 +305,26 @@ impl Dispatcher {
         {
             return tx.clone();
         }
-        let log = EndpointLog::new(
-            &endpoint.namespace().unwrap_or_default(),
-            &endpoint.name_any(),
-            &endpoint.uid().unwrap_or_default(),
+        let log = DeliveryLog::new(
+            &namespace,
             &endpoint.spec.organization_id,
             self.shared.config.log.clone(),
         );
-        self.spawn_worker(endpoint, log)
+        self.spawn_worker(key, log)
+    }
+
+    /// The worker of an endpoint's organization, if it runs.
+    fn running_worker(&self, endpoint: &WebhookEndpoint) -> Option<mpsc::Sender<Msg>> {
+        let key = (
+            endpoint.namespace().unwrap_or_default(),
+            endpoint.spec.organization_id.clone(),
+        );
+        self.workers
+            .lock()
+            .expect("workers lock")
+            .get(&key)
+            .filter(|tx| !tx.is_closed())
+            .cloned()
     }
 
     fn new_record(
@@ -276,7 +332,6 @@ impl Dispatcher {
         endpoint: &WebhookEndpoint,
         event_id: &str,
         event_type: &str,
-        payload: Value,
         now: Timestamp,
     ) -> DeliveryRecord {
         DeliveryRecord {
@@ -285,7 +340,6 @@ impl Dispatcher {
             organization_id: endpoint.spec.organization_id.clone(),
             event_id: event_id.to_string(),
             event_type: event_type.to_string(),
-            payload,
             state: DeliveryState::Pending,
             attempts: 0,
             max_attempts: endpoint
@@ -301,13 +355,43 @@ impl Dispatcher {
         }
     }
 
-    async fn enqueue(&self, endpoint: &WebhookEndpoint, records: Vec<DeliveryRecord>) -> Result<(), SubmitError> {
+    /// Hands an event and its deliveries (all of one organization in one namespace) to their
+    /// worker; returns once they are durable.
+    async fn enqueue(
+        &self,
+        endpoint: &WebhookEndpoint,
+        event: (String, Bytes),
+        records: Vec<DeliveryRecord>,
+    ) -> Result<(), SubmitError> {
         let (ack, done) = oneshot::channel();
         let tx = self.worker_for(endpoint);
-        tx.send(Msg::Enqueue { records, ack })
-            .await
-            .map_err(|_| SubmitError::Unavailable("the dispatcher is shutting down".into()))?;
+        for record in &records {
+            self.routes.lock().expect("routes lock").insert(
+                ObjectRef::new(&record.endpoint_id).within(&endpoint.namespace().unwrap_or_default()),
+                (
+                    endpoint.namespace().unwrap_or_default(),
+                    endpoint.spec.organization_id.clone(),
+                ),
+            );
+        }
+        tx.send(Msg::Enqueue {
+            event: Some(event),
+            records,
+            ack,
+        })
+        .await
+        .map_err(|_| SubmitError::Unavailable("the dispatcher is shutting down".into()))?;
         self.await_durable(done).await
+    }
+
+    /// Refuses new work while the write budget is spent (counted).
+    fn admit(&self) -> Result<(), SubmitError> {
+        self.shared.config.budget.admit().map_err(|wait| {
+            self.shared.config.metrics.ingest_throttled();
+            SubmitError::Throttled {
+                retry_after_secs: wait.as_secs(),
+            }
+        })
     }
 
     /// Waits (bounded by the persist timeout) for a worker's answer, which comes once the log
@@ -321,8 +405,8 @@ impl Dispatcher {
     }
 
     /// Accepts one event: a pending delivery for every active endpoint of the organization whose
-    /// event types match, each durable in its log before this returns. Returns the event id and
-    /// the number of deliveries.
+    /// event types match, each durable in its organization's log (with the payload, once) before
+    /// this returns. Returns the event id and the number of deliveries.
     pub async fn submit(
         &self,
         organization_id: &str,
@@ -332,9 +416,11 @@ impl Dispatcher {
         if *self.shared.stopping.borrow() {
             return Err(SubmitError::Unavailable("the dispatcher is shutting down".into()));
         }
+        self.admit()?;
         let now = Timestamp::now();
         let event_id = format!("evt_{}", crate::ids::time_sortable_id(now));
-        let payload = envelope(event_type, now, &data);
+        let payload =
+            Bytes::from(serde_json::to_vec(&envelope(event_type, now, &data)).expect("JSON values serialize"));
         let targets: Vec<_> = self
             .shared
             .endpoints
@@ -343,9 +429,19 @@ impl Dispatcher {
             .filter(|ep| ep.spec.active && ep.metadata.deletion_timestamp.is_none())
             .filter(|ep| matches(&ep.spec.event_types, event_type))
             .collect();
-        let writes = targets.iter().map(|ep| {
-            let record = self.new_record(ep, &event_id, event_type, payload.clone(), now);
-            self.enqueue(ep, vec![record])
+        // One log per namespace: the organization's endpoints usually share one.
+        let mut by_namespace: BTreeMap<String, (Arc<WebhookEndpoint>, Vec<DeliveryRecord>)> = BTreeMap::new();
+        for ep in &targets {
+            let record = self.new_record(ep, &event_id, event_type, now);
+            by_namespace
+                .entry(ep.namespace().unwrap_or_default())
+                .or_insert_with(|| (ep.clone(), Vec::new()))
+                .1
+                .push(record);
+        }
+        let writes = by_namespace.into_values().map(|(ep, records)| {
+            let event = (event_id.clone(), payload.clone());
+            async move { self.enqueue(&ep, event, records).await }
         });
         let results = futures::future::join_all(writes).await;
         if let Some(err) = results.into_iter().find_map(Result::err) {
@@ -354,34 +450,56 @@ impl Dispatcher {
         Ok((event_id, targets.len()))
     }
 
-    /// Sends a `webhook.test` event to one endpoint now (whatever its event types).
-    pub async fn send_test(&self, endpoint: &WebhookEndpoint) -> Result<DeliveryRecord, SubmitError> {
+    /// Sends a `webhook.test` event to one endpoint now (whatever its event types); returns the
+    /// delivery and its payload.
+    pub async fn send_test(&self, endpoint: &WebhookEndpoint) -> Result<Listed, SubmitError> {
+        self.admit()?;
         let now = Timestamp::now();
         let event_id = format!("evt_{}", crate::ids::time_sortable_id(now));
         let data =
             serde_json::json!({"endpoint_id": endpoint.name_any(), "message": "This is a test event from CapyDB."});
-        let record = self.new_record(
-            endpoint,
-            &event_id,
-            TEST_EVENT_TYPE,
-            envelope(TEST_EVENT_TYPE, now, &data),
-            now,
-        );
-        self.enqueue(endpoint, vec![record.clone()]).await?;
-        Ok(record)
+        let payload =
+            Bytes::from(serde_json::to_vec(&envelope(TEST_EVENT_TYPE, now, &data)).expect("JSON values serialize"));
+        let mut record = self.new_record(endpoint, &event_id, TEST_EVENT_TYPE, now);
+        record.normalize();
+        let view = serde_json::from_slice(&payload).ok();
+        self.enqueue(endpoint, (event_id, payload), vec![record.clone()])
+            .await?;
+        Ok((record, view))
     }
 
-    /// Sends a finished delivery again, now, once.
-    pub async fn retry(&self, endpoint: &WebhookEndpoint, delivery_id: &str) -> Result<DeliveryRecord, SubmitError> {
+    /// Sends a finished delivery again, now, once; returns it and its payload.
+    pub async fn retry(&self, endpoint: &WebhookEndpoint, delivery_id: &str) -> Result<Listed, SubmitError> {
+        self.admit()?;
+        let not_found = || SubmitError::NotFound(format!("delivery {delivery_id} not found"));
+        let tx = self.running_worker(endpoint).ok_or_else(not_found)?;
         let (reply, done) = oneshot::channel();
-        self.worker_for(endpoint)
-            .send(Msg::Retry {
-                id: delivery_id.to_string(),
-                reply,
-            })
-            .await
-            .map_err(|_| SubmitError::Unavailable("the dispatcher is shutting down".into()))?;
+        tx.send(Msg::Retry {
+            endpoint: endpoint.name_any(),
+            id: delivery_id.to_string(),
+            reply,
+        })
+        .await
+        .map_err(|_| SubmitError::Unavailable("the dispatcher is shutting down".into()))?;
         self.await_durable(done).await
+    }
+
+    /// Up to `limit` of an endpoint's deliveries, newest first, each with its event's payload:
+    /// from memory, no API-server round trip.
+    pub async fn deliveries(&self, endpoint: &WebhookEndpoint, limit: usize) -> Result<Vec<Listed>, SubmitError> {
+        let Some(tx) = self.running_worker(endpoint) else {
+            return Ok(Vec::new());
+        };
+        let (reply, done) = oneshot::channel();
+        tx.send(Msg::List {
+            endpoint: endpoint.name_any(),
+            limit,
+            reply,
+        })
+        .await
+        .map_err(|_| SubmitError::Unavailable("the dispatcher is shutting down".into()))?;
+        done.await
+            .map_err(|_| SubmitError::Unavailable("the dispatcher is shutting down".into()))
     }
 
     /// Waits until every worker has finished (after `stopping` turned true): in-flight attempts

@@ -1,19 +1,24 @@
-//! One endpoint's worker: the single writer of its delivery log and the owner of its schedule.
+//! One organization's worker (in one namespace): the single writer of its delivery log and the
+//! owner of the schedule of each of its endpoints.
 //!
 //! Group commit: while one log write is in flight, every change that arrives is collected and
-//! goes out in the next write, so under load each API write carries many records. A new
-//! delivery is attempted only once its pending record is durable, and ingest is acknowledged at
-//! the same moment.
+//! goes out in the next write, so under load each API write carries many deliveries, of every
+//! endpoint of the organization, and each event's payload once. A new delivery is attempted only
+//! once its pending record is durable, and ingest is acknowledged at the same moment.
+//!
+//! Status summaries and Events are written by tasks of their own: a slow status write never holds
+//! back the log writer or an acknowledgement.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
-use kube::{Api, Resource, ResourceExt};
-use serde_json::json;
+use kube::{Api, Resource};
+use serde_json::{Value, json};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -24,24 +29,30 @@ use crate::delivery::health::{HealthWindow, health, should_auto_disable};
 use crate::delivery::outcome::{AttemptOutcome, is_retryable};
 use crate::delivery::schedule::next_attempt_delay;
 use crate::delivery::sender::AttemptResult;
-use crate::delivery_log::{DeliveryRecord, DeliveryState, EndpointLog, PendingWrites};
+use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, PendingWrites};
 use crate::resources::{DeliverySummary, Health, WebhookEndpoint};
 use crate::telemetry::{DeliveryOutcome, WriteKind};
 
+/// A delivery as the REST facade shows it: the record and its event's payload.
+pub type Listed = (DeliveryRecord, Option<Value>);
+
 /// Messages a worker handles.
 pub(crate) enum Msg {
-    /// New deliveries; `ack` answers once they are durable.
+    /// New deliveries, and the event they carry (absent when the log already holds it); `ack`
+    /// answers once they are durable.
     Enqueue {
+        event: Option<(String, Bytes)>,
         records: Vec<DeliveryRecord>,
         ack: oneshot::Sender<Result<(), SubmitError>>,
     },
     /// An attempt finished.
     AttemptDone {
         id: String,
+        endpoint: String,
         result: AttemptResult,
         at: Timestamp,
     },
-    /// The creates of a log write were applied: its records are durable.
+    /// The creates of a log write were applied: its entries are durable.
     Stored { ids: Vec<String>, acks: Vec<Ack> },
     /// A log write finished. `acks` are those not answered by [`Msg::Stored`] (the creates failed).
     WriteDone {
@@ -49,12 +60,24 @@ pub(crate) enum Msg {
         acks: Vec<Ack>,
         result: Result<usize, WriteFailure>,
     },
-    /// Send a finished delivery again.
+    /// Send a finished delivery of `endpoint` again.
     Retry {
+        endpoint: String,
         id: String,
-        reply: oneshot::Sender<Result<DeliveryRecord, SubmitError>>,
+        reply: oneshot::Sender<Result<Listed, SubmitError>>,
     },
-    /// The endpoint changed (say, re-activated): look again.
+    /// The newest deliveries of an endpoint, with their payloads.
+    List {
+        endpoint: String,
+        limit: usize,
+        reply: oneshot::Sender<Vec<Listed>>,
+    },
+    /// A status summary write finished: `written` is what it wrote, if it succeeded.
+    SummaryDone {
+        endpoint: String,
+        written: Option<(Health, Option<String>)>,
+    },
+    /// An endpoint changed (re-activated, deleted, ...): look again.
     Wake,
 }
 
@@ -69,10 +92,7 @@ pub(crate) enum WriteFailure {
 /// Someone waiting for the next durable write.
 pub(crate) enum Ack {
     Enqueued(oneshot::Sender<Result<(), SubmitError>>),
-    Retried(
-        Box<DeliveryRecord>,
-        oneshot::Sender<Result<DeliveryRecord, SubmitError>>,
-    ),
+    Retried(Box<Listed>, oneshot::Sender<Result<Listed, SubmitError>>),
 }
 
 impl Ack {
@@ -88,22 +108,11 @@ impl Ack {
     }
 }
 
-pub(crate) struct Worker {
-    shared: Arc<Shared>,
-    namespace: String,
-    name: String,
-    log: EndpointLog,
-    tx: mpsc::Sender<Msg>,
-    rx: mpsc::Receiver<Msg>,
+/// The schedule and health of one endpoint.
+struct EndpointState {
     /// Durable pending deliveries by due time.
     due: BTreeSet<(Timestamp, String)>,
-    /// New deliveries whose pending record is not durable yet.
-    unpersisted: HashSet<String>,
-    in_flight: HashSet<String>,
-    waiting: Vec<Ack>,
-    write_in_flight: bool,
-    write_retry_at: Option<Instant>,
-    write_failures: u32,
+    in_flight: usize,
     window: HealthWindow,
     totals: DeliverySummary,
     last_health: Health,
@@ -111,53 +120,125 @@ pub(crate) struct Worker {
     /// Whether the endpoint was seen inactive since this worker last disabled it.
     seen_inactive: bool,
     summary_dirty: bool,
+    summary_in_flight: bool,
     summary_written_at: Option<Instant>,
+}
+
+impl EndpointState {
+    fn new(endpoint: Option<&WebhookEndpoint>) -> Self {
+        let status = endpoint.and_then(|e| e.status.clone()).unwrap_or_default();
+        Self {
+            due: BTreeSet::new(),
+            in_flight: 0,
+            window: HealthWindow::default(),
+            totals: status.deliveries.clone().unwrap_or_default(),
+            last_health: status.health.unwrap_or_default(),
+            disabled_reason: status.disabled_reason,
+            seen_inactive: endpoint.is_some_and(|e| !e.spec.active),
+            summary_dirty: false,
+            summary_in_flight: false,
+            summary_written_at: None,
+        }
+    }
+}
+
+pub(crate) struct Worker {
+    shared: Arc<Shared>,
+    namespace: String,
+    organization: String,
+    log: DeliveryLog,
+    tx: mpsc::Sender<Msg>,
+    rx: mpsc::Receiver<Msg>,
+    endpoints: HashMap<String, EndpointState>,
+    /// New deliveries whose pending record is not durable yet.
+    unpersisted: HashSet<String>,
+    in_flight: HashSet<String>,
+    waiting: Vec<Ack>,
+    write_in_flight: bool,
+    write_retry_at: Option<Instant>,
+    write_failures: u32,
     /// This worker's share of the pending-deliveries gauge.
     reported_pending: i64,
 }
 
 impl Worker {
-    pub(crate) fn new(
-        shared: Arc<Shared>,
-        endpoint: &WebhookEndpoint,
-        log: EndpointLog,
-        tx: mpsc::Sender<Msg>,
-        rx: mpsc::Receiver<Msg>,
-    ) -> Self {
-        let status = endpoint.status.clone().unwrap_or_default();
-        let due = log
-            .pending()
-            .map(|r| (r.next_attempt_at.unwrap_or(r.created_at), r.id.clone()))
-            .collect::<BTreeSet<_>>();
-        let mut totals = status.deliveries.clone().unwrap_or_default();
-        totals.pending = log.pending_count() as u64;
-        Self {
-            namespace: endpoint.namespace().unwrap_or_default(),
-            name: endpoint.name_any(),
+    pub(crate) fn new(shared: Arc<Shared>, log: DeliveryLog, tx: mpsc::Sender<Msg>, rx: mpsc::Receiver<Msg>) -> Self {
+        let mut worker = Self {
+            namespace: log.namespace().to_string(),
+            organization: log.organization_id().to_string(),
             shared,
             log,
             tx,
             rx,
-            due,
+            endpoints: HashMap::new(),
             unpersisted: HashSet::new(),
             in_flight: HashSet::new(),
             waiting: Vec::new(),
             write_in_flight: false,
             write_retry_at: None,
             write_failures: 0,
-            window: HealthWindow::default(),
-            totals,
-            last_health: status.health.unwrap_or_default(),
-            disabled_reason: status.disabled_reason,
-            seen_inactive: !endpoint.spec.active,
-            summary_dirty: false,
-            summary_written_at: None,
             reported_pending: 0,
+        };
+        let due: Vec<(String, Timestamp, String)> = worker
+            .log
+            .pending()
+            .map(|r| {
+                (
+                    r.endpoint_id.clone(),
+                    r.next_attempt_at.unwrap_or(r.created_at),
+                    r.id.clone(),
+                )
+            })
+            .collect();
+        for (endpoint, at, id) in due {
+            worker.state(&endpoint).due.insert((at, id));
         }
+        worker.forget_departed_endpoints();
+        worker
     }
 
-    fn endpoint(&self) -> Option<Arc<WebhookEndpoint>> {
-        self.shared.endpoints.get(&self.namespace, &self.name)
+    fn endpoint(&self, name: &str) -> Option<Arc<WebhookEndpoint>> {
+        self.shared
+            .endpoints
+            .get(&self.namespace, name)
+            .filter(|e| e.spec.organization_id == self.organization)
+    }
+
+    /// The state of an endpoint, made from its status on first use.
+    fn state(&mut self, endpoint: &str) -> &mut EndpointState {
+        if !self.endpoints.contains_key(endpoint) {
+            let current = self.endpoint(endpoint);
+            let mut state = EndpointState::new(current.as_deref());
+            state.totals.pending = self.log.pending_count_of(endpoint) as u64;
+            self.endpoints.insert(endpoint.to_string(), state);
+        }
+        self.endpoints.get_mut(endpoint).expect("just inserted")
+    }
+
+    /// Drops the deliveries of endpoints that were deleted or now belong to another
+    /// organization; their stored copies go with the segments.
+    fn forget_departed_endpoints(&mut self) {
+        let known: BTreeSet<String> = self
+            .log
+            .endpoints()
+            .map(str::to_string)
+            .chain(self.endpoints.keys().cloned())
+            .collect();
+        for name in known {
+            if self.endpoint(&name).is_some() {
+                continue;
+            }
+            let dropped = self.log.remove_endpoint(&name);
+            if let Some(state) = self.endpoints.remove(&name) {
+                for (_, id) in state.due {
+                    self.unpersisted.remove(&id);
+                }
+            }
+            if dropped > 0 {
+                info!(namespace = %self.namespace, endpoint = %name, deliveries = dropped,
+                    "endpoint gone: its deliveries are dropped");
+            }
+        }
     }
 
     pub(crate) async fn run(mut self) {
@@ -173,9 +254,11 @@ impl Worker {
                 self.start_due_attempts();
             }
             self.start_write();
-            self.write_summary().await;
+            self.start_summaries();
             if is_stopping {
-                let drained = self.in_flight.is_empty() && !self.write_in_flight && !self.log.has_changes();
+                let summaries = self.endpoints.values().any(|s| s.summary_in_flight);
+                let drained =
+                    self.in_flight.is_empty() && !self.write_in_flight && !self.log.has_changes() && !summaries;
                 if drained || grace_deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
@@ -200,7 +283,7 @@ impl Worker {
         // A stopped worker no longer dispatches its pending deliveries: take them off the gauge.
         self.shared.config.metrics.pending_changed(-self.reported_pending);
         self.reported_pending = 0;
-        debug!(endpoint = %self.name, "worker stopped");
+        debug!(namespace = %self.namespace, organization = %self.organization, "worker stopped");
     }
 
     /// Moves the pending-deliveries gauge by what changed since the last report.
@@ -217,20 +300,28 @@ impl Worker {
         let now_ts = Timestamp::now();
         let now = Instant::now();
         let mut wake = now + Duration::from_secs(60);
-        if !stopping
-            && self.in_flight.len() < self.shared.config.per_endpoint_concurrency
-            && let Some((at, _)) = self.due.first()
-        {
-            let wait = now_ts.duration_until(*at).unsigned_abs();
-            wake = wake.min(if *at <= now_ts { now } else { now + wait });
+        let at = |ts: Timestamp| {
+            if ts <= now_ts {
+                now
+            } else {
+                now + now_ts.duration_until(ts).unsigned_abs()
+            }
+        };
+        for state in self.endpoints.values() {
+            if !stopping
+                && state.in_flight < self.shared.config.per_endpoint_concurrency
+                && let Some((due, _)) = state.due.first()
+            {
+                wake = wake.min(at(*due));
+            }
+            if state.summary_dirty && !state.summary_in_flight {
+                let next = state
+                    .summary_written_at
+                    .map_or(now, |t| t + self.shared.config.summary_interval);
+                wake = wake.min(next);
+            }
         }
         if let Some(at) = self.write_retry_at {
-            wake = wake.min(at);
-        }
-        if self.summary_dirty {
-            let at = self
-                .summary_written_at
-                .map_or(now, |t| t + self.shared.config.summary_interval);
             wake = wake.min(at);
         }
         if let Some(d) = grace_deadline {
@@ -241,76 +332,158 @@ impl Worker {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Enqueue { records, ack } => {
-                for record in records {
-                    let id = record.id.clone();
-                    if let Err(e) = self.log.insert(record) {
-                        let _ = ack.send(Err(SubmitError::Unavailable(e.to_string())));
-                        return;
-                    }
-                    self.unpersisted.insert(id);
-                }
-                self.totals.pending = self.log.pending_count() as u64;
-                self.waiting.push(Ack::Enqueued(ack));
-            }
-            Msg::AttemptDone { id, result, at } => self.attempt_done(id, result, at),
+            Msg::Enqueue { event, records, ack } => self.enqueue(event, records, ack),
+            Msg::AttemptDone {
+                id,
+                endpoint,
+                result,
+                at,
+            } => self.attempt_done(id, endpoint, result, at),
             Msg::Stored { ids, acks } => self.stored(ids, acks),
             Msg::WriteDone { writes, acks, result } => self.write_done(writes, acks, result),
-            Msg::Retry { id, reply } => self.retry(id, reply),
-            Msg::Wake => {}
+            Msg::Retry { endpoint, id, reply } => self.retry(endpoint, id, reply),
+            Msg::List { endpoint, limit, reply } => {
+                let listed = self
+                    .log
+                    .newest_first(&endpoint, limit)
+                    .into_iter()
+                    .map(|r| (r.clone(), self.log.payload_json(&r.event_id)))
+                    .collect();
+                let _ = reply.send(listed);
+            }
+            Msg::SummaryDone { endpoint, written } => self.summary_done(endpoint, written),
+            Msg::Wake => self.forget_departed_endpoints(),
         }
+    }
+
+    fn enqueue(
+        &mut self,
+        event: Option<(String, Bytes)>,
+        records: Vec<DeliveryRecord>,
+        ack: oneshot::Sender<Result<(), SubmitError>>,
+    ) {
+        let refused = |e: crate::delivery_log::LogFull| Err(SubmitError::Unavailable(e.to_string()));
+        let event_id = event.as_ref().map(|(id, _)| id.clone());
+        if let Some((id, payload)) = event
+            && let Err(e) = self.log.insert_event(&id, payload)
+        {
+            let _ = ack.send(refused(e));
+            return;
+        }
+        let mut inserted: Vec<String> = Vec::with_capacity(records.len());
+        for record in records {
+            let id = record.id.clone();
+            if let Err(e) = self.log.insert(record) {
+                // All or nothing: what this request added was never written, so it can go.
+                for id in inserted {
+                    self.log.discard_unstored(&id);
+                    self.unpersisted.remove(&id);
+                }
+                if let Some(event_id) = &event_id {
+                    self.log.discard_unused_event(event_id);
+                }
+                let _ = ack.send(refused(e));
+                return;
+            }
+            self.unpersisted.insert(id.clone());
+            inserted.push(id);
+        }
+        for id in &inserted {
+            if let Some(endpoint) = self.log.get(id).map(|r| r.endpoint_id.clone()) {
+                let pending = self.log.pending_count_of(&endpoint) as u64;
+                self.state(&endpoint).totals.pending = pending;
+            }
+        }
+        self.waiting.push(Ack::Enqueued(ack));
     }
 
     fn start_due_attempts(&mut self) {
-        let Some(endpoint) = self.endpoint() else { return };
-        if !endpoint.spec.active {
-            return;
-        }
         let now = Timestamp::now();
-        while self.in_flight.len() < self.shared.config.per_endpoint_concurrency {
-            let Some((at, id)) = self.due.first().cloned() else {
-                break;
-            };
-            if at > now {
-                break;
-            }
-            self.due.pop_first();
-            let Some(record) = self.log.get(&id).filter(|r| r.state == DeliveryState::Pending) else {
+        let concurrency = self.shared.config.per_endpoint_concurrency;
+        let names: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|(_, s)| s.in_flight < concurrency && s.due.first().is_some_and(|(at, _)| *at <= now))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            let Some(endpoint) = self.endpoint(&name) else {
                 continue;
             };
-            let Some(ring) = self.shared.keys.ring(&self.namespace, &self.name) else {
-                // The controller has not written (or is repairing) the secret: try again shortly,
-                // without spending an attempt.
-                self.due.insert((now + Duration::from_secs(2), id));
-                break;
-            };
-            let body = serde_json::to_vec(&record.payload).expect("JSON values serialize");
-            let url = endpoint.spec.url.clone();
-            let shared = self.shared.clone();
-            let tx = self.tx.clone();
-            self.in_flight.insert(id.clone());
-            tokio::spawn(async move {
-                let at = Timestamp::now();
-                let result = shared.sender.send(&url, &id, &body, &ring, at).await;
-                let _ = tx
-                    .send(Msg::AttemptDone {
-                        id,
-                        result,
-                        at: Timestamp::now(),
-                    })
-                    .await;
-            });
+            if !endpoint.spec.active {
+                continue;
+            }
+            loop {
+                let state = self.endpoints.get_mut(&name).expect("listed above");
+                if state.in_flight >= concurrency {
+                    break;
+                }
+                let Some((at, id)) = state.due.first().cloned() else {
+                    break;
+                };
+                if at > now {
+                    break;
+                }
+                state.due.pop_first();
+                let Some(record) = self.log.get(&id).filter(|r| r.state == DeliveryState::Pending) else {
+                    continue;
+                };
+                if self.in_flight.contains(&id) {
+                    continue;
+                }
+                let Some(ring) = self.shared.keys.ring(&self.namespace, &name) else {
+                    // The controller has not written (or is repairing) the secret: try again
+                    // shortly, without spending an attempt.
+                    state.due.insert((now + Duration::from_secs(2), id));
+                    break;
+                };
+                let Some(body) = self.log.payload(&record.event_id).cloned() else {
+                    warn!(endpoint = %name, delivery = %id, event = %record.event_id,
+                        "the event's payload is not in the log; the delivery fails");
+                    let mut failed = record.clone();
+                    failed.state = DeliveryState::Failed;
+                    failed.next_attempt_at = None;
+                    failed.updated_at = now;
+                    failed.last_error = Some("the event's payload was lost".into());
+                    self.log.update(failed);
+                    continue;
+                };
+                state.in_flight += 1;
+                self.in_flight.insert(id.clone());
+                let url = endpoint.spec.url.clone();
+                let shared = self.shared.clone();
+                let tx = self.tx.clone();
+                let endpoint_name = name.clone();
+                tokio::spawn(async move {
+                    let at = Timestamp::now();
+                    let result = shared.sender.send(&url, &id, &body, &ring, at).await;
+                    let _ = tx
+                        .send(Msg::AttemptDone {
+                            id,
+                            endpoint: endpoint_name,
+                            result,
+                            at: Timestamp::now(),
+                        })
+                        .await;
+                });
+            }
         }
     }
 
-    fn attempt_done(&mut self, id: String, result: AttemptResult, at: Timestamp) {
+    fn attempt_done(&mut self, id: String, endpoint_name: String, result: AttemptResult, at: Timestamp) {
         self.in_flight.remove(&id);
+        if let Some(state) = self.endpoints.get_mut(&endpoint_name) {
+            state.in_flight = state.in_flight.saturating_sub(1);
+        }
         let Some(mut record) = self.log.get(&id).cloned() else {
             return;
         };
-        let endpoint = self.endpoint();
-        let metrics = &self.shared.config.metrics;
+        let endpoint = self.endpoint(&endpoint_name);
+        let metrics = self.shared.config.metrics.clone();
         metrics.attempt(result.outcome.metric_label(), result.duration);
+        let schedule = self.shared.config.schedule.clone();
+        let auto_disable_after = self.shared.config.auto_disable_after;
+        let state = self.state(&endpoint_name);
         record.attempts += 1;
         record.updated_at = at;
         record.response_status = result.outcome.status();
@@ -321,21 +494,20 @@ impl Worker {
             record.delivered_at = Some(at);
             record.next_attempt_at = None;
             record.last_error = None;
-            self.totals.succeeded += 1;
+            state.totals.succeeded += 1;
             metrics.delivery(DeliveryOutcome::Succeeded);
-            self.totals.consecutive_failures = 0;
-            self.totals.last_success_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+            state.totals.consecutive_failures = 0;
+            state.totals.last_success_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
         } else {
             record.last_error = Some(describe(&result));
-            self.totals.consecutive_failures += 1;
-            self.totals.last_failure_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
-            let override_max = Some(record.max_attempts);
+            state.totals.consecutive_failures += 1;
+            state.totals.last_failure_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
             let delay = is_retryable(&result.outcome)
                 .then(|| {
                     next_attempt_delay(
-                        &self.shared.config.schedule,
+                        &schedule,
                         record.attempts,
-                        override_max,
+                        Some(record.max_attempts),
                         result.outcome.retry_after(),
                         rand::random::<f64>(),
                     )
@@ -345,13 +517,13 @@ impl Worker {
                 Some(delay) => {
                     let next = at.checked_add(delay).unwrap_or(at);
                     record.next_attempt_at = Some(next);
-                    self.due.insert((next, id.clone()));
+                    state.due.insert((next, id.clone()));
                     metrics.delivery(DeliveryOutcome::Retried);
                 }
                 None => {
                     record.state = DeliveryState::Failed;
                     record.next_attempt_at = None;
-                    self.totals.failed += 1;
+                    state.totals.failed += 1;
                     metrics.delivery(DeliveryOutcome::Failed);
                 }
             }
@@ -359,32 +531,33 @@ impl Worker {
                 disable = Some("the receiver answered 410 Gone".into());
             }
         }
-        self.window.record(at, success);
-        if !success && disable.is_none() && should_auto_disable(&self.window, at, self.shared.config.auto_disable_after)
-        {
-            let since = self
+        state.window.record(at, success);
+        if !success && disable.is_none() && should_auto_disable(&state.window, at, auto_disable_after) {
+            let since = state
                 .window
                 .first_failure_of_current_streak()
                 .map(|t| t.to_string())
                 .unwrap_or_default();
             disable = Some(format!("every delivery attempt failed since {since}"));
         }
-        self.log.update(record);
-        self.totals.pending = self.log.pending_count() as u64;
-        self.summary_dirty = true;
-        if let Some(reason) = disable
-            && endpoint.is_some_and(|e| e.spec.active)
-        {
+        state.summary_dirty = true;
+        let disable = disable.filter(|_| endpoint.as_ref().is_some_and(|e| e.spec.active));
+        if let Some(reason) = &disable {
             // The reason is this worker's to keep: the status summary writes it (one writer of the
             // dispatcher's status fields), and it stays until a user re-activates the endpoint.
-            self.disabled_reason = Some(reason.clone());
-            self.seen_inactive = false;
-            self.disable(reason);
+            state.disabled_reason = Some(reason.clone());
+            state.seen_inactive = false;
+        }
+        self.log.update(record);
+        let pending = self.log.pending_count_of(&endpoint_name) as u64;
+        self.state(&endpoint_name).totals.pending = pending;
+        if let Some(reason) = disable {
+            self.disable(&endpoint_name, reason);
         }
     }
 
-    fn retry(&mut self, id: String, reply: oneshot::Sender<Result<DeliveryRecord, SubmitError>>) {
-        let Some(mut record) = self.log.get(&id).cloned() else {
+    fn retry(&mut self, endpoint: String, id: String, reply: oneshot::Sender<Result<Listed, SubmitError>>) {
+        let Some(mut record) = self.log.get(&id).filter(|r| r.endpoint_id == endpoint).cloned() else {
             let _ = reply.send(Err(SubmitError::NotFound(format!("delivery {id} not found"))));
             return;
         };
@@ -398,9 +571,12 @@ impl Worker {
         record.next_attempt_at = Some(now);
         record.updated_at = now;
         self.log.update(record.clone());
+        let record = self.log.get(&id).cloned().unwrap_or(record);
+        let payload = self.log.payload_json(&record.event_id);
         self.unpersisted.insert(id);
-        self.totals.pending = self.log.pending_count() as u64;
-        self.waiting.push(Ack::Retried(Box::new(record), reply));
+        let pending = self.log.pending_count_of(&endpoint) as u64;
+        self.state(&endpoint).totals.pending = pending;
+        self.waiting.push(Ack::Retried(Box::new((record, payload)), reply));
     }
 
     fn start_write(&mut self) {
@@ -409,6 +585,12 @@ impl Worker {
         }
         self.write_retry_at = None;
         let writes = self.log.take_writes();
+        let bytes = writes.bytes();
+        self.shared.config.budget.charge(bytes);
+        self.shared
+            .config
+            .metrics
+            .apiserver_write_bytes(WriteKind::ConfigMap, bytes);
         let acks = std::mem::take(&mut self.waiting);
         let client = self.shared.client.clone();
         let namespace = self.namespace.clone();
@@ -417,7 +599,7 @@ impl Worker {
         tokio::spawn(async move {
             use crate::delivery_log::apply_writes;
             // Acknowledge (and start attempting) as soon as the creates are in: the deletes only
-            // collect segments that no longer hold a live record.
+            // collect segments that no longer hold a live entry.
             let creates = match apply_writes(&client, &namespace, writes.creates()).await {
                 Ok(calls) => calls,
                 Err(e) => {
@@ -442,16 +624,18 @@ impl Worker {
         });
     }
 
-    /// The records of a log write are durable: attempt the new ones, answer those waiting.
+    /// The entries of a log write are durable: attempt the new deliveries, answer those waiting.
     fn stored(&mut self, ids: Vec<String>, acks: Vec<Ack>) {
         self.shared.config.metrics.log_write(ids.len());
         for id in ids {
-            if self.unpersisted.remove(&id)
-                && let Some(r) = self.log.get(&id).filter(|r| r.state == DeliveryState::Pending)
-            {
-                self.due
-                    .insert((r.next_attempt_at.unwrap_or(r.created_at), r.id.clone()));
+            if !self.unpersisted.remove(&id) {
+                continue;
             }
+            let Some(r) = self.log.get(&id).filter(|r| r.state == DeliveryState::Pending) else {
+                continue;
+            };
+            let (endpoint, at) = (r.endpoint_id.clone(), r.next_attempt_at.unwrap_or(r.created_at));
+            self.state(&endpoint).due.insert((at, id));
         }
         for ack in acks {
             ack.answer(Ok(()));
@@ -471,12 +655,13 @@ impl Worker {
                 let backoff = crate::controller::retry_delay(self.write_failures).min(Duration::from_secs(30));
                 match failure {
                     WriteFailure::Creates(e) => {
-                        warn!(endpoint = %self.name, error = %e, ?backoff, "delivery log write failed; will retry");
+                        warn!(organization = %self.organization, error = %e, ?backoff,
+                            "delivery log write failed; will retry");
                         self.log.restore(writes);
                     }
                     WriteFailure::Deletes(e) => {
                         metrics.apiserver_writes(WriteKind::ConfigMap, writes.creates().len() as u64);
-                        warn!(endpoint = %self.name, error = %e, ?backoff,
+                        warn!(organization = %self.organization, error = %e, ?backoff,
                             "deleting old delivery-log segments failed; will retry");
                         self.log.restore(writes.without_creates());
                     }
@@ -493,9 +678,9 @@ impl Worker {
         }
     }
 
-    fn disable(&self, reason: String) {
+    fn disable(&self, endpoint: &str, reason: String) {
         let shared = self.shared.clone();
-        let (namespace, name) = (self.namespace.clone(), self.name.clone());
+        let (namespace, name) = (self.namespace.clone(), endpoint.to_string());
         warn!(%namespace, endpoint = %name, %reason, "disabling endpoint");
         tokio::spawn(async move {
             let api: Api<WebhookEndpoint> = Api::namespaced(shared.client.clone(), &namespace);
@@ -515,7 +700,9 @@ impl Worker {
                 let event = Event {
                     type_: EventType::Warning,
                     reason: "EndpointDisabled".into(),
-                    note: Some(format!("deliveries paused: {reason}; set is_active to true to resume")),
+                    note: Some(format!(
+                        "deliveries paused: {reason}; set spec.active to true to resume"
+                    )),
                     action: "Disable".into(),
                     secondary: None,
                 };
@@ -526,84 +713,120 @@ impl Worker {
         });
     }
 
-    /// Writes the status summary when it changed, at most once per summary interval.
-    async fn write_summary(&mut self) {
-        if !self.summary_dirty {
-            return;
+    /// Starts a status summary write for every endpoint whose summary changed, at most once per
+    /// summary interval each, in tasks of their own.
+    fn start_summaries(&mut self) {
+        let interval = self.shared.config.summary_interval;
+        let names: Vec<String> = self
+            .endpoints
+            .iter()
+            .filter(|(_, s)| {
+                s.summary_dirty && !s.summary_in_flight && s.summary_written_at.is_none_or(|t| t.elapsed() >= interval)
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in names {
+            self.start_summary(&name);
         }
-        if self
-            .summary_written_at
-            .is_some_and(|t| t.elapsed() < self.shared.config.summary_interval)
-        {
-            return;
-        }
-        let Some(endpoint) = self.endpoint() else {
-            self.summary_dirty = false;
+    }
+
+    fn start_summary(&mut self, name: &str) {
+        let endpoint = self.endpoint(name);
+        let state = self.endpoints.get_mut(name).expect("a listed endpoint");
+        state.summary_dirty = false;
+        let Some(endpoint) = endpoint else {
             return;
         };
         let now = Timestamp::now();
-        let health = health(endpoint.spec.active, &self.window);
+        let health = health(endpoint.spec.active, &state.window);
         if !endpoint.spec.active {
-            self.seen_inactive = true;
-        } else if self.seen_inactive {
+            state.seen_inactive = true;
+        } else if state.seen_inactive {
             // Active again after being seen inactive: a user re-activated it.
-            self.disabled_reason = None;
+            state.disabled_reason = None;
         }
-        let disabled_reason = if endpoint.spec.active && self.disabled_reason.is_none() {
+        let disabled_reason = if endpoint.spec.active && state.disabled_reason.is_none() {
             None
         } else {
-            self.disabled_reason
+            state
+                .disabled_reason
                 .clone()
                 .or_else(|| endpoint.status.as_ref().and_then(|s| s.disabled_reason.clone()))
         };
         let want = DispatchSummary {
             health,
-            deliveries: self.totals.clone(),
+            deliveries: state.totals.clone(),
             disabled_reason: disabled_reason.clone(),
         };
-        self.summary_dirty = false;
-        self.summary_written_at = Some(Instant::now());
+        state.summary_written_at = Some(Instant::now());
         let Some(patch) = status_patch(endpoint.status.as_ref(), &want, now) else {
             return;
         };
-        let api: Api<WebhookEndpoint> = Api::namespaced(self.shared.client.clone(), &self.namespace);
-        if let Err(e) = api
-            .patch_status(
-                &self.name,
-                &PatchParams::apply(DISPATCHER_FIELD_MANAGER).force(),
-                &Patch::Apply(&patch),
-            )
-            .await
-        {
-            warn!(endpoint = %self.name, error = %e, "could not write the status summary");
-            self.summary_dirty = true;
-            return;
-        }
-        self.shared
-            .config
-            .metrics
-            .apiserver_writes(WriteKind::EndpointStatus, 1);
-        self.disabled_reason = disabled_reason;
-        if let Some((warning, reason, note)) = transition_event(self.last_health, health) {
-            info!(endpoint = %self.name, from = self.last_health.as_str(), to = health.as_str(), "health changed");
-            let event = Event {
-                type_: if warning { EventType::Warning } else { EventType::Normal },
-                reason: reason.into(),
-                note: Some(note),
-                action: "Deliver".into(),
-                secondary: None,
+        state.summary_in_flight = true;
+        let transition = transition_event(state.last_health, health);
+        let from = state.last_health;
+        let shared = self.shared.clone();
+        let tx = self.tx.clone();
+        let (namespace, name) = (self.namespace.clone(), name.to_string());
+        tokio::spawn(async move {
+            let api: Api<WebhookEndpoint> = Api::namespaced(shared.client.clone(), &namespace);
+            let bytes = serde_json::to_vec(&patch).map_or(0, |v| v.len() as u64);
+            shared.config.budget.charge(bytes);
+            shared
+                .config
+                .metrics
+                .apiserver_write_bytes(WriteKind::EndpointStatus, bytes);
+            let result = api
+                .patch_status(
+                    &name,
+                    &PatchParams::apply(DISPATCHER_FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
+                .await;
+            let written = match result {
+                Ok(_) => {
+                    shared.config.metrics.apiserver_writes(WriteKind::EndpointStatus, 1);
+                    if let Some((warning, reason, note)) = transition {
+                        info!(endpoint = %name, from = from.as_str(), to = health.as_str(), "health changed");
+                        let event = Event {
+                            type_: if warning { EventType::Warning } else { EventType::Normal },
+                            reason: reason.into(),
+                            note: Some(note),
+                            action: "Deliver".into(),
+                            secondary: None,
+                        };
+                        if shared.recorder.publish(&event, &endpoint.object_ref(&())).await.is_ok() {
+                            shared.config.metrics.apiserver_writes(WriteKind::Event, 1);
+                        }
+                    }
+                    Some((health, disabled_reason))
+                }
+                Err(e) => {
+                    warn!(endpoint = %name, error = %e, "could not write the status summary");
+                    None
+                }
             };
-            if self
-                .shared
-                .recorder
-                .publish(&event, &endpoint.object_ref(&()))
-                .await
-                .is_ok()
-            {
-                self.shared.config.metrics.apiserver_writes(WriteKind::Event, 1);
+            let _ = tx
+                .send(Msg::SummaryDone {
+                    endpoint: name,
+                    written,
+                })
+                .await;
+        });
+    }
+
+    fn summary_done(&mut self, endpoint: String, written: Option<(Health, Option<String>)>) {
+        let Some(state) = self.endpoints.get_mut(&endpoint) else {
+            return;
+        };
+        state.summary_in_flight = false;
+        match written {
+            Some((health, disabled_reason)) => {
+                state.last_health = health;
+                state.disabled_reason = disabled_reason;
             }
+            None => state.summary_dirty = true,
         }
-        self.last_health = health;
     }
 }
 

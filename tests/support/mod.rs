@@ -40,6 +40,8 @@ struct Cluster {
 }
 
 static CLUSTER: OnceLock<Result<Cluster, String>> = OnceLock::new();
+/// etcd's `--quota-backend-bytes` for the control plane this binary starts (see [`use_etcd_quota`]).
+static ETCD_QUOTA: OnceLock<u64> = OnceLock::new();
 static BIN_DIR: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 
 fn manifest_dir() -> &'static Path {
@@ -70,7 +72,11 @@ fn start_cluster() -> Result<Cluster, String> {
     let dir = std::env::temp_dir().join(format!("capy-cp-{}-{:08x}", std::process::id(), rand::random::<u32>()));
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     eprintln!("[support] starting a local control plane in {}", dir.display());
-    let out = Command::new(cluster_script())
+    let mut up = Command::new(cluster_script());
+    if let Some(quota) = ETCD_QUOTA.get() {
+        up.env("CAPY_CLUSTER_ETCD_QUOTA_BYTES", quota.to_string());
+    }
+    let out = up
         .arg("up")
         .arg(&dir)
         .arg("--watch-pid")
@@ -94,6 +100,23 @@ fn start_cluster() -> Result<Cluster, String> {
         kubeconfig: dir.join("kubeconfig"),
         dir: Some(dir),
     })
+}
+
+/// Starts this binary's control plane with an etcd quota of `bytes` (`--quota-backend-bytes`).
+/// Call it before anything touches the cluster; false when that is too late, or when
+/// `KUBECONFIG` names a cluster this process does not start.
+pub fn use_etcd_quota(bytes: u64) -> bool {
+    ETCD_QUOTA.set(bytes).is_ok()
+        && CLUSTER.get().is_none()
+        && std::env::var_os("KUBECONFIG").is_none_or(|v| v.is_empty())
+}
+
+/// etcd's client URL, when this process started the control plane.
+pub fn etcd_url() -> Option<String> {
+    let dir = cluster_dir()?;
+    std::fs::read_to_string(dir.join("etcd.url"))
+        .ok()
+        .map(|s| s.trim().to_string())
 }
 
 /// The kubeconfig of the shared cluster (starting it if needed).

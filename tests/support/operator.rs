@@ -11,7 +11,7 @@ use capy_webhooks::auth::clerk::{ClerkConfig, ClerkVerifier, JwksSource};
 use capy_webhooks::controller::{self, ControllerConfig};
 use capy_webhooks::delivery::sender::SenderConfig;
 use capy_webhooks::delivery::ssrf::TargetPolicy;
-use capy_webhooks::delivery_log::LogConfig;
+use capy_webhooks::delivery_log::{LogConfig, WriteBudget};
 use capy_webhooks::dispatcher::{Dispatcher, DispatcherConfig};
 use capy_webhooks::endpoints::EndpointCache;
 use capy_webhooks::ingest::{self, IngestConfig};
@@ -40,6 +40,8 @@ pub struct Options {
     pub persist_timeout: Duration,
     pub attempt_timeout: Duration,
     pub rotation_grace: Duration,
+    /// `--log-write-budget` in bytes per second (0: unlimited).
+    pub log_write_budget: u64,
 }
 
 impl Default for Options {
@@ -55,6 +57,7 @@ impl Default for Options {
             persist_timeout: Duration::from_secs(10),
             attempt_timeout: Duration::from_secs(5),
             rotation_grace: Duration::from_secs(3600),
+            log_write_budget: 0,
         }
     }
 }
@@ -114,6 +117,7 @@ impl Operator {
                 per_endpoint_concurrency: 8,
                 summary_interval: opts.summary_interval,
                 auto_disable_after: opts.auto_disable_after,
+                budget: WriteBudget::new(opts.log_write_budget),
                 persist_timeout: opts.persist_timeout,
                 shutdown_grace: Duration::from_secs(5),
                 metrics: metrics.clone(),

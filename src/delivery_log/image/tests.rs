@@ -2,12 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::json;
-
 use super::*;
-use crate::delivery_log::record::tests::{record, ts};
-use crate::delivery_log::{MAX_ERROR_CHARS, segment_seq};
-use crate::resources::{COMPONENT_LABEL, ENDPOINT_LABEL, MANAGED_BY_LABEL, ORGANIZATION_LABEL};
+use crate::delivery_log::record::tests::{LEGACY_RECORD, record, ts};
+use crate::delivery_log::{MAX_ERROR_CHARS, journal_seq, legacy_segment_name};
+use crate::resources::{COMPONENT_LABEL, MANAGED_BY_LABEL, ORGANIZATION_LABEL};
 
 /// ConfigMap name → ConfigMap, as the API server would hold them.
 #[derive(Default, Debug, Clone)]
@@ -53,7 +51,7 @@ impl FakeServer {
     /// Names of the ConfigMaps, oldest sequence number first.
     fn names(&self) -> Vec<String> {
         let mut names: Vec<String> = self.objects.keys().cloned().collect();
-        names.sort_by_key(|n| segment_seq(n));
+        names.sort_by_key(|n| journal_seq(n));
         names
     }
 
@@ -70,16 +68,16 @@ fn config(max_finished: usize, segment_bytes: usize, max_segments: usize) -> Log
     }
 }
 
-fn new_log(config: LogConfig) -> EndpointLog {
-    EndpointLog::new("ns1", "ep1", "uid-1", "org_1", config)
+fn new_log(config: LogConfig) -> DeliveryLog {
+    DeliveryLog::new("ns1", "org_1", config)
 }
 
-fn recover(server: &FakeServer, config: LogConfig) -> EndpointLog {
-    EndpointLog::from_configmaps("ns1", "ep1", "uid-1", "org_1", config, server.configmaps())
+fn recover(server: &FakeServer, config: LogConfig) -> DeliveryLog {
+    DeliveryLog::from_configmaps("ns1", "org_1", config, server.configmaps())
 }
 
 /// Commits the image's changes to the server; returns the number of writes.
-fn commit(log: &mut EndpointLog, server: &mut FakeServer) -> usize {
+fn commit(log: &mut DeliveryLog, server: &mut FakeServer) -> usize {
     let writes = log.take_writes();
     server.apply(&writes, None).unwrap();
     writes.len()
@@ -120,7 +118,7 @@ fn data_bytes(cm: &ConfigMap) -> usize {
 
 /// A recovery from the server's ConfigMaps gives the image's records, pending count and finished
 /// count (what survives a restart).
-fn assert_records_recover(log: &EndpointLog, server: &FakeServer) {
+fn assert_records_recover(log: &DeliveryLog, server: &FakeServer) {
     let back = recover(server, log.config().clone());
     assert_eq!(
         back.records().collect::<Vec<_>>(),
@@ -137,7 +135,7 @@ fn assert_records_recover(log: &EndpointLog, server: &FakeServer) {
 /// the design allows: the batch may have created segments holding only records pruned before their
 /// last version was stored (retired), and if no older segment holds a live record, the oldest of
 /// them holds none: the next batch deletes them, and writes nothing else.
-fn assert_in_sync(log: &EndpointLog, server: &FakeServer) {
+fn assert_in_sync(log: &DeliveryLog, server: &FakeServer) {
     assert_records_recover(log, server);
     let back = recover(server, log.config().clone());
     assert_eq!(back.segments(), log.segments(), "segments recovered from the server");
@@ -147,7 +145,10 @@ fn assert_in_sync(log: &EndpointLog, server: &FakeServer) {
     for segment in &segments {
         let data = server.data(&segment.name);
         for id in &segment.ids {
-            assert_eq!(data[id], log.get(id).unwrap().to_stored(), "{id} in {}", segment.name);
+            match log.get(id) {
+                Some(record) => assert_eq!(data[id], record.to_stored(), "{id} in {}", segment.name),
+                None => assert_eq!(data[id].as_bytes(), &log.payload(id).unwrap()[..], "event {id}"),
+            }
         }
     }
     if log.has_changes() {
@@ -183,27 +184,20 @@ fn finished(n: u32, state: DeliveryState, updated: i64) -> DeliveryRecord {
     r
 }
 
+/// A record made larger by a long event type (records hold no payload).
 fn with_padding(n: u32, bytes: usize) -> DeliveryRecord {
     let mut r = record(n, DeliveryState::Pending);
-    r.payload["data"]["padding"] = json!("p".repeat(bytes));
+    r.event_type = format!("database.{}", "p".repeat(bytes));
     r
 }
 
-/// A segment as another writer (or an earlier incarnation of the endpoint) may have left it.
-fn segment_cm(seq: u64, uid: &str, data: Vec<(String, String)>) -> ConfigMap {
+/// A segment as another writer (or an earlier run) may have left it.
+fn segment_cm(seq: u64, data: Vec<(String, String)>) -> ConfigMap {
     ConfigMap {
         metadata: ObjectMeta {
-            name: Some(segment_name("ep1", seq)),
+            name: Some(journal_segment_name("org_1", seq)),
             namespace: Some("ns1".into()),
-            labels: Some(segment_labels("ep1", "org_1")),
-            owner_references: Some(vec![OwnerReference {
-                api_version: "webhooks.capydb.io/v1".into(),
-                kind: "WebhookEndpoint".into(),
-                name: "ep1".into(),
-                uid: uid.into(),
-                controller: Some(false),
-                block_owner_deletion: Some(false),
-            }]),
+            labels: Some(segment_labels("org_1")),
             ..Default::default()
         },
         data: Some(data.into_iter().collect()),
@@ -212,7 +206,7 @@ fn segment_cm(seq: u64, uid: &str, data: Vec<(String, String)>) -> ConfigMap {
 }
 
 #[test]
-fn new_segments_carry_labels_owner_and_every_changed_record() {
+fn new_segments_carry_labels_and_every_changed_record() {
     let mut log = new_log(LogConfig::default());
     assert!(!log.has_changes());
     for n in 0..3 {
@@ -224,28 +218,16 @@ fn new_segments_carry_labels_owner_and_every_changed_record() {
     let SegmentWrite::Create(cm) = &writes.writes()[0] else {
         panic!("expected a create")
     };
-    assert_eq!(cm.metadata.name.as_deref(), Some("ep1-deliveries-1"));
+    assert_eq!(cm.metadata.name.as_deref(), Some("org-1-dfc76549-journal-1"));
     assert_eq!(cm.metadata.namespace.as_deref(), Some("ns1"));
     let labels = cm.metadata.labels.as_ref().unwrap();
     assert_eq!(labels[MANAGED_BY_LABEL], "capy-webhooks");
     assert_eq!(labels[COMPONENT_LABEL], "delivery-log");
-    assert_eq!(labels[ENDPOINT_LABEL], "ep1");
     assert_eq!(labels[ORGANIZATION_LABEL], "org_1");
-    let owners = cm.metadata.owner_references.as_ref().unwrap();
-    assert_eq!(owners.len(), 1);
-    let owner = &owners[0];
-    assert_eq!(
-        (
-            owner.api_version.as_str(),
-            owner.kind.as_str(),
-            owner.name.as_str(),
-            owner.uid.as_str()
-        ),
-        ("webhooks.capydb.io/v1", "WebhookEndpoint", "ep1", "uid-1")
-    );
-    assert_eq!(
-        (owner.controller, owner.block_owner_deletion),
-        (Some(false), Some(false))
+    assert_eq!(labels.len(), 3, "no endpoint label: the log is the organization's");
+    assert!(
+        cm.metadata.owner_references.is_none(),
+        "the dispatcher deletes what it wrote"
     );
     let expected: BTreeMap<String, String> = (0..3)
         .map(|n| {
@@ -260,7 +242,7 @@ fn new_segments_carry_labels_owner_and_every_changed_record() {
     assert_eq!(
         log.segments(),
         [SegmentSummary {
-            name: "ep1-deliveries-1".into(),
+            name: "org-1-dfc76549-journal-1".into(),
             ids: ids(0..3),
             bytes: data_bytes(cm),
         }]
@@ -268,16 +250,6 @@ fn new_segments_carry_labels_owner_and_every_changed_record() {
     assert_eq!(log.approx_bytes(), data_bytes(cm));
     assert!(!log.has_changes());
     assert!(log.take_writes().is_empty());
-
-    // Without a uid, no owner reference (the API server refuses an empty one).
-    let mut orphan = EndpointLog::new("ns1", "ep1", "", "org_1", LogConfig::default());
-    orphan.insert(record(0, DeliveryState::Pending)).unwrap();
-    let writes = orphan.take_writes();
-    let SegmentWrite::Create(cm) = &writes.writes()[0] else {
-        panic!("expected a create")
-    };
-    assert!(cm.metadata.owner_references.is_none());
-    assert_eq!(cm.data.as_ref().unwrap().len(), 1);
 }
 
 #[test]
@@ -312,10 +284,10 @@ fn a_batch_larger_than_segment_bytes_is_split_into_several_creates() {
     assert_eq!(
         write_names,
         [
-            "ep1-deliveries-1",
-            "ep1-deliveries-2",
-            "ep1-deliveries-3",
-            "ep1-deliveries-4"
+            "org-1-dfc76549-journal-1",
+            "org-1-dfc76549-journal-2",
+            "org-1-dfc76549-journal-3",
+            "org-1-dfc76549-journal-4"
         ]
     );
     let segment_names: Vec<String> = log.segments().into_iter().map(|s| s.name).collect();
@@ -367,7 +339,7 @@ fn an_update_creates_a_segment_with_only_the_updated_record() {
     assert!(log.update(r.clone()));
     assert!(log.has_changes());
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("ep1-deliveries-2", true)]);
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-2", true)]);
     let cm = created(&writes)[0];
     assert_eq!(
         cm.data.as_ref(),
@@ -383,7 +355,7 @@ fn an_update_creates_a_segment_with_only_the_updated_record() {
     assert_eq!(segments[1].ids, ids([2]));
     assert_eq!(segments[1].bytes, r.stored_len());
     server.apply(&writes, None).unwrap();
-    assert_ne!(server.data("ep1-deliveries-1")[&id(2)], r.to_stored());
+    assert_ne!(server.data("org-1-dfc76549-journal-1")[&id(2)], r.to_stored());
     assert_in_sync(&log, &server);
     assert!(!log.has_changes());
     assert!(log.take_writes().is_empty());
@@ -391,7 +363,7 @@ fn an_update_creates_a_segment_with_only_the_updated_record() {
     // An update to the very same content still is a change to store.
     assert!(log.update(r.clone()));
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("ep1-deliveries-3", true)]);
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-3", true)]);
     server.apply(&writes, None).unwrap();
     assert_in_sync(&log, &server);
     // Unknown ids are not updated.
@@ -411,7 +383,11 @@ fn superseded_segments_are_deleted_oldest_first() {
     }
     assert_eq!(
         server.names(),
-        ["ep1-deliveries-1", "ep1-deliveries-2", "ep1-deliveries-3"]
+        [
+            "org-1-dfc76549-journal-1",
+            "org-1-dfc76549-journal-2",
+            "org-1-dfc76549-journal-3"
+        ]
     );
     assert_in_sync(&log, &server);
 
@@ -428,14 +404,14 @@ fn superseded_segments_are_deleted_oldest_first() {
     assert_eq!(
         names(&writes),
         [
-            ("ep1-deliveries-4", true),
-            ("ep1-deliveries-1", false),
-            ("ep1-deliveries-2", false)
+            ("org-1-dfc76549-journal-4", true),
+            ("org-1-dfc76549-journal-1", false),
+            ("org-1-dfc76549-journal-2", false)
         ]
     );
     assert_eq!(created(&writes)[0].data.as_ref().unwrap().len(), 6);
     server.apply(&writes, None).unwrap();
-    assert_eq!(server.names(), ["ep1-deliveries-3", "ep1-deliveries-4"]);
+    assert_eq!(server.names(), ["org-1-dfc76549-journal-3", "org-1-dfc76549-journal-4"]);
     assert_in_sync(&log, &server);
     assert!(!log.has_changes());
 
@@ -452,7 +428,7 @@ fn superseded_segments_are_deleted_oldest_first() {
     let writes = log.take_writes();
     assert_eq!(
         names(&writes),
-        [("ep1-deliveries-2", true), ("ep1-deliveries-1", false)]
+        [("org-1-dfc76549-journal-2", true), ("org-1-dfc76549-journal-1", false)]
     );
     server.apply(&writes, None).unwrap();
     assert_in_sync(&log, &server);
@@ -470,7 +446,11 @@ fn a_segment_without_live_records_waits_for_the_older_ones() {
     commit(&mut log, &mut server);
     assert!(log.update(finished(1, DeliveryState::Succeeded, 100)));
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("ep1-deliveries-2", true)], "A keeps segment 1");
+    assert_eq!(
+        names(&writes),
+        [("org-1-dfc76549-journal-2", true)],
+        "A keeps segment 1"
+    );
     server.apply(&writes, None).unwrap();
     assert_in_sync(&log, &server);
 
@@ -479,18 +459,18 @@ fn a_segment_without_live_records_waits_for_the_older_ones() {
     log.insert(finished(2, DeliveryState::Succeeded, 200)).unwrap();
     assert!(log.get(&b).is_none());
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("ep1-deliveries-3", true)]);
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-3", true)]);
     server.apply(&writes, None).unwrap();
     assert_eq!(
         log.segments().into_iter().map(|s| (s.name, s.ids)).collect::<Vec<_>>(),
         [
-            ("ep1-deliveries-1".to_string(), vec![a.clone()]),
-            ("ep1-deliveries-2".to_string(), vec![]),
-            ("ep1-deliveries-3".to_string(), vec![c.clone()]),
+            ("org-1-dfc76549-journal-1".to_string(), vec![a.clone()]),
+            ("org-1-dfc76549-journal-2".to_string(), vec![]),
+            ("org-1-dfc76549-journal-3".to_string(), vec![c.clone()]),
         ]
     );
     assert!(
-        server.data("ep1-deliveries-1").contains_key(&b),
+        server.data("org-1-dfc76549-journal-1").contains_key(&b),
         "B's pending copy is still stored"
     );
     assert!(!log.has_changes(), "the oldest segment holds a live record");
@@ -500,7 +480,7 @@ fn a_segment_without_live_records_waits_for_the_older_ones() {
     assert_eq!(back.pending().map(|r| r.id.as_str()).collect::<Vec<_>>(), [a.as_str()]);
     // What deleting segment 2 out of order would have done: B comes back as pending.
     let mut wrong = server.clone();
-    wrong.objects.remove("ep1-deliveries-2");
+    wrong.objects.remove("org-1-dfc76549-journal-2");
     let resurrected = recover(&wrong, cfg.clone());
     assert_eq!(resurrected.get(&b).map(|r| r.state), Some(DeliveryState::Pending));
 
@@ -511,14 +491,14 @@ fn a_segment_without_live_records_waits_for_the_older_ones() {
     assert_eq!(
         names(&writes),
         [
-            ("ep1-deliveries-4", true),
-            ("ep1-deliveries-1", false),
-            ("ep1-deliveries-2", false),
-            ("ep1-deliveries-3", false),
+            ("org-1-dfc76549-journal-4", true),
+            ("org-1-dfc76549-journal-1", false),
+            ("org-1-dfc76549-journal-2", false),
+            ("org-1-dfc76549-journal-3", false),
         ]
     );
     server.apply(&writes, None).unwrap();
-    assert_eq!(server.names(), ["ep1-deliveries-4"]);
+    assert_eq!(server.names(), ["org-1-dfc76549-journal-4"]);
     assert_in_sync(&log, &server);
     assert_eq!(log.pending_count(), 0);
 }
@@ -598,7 +578,7 @@ fn a_record_pruned_before_its_last_version_was_stored_is_still_written() {
     assert!(log.get(&x).is_none());
     assert!(log.has_changes());
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("ep1-deliveries-2", true)]);
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-2", true)]);
     assert_eq!(
         created(&writes)[0].data.as_ref(),
         Some(&BTreeMap::from([
@@ -617,7 +597,7 @@ fn a_record_pruned_before_its_last_version_was_stored_is_still_written() {
     let mut without = server.clone();
     without
         .objects
-        .get_mut("ep1-deliveries-2")
+        .get_mut("org-1-dfc76549-journal-2")
         .unwrap()
         .data
         .as_mut()
@@ -634,7 +614,7 @@ fn a_record_pruned_before_its_last_version_was_stored_is_still_written() {
     assert!(log.get(&id(3)).is_none());
     assert!(log.has_changes());
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("ep1-deliveries-3", true)]);
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-3", true)]);
     assert_eq!(
         created(&writes)[0].data.as_ref(),
         Some(&BTreeMap::from([(
@@ -653,10 +633,10 @@ fn a_record_pruned_before_its_last_version_was_stored_is_still_written() {
     assert_eq!(
         names(&writes),
         [
-            ("ep1-deliveries-4", true),
-            ("ep1-deliveries-1", false),
-            ("ep1-deliveries-2", false),
-            ("ep1-deliveries-3", false)
+            ("org-1-dfc76549-journal-4", true),
+            ("org-1-dfc76549-journal-1", false),
+            ("org-1-dfc76549-journal-2", false),
+            ("org-1-dfc76549-journal-3", false)
         ]
     );
     server.apply(&writes, None).unwrap();
@@ -677,13 +657,13 @@ fn a_segment_holding_only_retired_records_is_deleted_by_the_next_batch() {
     let writes = log.take_writes();
     assert_eq!(
         names(&writes),
-        [("ep1-deliveries-2", true), ("ep1-deliveries-1", false)]
+        [("org-1-dfc76549-journal-2", true), ("org-1-dfc76549-journal-1", false)]
     );
     server.apply(&writes, None).unwrap();
     assert!(log.has_changes());
     assert_in_sync(&log, &server);
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("ep1-deliveries-2", false)]);
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-2", false)]);
     server.apply(&writes, None).unwrap();
     assert!(server.objects.is_empty());
     assert!(!log.has_changes());
@@ -729,7 +709,7 @@ fn compaction_keeps_the_segment_count_bounded() {
 
 /// Commits a batch and checks the segment count stays within `max_segments` plus what the batch
 /// created, and that the server is in sync; returns the segment count.
-fn commit_within(log: &mut EndpointLog, server: &mut FakeServer, max_segments: usize) -> usize {
+fn commit_within(log: &mut DeliveryLog, server: &mut FakeServer, max_segments: usize) -> usize {
     let writes = log.take_writes();
     let creates = created(&writes).len();
     server.apply(&writes, None).unwrap();
@@ -751,7 +731,7 @@ fn compaction_is_forced_above_max_segments() {
     let mut log = new_log(config(100, budget, max_segments));
     let mut server = FakeServer::default();
     for n in 0..3 {
-        log.insert(with_padding(n, budget / 2 - 300)).unwrap();
+        log.insert(with_padding(n, budget / 2 - 100)).unwrap();
         commit(&mut log, &mut server);
     }
     assert!(log.segments().iter().all(|s| s.ids.len() == 1 && s.bytes > budget / 2));
@@ -868,7 +848,7 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
     log.insert(record(0, DeliveryState::Pending)).unwrap();
     log.insert(record(1, DeliveryState::Pending)).unwrap();
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("ep1-deliveries-1", true)]);
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-1", true)]);
     assert!(server.apply(&writes, Some(0)).is_err());
     log.restore(writes);
     assert!(log.has_changes());
@@ -877,7 +857,7 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
     let writes = log.take_writes();
     assert_eq!(
         names(&writes),
-        [("ep1-deliveries-2", true), ("ep1-deliveries-1", false)]
+        [("org-1-dfc76549-journal-2", true), ("org-1-dfc76549-journal-1", false)]
     );
     assert_eq!(
         created(&writes)[0]
@@ -897,11 +877,11 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
     r.attempts = 1;
     assert!(log.update(r.clone()));
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("ep1-deliveries-3", true)]);
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-3", true)]);
     assert!(server.apply(&writes, Some(0)).is_err());
     log.restore(writes);
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("ep1-deliveries-4", true)]);
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-4", true)]);
     assert_eq!(
         created(&writes)[0].data.as_ref(),
         Some(&BTreeMap::from([(id(0), r.to_stored())]))
@@ -913,9 +893,9 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
     assert_eq!(
         segments,
         [
-            ("ep1-deliveries-2".to_string(), ids([1, 2])),
-            ("ep1-deliveries-3".to_string(), vec![]),
-            ("ep1-deliveries-4".to_string(), ids([0])),
+            ("org-1-dfc76549-journal-2".to_string(), ids([1, 2])),
+            ("org-1-dfc76549-journal-3".to_string(), vec![]),
+            ("org-1-dfc76549-journal-4".to_string(), ids([0])),
         ]
     );
 
@@ -924,13 +904,13 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
     r1.attempts = 1;
     assert!(log.update(r1));
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("ep1-deliveries-5", true)]);
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-5", true)]);
     server.apply(&writes, None).unwrap();
     log.restore(writes);
     assert!(log.has_changes());
     assert_records_recover(&log, &server);
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("ep1-deliveries-6", true)]);
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-6", true)]);
     server.apply(&writes, None).unwrap();
     assert_records_recover(&log, &server);
 
@@ -942,9 +922,9 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
     assert_eq!(
         names(&writes),
         [
-            ("ep1-deliveries-7", true),
-            ("ep1-deliveries-2", false),
-            ("ep1-deliveries-3", false)
+            ("org-1-dfc76549-journal-7", true),
+            ("org-1-dfc76549-journal-2", false),
+            ("org-1-dfc76549-journal-3", false)
         ]
     );
     server.apply(&writes, None).unwrap();
@@ -953,10 +933,10 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
     assert_eq!(
         log.segments().into_iter().map(|s| s.name).collect::<Vec<_>>(),
         [
-            "ep1-deliveries-4",
-            "ep1-deliveries-5",
-            "ep1-deliveries-6",
-            "ep1-deliveries-7"
+            "org-1-dfc76549-journal-4",
+            "org-1-dfc76549-journal-5",
+            "org-1-dfc76549-journal-6",
+            "org-1-dfc76549-journal-7"
         ]
     );
     let mut r0 = log.get(&id(0)).unwrap().clone();
@@ -966,9 +946,9 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
     assert_eq!(
         names(&writes),
         [
-            ("ep1-deliveries-8", true),
-            ("ep1-deliveries-4", false),
-            ("ep1-deliveries-5", false)
+            ("org-1-dfc76549-journal-8", true),
+            ("org-1-dfc76549-journal-4", false),
+            ("org-1-dfc76549-journal-5", false)
         ]
     );
     server.apply(&writes, None).unwrap();
@@ -988,13 +968,13 @@ fn restore_writes_retired_records_again() {
     assert!(log.update(done.clone()));
     assert!(log.get(&id(1)).is_none());
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("ep1-deliveries-2", true)]);
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-2", true)]);
     assert!(server.apply(&writes, Some(0)).is_err());
     log.restore(writes);
     assert!(log.has_changes());
     // The next batch stores it again, in a new segment.
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("ep1-deliveries-3", true)]);
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-3", true)]);
     assert_eq!(
         created(&writes)[0].data.as_ref(),
         Some(&BTreeMap::from([(id(1), done.to_stored())]))
@@ -1007,9 +987,9 @@ fn restore_writes_retired_records_again() {
     assert_eq!(
         log.segments().into_iter().map(|s| (s.name, s.ids)).collect::<Vec<_>>(),
         [
-            ("ep1-deliveries-1".to_string(), ids([0])),
-            ("ep1-deliveries-2".to_string(), vec![]),
-            ("ep1-deliveries-3".to_string(), vec![]),
+            ("org-1-dfc76549-journal-1".to_string(), ids([0])),
+            ("org-1-dfc76549-journal-2".to_string(), vec![]),
+            ("org-1-dfc76549-journal-3".to_string(), vec![]),
         ]
     );
     assert!(!log.has_changes());
@@ -1027,7 +1007,7 @@ fn restore_after_a_failed_delete_deletes_again() {
     let writes = log.take_writes();
     assert_eq!(
         names(&writes),
-        [("ep1-deliveries-2", true), ("ep1-deliveries-1", false)]
+        [("org-1-dfc76549-journal-2", true), ("org-1-dfc76549-journal-1", false)]
     );
     // The create is done, the delete fails.
     assert!(server.apply(&writes, Some(1)).is_err());
@@ -1040,9 +1020,9 @@ fn restore_after_a_failed_delete_deletes_again() {
     assert_eq!(
         names(&writes),
         [
-            ("ep1-deliveries-3", true),
-            ("ep1-deliveries-1", false),
-            ("ep1-deliveries-2", false)
+            ("org-1-dfc76549-journal-3", true),
+            ("org-1-dfc76549-journal-1", false),
+            ("org-1-dfc76549-journal-2", false)
         ]
     );
     assert_eq!(
@@ -1053,7 +1033,7 @@ fn restore_after_a_failed_delete_deletes_again() {
         ]))
     );
     server.apply(&writes, None).unwrap();
-    assert_eq!(server.names(), ["ep1-deliveries-3"]);
+    assert_eq!(server.names(), ["org-1-dfc76549-journal-3"]);
     assert_in_sync(&log, &server);
 
     // A failed batch that both creates and deletes, failing at its delete again and again.
@@ -1096,33 +1076,29 @@ fn recovery_skips_corrupt_keys_foreign_segments_and_takes_the_newest_copy() {
     let stored = |r: &DeliveryRecord| (r.id.clone(), r.to_stored());
     let nine = segment_cm(
         9,
-        "uid-1",
         vec![
             stored(&r0_older),
             stored(&record(1, DeliveryState::Pending)),
             ("msg_corrupt".into(), "{not json".into()),
-            ("msg_other".into(), record(77, DeliveryState::Pending).to_stored()),
+            ("evt_corrupt".into(), "{not json".into()),
+            ("not/a/key".into(), record(77, DeliveryState::Pending).to_stored()),
         ],
     );
     // Sorted by name, segment 10 comes before segment 9: the order is by sequence number.
-    let ten = segment_cm(
-        10,
-        "uid-1",
-        vec![stored(&r0_newest), stored(&record(2, DeliveryState::Pending))],
-    );
-    let only_corrupt = segment_cm(11, "uid-1", vec![("msg_bad".into(), "nope".into())]);
-    // A segment of an earlier endpoint of the same name (another uid) is not adopted, and its
-    // sequence number is never reused.
-    let foreign = segment_cm(40, "uid-old", vec![stored(&record(88, DeliveryState::Pending))]);
-    let mut stranger = segment_cm(50, "uid-1", vec![stored(&record(99, DeliveryState::Pending))]);
+    let ten = segment_cm(10, vec![stored(&r0_newest), stored(&record(2, DeliveryState::Pending))]);
+    let only_corrupt = segment_cm(11, vec![("msg_bad".into(), "nope".into())]);
+    // A segment holding nothing readable: its sequence number is never reused all the same.
+    let unreadable = segment_cm(40, vec![("msg_x".into(), LEGACY_RECORD.into())]);
+    let unreadable_bytes = data_bytes(&unreadable);
+    let mut stranger = segment_cm(50, vec![stored(&record(99, DeliveryState::Pending))]);
     stranger.metadata.name = Some("ep1-something-else".into());
-    let cms = vec![ten.clone(), only_corrupt.clone(), foreign, nine.clone(), stranger];
+    let cms = vec![ten.clone(), only_corrupt.clone(), unreadable, nine.clone(), stranger];
 
-    let mut back = EndpointLog::from_configmaps("ns1", "ep1", "uid-1", "org_1", cfg, cms);
+    let mut back = DeliveryLog::from_configmaps("ns1", "org_1", cfg, cms);
     assert_eq!(
         back.records().map(|r| r.id.clone()).collect::<Vec<_>>(),
         ids(0..3),
-        "no corrupt, mismatched, foreign or stray record"
+        "no corrupt, mismatched, unreadable or stray record"
     );
     assert_eq!(back.get(&r0.id), Some(&r0_newest));
     assert_eq!(back.pending_count(), 3);
@@ -1130,25 +1106,30 @@ fn recovery_skips_corrupt_keys_foreign_segments_and_takes_the_newest_copy() {
         back.segments(),
         [
             SegmentSummary {
-                name: "ep1-deliveries-9".into(),
+                name: "org-1-dfc76549-journal-9".into(),
                 ids: ids([1]),
                 bytes: data_bytes(&nine),
             },
             SegmentSummary {
-                name: "ep1-deliveries-10".into(),
+                name: "org-1-dfc76549-journal-10".into(),
                 ids: ids([0, 2]),
                 bytes: data_bytes(&ten),
             },
             SegmentSummary {
-                name: "ep1-deliveries-11".into(),
+                name: "org-1-dfc76549-journal-11".into(),
                 ids: vec![],
                 bytes: data_bytes(&only_corrupt),
+            },
+            SegmentSummary {
+                name: "org-1-dfc76549-journal-40".into(),
+                ids: vec![],
+                bytes: unreadable_bytes,
             },
         ]
     );
     assert!(!back.has_changes(), "the oldest segment holds a live record");
 
-    // The recovered log carries on: a fresh sequence number, past the foreign segment's.
+    // The recovered log carries on: a fresh sequence number, past the last segment's.
     back.insert(record(3, DeliveryState::Pending)).unwrap();
     let mut r1 = back.get(&id(1)).unwrap().clone();
     r1.attempts = 1;
@@ -1157,11 +1138,16 @@ fn recovery_skips_corrupt_keys_foreign_segments_and_takes_the_newest_copy() {
     // Segment 9 holds no live record any more: it goes; segment 10 stays (and so does 11).
     assert_eq!(
         names(&writes),
-        [("ep1-deliveries-41", true), ("ep1-deliveries-9", false)]
+        [("org-1-dfc76549-journal-41", true), ("org-1-dfc76549-journal-9", false)]
     );
     assert_eq!(
         back.segments().into_iter().map(|s| s.name).collect::<Vec<_>>(),
-        ["ep1-deliveries-10", "ep1-deliveries-11", "ep1-deliveries-41"]
+        [
+            "org-1-dfc76549-journal-10",
+            "org-1-dfc76549-journal-11",
+            "org-1-dfc76549-journal-40",
+            "org-1-dfc76549-journal-41"
+        ]
     );
 }
 
@@ -1198,17 +1184,20 @@ fn recovery_rebuilds_an_identical_image() {
     let mut back = recover(&server, cfg.clone());
     assert_eq!(back.segments(), log.segments());
     assert_eq!(back.records().collect::<Vec<_>>(), log.records().collect::<Vec<_>>());
-    assert_eq!(back.newest_first(7), log.newest_first(7));
+    assert_eq!(back.newest_first("ep1", 7), log.newest_first("ep1", 7));
     assert_eq!(back.approx_bytes(), log.approx_bytes());
     assert!(!back.has_changes());
     assert!(back.take_writes().is_empty());
 
     // The recovered log carries on where the other left off.
     let last = log.segments().last().unwrap().name.clone();
-    let last_seq = segment_seq(&last).unwrap();
+    let last_seq = journal_seq(&last).unwrap();
     back.insert(with_padding(500, 300)).unwrap();
     let writes = back.take_writes();
-    assert_eq!(writes.writes()[0].name(), format!("ep1-deliveries-{}", last_seq + 1));
+    assert_eq!(
+        writes.writes()[0].name(),
+        format!("org-1-dfc76549-journal-{}", last_seq + 1)
+    );
     server.apply(&writes, None).unwrap();
     assert_in_sync(&back, &server);
 }
@@ -1255,9 +1244,9 @@ fn updates_stay_under_the_hard_segment_limit() {
     // Should an update take a record past HARD_SEGMENT_BYTES, its error is shortened until it fits.
     let mut r = log.get(&id(0)).unwrap().clone();
     r.last_error = None;
-    r.payload["data"]["padding"] = json!("");
+    r.event_type = String::new();
     let overhead = r.stored_len();
-    r.payload["data"]["padding"] = json!("p".repeat(HARD_SEGMENT_BYTES - 1000 - overhead));
+    r.event_type = "p".repeat(HARD_SEGMENT_BYTES - 1000 - overhead);
     assert_eq!(r.stored_len(), HARD_SEGMENT_BYTES - 1000);
     r.last_error = Some("🦫".repeat(2000));
     assert!(log.update(r));
@@ -1286,10 +1275,10 @@ fn newest_first_orders_by_creation_then_id() {
     let mut same_time = record(4, DeliveryState::Pending);
     same_time.created_at = ts(3);
     log.insert(same_time).unwrap();
-    let newest: Vec<&str> = log.newest_first(3).into_iter().map(|r| r.id.as_str()).collect();
+    let newest: Vec<&str> = log.newest_first("ep1", 3).into_iter().map(|r| r.id.as_str()).collect();
     assert_eq!(newest, [id(4), id(3), id(2)]);
-    assert_eq!(log.newest_first(100).len(), 4);
-    assert!(log.newest_first(0).is_empty());
+    assert_eq!(log.newest_first("ep1", 100).len(), 4);
+    assert!(log.newest_first("ep1", 0).is_empty());
 }
 
 #[test]
@@ -1318,4 +1307,260 @@ fn a_record_pruned_while_its_batch_is_in_flight_is_not_resurrected_by_a_failure(
     let back = recover(&server, cfg);
     assert_eq!(back.get(&x).map(|r| r.state), None);
     assert_records_recover(&log, &server);
+}
+
+/// A pending delivery of event `event` to `endpoint`.
+fn delivery(n: u32, endpoint: &str, event: &str) -> DeliveryRecord {
+    let mut r = record(n, DeliveryState::Pending);
+    r.endpoint_id = endpoint.into();
+    r.event_id = event.into();
+    r
+}
+
+fn payload(padding: usize) -> Bytes {
+    Bytes::from(format!(
+        r#"{{"type":"database.created","timestamp":"2026-12-03T00:00:00Z","data":{{"pad":"{}"}}}}"#,
+        "p".repeat(padding)
+    ))
+}
+
+fn finish(log: &mut DeliveryLog, n: u32, updated: i64) {
+    let mut done = log.get(&id(n)).unwrap().clone();
+    done.state = DeliveryState::Succeeded;
+    done.attempts = 1;
+    done.updated_at = ts(updated);
+    done.delivered_at = Some(ts(updated));
+    done.next_attempt_at = None;
+    assert!(log.update(done));
+}
+
+#[test]
+fn an_event_is_stored_once_however_many_endpoints_it_goes_to() {
+    let cfg = config(10, 256 * 1024, 16);
+    let mut log = new_log(cfg.clone());
+    let mut server = FakeServer::default();
+    log.insert_event("evt_1", payload(2000)).unwrap();
+    for (n, endpoint) in ["ep1", "ep2", "ep3"].into_iter().enumerate() {
+        log.insert(delivery(n as u32, endpoint, "evt_1")).unwrap();
+    }
+    let writes = log.take_writes();
+    let cms = created(&writes);
+    assert_eq!(cms.len(), 1, "one create for the event and its three deliveries");
+    let data = cms[0].data.as_ref().unwrap();
+    assert_eq!(data.len(), 4);
+    assert_eq!(data["evt_1"].as_bytes(), &payload(2000)[..]);
+    assert_eq!(
+        data.values().filter(|v| v.contains("ppp")).count(),
+        1,
+        "the payload once"
+    );
+    for id in ids(0..3) {
+        assert!(data[&id].len() < 150, "a small record: {}", data[&id]);
+    }
+    let mut stored: Vec<&str> = writes.record_ids().collect();
+    stored.sort();
+    assert_eq!(stored.len(), 4);
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
+
+    // A state change writes the small record only.
+    finish(&mut log, 0, 50);
+    let writes = log.take_writes();
+    let keys: Vec<&String> = created(&writes)[0].data.as_ref().unwrap().keys().collect();
+    assert_eq!(keys, [&id(0)]);
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
+    let back = recover(&server, cfg);
+    assert_eq!(back.payload("evt_1"), Some(&payload(2000)));
+    assert_eq!(back.payload_json("evt_1").unwrap()["type"], "database.created");
+    assert_eq!(back.event_count(), 1);
+    assert_eq!(back.pending_count_of("ep2"), 1);
+    assert_eq!(back.newest_first("ep1", 10).len(), 1);
+    assert_eq!(back.pending_count_of("ep1"), 0);
+}
+
+#[test]
+fn an_event_goes_with_the_last_delivery_carrying_it() {
+    let cfg = config(1, 256 * 1024, 16);
+    let mut log = new_log(cfg.clone());
+    let mut server = FakeServer::default();
+    log.insert_event("evt_a", payload(100)).unwrap();
+    log.insert(delivery(0, "ep1", "evt_a")).unwrap();
+    log.insert(delivery(1, "ep2", "evt_a")).unwrap();
+    commit(&mut log, &mut server);
+    // Endpoint 1's delivery of A is pruned by a later one: A stays, endpoint 2's carries it.
+    finish(&mut log, 0, 10);
+    log.insert_event("evt_b", payload(100)).unwrap();
+    log.insert(delivery(2, "ep1", "evt_b")).unwrap();
+    finish(&mut log, 2, 20);
+    assert!(log.get(&id(0)).is_none(), "retention pruned it");
+    assert!(log.payload("evt_a").is_some());
+    commit(&mut log, &mut server);
+    assert_in_sync(&log, &server);
+
+    // Endpoint 2's delivery of A is pruned too: A goes, and its stored copy with its segment.
+    finish(&mut log, 1, 30);
+    log.insert(delivery(3, "ep2", "evt_b")).unwrap();
+    finish(&mut log, 3, 40);
+    assert!(log.get(&id(1)).is_none());
+    assert!(log.payload("evt_a").is_none(), "no delivery carries A any more");
+    assert_eq!(log.event_count(), 1);
+    commit(&mut log, &mut server);
+    assert_in_sync(&log, &server);
+    assert!(
+        server
+            .objects
+            .values()
+            .all(|cm| !cm.data.as_ref().unwrap().contains_key("evt_a")),
+        "the segment holding A was deleted"
+    );
+
+    // An event inserted and left without deliveries (a request refused half way) can be dropped
+    // before it is written; one a delivery carries cannot.
+    log.insert_event("evt_c", payload(10)).unwrap();
+    assert!(log.discard_unused_event("evt_c"));
+    assert!(!log.discard_unused_event("evt_b"));
+    log.insert_event("evt_d", payload(10)).unwrap();
+    log.insert(delivery(4, "ep3", "evt_d")).unwrap();
+    assert!(log.discard_unstored(&id(4)));
+    assert!(log.payload("evt_d").is_none(), "dropped with its only delivery");
+    assert!(!log.discard_unstored(&id(3)), "a stored delivery stays");
+    assert!(!log.has_changes());
+}
+
+#[test]
+fn removing_an_endpoint_drops_its_deliveries_and_their_events() {
+    let cfg = config(10, 256 * 1024, 16);
+    let mut log = new_log(cfg.clone());
+    let mut server = FakeServer::default();
+    log.insert_event("evt_a", payload(100)).unwrap();
+    log.insert(delivery(0, "ep1", "evt_a")).unwrap();
+    log.insert(delivery(1, "ep2", "evt_a")).unwrap();
+    log.insert_event("evt_b", payload(100)).unwrap();
+    log.insert(delivery(2, "ep2", "evt_b")).unwrap();
+    commit(&mut log, &mut server);
+    assert_eq!(log.remove_endpoint("ep2"), 2);
+    assert_eq!(log.remove_endpoint("ep2"), 0);
+    assert_eq!(log.len(), 1);
+    assert!(log.payload("evt_a").is_some() && log.payload("evt_b").is_none());
+    assert_eq!(log.endpoints().collect::<Vec<_>>(), ["ep1"]);
+    assert_eq!(log.pending_count(), 1);
+    // Endpoint 1's delivery is done: its new copy is written. The first segment stays (it holds
+    // event A, which that delivery carries) with what endpoint 2 left there: a recovery reads
+    // those back, and the dispatcher removes them again (their endpoint is gone).
+    finish(&mut log, 0, 10);
+    commit(&mut log, &mut server);
+    let mut back = recover(&server, cfg);
+    assert_eq!(back.remove_endpoint("ep2"), 2);
+    assert_eq!(back.records().collect::<Vec<_>>(), log.records().collect::<Vec<_>>());
+    assert_eq!(back.event_count(), log.event_count());
+    assert_eq!(back.segments(), log.segments());
+}
+
+/// A first-format segment of endpoint `ep-01kbkz7x`, as version 0.1 wrote it.
+fn legacy_cm(seq: u64, records: &[serde_json::Value]) -> ConfigMap {
+    ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(legacy_segment_name("ep-01kbkz7x", seq)),
+            namespace: Some("ns1".into()),
+            labels: Some(BTreeMap::from([
+                (MANAGED_BY_LABEL.to_string(), "capy-webhooks".to_string()),
+                (COMPONENT_LABEL.to_string(), "delivery-log".to_string()),
+                (ORGANIZATION_LABEL.to_string(), "org_demo".to_string()),
+            ])),
+            ..Default::default()
+        },
+        data: Some(
+            records
+                .iter()
+                .map(|r| (r["id"].as_str().unwrap().to_string(), r.to_string()))
+                .collect(),
+        ),
+        ..Default::default()
+    }
+}
+
+#[test]
+fn a_log_of_the_first_format_is_read_written_again_and_then_deleted() {
+    let x_pending: serde_json::Value = serde_json::from_str(LEGACY_RECORD).unwrap();
+    let mut x_done = x_pending.clone();
+    x_done["state"] = "succeeded".into();
+    x_done["attempts"] = 2.into();
+    x_done["next_attempt_at"] = serde_json::Value::Null;
+    x_done["delivered_at"] = "2026-11-30T10:06:00Z".into();
+    x_done["response_status"] = 200.into();
+    let mut y = x_pending.clone();
+    y["id"] = "msg_01kbkz9a0000000000000000yy".into();
+    y["event_id"] = "evt_01kbkz9a0000000000000000yy".into();
+    y["payload"]["data"]["db"] = "other".into();
+    let mut foreign = y.clone();
+    foreign["id"] = "msg_01kbkz9a0000000000000000zz".into();
+    foreign["organization_id"] = "org_other".into();
+    let one = legacy_cm(1, &[x_pending.clone(), y.clone(), foreign]);
+    let two = legacy_cm(2, &[x_done.clone()]);
+    let mut server = FakeServer::default();
+    for cm in [&one, &two] {
+        server.objects.insert(cm.metadata.name.clone().unwrap(), cm.clone());
+    }
+    let cfg = config(10, 256 * 1024, 16);
+    let read = |server: &FakeServer| DeliveryLog::from_configmaps("ns1", "org_demo", cfg.clone(), server.configmaps());
+
+    let mut log = read(&server);
+    let x_id = x_pending["id"].as_str().unwrap();
+    let y_id = y["id"].as_str().unwrap();
+    assert_eq!(log.len(), 2, "the other organization's record is not read");
+    let x = log.get(x_id).unwrap().clone();
+    assert_eq!(
+        (x.state, x.attempts),
+        (DeliveryState::Succeeded, 2),
+        "the newer segment's copy wins"
+    );
+    assert_eq!(x.organization_id, "org_demo");
+    assert_eq!(log.pending().map(|r| r.id.as_str()).collect::<Vec<_>>(), [y_id]);
+    assert_eq!(log.payload_json(&x.event_id).unwrap()["data"]["db"], "main");
+    assert_eq!(
+        log.payload_json(y["event_id"].as_str().unwrap()).unwrap()["data"]["db"],
+        "other"
+    );
+    assert!(log.has_changes());
+
+    // The first batch writes everything in the new format, then deletes the old segments.
+    let writes = log.take_writes();
+    let old_one = one.metadata.name.clone().unwrap();
+    let old_two = two.metadata.name.clone().unwrap();
+    let journal = journal_segment_name("org_demo", 1);
+    assert_eq!(
+        names(&writes),
+        [
+            (journal.as_str(), true),
+            (old_one.as_str(), false),
+            (old_two.as_str(), false)
+        ]
+    );
+    let data = created(&writes)[0].data.clone().unwrap();
+    assert_eq!(data.len(), 4, "two events and two deliveries: {:?}", data.keys());
+    assert!(data[x_id].len() < 200 && !data[x_id].contains("payload"));
+
+    // Should the deletes fail (or the process die before them), the new copies win a recovery
+    // and the old segments are deleted by the next batch, with nothing written again.
+    let first_delete = 1;
+    assert!(server.apply(&writes, Some(first_delete)).is_err());
+    let mut again = read(&server);
+    assert_eq!(again.records().collect::<Vec<_>>(), log.records().collect::<Vec<_>>());
+    let writes = again.take_writes();
+    assert_eq!(names(&writes), [(old_one.as_str(), false), (old_two.as_str(), false)]);
+    server.apply(&writes, None).unwrap();
+    assert_eq!(server.names(), [journal.as_str()]);
+    let back = read(&server);
+    assert!(!back.has_changes());
+    assert_eq!(back.records().collect::<Vec<_>>(), log.records().collect::<Vec<_>>());
+    assert_eq!(back.payload_json(&x.event_id).unwrap()["data"]["db"], "main");
+
+    // A failed migration batch is written again, and the old segments still go only after.
+    let mut log = DeliveryLog::from_configmaps("ns1", "org_demo", cfg.clone(), [one.clone(), two.clone()]);
+    let writes = log.take_writes();
+    log.restore(writes);
+    let writes = log.take_writes();
+    let order: Vec<bool> = names(&writes).into_iter().map(|(_, create)| create).collect();
+    assert_eq!(order, [true, false, false, false], "creates, then every delete");
 }
