@@ -44,11 +44,15 @@
 //! the next batch writes their records in this format, and then deletes them.
 
 mod budget;
+#[cfg(test)]
+mod fake;
 mod image;
+mod pipeline;
 mod record;
 mod store;
 
 pub use budget::{TokenBucket, WriteBudget, parse_bytes};
+pub use pipeline::{Started, WritePipeline};
 
 pub use image::{
     DELETE_BYTES, DeliveryLog, LogConfig, LogFull, PendingWrites, SegmentSummary, SegmentWrite, is_event_key,

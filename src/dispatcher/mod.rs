@@ -75,7 +75,7 @@ pub struct DispatcherConfig {
 }
 
 /// Why an event or a recovery request could not be accepted.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
 pub enum SubmitError {
     /// The log could not be written (API server unreachable, or the log is full).
     #[error("deliveries could not be persisted: {0}")]

@@ -29,9 +29,12 @@ use crate::delivery::health::{HealthWindow, health, should_auto_disable};
 use crate::delivery::outcome::{AttemptOutcome, is_retryable};
 use crate::delivery::schedule::next_attempt_delay;
 use crate::delivery::sender::AttemptResult;
-use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, PendingWrites};
+use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, SegmentWrite, WritePipeline};
 use crate::resources::{DeliverySummary, Health, WebhookEndpoint};
 use crate::telemetry::{DeliveryOutcome, WriteKind};
+
+/// Log writes (batches) of one organization in flight at most.
+pub(crate) const WRITES_IN_FLIGHT: usize = 4;
 
 /// A delivery as the REST facade shows it: the record and its event's payload.
 pub type Listed = (DeliveryRecord, Option<Value>);
@@ -52,13 +55,15 @@ pub(crate) enum Msg {
         result: AttemptResult,
         at: Timestamp,
     },
-    /// The creates of a log write were applied: its entries are durable.
-    Stored { ids: Vec<String>, acks: Vec<Ack> },
-    /// A log write finished. `acks` are those not answered by [`Msg::Stored`] (the creates failed).
-    WriteDone {
-        writes: PendingWrites,
-        acks: Vec<Ack>,
-        result: Result<usize, WriteFailure>,
+    /// The creates of batch `batch` were sent: applied, or failed.
+    CreatesDone {
+        batch: u64,
+        result: Result<usize, kube::Error>,
+    },
+    /// The deletes of batch `batch` were sent: applied, or failed.
+    DeletesDone {
+        batch: u64,
+        result: Result<usize, kube::Error>,
     },
     /// Send a finished delivery of `endpoint` again.
     Retry {
@@ -79,14 +84,6 @@ pub(crate) enum Msg {
     },
     /// An endpoint changed (re-activated, deleted, ...): look again.
     Wake,
-}
-
-/// Why a log write failed.
-pub(crate) enum WriteFailure {
-    /// A create failed: nothing of the batch is known to be durable.
-    Creates(kube::Error),
-    /// The creates were applied (and acknowledged), a delete failed.
-    Deletes(kube::Error),
 }
 
 /// Someone waiting for the next durable write.
@@ -154,7 +151,10 @@ pub(crate) struct Worker {
     unpersisted: HashSet<String>,
     in_flight: HashSet<String>,
     waiting: Vec<Ack>,
-    write_in_flight: bool,
+    /// Log writes in flight (see [`WritePipeline`]).
+    pipeline: WritePipeline,
+    /// Who waits for each batch in flight.
+    batch_acks: HashMap<u64, Vec<Ack>>,
     write_retry_at: Option<Instant>,
     write_failures: u32,
     /// This worker's share of the pending-deliveries gauge.
@@ -174,7 +174,8 @@ impl Worker {
             unpersisted: HashSet::new(),
             in_flight: HashSet::new(),
             waiting: Vec::new(),
-            write_in_flight: false,
+            pipeline: WritePipeline::new(WRITES_IN_FLIGHT),
+            batch_acks: HashMap::new(),
             write_retry_at: None,
             write_failures: 0,
             reported_pending: 0,
@@ -253,12 +254,12 @@ impl Worker {
             if !is_stopping {
                 self.start_due_attempts();
             }
-            self.start_write();
+            self.start_writes();
             self.start_summaries();
             if is_stopping {
                 let summaries = self.endpoints.values().any(|s| s.summary_in_flight);
                 let drained =
-                    self.in_flight.is_empty() && !self.write_in_flight && !self.log.has_changes() && !summaries;
+                    self.in_flight.is_empty() && self.pipeline.is_idle() && !self.log.has_changes() && !summaries;
                 if drained || grace_deadline.is_some_and(|d| Instant::now() >= d) {
                     break;
                 }
@@ -277,7 +278,11 @@ impl Worker {
                 self.handle(msg);
             }
         }
-        for ack in self.waiting.drain(..) {
+        let unanswered = self
+            .waiting
+            .drain(..)
+            .chain(self.batch_acks.drain().flat_map(|(_, acks)| acks));
+        for ack in unanswered {
             ack.answer(Err(SubmitError::Unavailable("the dispatcher is shutting down".into())));
         }
         // A stopped worker no longer dispatches its pending deliveries: take them off the gauge.
@@ -339,8 +344,8 @@ impl Worker {
                 result,
                 at,
             } => self.attempt_done(id, endpoint, result, at),
-            Msg::Stored { ids, acks } => self.stored(ids, acks),
-            Msg::WriteDone { writes, acks, result } => self.write_done(writes, acks, result),
+            Msg::CreatesDone { batch, result } => self.creates_done(batch, result),
+            Msg::DeletesDone { batch, result } => self.deletes_done(batch, result),
             Msg::Retry { endpoint, id, reply } => self.retry(endpoint, id, reply),
             Msg::List { endpoint, limit, reply } => {
                 let listed = self
@@ -579,54 +584,119 @@ impl Worker {
         self.waiting.push(Ack::Retried(Box::new((record, payload)), reply));
     }
 
-    fn start_write(&mut self) {
-        if self.write_in_flight || !self.log.has_changes() || self.write_retry_at.is_some_and(|t| Instant::now() < t) {
+    /// Starts log writes while there are changes and room in the pipeline: each takes every
+    /// change made since the previous one (group commit).
+    fn start_writes(&mut self) {
+        if self.write_retry_at.is_some_and(|t| Instant::now() < t) {
             return;
         }
         self.write_retry_at = None;
-        let writes = self.log.take_writes();
-        let bytes = writes.bytes();
-        self.shared.config.budget.charge(bytes);
-        self.shared
-            .config
-            .metrics
-            .apiserver_write_bytes(WriteKind::ConfigMap, bytes);
-        let acks = std::mem::take(&mut self.waiting);
+        while self.pipeline.has_room() && self.log.has_changes() {
+            let writes = self.log.take_writes();
+            let bytes = writes.bytes();
+            self.shared.config.budget.charge(bytes);
+            self.shared
+                .config
+                .metrics
+                .apiserver_write_bytes(WriteKind::ConfigMap, bytes);
+            let started = self.pipeline.push(writes);
+            self.batch_acks.insert(started.id, std::mem::take(&mut self.waiting));
+            if started.creates.is_empty() {
+                // Only deletes: nothing new to make durable.
+                self.answer_batch(started.id, Ok(()));
+            } else {
+                self.send(started.id, started.creates, |batch, result| Msg::CreatesDone {
+                    batch,
+                    result,
+                });
+            }
+        }
+        self.start_deletes();
+    }
+
+    /// Sends writes of a batch in a task of their own; `done` makes the report.
+    fn send(&self, batch: u64, writes: Vec<SegmentWrite>, done: fn(u64, Result<usize, kube::Error>) -> Msg) {
         let client = self.shared.client.clone();
         let namespace = self.namespace.clone();
         let tx = self.tx.clone();
-        self.write_in_flight = true;
         tokio::spawn(async move {
-            use crate::delivery_log::apply_writes;
-            // Acknowledge (and start attempting) as soon as the creates are in: the deletes only
-            // collect segments that no longer hold a live entry.
-            let creates = match apply_writes(&client, &namespace, writes.creates()).await {
-                Ok(calls) => calls,
-                Err(e) => {
-                    let result = Err(WriteFailure::Creates(e));
-                    let _ = tx.send(Msg::WriteDone { writes, acks, result }).await;
-                    return;
-                }
-            };
-            let ids = writes.record_ids().map(str::to_string).collect();
-            let _ = tx.send(Msg::Stored { ids, acks }).await;
-            let result = apply_writes(&client, &namespace, writes.deletes())
-                .await
-                .map(|deletes| creates + deletes)
-                .map_err(WriteFailure::Deletes);
-            let _ = tx
-                .send(Msg::WriteDone {
-                    writes,
-                    acks: Vec::new(),
-                    result,
-                })
-                .await;
+            let result = crate::delivery_log::apply_writes(&client, &namespace, &writes).await;
+            let _ = tx.send(done(batch, result)).await;
         });
     }
 
-    /// The entries of a log write are durable: attempt the new deliveries, answer those waiting.
-    fn stored(&mut self, ids: Vec<String>, acks: Vec<Ack>) {
-        self.shared.config.metrics.log_write(ids.len());
+    /// Sends the next batch's deletes when it is their turn.
+    fn start_deletes(&mut self) {
+        if let Some((batch, deletes)) = self.pipeline.next_deletes() {
+            self.send(batch, deletes, |batch, result| Msg::DeletesDone { batch, result });
+        }
+    }
+
+    fn answer_batch(&mut self, batch: u64, result: Result<(), SubmitError>) {
+        for ack in self.batch_acks.remove(&batch).unwrap_or_default() {
+            ack.answer(result.clone());
+        }
+    }
+
+    /// A batch's creates are applied (its entries are durable: attempt the new deliveries,
+    /// answer those waiting) or failed (tell those waiting; the batch is written again).
+    fn creates_done(&mut self, batch: u64, result: Result<usize, kube::Error>) {
+        let metrics = self.shared.config.metrics.clone();
+        match result {
+            Ok(calls) => {
+                metrics.apiserver_writes(WriteKind::ConfigMap, calls as u64);
+                let ids = self.pipeline.creates_done(batch, true);
+                metrics.log_write(ids.len());
+                self.stored(ids);
+                self.answer_batch(batch, Ok(()));
+                self.write_failures = 0;
+            }
+            Err(e) => {
+                self.pipeline.creates_done(batch, false);
+                warn!(organization = %self.organization, error = %e, "delivery log write failed; will retry");
+                // What they submitted stays queued and is written on the retry, so at worst it is
+                // delivered although the caller saw 503 (at least once).
+                self.answer_batch(
+                    batch,
+                    Err(SubmitError::Unavailable("the delivery log cannot be written".into())),
+                );
+            }
+        }
+        self.after_write();
+    }
+
+    fn deletes_done(&mut self, batch: u64, result: Result<usize, kube::Error>) {
+        match result {
+            Ok(calls) => {
+                self.shared
+                    .config
+                    .metrics
+                    .apiserver_writes(WriteKind::ConfigMap, calls as u64);
+                self.pipeline.deletes_done(batch, true);
+            }
+            Err(e) => {
+                warn!(organization = %self.organization, error = %e,
+                    "deleting old delivery-log segments failed; will retry");
+                self.pipeline.deletes_done(batch, false);
+            }
+        }
+        self.after_write();
+    }
+
+    /// Next deletes, or, after a failure once every write has reported, the batches given back to
+    /// the log and a pause before writing again.
+    fn after_write(&mut self) {
+        self.start_deletes();
+        if self.pipeline.settle(&mut self.log) {
+            self.write_failures += 1;
+            let backoff = crate::controller::retry_delay(self.write_failures).min(Duration::from_secs(30));
+            warn!(organization = %self.organization, ?backoff, "delivery log writes given back; retrying");
+            self.write_retry_at = Some(Instant::now() + backoff);
+        }
+    }
+
+    /// Entries of a log write are durable: attempt the new deliveries.
+    fn stored(&mut self, ids: Vec<String>) {
         for id in ids {
             if !self.unpersisted.remove(&id) {
                 continue;
@@ -636,45 +706,6 @@ impl Worker {
             };
             let (endpoint, at) = (r.endpoint_id.clone(), r.next_attempt_at.unwrap_or(r.created_at));
             self.state(&endpoint).due.insert((at, id));
-        }
-        for ack in acks {
-            ack.answer(Ok(()));
-        }
-    }
-
-    fn write_done(&mut self, writes: PendingWrites, acks: Vec<Ack>, result: Result<usize, WriteFailure>) {
-        self.write_in_flight = false;
-        let metrics = &self.shared.config.metrics;
-        match result {
-            Ok(calls) => {
-                metrics.apiserver_writes(WriteKind::ConfigMap, calls as u64);
-                self.write_failures = 0;
-            }
-            Err(failure) => {
-                self.write_failures += 1;
-                let backoff = crate::controller::retry_delay(self.write_failures).min(Duration::from_secs(30));
-                match failure {
-                    WriteFailure::Creates(e) => {
-                        warn!(organization = %self.organization, error = %e, ?backoff,
-                            "delivery log write failed; will retry");
-                        self.log.restore(writes);
-                    }
-                    WriteFailure::Deletes(e) => {
-                        metrics.apiserver_writes(WriteKind::ConfigMap, writes.creates().len() as u64);
-                        warn!(organization = %self.organization, error = %e, ?backoff,
-                            "deleting old delivery-log segments failed; will retry");
-                        self.log.restore(writes.without_creates());
-                    }
-                }
-                self.write_retry_at = Some(Instant::now() + backoff);
-                // Those waiting are told now; what they submitted stays queued and is written on
-                // the retry, so at worst it is delivered although the caller saw 503 (at least once).
-                for ack in acks {
-                    ack.answer(Err(SubmitError::Unavailable(
-                        "the delivery log cannot be written".into(),
-                    )));
-                }
-            }
         }
     }
 

@@ -3,62 +3,10 @@
 use std::collections::BTreeMap;
 
 use super::*;
+use crate::delivery_log::fake::FakeServer;
 use crate::delivery_log::record::tests::{LEGACY_RECORD, record, ts};
 use crate::delivery_log::{MAX_ERROR_CHARS, journal_seq, legacy_segment_name};
 use crate::resources::{COMPONENT_LABEL, MANAGED_BY_LABEL, ORGANIZATION_LABEL};
-
-/// ConfigMap name → ConfigMap, as the API server would hold them.
-#[derive(Default, Debug, Clone)]
-struct FakeServer {
-    objects: BTreeMap<String, ConfigMap>,
-}
-
-impl FakeServer {
-    /// Applies writes in order, like `store::apply`; fails at write number `fail_at` (0-based),
-    /// having applied the writes before it.
-    fn apply(&mut self, writes: &PendingWrites, fail_at: Option<usize>) -> Result<(), ()> {
-        for (i, write) in writes.writes().iter().enumerate() {
-            if fail_at == Some(i) {
-                return Err(());
-            }
-            match write {
-                SegmentWrite::Create(cm) => {
-                    let name = cm.metadata.name.clone().unwrap();
-                    match self.objects.get_mut(&name) {
-                        // 409, then a merge patch of its data.
-                        Some(existing) => {
-                            let data = existing.data.get_or_insert_default();
-                            data.extend(cm.data.clone().unwrap_or_default());
-                        }
-                        None => {
-                            self.objects.insert(name, cm.clone());
-                        }
-                    }
-                }
-                // A 404 is fine.
-                SegmentWrite::Delete { name } => {
-                    self.objects.remove(name);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    fn configmaps(&self) -> Vec<ConfigMap> {
-        self.objects.values().cloned().collect()
-    }
-
-    /// Names of the ConfigMaps, oldest sequence number first.
-    fn names(&self) -> Vec<String> {
-        let mut names: Vec<String> = self.objects.keys().cloned().collect();
-        names.sort_by_key(|n| journal_seq(n));
-        names
-    }
-
-    fn data(&self, name: &str) -> BTreeMap<String, String> {
-        self.objects[name].data.clone().unwrap_or_default()
-    }
-}
 
 fn config(max_finished: usize, segment_bytes: usize, max_segments: usize) -> LogConfig {
     LogConfig {
