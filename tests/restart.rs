@@ -250,3 +250,94 @@ async fn an_api_server_outage_answers_503_and_loses_nothing_acknowledged() {
     .await;
     op.stop().await;
 }
+
+#[tokio::test]
+async fn an_outage_with_several_writes_in_flight_loses_nothing_acknowledged() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(pid_file) = apiserver_pid() else {
+        eprintln!("skipped: needs the project's own control plane (KUBECONFIG names an external cluster)");
+        return;
+    };
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, "outage-many").await;
+    let opts = Options {
+        dispatcher: true,
+        persist_timeout: Duration::from_secs(2),
+        ..Options::default()
+    };
+    let op = Operator::start(&client, &ns, opts).await;
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
+    let receiver = Receiver::start(vec![]).await;
+    const ENDPOINTS: usize = 3;
+    for n in 0..ENDPOINTS {
+        let (status, created, _) = op
+            .call(
+                "POST",
+                &op.url(ORG, ""),
+                Some(&key),
+                Some(json!({"url": receiver.url(&format!("/in{n}"))})),
+            )
+            .await;
+        assert_eq!(status, 201, "{created}");
+    }
+
+    // 16 producers at once keep several log writes of the organization in flight; the API server
+    // is stopped from 2 s to 6 s, with writes outstanding.
+    let ingest_port: u16 = op.ingest_base.rsplit(':').next().unwrap().parse().unwrap();
+    let started = Instant::now();
+    let producers: Vec<_> = (0..16u64)
+        .map(|p| {
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                let (mut acknowledged, mut refused) = (Vec::new(), 0);
+                let mut seq = p * 1_000_000;
+                while started.elapsed() < Duration::from_secs(10) {
+                    seq += 1;
+                    let (status, body) = ingest(&http, ingest_port, json!({"seq": seq})).await;
+                    match status {
+                        202 => {
+                            assert_eq!(body["deliveries"], ENDPOINTS);
+                            acknowledged.push(seq);
+                        }
+                        503 => refused += 1,
+                        other => panic!("unexpected status {other}: {body}"),
+                    }
+                }
+                (acknowledged, refused)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    signal(&pid_file, "-STOP");
+    let stopped = Resume(pid_file.clone());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    drop(stopped); // SIGCONT
+    let mut acknowledged = Vec::new();
+    let mut refused = 0;
+    for producer in producers {
+        let (a, r) = producer.await.unwrap();
+        acknowledged.extend(a);
+        refused += r;
+    }
+    eprintln!("{} events acknowledged, {refused} refused", acknowledged.len());
+    assert!(refused > 0, "the outage produced 503s");
+    assert!(!acknowledged.is_empty());
+    support::wait_for(
+        "every acknowledged event delivered to every endpoint",
+        Duration::from_secs(90),
+        || async {
+            let mut seen: std::collections::HashMap<u64, HashSet<String>> = Default::default();
+            for r in receiver.received() {
+                let seq = r.json()["data"]["seq"].as_u64().unwrap();
+                seen.entry(seq).or_default().insert(r.header("webhook-id").to_string());
+            }
+            acknowledged
+                .iter()
+                .all(|s| seen.get(s).is_some_and(|ids| ids.len() >= ENDPOINTS))
+                .then_some(())
+        },
+    )
+    .await;
+    op.stop().await;
+}

@@ -94,12 +94,13 @@ struct Stored<'a> {
     m: u32,
     /// Created, Unix milliseconds.
     c: i64,
-    /// Updated, Unix milliseconds.
+    /// Updated, milliseconds after created (the other times too: short numbers).
+    #[serde(default, skip_serializing_if = "is_zero")]
     u: i64,
-    /// Next attempt, Unix milliseconds.
+    /// Next attempt, milliseconds after created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     n: Option<i64>,
-    /// Delivered, Unix milliseconds.
+    /// Delivered, milliseconds after created.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     d: Option<i64>,
     /// Response status.
@@ -137,6 +138,10 @@ struct Legacy {
 
 fn millis(t: Timestamp) -> i64 {
     t.as_millisecond()
+}
+
+fn is_zero(n: &i64) -> bool {
+    *n == 0
 }
 
 fn from_millis(ms: i64) -> Result<Timestamp, String> {
@@ -235,6 +240,7 @@ impl DeliveryRecord {
                 std::borrow::Cow::Borrowed(e)
             }
         });
+        let created = millis(self.created_at);
         let stored = Stored {
             e: self.endpoint_id.as_str().into(),
             v: self.event_id.as_str().into(),
@@ -246,10 +252,10 @@ impl DeliveryRecord {
             },
             a: self.attempts,
             m: self.max_attempts,
-            c: millis(self.created_at),
-            u: millis(self.updated_at),
-            n: self.next_attempt_at.map(millis),
-            d: self.delivered_at.map(millis),
+            c: created,
+            u: millis(self.updated_at) - created,
+            n: self.next_attempt_at.map(|t| millis(t) - created),
+            d: self.delivered_at.map(|t| millis(t) - created),
             r: self.response_status,
             x: last_error,
         };
@@ -275,9 +281,9 @@ impl DeliveryRecord {
             attempts: stored.a,
             max_attempts: stored.m,
             created_at: from_millis(stored.c)?,
-            updated_at: from_millis(stored.u)?,
-            next_attempt_at: stored.n.map(from_millis).transpose()?,
-            delivered_at: stored.d.map(from_millis).transpose()?,
+            updated_at: from_millis(stored.c.saturating_add(stored.u))?,
+            next_attempt_at: stored.n.map(|n| from_millis(stored.c.saturating_add(n))).transpose()?,
+            delivered_at: stored.d.map(|d| from_millis(stored.c.saturating_add(d))).transpose()?,
             response_status: stored.r,
             last_error: stored.x.map(std::borrow::Cow::into_owned),
         })
@@ -351,6 +357,12 @@ pub(crate) mod tests {
         assert!(
             !text.contains("org_1"),
             "the organization comes from the segment: {text}"
+        );
+        // Times after the creation are stored as offsets: a new delivery's are all zero.
+        let fresh = record(1, DeliveryState::Pending).to_stored();
+        assert_eq!(
+            fresh,
+            r#"{"e":"ep1","v":"evt_1","t":"database.created","s":"p","a":0,"m":8,"c":1700000001000,"n":0}"#
         );
         // Times are kept to the millisecond.
         let back = DeliveryRecord::from_stored(&r.id, "org_1", &text).unwrap();

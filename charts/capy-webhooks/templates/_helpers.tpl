@@ -79,8 +79,9 @@ ConfigMap where these rules apply, although it only ever selects its own by labe
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
-# The delivery log `<endpoint>-deliveries-<n>`: listed on start, created, merge-patched by
-# group commit, deleted when pruned.
+# The delivery log `<organization>-<hash>-journal-<n>`: listed on start (and the first format's
+# `<endpoint>-deliveries-<n>`, migrated), created by group commit, deleted when superseded
+# (patch only when a create's answer was lost).
 - apiGroups: [""]
   resources: ["configmaps"]
   verbs: ["get", "list", "watch", "create", "patch", "delete"]
