@@ -111,17 +111,23 @@ impl ControlPlane {
     /// CPU seconds used so far by etcd, kube-apiserver and kube-controller-manager together.
     fn cpu_secs(&self) -> Option<f64> {
         let dir = self.dir.as_ref()?;
-        let mut ticks = 0u64;
+        let mut secs = 0.0;
         for component in ["etcd", "kube-apiserver", "kube-controller-manager"] {
             let pid = std::fs::read_to_string(dir.join(format!("{component}.pid"))).ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.trim())).ok()?;
-            // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
-            let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
-            ticks += fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+            secs += process_cpu_secs(pid.trim().parse().ok()?)?;
         }
-        // USER_HZ is 100 on Linux.
-        Some(ticks as f64 / 100.0)
+        Some(secs)
     }
+}
+
+/// CPU seconds a process has used so far, from /proc.
+fn process_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name (which may hold spaces): utime and stime are 14 and 15.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    // USER_HZ is 100 on Linux.
+    Some(ticks as f64 / 100.0)
 }
 
 /// What the control plane and the operator spent over a stretch of the run.
@@ -129,6 +135,7 @@ struct Costs {
     bytes: Option<f64>,
     etcd_db: Option<f64>,
     cpu: Option<f64>,
+    operator_cpu: Option<f64>,
 }
 
 impl Costs {
@@ -137,16 +144,19 @@ impl Costs {
             bytes: op.counter(http, "capy_webhooks_apiserver_write_bytes", None).await,
             etcd_db: cp.etcd_metric(http, "etcd_mvcc_db_total_size_in_bytes").await,
             cpu: cp.cpu_secs(),
+            operator_cpu: process_cpu_secs(op.child.id()),
         }
     }
 
-    /// (bytes through the API server, etcd growth, control-plane CPU s) since `before`.
-    fn since(&self, before: &Costs) -> (Option<f64>, Option<f64>, Option<f64>) {
+    /// (bytes through the API server, etcd growth, control-plane CPU s, operator CPU s) since
+    /// `before`.
+    fn since(&self, before: &Costs) -> (Option<f64>, Option<f64>, Option<f64>, Option<f64>) {
         let d = |a: Option<f64>, b: Option<f64>| Some(a? - b?);
         (
             d(self.bytes, before.bytes),
             d(self.etcd_db, before.etcd_db),
             d(self.cpu, before.cpu),
+            d(self.operator_cpu, before.operator_cpu),
         )
     }
 }
@@ -775,7 +785,7 @@ async fn main() {
         let ops = dispatch_burst(&http, &op, &org, &rx, events, n_ep).await;
         // The outcomes of the last attempts are written just after they arrive.
         settle(&http, &op).await;
-        let (bytes, etcd, cpu) = Costs::now(&cp, &op, &http).await.since(&before);
+        let (bytes, etcd, cpu, operator_cpu) = Costs::now(&cp, &op, &http).await.since(&before);
         let deliveries = (events * n_ep) as f64;
         delivered_total += events * n_ep;
         cost_rows.push((
@@ -783,6 +793,7 @@ async fn main() {
             or_na(bytes, |b| format!("{:.0} B", b / deliveries)),
             or_na(etcd, |e| format!("{:.0} B", e / deliveries)),
             or_na(cpu, |c| format!("{:.2} s", c / deliveries * 1000.0)),
+            or_na(operator_cpu, |c| format!("{:.2} s", c / deliveries * 1000.0)),
         ));
         let base = baseline(&rx, (events * n_ep).min(if q { 4000 } else { 20000 })).await;
         row(
@@ -820,7 +831,7 @@ async fn main() {
             "small",
         ),
     }
-    for (n_ep, bytes, etcd, cpu) in cost_rows {
+    for (n_ep, bytes, etcd, cpu, operator_cpu) in cost_rows {
         let s = if n_ep == 1 { "" } else { "s" };
         row(
             &format!("Bytes through the API server per delivery, {n_ep} endpoint{s}"),
@@ -843,7 +854,7 @@ async fn main() {
                 "Control-plane CPU per 1,000 deliveries, {n_ep} endpoint{s} (etcd + kube-apiserver + kube-controller-manager)"
             ),
             cpu,
-            "-".into(),
+            format!("operator: {operator_cpu}"),
             "-",
         );
     }
@@ -971,7 +982,7 @@ async fn main() {
     let t0 = Instant::now();
     let (delivered, refused) = sustained(&http, &op, "org_bench_10", &rx, secs).await;
     let elapsed = t0.elapsed().as_secs_f64();
-    let (bytes, etcd, _) = Costs::now(&cp, &op, &http).await.since(&before);
+    let (bytes, etcd, _, _) = Costs::now(&cp, &op, &http).await.since(&before);
     row(
         &format!("Sustained, 10 endpoints, {secs} s, default budget ({CONCURRENCY} producers honouring Retry-After)"),
         format!(

@@ -98,10 +98,19 @@ impl IdempotencyCache {
     }
 }
 
+/// Longest `Idempotency-Key` accepted, in bytes.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
+
+/// One `(organization, Idempotency-Key)` pair.
+type IdempotencyKey = (String, String);
+
 struct IngestState {
     dispatcher: Dispatcher,
     config: IngestConfig,
     idempotency: Mutex<IdempotencyCache>,
+    /// Keys whose first request is being handled: requests with the same key wait for its
+    /// answer instead of submitting the event again.
+    in_progress: Mutex<HashMap<IdempotencyKey, Arc<tokio::sync::OnceCell<Value>>>>,
 }
 
 fn authorize(headers: &HeaderMap, token: &str) -> Result<(), ApiError> {
@@ -139,20 +148,61 @@ impl IngestState {
             .map(|v| v.to_str().map(str::to_string))
             .transpose()
             .map_err(|_| ApiError::bad_request("Idempotency-Key must be ASCII"))?;
-        let cache_key = idempotency_key.map(|k| (org.clone(), k));
-        if let Some(key) = &cache_key {
+        if idempotency_key
+            .as_ref()
+            .is_some_and(|k| k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_BYTES)
+        {
+            return Err(ApiError::bad_request(format!(
+                "Idempotency-Key must have 1 to {MAX_IDEMPOTENCY_KEY_BYTES} characters"
+            )));
+        }
+        let answer = match idempotency_key {
+            None => self.submit(&org, request).await?,
+            Some(key) => self.submit_once((org.clone(), key), request).await?,
+        };
+        Ok(warp::reply::with_status(warp::reply::json(&answer), StatusCode::ACCEPTED).into_response())
+    }
+
+    /// Submits the event of the first request with this key; concurrent and later requests with
+    /// the same key (within the window) get its answer and submit nothing.
+    async fn submit_once(&self, key: IdempotencyKey, request: EventRequest) -> Result<Value, ApiError> {
+        // The cache is read and the cell taken under the same lock that moves an answer from the
+        // cell to the cache: a request never misses both.
+        let cell = {
+            let mut in_progress = self.in_progress.lock().expect("idempotency lock");
             let cached = self.idempotency.lock().expect("idempotency lock").get(
-                key,
+                &key,
                 self.config.idempotency_window,
                 Instant::now(),
             );
             if let Some(answer) = cached {
-                return Ok(warp::reply::with_status(warp::reply::json(&answer), StatusCode::ACCEPTED).into_response());
+                return Ok(answer);
             }
+            in_progress.entry(key.clone()).or_default().clone()
+        };
+        // One request at a time runs the submission; if it fails, the next waiting one tries.
+        let result = cell.get_or_try_init(|| self.submit(&key.0, request)).await.cloned();
+        let mut in_progress = self.in_progress.lock().expect("idempotency lock");
+        if let Ok(answer) = &result {
+            self.idempotency.lock().expect("idempotency lock").put(
+                key.clone(),
+                answer.clone(),
+                self.config.idempotency_window,
+                self.config.idempotency_capacity,
+                Instant::now(),
+            );
         }
+        // The last one out forgets the key's cell (the cache answers from now on).
+        if in_progress.get(&key).is_some_and(|c| Arc::ptr_eq(c, &cell)) && Arc::strong_count(&cell) == 2 {
+            in_progress.remove(&key);
+        }
+        result
+    }
+
+    async fn submit(&self, org: &str, request: EventRequest) -> Result<Value, ApiError> {
         let (event_id, deliveries) = self
             .dispatcher
-            .submit(&org, &request.event_type, request.data)
+            .submit(org, &request.event_type, request.data)
             .await
             .map_err(|e| match e {
                 SubmitError::Unavailable(m) => ApiError::unavailable(format!("event not accepted: {m}"), 2),
@@ -162,17 +212,7 @@ impl IngestState {
                 other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
             })?;
         info!(organization = %org, event = %event_id, event_type = %request.event_type, deliveries, "event accepted");
-        let answer = json!({"id": event_id, "deliveries": deliveries});
-        if let Some(key) = cache_key {
-            self.idempotency.lock().expect("idempotency lock").put(
-                key,
-                answer.clone(),
-                self.config.idempotency_window,
-                self.config.idempotency_capacity,
-                Instant::now(),
-            );
-        }
-        Ok(warp::reply::with_status(warp::reply::json(&answer), StatusCode::ACCEPTED).into_response())
+        Ok(json!({"id": event_id, "deliveries": deliveries}))
     }
 }
 
@@ -187,6 +227,7 @@ pub fn routes(
         dispatcher,
         config,
         idempotency: Mutex::default(),
+        in_progress: Mutex::default(),
     });
     let events = warp::path!("v1" / "organizations" / String / "events")
         .and(warp::post())

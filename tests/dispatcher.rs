@@ -445,7 +445,7 @@ async fn ingest_refuses_bad_requests() {
 
     // Idempotency-Key: the same key answers with the first result and delivers once.
     let receiver = Receiver::start(vec![]).await;
-    s.endpoint(&receiver.url("/"), &[]).await;
+    let (idempotent_ep, _) = s.endpoint(&receiver.url("/"), &[]).await;
     let post = || {
         s.op.http
             .post(&url)
@@ -462,4 +462,43 @@ async fn ingest_refuses_bad_requests() {
     wait_received(&receiver, 2).await;
     assert_ne!(again["id"], first["id"]);
     assert_eq!(receiver.received().len(), 2, "the duplicate was not delivered");
+
+    // 50 requests with one new key at once: one event, the same answer to every one of them.
+    let answers = futures::future::join_all((0..50).map(|_| async {
+        let res =
+            s.op.http
+                .post(&url)
+                .bearer_auth(token)
+                .header("idempotency-key", "order-43")
+                .json(&json!({"type": "a.b", "data": {"concurrent": true}}))
+                .send()
+                .await
+                .unwrap();
+        assert_eq!(res.status(), 202);
+        res.json::<Value>().await.unwrap()
+    }))
+    .await;
+    assert!(answers.iter().all(|a| a == &answers[0]), "one answer for every request");
+    // Deliveries exist once their event is accepted: after every answer, the list is complete.
+    let concurrent = s
+        .deliveries(&idempotent_ep)
+        .await
+        .iter()
+        .filter(|d| d["payload"]["data"]["concurrent"] == true)
+        .count();
+    assert_eq!(concurrent, 1, "one delivery for 50 concurrent requests with one key");
+
+    // Keys are at most 255 characters.
+    let long_key = "k".repeat(256);
+    let res =
+        s.op.http
+            .post(&url)
+            .bearer_auth(token)
+            .header("idempotency-key", long_key)
+            .json(&json!({"type": "a.b", "data": {}}))
+            .send()
+            .await
+            .unwrap();
+    assert_eq!(res.status(), 400);
+    assert!(res.text().await.unwrap().contains("Idempotency-Key"));
 }
