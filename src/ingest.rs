@@ -19,10 +19,10 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-use crate::dispatcher::{Dispatcher, SubmitError};
 use crate::http::{ApiError, OTHER_ROUTE, parse_json, path_segments};
 use crate::telemetry::Metrics;
 use crate::validation::validate_event_type;
+use crate::work::{SubmitError, WorkHandle};
 
 /// Settings of the ingest port.
 #[derive(Clone)]
@@ -105,7 +105,7 @@ pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 255;
 type IdempotencyKey = (String, String);
 
 struct IngestState {
-    dispatcher: Dispatcher,
+    work: WorkHandle,
     config: IngestConfig,
     idempotency: Mutex<IdempotencyCache>,
     /// Keys whose first request is being handled: requests with the same key wait for its
@@ -200,17 +200,17 @@ impl IngestState {
     }
 
     async fn submit(&self, org: &str, request: EventRequest) -> Result<Value, ApiError> {
-        let (event_id, deliveries) = self
-            .dispatcher
-            .submit(org, &request.event_type, request.data)
-            .await
-            .map_err(|e| match e {
-                SubmitError::Unavailable(m) => ApiError::unavailable(format!("event not accepted: {m}"), 2),
-                throttled @ SubmitError::Throttled { retry_after_secs } => {
-                    ApiError::unavailable(format!("event not accepted: {throttled}"), retry_after_secs)
-                }
-                other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
-            })?;
+        let (event_id, deliveries) =
+            self.work
+                .submit(org, &request.event_type, request.data)
+                .await
+                .map_err(|e| match e {
+                    SubmitError::Unavailable(m) => ApiError::unavailable(format!("event not accepted: {m}"), 2),
+                    throttled @ SubmitError::Throttled { retry_after_secs } => {
+                        ApiError::unavailable(format!("event not accepted: {throttled}"), retry_after_secs)
+                    }
+                    other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
+                })?;
         info!(organization = %org, event = %event_id, event_type = %request.event_type, deliveries, "event accepted");
         Ok(json!({"id": event_id, "deliveries": deliveries}))
     }
@@ -218,13 +218,13 @@ impl IngestState {
 
 /// The ingest routes.
 pub fn routes(
-    dispatcher: Dispatcher,
+    work: WorkHandle,
     config: IngestConfig,
 ) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
     let limit = config.payload_limit;
     let metrics = config.metrics.clone();
     let state = Arc::new(IngestState {
-        dispatcher,
+        work,
         config,
         idempotency: Mutex::default(),
         in_progress: Mutex::default(),
@@ -258,13 +258,13 @@ pub fn route_template(path: &str) -> &'static str {
 
 /// Serves the ingest port until `shutdown` resolves.
 pub async fn run(
-    dispatcher: Dispatcher,
+    work: WorkHandle,
     config: IngestConfig,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     info!(listen = %listener.local_addr()?, "ingest serving");
-    crate::http::serve(listener, routes(dispatcher, config), shutdown).await;
+    crate::http::serve(listener, routes(work, config), shutdown).await;
     info!("ingest stopped");
     Ok(())
 }

@@ -1,12 +1,21 @@
 //! capy-webhooks: CapyDB's outbound webhooks as a Kubernetes operator.
 //!
-//! Layering, bottom up: [`resources`] (the CRD and shared names), the pure domain modules
-//! ([`signing`], [`validation`]), what components share ([`http`], [`auth`]), then the
-//! components ([`controller`], [`api`], [`dispatcher`], [`ingest`], and the [`ops`] port for
-//! probes and metrics). `main.rs` only wires components together.
+//! Layering, bottom up (a module uses only those on its own floor or below):
+//! 1. [`resources`] (the CRD types and shared names), [`ids`];
+//! 2. pure domain: [`signing`], [`validation`], [`delivery`] (retry schedule, outcomes, event-type
+//!    matching, health, SSRF classes, and the signed attempt), [`backoff`];
+//! 3. what components share: [`signing_secret`] (the signing Secret's stored format), [`endpoints`]
+//!    (the one endpoint cache), [`delivery_log`] (the log the dispatcher writes and the REST facade
+//!    reads), [`work`] (the handle the REST facade and ingest use to reach a dispatcher), [`http`],
+//!    [`auth`], [`telemetry`];
+//! 4. the components, none importing another (a test checks it: `tests/layering.rs`):
+//!    [`controller`], [`api`], [`dispatcher`], [`ingest`], and [`ops`] (probes and metrics).
+//!
+//! `main.rs` only parses the command line and wires the components together.
 
 pub mod api;
 pub mod auth;
+pub mod backoff;
 pub mod controller;
 pub mod delivery;
 pub mod delivery_log;
@@ -18,5 +27,7 @@ pub mod ingest;
 pub mod ops;
 pub mod resources;
 pub mod signing;
+pub mod signing_secret;
 pub mod telemetry;
 pub mod validation;
+pub mod work;

@@ -25,6 +25,7 @@ use capy_webhooks::ingest::IngestConfig;
 use capy_webhooks::resources::{Scope, crd_yaml};
 use capy_webhooks::telemetry::{self, LogFormat, Metrics, Readiness, ReadyHandle};
 use capy_webhooks::validation::UrlPolicy;
+use capy_webhooks::work::WorkHandle;
 
 /// mimalloc instead of glibc's allocator: profiled under dispatch load (`make bench`), glibc's
 /// malloc and free took about a fifth of the operator's CPU. See [`disable_transparent_huge_pages`].
@@ -503,7 +504,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics: metrics.clone(),
         };
         tasks.spawn(capy_webhooks::ingest::run(
-            dispatcher.clone(),
+            WorkHandle::new(dispatcher.clone()),
             ingest,
             ingest_listener,
             stopped(),
@@ -540,7 +541,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             config,
             auth,
             cache,
-            dispatcher,
+            dispatcher.map(WorkHandle::new),
             listener,
             stopped(),
         ));

@@ -4,12 +4,12 @@ mod support;
 
 use std::time::Duration;
 
-use capy_webhooks::controller::desired::{CURRENT_SECRET_KEY, PREVIOUS_SECRETS_KEY};
 use capy_webhooks::controller::{self, ControllerConfig};
 use capy_webhooks::endpoints::EndpointCache;
 use capy_webhooks::resources::{
     CONDITION_READY, ENDPOINT_LABEL, MANAGED_BY_LABEL, ORGANIZATION_LABEL, Scope, WebhookEndpoint, WebhookEndpointSpec,
 };
+use capy_webhooks::signing_secret::{CURRENT_SECRET_KEY, PREVIOUS_SECRETS_KEY};
 use capy_webhooks::validation::UrlPolicy;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event as K8sEvent;

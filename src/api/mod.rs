@@ -24,14 +24,14 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::auth::{Authenticator, Principal};
-use crate::controller::desired::stored_key_ring;
-use crate::dispatcher::{Dispatcher, SubmitError};
 use crate::endpoints::EndpointCache;
 use crate::http::{ApiError, OTHER_ROUTE, parse_json, path_segments};
 use crate::resources::{CONDITION_SECRET_READY, Scope, WebhookEndpoint, signing_secret_name};
 use crate::signing::StoredKeyRing;
+use crate::signing_secret::stored_key_ring;
 use crate::telemetry::{Metrics, ReadyHandle, WriteKind};
 use crate::validation::UrlPolicy;
+use crate::work::{SubmitError, WorkHandle};
 use model::{CreateRequest, UpdateRequest, endpoint_view, new_endpoint, new_endpoint_name, update_patch};
 
 /// Field manager of the facade's writes (distinct from the controller's server-side applies).
@@ -69,7 +69,7 @@ pub struct ApiState {
     auth: Authenticator,
     config: ApiConfig,
     /// Present when the dispatcher runs in this process: the recovery routes need it.
-    dispatcher: Option<Dispatcher>,
+    work: Option<WorkHandle>,
     /// Serialized list responses per organization, tagged with the cache version they were
     /// built from: a list is rebuilt only after an endpoint changed, not on every read.
     list_bodies: std::sync::Mutex<HashMap<String, (u64, Bytes)>>,
@@ -389,9 +389,9 @@ impl ApiState {
         self.authorize(&org, &headers).await?;
         let limit = parse_limit(query.get("limit").map(String::as_str))?;
         let endpoint = self.find(&org, &id)?;
-        let deliveries: Vec<Value> = match &self.dispatcher {
+        let deliveries: Vec<Value> = match &self.work {
             // The dispatcher in this process holds every log in memory.
-            Some(dispatcher) => dispatcher
+            Some(work) => work
                 .deliveries(&endpoint, limit)
                 .await
                 .map_err(submit_error)?
@@ -416,8 +416,8 @@ impl ApiState {
         Ok(warp::reply::json(&json!({ "deliveries": deliveries })).into_response())
     }
 
-    fn dispatcher(&self) -> Result<&Dispatcher, ApiError> {
-        self.dispatcher.as_ref().ok_or_else(|| {
+    fn work(&self) -> Result<&WorkHandle, ApiError> {
+        self.work.as_ref().ok_or_else(|| {
             ApiError::unavailable("the dispatcher does not run in this process; use one that runs it", 30)
         })
     }
@@ -431,11 +431,7 @@ impl ApiState {
     ) -> Result<Response, ApiError> {
         self.authorize(&org, &headers).await?;
         let endpoint = self.find(&org, &id)?;
-        let (record, payload) = self
-            .dispatcher()?
-            .retry(&endpoint, &delivery)
-            .await
-            .map_err(submit_error)?;
+        let (record, payload) = self.work()?.retry(&endpoint, &delivery).await.map_err(submit_error)?;
         let body = json!({ "delivery": record.to_api(payload.as_ref()) });
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
     }
@@ -443,7 +439,7 @@ impl ApiState {
     async fn test_endpoint(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
         self.authorize(&org, &headers).await?;
         let endpoint = self.find(&org, &id)?;
-        let (record, payload) = self.dispatcher()?.send_test(&endpoint).await.map_err(submit_error)?;
+        let (record, payload) = self.work()?.send_test(&endpoint).await.map_err(submit_error)?;
         let body = json!({ "delivery": record.to_api(payload.as_ref()) });
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
     }
@@ -603,7 +599,7 @@ pub async fn run(
     config: ApiConfig,
     auth: Authenticator,
     cache: EndpointCache,
-    dispatcher: Option<Dispatcher>,
+    work: Option<WorkHandle>,
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
@@ -615,7 +611,7 @@ pub async fn run(
         cache,
         auth,
         config,
-        dispatcher,
+        work,
         list_bodies: Default::default(),
         list_rebuild: Default::default(),
     });

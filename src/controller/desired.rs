@@ -12,35 +12,8 @@ use crate::resources::{
     COMPONENT_LABEL, CONDITION_READY, CONDITION_SECRET_READY, ENDPOINT_LABEL, MANAGED_BY, MANAGED_BY_LABEL,
     ORGANIZATION_LABEL, SIGNING_SECRET_COMPONENT, WebhookEndpointStatus,
 };
-use crate::signing::{KeyRing, StoredKeyRing};
-
-/// Secret data key of the current signing secret.
-pub const CURRENT_SECRET_KEY: &str = "signing-secret";
-/// Secret data key of the JSON list of previous secrets still in their grace period.
-pub const PREVIOUS_SECRETS_KEY: &str = "previous-signing-secrets";
-/// Secret annotation: the `spec.secretRotation` that produced the current secret.
-pub const ROTATION_ANNOTATION: &str = "webhooks.capydb.io/secret-rotation";
-
-/// Label selector matching every signing Secret this operator manages.
-pub fn signing_secret_selector() -> String {
-    format!("{MANAGED_BY_LABEL}={MANAGED_BY},{COMPONENT_LABEL}={SIGNING_SECRET_COMPONENT}")
-}
-
-/// Reads the key ring stored in a signing Secret.
-pub fn stored_key_ring(secret: Option<&Secret>) -> StoredKeyRing {
-    let Some(secret) = secret else {
-        return StoredKeyRing::Missing;
-    };
-    let data = secret.data.as_ref();
-    let get = |k: &str| data.and_then(|d| d.get(k)).map(|b| b.0.as_slice());
-    let rotation = secret
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(ROTATION_ANNOTATION))
-        .map(String::as_str);
-    KeyRing::from_parts(get(CURRENT_SECRET_KEY), get(PREVIOUS_SECRETS_KEY), rotation)
-}
+use crate::signing::KeyRing;
+use crate::signing_secret::{CURRENT_SECRET_KEY, PREVIOUS_SECRETS_KEY, ROTATION_ANNOTATION};
 
 /// Identity of the endpoint a Secret belongs to.
 pub struct Owner<'a> {
@@ -197,7 +170,8 @@ fn set_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signing::{PreviousSecret, SigningSecret};
+    use crate::signing::{PreviousSecret, SigningSecret, StoredKeyRing};
+    use crate::signing_secret::stored_key_ring;
 
     fn owner() -> Owner<'static> {
         Owner {
@@ -259,15 +233,6 @@ mod tests {
         assert!(!secret_matches(&no_owner, &desired));
         let other_data = desired_secret(&owner(), "ep1-signing", &ring());
         assert!(!secret_matches(&other_data, &desired));
-    }
-
-    #[test]
-    fn missing_secret_reads_as_missing() {
-        assert_eq!(stored_key_ring(None), StoredKeyRing::Missing);
-        assert!(matches!(
-            stored_key_ring(Some(&Secret::default())),
-            StoredKeyRing::Corrupt(_)
-        ));
     }
 
     #[test]

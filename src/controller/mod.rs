@@ -25,17 +25,17 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tracing::{info, warn};
 
+use crate::backoff::retry_delay;
 use crate::endpoints::ControllerFeed;
 use crate::resources::{
     CONDITION_READY, CONDITION_SECRET_READY, FIELD_MANAGER, ORGANIZATION_LABEL, Scope, WebhookEndpoint,
     WebhookEndpointStatus, signing_secret_name,
 };
 use crate::signing::{KeyRingChange, SigningSecret, StoredKeyRing, plan_key_ring};
+use crate::signing_secret::{signing_secret_selector, stored_key_ring};
 use crate::telemetry::{Metrics, ReadyHandle, WriteKind};
 use crate::validation::{UrlPolicy, validate_spec};
-use desired::{
-    Outcome, Owner, desired_secret, desired_status, secret_matches, signing_secret_selector, stored_key_ring,
-};
+use desired::{Outcome, Owner, desired_secret, desired_status, secret_matches};
 
 /// Settings of the controller.
 #[derive(Clone, Debug)]
@@ -105,12 +105,6 @@ impl Error {
 
 /// Reconciles running at once at most.
 pub const RECONCILE_CONCURRENCY: u16 = 16;
-
-/// Delay before retrying an endpoint after `failures` consecutive failures: 1 s doubling to 5 min.
-pub fn retry_delay(failures: u32) -> Duration {
-    let exp = failures.saturating_sub(1).min(16);
-    Duration::from_secs(1u64 << exp).min(Duration::from_secs(300))
-}
 
 impl Context {
     /// A context for reconciles made with `client`.
@@ -418,15 +412,5 @@ mod tests {
         ] {
             assert!(Error::REASONS.contains(&error.reason()), "{}", error.reason());
         }
-    }
-
-    #[test]
-    fn retry_delay_doubles_and_caps() {
-        assert_eq!(retry_delay(1), Duration::from_secs(1));
-        assert_eq!(retry_delay(2), Duration::from_secs(2));
-        assert_eq!(retry_delay(5), Duration::from_secs(16));
-        assert_eq!(retry_delay(9), Duration::from_secs(256));
-        assert_eq!(retry_delay(10), Duration::from_secs(300));
-        assert_eq!(retry_delay(u32::MAX), Duration::from_secs(300));
     }
 }

@@ -66,7 +66,7 @@ impl TokenBucket {
     }
 
     /// Whether new work may start now; if not, how long until the debt is paid off (at least
-    /// 1 s, at most [`MAX_RETRY_AFTER_SECS`], in whole seconds as `Retry-After` counts).
+    /// 1 s, at most `MAX_RETRY_AFTER_SECS`, in whole seconds as `Retry-After` counts).
     pub fn admit(&mut self, now: Instant) -> Result<(), Duration> {
         if self.rate == 0.0 {
             return Ok(());

@@ -230,7 +230,7 @@ impl DeliveryRecord {
         self.delivered_at = self.delivered_at.map(to_millisecond);
     }
 
-    /// The stored form (format 2, see [`Stored`]): compact JSON, `last_error` capped at
+    /// The stored form (format 2, see `Stored`): compact JSON, `last_error` capped at
     /// [`MAX_ERROR_CHARS`] characters.
     pub fn to_stored(&self) -> String {
         let last_error = self.last_error.as_deref().map(|e| {

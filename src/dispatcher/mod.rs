@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
+use futures::future::BoxFuture;
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -26,7 +27,6 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
-use crate::controller::desired::{ROTATION_ANNOTATION, signing_secret_selector, stored_key_ring};
 use crate::delivery::event_types::matches;
 use crate::delivery::schedule::RetrySchedule;
 use crate::delivery::sender::{Sender, SenderConfig, envelope};
@@ -34,9 +34,11 @@ use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, LogConfig,
 use crate::endpoints::EndpointCache;
 use crate::resources::{Scope, WebhookEndpoint, signing_secret_name};
 use crate::signing::{KeyRing, StoredKeyRing};
+use crate::signing_secret::{ROTATION_ANNOTATION, signing_secret_selector, stored_key_ring};
 use crate::telemetry::{Metrics, ReadyHandle};
+use crate::work::Work;
+pub use crate::work::{Listed, SubmitError};
 pub use status::{CONDITION_HEALTHY, DispatchSummary};
-pub use worker::Listed;
 use worker::{Msg, Worker};
 
 /// Field manager of the dispatcher's writes.
@@ -72,26 +74,6 @@ pub struct DispatcherConfig {
     pub metrics: Metrics,
     /// Flipped once the caches are synced and every log is recovered.
     pub ready: ReadyHandle,
-}
-
-/// Why an event or a recovery request could not be accepted.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SubmitError {
-    /// The log could not be written (API server unreachable, or the log is full).
-    #[error("deliveries could not be persisted: {0}")]
-    Unavailable(String),
-    /// No such endpoint or delivery.
-    #[error("{0}")]
-    NotFound(String),
-    /// The delivery is still pending.
-    #[error("{0}")]
-    Conflict(String),
-    /// The write budget is spent: try again after this many seconds.
-    #[error("the delivery log's write budget is spent; retry in {retry_after_secs} s")]
-    Throttled {
-        /// Seconds until the budget admits new work again.
-        retry_after_secs: u64,
-    },
 }
 
 /// A cache of every endpoint's key ring, from a watch on the signing Secrets.
@@ -508,5 +490,36 @@ impl Dispatcher {
         let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
         while tasks.join_next().await.is_some() {}
         info!("dispatcher stopped");
+    }
+}
+
+impl Work for Dispatcher {
+    fn submit<'a>(
+        &'a self,
+        organization_id: &'a str,
+        event_type: &'a str,
+        data: Value,
+    ) -> BoxFuture<'a, Result<(String, usize), SubmitError>> {
+        Box::pin(Dispatcher::submit(self, organization_id, event_type, data))
+    }
+
+    fn send_test<'a>(&'a self, endpoint: &'a WebhookEndpoint) -> BoxFuture<'a, Result<Listed, SubmitError>> {
+        Box::pin(Dispatcher::send_test(self, endpoint))
+    }
+
+    fn retry<'a>(
+        &'a self,
+        endpoint: &'a WebhookEndpoint,
+        delivery_id: &'a str,
+    ) -> BoxFuture<'a, Result<Listed, SubmitError>> {
+        Box::pin(Dispatcher::retry(self, endpoint, delivery_id))
+    }
+
+    fn deliveries<'a>(
+        &'a self,
+        endpoint: &'a WebhookEndpoint,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Listed>, SubmitError>> {
+        Box::pin(Dispatcher::deliveries(self, endpoint, limit))
     }
 }

@@ -18,13 +18,13 @@ use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource};
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use super::status::{DispatchSummary, status_patch, transition_event};
-use super::{DISPATCHER_FIELD_MANAGER, Shared, SubmitError};
+use super::{DISPATCHER_FIELD_MANAGER, Shared};
 use crate::delivery::health::{HealthWindow, health, should_auto_disable};
 use crate::delivery::outcome::{AttemptOutcome, is_retryable};
 use crate::delivery::schedule::next_attempt_delay;
@@ -32,12 +32,10 @@ use crate::delivery::sender::AttemptResult;
 use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, SegmentWrite, WritePipeline};
 use crate::resources::{DeliverySummary, Health, WebhookEndpoint};
 use crate::telemetry::{DeliveryOutcome, WriteKind};
+use crate::work::{Listed, SubmitError};
 
 /// Log writes (batches) of one organization in flight at most.
 pub(crate) const WRITES_IN_FLIGHT: usize = 4;
-
-/// A delivery as the REST facade shows it: the record and its event's payload.
-pub type Listed = (DeliveryRecord, Option<Value>);
 
 /// Messages a worker handles.
 pub(crate) enum Msg {
@@ -689,7 +687,7 @@ impl Worker {
         self.start_deletes();
         if self.pipeline.settle(&mut self.log) {
             self.write_failures += 1;
-            let backoff = crate::controller::retry_delay(self.write_failures).min(Duration::from_secs(30));
+            let backoff = crate::backoff::retry_delay(self.write_failures).min(Duration::from_secs(30));
             warn!(organization = %self.organization, ?backoff, "delivery log writes given back; retrying");
             self.write_retry_at = Some(Instant::now() + backoff);
         }

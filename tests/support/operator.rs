@@ -18,6 +18,7 @@ use capy_webhooks::ingest::{self, IngestConfig};
 use capy_webhooks::resources::Scope;
 use capy_webhooks::telemetry::{Metrics, ReadyHandle};
 use capy_webhooks::validation::UrlPolicy;
+use capy_webhooks::work::WorkHandle;
 use kube::Client;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -136,7 +137,12 @@ impl Operator {
                 idempotency_capacity: 1000,
                 metrics: metrics.clone(),
             };
-            tokio::spawn(ingest::run(dispatcher.clone(), config, listener, stopped()));
+            tokio::spawn(ingest::run(
+                WorkHandle::new(dispatcher.clone()),
+                config,
+                listener,
+                stopped(),
+            ));
             Some(dispatcher)
         } else {
             None
@@ -172,7 +178,7 @@ impl Operator {
             config,
             Authenticator::new(index, clerk),
             cache,
-            dispatcher.clone(),
+            dispatcher.clone().map(WorkHandle::new),
             listener,
             stopped(),
         ));

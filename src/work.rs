@@ -1,0 +1,107 @@
+//! The work handle: what the components that take requests (the REST facade, the ingest port)
+//! ask of the dispatcher, without importing it. `main.rs` wires a [`WorkHandle`] to the
+//! dispatcher of the process; it is also the seam where work for an organization another replica
+//! owns would be forwarded.
+
+use std::sync::Arc;
+
+use futures::future::BoxFuture;
+use serde_json::Value;
+
+use crate::delivery_log::DeliveryRecord;
+use crate::resources::WebhookEndpoint;
+
+/// Why an event, a test, a retry or a read could not be done.
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SubmitError {
+    /// The log could not be written (API server unreachable, or the log is full), or the
+    /// dispatcher is shutting down.
+    #[error("deliveries could not be persisted: {0}")]
+    Unavailable(String),
+    /// No such endpoint or delivery.
+    #[error("{0}")]
+    NotFound(String),
+    /// The delivery is still pending.
+    #[error("{0}")]
+    Conflict(String),
+    /// The write budget is spent: try again after this many seconds.
+    #[error("the delivery log's write budget is spent; retry in {retry_after_secs} s")]
+    Throttled {
+        /// Seconds until the budget admits new work again.
+        retry_after_secs: u64,
+    },
+}
+
+/// A delivery as the REST facade shows it: the record and its event's payload.
+pub type Listed = (DeliveryRecord, Option<Value>);
+
+/// The work a dispatcher does on request.
+pub trait Work: Send + Sync + 'static {
+    /// Accepts an event: a durable pending delivery for every matching active endpoint of the
+    /// organization. Returns the event id and the number of deliveries.
+    fn submit<'a>(
+        &'a self,
+        organization_id: &'a str,
+        event_type: &'a str,
+        data: Value,
+    ) -> BoxFuture<'a, Result<(String, usize), SubmitError>>;
+
+    /// Sends a `webhook.test` event to one endpoint now.
+    fn send_test<'a>(&'a self, endpoint: &'a WebhookEndpoint) -> BoxFuture<'a, Result<Listed, SubmitError>>;
+
+    /// Sends a finished delivery again, now, once.
+    fn retry<'a>(
+        &'a self,
+        endpoint: &'a WebhookEndpoint,
+        delivery_id: &'a str,
+    ) -> BoxFuture<'a, Result<Listed, SubmitError>>;
+
+    /// Up to `limit` of an endpoint's deliveries, newest first.
+    fn deliveries<'a>(
+        &'a self,
+        endpoint: &'a WebhookEndpoint,
+        limit: usize,
+    ) -> BoxFuture<'a, Result<Vec<Listed>, SubmitError>>;
+}
+
+/// A cheap, cloneable handle to the [`Work`] of this process.
+#[derive(Clone)]
+pub struct WorkHandle(Arc<dyn Work>);
+
+impl std::fmt::Debug for WorkHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WorkHandle")
+    }
+}
+
+impl WorkHandle {
+    /// A handle to `work`.
+    pub fn new(work: impl Work) -> Self {
+        Self(Arc::new(work))
+    }
+
+    /// See [`Work::submit`].
+    pub async fn submit(
+        &self,
+        organization_id: &str,
+        event_type: &str,
+        data: Value,
+    ) -> Result<(String, usize), SubmitError> {
+        self.0.submit(organization_id, event_type, data).await
+    }
+
+    /// See [`Work::send_test`].
+    pub async fn send_test(&self, endpoint: &WebhookEndpoint) -> Result<Listed, SubmitError> {
+        self.0.send_test(endpoint).await
+    }
+
+    /// See [`Work::retry`].
+    pub async fn retry(&self, endpoint: &WebhookEndpoint, delivery_id: &str) -> Result<Listed, SubmitError> {
+        self.0.retry(endpoint, delivery_id).await
+    }
+
+    /// See [`Work::deliveries`].
+    pub async fn deliveries(&self, endpoint: &WebhookEndpoint, limit: usize) -> Result<Vec<Listed>, SubmitError> {
+        self.0.deliveries(endpoint, limit).await
+    }
+}
