@@ -355,9 +355,21 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// A payload of about 539 bytes, as in the peer's published measurement.
+/// A payload of about 539 bytes, as in the peer's published measurement. The blob is random
+/// (different for every event), so that the log's compression gains nothing on it that real
+/// payloads would not give.
 fn payload(seq: u64) -> Value {
-    json!({"seq": seq, "blob": "x".repeat(480)})
+    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut state = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    let blob: String = (0..480)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            char::from(ALPHABET[(state % 64) as usize])
+        })
+        .collect();
+    json!({"seq": seq, "blob": blob})
 }
 
 async fn mint_key(client: &Client, http: &reqwest::Client, op: &Operator, org: &str) -> String {
@@ -1042,7 +1054,8 @@ async fn main() {
 - The operator is the release binary in its own process (`api,controller,dispatcher`), as deployed; this harness \
 (`benches/capy.rs`) generates load, receives deliveries and measures.\n\
 - Receiver: a Rust (warp) server on loopback with keep-alive, answering 200.\n\
-- Dispatch: a burst of events ({CONCURRENCY} requests in flight, about 539-byte payloads) into the ingest port; \
+- Dispatch: a burst of events ({CONCURRENCY} requests in flight, about 539-byte payloads whose 480-character blob \
+is random, so incompressible) into the ingest port; \
 deliveries/s counts from the first event sent to the last delivery received, with full durability (every delivery \
 is in the ConfigMap log before the event is acknowledged, and every outcome is written back). Baseline: the same \
 signed POSTs sent straight to the same receiver with reqwest at the same concurrency, no bookkeeping.\n\

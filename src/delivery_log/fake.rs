@@ -37,6 +37,8 @@ impl FakeServer {
                         Some(existing) => {
                             let data = existing.data.get_or_insert_default();
                             data.extend(cm.data.clone().unwrap_or_default());
+                            let binary = existing.binary_data.get_or_insert_default();
+                            binary.extend(cm.binary_data.clone().unwrap_or_default());
                         }
                         None => {
                             self.objects.insert(name, cm.clone());
@@ -63,7 +65,8 @@ impl FakeServer {
         names
     }
 
+    /// The entries a segment stores (packed or not).
     pub(crate) fn data(&self, name: &str) -> BTreeMap<String, String> {
-        self.objects[name].data.clone().unwrap_or_default()
+        super::segment::entries(&self.objects[name]).unwrap()
     }
 }

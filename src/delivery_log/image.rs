@@ -39,6 +39,7 @@ use serde_json::Value;
 use tracing::warn;
 
 use super::record::{self, DeliveryRecord, DeliveryState, is_valid_key, truncate_error};
+use super::segment;
 use super::{
     EVENT_KEY_PREFIX, GROWTH_RESERVE, HARD_SEGMENT_BYTES, MAX_RECORD_BYTES, MAX_SEGMENT_BYTES, journal_segment_name,
     journal_seq, legacy_segment_seq, segment_labels,
@@ -355,8 +356,11 @@ impl DeliveryLog {
         }
         current.sort_by_key(|(seq, _)| *seq);
         for (seq, cm) in current {
-            let name = cm.metadata.name.unwrap_or_default();
-            let data = cm.data.unwrap_or_default();
+            let name = cm.metadata.name.clone().unwrap_or_default();
+            let data = segment::entries(&cm).unwrap_or_else(|error| {
+                warn!(configmap = %name, %error, "delivery-log segment unreadable; its entries are ignored");
+                BTreeMap::new()
+            });
             let bytes = data.iter().map(|(k, v)| k.len() + v.len()).sum();
             log.segments.insert(
                 seq,
@@ -716,14 +720,13 @@ impl DeliveryLog {
             // A delivery pruned while this write was in flight is no longer dirty nor live here,
             // yet the version the write carried may be its newest: retire it, so that it is stored.
             if let SegmentWrite::Create(cm) = write {
+                let data = segment::entries(cm).unwrap_or_default();
                 for id in &created.live {
                     if !is_event_key(id)
                         && !self.records.contains_key(id)
                         && !self.retired.contains_key(id)
-                        && let Some(Ok(record)) = cm
-                            .data
-                            .as_ref()
-                            .and_then(|d| d.get(id))
+                        && let Some(Ok(record)) = data
+                            .get(id)
                             .map(|v| DeliveryRecord::from_stored(id, &self.organization_id, v))
                     {
                         self.retired.insert(id.clone(), record);
@@ -931,7 +934,10 @@ impl DeliveryLog {
                 labels: Some(segment_labels(&self.organization_id)),
                 ..Default::default()
             },
-            data: Some(data),
+            binary_data: Some(BTreeMap::from([(
+                segment::JOURNAL_KEY.to_string(),
+                segment::pack(&data),
+            )])),
             ..Default::default()
         }
     }

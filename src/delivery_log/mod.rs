@@ -49,10 +49,12 @@ mod fake;
 mod image;
 mod pipeline;
 mod record;
+mod segment;
 mod store;
 
 pub use budget::{TokenBucket, WriteBudget, parse_bytes};
 pub use pipeline::{Started, WritePipeline};
+pub use segment::{JOURNAL_KEY, entries as segment_entries, pack as pack_entries};
 
 pub use image::{
     DELETE_BYTES, DeliveryLog, LogConfig, LogFull, PendingWrites, SegmentSummary, SegmentWrite, is_event_key,

@@ -59,6 +59,7 @@ pub async fn apply_writes(client: &Client, namespace: &str, writes: &[SegmentWri
                     let patch = json!({
                         "metadata": { "labels": cm.metadata.labels },
                         "data": cm.data,
+                        "binaryData": cm.binary_data,
                     });
                     api.patch(name, &patch_params, &Patch::Merge(&patch)).await?;
                 }

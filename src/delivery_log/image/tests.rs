@@ -60,8 +60,14 @@ fn created(writes: &PendingWrites) -> Vec<&ConfigMap> {
         .collect()
 }
 
+/// The entries a segment stores (packed or not).
+fn entries(cm: &ConfigMap) -> BTreeMap<String, String> {
+    crate::delivery_log::segment_entries(cm).unwrap()
+}
+
+/// Keys plus values of a segment's entries (what the segment budget counts).
 fn data_bytes(cm: &ConfigMap) -> usize {
-    cm.data.iter().flatten().map(|(k, v)| k.len() + v.len()).sum()
+    entries(cm).iter().map(|(k, v)| k.len() + v.len()).sum()
 }
 
 /// A recovery from the server's ConfigMaps gives the image's records, pending count and finished
@@ -177,13 +183,19 @@ fn new_segments_carry_labels_and_every_changed_record() {
         cm.metadata.owner_references.is_none(),
         "the dispatcher deletes what it wrote"
     );
+    // Packed: one binaryData value, no data key per entry.
+    assert!(cm.data.is_none());
+    assert_eq!(
+        cm.binary_data.as_ref().unwrap().keys().collect::<Vec<_>>(),
+        [crate::delivery_log::JOURNAL_KEY]
+    );
     let expected: BTreeMap<String, String> = (0..3)
         .map(|n| {
             let r = record(n, DeliveryState::Pending);
             (r.id.clone(), r.to_stored())
         })
         .collect();
-    assert_eq!(cm.data.as_ref(), Some(&expected));
+    assert_eq!(entries(cm), expected);
     let mut stored: Vec<&str> = writes.record_ids().collect();
     stored.sort();
     assert_eq!(stored, ids(0..3));
@@ -218,12 +230,12 @@ fn a_batch_larger_than_segment_bytes_is_split_into_several_creates() {
     let cms = created(&writes);
     assert_eq!(cms.len(), 4, "{per_segment} records per create");
     assert_eq!(writes.len(), 4, "and nothing else");
-    let sizes: Vec<usize> = cms.iter().map(|cm| cm.data.as_ref().unwrap().len()).collect();
+    let sizes: Vec<usize> = cms.iter().map(|cm| entries(cm).len()).collect();
     assert_eq!(sizes, [per_segment, per_segment, per_segment, 1]);
     for cm in &cms {
         assert!(data_bytes(cm) <= budget, "{} bytes", data_bytes(cm));
     }
-    let mut stored: Vec<&String> = cms.iter().flat_map(|cm| cm.data.as_ref().unwrap().keys()).collect();
+    let mut stored: Vec<String> = cms.iter().flat_map(|cm| entries(cm).into_keys()).collect();
     stored.sort();
     assert_eq!(stored.len(), count as usize, "each record once");
     stored.dedup();
@@ -252,10 +264,7 @@ fn a_batch_larger_than_segment_bytes_is_split_into_several_creates() {
     log.insert(with_padding(62, 10)).unwrap();
     let writes = log.take_writes();
     let cms = created(&writes);
-    let keys: Vec<Vec<String>> = cms
-        .iter()
-        .map(|cm| cm.data.as_ref().unwrap().keys().cloned().collect())
-        .collect();
+    let keys: Vec<Vec<String>> = cms.iter().map(|cm| entries(cm).keys().cloned().collect()).collect();
     assert_eq!(keys, [ids([60]), ids([61]), ids([62])]);
     assert_eq!(data_bytes(cms[1]), big_size);
     server.apply(&writes, None).unwrap();
@@ -290,7 +299,7 @@ fn an_update_creates_a_segment_with_only_the_updated_record() {
     assert_eq!(names(&writes), [("org-1-dfc76549-journal-2", true)]);
     let cm = created(&writes)[0];
     assert_eq!(
-        cm.data.as_ref(),
+        Some(&entries(cm)),
         Some(&BTreeMap::from([(id(2), r.to_stored())])),
         "only the updated record"
     );
@@ -357,7 +366,7 @@ fn superseded_segments_are_deleted_oldest_first() {
             ("org-1-dfc76549-journal-2", false)
         ]
     );
-    assert_eq!(created(&writes)[0].data.as_ref().unwrap().len(), 6);
+    assert_eq!(entries(created(&writes)[0]).len(), 6);
     server.apply(&writes, None).unwrap();
     assert_eq!(server.names(), ["org-1-dfc76549-journal-3", "org-1-dfc76549-journal-4"]);
     assert_in_sync(&log, &server);
@@ -528,7 +537,7 @@ fn a_record_pruned_before_its_last_version_was_stored_is_still_written() {
     let writes = log.take_writes();
     assert_eq!(names(&writes), [("org-1-dfc76549-journal-2", true)]);
     assert_eq!(
-        created(&writes)[0].data.as_ref(),
+        Some(&entries(created(&writes)[0])),
         Some(&BTreeMap::from([
             (x.clone(), x_done.to_stored()),
             (y.id.clone(), y.to_stored())
@@ -543,14 +552,13 @@ fn a_record_pruned_before_its_last_version_was_stored_is_still_written() {
     assert!(recover(&server, cfg.clone()).get(&x).is_none());
     // Without that copy, X would come back as pending.
     let mut without = server.clone();
-    without
-        .objects
-        .get_mut("org-1-dfc76549-journal-2")
-        .unwrap()
-        .data
-        .as_mut()
-        .unwrap()
-        .remove(&x);
+    let segment = without.objects.get_mut("org-1-dfc76549-journal-2").unwrap();
+    let mut kept = entries(segment);
+    kept.remove(&x);
+    segment.binary_data = Some(BTreeMap::from([(
+        crate::delivery_log::JOURNAL_KEY.to_string(),
+        crate::delivery_log::pack_entries(&kept),
+    )]));
     assert_eq!(
         recover(&without, cfg.clone()).get(&x).map(|r| r.state),
         Some(DeliveryState::Pending)
@@ -564,7 +572,7 @@ fn a_record_pruned_before_its_last_version_was_stored_is_still_written() {
     let writes = log.take_writes();
     assert_eq!(names(&writes), [("org-1-dfc76549-journal-3", true)]);
     assert_eq!(
-        created(&writes)[0].data.as_ref(),
+        Some(&entries(created(&writes)[0])),
         Some(&BTreeMap::from([(
             id(3),
             finished(3, DeliveryState::Failed, 5).to_stored()
@@ -808,13 +816,7 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
         [("org-1-dfc76549-journal-2", true), ("org-1-dfc76549-journal-1", false)]
     );
     assert_eq!(
-        created(&writes)[0]
-            .data
-            .as_ref()
-            .unwrap()
-            .keys()
-            .cloned()
-            .collect::<Vec<_>>(),
+        entries(created(&writes)[0]).keys().cloned().collect::<Vec<_>>(),
         ids(0..3)
     );
     server.apply(&writes, None).unwrap();
@@ -831,7 +833,7 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
     let writes = log.take_writes();
     assert_eq!(names(&writes), [("org-1-dfc76549-journal-4", true)]);
     assert_eq!(
-        created(&writes)[0].data.as_ref(),
+        Some(&entries(created(&writes)[0])),
         Some(&BTreeMap::from([(id(0), r.to_stored())]))
     );
     server.apply(&writes, None).unwrap();
@@ -924,7 +926,7 @@ fn restore_writes_retired_records_again() {
     let writes = log.take_writes();
     assert_eq!(names(&writes), [("org-1-dfc76549-journal-3", true)]);
     assert_eq!(
-        created(&writes)[0].data.as_ref(),
+        Some(&entries(created(&writes)[0])),
         Some(&BTreeMap::from([(id(1), done.to_stored())]))
     );
     assert!(writes.record_ids().any(|i| i == id(1)));
@@ -974,7 +976,7 @@ fn restore_after_a_failed_delete_deletes_again() {
         ]
     );
     assert_eq!(
-        created(&writes)[0].data.as_ref(),
+        Some(&entries(created(&writes)[0])),
         Some(&BTreeMap::from([
             (id(0), r.to_stored()),
             (id(1), record(1, DeliveryState::Pending).to_stored())
@@ -1183,7 +1185,7 @@ fn updates_stay_under_the_hard_segment_limit() {
     let cms = created(&writes);
     assert_eq!(cms.len(), 2);
     for cm in &cms {
-        assert_eq!(cm.data.as_ref().unwrap().len(), 1);
+        assert_eq!(entries(cm).len(), 1);
         assert!(data_bytes(cm) <= HARD_SEGMENT_BYTES, "{} bytes", data_bytes(cm));
     }
     server.apply(&writes, None).unwrap();
@@ -1294,7 +1296,7 @@ fn an_event_is_stored_once_however_many_endpoints_it_goes_to() {
     let writes = log.take_writes();
     let cms = created(&writes);
     assert_eq!(cms.len(), 1, "one create for the event and its three deliveries");
-    let data = cms[0].data.as_ref().unwrap();
+    let data = entries(cms[0]);
     assert_eq!(data.len(), 4);
     assert_eq!(data["evt_1"].as_bytes(), &payload(2000)[..]);
     assert_eq!(
@@ -1314,8 +1316,8 @@ fn an_event_is_stored_once_however_many_endpoints_it_goes_to() {
     // A state change writes the small record only.
     finish(&mut log, 0, 50);
     let writes = log.take_writes();
-    let keys: Vec<&String> = created(&writes)[0].data.as_ref().unwrap().keys().collect();
-    assert_eq!(keys, [&id(0)]);
+    let keys: Vec<String> = entries(created(&writes)[0]).into_keys().collect();
+    assert_eq!(keys, [id(0)]);
     server.apply(&writes, None).unwrap();
     assert_in_sync(&log, &server);
     let back = recover(&server, cfg);
@@ -1356,10 +1358,7 @@ fn an_event_goes_with_the_last_delivery_carrying_it() {
     commit(&mut log, &mut server);
     assert_in_sync(&log, &server);
     assert!(
-        server
-            .objects
-            .values()
-            .all(|cm| !cm.data.as_ref().unwrap().contains_key("evt_a")),
+        server.objects.values().all(|cm| !entries(cm).contains_key("evt_a")),
         "the segment holding A was deleted"
     );
 
@@ -1485,7 +1484,7 @@ fn a_log_of_the_first_format_is_read_written_again_and_then_deleted() {
             (old_two.as_str(), false)
         ]
     );
-    let data = created(&writes)[0].data.clone().unwrap();
+    let data = entries(created(&writes)[0]);
     assert_eq!(data.len(), 4, "two events and two deliveries: {:?}", data.keys());
     assert!(data[x_id].len() < 200 && !data[x_id].contains("payload"));
 

@@ -241,10 +241,10 @@ impl Sim {
         let mut versions = Vec::new();
         for write in writes.creates() {
             if let SegmentWrite::Create(cm) = write {
-                for (key, value) in cm.data.iter().flatten() {
+                for (key, value) in crate::delivery_log::segment_entries(cm).unwrap() {
                     if key.starts_with("msg_") {
-                        let r = DeliveryRecord::from_stored(key, "org_1", value).unwrap();
-                        versions.push((key.clone(), r.attempts));
+                        let r = DeliveryRecord::from_stored(&key, "org_1", &value).unwrap();
+                        versions.push((key, r.attempts));
                     }
                 }
             }
@@ -257,7 +257,9 @@ impl Sim {
                     w.name().to_string(),
                     matches!(w, SegmentWrite::Create(_)),
                     match w {
-                        SegmentWrite::Create(cm) => cm.data.as_ref().unwrap().keys().cloned().collect(),
+                        SegmentWrite::Create(cm) => {
+                            crate::delivery_log::segment_entries(cm).unwrap().into_keys().collect()
+                        }
                         _ => vec![],
                     },
                 )
@@ -375,8 +377,7 @@ impl Sim {
                     .values()
                     .map(|cm| (
                         cm.metadata.name.clone().unwrap(),
-                        cm.data
-                            .as_ref()
+                        crate::delivery_log::segment_entries(cm)
                             .unwrap()
                             .iter()
                             .map(|(k, v)| format!("{k}={}", &v[..v.len().min(40)]))

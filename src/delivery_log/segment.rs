@@ -1,0 +1,112 @@
+//! The stored form of a segment: its entries (id → value) as lines `<id>\t<value>\n`,
+//! deflate-compressed, in one `binaryData` value ([`JOURNAL_KEY`]).
+//!
+//! One value rather than one data key per entry, because every key of a ConfigMap costs twice
+//! in etcd (the key and its `managedFields` entry) and its JSON value is escaped in transit;
+//! compressed, because delivery records repeat their field names, endpoint and time prefixes. That
+//! takes a delivery from about 620 to about 300 bytes of etcd (see the README, "Sizing"). Segments
+//! that hold their entries as separate data keys (written before this format) are read as well.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+
+use flate2::Compression;
+use flate2::read::DeflateDecoder;
+use flate2::write::DeflateEncoder;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::ConfigMap;
+
+/// The `binaryData` key holding a segment's entries.
+pub const JOURNAL_KEY: &str = "journal";
+
+/// Largest inflated size read back from one segment: a bound against a corrupt or hostile value
+/// (writers stay far below it: a segment holds at most a few hundred KiB).
+const MAX_INFLATED_BYTES: u64 = 16 * 1024 * 1024;
+
+/// The packed form of `entries` (ids and values hold neither tabs nor newlines: ids are
+/// ConfigMap keys, values compact JSON).
+pub fn pack(entries: &BTreeMap<String, String>) -> ByteString {
+    let mut encoder = DeflateEncoder::new(Vec::new(), Compression::fast());
+    for (id, value) in entries {
+        debug_assert!(!id.contains(['\t', '\n']) && !value.contains('\n'));
+        encoder
+            .write_all(id.as_bytes())
+            .and_then(|()| encoder.write_all(b"\t"))
+            .and_then(|()| encoder.write_all(value.as_bytes()))
+            .and_then(|()| encoder.write_all(b"\n"))
+            .expect("writing to a Vec cannot fail");
+    }
+    ByteString(encoder.finish().expect("writing to a Vec cannot fail"))
+}
+
+/// Every entry a segment stores: its packed entries and any separate data keys. An unreadable
+/// packed value is an error (the caller skips the segment's entries and says so).
+pub fn entries(cm: &ConfigMap) -> Result<BTreeMap<String, String>, String> {
+    let mut entries: BTreeMap<String, String> = cm.data.clone().unwrap_or_default();
+    if let Some(packed) = cm.binary_data.as_ref().and_then(|b| b.get(JOURNAL_KEY)) {
+        let mut text = String::new();
+        DeflateDecoder::new(packed.0.as_slice())
+            .take(MAX_INFLATED_BYTES)
+            .read_to_string(&mut text)
+            .map_err(|e| format!("unreadable packed entries: {e}"))?;
+        for line in text.lines() {
+            let (id, value) = line
+                .split_once('\t')
+                .ok_or_else(|| "a packed entry without a tab".to_string())?;
+            entries.insert(id.to_string(), value.to_string());
+        }
+    }
+    Ok(entries)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_round_trip_packed_and_compressed() {
+        let written: BTreeMap<String, String> = (0..200)
+            .map(|n| {
+                (
+                    format!("msg_01kbkz8g2v3m4n5p6q7r8s{n:04}"),
+                    format!(r#"{{"e":"ep-01kbkz7xq2","v":"evt_01kbkz8g2v{n:014}","t":"database.created","s":"p","a":0,"m":8,"c":1764748800123,"n":0}}"#),
+                )
+            })
+            .collect();
+        let packed = pack(&written);
+        let plain: usize = written.iter().map(|(k, v)| k.len() + v.len()).sum();
+        assert!(
+            packed.0.len() * 4 < plain,
+            "{} packed bytes for {plain}",
+            packed.0.len()
+        );
+        let cm = ConfigMap {
+            binary_data: Some(BTreeMap::from([(JOURNAL_KEY.to_string(), packed)])),
+            data: Some(BTreeMap::from([("msg_separate".to_string(), "{}".to_string())])),
+            ..Default::default()
+        };
+        let back = entries(&cm).unwrap();
+        assert_eq!(back.len(), 201);
+        assert_eq!(back["msg_separate"], "{}");
+        assert!(written.iter().all(|(k, v)| &back[k] == v));
+        assert!(!pack(&BTreeMap::new()).0.is_empty());
+        assert!(entries(&ConfigMap::default()).unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_corrupt_packed_value_is_an_error() {
+        let cm = |bytes: Vec<u8>| ConfigMap {
+            binary_data: Some(BTreeMap::from([(JOURNAL_KEY.to_string(), ByteString(bytes))])),
+            ..Default::default()
+        };
+        assert!(entries(&cm(b"not deflate at all".to_vec())).is_err());
+        let mut no_tab = BTreeMap::new();
+        no_tab.insert("a".to_string(), "b".to_string());
+        let packed = pack(&no_tab).0;
+        assert_eq!(entries(&cm(packed)).unwrap()["a"], "b");
+        // A line without a tab.
+        let mut encoder = DeflateEncoder::new(Vec::new(), Compression::fast());
+        encoder.write_all(b"msg_1 no tab\n").unwrap();
+        assert!(entries(&cm(encoder.finish().unwrap())).is_err());
+    }
+}
