@@ -55,8 +55,8 @@ pub struct LogConfig {
     /// into several segments (at most [`MAX_SEGMENT_BYTES`]; a single entry larger than this gets
     /// a segment of its own).
     pub segment_bytes: usize,
-    /// Bounds the log: each endpoint's deliveries may take at most half of `max_segments ×
-    /// segment_bytes` (more is [`LogFull`]), and batches compact once more than `max_segments / 2`
+    /// Bounds the log: each endpoint's deliveries, with the payloads they carry, may take at
+    /// most half of `max_segments × segment_bytes` (more is [`LogFull`]), and batches compact once more than `max_segments / 2`
     /// segments exist (see [`DeliveryLog::segment_limit`] for an organization whose live entries
     /// need more).
     pub max_segments: usize,
@@ -72,7 +72,8 @@ impl Default for LogConfig {
     }
 }
 
-/// The log cannot take another entry: an endpoint's deliveries would exceed their capacity (see
+/// The log cannot take another entry: an endpoint's deliveries and their payloads would exceed
+/// their capacity (see
 /// [`LogConfig::max_segments`]), or the entry alone is larger than [`MAX_RECORD_BYTES`], or its id
 /// is not a valid ConfigMap key. Ingest answers 503.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -220,6 +221,8 @@ struct Entry {
     /// The segment storing this very version; `None` while it awaits the next batch.
     seq: Option<u64>,
     bytes: usize,
+    /// What its endpoint's capacity was charged for it (see [`EndpointEntries::projected`]).
+    charged: usize,
 }
 
 #[derive(Clone, Debug)]
@@ -238,7 +241,9 @@ struct EndpointEntries {
     /// Finished deliveries by (updated_at, id): the first is pruned first.
     finished: BTreeSet<(Timestamp, String)>,
     pending: usize,
-    /// Bytes of its deliveries plus [`GROWTH_RESERVE`] per pending one: decides [`LogFull`].
+    /// Bytes of its deliveries, plus [`GROWTH_RESERVE`] per pending one, plus the payload each
+    /// carries (counted for every endpoint it goes to, as when each delivery stored its own):
+    /// decides [`LogFull`].
     projected: usize,
 }
 
@@ -490,7 +495,7 @@ impl DeliveryLog {
             return Err(LogFull);
         }
         let projected = self.endpoints.get(&record.endpoint_id).map_or(0, |e| e.projected);
-        if projected + bytes + reserve(record.state) > self.capacity() {
+        if projected + bytes + reserve(record.state) + self.payload_bytes(&record.event_id) > self.capacity() {
             return Err(LogFull);
         }
         if let Some(event) = self.events.get_mut(&record.event_id) {
@@ -822,15 +827,29 @@ impl DeliveryLog {
         }
         let cost = bytes + reserve(record.state);
         self.projected += cost;
+        let charged = cost + self.payload_bytes(&record.event_id);
         let endpoint = self.endpoints.entry(record.endpoint_id.clone()).or_default();
-        endpoint.projected += cost;
+        endpoint.projected += charged;
         if record.is_finished() {
             endpoint.finished.insert((record.updated_at, record.id.clone()));
         } else {
             endpoint.pending += 1;
             self.pending += 1;
         }
-        self.records.insert(record.id.clone(), Entry { record, seq, bytes });
+        self.records.insert(
+            record.id.clone(),
+            Entry {
+                record,
+                seq,
+                bytes,
+                charged,
+            },
+        );
+    }
+
+    /// Stored bytes of an event's payload; 0 if the log does not hold it.
+    fn payload_bytes(&self, event_id: &str) -> usize {
+        self.events.get(event_id).map_or(0, |e| e.bytes)
     }
 
     /// Takes a delivery out of the image's accounting; its segment (if any) no longer holds its
@@ -840,7 +859,7 @@ impl DeliveryLog {
         let cost = entry.bytes + reserve(entry.record.state);
         self.projected -= cost;
         if let Some(endpoint) = self.endpoints.get_mut(&entry.record.endpoint_id) {
-            endpoint.projected -= cost;
+            endpoint.projected -= entry.charged;
             if entry.record.is_finished() {
                 endpoint
                     .finished

@@ -1511,3 +1511,37 @@ fn a_log_of_the_first_format_is_read_written_again_and_then_deleted() {
     let order: Vec<bool> = names(&writes).into_iter().map(|(_, create)| create).collect();
     assert_eq!(order, [true, false, false, false], "creates, then every delete");
 }
+
+#[test]
+fn payloads_count_against_the_capacity_of_every_endpoint_they_go_to() {
+    // Capacity: max_segments / 2 × segment_bytes = 8 KiB per endpoint.
+    let mut log = new_log(config(100, 4 * 1024, 4));
+    let big = payload(1500);
+    let cost = delivery(0, "ep1", "evt_x").stored_len() + GROWTH_RESERVE + "evt_0".len() + big.len();
+    let fits = 8 * 1024 / cost;
+    assert!(fits >= 2);
+    for n in 0..fits as u32 {
+        let event = format!("evt_{n}");
+        log.insert_event(&event, big.clone()).unwrap();
+        log.insert(delivery(n, "ep1", &event)).unwrap();
+    }
+    // One more event of that size does not fit endpoint 1: as when each record held its payload.
+    log.insert_event("evt_99", big.clone()).unwrap();
+    assert_eq!(log.insert(delivery(99, "ep1", "evt_99")), Err(LogFull));
+    // Another endpoint has room; small events still fit endpoint 1.
+    log.insert(delivery(98, "ep2", "evt_99")).unwrap();
+    log.insert_event("evt_small", payload(10)).unwrap();
+    log.insert(delivery(97, "ep1", "evt_small")).unwrap();
+    // Delivered and pruned (max_finished 0 on a new log), a delivery gives its room back.
+    let mut small = new_log(config(0, 4 * 1024, 4));
+    for n in 0..fits as u32 {
+        let event = format!("evt_{n}");
+        small.insert_event(&event, big.clone()).unwrap();
+        small.insert(delivery(n, "ep1", &event)).unwrap();
+    }
+    small.insert_event("evt_99", big.clone()).unwrap();
+    assert_eq!(small.insert(delivery(99, "ep1", "evt_99")), Err(LogFull));
+    finish(&mut small, 0, 10);
+    assert!(small.get(&id(0)).is_none());
+    small.insert(delivery(99, "ep1", "evt_99")).unwrap();
+}
