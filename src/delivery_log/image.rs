@@ -55,8 +55,8 @@ pub struct LogConfig {
     /// into several segments (at most [`MAX_SEGMENT_BYTES`]; a single entry larger than this gets
     /// a segment of its own).
     pub segment_bytes: usize,
-    /// Bounds the log: each endpoint's deliveries, with the payloads they carry, may take at
-    /// most half of `max_segments × segment_bytes` (more is [`LogFull`]), and batches compact once more than `max_segments / 2`
+    /// Bounds the log: each endpoint's deliveries, with the payloads its pending ones carry, may
+    /// take at most half of `max_segments × segment_bytes` (more is [`LogFull`]), and batches compact once more than `max_segments / 2`
     /// segments exist (see [`DeliveryLog::segment_limit`] for an organization whose live entries
     /// need more).
     pub max_segments: usize,
@@ -72,8 +72,8 @@ impl Default for LogConfig {
     }
 }
 
-/// The log cannot take another entry: an endpoint's deliveries and their payloads would exceed
-/// their capacity (see
+/// The log cannot take another entry: an endpoint's pending deliveries and their payloads would
+/// exceed their capacity (see
 /// [`LogConfig::max_segments`]), or the entry alone is larger than [`MAX_RECORD_BYTES`], or its id
 /// is not a valid ConfigMap key. Ingest answers 503.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -241,9 +241,9 @@ struct EndpointEntries {
     /// Finished deliveries by (updated_at, id): the first is pruned first.
     finished: BTreeSet<(Timestamp, String)>,
     pending: usize,
-    /// Bytes of its deliveries, plus [`GROWTH_RESERVE`] per pending one, plus the payload each
-    /// carries (counted for every endpoint it goes to, as when each delivery stored its own):
-    /// decides [`LogFull`].
+    /// Bytes of its deliveries, plus [`GROWTH_RESERVE`] and the payload of each pending one
+    /// (counted for every endpoint it goes to, as when each delivery stored its own): decides
+    /// [`LogFull`].
     projected: usize,
 }
 
@@ -422,6 +422,17 @@ impl DeliveryLog {
             log.detach_event(&id);
             log.dirty.remove(&id);
         }
+        // A delivery read before its event was charged without the payload: charge it now.
+        let ids: Vec<String> = log.records.keys().cloned().collect();
+        for id in ids {
+            let entry = &log.records[&id];
+            let charged = log.charge(&entry.record, entry.bytes);
+            let (old, endpoint) = (entry.charged, entry.record.endpoint_id.clone());
+            if let Some(entries) = log.endpoints.get_mut(&endpoint) {
+                entries.projected = entries.projected - old + charged;
+            }
+            log.records.get_mut(&id).expect("listed above").charged = charged;
+        }
         log.prune();
         log
     }
@@ -495,7 +506,7 @@ impl DeliveryLog {
             return Err(LogFull);
         }
         let projected = self.endpoints.get(&record.endpoint_id).map_or(0, |e| e.projected);
-        if projected + bytes + reserve(record.state) + self.payload_bytes(&record.event_id) > self.capacity() {
+        if projected + self.charge(&record, bytes) > self.capacity() {
             return Err(LogFull);
         }
         if let Some(event) = self.events.get_mut(&record.event_id) {
@@ -827,7 +838,7 @@ impl DeliveryLog {
         }
         let cost = bytes + reserve(record.state);
         self.projected += cost;
-        let charged = cost + self.payload_bytes(&record.event_id);
+        let charged = self.charge(&record, bytes);
         let endpoint = self.endpoints.entry(record.endpoint_id.clone()).or_default();
         endpoint.projected += charged;
         if record.is_finished() {
@@ -847,9 +858,16 @@ impl DeliveryLog {
         );
     }
 
-    /// Stored bytes of an event's payload; 0 if the log does not hold it.
-    fn payload_bytes(&self, event_id: &str) -> usize {
-        self.events.get(event_id).map_or(0, |e| e.bytes)
+    /// What a delivery of `bytes` costs its endpoint's capacity: its bytes, and while it is
+    /// pending, [`GROWTH_RESERVE`] and the payload it carries (finished ones are bounded by
+    /// retention instead, so that history never blocks new deliveries).
+    fn charge(&self, record: &DeliveryRecord, bytes: usize) -> usize {
+        if record.is_finished() {
+            bytes
+        } else {
+            let payload = self.events.get(&record.event_id).map_or(0, |e| e.bytes);
+            bytes + GROWTH_RESERVE + payload
+        }
     }
 
     /// Takes a delivery out of the image's accounting; its segment (if any) no longer holds its
@@ -936,12 +954,17 @@ impl DeliveryLog {
             })
             .collect();
         for id in over {
-            let was_dirty = self.dirty.remove(&id);
-            if let Some(entry) = self.drop_record(&id)
-                && was_dirty
-            {
-                self.retired.insert(id, entry.record);
-            }
+            self.prune_record(&id);
+        }
+    }
+
+    /// Prunes one finished delivery (see [`Self::prune`]).
+    fn prune_record(&mut self, id: &str) {
+        let was_dirty = self.dirty.remove(id);
+        if let Some(entry) = self.drop_record(id)
+            && was_dirty
+        {
+            self.retired.insert(id.to_string(), entry.record);
         }
     }
 

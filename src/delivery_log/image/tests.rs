@@ -1544,4 +1544,28 @@ fn payloads_count_against_the_capacity_of_every_endpoint_they_go_to() {
     finish(&mut small, 0, 10);
     assert!(small.get(&id(0)).is_none());
     small.insert(delivery(99, "ep1", "evt_99")).unwrap();
+
+    // Finished deliveries are history, bounded by retention: their payloads never block a new
+    // delivery (max_finished 100 here; only their small records count).
+    let mut busy = new_log(config(100, 4 * 1024, 4));
+    let mut server = FakeServer::default();
+    let per_round = fits as u32 - 1;
+    for round in 0..3u32 {
+        for n in round * 10..round * 10 + per_round {
+            let event = format!("evt_{n}");
+            busy.insert_event(&event, big.clone()).unwrap();
+            busy.insert(delivery(n, "ep1", &event)).unwrap();
+        }
+        commit(&mut busy, &mut server);
+        for n in round * 10..round * 10 + per_round {
+            finish(&mut busy, n, 10 + i64::from(n));
+        }
+        commit(&mut busy, &mut server);
+    }
+    assert_eq!(busy.finished_count(), 3 * per_round as usize);
+    busy.insert_event("evt_99", big.clone()).unwrap();
+    busy.insert(delivery(99, "ep1", "evt_99")).unwrap();
+    assert!(busy.payload("evt_0").is_some(), "a retained delivery keeps its event");
+    commit(&mut busy, &mut server);
+    assert_in_sync(&busy, &server);
 }
