@@ -174,16 +174,12 @@ impl Drop for Resume {
     }
 }
 
-#[tokio::test]
-async fn an_api_server_outage_answers_503_and_loses_nothing_acknowledged() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let Some(pid_file) = apiserver_pid() else {
-        eprintln!("skipped: needs the project's own control plane (KUBECONFIG names an external cluster)");
-        return;
-    };
+/// An operator in a fresh namespace that answers 503 after 2 s without a durable write, an API
+/// key, and a receiver.
+async fn outage_setup(prefix: &str) -> (Operator, String, Receiver) {
     let client = support::client().await;
     support::install_crd(&client).await;
-    let ns = support::test_namespace(&client, "outage").await;
+    let ns = support::test_namespace(&client, prefix).await;
     let opts = Options {
         dispatcher: true,
         persist_timeout: Duration::from_secs(2),
@@ -191,7 +187,17 @@ async fn an_api_server_outage_answers_503_and_loses_nothing_acknowledged() {
     };
     let op = Operator::start(&client, &ns, opts).await;
     let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
-    let receiver = Receiver::start(vec![]).await;
+    (op, key, Receiver::start(vec![]).await)
+}
+
+#[tokio::test]
+async fn an_api_server_outage_answers_503_and_loses_nothing_acknowledged() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let Some(pid_file) = apiserver_pid() else {
+        eprintln!("skipped: needs the project's own control plane (KUBECONFIG names an external cluster)");
+        return;
+    };
+    let (op, key, receiver) = outage_setup("outage").await;
     let (status, created, _) = op
         .call(
             "POST",
@@ -258,17 +264,7 @@ async fn an_outage_with_several_writes_in_flight_loses_nothing_acknowledged() {
         eprintln!("skipped: needs the project's own control plane (KUBECONFIG names an external cluster)");
         return;
     };
-    let client = support::client().await;
-    support::install_crd(&client).await;
-    let ns = support::test_namespace(&client, "outage-many").await;
-    let opts = Options {
-        dispatcher: true,
-        persist_timeout: Duration::from_secs(2),
-        ..Options::default()
-    };
-    let op = Operator::start(&client, &ns, opts).await;
-    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
-    let receiver = Receiver::start(vec![]).await;
+    let (op, key, receiver) = outage_setup("outage-many").await;
     const ENDPOINTS: usize = 3;
     for n in 0..ENDPOINTS {
         let (status, created, _) = op
