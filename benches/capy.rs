@@ -62,6 +62,11 @@ fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
+/// The body of a GET, if it answers.
+async fn fetch_text(http: &reqwest::Client, url: &str) -> Option<String> {
+    http.get(url).send().await.ok()?.text().await.ok()
+}
+
 /// The control plane: the cluster named by KUBECONFIG, or one started for this run.
 struct ControlPlane {
     kubeconfig: PathBuf,
@@ -96,14 +101,7 @@ impl ControlPlane {
     /// A sample of etcd's own metrics (this run's control plane only).
     async fn etcd_metric(&self, http: &reqwest::Client, name: &str) -> Option<f64> {
         let url = std::fs::read_to_string(self.dir.as_ref()?.join("etcd.url")).ok()?;
-        let text = http
-            .get(format!("{}/metrics", url.trim()))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = fetch_text(http, &format!("{}/metrics", url.trim())).await?;
         text.lines()
             .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
@@ -251,14 +249,7 @@ impl Operator {
 
     /// Sum of a counter family from the operator's own /metrics, optionally filtered by a label.
     async fn counter(&self, http: &reqwest::Client, family: &str, label: Option<&str>) -> Option<f64> {
-        let text = http
-            .get(format!("{}/metrics", self.metrics))
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = fetch_text(http, &format!("{}/metrics", self.metrics)).await?;
         let mut total = None;
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             let (name, value) = line.rsplit_once(' ')?;
