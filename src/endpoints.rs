@@ -14,6 +14,7 @@ use tokio::sync::{broadcast, watch};
 use tracing::warn;
 
 use crate::resources::{Scope, WebhookEndpoint};
+use crate::tenancy::NamespaceBinding;
 
 /// A watch-backed cache of endpoints, with a signal that fires on every change so writers can
 /// wait for the controller's status or for their own write to show up.
@@ -24,6 +25,7 @@ pub struct EndpointCache {
     changed: broadcast::Sender<ObjectRef<WebhookEndpoint>>,
     versions: Arc<Mutex<Versions>>,
     feed: Arc<Mutex<Option<ControllerFeed>>>,
+    binding: NamespaceBinding,
 }
 
 /// Changes the controller may lag behind before the cache waits for it.
@@ -35,6 +37,8 @@ pub struct ControllerFeed {
     pub trigger: ReflectHandle<WebhookEndpoint>,
     /// The cache's store.
     pub store: Store<WebhookEndpoint>,
+    /// Which namespaces may serve which organizations.
+    pub binding: NamespaceBinding,
 }
 
 /// Change counters: the value of the global counter at each organization's last change, and at
@@ -49,7 +53,10 @@ impl EndpointCache {
     /// Starts the reflector in the background and returns the cache (not yet synced). With
     /// `feeds_controller`, the controller's trigger stream is prepared too: take it with
     /// [`Self::controller_feed`] and run the controller, or the cache stalls once its buffer fills.
-    pub fn start(client: Client, scope: &Scope, feeds_controller: bool) -> Self {
+    ///
+    /// Every query but the controller's feed answers only endpoints whose namespace may serve
+    /// their organization (`binding`).
+    pub fn start(client: Client, scope: &Scope, binding: NamespaceBinding, feeds_controller: bool) -> Self {
         let api: Api<WebhookEndpoint> = scope.api(client);
         // One cache for the whole process: the controller reads this store and is triggered by
         // its changes instead of keeping a second copy of every endpoint.
@@ -58,6 +65,7 @@ impl EndpointCache {
         let feed = trigger.map(|trigger| ControllerFeed {
             trigger,
             store: store.clone(),
+            binding: binding.clone(),
         });
         let (tx, rx) = watch::channel(0u64);
         let (changed, _) = broadcast::channel(4096);
@@ -74,6 +82,19 @@ impl EndpointCache {
                 }
             });
         let stream = reflector::reflector(writer, events);
+        let tx = Arc::new(tx);
+        // A namespace's label may bind or unbind every endpoint in it: treat it as a change of
+        // every organization.
+        let mut namespace_changes = binding.changes();
+        let (bump, relabelled) = (tx.clone(), versions.clone());
+        tokio::spawn(async move {
+            while namespace_changes.changed().await.is_ok() {
+                bump.send_modify(|n| {
+                    *n += 1;
+                    relabelled.lock().expect("versions lock").any = *n;
+                });
+            }
+        });
         tokio::spawn(async move {
             futures::pin_mut!(stream);
             while let Some(event) = stream.next().await {
@@ -100,6 +121,7 @@ impl EndpointCache {
             changed,
             versions,
             feed: Arc::new(Mutex::new(feed)),
+            binding,
         }
     }
 
@@ -108,11 +130,27 @@ impl EndpointCache {
         self.feed.lock().expect("feed lock").take()
     }
 
-    /// Waits until the initial list is in.
+    /// Waits until the initial list of endpoints, and of the namespaces that bind organizations,
+    /// is in.
     pub async fn wait_ready(&self) -> anyhow::Result<()> {
         store_ready(&self.store)
             .await
-            .map_err(|e| anyhow::anyhow!("endpoint cache never synced: {e}"))
+            .map_err(|e| anyhow::anyhow!("endpoint cache never synced: {e}"))?;
+        self.binding.wait_ready().await
+    }
+
+    /// The binding of namespaces to organizations this cache answers by.
+    pub fn binding(&self) -> &NamespaceBinding {
+        &self.binding
+    }
+
+    /// Whether the endpoint's namespace may serve the organization it names.
+    fn bound(&self, endpoint: &WebhookEndpoint) -> bool {
+        endpoint
+            .metadata
+            .namespace
+            .as_deref()
+            .is_some_and(|ns| self.binding.serves(ns, &endpoint.spec.organization_id))
     }
 
     /// A number that grows with every change to one organization's endpoints seen by the watch
@@ -129,14 +167,11 @@ impl EndpointCache {
         self.changed.subscribe()
     }
 
-    /// One endpoint by namespace and name.
+    /// One endpoint by namespace and name, if its namespace may serve its organization.
     pub fn get(&self, namespace: &str, name: &str) -> Option<Arc<WebhookEndpoint>> {
-        self.store.get(&ObjectRef::new(name).within(namespace))
-    }
-
-    /// Every cached endpoint.
-    pub fn all(&self) -> Vec<Arc<WebhookEndpoint>> {
-        self.store.state()
+        self.store
+            .get(&ObjectRef::new(name).within(namespace))
+            .filter(|e| self.bound(e))
     }
 
     /// Every cached endpoint of one organization, in listing order.
@@ -145,7 +180,7 @@ impl EndpointCache {
             .store
             .state()
             .into_iter()
-            .filter(|e| e.spec.organization_id == organization_id)
+            .filter(|e| e.spec.organization_id == organization_id && self.bound(e))
             .collect();
         sort_for_listing(&mut found);
         found
@@ -157,9 +192,11 @@ impl EndpointCache {
             Scope::Namespace(ns) => self.store.get(&ObjectRef::new(id).within(ns)),
             Scope::AllNamespaces => self
                 .store
-                .find(|e| e.name_any() == id && e.spec.organization_id == organization_id),
+                .find(|e| e.name_any() == id && e.spec.organization_id == organization_id && self.bound(e)),
         };
-        found.filter(|e| e.spec.organization_id == organization_id && e.metadata.deletion_timestamp.is_none())
+        found.filter(|e| {
+            e.spec.organization_id == organization_id && e.metadata.deletion_timestamp.is_none() && self.bound(e)
+        })
     }
 
     /// Waits up to `timeout` for `check` to return `Some` on the cached object `(ns, name)`

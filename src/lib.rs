@@ -5,7 +5,8 @@
 //! 2. pure domain: [`signing`], [`validation`], [`delivery`] (retry schedule, outcomes, event-type
 //!    matching, health, SSRF classes, and the signed attempt), [`backoff`];
 //! 3. what components share: [`signing_secret`] (the signing Secret's stored format), [`endpoints`]
-//!    (the one endpoint cache), [`delivery_log`] (the log the dispatcher writes and the REST facade
+//!    (the one endpoint cache), [`tenancy`] (which namespaces serve which organizations),
+//!    [`delivery_log`] (the log the dispatcher writes and the REST facade
 //!    reads), [`work`] (the handle the REST facade and ingest use to reach a dispatcher), [`http`],
 //!    [`auth`], [`telemetry`];
 //! 4. the components, none importing another (a test checks it: `tests/layering.rs`):
@@ -29,5 +30,6 @@ pub mod resources;
 pub mod signing;
 pub mod signing_secret;
 pub mod telemetry;
+pub mod tenancy;
 pub mod validation;
 pub mod work;

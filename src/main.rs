@@ -24,6 +24,7 @@ use capy_webhooks::endpoints::{self, EndpointCache};
 use capy_webhooks::ingest::IngestConfig;
 use capy_webhooks::resources::{Scope, crd_yaml};
 use capy_webhooks::telemetry::{self, LogFormat, Metrics, Readiness, ReadyHandle};
+use capy_webhooks::tenancy::NamespaceBinding;
 use capy_webhooks::validation::UrlPolicy;
 use capy_webhooks::work::WorkHandle;
 
@@ -451,7 +452,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     }
     // One watch-backed endpoint cache for the whole process: the controller, the REST API and
     // the dispatcher all read it.
-    let cache = EndpointCache::start(client.clone(), &scope, wants(Component::Controller));
+    let binding = NamespaceBinding::start(client.clone(), &scope, &home_namespace);
+    let cache = EndpointCache::start(client.clone(), &scope, binding, wants(Component::Controller));
     if let Some(feed) = cache.controller_feed() {
         let config = ControllerConfig {
             scope: scope.clone(),

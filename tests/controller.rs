@@ -10,6 +10,7 @@ use capy_webhooks::resources::{
     CONDITION_READY, ENDPOINT_LABEL, MANAGED_BY_LABEL, ORGANIZATION_LABEL, Scope, WebhookEndpoint, WebhookEndpointSpec,
 };
 use capy_webhooks::signing_secret::{CURRENT_SECRET_KEY, PREVIOUS_SECRETS_KEY};
+use capy_webhooks::tenancy::NamespaceBinding;
 use capy_webhooks::validation::UrlPolicy;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::api::events::v1::Event as K8sEvent;
@@ -24,24 +25,53 @@ const WAIT: Duration = Duration::from_secs(30);
 struct RunningController {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    metrics: capy_webhooks::telemetry::Metrics,
 }
 
 impl RunningController {
     fn start(client: &Client, namespace: &str, grace: Duration) -> Self {
+        let metrics = capy_webhooks::telemetry::Metrics::new();
         let config = ControllerConfig {
             scope: Scope::Namespace(namespace.to_string()),
             rotation_grace_period: grace,
             url_policy: UrlPolicy { allow_http: false },
-            metrics: capy_webhooks::telemetry::Metrics::new(),
+            metrics: metrics.clone(),
             ready: capy_webhooks::telemetry::ReadyHandle::detached(),
         };
-        let cache = EndpointCache::start(client.clone(), &config.scope, true);
+        let cache = EndpointCache::start(
+            client.clone(),
+            &config.scope,
+            NamespaceBinding::home_only(namespace),
+            true,
+        );
         let feed = cache.controller_feed().expect("the cache feeds the controller");
         let (tx, rx) = oneshot::channel::<()>();
         let task = tokio::spawn(controller::run(client.clone(), config, feed, async move {
             let _ = rx.await;
         }));
-        Self { stop: Some(tx), task }
+        Self {
+            stop: Some(tx),
+            task,
+            metrics,
+        }
+    }
+
+    /// Reconciles finished so far (`capy_webhooks_reconciles_total`).
+    fn reconciles(&self) -> u64 {
+        self.metrics
+            .encode()
+            .lines()
+            .find_map(|l| l.strip_prefix("capy_webhooks_reconciles_total "))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Waits until a reconcile finishes after `before` were counted.
+    async fn wait_reconciled_after(&self, before: u64) {
+        support::wait_for("a reconcile", WAIT, || async {
+            (self.reconciles() > before).then_some(())
+        })
+        .await;
     }
 
     async fn stop(mut self) {
@@ -233,6 +263,7 @@ async fn create_makes_an_owned_signing_secret_and_reports_ready() {
 
     // Nothing changed, so nothing is written again: the status stays byte for byte.
     let before = ep.resource_version();
+    let reconciled = ctl.reconciles();
     api.patch(
         "ep1",
         &PatchParams::default(),
@@ -240,10 +271,75 @@ async fn create_makes_an_owned_signing_secret_and_reports_ready() {
     )
     .await
     .unwrap();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The poke is seen and reconciled; only then does "nothing written" mean something.
+    ctl.wait_reconciled_after(reconciled).await;
     let after = api.get("ep1").await.unwrap();
     assert_eq!(after.status, ep.status, "status not rewritten without a change");
     assert_ne!(after.resource_version(), before);
+    ctl.stop().await;
+}
+
+/// A Secret of the signing Secret's name made beforehand by someone else is neither read nor
+/// changed: whoever made it would know the signing key.
+#[tokio::test]
+async fn a_secret_made_in_advance_is_never_adopted() {
+    let (client, ns) = setup("taken").await;
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ns);
+    let planted: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "ep1-signing"},
+        "stringData": {CURRENT_SECRET_KEY: "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw", PREVIOUS_SECRETS_KEY: "[]"},
+    }))
+    .unwrap();
+    secrets.create(&PostParams::default(), &planted).await.unwrap();
+    let planted = secrets.get("ep1-signing").await.unwrap();
+
+    let ctl = RunningController::start(&client, &ns, Duration::from_secs(3600));
+    let api: Api<WebhookEndpoint> = Api::namespaced(client.clone(), &ns);
+    api.create(&PostParams::default(), &endpoint("ep1", "org_a"))
+        .await
+        .unwrap();
+    let refused = support::wait_for("SecretNameTaken", WAIT, || async {
+        let ep = api.get("ep1").await.unwrap();
+        let status = ep.status.clone()?;
+        let reason = |t: &str| {
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == t)
+                .map(|c| (c.status.clone(), c.reason.clone()))
+        };
+        (reason(CONDITION_READY) == Some(("False".into(), "SecretNameTaken".into()))).then_some(status)
+    })
+    .await;
+    let secret_ready = refused.conditions.iter().find(|c| c.type_ == "SecretReady").unwrap();
+    assert_eq!(
+        (secret_ready.status.as_str(), secret_ready.reason.as_str()),
+        ("False", "SecretNameTaken")
+    );
+    assert!(secret_ready.message.contains("ep1-signing"), "{}", secret_ready.message);
+    assert_eq!(refused.secret_name, None, "no secret is reported as the endpoint's");
+    let after = secrets.get("ep1-signing").await.unwrap();
+    assert_eq!(
+        after.resource_version(),
+        planted.resource_version(),
+        "the planted Secret is untouched"
+    );
+    assert!(after.owner_references().is_empty());
+    assert_eq!(events_for(&client, &ns, "ep1", "SecretNameTaken").await.len(), 1);
+
+    // Once the planted Secret is gone, the next reconcile makes a fresh secret of our own.
+    secrets.delete("ep1-signing", &DeleteParams::default()).await.unwrap();
+    api.patch(
+        "ep1",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"description": "look again"}})),
+    )
+    .await
+    .unwrap();
+    let ep = wait_ready(&api, "ep1").await;
+    let secret = secrets.get("ep1-signing").await.unwrap();
+    assert_eq!(secret.owner_references()[0].uid, ep.uid().unwrap());
+    assert_ne!(current_secret(&secret), "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw");
     ctl.stop().await;
 }
 

@@ -1,19 +1,24 @@
-//! Pure builders of the objects the controller wants: the signing Secret and the status.
+//! Pure builders and decisions of the controller: the signing Secret and the status it wants,
+//! whose an existing Secret is, which Event a reconcile publishes and when it looks again.
 //! No client, no clock: everything they need is passed in, so they are tested without IO.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, OwnerReference, Time};
 
+use kube::Resource;
+
 use crate::resources::{
     COMPONENT_LABEL, CONDITION_READY, CONDITION_SECRET_READY, ENDPOINT_LABEL, MANAGED_BY, MANAGED_BY_LABEL,
-    ORGANIZATION_LABEL, SIGNING_SECRET_COMPONENT, WebhookEndpointStatus,
+    ORGANIZATION_LABEL, SIGNING_SECRET_COMPONENT, WebhookEndpoint, WebhookEndpointStatus, signing_secret_name,
 };
-use crate::signing::KeyRing;
-use crate::signing_secret::{CURRENT_SECRET_KEY, PREVIOUS_SECRETS_KEY, ROTATION_ANNOTATION};
+use crate::signing::{KeyRing, KeyRingChange, SigningSecret, plan_key_ring};
+use crate::signing_secret::{CURRENT_SECRET_KEY, PREVIOUS_SECRETS_KEY, ROTATION_ANNOTATION, stored_key_ring};
+use crate::validation::{UrlPolicy, validate_spec};
 
 /// Identity of the endpoint a Secret belongs to.
 pub struct Owner<'a> {
@@ -86,6 +91,255 @@ pub enum Outcome {
     },
     /// The spec is invalid; nothing is done until it changes.
     InvalidSpec(String),
+    /// The endpoint's namespace may not serve the organization it names; it gets no secret and
+    /// no deliveries.
+    OrganizationNotAllowed {
+        /// The endpoint's namespace.
+        namespace: String,
+        /// The organization its spec names.
+        organization_id: String,
+    },
+    /// A Secret of the signing Secret's name exists and is not this endpoint's: it is neither
+    /// read nor changed, since whoever made it would know the signing key.
+    SecretNameTaken {
+        /// Secret name.
+        secret_name: String,
+    },
+}
+
+/// What a reconcile read: the inputs of [`decide`].
+pub struct Observed<'a> {
+    /// The endpoint as the watch has it.
+    pub endpoint: &'a WebhookEndpoint,
+    /// The Secret of the endpoint's signing-Secret name, if any.
+    pub secret: Option<&'a Secret>,
+    /// Whether the endpoint's namespace may serve its organization.
+    pub organization_allowed: bool,
+    /// How URLs are judged.
+    pub url_policy: UrlPolicy,
+    /// How long a rotated-out secret co-signs.
+    pub grace: Duration,
+    /// The time of the reconcile.
+    pub now: Timestamp,
+}
+
+/// What a reconcile should do, decided without IO.
+#[derive(Debug)]
+pub struct Decision {
+    /// The signing Secret to apply, when the stored one differs.
+    pub secret: Option<Secret>,
+    /// The status the controller wants.
+    pub status: WebhookEndpointStatus,
+    /// Whether it differs from the stored one (only then is it written).
+    pub status_changed: bool,
+    /// The Event to publish after the writes.
+    pub event: Option<EventNote>,
+    /// When to look again without a change; `None` waits for one.
+    pub requeue: Option<Duration>,
+}
+
+/// Decides a reconcile: validate, then build the desired Secret and status, the Event and the
+/// requeue time. `generate` makes a new signing secret when one is needed.
+pub fn decide(observed: &Observed<'_>, generate: impl FnOnce() -> SigningSecret) -> Result<Decision, &'static str> {
+    let endpoint = observed.endpoint;
+    let namespace = endpoint.metadata.namespace.as_deref().ok_or("namespace")?;
+    let name = endpoint.metadata.name.as_deref().ok_or("name")?;
+    let owner_ref = endpoint.controller_owner_ref(&()).ok_or("uid")?;
+    let secret_name = signing_secret_name(name);
+    let mut secret = None;
+    let (mut change, mut next_expiry) = (None, None);
+    let outcome = if let Err(reason) = validate_spec(&endpoint.spec, observed.url_policy) {
+        Outcome::InvalidSpec(reason)
+    } else if !observed.organization_allowed {
+        Outcome::OrganizationNotAllowed {
+            namespace: namespace.to_string(),
+            organization_id: endpoint.spec.organization_id.clone(),
+        }
+    } else {
+        match secret_claim(observed.secret, &owner_ref.uid) {
+            SecretClaim::Taken => Outcome::SecretNameTaken {
+                secret_name: secret_name.clone(),
+            },
+            SecretClaim::Absent | SecretClaim::Ours => {
+                let existed_before = endpoint.status.as_ref().is_some_and(|s| s.secret_name.is_some());
+                let plan = plan_key_ring(
+                    stored_key_ring(observed.secret),
+                    existed_before,
+                    endpoint.spec.secret_rotation,
+                    observed.now,
+                    observed.grace,
+                    generate,
+                );
+                let owner = Owner {
+                    name,
+                    namespace,
+                    organization_id: &endpoint.spec.organization_id,
+                    owner_ref,
+                };
+                let desired = desired_secret(&owner, &secret_name, &plan.ring);
+                if observed.secret.is_none_or(|stored| !secret_matches(stored, &desired)) {
+                    secret = Some(desired);
+                }
+                next_expiry = plan.ring.next_expiry();
+                change = Some(plan.change);
+                Outcome::Ready {
+                    secret_name,
+                    rotation: plan.ring.rotation,
+                }
+            }
+        }
+    };
+    let status = desired_status(
+        endpoint.status.as_ref(),
+        endpoint.metadata.generation,
+        &outcome,
+        observed.now,
+    );
+    let status_changed = endpoint.status.as_ref() != Some(&status);
+    Ok(Decision {
+        secret,
+        event: event_for(&outcome, change.as_ref(), status_changed, observed.grace),
+        requeue: requeue_after(&outcome, next_expiry, observed.now),
+        status,
+        status_changed,
+    })
+}
+
+/// Whose the Secret of an endpoint's signing-Secret name is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretClaim {
+    /// No such Secret.
+    Absent,
+    /// Controlled by this endpoint (owner reference with its uid and `controller: true`).
+    Ours,
+    /// Made by someone else: another object controls it, or nothing does.
+    Taken,
+}
+
+/// Classifies the stored Secret for the endpoint with uid `endpoint_uid`.
+pub fn secret_claim(existing: Option<&Secret>, endpoint_uid: &str) -> SecretClaim {
+    let Some(secret) = existing else {
+        return SecretClaim::Absent;
+    };
+    let controlled_by_us = secret
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| o.controller == Some(true) && o.uid == endpoint_uid);
+    if controlled_by_us {
+        SecretClaim::Ours
+    } else {
+        SecretClaim::Taken
+    }
+}
+
+/// A Kubernetes Event the controller should publish about an endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventNote {
+    /// Warning rather than Normal.
+    pub warning: bool,
+    /// Machine-readable reason (`kubectl get events` REASON).
+    pub reason: &'static str,
+    /// What the controller did.
+    pub action: &'static str,
+    /// For humans; never a secret.
+    pub note: String,
+}
+
+/// How long to wait before looking again at an endpoint whose Secret name is taken. The signing
+/// Secret watch sees only Secrets with our labels, so a squatter's Secret going away may not
+/// trigger a reconcile by itself.
+pub const SECRET_NAME_TAKEN_RECHECK: Duration = Duration::from_secs(60);
+
+/// The Event that goes with a reconcile's outcome, if any.
+///
+/// Refusals (invalid spec, organization not allowed, Secret name taken) are reported once, when
+/// they first show in the status (`status_changed`), not on every resync. Key ring changes are
+/// always reported.
+pub fn event_for(
+    outcome: &Outcome,
+    change: Option<&KeyRingChange>,
+    status_changed: bool,
+    grace: Duration,
+) -> Option<EventNote> {
+    let warning = |reason, action, note| {
+        Some(EventNote {
+            warning: true,
+            reason,
+            action,
+            note,
+        })
+    };
+    match outcome {
+        Outcome::InvalidSpec(reason) if status_changed => warning("InvalidSpec", "Validate", reason.clone()),
+        Outcome::OrganizationNotAllowed {
+            namespace,
+            organization_id,
+        } if status_changed => warning(
+            "OrganizationNotAllowed",
+            "Validate",
+            organization_not_allowed_message(namespace, organization_id),
+        ),
+        Outcome::SecretNameTaken { secret_name } if status_changed => warning(
+            "SecretNameTaken",
+            "CreateSecret",
+            secret_name_taken_message(secret_name),
+        ),
+        Outcome::InvalidSpec(_) | Outcome::OrganizationNotAllowed { .. } | Outcome::SecretNameTaken { .. } => None,
+        Outcome::Ready { secret_name, rotation } => match change? {
+            KeyRingChange::Unchanged | KeyRingChange::Pruned => None,
+            KeyRingChange::Created => Some(EventNote {
+                warning: false,
+                reason: "SecretCreated",
+                action: "CreateSecret",
+                note: format!("created signing secret in Secret {secret_name}"),
+            }),
+            KeyRingChange::Rotated => {
+                let grace = jiff::SignedDuration::try_from(grace).unwrap_or(jiff::SignedDuration::MAX);
+                Some(EventNote {
+                    warning: false,
+                    reason: "SecretRotated",
+                    action: "RotateSecret",
+                    note: format!(
+                        "rotated signing secret (rotation {rotation}); the previous secret co-signs for {grace:#}"
+                    ),
+                })
+            }
+            KeyRingChange::Repaired { reason } => warning(
+                "SecretRepaired",
+                "RepairSecret",
+                format!("generated a new signing secret in Secret {secret_name}: {reason}"),
+            ),
+        },
+    }
+}
+
+/// When to reconcile again without a change: when the oldest co-signing secret expires (to prune
+/// it), or after [`SECRET_NAME_TAKEN_RECHECK`] while the Secret name is taken. `None` waits for a
+/// change of the endpoint or its Secret.
+pub fn requeue_after(outcome: &Outcome, next_expiry: Option<Timestamp>, now: Timestamp) -> Option<Duration> {
+    match outcome {
+        Outcome::SecretNameTaken { .. } => Some(SECRET_NAME_TAKEN_RECHECK),
+        Outcome::Ready { .. } => {
+            next_expiry.map(|expiry| now.duration_until(expiry).unsigned_abs() + Duration::from_secs(1))
+        }
+        Outcome::InvalidSpec(_) | Outcome::OrganizationNotAllowed { .. } => None,
+    }
+}
+
+fn organization_not_allowed_message(namespace: &str, organization_id: &str) -> String {
+    format!(
+        "namespace {namespace} may not serve organization {organization_id}: label the namespace \
+         {ORGANIZATION_LABEL}={organization_id} or create the endpoint in the operator's home namespace"
+    )
+}
+
+fn secret_name_taken_message(secret_name: &str) -> String {
+    format!(
+        "Secret {secret_name} exists and is not owned by this endpoint; it is neither read nor changed. \
+         Delete it (or rename the endpoint) and the controller creates the signing secret"
+    )
 }
 
 /// The status the controller wants, given the current one.
@@ -114,6 +368,23 @@ pub fn desired_status(
                     "SecretAvailable",
                     format!("signing secret is stored in Secret {secret_name}"),
                 ),
+            )
+        }
+        Outcome::OrganizationNotAllowed {
+            namespace,
+            organization_id,
+        } => {
+            let message = organization_not_allowed_message(namespace, organization_id);
+            (
+                owned("False", "OrganizationNotAllowed", message.clone()),
+                owned("False", "OrganizationNotAllowed", message),
+            )
+        }
+        Outcome::SecretNameTaken { secret_name } => {
+            let message = secret_name_taken_message(secret_name);
+            (
+                owned("False", "SecretNameTaken", message.clone()),
+                owned("False", "SecretNameTaken", message),
             )
         }
         Outcome::InvalidSpec(reason) => {
@@ -170,8 +441,7 @@ fn set_condition(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::signing::{PreviousSecret, SigningSecret, StoredKeyRing};
-    use crate::signing_secret::stored_key_ring;
+    use crate::signing::{PreviousSecret, StoredKeyRing};
 
     fn owner() -> Owner<'static> {
         Owner {
@@ -348,5 +618,184 @@ mod tests {
             t0,
         );
         assert_eq!(next, current);
+    }
+
+    fn endpoint(uid: &str, status: Option<WebhookEndpointStatus>) -> WebhookEndpoint {
+        let mut ep = WebhookEndpoint::new(
+            "ep1",
+            crate::resources::WebhookEndpointSpec {
+                organization_id: "org_1".into(),
+                url: "https://hooks.example.com/in".into(),
+                description: String::new(),
+                event_types: vec![],
+                active: true,
+                secret_rotation: 0,
+                max_attempts: None,
+            },
+        );
+        ep.metadata.namespace = Some("ns".into());
+        ep.metadata.uid = Some(uid.into());
+        ep.metadata.generation = Some(1);
+        ep.status = status;
+        ep
+    }
+
+    fn observe<'a>(endpoint: &'a WebhookEndpoint, secret: Option<&'a Secret>, allowed: bool) -> Observed<'a> {
+        Observed {
+            endpoint,
+            secret,
+            organization_allowed: allowed,
+            url_policy: UrlPolicy { allow_http: false },
+            grace: Duration::from_secs(3600),
+            now: Timestamp::from_second(1000).unwrap(),
+        }
+    }
+
+    fn condition(status: &WebhookEndpointStatus, type_: &str) -> (String, String) {
+        let c = status.conditions.iter().find(|c| c.type_ == type_).unwrap();
+        (c.status.clone(), c.reason.clone())
+    }
+
+    #[test]
+    fn the_first_reconcile_creates_a_secret_and_says_so() {
+        let ep = endpoint("uid-1", None);
+        let decision = decide(&observe(&ep, None, true), SigningSecret::generate).unwrap();
+        let secret = decision.secret.expect("a Secret to apply");
+        assert_eq!(secret.metadata.owner_references.unwrap()[0].uid, "uid-1");
+        assert!(decision.status_changed);
+        assert_eq!(
+            condition(&decision.status, CONDITION_READY),
+            ("True".into(), "Reconciled".into())
+        );
+        let event = decision.event.unwrap();
+        assert_eq!((event.warning, event.reason), (false, "SecretCreated"));
+        assert_eq!(decision.requeue, None, "nothing expires: wait for a change");
+    }
+
+    #[test]
+    fn a_settled_endpoint_writes_nothing_and_publishes_nothing() {
+        let ep = endpoint("uid-1", None);
+        let first = decide(&observe(&ep, None, true), SigningSecret::generate).unwrap();
+        let stored = first.secret.unwrap();
+        let ep = endpoint("uid-1", Some(first.status));
+        let again = decide(&observe(&ep, Some(&stored), true), || unreachable!("no new secret")).unwrap();
+        assert!(again.secret.is_none());
+        assert!(!again.status_changed);
+        assert_eq!(again.event, None);
+    }
+
+    #[test]
+    fn a_secret_of_another_owner_or_of_none_is_taken_and_never_used() {
+        let other = endpoint("uid-other", None);
+        let theirs = decide(&observe(&other, None, true), SigningSecret::generate)
+            .unwrap()
+            .secret
+            .unwrap();
+        let mut unowned = theirs.clone();
+        unowned.metadata.owner_references = None;
+        let ep = endpoint("uid-1", None);
+        assert_eq!(secret_claim(None, "uid-1"), SecretClaim::Absent);
+        for planted in [&theirs, &unowned] {
+            assert_eq!(secret_claim(Some(planted), "uid-1"), SecretClaim::Taken);
+            let decision = decide(&observe(&ep, Some(planted), true), || unreachable!("nothing generated")).unwrap();
+            assert!(decision.secret.is_none(), "the taken Secret is not written");
+            assert_eq!(decision.status.secret_name, None);
+            assert_eq!(
+                condition(&decision.status, CONDITION_READY),
+                ("False".into(), "SecretNameTaken".into())
+            );
+            assert_eq!(
+                condition(&decision.status, CONDITION_SECRET_READY),
+                ("False".into(), "SecretNameTaken".into())
+            );
+            assert_eq!(
+                decision.event.as_ref().map(|e| (e.warning, e.reason)),
+                Some((true, "SecretNameTaken"))
+            );
+            assert_eq!(decision.requeue, Some(SECRET_NAME_TAKEN_RECHECK));
+        }
+    }
+
+    #[test]
+    fn an_unbound_namespace_gets_no_secret_and_one_event() {
+        let ep = endpoint("uid-1", None);
+        let decision = decide(&observe(&ep, None, false), || unreachable!("nothing generated")).unwrap();
+        assert!(decision.secret.is_none());
+        assert_eq!(
+            condition(&decision.status, CONDITION_READY),
+            ("False".into(), "OrganizationNotAllowed".into())
+        );
+        let event = decision.event.clone().unwrap();
+        assert_eq!((event.warning, event.reason), (true, "OrganizationNotAllowed"));
+        assert!(
+            event.note.contains(ORGANIZATION_LABEL),
+            "the note says how to fix it: {}",
+            event.note
+        );
+        // Seen again, unchanged: no second Event.
+        let ep = endpoint("uid-1", Some(decision.status));
+        let again = decide(&observe(&ep, None, false), || unreachable!()).unwrap();
+        assert!(!again.status_changed);
+        assert_eq!(again.event, None);
+    }
+
+    #[test]
+    fn an_invalid_spec_is_refused_before_anything_else() {
+        let mut ep = endpoint("uid-1", None);
+        ep.spec.url = "http://hooks.example.com/in".into();
+        let decision = decide(&observe(&ep, None, false), || unreachable!()).unwrap();
+        assert!(decision.secret.is_none());
+        assert_eq!(condition(&decision.status, CONDITION_READY).1, "InvalidSpec");
+        assert_eq!(decision.event.map(|e| e.reason), Some("InvalidSpec"));
+        assert_eq!(decision.requeue, None);
+    }
+
+    #[test]
+    fn malformed_watch_data_is_an_error_not_a_panic() {
+        let mut ep = endpoint("uid-1", None);
+        ep.metadata.uid = None;
+        assert_eq!(
+            decide(&observe(&ep, None, true), SigningSecret::generate).unwrap_err(),
+            "uid"
+        );
+    }
+
+    #[test]
+    fn events_follow_key_ring_changes() {
+        let ready = Outcome::Ready {
+            secret_name: "s".into(),
+            rotation: 3,
+        };
+        let grace = Duration::from_secs(90);
+        assert_eq!(event_for(&ready, Some(&KeyRingChange::Unchanged), true, grace), None);
+        assert_eq!(event_for(&ready, Some(&KeyRingChange::Pruned), true, grace), None);
+        let rotated = event_for(&ready, Some(&KeyRingChange::Rotated), false, grace).unwrap();
+        assert_eq!(rotated.reason, "SecretRotated");
+        assert!(
+            rotated.note.contains("rotation 3") && rotated.note.contains("1m 30s"),
+            "{}",
+            rotated.note
+        );
+        let repaired = KeyRingChange::Repaired {
+            reason: "the signing Secret was deleted".into(),
+        };
+        let event = event_for(&ready, Some(&repaired), false, grace).unwrap();
+        assert!(event.warning && event.note.ends_with("the signing Secret was deleted"));
+    }
+
+    #[test]
+    fn requeue_waits_for_the_oldest_co_signing_secret() {
+        let now = Timestamp::from_second(1000).unwrap();
+        let ready = Outcome::Ready {
+            secret_name: "s".into(),
+            rotation: 1,
+        };
+        let expiry = Timestamp::from_second(1060).unwrap();
+        assert_eq!(requeue_after(&ready, Some(expiry), now), Some(Duration::from_secs(61)));
+        assert_eq!(requeue_after(&ready, None, now), None);
+        assert_eq!(
+            requeue_after(&Outcome::InvalidSpec("x".into()), Some(expiry), now),
+            None
+        );
     }
 }

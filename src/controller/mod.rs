@@ -19,7 +19,7 @@ use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
@@ -31,11 +31,12 @@ use crate::resources::{
     CONDITION_READY, CONDITION_SECRET_READY, FIELD_MANAGER, ORGANIZATION_LABEL, Scope, WebhookEndpoint,
     WebhookEndpointStatus, signing_secret_name,
 };
-use crate::signing::{KeyRingChange, SigningSecret, StoredKeyRing, plan_key_ring};
-use crate::signing_secret::{signing_secret_selector, stored_key_ring};
+use crate::signing::SigningSecret;
+use crate::signing_secret::signing_secret_selector;
 use crate::telemetry::{Metrics, ReadyHandle, WriteKind};
-use crate::validation::{UrlPolicy, validate_spec};
-use desired::{Outcome, Owner, desired_secret, desired_status, secret_matches};
+use crate::tenancy::NamespaceBinding;
+use crate::validation::UrlPolicy;
+use desired::{EventNote, Observed, decide};
 
 /// Settings of the controller.
 #[derive(Clone, Debug)]
@@ -57,49 +58,46 @@ pub struct Context {
     client: Client,
     recorder: Recorder,
     config: ControllerConfig,
-    /// Consecutive failures per endpoint, for exponential backoff; reset on success.
+    /// Which namespaces may serve which organizations.
+    binding: NamespaceBinding,
+    /// The endpoints the controller runs on (to forget the failures of deleted ones).
+    store: Store<WebhookEndpoint>,
+    /// Consecutive failures per endpoint, for exponential backoff; reset on success and forgotten
+    /// when the endpoint is deleted.
     failures: Mutex<HashMap<ObjectRef<WebhookEndpoint>, u32>>,
 }
 
-/// Why a reconcile failed. Each variant is a metric label and an Event reason.
-#[derive(Debug, thiserror::Error)]
+/// Why a reconcile failed. Each variant's name is a metric label and an Event reason.
+#[derive(Debug, thiserror::Error, strum::EnumDiscriminants)]
+#[strum_discriminants(name(ErrorReason), derive(strum::IntoStaticStr, strum::EnumIter))]
 pub enum Error {
-    /// The endpoint lacks a namespace or uid (only possible for malformed watch data).
+    /// The endpoint lacks a namespace, name or uid (only possible for malformed watch data).
     #[error("endpoint has no {0}")]
     MissingMetadata(&'static str),
     /// Reading the signing Secret failed.
     #[error("reading the signing Secret failed: {0}")]
-    ReadSecret(#[source] kube::Error),
+    ReadSecretFailed(#[source] kube::Error),
     /// Writing the signing Secret failed.
     #[error("writing the signing Secret failed: {0}")]
-    WriteSecret(#[source] kube::Error),
+    WriteSecretFailed(#[source] kube::Error),
     /// Setting the organization label failed.
     #[error("labelling the endpoint failed: {0}")]
-    WriteLabel(#[source] kube::Error),
+    WriteLabelFailed(#[source] kube::Error),
     /// Writing the status failed.
     #[error("writing the status failed: {0}")]
-    WriteStatus(#[source] kube::Error),
+    WriteStatusFailed(#[source] kube::Error),
 }
 
 impl Error {
-    /// Every [`Error::reason`].
-    pub const REASONS: [&'static str; 5] = [
-        "MissingMetadata",
-        "ReadSecretFailed",
-        "WriteSecretFailed",
-        "WriteLabelFailed",
-        "WriteStatusFailed",
-    ];
+    /// Every [`Error::reason`], derived from the variants so none is missed.
+    pub fn reasons() -> Vec<&'static str> {
+        use strum::IntoEnumIterator;
+        ErrorReason::iter().map(<&'static str>::from).collect()
+    }
 
     /// A stable, short name: the `reason` label of metrics and the Event reason.
     pub fn reason(&self) -> &'static str {
-        match self {
-            Error::MissingMetadata(_) => "MissingMetadata",
-            Error::ReadSecret(_) => "ReadSecretFailed",
-            Error::WriteSecret(_) => "WriteSecretFailed",
-            Error::WriteLabel(_) => "WriteLabelFailed",
-            Error::WriteStatus(_) => "WriteStatusFailed",
-        }
+        ErrorReason::from(self).into()
     }
 }
 
@@ -108,7 +106,12 @@ pub const RECONCILE_CONCURRENCY: u16 = 16;
 
 impl Context {
     /// A context for reconciles made with `client`.
-    pub fn new(client: Client, config: ControllerConfig) -> Self {
+    pub fn new(
+        client: Client,
+        config: ControllerConfig,
+        binding: NamespaceBinding,
+        store: Store<WebhookEndpoint>,
+    ) -> Self {
         let reporter = Reporter {
             controller: "capy-webhooks".into(),
             instance: std::env::var("POD_NAME").ok(),
@@ -117,16 +120,22 @@ impl Context {
             recorder: Recorder::new(client.clone(), reporter),
             client,
             config,
+            binding,
+            store,
             failures: Mutex::default(),
         }
     }
 
-    async fn publish(&self, endpoint: &WebhookEndpoint, type_: EventType, reason: &str, action: &str, note: String) {
+    async fn publish(&self, endpoint: &WebhookEndpoint, note: &EventNote) {
         let event = Event {
-            type_,
-            reason: reason.into(),
-            note: Some(note),
-            action: action.into(),
+            type_: if note.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: note.reason.into(),
+            note: Some(note.note.clone()),
+            action: note.action.into(),
             secondary: None,
         };
         match self.recorder.publish(&event, &endpoint.object_ref(&())).await {
@@ -157,118 +166,54 @@ pub async fn reconcile(endpoint: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Res
 }
 
 async fn reconcile_inner(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Action, Error> {
+    // Read.
     let namespace = endpoint.namespace().ok_or(Error::MissingMetadata("namespace"))?;
     let name = endpoint.name_any();
-    let now = Timestamp::now();
     let endpoints: Api<WebhookEndpoint> = Api::namespaced(ctx.client.clone(), &namespace);
-
-    ensure_organization_label(endpoint, &endpoints, ctx).await?;
-
-    if let Err(reason) = validate_spec(&endpoint.spec, ctx.config.url_policy) {
-        let status = desired_status(
-            endpoint.status.as_ref(),
-            endpoint.metadata.generation,
-            &Outcome::InvalidSpec(reason.clone()),
-            now,
-        );
-        if write_status(endpoint, &endpoints, &status, ctx).await? {
-            ctx.publish(endpoint, EventType::Warning, "InvalidSpec", "Validate", reason)
-                .await;
-        }
-        return Ok(Action::await_change());
-    }
-
-    let secret_name = signing_secret_name(&name);
     let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &namespace);
-    let existing = secrets.get_opt(&secret_name).await.map_err(Error::ReadSecret)?;
-    let owner_ref = endpoint
-        .controller_owner_ref(&())
-        .ok_or(Error::MissingMetadata("uid"))?;
-    // A Secret controlled by another object (say, a deleted endpoint of the same name that the
-    // garbage collector has not reached yet) must not hand its secret to this endpoint.
-    let foreign = existing.as_ref().is_some_and(|s| {
-        s.metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .any(|o| o.controller == Some(true) && o.uid != owner_ref.uid)
-    });
-    let stored = if foreign {
-        StoredKeyRing::Missing
-    } else {
-        stored_key_ring(existing.as_ref())
+    let existing = secrets
+        .get_opt(&signing_secret_name(&name))
+        .await
+        .map_err(Error::ReadSecretFailed)?;
+
+    // Validate and build what should be: pure.
+    let observed = Observed {
+        endpoint,
+        secret: existing.as_ref(),
+        organization_allowed: ctx.binding.serves(&namespace, &endpoint.spec.organization_id),
+        url_policy: ctx.config.url_policy,
+        grace: ctx.config.rotation_grace_period,
+        now: Timestamp::now(),
     };
-    let existed_before = endpoint.status.as_ref().is_some_and(|s| s.secret_name.is_some());
-    let plan = plan_key_ring(
-        stored,
-        existed_before,
-        endpoint.spec.secret_rotation,
-        now,
-        ctx.config.rotation_grace_period,
-        SigningSecret::generate,
-    );
-    let owner = Owner {
-        name: &name,
-        namespace: &namespace,
-        organization_id: &endpoint.spec.organization_id,
-        owner_ref,
-    };
-    let desired = desired_secret(&owner, &secret_name, &plan.ring);
-    if existing.as_ref().is_none_or(|e| !secret_matches(e, &desired)) {
+    let decision = decide(&observed, SigningSecret::generate).map_err(Error::MissingMetadata)?;
+
+    // Apply what differs.
+    ensure_organization_label(endpoint, &endpoints, ctx).await?;
+    if let Some(secret) = &decision.secret {
         secrets
             .patch(
-                &secret_name,
+                &signing_secret_name(&name),
                 &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(&desired),
+                &Patch::Apply(secret),
             )
             .await
-            .map_err(Error::WriteSecret)?;
+            .map_err(Error::WriteSecretFailed)?;
         ctx.wrote(WriteKind::Secret);
     }
-
-    let outcome = Outcome::Ready {
-        secret_name: secret_name.clone(),
-        rotation: plan.ring.rotation,
-    };
-    let status = desired_status(endpoint.status.as_ref(), endpoint.metadata.generation, &outcome, now);
-    write_status(endpoint, &endpoints, &status, ctx).await?;
-
-    match &plan.change {
-        KeyRingChange::Unchanged | KeyRingChange::Pruned => {}
-        KeyRingChange::Created => {
-            info!(%namespace, endpoint = %name, "signing secret created");
-            let note = format!("created signing secret in Secret {secret_name}");
-            ctx.publish(endpoint, EventType::Normal, "SecretCreated", "CreateSecret", note)
-                .await;
-        }
-        KeyRingChange::Rotated => {
-            info!(%namespace, endpoint = %name, rotation = plan.ring.rotation, "signing secret rotated");
-            let grace =
-                jiff::SignedDuration::try_from(ctx.config.rotation_grace_period).unwrap_or(jiff::SignedDuration::MAX);
-            let note = format!(
-                "rotated signing secret (rotation {}); the previous secret co-signs for {grace:#}",
-                plan.ring.rotation
-            );
-            ctx.publish(endpoint, EventType::Normal, "SecretRotated", "RotateSecret", note)
-                .await;
-        }
-        KeyRingChange::Repaired { reason } => {
-            warn!(%namespace, endpoint = %name, %reason, "signing secret repaired");
-            let note = format!("generated a new signing secret in Secret {secret_name}: {reason}");
-            ctx.publish(endpoint, EventType::Warning, "SecretRepaired", "RepairSecret", note)
-                .await;
-        }
+    if decision.status_changed {
+        write_status(endpoint, &endpoints, &decision.status, ctx).await?;
     }
 
-    // Wake up when the oldest co-signing secret expires, to prune it; otherwise only changes
-    // (of the endpoint or of its Secret) trigger a reconcile.
-    Ok(match plan.ring.next_expiry() {
-        Some(expiry) => {
-            let wait = now.duration_until(expiry).unsigned_abs() + Duration::from_secs(1);
-            Action::requeue(wait)
+    // Publish.
+    if let Some(event) = decision.event {
+        if event.warning {
+            warn!(%namespace, endpoint = %name, reason = event.reason, note = %event.note, "endpoint event");
+        } else {
+            info!(%namespace, endpoint = %name, reason = event.reason, note = %event.note, "endpoint event");
         }
-        None => Action::await_change(),
-    })
+        ctx.publish(endpoint, &event).await;
+    }
+    Ok(decision.requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
 async fn ensure_organization_label(
@@ -292,23 +237,19 @@ async fn ensure_organization_label(
             &Patch::Apply(&patch),
         )
         .await
-        .map_err(Error::WriteLabel)?;
+        .map_err(Error::WriteLabelFailed)?;
     ctx.wrote(WriteKind::Endpoint);
     Ok(())
 }
 
-/// Writes the controller's part of the status if it differs from the stored one; returns whether
-/// it wrote. Only the controller's fields and conditions are applied, so fields other components
-/// own under their own field managers are untouched.
+/// Writes the controller's part of the status. Only the controller's fields and conditions are
+/// applied, so fields other components own under their own field managers are untouched.
 async fn write_status(
     endpoint: &WebhookEndpoint,
     endpoints: &Api<WebhookEndpoint>,
     status: &WebhookEndpointStatus,
     ctx: &Context,
-) -> Result<bool, Error> {
-    if endpoint.status.as_ref() == Some(status) {
-        return Ok(false);
-    }
+) -> Result<(), Error> {
     let conditions: Vec<_> = status
         .conditions
         .iter()
@@ -332,9 +273,9 @@ async fn write_status(
             &Patch::Apply(&patch),
         )
         .await
-        .map_err(Error::WriteStatus)?;
+        .map_err(Error::WriteStatusFailed)?;
     ctx.wrote(WriteKind::EndpointStatus);
-    Ok(true)
+    Ok(())
 }
 
 /// Decides the retry after a failed reconcile: per-endpoint exponential backoff, and a Warning
@@ -342,16 +283,23 @@ async fn write_status(
 pub fn error_policy(endpoint: Arc<WebhookEndpoint>, error: &Error, ctx: Arc<Context>) -> Action {
     let failures = {
         let mut map = ctx.failures.lock().expect("failure map lock");
+        // Deleted endpoints are never reconciled again, so their counts go here; failures are
+        // rare and the map small.
+        map.retain(|key, _| ctx.store.get(key).is_some());
         let n = map.entry(ObjectRef::from(endpoint.as_ref())).or_insert(0);
         *n += 1;
         *n
     };
     let delay = retry_delay(failures);
     warn!(endpoint = %endpoint.name_any(), namespace = ?endpoint.namespace(), reason = error.reason(), %error, failures, ?delay, "reconcile failed");
-    let (reason, note) = (error.reason(), error.to_string());
+    let note = EventNote {
+        warning: true,
+        reason: error.reason(),
+        action: "Reconcile",
+        note: error.to_string(),
+    };
     tokio::spawn(async move {
-        ctx.publish(&endpoint, EventType::Warning, reason, "Reconcile", note)
-            .await;
+        ctx.publish(&endpoint, &note).await;
     });
     Action::requeue(delay)
 }
@@ -368,12 +316,21 @@ pub async fn run(
     let secret_changes = watcher(secrets, watcher::Config::default().labels(&signing_secret_selector()))
         .default_backoff()
         .touched_objects();
-    config.metrics.declare_reconcile_error_reasons(&Error::REASONS);
-    let ctx = Arc::new(Context::new(client, config));
+    config.metrics.declare_reconcile_error_reasons(&Error::reasons());
+    let ControllerFeed {
+        trigger,
+        store,
+        binding,
+    } = feed;
+    // A namespace's organization label binds or unbinds every endpoint in it: look at them all.
+    let relabelled = futures::stream::unfold(binding.changes(), |mut changes| async move {
+        changes.changed().await.ok()?;
+        Some(((), changes))
+    });
+    let ctx = Arc::new(Context::new(client, config, binding, store.clone()));
     info!(scope = ?ctx.config.scope, "controller starting");
     // Bounded concurrency: at start every endpoint is due at once, and thousands of parallel
     // reconciles only queue at the API server while holding their buffers.
-    let ControllerFeed { trigger, store } = feed;
     let controller = Controller::for_shared_stream(trigger, store.clone())
         .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
     let ready = ctx.config.ready.clone();
@@ -384,6 +341,7 @@ pub async fn run(
     });
     controller
         .owns_stream(secret_changes)
+        .reconcile_all_on(relabelled)
         .graceful_shutdown_on(shutdown)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -401,16 +359,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn every_reason_is_declared() {
+    fn reasons_are_the_variant_names() {
         let io = || kube::Error::Api(Box::new(kube::core::Status::failure("x", "y").with_code(500)));
-        for error in [
-            Error::MissingMetadata("uid"),
-            Error::ReadSecret(io()),
-            Error::WriteSecret(io()),
-            Error::WriteLabel(io()),
-            Error::WriteStatus(io()),
-        ] {
-            assert!(Error::REASONS.contains(&error.reason()), "{}", error.reason());
-        }
+        assert_eq!(Error::ReadSecretFailed(io()).reason(), "ReadSecretFailed");
+        assert_eq!(Error::MissingMetadata("uid").reason(), "MissingMetadata");
+        assert_eq!(
+            Error::reasons(),
+            [
+                "MissingMetadata",
+                "ReadSecretFailed",
+                "WriteSecretFailed",
+                "WriteLabelFailed",
+                "WriteStatusFailed"
+            ]
+        );
     }
 }

@@ -17,6 +17,7 @@ use capy_webhooks::endpoints::EndpointCache;
 use capy_webhooks::ingest::{self, IngestConfig};
 use capy_webhooks::resources::Scope;
 use capy_webhooks::telemetry::{Metrics, ReadyHandle};
+use capy_webhooks::tenancy::NamespaceBinding;
 use capy_webhooks::validation::UrlPolicy;
 use capy_webhooks::work::WorkHandle;
 use kube::Client;
@@ -43,6 +44,9 @@ pub struct Options {
     pub rotation_grace: Duration,
     /// `--log-write-budget` in bytes per second (0: unlimited).
     pub log_write_budget: u64,
+    /// `--home-namespace` when it differs from the served namespace (API keys live there, and
+    /// other namespaces serve only the organization of their label).
+    pub home_namespace: Option<String>,
 }
 
 impl Default for Options {
@@ -59,6 +63,7 @@ impl Default for Options {
             attempt_timeout: Duration::from_secs(5),
             rotation_grace: Duration::from_secs(3600),
             log_write_budget: 0,
+            home_namespace: None,
         }
     }
 }
@@ -87,9 +92,15 @@ impl Operator {
             }
         };
         let scope = Scope::Namespace(ns.into());
+        let home = opts.home_namespace.clone().unwrap_or_else(|| ns.to_string());
         let metrics = Metrics::new();
         let url_policy = UrlPolicy { allow_http: true };
-        let cache = EndpointCache::start(client.clone(), &scope, opts.controller);
+        let cache = EndpointCache::start(
+            client.clone(),
+            &scope,
+            NamespaceBinding::start(client.clone(), &scope, &home),
+            opts.controller,
+        );
         if let Some(feed) = cache.controller_feed() {
             let config = ControllerConfig {
                 scope: scope.clone(),
@@ -148,7 +159,7 @@ impl Operator {
             None
         };
         let index = ApiKeyIndex::new();
-        tokio::spawn(index.clone().run(client.clone(), ns.to_string()));
+        tokio::spawn(index.clone().run(client.clone(), home.clone()));
         index.wait_ready().await;
         let clerk = match &opts.jwks_url {
             Some(url) => Some(Arc::new(
@@ -166,7 +177,7 @@ impl Operator {
         let config = ApiConfig {
             listen: addr,
             scope,
-            home_namespace: ns.into(),
+            home_namespace: home.clone(),
             url_policy,
             body_limit: 16 * 1024,
             controller_wait: opts.controller_wait,
