@@ -234,7 +234,7 @@ const LIST_RETRY_MAX: Duration = Duration::from_secs(30);
 /// unreachable or overloaded) are logged and retried, from 0.5 s doubling to 30 s.
 pub async fn wait_until_listable(client: Client, scope: &Scope) -> anyhow::Result<()> {
     let endpoints: Api<WebhookEndpoint> = scope.api(client);
-    let mut retry_in = LIST_RETRY_FIRST;
+    let mut failures = 0;
     while let Err(e) = endpoints
         .list_metadata(&kube::api::ListParams::default().limit(1))
         .await
@@ -246,9 +246,10 @@ pub async fn wait_until_listable(client: Client, scope: &Scope) -> anyhow::Resul
                  check the ClusterRole of the Helm chart"
             );
         }
+        failures += 1;
+        let retry_in = crate::backoff::doubling(failures, LIST_RETRY_FIRST, LIST_RETRY_MAX);
         warn!(error = %e, ?retry_in, "cannot list WebhookEndpoints yet; retrying");
         tokio::time::sleep(retry_in).await;
-        retry_in = (retry_in * 2).min(LIST_RETRY_MAX);
     }
     Ok(())
 }

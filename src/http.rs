@@ -167,10 +167,15 @@ where
     Ok(buf.freeze())
 }
 
-/// Reads a JSON body of at most `limit` bytes (see [`json_bytes`]) and parses it as `T`: 400 for
-/// bad JSON with serde's message, which names unknown fields and wrong types.
-pub fn json_body<T: DeserializeOwned + Send>(limit: usize) -> impl Filter<Extract = (T,), Error = Rejection> + Clone {
-    json_bytes(limit).and_then(|bytes: bytes::Bytes| async move { parse_json(&bytes).map_err(warp::reject::custom) })
+/// The token of an `Authorization: Bearer <token>` header value: scheme case-insensitive, one
+/// token, surrounding whitespace ignored. `None` for any other shape. The one parser of bearer
+/// credentials, for the public API and the ingest port alike.
+pub fn bearer_token(header: &str) -> Option<&str> {
+    let mut parts = header.split_ascii_whitespace();
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(scheme), Some(token), None) if scheme.eq_ignore_ascii_case("bearer") => Some(token),
+        _ => None,
+    }
 }
 
 /// Parses JSON, turning serde's error into a 400 that says what is wrong.
@@ -297,8 +302,8 @@ mod tests {
             .map(|| "ok")
             .or(warp::path!("b")
                 .and(warp::post())
-                .and(json_body::<Body>(16))
-                .map(|b: Body| b.url))
+                .and(json_bytes(16))
+                .map(|b: bytes::Bytes| parse_json::<Body>(&b).map(|b| b.url).unwrap_or_default()))
             .recover(recover);
         let res = warp::test::request().path("/nope").reply(&routes).await;
         assert_eq!(res.status(), 404);
@@ -323,5 +328,21 @@ mod tests {
         assert_eq!(res.status(), 413);
         let body: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
         assert!(body["error"].as_str().unwrap().contains("16 bytes"));
+    }
+
+    #[test]
+    fn bearer_tokens_are_parsed_one_way() {
+        for (header, want) in [
+            ("Bearer abc", Some("abc")),
+            ("bearer abc", Some("abc")),
+            ("BEARER   abc  ", Some("abc")),
+            ("Bearer", None),
+            ("Bearer a b", None),
+            ("Basic abc", None),
+            ("abc", None),
+            ("", None),
+        ] {
+            assert_eq!(bearer_token(header), want, "{header:?}");
+        }
     }
 }

@@ -5,7 +5,6 @@
 //! durable; 503 with `Retry-After` when they cannot be persisted.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,13 +12,14 @@ use bytes::Bytes;
 use futures::Future;
 use serde::Deserialize;
 use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 use tracing::info;
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-use crate::http::{ApiError, OTHER_ROUTE, parse_json, path_segments};
+use crate::http::{ApiError, OTHER_ROUTE, bearer_token, parse_json, path_segments};
 use crate::telemetry::Metrics;
 use crate::validation::validate_event_type;
 use crate::work::{SubmitError, WorkHandle};
@@ -27,8 +27,6 @@ use crate::work::{SubmitError, WorkHandle};
 /// Settings of the ingest port.
 #[derive(Clone)]
 pub struct IngestConfig {
-    /// Listen address (internal).
-    pub listen: SocketAddr,
     /// The bearer token producers must present. Never logged.
     pub token: String,
     /// Largest event body in bytes.
@@ -44,7 +42,6 @@ pub struct IngestConfig {
 impl std::fmt::Debug for IngestConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("IngestConfig")
-            .field("listen", &self.listen)
             .field("token", &"<redacted>")
             .field("payload_limit", &self.payload_limit)
             .finish()
@@ -117,14 +114,21 @@ fn authorize(headers: &HeaderMap, token: &str) -> Result<(), ApiError> {
     let presented = headers
         .get(warp::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
+        .and_then(bearer_token)
         .ok_or_else(|| ApiError::new(StatusCode::UNAUTHORIZED, "missing or malformed ingest token"))?;
-    if bool::from(presented.as_bytes().ct_eq(token.as_bytes())) {
+    if tokens_match(presented, token) {
         Ok(())
     } else {
         Err(ApiError::new(StatusCode::UNAUTHORIZED, "invalid ingest token"))
     }
+}
+
+/// Compares a presented token with the expected one in constant time, leaking neither content
+/// nor length: both are hashed to 32 bytes first, so the comparison never stops early on a
+/// length mismatch.
+fn tokens_match(presented: &str, expected: &str) -> bool {
+    let digest = |s: &str| Sha256::digest(s.as_bytes());
+    bool::from(digest(presented).ct_eq(&digest(expected)))
 }
 
 fn validate(request: &EventRequest) -> Result<(), ApiError> {
@@ -346,5 +350,34 @@ mod tests {
             data: json!([1]),
         };
         assert!(validate(&not_object).is_err());
+    }
+
+    #[test]
+    fn the_ingest_token_is_checked_whatever_its_shape() {
+        let expected = "test-ingest-token-0123456789";
+        assert!(tokens_match(expected, expected));
+        for wrong in [
+            "",
+            "t",
+            "test-ingest-token-012345678",
+            "test-ingest-token-01234567890",
+            "TEST-INGEST-TOKEN-0123456789",
+        ] {
+            assert!(!tokens_match(wrong, expected), "{wrong:?}");
+        }
+        let headers = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(warp::http::header::AUTHORIZATION, value.parse().unwrap());
+            h
+        };
+        assert!(authorize(&headers(&format!("BEARER {expected}")), expected).is_ok());
+        assert_eq!(
+            authorize(&headers("Bearer nope"), expected).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
+        assert_eq!(
+            authorize(&HeaderMap::new(), expected).unwrap_err().status,
+            StatusCode::UNAUTHORIZED
+        );
     }
 }

@@ -21,6 +21,7 @@ pub mod controller;
 pub mod delivery;
 pub mod delivery_log;
 pub mod dispatcher;
+pub mod duration;
 pub mod endpoints;
 pub mod http;
 pub mod ids;

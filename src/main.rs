@@ -15,11 +15,12 @@ use capy_webhooks::auth::Authenticator;
 use capy_webhooks::auth::api_keys::{self, ApiKeyIndex};
 use capy_webhooks::auth::clerk::{ClerkConfig, ClerkVerifier, JwksSource};
 use capy_webhooks::controller::{self, ControllerConfig};
-use capy_webhooks::delivery::schedule::RetrySchedule;
+use capy_webhooks::delivery::schedule::{DEFAULT_SCHEDULE, RetrySchedule};
 use capy_webhooks::delivery::sender::SenderConfig;
 use capy_webhooks::delivery::ssrf::TargetPolicy;
 use capy_webhooks::delivery_log::{LogConfig, WriteBudget, parse_bytes};
 use capy_webhooks::dispatcher::{Dispatcher, DispatcherConfig};
+use capy_webhooks::duration::parse_flag_duration;
 use capy_webhooks::endpoints::{self, EndpointCache};
 use capy_webhooks::ingest::IngestConfig;
 use capy_webhooks::resources::{Scope, crd_yaml};
@@ -147,7 +148,7 @@ struct RunArgs {
     api_body_limit: usize,
 
     /// How long create and rotate-secret wait for the controller before answering 503.
-    #[arg(long, env = "CAPY_WEBHOOKS_CONTROLLER_WAIT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "CAPY_WEBHOOKS_CONTROLLER_WAIT", default_value = "10s", value_parser = parse_flag_duration)]
     controller_wait: Duration,
 
     /// Namespace of API keys and of endpoints created over REST (default: the served namespace,
@@ -177,7 +178,7 @@ struct RunArgs {
     clerk_authorized_parties: Vec<String>,
 
     /// How long a rotated-out signing secret keeps co-signing deliveries (e.g. 24h, 30m).
-    #[arg(long, env = "CAPY_WEBHOOKS_ROTATION_GRACE_PERIOD", default_value = "24h", value_parser = parse_duration)]
+    #[arg(long, env = "CAPY_WEBHOOKS_ROTATION_GRACE_PERIOD", default_value = "24h", value_parser = parse_flag_duration)]
     rotation_grace_period: Duration,
 
     /// Address of the internal event-ingest port.
@@ -197,7 +198,7 @@ struct RunArgs {
     #[arg(
         long,
         env = "CAPY_WEBHOOKS_RETRY_SCHEDULE",
-        default_value = "0s,5s,5m,30m,2h,5h,10h,10h"
+        default_value = DEFAULT_SCHEDULE
     )]
     retry_schedule: RetrySchedule,
 
@@ -218,23 +219,23 @@ struct RunArgs {
     per_endpoint_concurrency: usize,
 
     /// TCP connect timeout of an attempt.
-    #[arg(long, env = "CAPY_WEBHOOKS_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "CAPY_WEBHOOKS_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_flag_duration)]
     connect_timeout: Duration,
 
     /// Total timeout of an attempt, response included.
-    #[arg(long, env = "CAPY_WEBHOOKS_ATTEMPT_TIMEOUT", default_value = "15s", value_parser = parse_duration)]
+    #[arg(long, env = "CAPY_WEBHOOKS_ATTEMPT_TIMEOUT", default_value = "15s", value_parser = parse_flag_duration)]
     attempt_timeout: Duration,
 
     /// Status summaries are written at most this often per endpoint.
-    #[arg(long, env = "CAPY_WEBHOOKS_SUMMARY_INTERVAL", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "CAPY_WEBHOOKS_SUMMARY_INTERVAL", default_value = "10s", value_parser = parse_flag_duration)]
     summary_interval: Duration,
 
     /// Disable an endpoint whose every delivery attempt failed for this long.
-    #[arg(long, env = "CAPY_WEBHOOKS_AUTO_DISABLE_AFTER", default_value = "5d", value_parser = parse_duration)]
+    #[arg(long, env = "CAPY_WEBHOOKS_AUTO_DISABLE_AFTER", default_value = "5d", value_parser = parse_flag_duration)]
     auto_disable_after: Duration,
 
     /// On SIGTERM, how long in-flight attempts may take to finish.
-    #[arg(long, env = "CAPY_WEBHOOKS_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_duration)]
+    #[arg(long, env = "CAPY_WEBHOOKS_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_flag_duration)]
     shutdown_grace: Duration,
 
     /// Deliver to loopback, private, link-local and CGNAT addresses (metadata addresses stay refused).
@@ -252,17 +253,6 @@ struct RunArgs {
     /// Log line format.
     #[arg(long, env = "CAPY_WEBHOOKS_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let span: jiff::SignedDuration = s
-        .parse::<jiff::Span>()
-        .map_err(|e| format!("{s:?} is not a duration like 30s, 5m or 24h: {e}"))
-        .and_then(|span| {
-            span.to_duration(jiff::SpanRelativeTo::days_are_24_hours())
-                .map_err(|e| format!("{s:?} is not a fixed-length duration: {e}"))
-        })?;
-    Duration::try_from(span).map_err(|_| format!("{s:?} must not be negative"))
 }
 
 fn read_ingest_token(path: Option<&std::path::Path>) -> anyhow::Result<String> {
@@ -498,7 +488,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             return until_all_end(tasks).await;
         };
         let ingest = IngestConfig {
-            listen: args.ingest_listen,
             token,
             payload_limit: args.ingest_payload_limit,
             idempotency_window: Duration::from_secs(24 * 3600),
@@ -529,7 +518,6 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             return until_all_end(tasks).await;
         };
         let config = ApiConfig {
-            listen: args.api_listen,
             scope: scope.clone(),
             home_namespace: home_namespace.clone(),
             url_policy,
@@ -617,10 +605,10 @@ mod tests {
 
     #[test]
     fn durations_parse() {
-        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86400));
-        assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("1m30s").unwrap(), Duration::from_secs(90));
-        assert!(parse_duration("soon").is_err());
+        assert_eq!(parse_flag_duration("24h").unwrap(), Duration::from_secs(86400));
+        assert_eq!(parse_flag_duration("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_flag_duration("1m30s").unwrap(), Duration::from_secs(90));
+        assert!(parse_flag_duration("soon").is_err());
     }
 
     #[test]

@@ -18,11 +18,7 @@ use crate::telemetry::{Metrics, OPENMETRICS_CONTENT_TYPE, Readiness};
 /// body names each component and whether it is ready.
 pub fn readyz(readiness: &Readiness) -> Response {
     let components = readiness.snapshot();
-    let not_ready: Vec<&String> = components
-        .iter()
-        .filter(|(_, ready)| !**ready)
-        .map(|(name, _)| name)
-        .collect();
+    let not_ready = readiness.not_ready();
     let ready = not_ready.is_empty();
     let body = json!({ "ready": ready, "not_ready": not_ready, "components": components });
     let status = if ready {

@@ -490,11 +490,6 @@ impl Readiness {
             .map(|(name, _)| name)
             .collect()
     }
-
-    /// Whether every registered component is ready.
-    pub fn is_ready(&self) -> bool {
-        self.not_ready().is_empty()
-    }
 }
 
 /// A component's switch in a [`Readiness`] registry. The default handle is detached: flipping
@@ -532,6 +527,50 @@ impl ReadyHandle {
     }
 }
 
+/// A Kubernetes Event a component publishes about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventNote {
+    /// Warning rather than Normal.
+    pub warning: bool,
+    /// Machine-readable reason (`kubectl get events` REASON).
+    pub reason: &'static str,
+    /// What the component did.
+    pub action: &'static str,
+    /// For humans; never a secret.
+    pub note: String,
+}
+
+/// Publishes an Event and counts it as an API-server write. Events are best effort: a failure is
+/// logged at warn and never fails the caller's work. The one way every component publishes.
+pub async fn publish_event(
+    recorder: &kube::runtime::events::Recorder,
+    metrics: &Metrics,
+    regarding: &k8s_openapi::api::core::v1::ObjectReference,
+    event: &EventNote,
+) {
+    use kube::runtime::events::{Event, EventType};
+    let published = Event {
+        type_: if event.warning {
+            EventType::Warning
+        } else {
+            EventType::Normal
+        },
+        reason: event.reason.into(),
+        note: Some(event.note.clone()),
+        action: event.action.into(),
+        secondary: None,
+    };
+    match recorder.publish(&published, regarding).await {
+        Ok(()) => metrics.apiserver_writes(WriteKind::Event, 1),
+        Err(e) => tracing::warn!(
+            object = ?regarding.name,
+            reason = event.reason,
+            error = %e,
+            "could not publish Event"
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -539,20 +578,20 @@ mod tests {
     #[test]
     fn readiness_waits_for_every_registered_component() {
         let readiness = Readiness::new();
-        assert!(readiness.is_ready(), "nothing started, nothing to wait for");
+        assert!(readiness.not_ready().is_empty(), "nothing started, nothing to wait for");
         let api = readiness.register("api");
         let controller = readiness.register("controller");
-        assert!(!readiness.is_ready());
+        assert!(!readiness.not_ready().is_empty());
         assert_eq!(readiness.not_ready(), ["api", "controller"]);
         controller.set_ready();
         assert_eq!(readiness.not_ready(), ["api"]);
         api.clone().set_ready();
-        assert!(readiness.is_ready());
+        assert!(readiness.not_ready().is_empty());
         assert_eq!(readiness.snapshot().len(), 2);
         // Flipping twice, or a detached handle, changes nothing.
         api.set_ready();
         ReadyHandle::detached().set_ready();
-        assert!(readiness.is_ready());
+        assert!(readiness.not_ready().is_empty());
         assert_eq!(readiness.snapshot().len(), 2);
     }
 

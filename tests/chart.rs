@@ -116,11 +116,38 @@ fn chart_copy_of_the_crd_matches_crds_dir() {
     );
 }
 
+/// The chart's defaults are the binary's: the retry schedule is written once in the code, and
+/// every duration value parses in the binary's one grammar.
+#[test]
+fn chart_defaults_match_the_binary() {
+    let values: serde_yaml::Value =
+        serde_yaml::from_str(&std::fs::read_to_string(chart_dir().join("values.yaml")).unwrap()).unwrap();
+    assert_eq!(
+        values["delivery"]["retrySchedule"].as_str(),
+        Some(capy_webhooks::delivery::schedule::DEFAULT_SCHEDULE)
+    );
+    for value in [
+        &values["delivery"]["connectTimeout"],
+        &values["delivery"]["attemptTimeout"],
+        &values["delivery"]["autoDisableAfter"],
+        &values["rotationGracePeriod"],
+    ] {
+        let text = value.as_str().unwrap_or_else(|| panic!("{value:?} is a string"));
+        capy_webhooks::duration::parse_duration(text).unwrap_or_else(|e| panic!("{text}: {e}"));
+    }
+}
+
 #[test]
 fn helm_lint_strict() {
     ok("helm lint --strict", support::helm(&["lint", "--strict", &chart()]));
     // The schema refuses bad values.
-    for bad in ["logFormat=xml", "components={api,bogus}", "delivery.retrySchedule=soon"] {
+    for bad in [
+        "logFormat=xml",
+        "components={api,bogus}",
+        "delivery.retrySchedule=soon",
+        "delivery.retrySchedule=1.5h",
+        "rotationGracePeriod=1 day",
+    ] {
         let out = support::helm(&["lint", "--strict", &chart(), "--set", bad]);
         assert!(!out.status.success(), "helm lint accepted --set {bad}");
     }

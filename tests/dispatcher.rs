@@ -326,6 +326,9 @@ async fn an_inactive_endpoint_holds_its_deliveries_until_reactivated() {
     let s = setup("inactive", opts).await;
     let receiver = Receiver::start(vec![Answer::Status(500)]).await;
     let (id, _) = s.endpoint(&receiver.url("/"), &[]).await;
+    // A witness on the same schedule that stays active: its attempts show the schedule ran.
+    let witness = Receiver::start(vec![Answer::Status(500); 3]).await;
+    s.endpoint(&witness.url("/"), &[]).await;
     s.op.ingest(ORG, "a.b", json!({})).await;
     wait_received(&receiver, 1).await;
     let (status, _, _) =
@@ -337,8 +340,9 @@ async fn an_inactive_endpoint_holds_its_deliveries_until_reactivated() {
         )
         .await;
     assert_eq!(status, 200);
-    // The retry was due 2 s after the first attempt: give it well past that.
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    // The retry was due 2 s (±20 %) after the first attempt. The witness's third attempt comes
+    // at least 3.2 s after its first: by then the inactive endpoint's retry was long due.
+    wait_received(&witness, 3).await;
     assert_eq!(receiver.received().len(), 1, "no attempt while inactive");
     let pending = s.deliveries(&id).await;
     assert_eq!(pending[0]["state"], "pending");

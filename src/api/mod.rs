@@ -7,7 +7,6 @@
 pub mod model;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -44,8 +43,6 @@ pub const MAX_DELIVERIES_LIMIT: usize = 1000;
 /// Settings of the REST facade.
 #[derive(Clone, Debug)]
 pub struct ApiConfig {
-    /// Address of the public REST API.
-    pub listen: SocketAddr,
     /// Namespaces whose endpoints are served.
     pub scope: Scope,
     /// Namespace where endpoints created over REST are placed.
@@ -212,7 +209,7 @@ impl ApiState {
     }
 
     async fn create(&self, org: String, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-        self.authorize(&org, &headers).await?;
+        let principal = self.authorize(&org, &headers).await?;
         let request: CreateRequest = parse_json(&body)?;
         let ns = &self.config.home_namespace;
         let name = new_endpoint_name(Timestamp::now());
@@ -227,7 +224,7 @@ impl ApiState {
             _ => kube_error(e, "creating endpoint"),
         })?;
         self.wrote(WriteKind::Endpoint);
-        info!(organization = %org, endpoint = %name, "endpoint created");
+        info!(organization = %org, endpoint = %name, by = %principal.credential, "endpoint created");
 
         let generation = created.metadata.generation;
         let ready = self
@@ -293,7 +290,7 @@ impl ApiState {
     }
 
     async fn delete(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
-        self.authorize(&org, &headers).await?;
+        let principal = self.authorize(&org, &headers).await?;
         let existing = self.find(&org, &id)?;
         let ns = existing.namespace().unwrap_or_default();
         let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), &ns);
@@ -313,7 +310,7 @@ impl ApiState {
             }
         })?;
         self.wrote(WriteKind::Endpoint);
-        info!(organization = %org, endpoint = %id, "endpoint deleted");
+        info!(organization = %org, endpoint = %id, by = %principal.credential, "endpoint deleted");
         self.cache
             .wait_for(&ns, &id, Duration::from_secs(2), |ep| ep.is_none().then_some(()))
             .await;
@@ -321,7 +318,7 @@ impl ApiState {
     }
 
     async fn rotate_secret(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
-        self.authorize(&org, &headers).await?;
+        let principal = self.authorize(&org, &headers).await?;
         let existing = self.find(&org, &id)?;
         let ns = existing.namespace().unwrap_or_default();
         let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), &ns);
@@ -374,7 +371,7 @@ impl ApiState {
             ));
         };
         let secret = self.read_signing_secret(&ns, &id).await?;
-        info!(organization = %org, endpoint = %id, rotation = target, "secret rotated");
+        info!(organization = %org, endpoint = %id, rotation = target, by = %principal.credential, "secret rotated");
         let body = json!({ "webhook_endpoint": endpoint_view(&rotated, false), "plaintext_secret": secret });
         Ok(warp::reply::json(&body).into_response())
     }

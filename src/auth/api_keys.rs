@@ -25,6 +25,8 @@ use tracing::{info, warn};
 
 use crate::resources::{MANAGED_BY, MANAGED_BY_LABEL, ORGANIZATION_LABEL};
 
+/// Field manager of API-key Secrets (created by the `api-key` subcommand and by tests).
+pub const FIELD_MANAGER: &str = "capy-webhooks-api-keys";
 /// Prefix of every API key.
 pub const KEY_PREFIX: &str = "capy_live_";
 /// Number of random base62 characters after [`KEY_PREFIX`] in a generated key.
@@ -97,12 +99,6 @@ pub fn looks_like_key(value: &str) -> bool {
 
 fn is_sha256_hex(value: &str) -> bool {
     value.len() == 64 && value.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
-/// A new key id: 48-bit millisecond timestamp then 80 random bits, as 26 lowercase Crockford
-/// base32 characters. Ids sort by creation time (to the millisecond) and are DNS-1123 labels.
-pub fn new_key_id() -> String {
-    crate::ids::time_sortable_id(Timestamp::now())
 }
 
 /// Whether `id` has the shape of a key id.
@@ -360,8 +356,11 @@ pub async fn create_key(
         hash: hash_key(&key),
     };
     let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
-    api.create(&PostParams::default(), &secret_for_record(&record, namespace))
-        .await?;
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    api.create(&params, &secret_for_record(&record, namespace)).await?;
     Ok((record, key))
 }
 
@@ -402,7 +401,7 @@ mod tests {
 
     fn record(key: &str, org: &str) -> ApiKeyRecord {
         ApiKeyRecord {
-            id: new_key_id(),
+            id: crate::ids::time_sortable_id(Timestamp::now()),
             organization_id: org.to_string(),
             project_id: None,
             name: "deploy bot".to_string(),
@@ -458,10 +457,7 @@ mod tests {
         assert!(a < b, "{a} < {b}");
         assert!(crate::ids::id_at(t0, [0; 10]) < crate::ids::id_at(t0 + std::time::Duration::from_millis(1), [0; 10]));
 
-        let first = new_key_id();
-        std::thread::sleep(std::time::Duration::from_millis(2));
-        let second = new_key_id();
-        assert!(first < second, "{first} < {second}");
+        let (first, second) = (crate::ids::id_at(t0, [7; 10]), crate::ids::id_at(t1, [7; 10]));
         for id in [&first, &second] {
             assert!(is_valid_key_id(id));
             let name = secret_name(id);
@@ -474,7 +470,8 @@ mod tests {
                 name.as_bytes()[0].is_ascii_alphanumeric() && name.as_bytes()[name.len() - 1].is_ascii_alphanumeric()
             );
         }
-        assert_ne!(new_key_id(), new_key_id());
+        let now = Timestamp::now();
+        assert_ne!(crate::ids::time_sortable_id(now), crate::ids::time_sortable_id(now));
     }
 
     #[test]

@@ -711,7 +711,7 @@ mod tests {
         assert_eq!(f.verifier.jwks_loads(), 2);
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
     async fn reloads_again_after_the_interval_and_survives_a_broken_source() {
         let f = Fixture::new(|c| c.min_refresh_interval = Duration::from_secs(1)).await;
         let path = f.dir.path().join("jwks.json");
@@ -730,7 +730,7 @@ mod tests {
         ));
         assert_eq!(f.verifier.jwks_loads(), 2);
 
-        tokio::time::sleep(Duration::from_millis(1100)).await;
+        tokio::time::advance(Duration::from_millis(1100)).await;
         std::fs::write(&path, rotated.jwks_json()).unwrap();
         assert_eq!(f.verify(&rotated.token(&claims())).await, Ok(session("org_1")));
         assert_eq!(f.verifier.jwks_loads(), 3);

@@ -36,7 +36,7 @@ pub struct Principal {
     /// The project inside the organization a project-scoped API key is limited to; `None` for
     /// organization-wide keys and session tokens.
     pub project_id: Option<String>,
-    /// Which credential authenticated the call.
+    /// Which credential authenticated the call (named in the audit logs of writes).
     pub credential: CredentialKind,
 }
 
@@ -53,6 +53,16 @@ pub enum CredentialKind {
         /// The Clerk user (`sub` claim).
         user_id: String,
     },
+}
+
+/// For audit logs: the key's public id or the session's user, never a secret.
+impl std::fmt::Display for CredentialKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CredentialKind::ApiKey { key_id } => write!(f, "api-key:{key_id}"),
+            CredentialKind::Session { user_id } => write!(f, "session:{user_id}"),
+        }
+    }
 }
 
 /// Why a request is not authenticated. Messages are safe to show to the caller: they never
@@ -100,11 +110,8 @@ enum TokenKind<'a> {
 /// its kind.
 fn parse_authorization(header: Option<&str>) -> Result<TokenKind<'_>, AuthError> {
     let header = header.ok_or(AuthError::Missing)?;
-    let mut parts = header.split_ascii_whitespace();
-    let (Some(scheme), Some(token), None) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(AuthError::Malformed);
-    };
-    if !scheme.eq_ignore_ascii_case("bearer") || token.len() > MAX_TOKEN_LENGTH {
+    let token = crate::http::bearer_token(header).ok_or(AuthError::Malformed)?;
+    if token.len() > MAX_TOKEN_LENGTH {
         return Err(AuthError::Malformed);
     }
     if token.starts_with(api_keys::KEY_PREFIX) {
@@ -175,7 +182,7 @@ mod tests {
     use jiff::Timestamp;
     use kube::runtime::watcher::Event;
 
-    use super::api_keys::{generate_key, hash_key, new_key_id, secret_for_record};
+    use super::api_keys::{generate_key, hash_key, secret_for_record};
     use super::clerk::testing::{TestIssuer, session_claims};
     use super::*;
 
@@ -183,7 +190,7 @@ mod tests {
 
     fn index_with(key: &str, org: &str, project: Option<&str>) -> (ApiKeyIndex, String) {
         let record = ApiKeyRecord {
-            id: new_key_id(),
+            id: crate::ids::time_sortable_id(jiff::Timestamp::now()),
             organization_id: org.to_string(),
             project_id: project.map(str::to_string),
             name: "ci".to_string(),

@@ -18,6 +18,7 @@ use crate::resources::{
 };
 use crate::signing::{KeyRing, KeyRingChange, SigningSecret, plan_key_ring};
 use crate::signing_secret::{CURRENT_SECRET_KEY, PREVIOUS_SECRETS_KEY, ROTATION_ANNOTATION, stored_key_ring};
+use crate::telemetry::EventNote;
 use crate::validation::{UrlPolicy, validate_spec};
 
 /// Identity of the endpoint a Secret belongs to.
@@ -232,19 +233,6 @@ pub fn secret_claim(existing: Option<&Secret>, endpoint_uid: &str) -> SecretClai
     } else {
         SecretClaim::Taken
     }
-}
-
-/// A Kubernetes Event the controller should publish about an endpoint.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventNote {
-    /// Warning rather than Normal.
-    pub warning: bool,
-    /// Machine-readable reason (`kubectl get events` REASON).
-    pub reason: &'static str,
-    /// What the controller did.
-    pub action: &'static str,
-    /// For humans; never a secret.
-    pub note: String,
 }
 
 /// How long to wait before looking again at an endpoint whose Secret name is taken. The signing

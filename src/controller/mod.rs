@@ -18,7 +18,7 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
@@ -33,10 +33,10 @@ use crate::resources::{
 };
 use crate::signing::SigningSecret;
 use crate::signing_secret::signing_secret_selector;
-use crate::telemetry::{Metrics, ReadyHandle, WriteKind};
+use crate::telemetry::{EventNote, Metrics, ReadyHandle, WriteKind, publish_event};
 use crate::tenancy::NamespaceBinding;
 use crate::validation::UrlPolicy;
-use desired::{EventNote, Observed, decide};
+use desired::{Observed, decide};
 
 /// Settings of the controller.
 #[derive(Clone, Debug)]
@@ -127,21 +127,7 @@ impl Context {
     }
 
     async fn publish(&self, endpoint: &WebhookEndpoint, note: &EventNote) {
-        let event = Event {
-            type_: if note.warning {
-                EventType::Warning
-            } else {
-                EventType::Normal
-            },
-            reason: note.reason.into(),
-            note: Some(note.note.clone()),
-            action: note.action.into(),
-            secondary: None,
-        };
-        match self.recorder.publish(&event, &endpoint.object_ref(&())).await {
-            Ok(()) => self.wrote(WriteKind::Event),
-            Err(e) => warn!(endpoint = %endpoint.name_any(), error = %e, "could not publish Event"),
-        }
+        publish_event(&self.recorder, &self.config.metrics, &endpoint.object_ref(&()), note).await;
     }
 
     fn wrote(&self, kind: WriteKind) {

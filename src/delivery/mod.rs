@@ -1,4 +1,4 @@
-//! Delivery rules (design §4) and the signed HTTP attempt.
+//! Delivery rules and the signed HTTP attempt.
 //!
 //! Apart from [`sender`], everything here is plain data and functions with no IO: no network, no
 //! DNS, no clock reads (the current time and the jitter are passed in), so every rule is

@@ -1,6 +1,6 @@
 //! What one delivery attempt's result means for the delivery and the endpoint.
 //!
-//! The rule (design §4): 2xx is success; 410 Gone means the receiver wants no more deliveries,
+//! The rule: 2xx is success; 410 Gone means the receiver wants no more deliveries,
 //! so the endpoint is disabled; every other status, a timeout or a connection error is a
 //! failure that is retried; an address refused by the SSRF guard is final, since retrying
 //! cannot make it allowed.

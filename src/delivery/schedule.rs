@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use crate::duration::{format_duration, parse_duration};
+
 /// The longest single delay a schedule may hold. A longer one is almost certainly a typo
 /// (`30h` meant as `30m` is fine, `300h` is not), and deliveries should not sit unattempted for
 /// longer than a week.
@@ -99,14 +101,7 @@ impl RetrySchedule {
 impl Default for RetrySchedule {
     /// `0s,5s,5m,30m,2h,5h,10h,10h` ([`DEFAULT_SCHEDULE`]).
     fn default() -> Self {
-        const MIN: u64 = 60;
-        const HOUR: u64 = 3600;
-        RetrySchedule(
-            [0, 5, 5 * MIN, 30 * MIN, 2 * HOUR, 5 * HOUR, 10 * HOUR, 10 * HOUR]
-                .into_iter()
-                .map(Duration::from_secs)
-                .collect(),
-        )
+        DEFAULT_SCHEDULE.parse().expect("the default schedule parses")
     }
 }
 
@@ -123,7 +118,7 @@ impl FromStr for RetrySchedule {
             .split(',')
             .enumerate()
             .map(|(i, item)| {
-                parse_delay(item.trim()).map_err(|reason| ScheduleError::InvalidItem {
+                parse_duration(item.trim()).map_err(|reason| ScheduleError::InvalidItem {
                     position: i + 1,
                     item: item.trim().to_string(),
                     reason,
@@ -138,52 +133,6 @@ impl fmt::Display for RetrySchedule {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let items: Vec<String> = self.0.iter().map(|d| format_duration(*d)).collect();
         f.write_str(&items.join(","))
-    }
-}
-
-/// Parses one item: digits then a unit. Only integers, so `1.5h` must be written `90m`; that
-/// keeps the syntax small and every value exact.
-fn parse_delay(item: &str) -> Result<Duration, String> {
-    if item.is_empty() {
-        return Err("it is empty (a stray comma?)".into());
-    }
-    let split = item.find(|c: char| !c.is_ascii_digit()).unwrap_or(item.len());
-    let (digits, unit) = item.split_at(split);
-    if digits.is_empty() {
-        return Err("it must start with a whole number, e.g. \"5m\"".into());
-    }
-    // A number that does not fit u64 is far beyond the 7-day cap anyway; say so plainly.
-    let value: u64 = digits.parse().map_err(|_| "the number is too large".to_string())?;
-    let millis_per_unit = match unit {
-        "ms" => 1,
-        "s" => 1_000,
-        "m" => 60_000,
-        "h" => 3_600_000,
-        "" => return Err("it has no unit; use ms, s, m or h".into()),
-        other => return Err(format!("unknown unit {other:?}; use ms, s, m or h")),
-    };
-    value
-        .checked_mul(millis_per_unit)
-        .map(Duration::from_millis)
-        .ok_or_else(|| "the number is too large".to_string())
-}
-
-/// Writes a delay in the largest unit that represents it exactly (`300000ms` → `5m`).
-fn format_duration(d: Duration) -> String {
-    let millis = d.as_millis();
-    if millis == 0 {
-        "0s".into()
-    } else if !d.subsec_nanos().is_multiple_of(1_000_000) {
-        // Not representable in the syntax (sub-millisecond); only reachable through `new`.
-        format!("{d:?}")
-    } else if millis.is_multiple_of(3_600_000) {
-        format!("{}h", millis / 3_600_000)
-    } else if millis.is_multiple_of(60_000) {
-        format!("{}m", millis / 60_000)
-    } else if millis.is_multiple_of(1_000) {
-        format!("{}s", millis / 1_000)
-    } else {
-        format!("{millis}ms")
     }
 }
 
@@ -352,6 +301,16 @@ mod tests {
     }
 
     #[test]
+    fn items_use_the_one_duration_grammar() {
+        let schedule: RetrySchedule = "0s,1m30s,1d,500ms".parse().unwrap();
+        assert_eq!(
+            schedule.delays(),
+            &[secs(0), secs(90), secs(86_400), Duration::from_millis(500)]
+        );
+        assert_eq!(schedule.to_string(), "0s,90s,1d,500ms");
+    }
+
+    #[test]
     fn parse_errors_name_the_bad_item() {
         let cases = [
             ("0s,5x", 2, "5x", "unknown unit"),
@@ -386,7 +345,7 @@ mod tests {
         assert_eq!(RetrySchedule::new(vec![]).unwrap_err(), ScheduleError::Empty);
         assert_eq!(
             "0s,5x".parse::<RetrySchedule>().unwrap_err().to_string(),
-            "retry schedule item 2 (\"5x\") is invalid: unknown unit \"x\"; use ms, s, m or h"
+            "retry schedule item 2 (\"5x\") is invalid: unknown unit \"x\"; use d, h, m, s or ms"
         );
     }
 

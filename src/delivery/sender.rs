@@ -1,4 +1,4 @@
-//! Sends one signed delivery attempt to a customer URL (design §4).
+//! Sends one signed delivery attempt to a customer URL.
 //!
 //! One [`Sender`] holds one `reqwest::Client` shared by every endpoint, so connections to a
 //! receiver are kept alive across deliveries. Each attempt:
@@ -32,6 +32,7 @@ use crate::delivery::outcome::{AttemptOutcome, classify};
 use crate::delivery::schedule::parse_retry_after;
 use crate::delivery::ssrf::{self, TargetPolicy};
 use crate::signing::KeyRing;
+use crate::validation::{UrlPolicy, validate_url};
 
 /// The `user-agent` of every delivery.
 pub const USER_AGENT: &str = concat!(
@@ -171,26 +172,17 @@ impl Sender {
     }
 }
 
-/// Checks a webhook URL before any connection: it must parse, use `https` (or `http` when
-/// `allow_http`), carry no credentials, and an IP-literal host must pass `policy`. Host names
+/// Checks a webhook URL before any connection: the endpoint URL rules of
+/// [`validate_url`] (scheme, host, no credentials, length), and an IP-literal host must pass
+/// `policy`. Host names
 /// are checked when they are resolved, by the sender's resolver. The error says why, without
 /// repeating the URL.
 pub fn check_target_url(url: &str, allow_http: bool, policy: TargetPolicy) -> Result<Url, String> {
-    let target = Url::parse(url).map_err(|e| format!("invalid webhook URL: {e}"))?;
-    match target.scheme() {
-        "https" => {}
-        "http" if allow_http => {}
-        "http" => return Err("plain http webhook URLs are not allowed; use https".into()),
-        other => return Err(format!("webhook URL scheme {other:?} is not allowed; use https")),
-    }
-    if !target.username().is_empty() || target.password().is_some() {
-        return Err("webhook URLs must not contain credentials".into());
-    }
+    let target = validate_url(url, UrlPolicy { allow_http })?;
     match target.host() {
-        None => return Err("the webhook URL has no host".into()),
         Some(Host::Ipv4(ip)) => ssrf::check_address(IpAddr::V4(ip), policy)?,
         Some(Host::Ipv6(ip)) => ssrf::check_address(IpAddr::V6(ip), policy)?,
-        Some(Host::Domain(_)) => {}
+        Some(Host::Domain(_)) | None => {}
     }
     Ok(target)
 }
@@ -389,7 +381,7 @@ mod tests {
         assert!(
             refusal(&strict_https, "not a url")
                 .await
-                .starts_with("invalid webhook URL")
+                .starts_with("url is not an absolute URL")
         );
         for url in [
             "https://user:hunter2@example.com/hook",

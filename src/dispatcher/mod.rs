@@ -41,8 +41,6 @@ pub use crate::work::{Listed, SubmitError};
 pub use status::{CONDITION_HEALTHY, DispatchSummary};
 use worker::{Msg, Worker};
 
-/// Field manager of the dispatcher's writes: the delivery log's, since the dispatcher writes both.
-pub const DISPATCHER_FIELD_MANAGER: &str = crate::delivery_log::FIELD_MANAGER;
 /// Event type of test deliveries.
 pub const TEST_EVENT_TYPE: &str = "webhook.test";
 

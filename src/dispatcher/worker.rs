@@ -16,24 +16,26 @@ use std::time::Duration;
 use bytes::Bytes;
 use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType};
 use kube::{Api, Resource};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
+use super::Shared;
 use super::status::{DispatchSummary, status_patch, transition_event};
-use super::{DISPATCHER_FIELD_MANAGER, Shared};
 use crate::delivery::health::{HealthWindow, health, should_auto_disable};
 use crate::delivery::outcome::{AttemptOutcome, is_retryable};
 use crate::delivery::schedule::next_attempt_delay;
 use crate::delivery::sender::AttemptResult;
+use crate::delivery_log::FIELD_MANAGER;
 use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, SegmentWrite, WritePipeline};
 use crate::resources::{DeliverySummary, Health, WebhookEndpoint};
-use crate::telemetry::{DeliveryOutcome, WriteKind};
+use crate::telemetry::{DeliveryOutcome, EventNote, WriteKind, publish_event};
 use crate::work::{Listed, SubmitError};
 
+/// Longest wait before writing again after the API server gave log writes back.
+const LOG_WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Log writes (batches) of one organization in flight at most.
 pub(crate) const WRITES_IN_FLIGHT: usize = 4;
 
@@ -687,7 +689,7 @@ impl Worker {
         self.start_deletes();
         if self.pipeline.settle(&mut self.log) {
             self.write_failures += 1;
-            let backoff = crate::backoff::retry_delay(self.write_failures).min(Duration::from_secs(30));
+            let backoff = crate::backoff::doubling(self.write_failures, Duration::from_secs(1), LOG_WRITE_RETRY_MAX);
             warn!(organization = %self.organization, ?backoff, "delivery log writes given back; retrying");
             self.write_retry_at = Some(Instant::now() + backoff);
         }
@@ -714,7 +716,7 @@ impl Worker {
         tokio::spawn(async move {
             let api: Api<WebhookEndpoint> = Api::namespaced(shared.client.clone(), &namespace);
             let params = PatchParams {
-                field_manager: Some(DISPATCHER_FIELD_MANAGER.into()),
+                field_manager: Some(FIELD_MANAGER.into()),
                 ..Default::default()
             };
             if let Err(e) = api
@@ -726,18 +728,13 @@ impl Worker {
             }
             shared.config.metrics.apiserver_writes(WriteKind::Endpoint, 1);
             if let Ok(ep) = api.get(&name).await {
-                let event = Event {
-                    type_: EventType::Warning,
-                    reason: "EndpointDisabled".into(),
-                    note: Some(format!(
-                        "deliveries paused: {reason}; set spec.active to true to resume"
-                    )),
-                    action: "Disable".into(),
-                    secondary: None,
+                let event = EventNote {
+                    warning: true,
+                    reason: "EndpointDisabled",
+                    action: "Disable",
+                    note: format!("deliveries paused: {reason}; set spec.active to true to resume"),
                 };
-                if shared.recorder.publish(&event, &ep.object_ref(&())).await.is_ok() {
-                    shared.config.metrics.apiserver_writes(WriteKind::Event, 1);
-                }
+                publish_event(&shared.recorder, &shared.config.metrics, &ep.object_ref(&()), &event).await;
             }
         });
     }
@@ -806,27 +803,26 @@ impl Worker {
                 .metrics
                 .apiserver_write_bytes(WriteKind::EndpointStatus, bytes);
             let result = api
-                .patch_status(
-                    &name,
-                    &PatchParams::apply(DISPATCHER_FIELD_MANAGER).force(),
-                    &Patch::Apply(&patch),
-                )
+                .patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
                 .await;
             let written = match result {
                 Ok(_) => {
                     shared.config.metrics.apiserver_writes(WriteKind::EndpointStatus, 1);
                     if let Some((warning, reason, note)) = transition {
                         info!(endpoint = %name, from = from.as_str(), to = health.as_str(), "health changed");
-                        let event = Event {
-                            type_: if warning { EventType::Warning } else { EventType::Normal },
-                            reason: reason.into(),
-                            note: Some(note),
-                            action: "Deliver".into(),
-                            secondary: None,
+                        let event = EventNote {
+                            warning,
+                            reason,
+                            action: "Deliver",
+                            note,
                         };
-                        if shared.recorder.publish(&event, &endpoint.object_ref(&())).await.is_ok() {
-                            shared.config.metrics.apiserver_writes(WriteKind::Event, 1);
-                        }
+                        publish_event(
+                            &shared.recorder,
+                            &shared.config.metrics,
+                            &endpoint.object_ref(&()),
+                            &event,
+                        )
+                        .await;
                     }
                     Some((health, disabled_reason))
                 }

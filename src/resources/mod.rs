@@ -104,7 +104,7 @@ pub struct WebhookEndpointSpec {
 
     /// Absolute http(s) URL that receives deliveries (at most 2048 characters). Whether plain
     /// http and private addresses are allowed is the operator's configuration.
-    #[schemars(length(min = 1, max = 2048))]
+    #[schemars(length(min = 1, max = MAX_URL_LENGTH))]
     #[x_kube(validation = kube::core::Rule::new(
         "isURL(self) && url(self).getScheme() in ['https', 'http'] && url(self).getHostname() != ''"
     ).message("url must be an absolute http:// or https:// URL with a host"))]
@@ -112,15 +112,15 @@ pub struct WebhookEndpointSpec {
 
     /// Free text shown to users (at most 1024 characters).
     #[serde(default)]
-    #[schemars(length(max = 1024))]
+    #[schemars(length(max = MAX_DESCRIPTION_LENGTH))]
     pub description: String,
 
     /// Event types delivered to this endpoint: exact names (`database.created`) or prefixes
     /// (`database.*`). Empty means every event type.
     #[serde(default)]
     #[schemars(
-        length(max = 64),
-        inner(length(min = 1, max = 128), pattern(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*(\.\*)?$"))
+        length(max = MAX_EVENT_TYPES),
+        inner(length(min = 1, max = MAX_EVENT_TYPE_LENGTH), pattern(EVENT_TYPE_PATTERN))
     )]
     pub event_types: Vec<String>,
 

@@ -141,7 +141,6 @@ impl Operator {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             ingest_base = format!("http://{}", listener.local_addr().unwrap());
             let config = IngestConfig {
-                listen: listener.local_addr().unwrap(),
                 token: INGEST_TOKEN.into(),
                 payload_limit: 64 * 1024,
                 idempotency_window: Duration::from_secs(3600),
@@ -175,7 +174,6 @@ impl Operator {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let config = ApiConfig {
-            listen: addr,
             scope,
             home_namespace: home.clone(),
             url_policy,
