@@ -7,6 +7,10 @@
 
 use std::time::Duration;
 
+use jiff::Timestamp;
+
+use crate::delivery::schedule::{RetrySchedule, next_attempt_delay};
+
 /// The result of one delivery attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum AttemptOutcome {
@@ -97,6 +101,83 @@ pub fn is_retryable(outcome: &AttemptOutcome) -> bool {
     match outcome {
         AttemptOutcome::Success { .. } | AttemptOutcome::Gone | AttemptOutcome::Refused(_) => false,
         AttemptOutcome::HttpFailure { .. } | AttemptOutcome::Timeout | AttemptOutcome::ConnectError(_) => true,
+    }
+}
+
+/// Where a delivery goes after an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NextStep {
+    /// Delivered: the delivery is `succeeded`.
+    Succeeded,
+    /// Still `pending`: attempt again at this time.
+    RetryAt(Timestamp),
+    /// No attempt left, or none worth making: the delivery is `failed`.
+    Failed,
+}
+
+/// What one attempt's outcome does to its delivery and its endpoint.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AttemptEffect {
+    /// The delivery's next step.
+    pub next: NextStep,
+    /// The delivery's `last_error`: `None` after a success.
+    pub last_error: Option<String>,
+    /// Why the endpoint should be disabled, when the receiver asked for it (410 Gone).
+    pub disable: Option<String>,
+}
+
+/// Decides what an attempt's outcome does to a delivery that has now had `attempts_made`
+/// attempts (this one included) out of `max_attempts`. `jitter_unit` is uniform in `[0, 1)`
+/// (see [`crate::delivery::schedule::apply_jitter`]). Pure: the worker applies the effect.
+pub fn after_attempt(
+    outcome: &AttemptOutcome,
+    response_excerpt: Option<&str>,
+    attempts_made: u32,
+    max_attempts: u32,
+    schedule: &RetrySchedule,
+    at: Timestamp,
+    jitter_unit: f64,
+) -> AttemptEffect {
+    if outcome.is_success() {
+        return AttemptEffect {
+            next: NextStep::Succeeded,
+            last_error: None,
+            disable: None,
+        };
+    }
+    let delay = is_retryable(outcome)
+        .then(|| {
+            next_attempt_delay(
+                schedule,
+                attempts_made,
+                Some(max_attempts),
+                outcome.retry_after(),
+                jitter_unit,
+            )
+        })
+        .flatten();
+    AttemptEffect {
+        next: match delay {
+            Some(delay) => NextStep::RetryAt(at.checked_add(delay).unwrap_or(at)),
+            None => NextStep::Failed,
+        },
+        last_error: Some(describe_failure(outcome, response_excerpt)),
+        disable: matches!(outcome, AttemptOutcome::Gone).then(|| "the receiver answered 410 Gone".to_string()),
+    }
+}
+
+/// `last_error` text for a failed attempt: what happened, and the start of the response body.
+pub fn describe_failure(outcome: &AttemptOutcome, response_excerpt: Option<&str>) -> String {
+    let what = match outcome {
+        AttemptOutcome::HttpFailure { status, .. } | AttemptOutcome::Success { status } => format!("HTTP {status}"),
+        AttemptOutcome::Gone => "HTTP 410 Gone".to_string(),
+        AttemptOutcome::Timeout => "timed out".to_string(),
+        AttemptOutcome::ConnectError(e) => format!("connection failed: {e}"),
+        AttemptOutcome::Refused(e) => format!("refused: {e}"),
+    };
+    match response_excerpt.filter(|s| !s.is_empty()) {
+        Some(body) => format!("{what}: {body}"),
+        None => what,
     }
 }
 
@@ -201,6 +282,100 @@ mod tests {
             assert!(!outcome.is_success());
             assert_eq!(outcome.status(), None);
             assert_eq!(outcome.retry_after(), None);
+        }
+    }
+
+    mod after_attempt {
+        use super::super::*;
+
+        fn schedule() -> RetrySchedule {
+            "0s,10s,1m".parse().unwrap()
+        }
+
+        fn at() -> Timestamp {
+            Timestamp::from_second(1_000_000).unwrap()
+        }
+
+        fn effect(outcome: AttemptOutcome, attempts_made: u32) -> AttemptEffect {
+            after_attempt(&outcome, Some("oops"), attempts_made, 3, &schedule(), at(), 0.5)
+        }
+
+        fn retry_in(seconds: i64) -> NextStep {
+            NextStep::RetryAt(at().checked_add(jiff::SignedDuration::from_secs(seconds)).unwrap())
+        }
+
+        #[test]
+        fn success_clears_the_error_whatever_came_before() {
+            let done = effect(AttemptOutcome::Success { status: 204 }, 3);
+            assert_eq!(
+                done,
+                AttemptEffect {
+                    next: NextStep::Succeeded,
+                    last_error: None,
+                    disable: None
+                }
+            );
+        }
+
+        #[test]
+        fn retryable_failures_follow_the_schedule_then_fail() {
+            for outcome in [
+                AttemptOutcome::HttpFailure {
+                    status: 500,
+                    retry_after: None,
+                },
+                AttemptOutcome::HttpFailure {
+                    status: 400,
+                    retry_after: None,
+                },
+                AttemptOutcome::Timeout,
+                AttemptOutcome::ConnectError("connection refused".into()),
+            ] {
+                assert_eq!(effect(outcome.clone(), 1).next, retry_in(10), "{outcome:?}");
+                assert_eq!(effect(outcome.clone(), 2).next, retry_in(60), "{outcome:?}");
+                let last = effect(outcome.clone(), 3);
+                assert_eq!(last.next, NextStep::Failed, "{outcome:?}");
+                assert!(last.last_error.is_some() && last.disable.is_none());
+            }
+        }
+
+        #[test]
+        fn retry_after_stretches_the_wait_on_429_and_503() {
+            let slow_down = AttemptOutcome::HttpFailure {
+                status: 429,
+                retry_after: Some(std::time::Duration::from_secs(300)),
+            };
+            assert_eq!(effect(slow_down, 1).next, retry_in(300));
+        }
+
+        #[test]
+        fn gone_fails_at_once_and_disables_the_endpoint() {
+            let gone = effect(AttemptOutcome::Gone, 1);
+            assert_eq!(gone.next, NextStep::Failed);
+            assert_eq!(gone.last_error.as_deref(), Some("HTTP 410 Gone: oops"));
+            assert_eq!(gone.disable.as_deref(), Some("the receiver answered 410 Gone"));
+        }
+
+        #[test]
+        fn a_refused_target_fails_at_once_without_disabling() {
+            let refused = effect(
+                AttemptOutcome::Refused("loopback address is not an allowed webhook target".into()),
+                1,
+            );
+            assert_eq!(refused.next, NextStep::Failed);
+            assert_eq!(refused.disable, None);
+            assert!(refused.last_error.unwrap().starts_with("refused: loopback address"));
+        }
+
+        #[test]
+        fn errors_carry_the_response_excerpt_when_there_is_one() {
+            let failure = AttemptOutcome::HttpFailure {
+                status: 502,
+                retry_after: None,
+            };
+            assert_eq!(describe_failure(&failure, Some("bad gateway")), "HTTP 502: bad gateway");
+            assert_eq!(describe_failure(&failure, Some("")), "HTTP 502");
+            assert_eq!(describe_failure(&AttemptOutcome::Timeout, None), "timed out");
         }
     }
 }

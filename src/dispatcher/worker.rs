@@ -25,8 +25,7 @@ use tracing::{debug, info, warn};
 use super::Shared;
 use super::status::{DispatchSummary, status_patch, transition_event};
 use crate::delivery::health::{HealthWindow, health, should_auto_disable};
-use crate::delivery::outcome::{AttemptOutcome, is_retryable};
-use crate::delivery::schedule::next_attempt_delay;
+use crate::delivery::outcome::{NextStep, after_attempt};
 use crate::delivery::sender::AttemptResult;
 use crate::delivery_log::FIELD_MANAGER;
 use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, SegmentWrite, WritePipeline};
@@ -493,47 +492,42 @@ impl Worker {
         record.updated_at = at;
         record.response_status = result.outcome.status();
         let success = result.outcome.is_success();
-        let mut disable: Option<String> = None;
+        let effect = after_attempt(
+            &result.outcome,
+            result.response_excerpt.as_deref(),
+            record.attempts,
+            record.max_attempts,
+            &schedule,
+            at,
+            rand::random::<f64>(),
+        );
+        record.last_error = effect.last_error;
+        let mut disable = effect.disable;
         if success {
-            record.state = DeliveryState::Succeeded;
-            record.delivered_at = Some(at);
-            record.next_attempt_at = None;
-            record.last_error = None;
-            state.totals.succeeded += 1;
-            metrics.delivery(DeliveryOutcome::Succeeded);
             state.totals.consecutive_failures = 0;
             state.totals.last_success_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
         } else {
-            record.last_error = Some(describe(&result));
             state.totals.consecutive_failures += 1;
             state.totals.last_failure_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
-            let delay = is_retryable(&result.outcome)
-                .then(|| {
-                    next_attempt_delay(
-                        &schedule,
-                        record.attempts,
-                        Some(record.max_attempts),
-                        result.outcome.retry_after(),
-                        rand::random::<f64>(),
-                    )
-                })
-                .flatten();
-            match delay {
-                Some(delay) => {
-                    let next = at.checked_add(delay).unwrap_or(at);
-                    record.next_attempt_at = Some(next);
-                    state.due.insert((next, id.clone()));
-                    metrics.delivery(DeliveryOutcome::Retried);
-                }
-                None => {
-                    record.state = DeliveryState::Failed;
-                    record.next_attempt_at = None;
-                    state.totals.failed += 1;
-                    metrics.delivery(DeliveryOutcome::Failed);
-                }
+        }
+        match effect.next {
+            NextStep::Succeeded => {
+                record.state = DeliveryState::Succeeded;
+                record.delivered_at = Some(at);
+                record.next_attempt_at = None;
+                state.totals.succeeded += 1;
+                metrics.delivery(DeliveryOutcome::Succeeded);
             }
-            if matches!(result.outcome, AttemptOutcome::Gone) {
-                disable = Some("the receiver answered 410 Gone".into());
+            NextStep::RetryAt(next) => {
+                record.next_attempt_at = Some(next);
+                state.due.insert((next, id.clone()));
+                metrics.delivery(DeliveryOutcome::Retried);
+            }
+            NextStep::Failed => {
+                record.state = DeliveryState::Failed;
+                record.next_attempt_at = None;
+                state.totals.failed += 1;
+                metrics.delivery(DeliveryOutcome::Failed);
             }
         }
         state.window.record(at, success);
@@ -852,21 +846,5 @@ impl Worker {
             }
             None => state.summary_dirty = true,
         }
-    }
-}
-
-/// `last_error` text for a failed attempt: what happened, and the start of the response body.
-fn describe(result: &AttemptResult) -> String {
-    let what = match &result.outcome {
-        AttemptOutcome::HttpFailure { status, .. } => format!("HTTP {status}"),
-        AttemptOutcome::Gone => "HTTP 410 Gone".to_string(),
-        AttemptOutcome::Timeout => "timed out".to_string(),
-        AttemptOutcome::ConnectError(e) => format!("connection failed: {e}"),
-        AttemptOutcome::Refused(e) => format!("refused: {e}"),
-        AttemptOutcome::Success { status } => format!("HTTP {status}"),
-    };
-    match result.response_excerpt.as_deref().filter(|s| !s.is_empty()) {
-        Some(body) => format!("{what}: {body}"),
-        None => what,
     }
 }
