@@ -4,7 +4,8 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use futures::StreamExt;
@@ -245,13 +246,211 @@ fn new_request_id() -> String {
     format!("{n:016x}")
 }
 
+/// What a port tolerates from its clients, so that slow or idle connections cannot hold it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Time a client has to send a request's headers, from its first byte (or from the
+    /// connection's start); then the connection is closed.
+    pub header_read_timeout: Duration,
+    /// A connection with no bytes read or written and no request in flight for this long is
+    /// closed.
+    pub idle_timeout: Duration,
+    /// Connections served at once; beyond it new connections wait in the listen backlog.
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+        }
+    }
+}
+
 /// Serves `routes` on an already bound listener until `shutdown` resolves; in-flight requests
-/// finish first.
-pub async fn serve<F>(listener: tokio::net::TcpListener, routes: F, shutdown: impl Future<Output = ()> + Send + 'static)
-where
+/// finish first. HTTP/1.1 and HTTP/2 (prior knowledge), with `limits` on every connection.
+pub async fn serve<F>(
+    listener: tokio::net::TcpListener,
+    routes: F,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    limits: ServerLimits,
+) where
     F: Filter<Extract = (Response,), Error = Infallible> + Clone + Send + Sync + 'static,
 {
-    warp::serve(routes).incoming(listener).graceful(shutdown).run().await;
+    let max = limits.max_connections.max(1);
+    let slots = Arc::new(tokio::sync::Semaphore::new(max));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        // A slot first: at the cap, connections wait in the kernel's backlog, not in memory.
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            () = &mut shutdown => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    // Out of file descriptors and the like: say so and give the system a moment.
+                    tracing::warn!(error = %e, "accepting a connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = hyper_util::service::TowerToHyperService::new(warp::service(routes.clone()));
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let activity = Arc::new(Activity::new());
+            let io = ActivityIo {
+                inner: hyper_util::rt::TokioIo::new(stream),
+                activity: activity.clone(),
+            };
+            let mut builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+            builder
+                .http1()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(limits.header_read_timeout);
+            builder.http2().timer(hyper_util::rt::TokioTimer::new());
+            let conn = builder.serve_connection_with_upgrades(io, service);
+            let mut conn = std::pin::pin!(conn);
+            // Set when the connection was asked to close; if it is still silent one idle timeout
+            // later (a client that stopped reading its answer), it is dropped.
+            let mut closing: Option<Instant> = None;
+            let mut tick = tokio::time::interval(
+                limits
+                    .idle_timeout
+                    .min(Duration::from_secs(1))
+                    .max(Duration::from_millis(50)),
+            );
+            loop {
+                tokio::select! {
+                    result = conn.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::debug!(error = %e, "connection ended with an error");
+                        }
+                        break;
+                    }
+                    _ = stop.wait_for(|stop| *stop), if closing.is_none() => {
+                        closing = Some(Instant::now());
+                        conn.as_mut().graceful_shutdown();
+                    }
+                    _ = tick.tick() => {
+                        let idle = activity.idle_for();
+                        match closing {
+                            None if idle >= limits.idle_timeout => {
+                                // Lets a request in flight finish; an idle connection closes now.
+                                closing = Some(Instant::now());
+                                conn.as_mut().graceful_shutdown();
+                            }
+                            Some(since) if since.elapsed() >= limits.idle_timeout && idle >= limits.idle_timeout => {
+                                tracing::debug!("dropping a connection that stayed silent after being asked to close");
+                                break;
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            }
+        });
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    // Every connection holds a slot until it is done: all slots back means all finished.
+    let _ = slots.acquire_many(max as u32).await;
+}
+
+/// When a connection last read or wrote a byte.
+struct Activity {
+    start: Instant,
+    last_millis: std::sync::atomic::AtomicU64,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_millis: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_millis.store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn idle_for(&self) -> Duration {
+        let last = Duration::from_millis(self.last_millis.load(std::sync::atomic::Ordering::Relaxed));
+        self.start.elapsed().saturating_sub(last)
+    }
+}
+
+/// A connection's IO that records activity, for the idle timeout.
+struct ActivityIo<T> {
+    inner: T,
+    activity: Arc<Activity>,
+}
+
+impl<T: hyper::rt::Read + Unpin> hyper::rt::Read for ActivityIo<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_read(cx, buf);
+        if result.is_ready() {
+            self.activity.touch();
+        }
+        result
+    }
+}
+
+impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for ActivityIo<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_write(cx, buf);
+        if result.is_ready() {
+            self.activity.touch();
+        }
+        result
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let result = std::pin::Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        if result.is_ready() {
+            self.activity.touch();
+        }
+        result
+    }
 }
 
 /// Binds a TCP listener, with an error that names the address.

@@ -29,6 +29,8 @@ use crate::work::{SubmitError, WorkHandle};
 pub struct IngestConfig {
     /// The bearer token producers must present. Never logged.
     pub token: String,
+    /// Timeouts and connection cap of the port.
+    pub server_limits: crate::http::ServerLimits,
     /// Largest event body in bytes.
     pub payload_limit: usize,
     /// How long an `Idempotency-Key` answers with its first result.
@@ -143,8 +145,8 @@ fn validate(request: &EventRequest) -> Result<(), ApiError> {
 }
 
 impl IngestState {
+    /// The token was checked before the body was read (see [`routes`]).
     async fn ingest(&self, org: String, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-        authorize(&headers, &self.config.token)?;
         let request: EventRequest = parse_json(&body)?;
         validate(&request)?;
         let idempotency_key = headers
@@ -233,9 +235,17 @@ pub fn routes(
         idempotency: Mutex::default(),
         in_progress: Mutex::default(),
     });
+    let token = state.config.token.clone();
+    // The token is checked before the body is read: an anonymous client cannot make the port
+    // buffer bodies.
     let events = warp::path!("v1" / "organizations" / String / "events")
         .and(warp::post())
         .and(warp::header::headers_cloned())
+        .and_then(move |org: String, headers: HeaderMap| {
+            let checked = authorize(&headers, &token).map_err(warp::reject::custom);
+            async move { checked.map(|()| (org, headers)) }
+        })
+        .untuple_one()
         .and(crate::http::json_bytes(limit))
         .and(warp::any().map(move || state.clone()))
         .then(|org, headers, body, state: Arc<IngestState>| async move {
@@ -268,7 +278,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     info!(listen = %listener.local_addr()?, "ingest serving");
-    crate::http::serve(listener, routes(work, config), shutdown).await;
+    let limits = config.server_limits;
+    crate::http::serve(listener, routes(work, config), shutdown, limits).await;
     info!("ingest stopped");
     Ok(())
 }

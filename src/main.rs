@@ -22,6 +22,7 @@ use capy_webhooks::delivery_log::{LogConfig, WriteBudget, parse_bytes};
 use capy_webhooks::dispatcher::{Dispatcher, DispatcherConfig};
 use capy_webhooks::duration::parse_flag_duration;
 use capy_webhooks::endpoints::{self, EndpointCache};
+use capy_webhooks::http::ServerLimits;
 use capy_webhooks::ingest::IngestConfig;
 use capy_webhooks::resources::{Scope, crd_yaml};
 use capy_webhooks::telemetry::{self, LogFormat, Metrics, Readiness, ReadyHandle};
@@ -250,6 +251,18 @@ struct RunArgs {
     #[arg(long, env = "CAPY_WEBHOOKS_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
 
+    /// Time a client has to send a request's headers, on every port; then the connection closes.
+    #[arg(long, env = "CAPY_WEBHOOKS_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_flag_duration)]
+    http_header_timeout: Duration,
+
+    /// A connection idle this long (no bytes, no request in flight) is closed, on every port.
+    #[arg(long, env = "CAPY_WEBHOOKS_HTTP_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_flag_duration)]
+    http_idle_timeout: Duration,
+
+    /// Connections served at once per port; more wait in the listen backlog.
+    #[arg(long, env = "CAPY_WEBHOOKS_HTTP_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..))]
+    http_max_connections: u32,
+
     /// Log line format.
     #[arg(long, env = "CAPY_WEBHOOKS_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -426,10 +439,16 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let dispatcher_ready = ready(Component::Dispatcher, "dispatcher");
     let mut tasks = Components::new();
     let ops_listener = capy_webhooks::http::bind(args.metrics_listen, "operations port").await?;
+    let server_limits = ServerLimits {
+        header_read_timeout: args.http_header_timeout,
+        idle_timeout: args.http_idle_timeout,
+        max_connections: args.http_max_connections as usize,
+    };
     tasks.spawn(capy_webhooks::ops::run(
         metrics.clone(),
         readiness.clone(),
         ops_listener,
+        server_limits,
         stopped(),
     ));
 
@@ -488,6 +507,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             return until_all_end(tasks).await;
         };
         let ingest = IngestConfig {
+            server_limits,
             token,
             payload_limit: args.ingest_payload_limit,
             idempotency_window: Duration::from_secs(24 * 3600),
@@ -518,6 +538,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             return until_all_end(tasks).await;
         };
         let config = ApiConfig {
+            server_limits,
             scope: scope.clone(),
             home_namespace: home_namespace.clone(),
             url_policy,

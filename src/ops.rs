@@ -59,10 +59,11 @@ pub async fn run(
     metrics: Metrics,
     readiness: Readiness,
     listener: tokio::net::TcpListener,
+    limits: crate::http::ServerLimits,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
     info!(listen = %listener.local_addr()?, "operations port serving /healthz /readyz /metrics");
-    crate::http::serve(listener, routes(metrics, readiness), shutdown).await;
+    crate::http::serve(listener, routes(metrics, readiness), shutdown, limits).await;
     info!("operations port stopped");
     Ok(())
 }

@@ -131,6 +131,8 @@ fn chart_defaults_match_the_binary() {
         &values["delivery"]["attemptTimeout"],
         &values["delivery"]["autoDisableAfter"],
         &values["rotationGracePeriod"],
+        &values["http"]["headerTimeout"],
+        &values["http"]["idleTimeout"],
     ] {
         let text = value.as_str().unwrap_or_else(|| panic!("{value:?} is a string"));
         capy_webhooks::duration::parse_duration(text).unwrap_or_else(|e| panic!("{text}: {e}"));

@@ -45,6 +45,8 @@ pub const MAX_DELIVERIES_LIMIT: usize = 1000;
 pub struct ApiConfig {
     /// Namespaces whose endpoints are served.
     pub scope: Scope,
+    /// Timeouts and connection cap of the port.
+    pub server_limits: crate::http::ServerLimits,
     /// Namespace where endpoints created over REST are placed.
     pub home_namespace: String,
     /// Which URLs are accepted.
@@ -208,8 +210,8 @@ impl ApiState {
             .map(|(_, body)| body.clone())
     }
 
-    async fn create(&self, org: String, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-        let principal = self.authorize(&org, &headers).await?;
+    /// `principal` was authenticated before the body was read.
+    async fn create(&self, org: String, principal: Principal, body: Bytes) -> Result<Response, ApiError> {
         let request: CreateRequest = parse_json(&body)?;
         let ns = &self.config.home_namespace;
         let name = new_endpoint_name(Timestamp::now());
@@ -254,8 +256,8 @@ impl ApiState {
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::CREATED).into_response())
     }
 
-    async fn update(&self, org: String, id: String, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
-        self.authorize(&org, &headers).await?;
+    /// Authenticated before the body was read.
+    async fn update(&self, org: String, id: String, body: Bytes) -> Result<Response, ApiError> {
         let request: UpdateRequest = parse_json(&body)?;
         let existing = self.find(&org, &id)?;
         let patch = update_patch(&org, &request, self.config.url_policy).map_err(ApiError::bad_request)?;
@@ -504,18 +506,32 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .and(headers)
         .and(with_state.clone())
         .then(|org, h, s: Shared| async move { respond(s.list(org, h).await) });
+    // Routes with a body authenticate before they read it: an anonymous client cannot make the
+    // facade buffer bodies.
     let create = collection
         .and(warp::post())
         .and(headers)
-        .and(body.clone())
         .and(with_state.clone())
-        .then(|org, h, b, s: Shared| async move { respond(s.create(org, h, b).await) });
+        .and_then(|org: String, h: HeaderMap, s: Shared| async move {
+            match s.authorize(&org, &h).await {
+                Ok(principal) => Ok((org, s, principal)),
+                Err(e) => Err(warp::reject::custom(e)),
+            }
+        })
+        .and(body.clone())
+        .then(|(org, s, p): (String, Shared, Principal), b| async move { respond(s.create(org, p, b).await) });
     let update = item
         .and(warp::patch())
         .and(headers)
-        .and(body)
         .and(with_state.clone())
-        .then(|org, id, h, b, s: Shared| async move { respond(s.update(org, id, h, b).await) });
+        .and_then(|org: String, id: String, h: HeaderMap, s: Shared| async move {
+            match s.authorize(&org, &h).await {
+                Ok(_) => Ok((org, id, s)),
+                Err(e) => Err(warp::reject::custom(e)),
+            }
+        })
+        .and(body)
+        .then(|(org, id, s): (String, String, Shared), b| async move { respond(s.update(org, id, b).await) });
     let delete = item
         .and(warp::delete())
         .and(headers)
@@ -614,7 +630,8 @@ pub async fn run(
     });
     info!(listen = %listener.local_addr()?, "REST API serving");
     ready.set_ready();
-    crate::http::serve(listener, routes(state), shutdown).await;
+    let limits = state.config.server_limits;
+    crate::http::serve(listener, routes(state), shutdown, limits).await;
     info!("REST API stopped");
     Ok(())
 }

@@ -47,6 +47,8 @@ pub struct Options {
     /// `--home-namespace` when it differs from the served namespace (API keys live there, and
     /// other namespaces serve only the organization of their label).
     pub home_namespace: Option<String>,
+    /// Timeouts and connection cap of the REST and ingest ports.
+    pub server_limits: capy_webhooks::http::ServerLimits,
 }
 
 impl Default for Options {
@@ -64,6 +66,7 @@ impl Default for Options {
             rotation_grace: Duration::from_secs(3600),
             log_write_budget: 0,
             home_namespace: None,
+            server_limits: capy_webhooks::http::ServerLimits::default(),
         }
     }
 }
@@ -141,6 +144,7 @@ impl Operator {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             ingest_base = format!("http://{}", listener.local_addr().unwrap());
             let config = IngestConfig {
+                server_limits: opts.server_limits,
                 token: INGEST_TOKEN.into(),
                 payload_limit: 64 * 1024,
                 idempotency_window: Duration::from_secs(3600),
@@ -174,6 +178,7 @@ impl Operator {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let config = ApiConfig {
+            server_limits: opts.server_limits,
             scope,
             home_namespace: home.clone(),
             url_policy,
