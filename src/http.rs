@@ -453,6 +453,46 @@ impl<T: hyper::rt::Write + Unpin> hyper::rt::Write for ActivityIo<T> {
     }
 }
 
+/// A rate limit per key (an organization): `per_second` requests, with bursts of `burst`.
+/// Each key has its own bucket; keys come only after authentication, so they are few.
+pub struct KeyedRateLimit {
+    per_second: f64,
+    burst: f64,
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, Instant)>>,
+}
+
+impl KeyedRateLimit {
+    /// `per_second` requests per key (0: unlimited), bursts of `burst` (at least 1).
+    pub fn new(per_second: f64, burst: u32) -> Self {
+        Self {
+            per_second,
+            burst: f64::from(burst.max(1)),
+            buckets: Default::default(),
+        }
+    }
+
+    /// Takes one request for `key` at `now`; when the key is over its rate, how long until the
+    /// next request is admitted (whole seconds, at least 1, as `Retry-After` counts).
+    pub fn take(&self, key: &str, now: Instant) -> Result<(), Duration> {
+        if self.per_second <= 0.0 {
+            return Ok(());
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (level, updated) = buckets.entry(key.to_string()).or_insert((self.burst, now));
+        let refilled =
+            (*level + now.saturating_duration_since(*updated).as_secs_f64() * self.per_second).min(self.burst);
+        *updated = (*updated).max(now);
+        if refilled >= 1.0 {
+            *level = refilled - 1.0;
+            Ok(())
+        } else {
+            *level = refilled;
+            let wait = ((1.0 - refilled) / self.per_second).ceil().max(1.0);
+            Err(Duration::from_secs(wait as u64))
+        }
+    }
+}
+
 /// Binds a TCP listener, with an error that names the address.
 pub async fn bind(addr: SocketAddr, what: &str) -> anyhow::Result<tokio::net::TcpListener> {
     tokio::net::TcpListener::bind(addr)
@@ -543,5 +583,31 @@ mod tests {
         ] {
             assert_eq!(bearer_token(header), want, "{header:?}");
         }
+    }
+
+    #[test]
+    fn keyed_rate_limit_admits_bursts_then_spaces_requests() {
+        let limit = KeyedRateLimit::new(2.0, 3);
+        let t0 = Instant::now();
+        for _ in 0..3 {
+            assert_eq!(limit.take("org_a", t0), Ok(()));
+        }
+        assert_eq!(limit.take("org_a", t0), Err(Duration::from_secs(1)));
+        // Another key has its own bucket.
+        assert_eq!(limit.take("org_b", t0), Ok(()));
+        // Half a second later one request's worth is back (2 per second).
+        assert_eq!(limit.take("org_a", t0 + Duration::from_millis(500)), Ok(()));
+        assert!(limit.take("org_a", t0 + Duration::from_millis(500)).is_err());
+        // A long pause refills to the burst, not beyond.
+        let later = t0 + Duration::from_secs(60);
+        for _ in 0..3 {
+            assert_eq!(limit.take("org_a", later), Ok(()));
+        }
+        assert!(limit.take("org_a", later).is_err());
+        let slow = KeyedRateLimit::new(0.1, 1);
+        assert_eq!(slow.take("k", t0), Ok(()));
+        assert_eq!(slow.take("k", t0), Err(Duration::from_secs(10)));
+        let unlimited = KeyedRateLimit::new(0.0, 1);
+        assert!((0..1000).all(|_| unlimited.take("k", t0).is_ok()));
     }
 }

@@ -178,6 +178,20 @@ struct RunArgs {
     #[arg(long, env = "CAPY_WEBHOOKS_CLERK_AUTHORIZED_PARTIES", value_delimiter = ',')]
     clerk_authorized_parties: Vec<String>,
 
+    /// Most endpoints one organization may have; creating one more over REST is 409.
+    #[arg(long, env = "CAPY_WEBHOOKS_MAX_ENDPOINTS_PER_ORGANIZATION", default_value_t = 100)]
+    max_endpoints_per_organization: usize,
+
+    /// Requests per second per organization on the routes that send or read deliveries (test,
+    /// retry, deliveries), with bursts of 20; beyond it 429 with Retry-After. 0: unlimited.
+    #[arg(long, env = "CAPY_WEBHOOKS_ORGANIZATION_RATE_LIMIT", default_value_t = 5.0)]
+    organization_rate_limit: f64,
+
+    /// Organization roles a Clerk session needs, comma separated (e.g. org:admin); a session with
+    /// another role gets 403. Empty: every member of the organization.
+    #[arg(long, env = "CAPY_WEBHOOKS_CLERK_REQUIRED_ROLE", value_delimiter = ',')]
+    clerk_required_role: Vec<String>,
+
     /// How long a rotated-out signing secret keeps co-signing deliveries (e.g. 24h, 30m).
     #[arg(long, env = "CAPY_WEBHOOKS_ROTATION_GRACE_PERIOD", default_value = "24h", value_parser = parse_flag_duration)]
     rotation_grace_period: Duration,
@@ -376,7 +390,24 @@ async fn authenticator(args: &RunArgs, client: &kube::Client, home_namespace: &s
                 .filter(|p| !p.is_empty())
                 .cloned()
                 .collect();
-            let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+            config.required_roles = args
+                .clerk_required_role
+                .iter()
+                .filter(|r| !r.is_empty())
+                .cloned()
+                .collect();
+            if let JwksSource::Url(url) = &config.jwks {
+                anyhow::ensure!(
+                    url.starts_with("https://") || (args.allow_http && url.starts_with("http://")),
+                    "--clerk-jwks-url must be an https:// URL (http:// only with --allow-http)"
+                );
+            }
+            // The signing keys come only from the configured URL: a redirect could hand them over
+            // to another host.
+            let http = reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
+                .build()?;
             let verifier = ClerkVerifier::new(config, http)
                 .await
                 .map_err(|e| anyhow::anyhow!("loading the Clerk JWKS: {e}"))?;
@@ -539,6 +570,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         let config = ApiConfig {
             server_limits,
+            max_endpoints_per_organization: args.max_endpoints_per_organization,
+            organization_rate_limit: args.organization_rate_limit,
             scope: scope.clone(),
             home_namespace: home_namespace.clone(),
             url_policy,

@@ -2,7 +2,6 @@
 
 mod support;
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,17 +17,6 @@ use support::operator::{ISSUER, Operator, Options};
 
 const ORG: &str = "org_alpha";
 const OTHER_ORG: &str = "org_beta";
-
-/// Serves a JWKS document on loopback, as a Clerk instance would.
-async fn serve_jwks(jwks: String) -> String {
-    use warp::Filter;
-    let route = warp::path!(".well-known" / "jwks.json")
-        .map(move || warp::reply::with_header(jwks.clone(), "content-type", "application/json"));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr: SocketAddr = listener.local_addr().unwrap();
-    tokio::spawn(warp::serve(route).incoming(listener).run());
-    format!("http://{addr}/.well-known/jwks.json")
-}
 
 fn keys(v: &Value) -> Vec<String> {
     let mut k: Vec<_> = v.as_object().expect("object").keys().cloned().collect();
@@ -52,7 +40,7 @@ async fn setup(prefix: &str, with_controller: bool) -> (Client, String, Operator
     support::install_crd(&client).await;
     let ns = support::test_namespace(&client, prefix).await;
     let issuer = TestIssuer::new("kid-1");
-    let jwks_url = serve_jwks(issuer.jwks_json()).await;
+    let jwks_url = support::operator::serve_jwks(issuer.jwks_json()).await;
     let opts = Options {
         controller: with_controller,
         controller_wait: if with_controller {

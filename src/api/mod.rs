@@ -37,6 +37,10 @@ use model::{CreateRequest, UpdateRequest, endpoint_view, new_endpoint, new_endpo
 pub const API_FIELD_MANAGER: &str = "capy-webhooks-api";
 /// Default and largest `limit` of the deliveries route.
 pub const DEFAULT_DELIVERIES_LIMIT: usize = 50;
+/// Requests one organization may make at once on the rate-limited routes before the rate
+/// applies.
+const ORGANIZATION_BURST: u32 = 20;
+
 /// Largest `limit` accepted by the deliveries route.
 pub const MAX_DELIVERIES_LIMIT: usize = 1000;
 
@@ -55,6 +59,11 @@ pub struct ApiConfig {
     pub body_limit: usize,
     /// How long create and rotate-secret wait for the controller.
     pub controller_wait: Duration,
+    /// Most endpoints one organization may have; creating one more is 409.
+    pub max_endpoints_per_organization: usize,
+    /// Requests per second per organization on the routes that send or read deliveries (test,
+    /// retry, deliveries); beyond it 429 with `Retry-After`. 0: unlimited.
+    pub organization_rate_limit: f64,
     /// Where requests and API-server writes are counted.
     pub metrics: Metrics,
     /// Flipped once the caches (endpoints, API keys) are synced and the API serves.
@@ -69,11 +78,39 @@ pub struct ApiState {
     config: ApiConfig,
     /// Present when the dispatcher runs in this process: the recovery routes need it.
     work: Option<WorkHandle>,
+    /// Without a dispatcher in this process, the delivery logs as a watch keeps them.
+    log_watch: Option<crate::delivery_log::LogWatch>,
+    /// The per-organization limit of the routes that send or read deliveries.
+    rate_limit: crate::http::KeyedRateLimit,
+    /// Endpoint creates in flight per organization.
+    creating: std::sync::Mutex<HashMap<String, usize>>,
     /// Serialized list responses per organization, tagged with the cache version they were
     /// built from: a list is rebuilt only after an endpoint changed, not on every read.
     list_bodies: std::sync::Mutex<HashMap<String, (u64, Bytes)>>,
     /// Held while a list response is rebuilt.
     list_rebuild: tokio::sync::Mutex<()>,
+}
+
+/// An endpoint create in flight, counted against its organization's limit until dropped.
+struct CreatingGuard<'a> {
+    state: &'a ApiState,
+    org: String,
+}
+
+impl Drop for CreatingGuard<'_> {
+    fn drop(&mut self) {
+        let mut creating = self
+            .state
+            .creating
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(n) = creating.get_mut(&self.org) {
+            *n -= 1;
+            if *n == 0 {
+                creating.remove(&self.org);
+            }
+        }
+    }
 }
 
 /// A 200 with a JSON body already serialized (shared, not copied).
@@ -213,6 +250,7 @@ impl ApiState {
     /// `principal` was authenticated before the body was read.
     async fn create(&self, org: String, principal: Principal, body: Bytes) -> Result<Response, ApiError> {
         let request: CreateRequest = parse_json(&body)?;
+        let _slot = self.endpoint_slot(&org)?;
         let ns = &self.config.home_namespace;
         let name = new_endpoint_name(Timestamp::now());
         let endpoint = new_endpoint(&name, ns, &org, request, self.config.url_policy).map_err(ApiError::bad_request)?;
@@ -386,6 +424,7 @@ impl ApiState {
         query: HashMap<String, String>,
     ) -> Result<Response, ApiError> {
         self.authorize(&org, &headers).await?;
+        self.within_rate(&org)?;
         let limit = parse_limit(query.get("limit").map(String::as_str))?;
         let endpoint = self.find(&org, &id)?;
         let deliveries: Vec<Value> = match &self.work {
@@ -403,9 +442,11 @@ impl ApiState {
                     max_finished: usize::MAX,
                     ..Default::default()
                 };
-                let log = crate::delivery_log::read_organization(&self.client, &ns, &org, config)
-                    .await
-                    .map_err(|e| kube_error(e, "reading the delivery log"))?;
+                let log = self
+                    .log_watch
+                    .as_ref()
+                    .and_then(|watch| watch.read(&ns, &org, config))
+                    .ok_or_else(|| ApiError::unavailable("the delivery log is still loading; retry shortly", 2))?;
                 log.newest_first(&id, limit)
                     .into_iter()
                     .map(|r| r.to_api(log.payload_json(&r.event_id).as_ref()))
@@ -413,6 +454,40 @@ impl ApiState {
             }
         };
         Ok(warp::reply::json(&json!({ "deliveries": deliveries })).into_response())
+    }
+
+    /// Reserves room for one more endpoint of `org` until the returned guard drops (after the
+    /// create answered, when the cache holds the new endpoint): 409 when the organization has
+    /// `--max-endpoints-per-organization` already. Creates in flight count, so concurrent creates
+    /// in this process cannot pass the limit together.
+    fn endpoint_slot(&self, org: &str) -> Result<CreatingGuard<'_>, ApiError> {
+        let mut creating = self.creating.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let in_flight = creating.get(org).copied().unwrap_or(0);
+        let max = self.config.max_endpoints_per_organization;
+        if self.cache.list(org).len() + in_flight >= max {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                format!("this organization has the most endpoints allowed ({max}); delete one before creating another"),
+            ));
+        }
+        *creating.entry(org.to_string()).or_default() += 1;
+        Ok(CreatingGuard {
+            state: self,
+            org: org.to_string(),
+        })
+    }
+
+    /// 429 with `Retry-After` when `org` is over its rate on the routes that send or read
+    /// deliveries.
+    fn within_rate(&self, org: &str) -> Result<(), ApiError> {
+        self.rate_limit.take(org, std::time::Instant::now()).map_err(|wait| {
+            let mut err = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too many requests for this organization on the delivery routes; retry after the time in Retry-After",
+            );
+            err.retry_after = Some(wait.as_secs());
+            err
+        })
     }
 
     fn work(&self) -> Result<&WorkHandle, ApiError> {
@@ -429,6 +504,7 @@ impl ApiState {
         headers: HeaderMap,
     ) -> Result<Response, ApiError> {
         self.authorize(&org, &headers).await?;
+        self.within_rate(&org)?;
         let endpoint = self.find(&org, &id)?;
         let (record, payload) = self.work()?.retry(&endpoint, &delivery).await.map_err(submit_error)?;
         let body = json!({ "delivery": record.to_api(payload.as_ref()) });
@@ -437,6 +513,7 @@ impl ApiState {
 
     async fn test_endpoint(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
         self.authorize(&org, &headers).await?;
+        self.within_rate(&org)?;
         let endpoint = self.find(&org, &id)?;
         let (record, payload) = self.work()?.send_test(&endpoint).await.map_err(submit_error)?;
         let body = json!({ "delivery": record.to_api(payload.as_ref()) });
@@ -619,11 +696,20 @@ pub async fn run(
     cache.wait_ready().await?;
     auth.api_keys().wait_ready().await;
     let ready = config.ready.clone();
+    // Without a dispatcher here, deliveries are read from a watch of the logs, never with an
+    // API-server round trip per request.
+    let log_watch = work
+        .is_none()
+        .then(|| crate::delivery_log::LogWatch::start(client.clone(), &config.scope));
+    let rate_limit = crate::http::KeyedRateLimit::new(config.organization_rate_limit, ORGANIZATION_BURST);
     let state = Arc::new(ApiState {
         client,
         cache,
         auth,
         config,
+        log_watch,
+        rate_limit,
+        creating: Default::default(),
         work,
         list_bodies: Default::default(),
         list_rebuild: Default::default(),

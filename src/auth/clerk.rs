@@ -63,6 +63,8 @@ pub struct ClerkConfig {
     pub leeway: Duration,
     /// Shortest time between two reloads triggered by unknown key ids.
     pub min_refresh_interval: Duration,
+    /// Organization roles allowed (`org:admin`, ...); empty allows every member.
+    pub required_roles: Vec<String>,
 }
 
 impl ClerkConfig {
@@ -74,6 +76,7 @@ impl ClerkConfig {
             authorized_parties: Vec::new(),
             leeway: DEFAULT_LEEWAY,
             min_refresh_interval: DEFAULT_MIN_REFRESH_INTERVAL,
+            required_roles: Vec::new(),
         }
     }
 }
@@ -158,7 +161,11 @@ impl ClerkVerifier {
             None => self.refreshed_key(&kid).await?,
         };
         let data = jsonwebtoken::decode::<SessionClaims>(token, &key, &self.validation).map_err(reason)?;
-        principal_from_claims(data.claims, &self.config.authorized_parties)
+        principal_from_claims(
+            data.claims,
+            &self.config.authorized_parties,
+            &self.config.required_roles,
+        )
     }
 
     fn current_keys(&self) -> Arc<KeySet> {
@@ -332,12 +339,42 @@ struct SessionClaims {
     /// Active organization, session tokens v1.
     #[serde(default)]
     org_id: Option<String>,
+    /// Role in the active organization, session tokens v1 (`org:admin`).
+    #[serde(default)]
+    org_role: Option<String>,
     /// Active organization `{id, rol, slg}`, session tokens v2.
     #[serde(default)]
     o: Option<serde_json::Value>,
 }
 
-fn principal_from_claims(claims: SessionClaims, authorized_parties: &[String]) -> Result<Principal, AuthError> {
+/// The session's role in its active organization, as Clerk names it (`org:admin`): v1's
+/// `org_role`, or v2's `o.rol` (written without the `org:` prefix).
+fn session_role(claims: &SessionClaims) -> Option<String> {
+    let v1 = claims.org_role.clone().filter(|r| !r.is_empty());
+    let v2 = claims
+        .o
+        .as_ref()
+        .and_then(|o| o.get("rol"))
+        .and_then(serde_json::Value::as_str)
+        .filter(|r| !r.is_empty())
+        .map(|r| {
+            if r.starts_with("org:") {
+                r.to_string()
+            } else {
+                format!("org:{r}")
+            }
+        });
+    v1.or(v2)
+}
+
+fn principal_from_claims(
+    claims: SessionClaims,
+    authorized_parties: &[String],
+    required_roles: &[String],
+) -> Result<Principal, AuthError> {
+    if !required_roles.is_empty() && !session_role(&claims).is_some_and(|role| required_roles.contains(&role)) {
+        return Err(AuthError::RoleNotAllowed(required_roles.join(", ")));
+    }
     if !authorized_parties.is_empty() && !claims.azp.as_ref().is_some_and(|azp| authorized_parties.contains(azp)) {
         return Err(invalid("unauthorized party"));
     }
@@ -773,5 +810,26 @@ mod tests {
         let keys = parse_jwks(doc.to_string().as_bytes()).unwrap();
         assert_eq!(keys.keys().collect::<Vec<_>>(), vec!["rsa"]);
         assert!(parse_jwks(b"[]").is_err());
+    }
+
+    #[test]
+    fn required_roles_refuse_other_members() {
+        let claims = |v: serde_json::Value| -> SessionClaims { serde_json::from_value(v).unwrap() };
+        let admins = ["org:admin".to_string()];
+        let v1_admin = claims(json!({"sub": "u", "org_id": "org_1", "org_role": "org:admin"}));
+        assert!(principal_from_claims(v1_admin, &[], &admins).is_ok());
+        let v2_admin = claims(json!({"sub": "u", "o": {"id": "org_1", "rol": "admin"}}));
+        assert!(principal_from_claims(v2_admin, &[], &admins).is_ok());
+        for member in [
+            json!({"sub": "u", "org_id": "org_1", "org_role": "org:member"}),
+            json!({"sub": "u", "o": {"id": "org_1", "rol": "member"}}),
+            json!({"sub": "u", "org_id": "org_1"}),
+        ] {
+            let err = principal_from_claims(claims(member.clone()), &[], &admins).unwrap_err();
+            assert_eq!(err.status_code(), 403, "{member}");
+            assert!(err.to_string().contains("org:admin"), "{err}");
+            // Without required roles, every member is in, as before.
+            assert!(principal_from_claims(claims(member), &[], &[]).is_ok());
+        }
     }
 }

@@ -87,13 +87,18 @@ pub enum AuthError {
     /// The session-token signing keys could not be fetched.
     #[error("session tokens cannot be verified right now: {0}")]
     JwksUnavailable(String),
+    /// A valid session whose role in the organization is not one this server requires.
+    #[error("your role in this organization may not manage webhooks; ask an admin (required: {0})")]
+    RoleNotAllowed(String),
 }
 
 impl AuthError {
-    /// HTTP status of the error: 503 when the signing keys are unavailable, 401 otherwise.
+    /// HTTP status of the error: 503 when the signing keys are unavailable, 403 for a role that is
+    /// not allowed, 401 otherwise.
     pub fn status_code(&self) -> u16 {
         match self {
             AuthError::JwksUnavailable(_) => 503,
+            AuthError::RoleNotAllowed(_) => 403,
             _ => 401,
         }
     }

@@ -60,7 +60,7 @@ pub use image::{
     DELETE_BYTES, DeliveryLog, LogConfig, LogFull, PendingWrites, SegmentSummary, SegmentWrite, is_event_key,
 };
 pub use record::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, new_delivery_id, truncate_error};
-pub use store::{apply, apply_writes, group_by_organization, load_all, log_selector, read_organization};
+pub use store::{LogWatch, apply, apply_writes, group_by_organization, load_all, log_selector, read_organization};
 
 use std::collections::BTreeMap;
 

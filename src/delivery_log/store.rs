@@ -2,6 +2,7 @@
 
 use std::collections::BTreeMap;
 
+use futures::FutureExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::{Api, Client};
@@ -119,6 +120,58 @@ pub fn group_by_organization(configmaps: Vec<ConfigMap>) -> BTreeMap<(String, St
         groups.entry((namespace, organization)).or_default().push(cm);
     }
     groups
+}
+
+/// Every delivery-log segment in a scope, kept by a watch, for a process that serves the
+/// deliveries route without running the dispatcher: a request reads memory, not the API server.
+/// Segments are kept as stored (compressed), so the copy costs what etcd holds.
+#[derive(Clone)]
+pub struct LogWatch {
+    store: kube::runtime::reflector::Store<ConfigMap>,
+}
+
+impl LogWatch {
+    /// Starts the watch in the background.
+    pub fn start(client: Client, scope: &Scope) -> Self {
+        use futures::StreamExt;
+        use kube::runtime::{WatchStreamExt, reflector, watcher};
+        let api: Api<ConfigMap> = scope.api(client);
+        let (store, writer) = reflector::store();
+        let stream = reflector::reflector(
+            writer,
+            watcher(api, watcher::Config::default().labels(&log_selector())).default_backoff(),
+        );
+        tokio::spawn(async move {
+            futures::pin_mut!(stream);
+            while let Some(event) = stream.next().await {
+                if let Err(e) = event {
+                    warn!(error = %e, "delivery-log watch failed; retrying");
+                }
+            }
+        });
+        Self { store }
+    }
+
+    /// One organization's log in one namespace, from the watch. `None` until the first list is in.
+    pub fn read(&self, namespace: &str, organization_id: &str, config: LogConfig) -> Option<DeliveryLog> {
+        self.store.wait_until_ready().now_or_never()?.ok()?;
+        let segments = self.store.state().into_iter().filter(|cm| {
+            cm.metadata.namespace.as_deref() == Some(namespace)
+                && cm
+                    .metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(ORGANIZATION_LABEL))
+                    .map(String::as_str)
+                    == Some(organization_id)
+        });
+        Some(DeliveryLog::from_configmaps(
+            namespace,
+            organization_id,
+            config,
+            segments.map(|cm| (*cm).clone()),
+        ))
+    }
 }
 
 /// One organization's log in one namespace, read back from the API server.

@@ -30,6 +30,17 @@ pub const ISSUER: &str = "https://clerk.test.capydb.local";
 /// The ingest token of test operators.
 pub const INGEST_TOKEN: &str = "test-ingest-token-0123456789";
 
+/// Serves a JWKS document on loopback, as a Clerk instance would; returns its URL.
+pub async fn serve_jwks(jwks: String) -> String {
+    use warp::Filter;
+    let route = warp::path!(".well-known" / "jwks.json")
+        .map(move || warp::reply::with_header(jwks.clone(), "content-type", "application/json"));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(warp::serve(route).incoming(listener).run());
+    format!("http://{addr}/.well-known/jwks.json")
+}
+
 /// Which components to run and how.
 pub struct Options {
     pub controller: bool,
@@ -49,6 +60,12 @@ pub struct Options {
     pub home_namespace: Option<String>,
     /// Timeouts and connection cap of the REST and ingest ports.
     pub server_limits: capy_webhooks::http::ServerLimits,
+    /// `--max-endpoints-per-organization`.
+    pub max_endpoints_per_organization: usize,
+    /// `--organization-rate-limit` (0: unlimited).
+    pub organization_rate_limit: f64,
+    /// `--clerk-required-role`.
+    pub clerk_required_roles: Vec<String>,
 }
 
 impl Default for Options {
@@ -67,6 +84,9 @@ impl Default for Options {
             log_write_budget: 0,
             home_namespace: None,
             server_limits: capy_webhooks::http::ServerLimits::default(),
+            max_endpoints_per_organization: 100,
+            organization_rate_limit: 0.0,
+            clerk_required_roles: Vec::new(),
         }
     }
 }
@@ -167,7 +187,10 @@ impl Operator {
         let clerk = match &opts.jwks_url {
             Some(url) => Some(Arc::new(
                 ClerkVerifier::new(
-                    ClerkConfig::new(JwksSource::Url(url.clone()), ISSUER),
+                    ClerkConfig {
+                        required_roles: opts.clerk_required_roles.clone(),
+                        ..ClerkConfig::new(JwksSource::Url(url.clone()), ISSUER)
+                    },
                     reqwest::Client::new(),
                 )
                 .await
@@ -179,6 +202,8 @@ impl Operator {
         let addr = listener.local_addr().unwrap();
         let config = ApiConfig {
             server_limits: opts.server_limits,
+            max_endpoints_per_organization: opts.max_endpoints_per_organization,
+            organization_rate_limit: opts.organization_rate_limit,
             scope,
             home_namespace: home.clone(),
             url_policy,
