@@ -211,7 +211,12 @@ impl Operator {
             ])
             .args(["--log-format", "json"])
             // The benchmark measures throughput, not the per-organization cost limits.
-            .args(["--max-endpoints-per-organization", "1000000", "--organization-rate-limit", "0"])
+            .args([
+                "--max-endpoints-per-organization",
+                "1000000",
+                "--organization-rate-limit",
+                "0",
+            ])
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "warn")

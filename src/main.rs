@@ -508,6 +508,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let token = read_ingest_token(args.ingest_token_file.as_deref())?;
         let ingest_listener = capy_webhooks::http::bind(args.ingest_listen, "ingest port").await?;
         let config = DispatcherConfig {
+            home_namespace: home_namespace.clone(),
             scope: scope.clone(),
             schedule: args.retry_schedule.clone(),
             log: LogConfig {

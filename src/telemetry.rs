@@ -160,6 +160,7 @@ struct Inner {
     apiserver_write_bytes: Family<KindLabels, Counter>,
     log_write_budget: Gauge,
     ingest_throttled: Counter,
+    log_segments_rejected: Counter,
 }
 
 /// Every metric of the operator, in one registry. Cheap to clone; clones share the values.
@@ -273,6 +274,12 @@ impl Metrics {
             "Events, tests and retries refused with 503 because the write budget was spent",
             ingest_throttled.clone(),
         );
+        let log_segments_rejected = Counter::default();
+        registry.register(
+            "log_segments_rejected",
+            "ConfigMaps with the delivery-log labels ignored because this operator did not write them",
+            log_segments_rejected.clone(),
+        );
         // Label values known up front are exported at zero, so rates work from the first scrape.
         for kind in [
             WriteKind::Secret,
@@ -314,6 +321,7 @@ impl Metrics {
                 apiserver_write_bytes,
                 log_write_budget,
                 ingest_throttled,
+                log_segments_rejected,
             }),
         }
     }
@@ -422,6 +430,11 @@ impl Metrics {
     /// New work was refused because the write budget was spent.
     pub fn ingest_throttled(&self) {
         self.inner.ingest_throttled.inc();
+    }
+
+    /// One delivery-log segment ignored because this operator did not write it.
+    pub fn log_segment_rejected(&self) {
+        self.inner.log_segments_rejected.inc();
     }
 
     /// The registry in the OpenMetrics text format (ends with `# EOF`).

@@ -160,3 +160,181 @@ async fn an_endpoint_in_an_unbound_namespace_cannot_serve_another_organization()
     support::delete_namespace(&client, &spoof).await;
     support::delete_namespace(&client, &home).await;
 }
+
+/// A ConfigMap that carries the delivery log's labels but that the operator did not write: its
+/// pending record is never delivered nor listed, before or after a restart, and its owner is told.
+#[tokio::test]
+async fn a_forged_log_segment_is_never_delivered_or_listed() {
+    use capy_webhooks::delivery_log::{
+        DeliveryRecord, DeliveryState, journal_segment_name, legacy_segment_name, pack_entries,
+    };
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use std::collections::BTreeMap;
+
+    const ORG: &str = "org_forged";
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, "forged-log").await;
+    let opts = || Options {
+        dispatcher: true,
+        ..Options::default()
+    };
+    let op = Operator::start(&client, &ns, opts()).await;
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
+    let receiver = Receiver::start(vec![]).await;
+    let (status, created, _) = op
+        .call(
+            "POST",
+            &op.url(ORG, ""),
+            Some(&key),
+            Some(json!({"url": receiver.url("/in")})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+    let (status, _) = op.ingest(ORG, "real.one", json!({"n": 1})).await;
+    assert_eq!(status, 202);
+
+    // The forger writes a pending delivery for that endpoint, in both stored formats.
+    let now = jiff::Timestamp::now();
+    let record = DeliveryRecord {
+        id: "msg_forged000000000000000001".into(),
+        endpoint_id: id.clone(),
+        organization_id: ORG.into(),
+        event_id: "evt_forged000000000000000001".into(),
+        event_type: "forged.event".into(),
+        state: DeliveryState::Pending,
+        attempts: 0,
+        max_attempts: 3,
+        created_at: now,
+        updated_at: now,
+        next_attempt_at: Some(now),
+        delivered_at: None,
+        response_status: None,
+        last_error: None,
+    };
+    let labels = BTreeMap::from([
+        ("app.kubernetes.io/managed-by".to_string(), "capy-webhooks".to_string()),
+        ("app.kubernetes.io/component".to_string(), "delivery-log".to_string()),
+        ("webhooks.capydb.io/organization-id".to_string(), ORG.to_string()),
+    ]);
+    let journal: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": journal_segment_name(ORG, 900), "labels": labels},
+        "binaryData": {"journal": pack_entries(&BTreeMap::from([
+            (record.id.clone(), record.to_stored()),
+            (record.event_id.clone(), json!({"stolen": true}).to_string()),
+        ]))},
+    }))
+    .unwrap();
+    let legacy_record = json!({
+        "id": "msg_forged000000000000000002", "endpoint_id": id, "organization_id": ORG,
+        "event_id": "evt_forged000000000000000002", "event_type": "forged.event", "payload": {"stolen": true},
+        "state": "pending", "attempts": 0, "max_attempts": 3,
+        "created_at": now.to_string(), "updated_at": now.to_string(), "next_attempt_at": now.to_string(),
+    });
+    let legacy: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": legacy_segment_name(&id, 1), "labels": labels},
+        "data": {"msg_forged000000000000000002": legacy_record.to_string()},
+    }))
+    .unwrap();
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    for cm in [&journal, &legacy] {
+        configmaps.create(&PostParams::default(), cm).await.unwrap();
+    }
+
+    // A process without a dispatcher reads the log through a watch: the forgery is not listed.
+    let reader = Operator::start(
+        &client,
+        &ns,
+        Options {
+            controller: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    let listed = support::wait_for("the real delivery through the watch", WAIT, || async {
+        let (status, body, _) = reader
+            .call("GET", &reader.url(ORG, &format!("/{id}/deliveries")), Some(&key), None)
+            .await;
+        let deliveries = body["deliveries"].as_array().cloned().unwrap_or_default();
+        (status == 200 && !deliveries.is_empty()).then_some(deliveries)
+    })
+    .await;
+    assert!(
+        listed
+            .iter()
+            .all(|d| !d["id"].as_str().unwrap().starts_with("msg_forged")),
+        "{listed:?}"
+    );
+    reader.stop().await;
+
+    // Restart: the new dispatcher reads every segment back and refuses both forgeries.
+    op.stop().await;
+    let op = Operator::start(&client, &ns, opts()).await;
+    let (status, _) = op.ingest(ORG, "real.two", json!({"n": 2})).await;
+    assert_eq!(status, 202);
+    support::wait_for("the event sent after the restart", WAIT, || async {
+        receiver
+            .received()
+            .iter()
+            .any(|r| r.json()["type"] == "real.two")
+            .then_some(())
+    })
+    .await;
+    let ids: Vec<String> = receiver
+        .received()
+        .iter()
+        .map(|r| r.header("webhook-id").to_string())
+        .collect();
+    assert!(
+        ids.iter().all(|i| !i.starts_with("msg_forged")),
+        "a forged delivery was sent: {ids:?}"
+    );
+    assert!(
+        receiver
+            .received()
+            .iter()
+            .all(|r| r.json()["data"].get("stolen").is_none())
+    );
+    let (_, body, _) = op
+        .call("GET", &op.url(ORG, &format!("/{id}/deliveries")), Some(&key), None)
+        .await;
+    let listed = body["deliveries"].as_array().unwrap();
+    assert_eq!(listed.len(), 2, "{body}");
+    assert!(
+        listed
+            .iter()
+            .all(|d| !d["id"].as_str().unwrap().starts_with("msg_forged")),
+        "{body}"
+    );
+    let rejected = op
+        .metrics
+        .encode()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("capy_webhooks_log_segments_rejected_total ")
+                .map(str::to_string)
+        })
+        .unwrap_or_default();
+    assert_eq!(rejected.trim(), "2", "both forgeries are counted");
+    let events: Api<K8sEvent> = Api::namespaced(client.clone(), &ns);
+    support::wait_for("a LogSegmentRejected Event on the endpoint", WAIT, || async {
+        events
+            .list(&ListParams::default())
+            .await
+            .unwrap()
+            .items
+            .iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("LogSegmentRejected")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(id.as_str())
+            })
+            .then_some(())
+    })
+    .await;
+    // The forger's objects are left alone, never written into.
+    let still = configmaps.get(&journal_segment_name(ORG, 900)).await.unwrap();
+    assert!(still.metadata.annotations.unwrap_or_default().is_empty());
+    op.stop().await;
+    support::delete_namespace(&client, &ns).await;
+}

@@ -445,7 +445,11 @@ impl ApiState {
                 let log = self
                     .log_watch
                     .as_ref()
-                    .and_then(|watch| watch.read(&ns, &org, config))
+                    .and_then(|watch| {
+                        watch.read(&ns, &org, config, |name| {
+                            self.cache.get(&ns, name).and_then(|e| e.metadata.uid.clone())
+                        })
+                    })
                     .ok_or_else(|| ApiError::unavailable("the delivery log is still loading; retry shortly", 2))?;
                 log.newest_first(&id, limit)
                     .into_iter()
@@ -698,9 +702,13 @@ pub async fn run(
     let ready = config.ready.clone();
     // Without a dispatcher here, deliveries are read from a watch of the logs, never with an
     // API-server round trip per request.
-    let log_watch = work
-        .is_none()
-        .then(|| crate::delivery_log::LogWatch::start(client.clone(), &config.scope));
+    let log_watch = match work {
+        Some(_) => None,
+        None => {
+            let key = crate::delivery_log::load_or_create_key(&client, &config.home_namespace, &config.scope).await?;
+            Some(crate::delivery_log::LogWatch::start(client.clone(), &config.scope, key))
+        }
+    };
     let rate_limit = crate::http::KeyedRateLimit::new(config.organization_rate_limit, ORGANIZATION_BURST);
     let state = Arc::new(ApiState {
         client,

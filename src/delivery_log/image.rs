@@ -307,6 +307,12 @@ impl DeliveryLog {
         }
     }
 
+    /// Never names a new segment `seq` or below: for names taken by objects that are not part of
+    /// the log (refused segments), which are never written into.
+    pub fn skip_names_through(&mut self, seq: u64) {
+        self.next_seq = self.next_seq.max(seq.saturating_add(1));
+    }
+
     /// Rebuilds the image from the segments [`super::load_all`] found for this organization in
     /// this namespace: the one read-back of the log, used by recovery and by readers.
     ///
@@ -340,9 +346,21 @@ impl DeliveryLog {
         legacy.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         for (_, _, cm) in legacy {
             let name = cm.metadata.name.unwrap_or_default();
+            // A first-format segment is one endpoint's: its records must all name its owner.
+            let owner = cm
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.kind == "WebhookEndpoint")
+                .map(|o| o.name.clone());
             for (key, value) in cm.data.unwrap_or_default() {
                 match DeliveryRecord::from_legacy(&value) {
-                    Ok((record, payload)) if record.id == key && record.organization_id == log.organization_id => {
+                    Ok((record, payload))
+                        if record.id == key
+                            && record.organization_id == log.organization_id
+                            && owner.as_ref().is_none_or(|o| *o == record.endpoint_id) =>
+                    {
                         if !log.events.contains_key(&record.event_id) {
                             let payload = Bytes::from(serde_json::to_vec(&payload).expect("JSON values serialize"));
                             log.dirty.insert(record.event_id.clone());
@@ -353,7 +371,9 @@ impl DeliveryLog {
                         let bytes = record.stored_len();
                         log.attach(record, bytes, None);
                     }
-                    Ok(_) => warn!(configmap = %name, key = %key, "record of another id or organization; ignored"),
+                    Ok(_) => {
+                        warn!(configmap = %name, key = %key, "record of another id, organization or endpoint; ignored")
+                    }
                     Err(error) => warn!(configmap = %name, key = %key, %error, "undecodable delivery record; ignored"),
                 }
             }

@@ -51,6 +51,7 @@ mod pipeline;
 mod record;
 mod segment;
 mod store;
+mod trust;
 
 pub use budget::{TokenBucket, WriteBudget, parse_bytes};
 pub use pipeline::{Started, WritePipeline};
@@ -61,6 +62,9 @@ pub use image::{
 };
 pub use record::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, new_delivery_id, truncate_error};
 pub use store::{LogWatch, apply, apply_writes, group_by_organization, load_all, log_selector, read_organization};
+pub use trust::{
+    LOG_KEY_SECRET, LogKey, MAC_ANNOTATION, Rejection, endpoints_named_in, judge as judge_segment, load_or_create_key,
+};
 
 use std::collections::BTreeMap;
 

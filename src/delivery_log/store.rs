@@ -4,9 +4,8 @@ use std::collections::BTreeMap;
 
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, Client};
-use serde_json::json;
 use tracing::{debug, warn};
 
 use super::image::{DeliveryLog, LogConfig, PendingWrites, SegmentWrite};
@@ -30,16 +29,12 @@ pub async fn apply(client: &Client, namespace: &str, writes: &PendingWrites) -> 
 /// Applies writes in order, stopping at the first error; returns the API calls made. Use it on
 /// [`PendingWrites::creates`] then [`PendingWrites::deletes`] to learn when a batch is durable.
 ///
-/// A create that finds the segment already there (names are never reused, so only a create that
-/// succeeded but whose answer was lost) merges its data in instead; a delete of a segment already
-/// gone is fine.
+/// A create that finds the segment already there is fine when the one there carries the same MAC
+/// (a create that succeeded but whose answer was lost); any other object of that name is never
+/// written into, and the write fails. A delete of a segment already gone is fine.
 pub async fn apply_writes(client: &Client, namespace: &str, writes: &[SegmentWrite]) -> Result<usize, kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let post = PostParams {
-        field_manager: Some(FIELD_MANAGER.into()),
-        ..Default::default()
-    };
-    let patch_params = PatchParams {
         field_manager: Some(FIELD_MANAGER.into()),
         ..Default::default()
     };
@@ -52,17 +47,35 @@ pub async fn apply_writes(client: &Client, namespace: &str, writes: &[SegmentWri
                 Err(kube::Error::Api(status)) if status.code == 409 => {
                     calls += 1;
                     let name = write.name();
-                    debug!(
-                        namespace,
-                        configmap = name,
-                        "delivery-log segment exists: merging its data"
-                    );
-                    let patch = json!({
-                        "metadata": { "labels": cm.metadata.labels },
-                        "data": cm.data,
-                        "binaryData": cm.binary_data,
-                    });
-                    api.patch(name, &patch_params, &Patch::Merge(&patch)).await?;
+                    // Ours only if it carries our MAC of this very content (a create whose answer
+                    // was lost); anything else took the name, and is never written into.
+                    let existing = api.get_opt(name).await?;
+                    let mac = |c: &ConfigMap| {
+                        c.metadata
+                            .annotations
+                            .as_ref()
+                            .and_then(|a| a.get(super::MAC_ANNOTATION))
+                            .cloned()
+                    };
+                    let ours = mac(cm).is_some() && existing.as_ref().is_some_and(|e| mac(e) == mac(cm));
+                    if !ours {
+                        warn!(
+                            namespace,
+                            configmap = name,
+                            "a delivery-log segment name is taken by an object this operator did not write; \
+                             it is left alone and this log cannot be written until it is deleted"
+                        );
+                        return Err(kube::Error::Api(Box::new(
+                            kube::core::Status::failure(
+                                &format!(
+                                    "delivery-log segment {name} is taken by an object this operator did not write"
+                                ),
+                                "AlreadyExists",
+                            )
+                            .with_code(409),
+                        )));
+                    }
+                    debug!(namespace, configmap = name, "delivery-log segment already written");
                 }
                 Err(e) => return Err(e),
             },
@@ -128,11 +141,12 @@ pub fn group_by_organization(configmaps: Vec<ConfigMap>) -> BTreeMap<(String, St
 #[derive(Clone)]
 pub struct LogWatch {
     store: kube::runtime::reflector::Store<ConfigMap>,
+    key: super::LogKey,
 }
 
 impl LogWatch {
-    /// Starts the watch in the background.
-    pub fn start(client: Client, scope: &Scope) -> Self {
+    /// Starts the watch in the background; only segments signed with `key` are read.
+    pub fn start(client: Client, scope: &Scope, key: super::LogKey) -> Self {
         use futures::StreamExt;
         use kube::runtime::{WatchStreamExt, reflector, watcher};
         let api: Api<ConfigMap> = scope.api(client);
@@ -149,11 +163,19 @@ impl LogWatch {
                 }
             }
         });
-        Self { store }
+        Self { store, key }
     }
 
-    /// One organization's log in one namespace, from the watch. `None` until the first list is in.
-    pub fn read(&self, namespace: &str, organization_id: &str, config: LogConfig) -> Option<DeliveryLog> {
+    /// One organization's log in one namespace, from the watch, of the segments this operator
+    /// wrote (`endpoint_uid` names the current uid of an endpoint, for first-format segments).
+    /// `None` until the first list is in.
+    pub fn read(
+        &self,
+        namespace: &str,
+        organization_id: &str,
+        config: LogConfig,
+        endpoint_uid: impl Fn(&str) -> Option<String> + Copy,
+    ) -> Option<DeliveryLog> {
         self.store.wait_until_ready().now_or_never()?.ok()?;
         let segments = self.store.state().into_iter().filter(|cm| {
             cm.metadata.namespace.as_deref() == Some(namespace)
@@ -164,6 +186,7 @@ impl LogWatch {
                     .and_then(|l| l.get(ORGANIZATION_LABEL))
                     .map(String::as_str)
                     == Some(organization_id)
+                && super::judge_segment(cm, &self.key, endpoint_uid).is_ok()
         });
         Some(DeliveryLog::from_configmaps(
             namespace,

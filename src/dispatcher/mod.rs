@@ -30,12 +30,14 @@ use tracing::{info, warn};
 use crate::delivery::event_types::matches;
 use crate::delivery::schedule::RetrySchedule;
 use crate::delivery::sender::{Sender, SenderConfig, envelope};
-use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, LogConfig, WriteBudget, new_delivery_id};
+use crate::delivery_log::{
+    DeliveryLog, DeliveryRecord, DeliveryState, LogConfig, LogKey, WriteBudget, new_delivery_id,
+};
 use crate::endpoints::EndpointCache;
 use crate::resources::{Scope, WebhookEndpoint, signing_secret_name};
 use crate::signing::{KeyRing, StoredKeyRing};
 use crate::signing_secret::{ROTATION_ANNOTATION, signing_secret_selector, stored_key_ring};
-use crate::telemetry::{Metrics, ReadyHandle};
+use crate::telemetry::{EventNote, Metrics, ReadyHandle, publish_event};
 use crate::work::Work;
 pub use crate::work::{Listed, SubmitError};
 pub use status::{CONDITION_HEALTHY, DispatchSummary};
@@ -49,6 +51,8 @@ pub const TEST_EVENT_TYPE: &str = "webhook.test";
 pub struct DispatcherConfig {
     /// Namespaces served.
     pub scope: Scope,
+    /// Namespace of the operator's own Secrets (the delivery-log MAC key).
+    pub home_namespace: String,
     /// Delays before each attempt.
     pub schedule: RetrySchedule,
     /// Delivery log bounds.
@@ -132,6 +136,8 @@ pub(crate) struct Shared {
     sender: Sender,
     endpoints: EndpointCache,
     keys: KeyRings,
+    /// The key of delivery-log segment MACs.
+    log_key: LogKey,
     recorder: Recorder,
     stopping: watch::Receiver<bool>,
 }
@@ -166,6 +172,9 @@ impl Dispatcher {
             .await
             .map_err(|e| anyhow::anyhow!("signing secret cache never synced: {e}"))?;
         endpoints.wait_ready().await?;
+        let log_key = crate::delivery_log::load_or_create_key(&client, &config.home_namespace, &config.scope)
+            .await
+            .map_err(|e| anyhow::anyhow!("loading the delivery-log MAC key: {e}"))?;
         config.metrics.log_write_budget(config.budget.rate());
         let reporter = Reporter {
             controller: "capy-webhooks-dispatcher".into(),
@@ -178,6 +187,7 @@ impl Dispatcher {
             sender,
             endpoints,
             keys,
+            log_key,
             stopping,
         });
         let dispatcher = Dispatcher {
@@ -200,10 +210,16 @@ impl Dispatcher {
             .map_err(|e| anyhow::anyhow!("reading the delivery logs: {e}"))?;
         let mut resumed = 0;
         for ((namespace, organization), mut cms) in crate::delivery_log::group_by_organization(configmaps) {
-            // A segment of the first format belongs to one endpoint: only its own incarnation's
-            // (same uid) counts.
-            cms.retain(|cm| self.is_current_incarnation(&namespace, cm));
-            let log = DeliveryLog::from_configmaps(&namespace, &organization, self.shared.config.log.clone(), cms);
+            // Only segments this operator wrote count; anything else is reported and ignored, and
+            // its name is never used.
+            let taken = cms
+                .iter()
+                .filter_map(|cm| crate::delivery_log::journal_seq(cm.metadata.name.as_deref().unwrap_or_default()))
+                .max()
+                .unwrap_or(0);
+            cms.retain(|cm| self.trusted(&namespace, cm));
+            let mut log = DeliveryLog::from_configmaps(&namespace, &organization, self.shared.config.log.clone(), cms);
+            log.skip_names_through(taken);
             resumed += log.pending_count();
             let endpoints: Vec<String> = log.endpoints().map(str::to_string).collect();
             let key = (namespace.clone(), organization);
@@ -217,22 +233,41 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Whether a segment may be read: one of the first format only if the endpoint owning it is
-    /// the one of that name now (a new endpoint of an old name must not inherit its deliveries).
-    fn is_current_incarnation(&self, namespace: &str, cm: &k8s_openapi::api::core::v1::ConfigMap) -> bool {
-        let Some(owner) = cm
-            .metadata
-            .owner_references
-            .iter()
-            .flatten()
-            .find(|o| o.kind == "WebhookEndpoint")
-        else {
+    /// Whether a segment may be read ([`crate::delivery_log::judge_segment`]). A refused one is
+    /// counted, logged, and reported with a Warning Event on the endpoints its records name.
+    fn trusted(&self, namespace: &str, cm: &k8s_openapi::api::core::v1::ConfigMap) -> bool {
+        let endpoints = &self.shared.endpoints;
+        let uid_of = |name: &str| endpoints.get(namespace, name).and_then(|e| e.uid());
+        let Err(rejection) = crate::delivery_log::judge_segment(cm, &self.shared.log_key, uid_of) else {
             return true;
         };
-        self.shared
-            .endpoints
-            .get(namespace, &owner.name)
-            .is_none_or(|ep| ep.uid().as_deref() == Some(owner.uid.as_str()))
+        let name = cm.metadata.name.clone().unwrap_or_default();
+        warn!(%namespace, configmap = %name, reason = rejection.describe(), "delivery-log segment ignored");
+        self.shared.config.metrics.log_segment_rejected();
+        let named = crate::delivery_log::endpoints_named_in(cm);
+        let shared = self.shared.clone();
+        let namespace = namespace.to_string();
+        tokio::spawn(async move {
+            for endpoint in named.iter().take(5).filter_map(|n| shared.endpoints.get(&namespace, n)) {
+                let event = EventNote {
+                    warning: true,
+                    reason: "LogSegmentRejected",
+                    action: "RecoverLog",
+                    note: format!(
+                        "ConfigMap {name} looks like a delivery-log segment of this endpoint but was ignored: {}",
+                        rejection.describe()
+                    ),
+                };
+                publish_event(
+                    &shared.recorder,
+                    &shared.config.metrics,
+                    &kube::Resource::object_ref(endpoint.as_ref(), &()),
+                    &event,
+                )
+                .await;
+            }
+        });
+        false
     }
 
     fn spawn_wakeups(&self) {

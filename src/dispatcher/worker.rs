@@ -609,10 +609,17 @@ impl Worker {
     }
 
     /// Sends writes of a batch in a task of their own; `done` makes the report.
-    fn send(&self, batch: u64, writes: Vec<SegmentWrite>, done: fn(u64, Result<usize, kube::Error>) -> Msg) {
+    fn send(&self, batch: u64, mut writes: Vec<SegmentWrite>, done: fn(u64, Result<usize, kube::Error>) -> Msg) {
         let client = self.shared.client.clone();
         let namespace = self.namespace.clone();
         let tx = self.tx.clone();
+        // Every segment carries the operator's MAC: only signed segments are read back.
+        for write in &mut writes {
+            if let SegmentWrite::Create(cm) = write {
+                cm.metadata.namespace = Some(namespace.clone());
+                self.shared.log_key.sign(cm);
+            }
+        }
         tokio::spawn(async move {
             let result = crate::delivery_log::apply_writes(&client, &namespace, &writes).await;
             let _ = tx.send(done(batch, result)).await;

@@ -137,6 +137,7 @@ impl Operator {
         let mut ingest_base = String::new();
         let dispatcher = if opts.dispatcher {
             let config = DispatcherConfig {
+                home_namespace: home.clone(),
                 scope: scope.clone(),
                 schedule: opts.schedule.parse().expect("test schedule parses"),
                 log: LogConfig::default(),
