@@ -579,6 +579,90 @@ async fn the_chart_identity_can_do_nothing_more() {
     support::delete_namespace(&client, &other).await;
 }
 
+/// With every namespace served, the identity reads and applies signing Secrets everywhere (a
+/// server-side apply that creates one is checked as create too), but deletes Secrets (revokes API
+/// keys) only in its home namespace.
+#[tokio::test]
+async fn with_every_namespace_served_secrets_are_deleted_only_at_home() {
+    let _crd = release_namespace();
+    let client = support::client().await;
+    let home = random_ns("chart-all");
+    ok(
+        "helm install (every namespace)",
+        support::helm(&[
+            "install",
+            RELEASE,
+            &chart(),
+            "--namespace",
+            &home,
+            "--create-namespace",
+            "--set",
+            "watchAllNamespaces=true",
+            "--set",
+            "crds.install=false",
+            "--timeout",
+            "120s",
+        ]),
+    );
+    let other = support::test_namespace(&client, "chart-all-other").await;
+    for args in [
+        vec!["create", "secrets", "-n", &home],
+        vec!["delete", "secrets", "-n", &home],
+        vec!["patch", "secrets", "-n", &other],
+        vec!["get", "secrets", "-n", &other],
+        vec!["list", "namespaces"],
+        vec!["create", "configmaps", "-n", &other],
+        vec!["create", "secrets", "-n", &other],
+    ] {
+        assert!(can_i(&home, &args), "should be allowed: {args:?}");
+    }
+    for args in [
+        vec!["delete", "secrets", "-n", &other],
+        vec!["update", "secrets", "-n", &other],
+        vec!["patch", "namespaces"],
+    ] {
+        assert!(!can_i(&home, &args), "should be refused: {args:?}");
+    }
+    // The controller's write, as the identity: a server-side apply that creates a Secret.
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = impersonating_kubeconfig(dir.path(), &sa_user(&home));
+    let manifest = dir.path().join("secret.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: ep-signing\n  namespace: {other}\nstringData:\n  k: v\n"
+        ),
+    )
+    .unwrap();
+    let kubectl_as = |args: &[&str]| {
+        Command::new(support::bin_dir().join("kubectl"))
+            .arg("--kubeconfig")
+            .arg(&kubeconfig)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let applied = kubectl_as(&[
+        "apply",
+        "--server-side",
+        "--field-manager=capy-webhooks",
+        "-f",
+        manifest.to_str().unwrap(),
+    ]);
+    assert!(applied.status.success(), "{applied:?}");
+    let deleted = kubectl_as(&["delete", "secret", "ep-signing", "-n", &other]);
+    assert!(
+        !deleted.status.success() && String::from_utf8_lossy(&deleted.stderr).contains("forbidden"),
+        "{deleted:?}"
+    );
+    ok(
+        "helm uninstall",
+        support::helm(&["uninstall", RELEASE, "--namespace", &home]),
+    );
+    support::delete_namespace(&client, &other).await;
+    support::delete_namespace(&client, &home).await;
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {

@@ -58,6 +58,14 @@ RBAC rules: exactly what the operator does, shared by the Role and the ClusterRo
 Kubernetes RBAC cannot restrict get/list/watch by label: the operator can read every Secret and
 ConfigMap where these rules apply, although it only ever selects its own by label.
 */}}
+{{- define "capy-webhooks.homeRules" -}}
+# In the home (release) namespace only: revoking API keys (the api-key CLI deletes their Secrets
+# `capy-api-key-*`).
+- apiGroups: [""]
+  resources: ["secrets"]
+  verbs: ["delete"]
+{{- end }}
+
 {{- define "capy-webhooks.rules" -}}
 # The source of truth: the controller and caches watch endpoints; the REST facade creates,
 # JSON-patches (update, rotate), deletes them; the dispatcher's auto-disable patches spec.active.
@@ -73,12 +81,14 @@ ConfigMap where these rules apply, although it only ever selects its own by labe
 - apiGroups: ["webhooks.capydb.io"]
   resources: ["webhookendpoints/finalizers"]
   verbs: ["update"]
-# Signing secrets `<endpoint>-signing` (controller, server-side apply; read by the dispatcher and
-# REST facade) and API-key Secrets `capy-api-key-*` (watch-backed index; the api-key CLI creates,
-# lists and revokes them). Both label-selected, but see the note above.
+# Signing secrets `<endpoint>-signing`: written by the controller with server-side apply (patch;
+# the API server also checks create when the apply creates the Secret), read by the dispatcher and
+# the REST facade. Deleting Secrets is granted in the home namespace only
+# ("capy-webhooks.homeRules"): the garbage collector, not the operator, deletes signing secrets.
+# Label-selected, but see the note above.
 - apiGroups: [""]
   resources: ["secrets"]
-  verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  verbs: ["get", "list", "watch", "create", "patch"]
 # The delivery log `<organization>-<hash>-journal-<n>`: listed on start (and the first format's
 # `<endpoint>-deliveries-<n>`, migrated), created by group commit, deleted when superseded
 # (patch only when a create's answer was lost).
