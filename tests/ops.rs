@@ -516,3 +516,137 @@ async fn an_operator_forbidden_to_list_endpoints_exits_and_says_why() {
     }
     support::delete_namespace(&client, &ns).await;
 }
+
+/// After a flow that touches every secret the system holds (create, rotate, deliveries that
+/// succeed and fail, authentication errors), none of them appears in the logs (JSON and text),
+/// Events, endpoint status, ConfigMaps or metrics.
+#[tokio::test]
+async fn no_secret_leaks_into_logs_events_status_configmaps_or_metrics() {
+    for format in ["json", "text"] {
+        let client = support::client().await;
+        support::install_crd(&client).await;
+        let ns = support::test_namespace(&client, &format!("leaks-{format}")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let ports = Ports::fresh();
+        let mut args = ports.args();
+        args.extend(["--log-format".to_string(), format.to_string()]);
+        let mut op = OperatorProcess::start(&ns, &support::kubeconfig_path(), dir.path(), "operator.log", &args);
+        let (_, api_key) = capy_webhooks::auth::api_keys::create_key(&client, &ns, ORG, None, None)
+            .await
+            .unwrap();
+        let http = reqwest::Client::new();
+        let base = format!(
+            "http://127.0.0.1:{}/v1/organizations/{ORG}/webhook-endpoints",
+            ports.api
+        );
+        support::wait_for("the REST API", Duration::from_secs(60), || async {
+            let r = http.get(&base).bearer_auth(&api_key).send().await.ok()?;
+            (r.status() == 200).then_some(())
+        })
+        .await;
+        let mut secrets = vec![api_key.clone(), INGEST_TOKEN.to_string()];
+        let ok_receiver = Receiver::start(vec![]).await;
+        let failing = Receiver::start(vec![support::receiver::Answer::Status(500); 10]).await;
+        let mut ids = Vec::new();
+        for url in [ok_receiver.url("/ok"), failing.url("/fail")] {
+            let created: Value = http
+                .post(&base)
+                .bearer_auth(&api_key)
+                .json(&json!({"url": url}))
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            secrets.push(created["plaintext_secret"].as_str().unwrap().to_string());
+            ids.push(created["webhook_endpoint"]["id"].as_str().unwrap().to_string());
+        }
+        let rotated: Value = http
+            .post(format!("{base}/{}/rotate-secret", ids[0]))
+            .bearer_auth(&api_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        secrets.push(
+            rotated["plaintext_secret"]
+                .as_str()
+                .expect("rotated secret")
+                .to_string(),
+        );
+        // Wrong credentials of every kind, which must not be echoed either.
+        let wrong_key = format!("capy_live_{}", "Z".repeat(40));
+        let wrong_token = "wrong-ingest-token-0123456789";
+        let forged_jwt = "eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl";
+        for bad in [wrong_key.as_str(), forged_jwt] {
+            let r = http.get(&base).bearer_auth(bad).send().await.unwrap();
+            assert_eq!(r.status(), 401);
+        }
+        let ingest = format!("http://127.0.0.1:{}/v1/organizations/{ORG}/events", ports.ingest);
+        let r = http
+            .post(&ingest)
+            .bearer_auth(wrong_token)
+            .json(&json!({"type": "a.b", "data": {}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401);
+        secrets.extend([wrong_key, wrong_token.to_string()]);
+        for n in 0..3 {
+            let r = http
+                .post(&ingest)
+                .bearer_auth(INGEST_TOKEN)
+                .json(&json!({"type": "a.b", "data": {"n": n}}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+        }
+        support::wait_for("deliveries and failures", Duration::from_secs(30), || async {
+            (ok_receiver.received().len() >= 3 && failing.received().len() >= 3).then_some(())
+        })
+        .await;
+        // A summary interval (1 s) for the status to carry the failures.
+        support::wait_for("a failure in the status", Duration::from_secs(30), || async {
+            let ep = support::kubectl(&["get", "webhookendpoints", &ids[1], "-n", &ns, "-o", "json"]);
+            String::from_utf8_lossy(&ep.stdout)
+                .contains("lastFailureAt")
+                .then_some(())
+        })
+        .await;
+        let metrics = http
+            .get(ports.ops("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        op.kill();
+
+        let mut haystacks = vec![
+            ("log", std::fs::read_to_string(dir.path().join("operator.log")).unwrap()),
+            ("metrics", metrics),
+        ];
+        for kind in ["events", "webhookendpoints", "configmaps"] {
+            let out = support::kubectl(&["get", kind, "-n", &ns, "-o", "json"]);
+            haystacks.push((kind, String::from_utf8_lossy(&out.stdout).to_string()));
+        }
+        assert!(haystacks[0].1.contains("endpoint created"), "the log was captured");
+        for secret in &secrets {
+            // The secret, and for signing secrets the key material without its prefix.
+            let material = secret.strip_prefix("whsec_").unwrap_or(secret);
+            for (what, text) in &haystacks {
+                assert!(
+                    !text.contains(secret.as_str()) && !text.contains(material),
+                    "a secret ({}...) leaked into the {what} ({format} logs)",
+                    &secret[..8.min(secret.len())]
+                );
+            }
+        }
+        support::delete_namespace(&client, &ns).await;
+    }
+}
