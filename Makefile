@@ -76,7 +76,11 @@ lint: ## rustfmt check and clippy with warnings as errors
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
+.PHONY: fuzz-tools
+fuzz-tools: ## Install schemathesis (PyPI) for the OpenAPI fuzz test, once (cached)
+	@hack/fuzz-tools.sh >/dev/null
+
 .PHONY: test
-test: disk-check control-plane ## Every test: unit tests, then integration tests on a real control plane
+test: disk-check control-plane fuzz-tools ## Every test: unit tests, then integration tests on a real control plane
 	$(CARGO) fmt --all -- --check
-	$(CARGO) test --lib --bins --tests -- --test-threads=4
+	CAPY_SCHEMATHESIS=$$(hack/fuzz-tools.sh) $(CARGO) test --lib --bins --tests -- --test-threads=4

@@ -23,12 +23,8 @@ fn session(org: &str, role: Option<&str>) -> Value {
 
 #[tokio::test]
 async fn an_organization_gets_at_most_its_endpoints() {
-    let client = support::client().await;
-    support::install_crd(&client).await;
-    let ns = support::test_namespace(&client, "max-endpoints").await;
-    let op = Operator::start(
-        &client,
-        &ns,
+    let (client, ns, op) = support::operator::in_new_namespace(
+        "max-endpoints",
         Options {
             max_endpoints_per_organization: 2,
             ..Options::default()
@@ -86,12 +82,8 @@ async fn an_organization_gets_at_most_its_endpoints() {
 
 #[tokio::test]
 async fn the_delivery_routes_are_rate_limited_per_organization() {
-    let client = support::client().await;
-    support::install_crd(&client).await;
-    let ns = support::test_namespace(&client, "rate-limit").await;
-    let op = Operator::start(
-        &client,
-        &ns,
+    let (client, ns, op) = support::operator::in_new_namespace(
+        "rate-limit",
         Options {
             dispatcher: true,
             organization_rate_limit: 0.5,
@@ -161,12 +153,8 @@ async fn the_delivery_routes_are_rate_limited_per_organization() {
 /// server sees no list of ConfigMaps per request.
 #[tokio::test]
 async fn deliveries_without_a_dispatcher_make_no_api_server_round_trip() {
-    let client = support::client().await;
-    support::install_crd(&client).await;
-    let ns = support::test_namespace(&client, "log-watch").await;
-    let full = Operator::start(
-        &client,
-        &ns,
+    let (client, ns, full) = support::operator::in_new_namespace(
+        "log-watch",
         Options {
             dispatcher: true,
             ..Options::default()

@@ -338,3 +338,54 @@ async fn a_forged_log_segment_is_never_delivered_or_listed() {
     op.stop().await;
     support::delete_namespace(&client, &ns).await;
 }
+
+/// A delivery to a refused address fails with an error that names the class of address, never
+/// the address, so `last_error` cannot be used to map the cluster's network.
+#[tokio::test]
+async fn a_refused_target_names_its_class_never_its_address() {
+    const ORG: &str = "org_mapper";
+    let (client, ns, op) = support::operator::in_new_namespace(
+        "refusal",
+        Options {
+            dispatcher: true,
+            allow_private_targets: false,
+            ..Options::default()
+        },
+    )
+    .await;
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
+    for (url, class) in [
+        ("http://127.0.0.1:9/probe", "loopback address"),
+        ("http://10.96.0.1/probe", "private address"),
+        ("http://169.254.169.254/latest/meta-data/", "cloud metadata address"),
+        ("http://localhost:9/probe", "loopback address"),
+    ] {
+        let (status, created, _) = op
+            .call("POST", &op.url(ORG, ""), Some(&key), Some(json!({"url": url})))
+            .await;
+        assert_eq!(status, 201, "{created}");
+        let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+        let (status, _, _) = op
+            .call("POST", &op.url(ORG, &format!("/{id}/test")), Some(&key), None)
+            .await;
+        assert_eq!(status, 202);
+        let failed = support::wait_for(&format!("{url} refused"), WAIT, || async {
+            let (_, body, _) = op
+                .call("GET", &op.url(ORG, &format!("/{id}/deliveries")), Some(&key), None)
+                .await;
+            body["deliveries"]
+                .as_array()?
+                .iter()
+                .find(|d| d["state"] == "failed")
+                .cloned()
+        })
+        .await;
+        let error = failed["last_error"].as_str().unwrap();
+        assert!(error.contains(class), "{url}: {error}");
+        for address in ["127.0.0.1", "10.96.0.1", "169.254.169.254", "::1"] {
+            assert!(!error.contains(address), "{url}: the error names an address: {error}");
+        }
+    }
+    op.stop().await;
+    support::delete_namespace(&client, &ns).await;
+}

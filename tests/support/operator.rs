@@ -41,6 +41,15 @@ pub async fn serve_jwks(jwks: String) -> String {
     format!("http://{addr}/.well-known/jwks.json")
 }
 
+/// A client, a fresh namespace (with the CRD installed) and an operator serving it.
+pub async fn in_new_namespace(prefix: &str, opts: Options) -> (Client, String, Operator) {
+    let client = super::client().await;
+    super::install_crd(&client).await;
+    let ns = super::test_namespace(&client, prefix).await;
+    let op = Operator::start(&client, &ns, opts).await;
+    (client, ns, op)
+}
+
 /// Which components to run and how.
 pub struct Options {
     pub controller: bool,
@@ -66,6 +75,8 @@ pub struct Options {
     pub organization_rate_limit: f64,
     /// `--clerk-required-role`.
     pub clerk_required_roles: Vec<String>,
+    /// `--allow-private-targets` (tests deliver to loopback, so on by default).
+    pub allow_private_targets: bool,
 }
 
 impl Default for Options {
@@ -87,6 +98,7 @@ impl Default for Options {
             max_endpoints_per_organization: 100,
             organization_rate_limit: 0.0,
             clerk_required_roles: Vec::new(),
+            allow_private_targets: true,
         }
     }
 }
@@ -144,7 +156,7 @@ impl Operator {
                 sender: SenderConfig {
                     total_timeout: opts.attempt_timeout,
                     policy: TargetPolicy {
-                        allow_private: true,
+                        allow_private: opts.allow_private_targets,
                         allow_metadata: false,
                     },
                     allow_http: true,
