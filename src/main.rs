@@ -24,6 +24,7 @@ use capy_webhooks::duration::parse_flag_duration;
 use capy_webhooks::endpoints::{self, EndpointCache};
 use capy_webhooks::http::ServerLimits;
 use capy_webhooks::ingest::IngestConfig;
+use capy_webhooks::leases::{CONTROLLER_LEASE, Leadership, LeaseConfig, default_identity};
 use capy_webhooks::resources::{Scope, crd_yaml};
 use capy_webhooks::telemetry::{self, LogFormat, Metrics, Readiness, ReadyHandle};
 use capy_webhooks::tenancy::NamespaceBinding;
@@ -265,6 +266,16 @@ struct RunArgs {
     #[arg(long, env = "CAPY_WEBHOOKS_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
 
+    /// This replica's name in Leases (`holderIdentity`). Default: $POD_NAME, else the host name
+    /// with a random suffix.
+    #[arg(long, env = "CAPY_WEBHOOKS_IDENTITY")]
+    identity: Option<String>,
+
+    /// How long a Lease stays valid without renewal: after a replica dies, another takes over its
+    /// Leases within this time (plus a few seconds). Whole seconds, at least 2s.
+    #[arg(long, env = "CAPY_WEBHOOKS_LEASE_DURATION", default_value = "15s", value_parser = parse_flag_duration)]
+    lease_duration: Duration,
+
     /// Time a client has to send a request's headers, on every port; then the connection closes.
     #[arg(long, env = "CAPY_WEBHOOKS_HTTP_HEADER_TIMEOUT", default_value = "10s", value_parser = parse_flag_duration)]
     http_header_timeout: Duration,
@@ -502,7 +513,21 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             ready: controller_ready,
         };
-        tasks.spawn(controller::run(client.clone(), config, feed, stopped()));
+        // One controller at a time among the replicas: the holder of the controller Lease.
+        let leases = LeaseConfig {
+            namespace: home_namespace.clone(),
+            identity: args.identity.clone().unwrap_or_else(default_identity),
+            duration: args.lease_duration,
+        };
+        info!(identity = %leases.identity, lease = CONTROLLER_LEASE, "competing for the controller Lease");
+        let leadership = Leadership::compete(client.clone(), &leases, CONTROLLER_LEASE).await?;
+        let run = controller::run(client.clone(), config, feed, leadership.leading(), stopped());
+        tasks.spawn(async move {
+            let result = run.await;
+            // Stopped: hand the Lease over now rather than after it expires.
+            leadership.release().await;
+            result
+        });
     }
     let dispatcher = if wants(Component::Dispatcher) {
         let token = read_ingest_token(args.ingest_token_file.as_deref())?;

@@ -161,6 +161,7 @@ struct Inner {
     log_write_budget: Gauge,
     ingest_throttled: Counter,
     log_segments_rejected: Counter,
+    controller_leader: Gauge,
 }
 
 /// Every metric of the operator, in one registry. Cheap to clone; clones share the values.
@@ -274,6 +275,12 @@ impl Metrics {
             "Events, tests and retries refused with 503 because the write budget was spent",
             ingest_throttled.clone(),
         );
+        let controller_leader = Gauge::default();
+        registry.register(
+            "controller_leader",
+            "1 while this replica holds the controller Lease and reconciles, else 0",
+            controller_leader.clone(),
+        );
         let log_segments_rejected = Counter::default();
         registry.register(
             "log_segments_rejected",
@@ -322,6 +329,7 @@ impl Metrics {
                 log_write_budget,
                 ingest_throttled,
                 log_segments_rejected,
+                controller_leader,
             }),
         }
     }
@@ -430,6 +438,11 @@ impl Metrics {
     /// New work was refused because the write budget was spent.
     pub fn ingest_throttled(&self) {
         self.inner.ingest_throttled.inc();
+    }
+
+    /// Whether this replica leads the controller.
+    pub fn controller_leader(&self, leading: bool) {
+        self.inner.controller_leader.set(i64::from(leading));
     }
 
     /// One delivery-log segment ignored because this operator did not write it.

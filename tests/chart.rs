@@ -538,6 +538,7 @@ async fn the_chart_identity_can_do_nothing_more() {
             "--subresource=finalizers",
         ],
         &["create", "events.events.k8s.io"],
+        &["update", "leases.coordination.k8s.io"],
     ] {
         let mut a = args.to_vec();
         a.extend(["-n", &ns]);
@@ -555,7 +556,8 @@ async fn the_chart_identity_can_do_nothing_more() {
         vec!["create", "pods", "--subresource=exec", "-n", &ns],
         vec!["update", "secrets", "-n", &ns],
         vec!["create", "events", "-n", &other],
-        vec!["get", "leases.coordination.k8s.io", "-n", &ns],
+        vec!["get", "leases.coordination.k8s.io", "-n", &other],
+        vec!["delete", "leases.coordination.k8s.io", "-n", &ns],
         vec!["create", "roles.rbac.authorization.k8s.io", "-n", &ns],
         vec!["get", "customresourcedefinitions"],
         vec!["update", "customresourcedefinitions"],

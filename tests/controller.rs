@@ -46,9 +46,16 @@ impl RunningController {
         );
         let feed = cache.controller_feed().expect("the cache feeds the controller");
         let (tx, rx) = oneshot::channel::<()>();
-        let task = tokio::spawn(controller::run(client.clone(), config, feed, async move {
-            let _ = rx.await;
-        }));
+        let always_leading = tokio::sync::watch::channel(true).1;
+        let task = tokio::spawn(controller::run(
+            client.clone(),
+            config,
+            feed,
+            always_leading,
+            async move {
+                let _ = rx.await;
+            },
+        ));
         Self {
             stop: Some(tx),
             task,

@@ -650,3 +650,149 @@ async fn no_secret_leaks_into_logs_events_status_configmaps_or_metrics() {
         support::delete_namespace(&client, &ns).await;
     }
 }
+
+/// Whether the replica on `ports` says it leads the controller; `None` when it does not answer.
+async fn leads(http: &reqwest::Client, ports: Ports) -> Option<bool> {
+    let (status, _, text) = get(http, &ports.ops("/metrics")).await?;
+    (status == 200).then_some(())?;
+    let exposition = parse_exposition(&text).ok()?;
+    Some(exposition.sum("capy_webhooks_controller_leader", &[]) == 1.0)
+}
+
+/// Several replicas, one controller: the holder of the controller Lease. Killed with SIGKILL, its
+/// Lease expires and another replica takes over, so an endpoint created through another replica
+/// still gets its secret; on SIGTERM the leader releases the Lease and the handover is at once.
+#[tokio::test]
+async fn one_controller_among_replicas_and_a_handover_when_it_dies() {
+    const LEASE: Duration = Duration::from_secs(6);
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, "leader").await;
+    let dir = tempfile::tempdir().unwrap();
+    let start = |name: &str, ports: Ports| {
+        let mut args = ports.args();
+        args.extend(
+            [
+                "--components",
+                "api,controller",
+                "--identity",
+                name,
+                "--lease-duration",
+                "6s",
+                "--controller-wait",
+                "30s",
+            ]
+            .map(String::from),
+        );
+        OperatorProcess::start(
+            &ns,
+            &support::kubeconfig_path(),
+            dir.path(),
+            &format!("{name}.log"),
+            &args,
+        )
+    };
+    let http = reqwest::Client::new();
+    let mut replicas: Vec<(String, Ports, OperatorProcess)> = ["a", "b", "c"]
+        .into_iter()
+        .map(|name| {
+            let ports = Ports::fresh();
+            (name.to_string(), ports, start(name, ports))
+        })
+        .collect();
+    let one_leader = |replicas: &[(String, Ports, OperatorProcess)]| {
+        let targets: Vec<(String, Ports)> = replicas.iter().map(|(n, p, _)| (n.clone(), *p)).collect();
+        let http = http.clone();
+        async move {
+            let mut leaders = Vec::new();
+            for (name, ports) in &targets {
+                match leads(&http, *ports).await {
+                    Some(true) => leaders.push(name.clone()),
+                    Some(false) => {}
+                    None => return None,
+                }
+            }
+            (leaders.len() == 1).then(|| leaders.remove(0))
+        }
+    };
+    let leader = support::wait_for("exactly one controller leader", Duration::from_secs(60), || {
+        one_leader(&replicas)
+    })
+    .await;
+    let holder = support::kubectl(&[
+        "get",
+        "lease",
+        "capy-webhooks-controller",
+        "-n",
+        &ns,
+        "-o",
+        "jsonpath={.spec.holderIdentity}",
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&holder.stdout),
+        leader,
+        "kubectl get leases shows who leads"
+    );
+
+    // SIGKILL the leader: no release, the Lease must expire.
+    let index = replicas.iter().position(|(n, _, _)| *n == leader).unwrap();
+    let (_, _, mut killed) = replicas.remove(index);
+    killed.kill();
+    let killed_at = Instant::now();
+    let (api_key_record, key) = capy_webhooks::auth::api_keys::create_key(&client, &ns, ORG, None, None)
+        .await
+        .unwrap();
+    drop(api_key_record);
+    let survivor = replicas[0].1;
+    let base = format!(
+        "http://127.0.0.1:{}/v1/organizations/{ORG}/webhook-endpoints",
+        survivor.api
+    );
+    support::wait_for("the survivor's REST API", Duration::from_secs(30), || async {
+        let r = http.get(&base).bearer_auth(&key).send().await.ok()?;
+        (r.status() == 200).then_some(())
+    })
+    .await;
+    let created = http
+        .post(&base)
+        .bearer_auth(&key)
+        .json(&json!({"url": "https://hooks.example.com/in"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        created.status(),
+        201,
+        "created through another replica, with its secret"
+    );
+    let body: Value = created.json().await.unwrap();
+    assert!(body["plaintext_secret"].as_str().unwrap().starts_with("whsec_"));
+    let took = killed_at.elapsed();
+    assert!(
+        took <= LEASE + Duration::from_secs(5),
+        "the controller took over after {took:?}"
+    );
+    let next = support::wait_for("a new leader", Duration::from_secs(30), || one_leader(&replicas)).await;
+    assert_ne!(next, leader);
+
+    // SIGTERM the new leader: it releases the Lease, and the last replica leads well before the
+    // Lease would have expired.
+    let index = replicas.iter().position(|(n, _, _)| *n == next).unwrap();
+    let (_, _, mut stopped) = replicas.remove(index);
+    let pid = stopped.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    let sent = Instant::now();
+    let last = replicas[0].1;
+    support::wait_for("the last replica leads", Duration::from_secs(30), || async {
+        (leads(&http, last).await == Some(true)).then_some(())
+    })
+    .await;
+    let handover = sent.elapsed();
+    assert!(
+        handover < LEASE,
+        "on SIGTERM the Lease is released, not left to expire: {handover:?}"
+    );
+    let _ = stopped.child.wait();
+    println!("takeover after SIGKILL: {took:?}; handover on SIGTERM: {handover:?}");
+    support::delete_namespace(&client, &ns).await;
+}

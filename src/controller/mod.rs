@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use futures::{Future, StreamExt};
+use futures::{Future, FutureExt, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Patch, PatchParams};
@@ -23,6 +23,7 @@ use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 
 use crate::backoff::retry_delay;
@@ -290,54 +291,122 @@ pub fn error_policy(endpoint: Arc<WebhookEndpoint>, error: &Error, ctx: Arc<Cont
     Action::requeue(delay)
 }
 
-/// Runs the controller until `shutdown` resolves.
+/// Changes of endpoints the controller may lag behind while it leads before the relay waits.
+const RELAY_BUFFER: usize = 1024;
+
+/// Runs the controller until `shutdown` resolves, reconciling only while `leading` is true (the
+/// controller Lease is held; a fixed `true` receiver runs it unconditionally). Each term starts
+/// by reconciling every endpoint, and ends, without starting new reconciles, when leadership is
+/// lost.
 pub async fn run(
     client: Client,
     config: ControllerConfig,
     feed: ControllerFeed,
+    leading: watch::Receiver<bool>,
     shutdown: impl Future<Output = ()> + Send + Sync + 'static,
 ) -> anyhow::Result<()> {
-    // Metadata only: the controller needs to know a Secret changed or vanished, not its data.
-    let secrets: Api<PartialObjectMeta<Secret>> = config.scope.api(client.clone());
-    let secret_changes = watcher(secrets, watcher::Config::default().labels(&signing_secret_selector()))
-        .default_backoff()
-        .touched_objects();
     config.metrics.declare_reconcile_error_reasons(&Error::reasons());
     let ControllerFeed {
         trigger,
         store,
         binding,
     } = feed;
-    // A namespace's organization label binds or unbinds every endpoint in it: look at them all.
+    // The cache's change stream is drained at all times (a subscriber that stops reading stalls
+    // the cache every component reads) and passed on only while leading.
+    // The relay follows a gate of its own (open during terms), so it holds no receiver of the
+    // Lease's channel, whose last drop releases the Lease.
+    let (relay, relayed) = mpsc::channel::<Arc<WebhookEndpoint>>(RELAY_BUFFER);
+    let (gate, gate_open) = watch::channel(false);
+    tokio::spawn(async move {
+        futures::pin_mut!(trigger);
+        while let Some(endpoint) = trigger.next().await {
+            let open = *gate_open.borrow();
+            if open && relay.send(endpoint).await.is_err() {
+                break;
+            }
+        }
+    });
+    let relayed = Arc::new(tokio::sync::Mutex::new(relayed));
+    let ready = config.ready.clone();
+    let ready_store = store.clone();
+    tokio::spawn(async move {
+        if crate::endpoints::store_ready(&ready_store).await.is_ok() {
+            ready.set_ready();
+        }
+    });
+    let ctx = Arc::new(Context::new(client.clone(), config, binding.clone(), store.clone()));
+    let shutdown = shutdown.shared();
+    let mut leading_now = leading.clone();
+    loop {
+        let became = tokio::select! {
+            became = async { leading_now.wait_for(|l| *l).await.is_ok() } => became,
+            () = shutdown.clone() => break,
+        };
+        if !became {
+            // Leadership can no longer change, and this replica does not lead.
+            shutdown.clone().await;
+            break;
+        }
+        ctx.config.metrics.controller_leader(true);
+        gate.send_replace(true);
+        info!(scope = ?ctx.config.scope, "controller leading: reconciling every endpoint");
+        let (term_leading, term_shutdown) = (leading.clone(), shutdown.clone());
+        lead(&client, &ctx, &store, &binding, relayed.clone(), async move {
+            tokio::select! {
+                () = crate::leases::lost(term_leading) => info!("controller leadership lost"),
+                () = term_shutdown => {}
+            }
+        })
+        .await;
+        gate.send_replace(false);
+        ctx.config.metrics.controller_leader(false);
+        if shutdown.clone().now_or_never().is_some() {
+            break;
+        }
+    }
+    info!("controller stopped");
+    Ok(())
+}
+
+/// One term of leadership: the controller runs until `term_end`.
+async fn lead(
+    client: &Client,
+    ctx: &Arc<Context>,
+    store: &Store<WebhookEndpoint>,
+    binding: &NamespaceBinding,
+    relayed: Arc<tokio::sync::Mutex<mpsc::Receiver<Arc<WebhookEndpoint>>>>,
+    term_end: impl Future<Output = ()> + Send + Sync + 'static,
+) {
+    // Metadata only: the controller needs to know a Secret changed or vanished, not its data.
+    let secrets: Api<PartialObjectMeta<Secret>> = ctx.config.scope.api(client.clone());
+    let secret_changes = watcher(secrets, watcher::Config::default().labels(&signing_secret_selector()))
+        .default_backoff()
+        .touched_objects();
+    // Every endpoint at the start of the term, and again when a namespace's organization label
+    // changes (it binds or unbinds every endpoint in it).
     let relabelled = futures::stream::unfold(binding.changes(), |mut changes| async move {
         changes.changed().await.ok()?;
         Some(((), changes))
     });
-    let ctx = Arc::new(Context::new(client, config, binding, store.clone()));
-    info!(scope = ?ctx.config.scope, "controller starting");
+    let reconcile_all = futures::stream::once(async {}).chain(relabelled);
+    let changes = futures::stream::unfold(relayed, |relayed| async move {
+        let endpoint = relayed.lock().await.recv().await?;
+        Some((endpoint, relayed))
+    });
     // Bounded concurrency: at start every endpoint is due at once, and thousands of parallel
     // reconciles only queue at the API server while holding their buffers.
-    let controller = Controller::for_shared_stream(trigger, store.clone())
-        .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY));
-    let ready = ctx.config.ready.clone();
-    tokio::spawn(async move {
-        if crate::endpoints::store_ready(&store).await.is_ok() {
-            ready.set_ready();
-        }
-    });
-    controller
+    Controller::for_shared_stream(changes, store.clone())
+        .with_config(kube::runtime::controller::Config::default().concurrency(RECONCILE_CONCURRENCY))
         .owns_stream(secret_changes)
-        .reconcile_all_on(relabelled)
-        .graceful_shutdown_on(shutdown)
-        .run(reconcile, error_policy, ctx)
+        .reconcile_all_on(reconcile_all)
+        .graceful_shutdown_on(term_end)
+        .run(reconcile, error_policy, ctx.clone())
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "reconcile did not complete");
             }
         })
         .await;
-    info!("controller stopped");
-    Ok(())
 }
 
 #[cfg(test)]

@@ -144,7 +144,13 @@ impl Operator {
                 metrics: metrics.clone(),
                 ready: ReadyHandle::detached(),
             };
-            tokio::spawn(controller::run(client.clone(), config, feed, stopped()));
+            tokio::spawn(controller::run(
+                client.clone(),
+                config,
+                feed,
+                watch::channel(true).1,
+                stopped(),
+            ));
         }
         let mut ingest_base = String::new();
         let dispatcher = if opts.dispatcher {

@@ -64,6 +64,11 @@ ConfigMap where these rules apply, although it only ever selects its own by labe
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["delete"]
+# The controller Lease `capy-webhooks-controller`: one replica reconciles at a time
+# (kube-lease-manager creates it, renews it with server-side apply, releases it).
+- apiGroups: ["coordination.k8s.io"]
+  resources: ["leases"]
+  verbs: ["get", "list", "watch", "create", "update", "patch"]
 {{- end }}
 
 {{- define "capy-webhooks.rules" -}}
