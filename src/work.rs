@@ -35,6 +35,9 @@ pub enum SubmitError {
 /// A delivery as the REST facade shows it: the record and its event's payload.
 pub type Listed = (DeliveryRecord, Option<Value>);
 
+/// Most deliveries one recovery sends again.
+pub const MAX_RECOVERED: usize = 10_000;
+
 /// The work a dispatcher does on request.
 pub trait Work: Send + Sync + 'static {
     /// Accepts an event: a durable pending delivery for every matching active endpoint of the
@@ -55,6 +58,15 @@ pub trait Work: Send + Sync + 'static {
         endpoint: &'a WebhookEndpoint,
         delivery_id: &'a str,
     ) -> BoxFuture<'a, Result<Listed, SubmitError>>;
+
+    /// Sends every `failed` delivery of an endpoint created in `[since, until)` again (the oldest
+    /// [`MAX_RECOVERED`] at most), keeping their ids. Returns how many.
+    fn recover<'a>(
+        &'a self,
+        endpoint: &'a WebhookEndpoint,
+        since: jiff::Timestamp,
+        until: jiff::Timestamp,
+    ) -> BoxFuture<'a, Result<usize, SubmitError>>;
 
     /// Up to `limit` of an endpoint's deliveries, newest first.
     fn deliveries<'a>(
@@ -98,6 +110,16 @@ impl WorkHandle {
     /// See [`Work::retry`].
     pub async fn retry(&self, endpoint: &WebhookEndpoint, delivery_id: &str) -> Result<Listed, SubmitError> {
         self.0.retry(endpoint, delivery_id).await
+    }
+
+    /// See [`Work::recover`].
+    pub async fn recover(
+        &self,
+        endpoint: &WebhookEndpoint,
+        since: jiff::Timestamp,
+        until: jiff::Timestamp,
+    ) -> Result<usize, SubmitError> {
+        self.0.recover(endpoint, since, until).await
     }
 
     /// See [`Work::deliveries`].

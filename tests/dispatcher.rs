@@ -201,6 +201,77 @@ async fn exhausted_attempts_give_failed_and_the_recovery_routes_resend() {
     assert_eq!(got[4].json()["type"], "webhook.test");
 }
 
+/// An outage, then recovery in bulk: every failed delivery of the window is sent again, with its
+/// `webhook-id`; deliveries outside the window and those that succeeded are left alone.
+#[tokio::test]
+async fn recover_resends_the_failed_deliveries_of_a_window() {
+    let s = setup(
+        "recover",
+        Options {
+            schedule: "0s",
+            ..Options::default()
+        },
+    )
+    .await;
+    let receiver = Receiver::start(vec![Answer::Status(503); 3]).await;
+    let (id, secret) = s.endpoint(&receiver.url("/"), &[]).await;
+    for n in 0..3 {
+        s.op.ingest(ORG, "outage.event", json!({"n": n})).await;
+    }
+    support::wait_for("three failed deliveries", WAIT, || async {
+        let failed = s
+            .deliveries(&id)
+            .await
+            .into_iter()
+            .filter(|d| d["state"] == "failed")
+            .count();
+        (failed == 3).then_some(())
+    })
+    .await;
+    let failed_ids: std::collections::BTreeSet<String> = receiver
+        .received()
+        .iter()
+        .map(|r| r.header("webhook-id").to_string())
+        .collect();
+    let recover_url = s.op.url(ORG, &format!("/{id}/recover"));
+    let recover = |body: Value| s.op.call("POST", &recover_url, Some(&s.key), Some(body));
+    // Refusals first: a window too long, since after until, unknown fields, no since.
+    let now = jiff::Timestamp::now();
+    let ago = |secs: i64| (now - jiff::SignedDuration::from_secs(secs)).to_string();
+    for bad in [
+        json!({"since": ago(15 * 24 * 3600)}),
+        json!({"since": ago(10), "until": ago(20)}),
+        json!({"since": ago(60), "extra": 1}),
+        json!({}),
+    ] {
+        let (status, body, _) = recover(bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+    }
+    // A window before the outage recovers nothing.
+    let (status, body, _) = recover(json!({"since": ago(3600), "until": ago(1800)})).await;
+    assert_eq!((status.as_u16(), &body), (202, &json!({"recovered": 0})));
+    // The outage's window: all three, now answered 200.
+    let (status, body, _) = recover(json!({"since": ago(600)})).await;
+    assert_eq!((status.as_u16(), &body), (202, &json!({"recovered": 3})), "{body}");
+    support::wait_for("the recovered deliveries succeed", WAIT, || async {
+        let deliveries = s.deliveries(&id).await;
+        deliveries.iter().all(|d| d["state"] == "succeeded").then_some(())
+    })
+    .await;
+    let resent: Vec<_> = receiver.received().into_iter().skip(3).collect();
+    assert_eq!(resent.len(), 3);
+    for delivery in &resent {
+        assert!(
+            failed_ids.contains(delivery.header("webhook-id")),
+            "the webhook-id is kept"
+        );
+        verify(&secret, delivery).unwrap();
+    }
+    // Nothing failed is left: recovering again sends nothing.
+    let (_, body, _) = recover(json!({"since": ago(600)})).await;
+    assert_eq!(body, json!({"recovered": 0}));
+}
+
 #[tokio::test]
 async fn retry_after_is_honoured_on_429() {
     let s = setup("retryafter", Options::default()).await;

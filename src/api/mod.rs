@@ -460,6 +460,23 @@ impl ApiState {
         Ok(warp::reply::json(&json!({ "deliveries": deliveries })).into_response())
     }
 
+    /// Sends the endpoint's failed deliveries of a window again (authenticated before the body
+    /// was read): `202 {"recovered": N}`.
+    async fn recover(&self, org: String, id: String, body: Bytes) -> Result<Response, ApiError> {
+        self.within_rate(&org)?;
+        let request: model::RecoverRequest = parse_json(&body)?;
+        let (since, until) = model::recover_window(&request, Timestamp::now()).map_err(ApiError::bad_request)?;
+        let endpoint = self.find(&org, &id)?;
+        let recovered = self
+            .work()?
+            .recover(&endpoint, since, until)
+            .await
+            .map_err(submit_error)?;
+        info!(organization = %org, endpoint = %id, recovered, %since, %until, "failed deliveries recovered");
+        let body = json!({ "recovered": recovered });
+        Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
+    }
+
     /// Reserves room for one more endpoint of `org` until the returned guard drops (after the
     /// create answered, when the cache holds the new endpoint): 409 when the organization has
     /// `--max-endpoints-per-organization` already. Creates in flight count, so concurrent creates
@@ -581,6 +598,7 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
     let retry =
         warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "deliveries" / String / "retry");
     let test = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "test");
+    let recover = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "recover");
 
     let list = collection
         .and(warp::get())
@@ -611,7 +629,7 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
                 Err(e) => Err(warp::reject::custom(e)),
             }
         })
-        .and(body)
+        .and(body.clone())
         .then(|(org, id, s): (String, String, Shared), b| async move { respond(s.update(org, id, b).await) });
     let delete = item
         .and(warp::delete())
@@ -637,8 +655,20 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
     let test = test
         .and(warp::post())
         .and(headers)
-        .and(with_state)
+        .and(with_state.clone())
         .then(|org, id, h, s: Shared| async move { respond(s.test_endpoint(org, id, h).await) });
+    let recover = recover
+        .and(warp::post())
+        .and(headers)
+        .and(with_state)
+        .and_then(|org: String, id: String, h: HeaderMap, s: Shared| async move {
+            match s.authorize(&org, &h).await {
+                Ok(_) => Ok((org, id, s)),
+                Err(e) => Err(warp::reject::custom(e)),
+            }
+        })
+        .and(body)
+        .then(|(org, id, s): (String, String, Shared), b| async move { respond(s.recover(org, id, b).await) });
     let openapi = warp::path!("openapi.json")
         .and(warp::get())
         .map(|| warp::reply::with_header(OPENAPI_JSON, "content-type", "application/json").into_response());
@@ -657,6 +687,8 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .or(retry)
         .unify()
         .or(test)
+        .unify()
+        .or(recover)
         .unify()
         .or(openapi)
         .unify()
@@ -680,6 +712,7 @@ pub fn route_template(path: &str) -> &'static str {
                 "/v1/organizations/:org/webhook-endpoints/:id/deliveries/:delivery/retry"
             }
             [id, "test"] if param(id) => "/v1/organizations/:org/webhook-endpoints/:id/test",
+            [id, "recover"] if param(id) => "/v1/organizations/:org/webhook-endpoints/:id/recover",
             _ => OTHER_ROUTE,
         },
         _ => OTHER_ROUTE,
@@ -810,6 +843,7 @@ mod tests {
             "/v1/organizations/:org/webhook-endpoints/:id/deliveries",
             "/v1/organizations/:org/webhook-endpoints/:id/deliveries/:delivery/retry",
             "/v1/organizations/:org/webhook-endpoints/:id/test",
+            "/v1/organizations/:org/webhook-endpoints/:id/recover",
         ];
         assert_eq!(documented, served.into_iter().collect());
     }

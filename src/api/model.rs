@@ -184,6 +184,40 @@ pub fn new_endpoint_name(now: Timestamp) -> String {
     format!("ep-{}", crate::ids::time_sortable_id(now))
 }
 
+/// Body of `POST /webhook-endpoints/{id}/recover`.
+#[derive(Deserialize, Debug, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RecoverRequest {
+    /// Start of the window (RFC 3339), inclusive: failed deliveries created since then.
+    pub since: String,
+    /// End of the window (RFC 3339), exclusive; default now.
+    pub until: Option<String>,
+}
+
+/// Longest window one recovery covers.
+pub const MAX_RECOVER_WINDOW: jiff::SignedDuration = jiff::SignedDuration::from_hours(14 * 24);
+
+/// The window `[since, until)` of a recovery, checked: RFC 3339 times, `since` before `until`,
+/// at most [`MAX_RECOVER_WINDOW`] long. `until` defaults to `now`.
+pub fn recover_window(request: &RecoverRequest, now: Timestamp) -> Result<(Timestamp, Timestamp), String> {
+    let parse = |field: &str, text: &str| {
+        text.parse::<Timestamp>()
+            .map_err(|_| format!("{field} must be an RFC 3339 time such as 2026-01-31T12:00:00Z"))
+    };
+    let since = parse("since", &request.since)?;
+    let until = match &request.until {
+        Some(text) => parse("until", text)?,
+        None => now,
+    };
+    if since >= until {
+        return Err("since must be before until".into());
+    }
+    if until.duration_since(since) > MAX_RECOVER_WINDOW {
+        return Err("the window from since to until may be at most 14 days".into());
+    }
+    Ok((since, until))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -319,5 +353,33 @@ mod tests {
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
         );
         assert_ne!(new_endpoint_name(ts(1)), new_endpoint_name(ts(1)));
+    }
+
+    #[test]
+    fn recovery_windows_are_checked() {
+        let now: Timestamp = "2026-03-15T12:00:00Z".parse().unwrap();
+        let req = |since: &str, until: Option<&str>| RecoverRequest {
+            since: since.into(),
+            until: until.map(str::to_string),
+        };
+        let (since, until) = recover_window(&req("2026-03-15T11:00:00Z", None), now).unwrap();
+        assert_eq!((since.to_string(), until), ("2026-03-15T11:00:00Z".to_string(), now));
+        assert!(
+            recover_window(&req("2026-03-01T12:00:00Z", None), now).is_ok(),
+            "exactly 14 days"
+        );
+        for (bad, why) in [
+            (req("2026-03-01T11:59:59Z", None), "at most 14 days"),
+            (req("yesterday", None), "RFC 3339"),
+            (req("2026-03-15T11:00:00Z", Some("soon")), "until must be an RFC 3339"),
+            (req("2026-03-15T12:00:00Z", None), "before until"),
+            (
+                req("2026-03-15T11:00:00Z", Some("2026-03-15T10:00:00Z")),
+                "before until",
+            ),
+        ] {
+            let err = recover_window(&bad, now).unwrap_err();
+            assert!(err.contains(why), "{bad:?}: {err}");
+        }
     }
 }

@@ -196,7 +196,7 @@ impl Dispatcher {
             routes: Arc::default(),
             tasks: Arc::new(Mutex::new(tokio::task::JoinSet::new())),
         };
-        dispatcher.recover().await?;
+        dispatcher.recover_logs().await?;
         dispatcher.spawn_wakeups();
         dispatcher.shared.config.ready.set_ready();
         Ok(dispatcher)
@@ -204,7 +204,7 @@ impl Dispatcher {
 
     /// Reads every organization's log back and starts a worker for each, so pending deliveries
     /// resume.
-    async fn recover(&self) -> anyhow::Result<()> {
+    async fn recover_logs(&self) -> anyhow::Result<()> {
         let configmaps = crate::delivery_log::load_all(&self.shared.client, &self.shared.config.scope)
             .await
             .map_err(|e| anyhow::anyhow!("reading the delivery logs: {e}"))?;
@@ -499,6 +499,29 @@ impl Dispatcher {
         self.await_durable(done).await
     }
 
+    /// Sends the endpoint's failed deliveries created in `[since, until)` again, once durable.
+    pub async fn recover_failed(
+        &self,
+        endpoint: &WebhookEndpoint,
+        since: Timestamp,
+        until: Timestamp,
+    ) -> Result<usize, SubmitError> {
+        self.admit()?;
+        let Some(tx) = self.running_worker(endpoint) else {
+            return Ok(0);
+        };
+        let (reply, done) = oneshot::channel();
+        tx.send(Msg::Recover {
+            endpoint: endpoint.name_any(),
+            since,
+            until,
+            reply,
+        })
+        .await
+        .map_err(|_| SubmitError::Unavailable("the dispatcher is shutting down".into()))?;
+        self.await_durable(done).await
+    }
+
     /// Up to `limit` of an endpoint's deliveries, newest first, each with its event's payload:
     /// from memory, no API-server round trip.
     pub async fn deliveries(&self, endpoint: &WebhookEndpoint, limit: usize) -> Result<Vec<Listed>, SubmitError> {
@@ -546,6 +569,15 @@ impl Work for Dispatcher {
         delivery_id: &'a str,
     ) -> BoxFuture<'a, Result<Listed, SubmitError>> {
         Box::pin(Dispatcher::retry(self, endpoint, delivery_id))
+    }
+
+    fn recover<'a>(
+        &'a self,
+        endpoint: &'a WebhookEndpoint,
+        since: Timestamp,
+        until: Timestamp,
+    ) -> BoxFuture<'a, Result<usize, SubmitError>> {
+        Box::pin(Dispatcher::recover_failed(self, endpoint, since, until))
     }
 
     fn deliveries<'a>(

@@ -70,6 +70,13 @@ pub(crate) enum Msg {
         id: String,
         reply: oneshot::Sender<Result<Listed, SubmitError>>,
     },
+    /// Send the failed deliveries of `endpoint` created in `[since, until)` again.
+    Recover {
+        endpoint: String,
+        since: Timestamp,
+        until: Timestamp,
+        reply: oneshot::Sender<Result<usize, SubmitError>>,
+    },
     /// The newest deliveries of an endpoint, with their payloads.
     List {
         endpoint: String,
@@ -89,6 +96,7 @@ pub(crate) enum Msg {
 pub(crate) enum Ack {
     Enqueued(oneshot::Sender<Result<(), SubmitError>>),
     Retried(Box<Listed>, oneshot::Sender<Result<Listed, SubmitError>>),
+    Recovered(usize, oneshot::Sender<Result<usize, SubmitError>>),
 }
 
 impl Ack {
@@ -99,6 +107,9 @@ impl Ack {
             }
             Ack::Retried(record, tx) => {
                 let _ = tx.send(result.map(|()| *record));
+            }
+            Ack::Recovered(count, tx) => {
+                let _ = tx.send(result.map(|()| count));
             }
         }
     }
@@ -346,6 +357,12 @@ impl Worker {
             Msg::CreatesDone { batch, result } => self.creates_done(batch, result),
             Msg::DeletesDone { batch, result } => self.deletes_done(batch, result),
             Msg::Retry { endpoint, id, reply } => self.retry(endpoint, id, reply),
+            Msg::Recover {
+                endpoint,
+                since,
+                until,
+                reply,
+            } => self.recover(endpoint, since, until, reply),
             Msg::List { endpoint, limit, reply } => {
                 let listed = self
                     .log
@@ -553,6 +570,44 @@ impl Worker {
         if let Some(reason) = disable {
             self.disable(&endpoint_name, reason);
         }
+    }
+
+    /// Makes the failed deliveries of `endpoint` created in `[since, until)` pending again, oldest
+    /// first and at most [`crate::work::MAX_RECOVERED`], each with one more attempt; answers once
+    /// they are durable.
+    fn recover(
+        &mut self,
+        endpoint: String,
+        since: Timestamp,
+        until: Timestamp,
+        reply: oneshot::Sender<Result<usize, SubmitError>>,
+    ) {
+        let mut failed: Vec<DeliveryRecord> = self
+            .log
+            .newest_first(&endpoint, usize::MAX)
+            .into_iter()
+            .filter(|r| r.state == DeliveryState::Failed && r.created_at >= since && r.created_at < until)
+            .cloned()
+            .collect();
+        failed.reverse();
+        failed.truncate(crate::work::MAX_RECOVERED);
+        if failed.is_empty() {
+            let _ = reply.send(Ok(0));
+            return;
+        }
+        let now = Timestamp::now();
+        let count = failed.len();
+        for mut record in failed {
+            record.state = DeliveryState::Pending;
+            record.max_attempts = record.attempts + 1;
+            record.next_attempt_at = Some(now);
+            record.updated_at = now;
+            self.unpersisted.insert(record.id.clone());
+            self.log.update(record);
+        }
+        let pending = self.log.pending_count_of(&endpoint) as u64;
+        self.state(&endpoint).totals.pending = pending;
+        self.waiting.push(Ack::Recovered(count, reply));
     }
 
     fn retry(&mut self, endpoint: String, id: String, reply: oneshot::Sender<Result<Listed, SubmitError>>) {
