@@ -207,28 +207,17 @@ pub fn parse_retry_after(value: &str, now: Timestamp) -> Option<Duration> {
     Some(Duration::try_from(at.duration_since(now)).unwrap_or(Duration::ZERO))
 }
 
-/// An HTTP-date in any of its three forms, always GMT.
+/// An HTTP-date in any of its three forms (IMF-fixdate, RFC 850, asctime), always GMT, read by
+/// the `httpdate` crate (already in the tree through hyper). A weekday that contradicts the date
+/// means a malformed header, not a date to guess at: the date is written back and compared.
 fn parse_http_date(value: &str) -> Option<Timestamp> {
-    // IMF-fixdate is a subset of RFC 2822, which jiff parses (weekday checked against the date).
-    if let Ok(ts) = jiff::fmt::rfc2822::DateTimeParser::new().parse_timestamp(value) {
-        return Some(ts);
+    let at = httpdate::parse_http_date(value).ok()?;
+    let weekday_of = |text: &str| text.get(..3).map(str::to_ascii_lowercase);
+    let canonical = httpdate::fmt_http_date(at);
+    if weekday_of(value) != weekday_of(&canonical) {
+        return None;
     }
-    // asctime pads a one-digit day with a space ("Nov  6"); collapsing runs of spaces lets one
-    // format read both paddings.
-    let collapsed = value.split_whitespace().collect::<Vec<_>>().join(" ");
-    parse_gmt("%A, %d-%b-%y %H:%M:%S GMT", value).or_else(|| parse_gmt("%a %b %d %H:%M:%S %Y", &collapsed))
-}
-
-/// Parses `value` with a strftime-style `format` as a civil time in GMT.
-fn parse_gmt(format: &str, value: &str) -> Option<Timestamp> {
-    let utc = jiff::tz::TimeZone::UTC;
-    let parsed = jiff::fmt::strtime::parse(format, value).ok()?;
-    let zoned = parsed.to_datetime().ok()?.to_zoned(utc).ok()?;
-    // A weekday that contradicts the date means a malformed header, not a date to guess at.
-    parsed
-        .weekday()
-        .is_none_or(|w| w == zoned.weekday())
-        .then(|| zoned.timestamp())
+    Timestamp::try_from(at).ok()
 }
 
 #[cfg(test)]
