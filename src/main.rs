@@ -13,7 +13,7 @@ use tracing::info;
 use capy_webhooks::api::{self, ApiConfig};
 use capy_webhooks::auth::Authenticator;
 use capy_webhooks::auth::api_keys::{self, ApiKeyIndex};
-use capy_webhooks::auth::clerk::{ClerkConfig, ClerkVerifier, JwksSource};
+use capy_webhooks::auth::clerk::{ClerkConfig, ClerkVerifier, JwksSource, check_jwks_url, jwks_http_client};
 use capy_webhooks::controller::{self, ControllerConfig};
 use capy_webhooks::delivery::schedule::{DEFAULT_SCHEDULE, RetrySchedule};
 use capy_webhooks::delivery::sender::SenderConfig;
@@ -408,17 +408,9 @@ async fn authenticator(args: &RunArgs, client: &kube::Client, home_namespace: &s
                 .cloned()
                 .collect();
             if let JwksSource::Url(url) = &config.jwks {
-                anyhow::ensure!(
-                    url.starts_with("https://") || (args.allow_http && url.starts_with("http://")),
-                    "--clerk-jwks-url must be an https:// URL (http:// only with --allow-http)"
-                );
+                check_jwks_url(url, args.allow_http).map_err(anyhow::Error::msg)?;
             }
-            // The signing keys come only from the configured URL: a redirect could hand them over
-            // to another host.
-            let http = reqwest::Client::builder()
-                .timeout(Duration::from_secs(10))
-                .redirect(reqwest::redirect::Policy::none())
-                .build()?;
+            let http = jwks_http_client()?;
             let verifier = ClerkVerifier::new(config, http)
                 .await
                 .map_err(|e| anyhow::anyhow!("loading the Clerk JWKS: {e}"))?;

@@ -329,6 +329,24 @@ fn claim_name(claim: &str) -> &str {
     }
 }
 
+/// Checks a JWKS URL: https, or http only when `allow_http` (development).
+pub fn check_jwks_url(url: &str, allow_http: bool) -> Result<(), String> {
+    if url.starts_with("https://") || (allow_http && url.starts_with("http://")) {
+        Ok(())
+    } else {
+        Err("--clerk-jwks-url must be an https:// URL (http:// only with --allow-http)".into())
+    }
+}
+
+/// The HTTP client that fetches the JWKS: it follows no redirect (the signing keys come only from
+/// the configured URL; a redirect could hand them over to another host) and gives up after 10 s.
+pub fn jwks_http_client() -> reqwest::Result<reqwest::Client> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+}
+
 /// The claims of a Clerk session token this server reads (the library checks `exp`, `nbf`, `iss`).
 #[derive(Debug, Deserialize)]
 struct SessionClaims {
@@ -831,5 +849,42 @@ mod tests {
             // Without required roles, every member is in, as before.
             assert!(principal_from_claims(claims(member), &[], &[]).is_ok());
         }
+    }
+
+    #[test]
+    fn jwks_urls_must_be_https_unless_http_is_allowed() {
+        assert!(check_jwks_url("https://clerk.example.com/.well-known/jwks.json", false).is_ok());
+        assert!(check_jwks_url("http://clerk.example.com/jwks.json", false).is_err());
+        assert!(check_jwks_url("http://127.0.0.1:8080/jwks.json", true).is_ok());
+        assert!(check_jwks_url("file:///etc/jwks.json", true).is_err());
+    }
+
+    #[tokio::test]
+    async fn the_jwks_client_follows_no_redirect() {
+        use warp::Filter;
+        let issuer = TestIssuer::new("kid-redirect");
+        let jwks = issuer.jwks_json();
+        let routes = warp::path!("jwks.json")
+            .map(move || warp::reply::with_header(jwks.clone(), "content-type", "application/json"))
+            .or(warp::path!("moved").map(|| {
+                warp::reply::with_header(
+                    warp::reply::with_status("", warp::http::StatusCode::FOUND),
+                    "location",
+                    "/jwks.json",
+                )
+            }));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(warp::serve(routes).incoming(listener).run());
+        let direct = ClerkConfig::new(JwksSource::Url(format!("http://{addr}/jwks.json")), ISSUER);
+        assert!(
+            ClerkVerifier::new(direct, jwks_http_client().unwrap()).await.is_ok(),
+            "control: the keys load directly"
+        );
+        let moved = ClerkConfig::new(JwksSource::Url(format!("http://{addr}/moved")), ISSUER);
+        assert!(matches!(
+            ClerkVerifier::new(moved, jwks_http_client().unwrap()).await,
+            Err(AuthError::JwksUnavailable(_))
+        ));
     }
 }
