@@ -195,6 +195,9 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
 /// route serves map to `other`, so that labels stay few whatever clients send.
 pub type RouteTemplate = fn(&str) -> &'static str;
 
+/// The methods a route template takes, as an `Allow` header value (`""` for none or unknown).
+pub type AllowedMethods = fn(&'static str) -> &'static str;
+
 /// The `route` label of requests no route serves.
 pub const OTHER_ROUTE: &str = "other";
 
@@ -206,6 +209,7 @@ pub fn with_request_log<F>(
     routes: F,
     component: &'static str,
     route_of: RouteTemplate,
+    allowed_on: AllowedMethods,
     metrics: Metrics,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone
 where
@@ -228,6 +232,13 @@ where
                 metrics.http_request(component, route_of(path.as_str()), method.as_str(), status, elapsed);
                 if let Ok(v) = HeaderValue::from_str(&id) {
                     response.headers_mut().insert("x-request-id", v);
+                }
+                // A 405 says what the route does take (RFC 9110 §15.5.6).
+                if status == 405 {
+                    let allowed = allowed_on(route_of(path.as_str()));
+                    if !allowed.is_empty() {
+                        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allowed));
+                    }
                 }
                 response
             },

@@ -258,6 +258,7 @@ pub fn routes(
         events.recover(crate::http::recover).unify(),
         "ingest",
         route_template,
+        |template| if template == OTHER_ROUTE { "" } else { "POST" },
         metrics,
     )
 }

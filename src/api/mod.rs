@@ -694,7 +694,7 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .unify()
         .recover(crate::http::recover)
         .unify();
-    crate::http::with_request_log(routes, "api", route_template, metrics)
+    crate::http::with_request_log(routes, "api", route_template, allowed_methods, metrics)
 }
 
 /// The route template of a REST path (the `route` label of HTTP metrics): ids become `:org`,
@@ -716,6 +716,21 @@ pub fn route_template(path: &str) -> &'static str {
             _ => OTHER_ROUTE,
         },
         _ => OTHER_ROUTE,
+    }
+}
+
+/// The methods each REST route template takes (the `Allow` header of a 405).
+pub fn allowed_methods(template: &'static str) -> &'static str {
+    match template {
+        "/openapi.json" => "GET",
+        "/v1/organizations/:org/webhook-endpoints" => "GET, POST",
+        "/v1/organizations/:org/webhook-endpoints/:id" => "PATCH, DELETE",
+        "/v1/organizations/:org/webhook-endpoints/:id/deliveries" => "GET",
+        "/v1/organizations/:org/webhook-endpoints/:id/rotate-secret"
+        | "/v1/organizations/:org/webhook-endpoints/:id/deliveries/:delivery/retry"
+        | "/v1/organizations/:org/webhook-endpoints/:id/test"
+        | "/v1/organizations/:org/webhook-endpoints/:id/recover" => "POST",
+        _ => "",
     }
 }
 
@@ -846,5 +861,22 @@ mod tests {
             "/v1/organizations/:org/webhook-endpoints/:id/recover",
         ];
         assert_eq!(documented, served.into_iter().collect());
+        // Every route says which methods it takes, as the document does.
+        for (path, item) in paths {
+            let mut documented_methods: Vec<String> = item
+                .as_object()
+                .unwrap()
+                .keys()
+                .filter(|k| ["get", "post", "patch", "delete", "put"].contains(&k.as_str()))
+                .map(|m| m.to_uppercase())
+                .collect();
+            documented_methods.sort();
+            let mut allowed: Vec<String> = allowed_methods(route_template(&concrete(path)))
+                .split(", ")
+                .map(str::to_string)
+                .collect();
+            allowed.sort();
+            assert_eq!(allowed, documented_methods, "{path}");
+        }
     }
 }
