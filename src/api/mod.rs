@@ -477,6 +477,12 @@ impl ApiState {
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
     }
 
+    /// [`Self::authorize`] as a warp filter step, for routes with a body: the refusal is a
+    /// rejection, so the body is never read for a caller who may not send it.
+    async fn authorize_before_body(&self, org: &str, headers: &HeaderMap) -> Result<Principal, warp::Rejection> {
+        self.authorize(org, headers).await.map_err(warp::reject::custom)
+    }
+
     /// Reserves room for one more endpoint of `org` until the returned guard drops (after the
     /// create answered, when the cache holds the new endpoint): 409 when the organization has
     /// `--max-endpoints-per-organization` already. Creates in flight count, so concurrent creates
@@ -612,10 +618,7 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .and(headers)
         .and(with_state.clone())
         .and_then(|org: String, h: HeaderMap, s: Shared| async move {
-            match s.authorize(&org, &h).await {
-                Ok(principal) => Ok((org, s, principal)),
-                Err(e) => Err(warp::reject::custom(e)),
-            }
+            s.authorize_before_body(&org, &h).await.map(|p| (org, s, p))
         })
         .and(body.clone())
         .then(|(org, s, p): (String, Shared, Principal), b| async move { respond(s.create(org, p, b).await) });
@@ -624,10 +627,7 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .and(headers)
         .and(with_state.clone())
         .and_then(|org: String, id: String, h: HeaderMap, s: Shared| async move {
-            match s.authorize(&org, &h).await {
-                Ok(_) => Ok((org, id, s)),
-                Err(e) => Err(warp::reject::custom(e)),
-            }
+            s.authorize_before_body(&org, &h).await.map(|_| (org, id, s))
         })
         .and(body.clone())
         .then(|(org, id, s): (String, String, Shared), b| async move { respond(s.update(org, id, b).await) });
@@ -662,10 +662,7 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .and(headers)
         .and(with_state)
         .and_then(|org: String, id: String, h: HeaderMap, s: Shared| async move {
-            match s.authorize(&org, &h).await {
-                Ok(_) => Ok((org, id, s)),
-                Err(e) => Err(warp::reject::custom(e)),
-            }
+            s.authorize_before_body(&org, &h).await.map(|_| (org, id, s))
         })
         .and(body)
         .then(|(org, id, s): (String, String, Shared), b| async move { respond(s.recover(org, id, b).await) });
