@@ -629,6 +629,8 @@ async fn create_crs(client: &Client, org: &str, url: &str, n: usize, prefix: &st
                         active: true,
                         secret_rotation: 0,
                         max_attempts: None,
+                        headers: Default::default(),
+                        rate_limit: None,
                     },
                 );
                 ep.labels_mut().insert(ORGANIZATION_LABEL.into(), org.into());

@@ -181,13 +181,22 @@ pub fn bearer_token(header: &str) -> Option<&str> {
 
 /// Parses JSON, turning serde's error into a 400 that says what is wrong.
 pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(bytes).map_err(|e| {
+    let described = |e: &serde_json::Error, field: &str| {
         let what = match e.classify() {
             serde_json::error::Category::Syntax | serde_json::error::Category::Eof => "request body is not valid JSON",
             _ => "invalid request body",
         };
-        ApiError::bad_request(format!("{what}: {e}"))
-    })
+        // Name the field whose value is wrong, when there is one: `rate_limit: invalid type ...`.
+        match field {
+            "." | "" => ApiError::bad_request(format!("{what}: {e}")),
+            _ => ApiError::bad_request(format!("{what}: {field}: {e}")),
+        }
+    };
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let value =
+        serde_path_to_error::deserialize(&mut deserializer).map_err(|e| described(e.inner(), &e.path().to_string()))?;
+    deserializer.end().map_err(|e| described(&e, ""))?;
+    Ok(value)
 }
 
 /// Maps a request path to its route template (ids replaced, e.g.

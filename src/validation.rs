@@ -3,8 +3,11 @@
 //! The CRD schema refuses most bad input already; these checks repeat them so the facade answers
 //! with a precise message before any API call, and add what a schema cannot express.
 
+use std::collections::{BTreeMap, BTreeSet};
+
 use crate::resources::{
-    EVENT_TYPE_PATTERN, MAX_DESCRIPTION_LENGTH, MAX_EVENT_TYPE_LENGTH, MAX_EVENT_TYPES, MAX_URL_LENGTH,
+    EVENT_TYPE_PATTERN, FORBIDDEN_HEADERS, MAX_ATTEMPTS_LIMIT, MAX_CUSTOM_HEADERS, MAX_DESCRIPTION_LENGTH,
+    MAX_EVENT_TYPE_LENGTH, MAX_EVENT_TYPES, MAX_HEADER_VALUE_LENGTH, MAX_RATE_LIMIT, MAX_URL_LENGTH,
     WebhookEndpointSpec,
 };
 
@@ -68,11 +71,81 @@ pub fn validate_description(description: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether `name` is an HTTP token (RFC 9110 section 5.6.2), the grammar of a header name.
+fn is_http_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// Checks custom delivery headers: at most [`MAX_CUSTOM_HEADERS`], names that are HTTP tokens,
+/// none of [`FORBIDDEN_HEADERS`], no name twice in another case, values of printable ASCII of at
+/// most [`MAX_HEADER_VALUE_LENGTH`] bytes. Messages name the header, never its value.
+pub fn validate_headers(headers: &BTreeMap<String, String>) -> Result<(), String> {
+    if headers.len() > MAX_CUSTOM_HEADERS {
+        return Err(format!("headers may hold at most {MAX_CUSTOM_HEADERS} entries"));
+    }
+    let mut seen = BTreeSet::new();
+    for (name, value) in headers {
+        if !is_http_token(name) || name.len() > 256 {
+            return Err(format!(
+                "header name {:?} is not a valid HTTP header name (letters, digits and !#$%&'*+-.^_`|~, at most 256)",
+                name.chars().take(64).collect::<String>()
+            ));
+        }
+        let lower = name.to_ascii_lowercase();
+        if FORBIDDEN_HEADERS.contains(&lower.as_str()) {
+            return Err(format!(
+                "header {name} cannot be set: the operator sets it (forbidden: {})",
+                FORBIDDEN_HEADERS.join(", ")
+            ));
+        }
+        if !seen.insert(lower) {
+            return Err(format!("header {name} is given twice (header names ignore case)"));
+        }
+        if value.len() > MAX_HEADER_VALUE_LENGTH {
+            return Err(format!(
+                "the value of header {name} must be at most {MAX_HEADER_VALUE_LENGTH} bytes"
+            ));
+        }
+        if !value.bytes().all(|b| b == b'\t' || (0x20..=0x7e).contains(&b)) {
+            return Err(format!(
+                "the value of header {name} must be printable ASCII (no line breaks)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Checks a rate limit in deliveries per second.
+pub fn validate_rate_limit(rate: Option<u32>) -> Result<(), String> {
+    match rate {
+        Some(r) if !(1..=MAX_RATE_LIMIT).contains(&r) => Err(format!(
+            "rate_limit must be from 1 to {MAX_RATE_LIMIT} deliveries per second, or null"
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Checks a per-endpoint attempt limit.
+pub fn validate_max_attempts(max_attempts: Option<u32>) -> Result<(), String> {
+    match max_attempts {
+        Some(n) if !(1..=MAX_ATTEMPTS_LIMIT).contains(&n) => {
+            Err(format!("max_attempts must be from 1 to {MAX_ATTEMPTS_LIMIT}, or null"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Checks a whole spec; the first problem found is returned.
 pub fn validate_spec(spec: &WebhookEndpointSpec, policy: UrlPolicy) -> Result<(), String> {
     validate_url(&spec.url, policy)?;
     validate_description(&spec.description)?;
-    validate_event_types(&spec.event_types)
+    validate_event_types(&spec.event_types)?;
+    validate_headers(&spec.headers)?;
+    validate_rate_limit(spec.rate_limit)?;
+    validate_max_attempts(spec.max_attempts)
 }
 
 #[cfg(test)]
@@ -111,5 +184,49 @@ mod tests {
             assert!(validate_event_type(bad).is_err(), "{bad}");
         }
         assert!(validate_event_types(&vec!["a".to_string(); MAX_EVENT_TYPES + 1]).is_err());
+    }
+
+    #[test]
+    fn headers() {
+        let map = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        };
+        assert!(validate_headers(&map(&[("X-Api-Key", "abc def"), ("x-tenant", "42\tb")])).is_ok());
+        assert!(validate_headers(&map(&[])).is_ok());
+        for forbidden in FORBIDDEN_HEADERS {
+            let upper = forbidden.to_ascii_uppercase();
+            let err = validate_headers(&map(&[(&upper, "v")])).unwrap_err();
+            assert!(err.contains("cannot be set"), "{forbidden}: {err}");
+        }
+        for bad_name in ["", "X Api", "X:Api", "Ä", "x\n"] {
+            assert!(
+                validate_headers(&map(&[(bad_name, "v")]))
+                    .unwrap_err()
+                    .contains("not a valid"),
+                "{bad_name:?}"
+            );
+        }
+        let err = validate_headers(&map(&[("X-A", "1"), ("x-a", "2")])).unwrap_err();
+        assert!(err.contains("twice"), "{err}");
+        let err = validate_headers(&map(&[("X-A", "line\r\nInjected: yes")])).unwrap_err();
+        assert!(err.contains("printable") && !err.contains("Injected"), "{err}");
+        let long = "v".repeat(MAX_HEADER_VALUE_LENGTH + 1);
+        assert!(validate_headers(&map(&[("X-A", &long)])).unwrap_err().contains("1024"));
+        assert!(validate_headers(&map(&[("X-A", &long[1..])])).is_ok());
+        let many: BTreeMap<String, String> = (0..=MAX_CUSTOM_HEADERS)
+            .map(|i| (format!("x-{i}"), "v".into()))
+            .collect();
+        assert!(validate_headers(&many).unwrap_err().contains("16"));
+    }
+
+    #[test]
+    fn rate_limits_and_attempts() {
+        assert!(validate_rate_limit(None).is_ok());
+        assert!(validate_rate_limit(Some(1)).is_ok());
+        assert!(validate_rate_limit(Some(0)).is_err());
+        assert!(validate_rate_limit(Some(MAX_RATE_LIMIT + 1)).is_err());
+        assert!(validate_max_attempts(Some(50)).is_ok());
+        assert!(validate_max_attempts(Some(0)).is_err());
+        assert!(validate_max_attempts(Some(51)).is_err());
     }
 }

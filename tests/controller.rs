@@ -102,6 +102,8 @@ fn endpoint(name: &str, org: &str) -> WebhookEndpoint {
             active: true,
             secret_rotation: 0,
             max_attempts: None,
+            headers: Default::default(),
+            rate_limit: None,
         },
     )
 }

@@ -577,3 +577,144 @@ async fn ingest_refuses_bad_requests() {
     assert_eq!(res.status(), 400);
     assert!(res.text().await.unwrap().contains("Idempotency-Key"));
 }
+
+#[tokio::test]
+async fn settings_add_headers_and_pace_one_endpoint_without_holding_back_others() {
+    let s = setup("settings", Options::default()).await;
+    let paced = Receiver::start(vec![]).await;
+    let free = Receiver::start(vec![]).await;
+    let (paced_id, paced_secret) = s.endpoint(&paced.url("/paced"), &["pace.*"]).await;
+    let (free_id, _) = s.endpoint(&free.url("/free"), &["pace.*"]).await;
+    let settings_url = s.op.url(ORG, &format!("/{paced_id}/settings"));
+    let patch = |body: Value| s.op.call("PATCH", &settings_url, Some(&s.key), Some(body));
+
+    // Defaults, in the documented shape.
+    let (status, body, _) = s.op.call("GET", &settings_url, Some(&s.key), None).await;
+    assert_eq!(
+        (status.as_u16(), &body),
+        (200, &json!({"headers": {}, "rate_limit": null, "max_attempts": null}))
+    );
+    assert_conforms("Settings", &body);
+
+    // Refusals name the problem, never echo a value, and change nothing.
+    let many: serde_json::Map<String, Value> = (0..17).map(|i| (format!("x-h{i}"), json!("v"))).collect();
+    for (bad, want) in [
+        (json!({"headers": {"Host": "evil.example"}}), "Host"),
+        (
+            json!({"headers": {"webhook-signature": "v1,forged-signature"}}),
+            "webhook-signature",
+        ),
+        (json!({"headers": {"Content-Type": "text/plain"}}), "Content-Type"),
+        (json!({"headers": {"Bad Name": "v"}}), "Bad Name"),
+        (
+            json!({"headers": {"X-Split": "a\r\nInjected: forged-signature"}}),
+            "X-Split",
+        ),
+        (json!({"headers": {"X-Long": "v".repeat(1025)}}), "1024"),
+        (json!({"headers": many}), "16"),
+        (json!({"rate_limit": 0}), "rate_limit"),
+        (json!({"max_attempts": 51}), "max_attempts"),
+        (json!({"rate_limit": "fast"}), "rate_limit"),
+        (json!({"ratelimit": 3}), "ratelimit"),
+    ] {
+        let (status, body, _) = patch(bad.clone()).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        let message = body.to_string();
+        assert!(message.contains(want), "{bad}: {message}");
+        assert!(
+            !message.contains("forged-signature") && !message.contains("evil.example"),
+            "{message}"
+        );
+    }
+    // Another organization's endpoint is not found.
+    let (_, other_key) = s.op.mint_key(&s.client, &s.ns, "org_other", None).await;
+    let foreign = s.op.url("org_other", &format!("/{paced_id}/settings"));
+    let (status, _, _) = s.op.call("GET", &foreign, Some(&other_key), None).await;
+    assert_eq!(status, 404);
+
+    let (status, body, _) =
+        patch(json!({"headers": {"X-Tenant": "t-42", "Authorization": "Bearer abc"}, "rate_limit": 2})).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body,
+        json!({"headers": {"Authorization": "Bearer abc", "X-Tenant": "t-42"}, "rate_limit": 2, "max_attempts": null})
+    );
+    // kubectl users see and set the same fields in the spec; the CRD refuses what REST refuses.
+    let api: Api<WebhookEndpoint> = Api::namespaced(s.client.clone(), &s.ns);
+    let cr = api.get(&paced_id).await.unwrap();
+    assert_eq!((cr.spec.rate_limit, cr.spec.headers.len()), (Some(2), 2));
+    for bad in [
+        json!({"spec": {"headers": {"Webhook-Id": "x"}}}),
+        json!({"spec": {"headers": {"bad name": "x"}}}),
+        json!({"spec": {"headers": {"X-A": "a\nb"}}}),
+        json!({"spec": {"rateLimit": 0}}),
+    ] {
+        let err = api
+            .patch(
+                &paced_id,
+                &kube::api::PatchParams::default(),
+                &kube::api::Patch::Merge(&bad),
+            )
+            .await
+            .expect_err("the CRD refuses it");
+        assert!(
+            err.to_string().contains("422") || err.to_string().contains("Invalid"),
+            "{bad}: {err}"
+        );
+    }
+    // A null clears; an absent field is kept.
+    let (_, body, _) = patch(json!({"max_attempts": 5})).await;
+    assert_eq!(
+        (body["rate_limit"].as_u64(), body["max_attempts"].as_u64()),
+        (Some(2), Some(5))
+    );
+    let (_, body, _) = patch(json!({"max_attempts": null})).await;
+    assert!(body["max_attempts"].is_null() && body["rate_limit"] == 2, "{body}");
+
+    // Eight events to both endpoints: the paced one gets them at most 2 per second, the other
+    // at once.
+    const EVENTS: usize = 8;
+    for n in 0..EVENTS {
+        let (status, accepted) = s.op.ingest(ORG, "pace.tick", json!({"n": n})).await;
+        assert_eq!((status.as_u16(), accepted["deliveries"].as_u64()), (202, Some(2)));
+    }
+    let free_got = wait_received(&free, EVENTS).await;
+    let paced_got = wait_received(&paced, EVENTS).await;
+    assert_eq!(
+        (free_got.len(), paced_got.len()),
+        (EVENTS, EVENTS),
+        "none dropped, none twice"
+    );
+    let arrivals: Vec<std::time::Instant> = paced_got.iter().map(|r| r.at).collect();
+    let gaps: Vec<u128> = arrivals.windows(2).map(|w| (w[1] - w[0]).as_millis()).collect();
+    let mut per_second = std::collections::BTreeMap::<u64, usize>::new();
+    for at in &arrivals {
+        *per_second.entry((*at - arrivals[0]).as_secs()).or_default() += 1;
+    }
+    println!("paced arrivals: gaps {gaps:?} ms, per second {per_second:?}");
+    // 500 ms apart, less the jitter of loopback delivery; no three within one second (100 ms of
+    // jitter allowed), and the eight take at least 3.5 s less that jitter.
+    assert!(gaps.iter().all(|g| *g >= 300), "gaps {gaps:?}");
+    assert!(
+        arrivals.windows(3).all(|w| (w[2] - w[0]).as_millis() >= 900),
+        "three arrivals within one second: gaps {gaps:?}"
+    );
+    assert!(
+        (arrivals[EVENTS - 1] - arrivals[0]).as_millis() >= 3_400,
+        "gaps {gaps:?}"
+    );
+    // The unpaced endpoint was not held back: all of its deliveries came before the paced
+    // endpoint's third.
+    let free_last = free_got.iter().map(|r| r.at).max().unwrap();
+    assert!(free_last < arrivals[2], "the other endpoint waited for the paced one");
+    // The custom headers reach the paced endpoint only, and the signature still verifies.
+    for request in &paced_got {
+        assert_eq!(
+            (request.header("x-tenant"), request.header("authorization")),
+            ("t-42", "Bearer abc")
+        );
+        verify(&paced_secret, request).unwrap();
+    }
+    assert!(free_got.iter().all(|r| r.header("x-tenant").is_empty()));
+    let _ = free_id;
+}

@@ -28,6 +28,8 @@ fn endpoint(name: &str, org: &str, url: &str) -> WebhookEndpoint {
             active: true,
             secret_rotation: 0,
             max_attempts: None,
+            headers: Default::default(),
+            rate_limit: None,
         },
     )
 }

@@ -299,6 +299,34 @@ impl ApiState {
         let request: UpdateRequest = parse_json(&body)?;
         let existing = self.find(&org, &id)?;
         let patch = update_patch(&org, &request, self.config.url_policy).map_err(ApiError::bad_request)?;
+        let updated = self.patch_endpoint(&existing, patch).await?;
+        Ok(warp::reply::json(&json!({ "webhook_endpoint": endpoint_view(&updated, false) })).into_response())
+    }
+
+    async fn settings(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
+        self.authorize(&org, &headers).await?;
+        let endpoint = self.find(&org, &id)?;
+        Ok(warp::reply::json(&model::settings_view(&endpoint)).into_response())
+    }
+
+    /// Authenticated before the body was read.
+    async fn update_settings(&self, org: String, id: String, body: Bytes) -> Result<Response, ApiError> {
+        let request: model::SettingsPatch = parse_json(&body)?;
+        let existing = self.find(&org, &id)?;
+        let patch = model::settings_patch(&org, &request).map_err(ApiError::bad_request)?;
+        let updated = self.patch_endpoint(&existing, patch).await?;
+        info!(organization = %org, endpoint = %id, "delivery settings changed");
+        Ok(warp::reply::json(&model::settings_view(&updated)).into_response())
+    }
+
+    /// Applies a JSON Patch (whose first operation tests the organization) to an endpoint and
+    /// waits until the cache shows it, so the next read sees the change.
+    async fn patch_endpoint(
+        &self,
+        existing: &WebhookEndpoint,
+        patch: serde_json::Value,
+    ) -> Result<WebhookEndpoint, ApiError> {
+        let id = existing.name_any();
         let patch: json_patch::Patch = serde_json::from_value(patch).map_err(|_| ApiError::internal())?;
         let ns = existing.namespace().unwrap_or_default();
         let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), &ns);
@@ -318,7 +346,6 @@ impl ApiState {
             }
         })?;
         self.wrote(WriteKind::Endpoint);
-        // Read-your-writes: the next list shows this change.
         let rv = updated.resource_version();
         self.cache
             .wait_for(&ns, &id, Duration::from_secs(2), |ep| {
@@ -326,7 +353,7 @@ impl ApiState {
                     .then_some(())
             })
             .await;
-        Ok(warp::reply::json(&json!({ "webhook_endpoint": endpoint_view(&updated, false) })).into_response())
+        Ok(updated)
     }
 
     async fn delete(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
@@ -605,6 +632,7 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "deliveries" / String / "retry");
     let test = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "test");
     let recover = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "recover");
+    let settings = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "settings");
 
     let list = collection
         .and(warp::get())
@@ -660,12 +688,26 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
     let recover = recover
         .and(warp::post())
         .and(headers)
+        .and(with_state.clone())
+        .and_then(|org: String, id: String, h: HeaderMap, s: Shared| async move {
+            s.authorize_before_body(&org, &h).await.map(|_| (org, id, s))
+        })
+        .and(body.clone())
+        .then(|(org, id, s): (String, String, Shared), b| async move { respond(s.recover(org, id, b).await) });
+    let read_settings = settings
+        .and(warp::get())
+        .and(headers)
+        .and(with_state.clone())
+        .then(|org, id, h, s: Shared| async move { respond(s.settings(org, id, h).await) });
+    let update_settings = settings
+        .and(warp::patch())
+        .and(headers)
         .and(with_state)
         .and_then(|org: String, id: String, h: HeaderMap, s: Shared| async move {
             s.authorize_before_body(&org, &h).await.map(|_| (org, id, s))
         })
         .and(body)
-        .then(|(org, id, s): (String, String, Shared), b| async move { respond(s.recover(org, id, b).await) });
+        .then(|(org, id, s): (String, String, Shared), b| async move { respond(s.update_settings(org, id, b).await) });
     let openapi = warp::path!("openapi.json")
         .and(warp::get())
         .map(|| warp::reply::with_header(OPENAPI_JSON, "content-type", "application/json").into_response());
@@ -686,6 +728,10 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .or(test)
         .unify()
         .or(recover)
+        .unify()
+        .or(read_settings)
+        .unify()
+        .or(update_settings)
         .unify()
         .or(openapi)
         .unify()
@@ -710,6 +756,7 @@ pub fn route_template(path: &str) -> &'static str {
             }
             [id, "test"] if param(id) => "/v1/organizations/:org/webhook-endpoints/:id/test",
             [id, "recover"] if param(id) => "/v1/organizations/:org/webhook-endpoints/:id/recover",
+            [id, "settings"] if param(id) => "/v1/organizations/:org/webhook-endpoints/:id/settings",
             _ => OTHER_ROUTE,
         },
         _ => OTHER_ROUTE,
@@ -723,6 +770,7 @@ pub fn allowed_methods(template: &'static str) -> &'static str {
         "/v1/organizations/:org/webhook-endpoints" => "GET, POST",
         "/v1/organizations/:org/webhook-endpoints/:id" => "PATCH, DELETE",
         "/v1/organizations/:org/webhook-endpoints/:id/deliveries" => "GET",
+        "/v1/organizations/:org/webhook-endpoints/:id/settings" => "GET, PATCH",
         "/v1/organizations/:org/webhook-endpoints/:id/rotate-secret"
         | "/v1/organizations/:org/webhook-endpoints/:id/deliveries/:delivery/retry"
         | "/v1/organizations/:org/webhook-endpoints/:id/test"
@@ -815,6 +863,10 @@ mod tests {
                 "/v1/organizations/org_1/webhook-endpoints/ep-01/test",
                 format!("{base}/:id/test"),
             ),
+            (
+                "/v1/organizations/org_1/webhook-endpoints/ep-01/settings",
+                format!("{base}/:id/settings"),
+            ),
             ("/openapi.json", "/openapi.json".to_string()),
         ] {
             assert_eq!(route_template(path), want, "{path}");
@@ -856,6 +908,7 @@ mod tests {
             "/v1/organizations/:org/webhook-endpoints/:id/deliveries/:delivery/retry",
             "/v1/organizations/:org/webhook-endpoints/:id/test",
             "/v1/organizations/:org/webhook-endpoints/:id/recover",
+            "/v1/organizations/:org/webhook-endpoints/:id/settings",
         ];
         assert_eq!(documented, served.into_iter().collect());
         // Every route says which methods it takes, as the document does.

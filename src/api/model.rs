@@ -10,7 +10,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use crate::resources::{Health, ORGANIZATION_LABEL, WebhookEndpoint, WebhookEndpointSpec};
-use crate::validation::{UrlPolicy, validate_description, validate_event_types, validate_url};
+use crate::validation::{
+    UrlPolicy, validate_description, validate_event_types, validate_headers, validate_max_attempts,
+    validate_rate_limit, validate_url,
+};
 
 /// The Endpoint object of the REST contract, field for field.
 #[derive(Serialize, Debug, Clone, PartialEq)]
@@ -150,6 +153,8 @@ pub fn new_endpoint(
             active: request.is_active.unwrap_or(true),
             secret_rotation: 0,
             max_attempts: None,
+            headers: Default::default(),
+            rate_limit: None,
         },
         status: None,
     })
@@ -216,6 +221,73 @@ pub fn recover_window(request: &RecoverRequest, now: Timestamp) -> Result<(Times
         return Err("the window from since to until may be at most 14 days".into());
     }
     Ok((since, until))
+}
+
+/// The delivery settings of an endpoint (`GET` and `PATCH .../settings`): a sub-resource, so the
+/// documented Endpoint object keeps its exact fields.
+#[derive(Serialize, Debug, Clone, PartialEq)]
+pub struct SettingsView {
+    /// Extra headers sent with every delivery.
+    pub headers: BTreeMap<String, String>,
+    /// Most deliveries per second, or null for no limit.
+    pub rate_limit: Option<u32>,
+    /// Attempts per delivery, or null for the retry schedule's length.
+    pub max_attempts: Option<u32>,
+}
+
+/// The settings of an endpoint, as REST shows them.
+pub fn settings_view(endpoint: &WebhookEndpoint) -> SettingsView {
+    SettingsView {
+        headers: endpoint.spec.headers.clone(),
+        rate_limit: endpoint.spec.rate_limit,
+        max_attempts: endpoint.spec.max_attempts,
+    }
+}
+
+/// Body of `PATCH .../settings`: a field left out is kept; a field set to `null` is cleared;
+/// `headers` replaces the whole map.
+#[derive(Deserialize, Debug, Clone, Default)]
+#[serde(deny_unknown_fields)]
+pub struct SettingsPatch {
+    /// New headers (the whole map), or null for none.
+    #[serde(default, deserialize_with = "given")]
+    pub headers: Option<Option<BTreeMap<String, String>>>,
+    /// New rate limit, or null for none.
+    #[serde(default, deserialize_with = "given")]
+    pub rate_limit: Option<Option<u32>>,
+    /// New attempt limit, or null for the schedule's length.
+    #[serde(default, deserialize_with = "given")]
+    pub max_attempts: Option<Option<u32>>,
+}
+
+/// Tells a field set to `null` (`Some(None)`) from one left out (`None`, by `default`).
+fn given<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
+}
+
+/// Validates a settings change and builds a JSON Patch for it that first tests the
+/// organization, like [`update_patch`]. A cleared field is written as `null`, which the API
+/// server drops from the stored object.
+pub fn settings_patch(organization_id: &str, request: &SettingsPatch) -> Result<Value, String> {
+    let mut ops = vec![json!({"op": "test", "path": "/spec/organizationId", "value": organization_id})];
+    if let Some(headers) = &request.headers {
+        let headers = headers.clone().unwrap_or_default();
+        validate_headers(&headers)?;
+        ops.push(json!({"op": "add", "path": "/spec/headers", "value": headers}));
+    }
+    if let Some(rate) = request.rate_limit {
+        validate_rate_limit(rate)?;
+        ops.push(json!({"op": "add", "path": "/spec/rateLimit", "value": rate}));
+    }
+    if let Some(max_attempts) = request.max_attempts {
+        validate_max_attempts(max_attempts)?;
+        ops.push(json!({"op": "add", "path": "/spec/maxAttempts", "value": max_attempts}));
+    }
+    Ok(Value::Array(ops))
 }
 
 #[cfg(test)]
@@ -381,5 +453,73 @@ mod tests {
             let err = recover_window(&bad, now).unwrap_err();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
+    }
+
+    #[test]
+    fn settings_patches_tell_null_from_absent() {
+        let parse = |body: &str| serde_json::from_str::<SettingsPatch>(body);
+        let patch = settings_patch("org_a", &parse(r#"{"rate_limit": 5}"#).unwrap()).unwrap();
+        assert_eq!(
+            patch,
+            json!([
+                {"op": "test", "path": "/spec/organizationId", "value": "org_a"},
+                {"op": "add", "path": "/spec/rateLimit", "value": 5},
+            ])
+        );
+        let patch = settings_patch("org_a", &parse(r#"{"rate_limit": null, "headers": null}"#).unwrap()).unwrap();
+        assert_eq!(patch[1], json!({"op": "add", "path": "/spec/headers", "value": {}}));
+        assert_eq!(patch[2], json!({"op": "add", "path": "/spec/rateLimit", "value": null}));
+        let patch = settings_patch(
+            "org_a",
+            &parse(r#"{"headers": {"X-Tenant": "a"}, "max_attempts": 3}"#).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(patch[1]["value"], json!({"X-Tenant": "a"}));
+        assert_eq!(patch[2], json!({"op": "add", "path": "/spec/maxAttempts", "value": 3}));
+        assert_eq!(
+            settings_patch("org_a", &parse("{}").unwrap())
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+    }
+
+    #[test]
+    fn settings_are_validated() {
+        let parse = |body: &str| serde_json::from_str::<SettingsPatch>(body);
+        assert!(parse(r#"{"headerz": {}}"#).unwrap_err().to_string().contains("headerz"));
+        assert!(parse(r#"{"rate_limit": "fast"}"#).is_err());
+        assert!(parse(r#"{"rate_limit": -1}"#).is_err());
+        for (body, want) in [
+            (r#"{"rate_limit": 0}"#, "rate_limit"),
+            (r#"{"max_attempts": 51}"#, "max_attempts"),
+            (r#"{"headers": {"Host": "x"}}"#, "Host"),
+            (
+                r#"{"headers": {"Webhook-Signature": "v1,forged"}}"#,
+                "Webhook-Signature",
+            ),
+        ] {
+            let err = settings_patch("org_a", &parse(body).unwrap()).unwrap_err();
+            assert!(err.contains(want), "{body}: {err}");
+            assert!(!err.contains("forged"), "{err}");
+        }
+    }
+
+    #[test]
+    fn settings_view_shows_the_spec() {
+        let mut ep = endpoint();
+        assert_eq!(
+            serde_json::to_value(settings_view(&ep)).unwrap(),
+            json!({"headers": {}, "rate_limit": null, "max_attempts": null})
+        );
+        ep.spec.headers.insert("X-Tenant".into(), "a".into());
+        ep.spec.rate_limit = Some(2);
+        ep.spec.max_attempts = Some(3);
+        assert_eq!(
+            serde_json::to_value(settings_view(&ep)).unwrap(),
+            json!({"headers": {"X-Tenant": "a"}, "rate_limit": 2, "max_attempts": 3})
+        );
     }
 }

@@ -619,6 +619,8 @@ mod tests {
                 active: true,
                 secret_rotation: 0,
                 max_attempts: None,
+                headers: Default::default(),
+                rate_limit: None,
             },
         );
         ep.metadata.namespace = Some("ns".into());

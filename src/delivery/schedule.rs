@@ -187,6 +187,15 @@ pub fn next_attempt_delay(
     })
 }
 
+/// When the attempt after one started at `now` may start, for an endpoint limited to `rate`
+/// deliveries per second: one interval of `1/rate` after the later of `now` and the previous
+/// slot. Spacing, not a bucket, so a backlog is never sent as a burst; an idle endpoint starts at
+/// once because `now` is past its slot.
+pub fn paced(previous_slot: Timestamp, now: Timestamp, rate: u32) -> Timestamp {
+    let interval = jiff::SignedDuration::from_nanos(1_000_000_000 / i64::from(rate.max(1)));
+    previous_slot.max(now).checked_add(interval).unwrap_or(Timestamp::MAX)
+}
+
 /// Parses a `Retry-After` header value (RFC 9110 §10.2.3) into a delay from `now`.
 ///
 /// Accepts delta-seconds (`120`) and an HTTP-date: the IMF-fixdate form
@@ -539,5 +548,22 @@ mod tests {
         ] {
             assert_eq!(parse_retry_after(bad, now), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn pacing_spaces_attempts_by_the_rate() {
+        let t = |ms: i64| Timestamp::from_millisecond(1_700_000_000_000 + ms).unwrap();
+        // An idle endpoint starts now; the next slot is one interval later.
+        assert_eq!(paced(Timestamp::UNIX_EPOCH, t(0), 4), t(250));
+        // A backlog: each slot follows the previous one, whatever the clock says.
+        assert_eq!(paced(t(250), t(250), 4), t(500));
+        assert_eq!(paced(t(500), t(260), 4), t(750));
+        // After a pause, the next slot counts from now: no burst to catch up.
+        assert_eq!(paced(t(750), t(5_000), 4), t(5_250));
+        assert_eq!(paced(t(0), t(0), 1), t(1_000));
+        assert_eq!(
+            paced(t(0), t(0), 10_000),
+            Timestamp::from_microsecond(1_700_000_000_000_100).unwrap()
+        );
     }
 }

@@ -18,6 +18,7 @@
 //! Once a status has been received, the attempt is classified by that status even if reading the
 //! body then fails or times out: the receiver has answered.
 
+use std::collections::BTreeMap;
 use std::error::Error as StdError;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
@@ -25,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
-use reqwest::header::{CONTENT_TYPE, RETRY_AFTER};
+use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use url::{Host, Url};
 
 use crate::delivery::outcome::{AttemptOutcome, classify};
@@ -122,8 +123,27 @@ impl Sender {
     /// `now` is the attempt time; `webhook-timestamp` = `now` in Unix seconds; the signature
     /// covers `{msg_id}.{timestamp}.{body}`. Never fails: every problem is an [`AttemptOutcome`].
     pub async fn send(&self, url: &str, msg_id: &str, body: &[u8], ring: &KeyRing, now: Timestamp) -> AttemptResult {
+        self.send_with_headers(url, &BTreeMap::new(), msg_id, body, ring, now)
+            .await
+    }
+
+    /// [`Self::send`] with the endpoint's custom headers besides the signature headers. A header
+    /// that is not valid HTTP refuses the attempt (naming the header, never its value); the
+    /// values are marked sensitive so no debug output of the request shows them.
+    pub async fn send_with_headers(
+        &self,
+        url: &str,
+        headers: &BTreeMap<String, String>,
+        msg_id: &str,
+        body: &[u8],
+        ring: &KeyRing,
+        now: Timestamp,
+    ) -> AttemptResult {
         let started = Instant::now();
-        let (outcome, response_excerpt) = self.attempt(url, msg_id, body, ring, now, started).await;
+        let (outcome, response_excerpt) = match custom_headers(headers) {
+            Ok(custom) => self.attempt(url, custom, msg_id, body, ring, now, started).await,
+            Err(reason) => (AttemptOutcome::Refused(reason), None),
+        };
         AttemptResult {
             outcome,
             response_excerpt,
@@ -131,9 +151,11 @@ impl Sender {
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
         url: &str,
+        custom: HeaderMap,
         msg_id: &str,
         body: &[u8],
         ring: &KeyRing,
@@ -150,6 +172,7 @@ impl Sender {
         let request = self
             .client
             .post(target)
+            .headers(custom)
             .header(CONTENT_TYPE, "application/json")
             .header("webhook-id", msg_id)
             .header("webhook-timestamp", timestamp.to_string())
@@ -170,6 +193,20 @@ impl Sender {
         let excerpt = read_excerpt(&mut response, self.max_response_bytes).await;
         (classify(status, retry_after), excerpt)
     }
+}
+
+/// The endpoint's custom headers as a header map, values marked sensitive.
+fn custom_headers(headers: &BTreeMap<String, String>) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let name = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("custom header {name:?} is not a valid header name"))?;
+        let mut value =
+            HeaderValue::from_str(value).map_err(|_| format!("the value of custom header {name} is not valid"))?;
+        value.set_sensitive(true);
+        map.insert(name, value);
+    }
+    Ok(map)
 }
 
 /// Checks a webhook URL before any connection: the endpoint URL rules of

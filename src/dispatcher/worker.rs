@@ -120,6 +120,8 @@ struct EndpointState {
     /// Durable pending deliveries by due time.
     due: BTreeSet<(Timestamp, String)>,
     in_flight: usize,
+    /// With a rate limit, no attempt of this endpoint starts before this time.
+    paced_until: Timestamp,
     window: HealthWindow,
     totals: DeliverySummary,
     last_health: Health,
@@ -137,6 +139,7 @@ impl EndpointState {
         Self {
             due: BTreeSet::new(),
             in_flight: 0,
+            paced_until: Timestamp::UNIX_EPOCH,
             window: HealthWindow::default(),
             totals: status.deliveries.clone().unwrap_or_default(),
             last_health: status.health.unwrap_or_default(),
@@ -327,7 +330,7 @@ impl Worker {
                 && state.in_flight < self.shared.config.per_endpoint_concurrency
                 && let Some((due, _)) = state.due.first()
             {
-                wake = wake.min(at(*due));
+                wake = wake.min(at((*due).max(state.paced_until)));
             }
             if state.summary_dirty && !state.summary_in_flight {
                 let next = state
@@ -424,7 +427,9 @@ impl Worker {
         let names: Vec<String> = self
             .endpoints
             .iter()
-            .filter(|(_, s)| s.in_flight < concurrency && s.due.first().is_some_and(|(at, _)| *at <= now))
+            .filter(|(_, s)| {
+                s.in_flight < concurrency && s.paced_until <= now && s.due.first().is_some_and(|(at, _)| *at <= now)
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in names {
@@ -442,7 +447,7 @@ impl Worker {
                 let Some((at, id)) = state.due.first().cloned() else {
                     break;
                 };
-                if at > now {
+                if at > now || state.paced_until > now {
                     break;
                 }
                 state.due.pop_first();
@@ -470,14 +475,21 @@ impl Worker {
                     continue;
                 };
                 state.in_flight += 1;
+                if let Some(rate) = endpoint.spec.rate_limit {
+                    state.paced_until = crate::delivery::schedule::paced(state.paced_until, now, rate);
+                }
                 self.in_flight.insert(id.clone());
-                let url = endpoint.spec.url.clone();
+                let endpoint = endpoint.clone();
                 let shared = self.shared.clone();
                 let tx = self.tx.clone();
                 let endpoint_name = name.clone();
                 tokio::spawn(async move {
                     let at = Timestamp::now();
-                    let result = shared.sender.send(&url, &id, &body, &ring, at).await;
+                    let spec = &endpoint.spec;
+                    let result = shared
+                        .sender
+                        .send_with_headers(&spec.url, &spec.headers, &id, &body, &ring, at)
+                        .await;
                     let _ = tx
                         .send(Msg::AttemptDone {
                             id,

@@ -10,6 +10,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 
 /// API group of every resource this operator defines.
 pub const GROUP: &str = "webhooks.capydb.io";
@@ -41,6 +42,33 @@ pub const MAX_DESCRIPTION_LENGTH: usize = 1024;
 pub const MAX_EVENT_TYPES: usize = 64;
 /// Longest event-type pattern accepted, in characters.
 pub const MAX_EVENT_TYPE_LENGTH: usize = 128;
+
+/// Most `maxAttempts` accepted.
+pub const MAX_ATTEMPTS_LIMIT: u32 = 50;
+/// Most custom headers one endpoint may send.
+pub const MAX_CUSTOM_HEADERS: usize = 16;
+/// Longest custom header value accepted, in bytes.
+pub const MAX_HEADER_VALUE_LENGTH: usize = 1024;
+/// Highest `rateLimit` accepted, in deliveries per second.
+pub const MAX_RATE_LIMIT: u32 = 10_000;
+/// Header names a custom header may not take (lowercase): the signature, the body's framing and
+/// type, the host, who sends, and hop-by-hop headers.
+pub const FORBIDDEN_HEADERS: [&str; 14] = [
+    "webhook-id",
+    "webhook-timestamp",
+    "webhook-signature",
+    "content-type",
+    "content-length",
+    "host",
+    "user-agent",
+    "connection",
+    "transfer-encoding",
+    "te",
+    "trailer",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+];
 
 /// Event-type pattern: dot-separated segments, optionally ending in `.*` (`database.*`).
 pub const EVENT_TYPE_PATTERN: &str = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*(\.\*)?$";
@@ -135,10 +163,45 @@ pub struct WebhookEndpointSpec {
     #[x_kube(validation = kube::core::Rule::new("self >= oldSelf").message("secretRotation can only be raised"))]
     pub secret_rotation: i64,
 
-    /// Attempts per delivery before it is marked failed; defaults to the retry schedule's length.
+    /// Attempts per delivery before it is marked failed (1 to 50); defaults to the retry
+    /// schedule's length. Applies to deliveries created after it is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 50))]
+    #[schemars(range(min = 1, max = MAX_ATTEMPTS_LIMIT))]
     pub max_attempts: Option<u32>,
+
+    /// Extra HTTP headers sent with every delivery (at most 16; names are HTTP tokens; values at
+    /// most 1024 printable ASCII characters). The signature headers, `content-type`,
+    /// `content-length`, `host`, `user-agent` and hop-by-hop headers cannot be set. Anyone who may
+    /// read this resource can read the values.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "custom_headers_schema")]
+    #[x_kube(validation = kube::core::Rule::new(
+        "self.all(k, k.matches(\"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$\") && !(k.lowerAscii() in ['webhook-id', 'webhook-timestamp', 'webhook-signature', 'content-type', 'content-length', 'host', 'user-agent', 'connection', 'transfer-encoding', 'te', 'trailer', 'upgrade', 'keep-alive', 'proxy-connection']))"
+    ).message("header names must be HTTP tokens and must not be a signature, content, host, user-agent or hop-by-hop header"))]
+    pub headers: BTreeMap<String, String>,
+
+    /// Most deliveries per second sent to this endpoint (1 to 10000); unset means no limit.
+    /// Deliveries over the rate wait; none is dropped.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = MAX_RATE_LIMIT))]
+    pub rate_limit: Option<u32>,
+}
+
+/// Pattern of a custom header value: printable ASCII, spaces and tabs.
+pub const HEADER_VALUE_PATTERN: &str = r"^[\t\x20-\x7e]*$";
+
+/// The schema of `spec.headers`: a map of at most [`MAX_CUSTOM_HEADERS`] entries whose values
+/// are bounded printable text (schemars' `length` and `inner` do not reach a map's values).
+fn custom_headers_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "maxProperties": MAX_CUSTOM_HEADERS,
+        "additionalProperties": {
+            "type": "string",
+            "maxLength": MAX_HEADER_VALUE_LENGTH,
+            "pattern": HEADER_VALUE_PATTERN,
+        },
+    })
 }
 
 fn default_active() -> bool {
@@ -328,5 +391,26 @@ mod tests {
         let escaped = |p: &str| serde_json::to_string(p).unwrap();
         assert!(schema.contains(&escaped(EVENT_TYPE_PATTERN)));
         assert!(schema.contains(&escaped(ORGANIZATION_ID_PATTERN)));
+    }
+
+    #[test]
+    fn the_header_rule_forbids_every_forbidden_header() {
+        let crd = serde_json::to_value(WebhookEndpoint::crd()).unwrap();
+        let headers =
+            &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]["headers"];
+        let rule = headers["x-kubernetes-validations"][0]["rule"].as_str().unwrap();
+        let named: Vec<&str> = rule
+            .split_once(" in [")
+            .unwrap()
+            .1
+            .split(']')
+            .next()
+            .unwrap()
+            .split(", ")
+            .map(|n| n.trim_matches('\''))
+            .collect();
+        assert_eq!(named, FORBIDDEN_HEADERS);
+        assert_eq!(headers["maxProperties"], MAX_CUSTOM_HEADERS);
+        assert_eq!(headers["additionalProperties"]["maxLength"], MAX_HEADER_VALUE_LENGTH);
     }
 }
