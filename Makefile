@@ -80,7 +80,11 @@ lint: ## rustfmt check and clippy with warnings as errors
 fuzz-tools: ## Install schemathesis (PyPI) for the OpenAPI fuzz test, once (cached)
 	@hack/fuzz-tools.sh >/dev/null
 
+.PHONY: browser-tools
+browser-tools: ## Install headless Chromium and chromedriver (Debian) for the portal's browser test, once
+	@hack/browser-tools.sh
+
 .PHONY: test
-test: disk-check control-plane fuzz-tools ## Every test: unit tests, then integration tests on a real control plane
+test: disk-check control-plane fuzz-tools browser-tools ## Every test: unit tests, then integration tests on a real control plane
 	$(CARGO) fmt --all -- --check
 	CAPY_SCHEMATHESIS=$$(hack/fuzz-tools.sh) $(CARGO) test --lib --bins --tests -- --test-threads=4

@@ -117,11 +117,30 @@ pub fn is_json_content_type(value: &str) -> bool {
 /// 415 for a missing or non-JSON content type, 413 beyond the limit (checked on the declared
 /// length and again while reading, so a chunked body cannot grow past it).
 pub fn json_bytes(limit: usize) -> impl Filter<Extract = (bytes::Bytes,), Error = Rejection> + Clone {
+    json_body(limit, false)
+}
+
+/// [`json_bytes`] for routes whose body is optional: no body at all is also accepted, without a
+/// `content-type`, as an empty one.
+pub fn optional_json_bytes(limit: usize) -> impl Filter<Extract = (bytes::Bytes,), Error = Rejection> + Clone {
+    json_body(limit, true)
+}
+
+fn json_body(limit: usize, optional: bool) -> impl Filter<Extract = (bytes::Bytes,), Error = Rejection> + Clone {
     warp::header::optional::<String>("content-type")
         .and(warp::header::optional::<u64>("content-length"))
         .and(warp::body::stream())
         .and_then(
             move |content_type: Option<String>, length: Option<u64>, body| async move {
+                if optional && content_type.is_none() {
+                    // Nothing but an empty body may come without a content-type.
+                    return read_limited(body, 0).await.map_err(|_| {
+                        warp::reject::custom(ApiError::new(
+                            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                            "content-type must be application/json",
+                        ))
+                    });
+                }
                 if !content_type.as_deref().is_some_and(is_json_content_type) {
                     return Err(warp::reject::custom(ApiError::new(
                         StatusCode::UNSUPPORTED_MEDIA_TYPE,

@@ -193,6 +193,15 @@ struct RunArgs {
     #[arg(long, env = "CAPY_WEBHOOKS_CLERK_REQUIRED_ROLE", value_delimiter = ',')]
     clerk_required_role: Vec<String>,
 
+    /// How long a portal session (POST .../portal-sessions) lasts, at most 24h.
+    #[arg(long, env = "CAPY_WEBHOOKS_PORTAL_SESSION_TTL", default_value = "1h", value_parser = capy_webhooks::api::portal::parse_session_ttl)]
+    portal_session_ttl: Duration,
+
+    /// Public base URL of this server, used in portal links (e.g. https://webhooks.example.com).
+    /// Unset: the scheme (X-Forwarded-Proto) and Host of the request that opened the session.
+    #[arg(long, env = "CAPY_WEBHOOKS_PORTAL_URL", value_parser = capy_webhooks::api::portal::parse_portal_url)]
+    portal_url: Option<String>,
+
     /// How long a rotated-out signing secret keeps co-signing deliveries (e.g. 24h, 30m).
     #[arg(long, env = "CAPY_WEBHOOKS_ROTATION_GRACE_PERIOD", default_value = "24h", value_parser = parse_flag_duration)]
     rotation_grace_period: Duration,
@@ -597,6 +606,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             controller_wait: args.controller_wait,
             metrics: metrics.clone(),
             ready: api_ready,
+            portal_session_ttl: jiff::SignedDuration::try_from(args.portal_session_ttl)?,
+            portal_url: args.portal_url.clone(),
         };
         tasks.spawn(api::run(
             client.clone(),

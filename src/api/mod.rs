@@ -5,6 +5,7 @@
 //! rotate-secret also wait (bounded) for the controller to write the signing secret.
 
 pub mod model;
+pub mod portal;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -68,6 +69,23 @@ pub struct ApiConfig {
     pub metrics: Metrics,
     /// Flipped once the caches (endpoints, API keys) are synced and the API serves.
     pub ready: ReadyHandle,
+    /// How long a portal session lasts.
+    pub portal_session_ttl: jiff::SignedDuration,
+    /// The public URL the portal links start with (`https://webhooks.example.com`); without it,
+    /// the scheme and host the request came with.
+    pub portal_url: Option<String>,
+}
+
+/// What the portal-session key is derived for (see [`crate::delivery_log::LogKey::derive`]).
+const PORTAL_KEY_PURPOSE: &str = "capy-webhooks portal sessions v1";
+
+/// What a route does with the organization's endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Only reads.
+    Read,
+    /// Changes something or sends deliveries.
+    Write,
 }
 
 /// Shared state of the handlers.
@@ -155,7 +173,9 @@ impl ApiState {
     /// 401 for a missing or bad credential; 403 for a valid credential of another organization,
     /// and for project-scoped API keys: webhook endpoints are organization-wide and receive every
     /// project's events, so managing them needs an organization key or session.
-    async fn authorize(&self, org: &str, headers: &HeaderMap) -> Result<Principal, ApiError> {
+    ///
+    /// A read-only portal session may only [`Access::Read`]: 403 on every route that writes.
+    async fn authorize(&self, org: &str, headers: &HeaderMap, access: Access) -> Result<Principal, ApiError> {
         let header = match headers.get(warp::http::header::AUTHORIZATION) {
             None => None,
             Some(v) => Some(
@@ -183,7 +203,46 @@ impl ApiState {
                 "project-scoped API keys cannot manage webhook endpoints, which are organization-wide; use an organization API key",
             ));
         }
+        if access == Access::Write && principal.read_only() {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "this portal session is read-only; ask for a session that may make changes",
+            ));
+        }
         Ok(principal)
+    }
+
+    /// `POST .../portal-sessions` (authenticated before the body was read): a signed,
+    /// short-lived token for the portal, bound to `org`, read-only if asked. A portal session may
+    /// not open another (it could otherwise outlive its own expiry).
+    async fn create_portal_session(
+        &self,
+        org: String,
+        principal: Principal,
+        headers: HeaderMap,
+        body: Bytes,
+    ) -> Result<Response, ApiError> {
+        if matches!(principal.credential, crate::auth::CredentialKind::PortalSession { .. }) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "a portal session cannot open another; use an API key or a session token",
+            ));
+        }
+        let request = portal::SessionRequest::parse(&body)?;
+        let sessions = self
+            .auth
+            .portal_sessions()
+            .ok_or_else(|| ApiError::unavailable("portal sessions are not ready yet", 1))?;
+        let session = sessions.issue(&org, request.read_only, Timestamp::now());
+        let base = portal::base_url(self.config.portal_url.as_deref(), &headers);
+        info!(organization = %org, session = %session.claims.sid, read_only = request.read_only,
+            by = %principal.credential, "portal session opened");
+        let body = json!({
+            "url": format!("{base}/portal/#token={}", session.token),
+            "token": session.token,
+            "expires_at": model::rfc3339(session.expires_at),
+        });
+        Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::CREATED).into_response())
     }
 
     fn wrote(&self, kind: WriteKind) {
@@ -212,7 +271,7 @@ impl ApiState {
     }
 
     async fn list(&self, org: String, headers: HeaderMap) -> Result<Response, ApiError> {
-        self.authorize(&org, &headers).await?;
+        self.authorize(&org, &headers, Access::Read).await?;
         if let Some(body) = self.cached_list(&org) {
             return Ok(json_response(body));
         }
@@ -304,7 +363,7 @@ impl ApiState {
     }
 
     async fn settings(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
-        self.authorize(&org, &headers).await?;
+        self.authorize(&org, &headers, Access::Read).await?;
         let endpoint = self.find(&org, &id)?;
         Ok(warp::reply::json(&model::settings_view(&endpoint)).into_response())
     }
@@ -357,7 +416,7 @@ impl ApiState {
     }
 
     async fn delete(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
-        let principal = self.authorize(&org, &headers).await?;
+        let principal = self.authorize(&org, &headers, Access::Write).await?;
         let existing = self.find(&org, &id)?;
         let ns = existing.namespace().unwrap_or_default();
         let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), &ns);
@@ -385,7 +444,7 @@ impl ApiState {
     }
 
     async fn rotate_secret(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
-        let principal = self.authorize(&org, &headers).await?;
+        let principal = self.authorize(&org, &headers, Access::Write).await?;
         let existing = self.find(&org, &id)?;
         let ns = existing.namespace().unwrap_or_default();
         let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), &ns);
@@ -450,7 +509,7 @@ impl ApiState {
         headers: HeaderMap,
         query: HashMap<String, String>,
     ) -> Result<Response, ApiError> {
-        self.authorize(&org, &headers).await?;
+        self.authorize(&org, &headers, Access::Read).await?;
         self.within_rate(&org)?;
         let limit = parse_limit(query.get("limit").map(String::as_str))?;
         let endpoint = self.find(&org, &id)?;
@@ -507,7 +566,9 @@ impl ApiState {
     /// [`Self::authorize`] as a warp filter step, for routes with a body: the refusal is a
     /// rejection, so the body is never read for a caller who may not send it.
     async fn authorize_before_body(&self, org: &str, headers: &HeaderMap) -> Result<Principal, warp::Rejection> {
-        self.authorize(org, headers).await.map_err(warp::reject::custom)
+        self.authorize(org, headers, Access::Write)
+            .await
+            .map_err(warp::reject::custom)
     }
 
     /// Reserves room for one more endpoint of `org` until the returned guard drops (after the
@@ -557,7 +618,7 @@ impl ApiState {
         delivery: String,
         headers: HeaderMap,
     ) -> Result<Response, ApiError> {
-        self.authorize(&org, &headers).await?;
+        self.authorize(&org, &headers, Access::Write).await?;
         self.within_rate(&org)?;
         let endpoint = self.find(&org, &id)?;
         let (record, payload) = self.work()?.retry(&endpoint, &delivery).await.map_err(submit_error)?;
@@ -566,7 +627,7 @@ impl ApiState {
     }
 
     async fn test_endpoint(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
-        self.authorize(&org, &headers).await?;
+        self.authorize(&org, &headers, Access::Write).await?;
         self.within_rate(&org)?;
         let endpoint = self.find(&org, &id)?;
         let (record, payload) = self.work()?.send_test(&endpoint).await.map_err(submit_error)?;
@@ -633,6 +694,7 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
     let test = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "test");
     let recover = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "recover");
     let settings = warp::path!("v1" / "organizations" / String / "webhook-endpoints" / String / "settings");
+    let portal_sessions = warp::path!("v1" / "organizations" / String / "portal-sessions");
 
     let list = collection
         .and(warp::get())
@@ -699,6 +761,17 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .and(headers)
         .and(with_state.clone())
         .then(|org, id, h, s: Shared| async move { respond(s.settings(org, id, h).await) });
+    let open_portal_session = portal_sessions
+        .and(warp::post())
+        .and(headers)
+        .and(with_state.clone())
+        .and_then(|org: String, h: HeaderMap, s: Shared| async move {
+            s.authorize_before_body(&org, &h).await.map(|p| (org, s, p, h))
+        })
+        .and(crate::http::optional_json_bytes(body_limit))
+        .then(|(org, s, p, h): (String, Shared, Principal, HeaderMap), b| async move {
+            respond(s.create_portal_session(org, p, h, b).await)
+        });
     let update_settings = settings
         .and(warp::patch())
         .and(headers)
@@ -733,6 +806,10 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .unify()
         .or(update_settings)
         .unify()
+        .or(open_portal_session)
+        .unify()
+        .or(portal::routes())
+        .unify()
         .or(openapi)
         .unify()
         .recover(crate::http::recover)
@@ -746,6 +823,9 @@ pub fn route_template(path: &str) -> &'static str {
     let param = |s: &str| !s.is_empty();
     match path_segments(path).as_slice() {
         ["openapi.json"] => "/openapi.json",
+        ["v1", "organizations", org, "portal-sessions"] if param(org) => "/v1/organizations/:org/portal-sessions",
+        ["portal"] | ["portal", ""] => "/portal/",
+        ["portal", asset] => portal::asset_route(asset).unwrap_or(OTHER_ROUTE),
         ["v1", "organizations", org, "webhook-endpoints", rest @ ..] if param(org) => match rest {
             [] => "/v1/organizations/:org/webhook-endpoints",
             [id] if param(id) => "/v1/organizations/:org/webhook-endpoints/:id",
@@ -766,7 +846,8 @@ pub fn route_template(path: &str) -> &'static str {
 /// The methods each REST route template takes (the `Allow` header of a 405).
 pub fn allowed_methods(template: &'static str) -> &'static str {
     match template {
-        "/openapi.json" => "GET",
+        "/openapi.json" | "/portal/" | "/portal/app.js" | "/portal/app.css" => "GET",
+        "/v1/organizations/:org/portal-sessions" => "POST",
         "/v1/organizations/:org/webhook-endpoints" => "GET, POST",
         "/v1/organizations/:org/webhook-endpoints/:id" => "PATCH, DELETE",
         "/v1/organizations/:org/webhook-endpoints/:id/deliveries" => "GET",
@@ -795,12 +876,14 @@ pub async fn run(
     let ready = config.ready.clone();
     // Without a dispatcher here, deliveries are read from a watch of the logs, never with an
     // API-server round trip per request.
+    // One key Secret for the log's MACs and, derived from it, the portal sessions: every replica
+    // reads the same Secret, so any replica accepts the sessions another issued.
+    let key = crate::delivery_log::load_or_create_key(&client, &config.home_namespace, &config.scope).await?;
+    let sessions = crate::auth::PortalSessions::new(key.derive(PORTAL_KEY_PURPOSE), config.portal_session_ttl);
+    let auth = auth.with_portal_sessions(sessions);
     let log_watch = match work {
         Some(_) => None,
-        None => {
-            let key = crate::delivery_log::load_or_create_key(&client, &config.home_namespace, &config.scope).await?;
-            Some(crate::delivery_log::LogWatch::start(client.clone(), &config.scope, key))
-        }
+        None => Some(crate::delivery_log::LogWatch::start(client.clone(), &config.scope, key)),
     };
     let rate_limit = crate::http::KeyedRateLimit::new(config.organization_rate_limit, ORGANIZATION_BURST);
     let state = Arc::new(ApiState {
@@ -909,6 +992,7 @@ mod tests {
             "/v1/organizations/:org/webhook-endpoints/:id/test",
             "/v1/organizations/:org/webhook-endpoints/:id/recover",
             "/v1/organizations/:org/webhook-endpoints/:id/settings",
+            "/v1/organizations/:org/portal-sessions",
         ];
         assert_eq!(documented, served.into_iter().collect());
         // Every route says which methods it takes, as the document does.

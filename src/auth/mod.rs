@@ -15,11 +15,13 @@
 
 pub mod api_keys;
 pub mod clerk;
+pub mod portal;
 
 use std::sync::Arc;
 
 pub use api_keys::{ApiKeyIndex, ApiKeyRecord};
 pub use clerk::{ClerkConfig, ClerkVerifier, JwksSource};
+pub use portal::{IssuedSession, PortalSessions};
 
 /// Longest bearer token accepted, in bytes; longer ones are malformed without further parsing.
 pub const MAX_TOKEN_LENGTH: usize = 8192;
@@ -40,6 +42,13 @@ pub struct Principal {
     pub credential: CredentialKind,
 }
 
+impl Principal {
+    /// Whether this credential may only read (a read-only portal session).
+    pub fn read_only(&self) -> bool {
+        matches!(self.credential, CredentialKind::PortalSession { read_only: true, .. })
+    }
+}
+
 /// The kind of credential that authenticated a call.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CredentialKind {
@@ -53,6 +62,13 @@ pub enum CredentialKind {
         /// The Clerk user (`sub` claim).
         user_id: String,
     },
+    /// A portal session token the operator issued.
+    PortalSession {
+        /// The session's random id (not the token).
+        session_id: String,
+        /// Whether the session may only read.
+        read_only: bool,
+    },
 }
 
 /// For audit logs: the key's public id or the session's user, never a secret.
@@ -61,6 +77,7 @@ impl std::fmt::Display for CredentialKind {
         match self {
             CredentialKind::ApiKey { key_id } => write!(f, "api-key:{key_id}"),
             CredentialKind::Session { user_id } => write!(f, "session:{user_id}"),
+            CredentialKind::PortalSession { session_id, .. } => write!(f, "portal-session:{session_id}"),
         }
     }
 }
@@ -108,6 +125,7 @@ impl AuthError {
 #[derive(Debug, PartialEq, Eq)]
 enum TokenKind<'a> {
     ApiKey(&'a str),
+    Portal(&'a str),
     Jwt(&'a str),
 }
 
@@ -121,6 +139,8 @@ fn parse_authorization(header: Option<&str>) -> Result<TokenKind<'_>, AuthError>
     }
     if token.starts_with(api_keys::KEY_PREFIX) {
         Ok(TokenKind::ApiKey(token))
+    } else if token.starts_with(portal::TOKEN_PREFIX) {
+        Ok(TokenKind::Portal(token))
     } else if token.bytes().filter(|&b| b == b'.').count() == 2 {
         Ok(TokenKind::Jwt(token))
     } else {
@@ -133,13 +153,29 @@ fn parse_authorization(header: Option<&str>) -> Result<TokenKind<'_>, AuthError>
 pub struct Authenticator {
     api_keys: ApiKeyIndex,
     clerk: Option<Arc<ClerkVerifier>>,
+    portal: Option<PortalSessions>,
 }
 
 impl Authenticator {
     /// An authenticator over the API-key index and, when session tokens are accepted, a Clerk
     /// verifier.
     pub fn new(api_keys: ApiKeyIndex, clerk: Option<Arc<ClerkVerifier>>) -> Self {
-        Authenticator { api_keys, clerk }
+        Authenticator {
+            api_keys,
+            clerk,
+            portal: None,
+        }
+    }
+
+    /// Also accepts the portal sessions `sessions` issues.
+    pub fn with_portal_sessions(mut self, sessions: PortalSessions) -> Self {
+        self.portal = Some(sessions);
+        self
+    }
+
+    /// The portal sessions this authenticator accepts, when it accepts any.
+    pub fn portal_sessions(&self) -> Option<&PortalSessions> {
+        self.portal.as_ref()
     }
 
     /// The API-key index (for readiness).
@@ -163,6 +199,18 @@ impl Authenticator {
                     credential: CredentialKind::ApiKey { key_id: record.id },
                 })
             }
+            TokenKind::Portal(token) => {
+                let portal = self.portal.as_ref().ok_or(AuthError::NotConfigured)?;
+                let claims = portal.verify(token, jiff::Timestamp::now())?;
+                Ok(Principal {
+                    organization_id: claims.org,
+                    project_id: None,
+                    credential: CredentialKind::PortalSession {
+                        session_id: claims.sid,
+                        read_only: claims.ro,
+                    },
+                })
+            }
             TokenKind::Jwt(token) => match &self.clerk {
                 Some(clerk) => clerk.verify(token).await,
                 None => Err(AuthError::NotConfigured),
@@ -176,6 +224,7 @@ impl std::fmt::Debug for Authenticator {
         f.debug_struct("Authenticator")
             .field("api_keys", &self.api_keys)
             .field("session_tokens", &self.clerk.is_some())
+            .field("portal_sessions", &self.portal.is_some())
             .finish()
     }
 }

@@ -55,6 +55,14 @@ impl LogKey {
         Self(rand::random())
     }
 
+    /// A key for another purpose, derived from this one (HMAC-SHA256 of the purpose's name), so
+    /// one Secret serves several uses and no use's key reveals this one or another's.
+    pub fn derive(&self, purpose: &str) -> [u8; 32] {
+        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
+        mac.update(purpose.as_bytes());
+        mac.finalize().into_bytes().into()
+    }
+
     /// The MAC of a segment as it is (annotations aside).
     pub fn mac(&self, cm: &ConfigMap) -> String {
         let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");

@@ -77,6 +77,8 @@ pub struct Options {
     pub clerk_required_roles: Vec<String>,
     /// `--allow-private-targets` (tests deliver to loopback, so on by default).
     pub allow_private_targets: bool,
+    /// `--portal-session-ttl`.
+    pub portal_session_ttl: jiff::SignedDuration,
 }
 
 impl Default for Options {
@@ -99,6 +101,7 @@ impl Default for Options {
             organization_rate_limit: 0.0,
             clerk_required_roles: Vec::new(),
             allow_private_targets: true,
+            portal_session_ttl: capy_webhooks::auth::portal::DEFAULT_TTL,
         }
     }
 }
@@ -230,6 +233,8 @@ impl Operator {
             controller_wait: opts.controller_wait,
             metrics: metrics.clone(),
             ready: ReadyHandle::detached(),
+            portal_session_ttl: opts.portal_session_ttl,
+            portal_url: None,
         };
         tokio::spawn(api::run(
             client.clone(),

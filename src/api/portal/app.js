@@ -1,0 +1,919 @@
+/* capy-webhooks customer portal.
+ *
+ * Plain ES2020, no dependencies. Served under a strict CSP: no inline script or
+ * style, no eval. All untrusted text goes into the DOM through textContent.
+ * The session token lives only in the `state` object below: never in storage,
+ * cookies or the URL (the fragment is cleared on load).
+ */
+"use strict";
+
+(function () {
+  const TOKEN_PREFIX = "capy_portal_";
+  const MSG_NO_TOKEN = "Open the portal from the link your administrator gives you.";
+  const MSG_EXPIRED = "Your session has expired. Open a new portal link.";
+  const LIST_INTERVAL_MS = 5000;
+  const DELIVERY_INTERVAL_MS = 2000;
+  const DELIVERY_LIMIT = 100;
+
+  const state = {
+    token: null,
+    org: "",
+    exp: null,
+    ro: true,
+    base: "",
+    signedOut: false,
+    endpoints: [],
+    listSeq: 0,
+    listTimer: 0,
+    detailId: null,
+    detailOpener: null,
+    deliveries: null,
+    deliverySeq: 0,
+    deliveryTimer: 0,
+    secretReturnFocus: null,
+  };
+
+  // ---------------------------------------------------------------- helpers
+
+  function $(id) {
+    return document.getElementById(id);
+  }
+
+  function el(tag, className, text) {
+    const node = document.createElement(tag);
+    if (className) node.className = className;
+    if (text !== undefined && text !== null) node.textContent = String(text);
+    return node;
+  }
+
+  function setText(node, text) {
+    const value = text === undefined || text === null ? "" : String(text);
+    if (node.textContent !== value) node.textContent = value;
+  }
+
+  function setAttr(node, name, value) {
+    if (value === undefined || value === null || value === "") {
+      if (node.hasAttribute(name)) node.removeAttribute(name);
+    } else if (node.getAttribute(name) !== value) {
+      node.setAttribute(name, value);
+    }
+  }
+
+  function enc(s) {
+    return encodeURIComponent(s);
+  }
+
+  function classToken(value) {
+    return String(value || "").toLowerCase().replace(/[^a-z0-9-]/g, "") || "unknown";
+  }
+
+  function parseEventTypes(text) {
+    return String(text || "")
+      .split(",")
+      .map((s) => s.trim())
+      .filter((s) => s.length > 0);
+  }
+
+  function formatEventTypes(list) {
+    return Array.isArray(list) && list.length ? list.join(", ") : "";
+  }
+
+  function localTime(value) {
+    if (!value) return "";
+    const d = new Date(value);
+    if (Number.isNaN(d.getTime())) return "";
+    return d.toLocaleString();
+  }
+
+  // RFC 3339, UTC, without milliseconds.
+  function rfc3339(date) {
+    return date.toISOString().replace(/\.\d{3}Z$/, "Z");
+  }
+
+  function cloneTemplate(id) {
+    const tpl = $(id);
+    const fragment = tpl.content.cloneNode(true);
+    tpl.remove();
+    return fragment;
+  }
+
+  function removeTemplate(id) {
+    const tpl = $(id);
+    if (tpl) tpl.remove();
+  }
+
+  function focusIfPossible(node) {
+    if (node && node.isConnected && !node.closest("[hidden]") && !node.disabled) {
+      node.focus();
+      return true;
+    }
+    return false;
+  }
+
+  // ----------------------------------------------------------------- notice
+
+  let noticeTimer = 0;
+  let noticeSource = "";
+
+  function notify(message, kind, source) {
+    const notice = $("notice");
+    const isError = kind === "error";
+    const src = source || "user";
+    const unchanged = notice.textContent === message && notice.classList.contains("error") === isError;
+    // Background refreshes repeat the same failure every few seconds: do not
+    // re-announce an unchanged message.
+    if (!(unchanged && src !== "user")) notice.textContent = message;
+    notice.classList.toggle("error", isError);
+    notice.classList.toggle("success", kind === "success");
+    noticeSource = src;
+    clearTimeout(noticeTimer);
+    noticeTimer = setTimeout(() => clearNotice(), isError ? 20000 : 6000);
+  }
+
+  function clearNotice(onlySource) {
+    if (onlySource && noticeSource !== onlySource) return;
+    const notice = $("notice");
+    clearTimeout(noticeTimer);
+    notice.textContent = "";
+    notice.classList.remove("error", "success");
+    noticeSource = "";
+  }
+
+  function reportError(err, source) {
+    if (err && err.silent) return;
+    notify((err && err.message) || "Something went wrong.", "error", source);
+  }
+
+  // ------------------------------------------------------------------ token
+
+  function readTokenFromFragment() {
+    let token = null;
+    const hash = location.hash.replace(/^#/, "");
+    if (hash) {
+      try {
+        token = new URLSearchParams(hash).get("token");
+      } catch (_) {
+        token = null;
+      }
+    }
+    // Never leave the token in the address bar or history.
+    history.replaceState(null, "", location.pathname + location.search);
+    return token;
+  }
+
+  function base64UrlDecode(text) {
+    if (!/^[A-Za-z0-9_-]+$/.test(text)) throw new Error("not base64url");
+    let b64 = text.replace(/-/g, "+").replace(/_/g, "/");
+    while (b64.length % 4) b64 += "=";
+    const binary = atob(b64);
+    const bytes = new Uint8Array(binary.length);
+    for (let i = 0; i < binary.length; i++) bytes[i] = binary.charCodeAt(i);
+    return new TextDecoder("utf-8", { fatal: true }).decode(bytes);
+  }
+
+  // The payload is not secret; the server verifies the signature.
+  function decodeToken(token) {
+    if (typeof token !== "string" || !token.startsWith(TOKEN_PREFIX)) return null;
+    const rest = token.slice(TOKEN_PREFIX.length);
+    const dot = rest.indexOf(".");
+    if (dot <= 0 || dot === rest.length - 1) return null;
+    let payload;
+    try {
+      payload = JSON.parse(base64UrlDecode(rest.slice(0, dot)));
+    } catch (_) {
+      return null;
+    }
+    if (!payload || typeof payload !== "object" || typeof payload.org !== "string" || !payload.org) {
+      return null;
+    }
+    return {
+      org: payload.org,
+      exp: typeof payload.exp === "number" && Number.isFinite(payload.exp) ? payload.exp : null,
+      ro: payload.ro === true || payload.ro === 1 || payload.ro === "true",
+    };
+  }
+
+  // -------------------------------------------------------------------- API
+
+  class ApiError extends Error {
+    constructor(message, status, silent) {
+      super(message);
+      this.status = status;
+      this.silent = Boolean(silent);
+    }
+  }
+
+  async function api(method, path, body) {
+    if (state.signedOut || !state.token) throw new ApiError(MSG_EXPIRED, 401, true);
+    const init = {
+      method: method,
+      headers: {
+        "Authorization": "Bearer " + state.token,
+        "Content-Type": "application/json",
+      },
+      cache: "no-store",
+      credentials: "same-origin",
+      referrerPolicy: "no-referrer",
+    };
+    if (body !== undefined) init.body = JSON.stringify(body);
+
+    let response;
+    try {
+      response = await fetch(state.base + path, init);
+    } catch (_) {
+      throw new ApiError("Could not reach the server. Check your connection; the page keeps retrying.", 0);
+    }
+
+    let data = null;
+    let text = "";
+    try {
+      text = await response.text();
+    } catch (_) {
+      text = "";
+    }
+    if (text) {
+      try {
+        data = JSON.parse(text);
+      } catch (_) {
+        data = null;
+      }
+    }
+
+    if (state.signedOut) throw new ApiError(MSG_EXPIRED, 401, true);
+    if (response.status === 401) {
+      signOut(MSG_EXPIRED);
+      throw new ApiError(MSG_EXPIRED, 401, true);
+    }
+    if (!response.ok) {
+      let message =
+        data && typeof data.error === "string" && data.error
+          ? data.error
+          : "Request failed (HTTP " + response.status + ").";
+      const retryAfter = response.headers.get("Retry-After");
+      if ((response.status === 429 || response.status === 503) && retryAfter && /^\d+$/.test(retryAfter)) {
+        message += " Try again in " + retryAfter + " s.";
+      }
+      throw new ApiError(message, response.status);
+    }
+    return data || {};
+  }
+
+  // ---------------------------------------------------------------- session
+
+  function showSignedOut(message) {
+    const box = $("signed-out");
+    box.textContent = message;
+    box.hidden = false;
+    $("app").hidden = true;
+    $("session").hidden = true;
+  }
+
+  function signOut(message) {
+    if (state.signedOut) return;
+    state.signedOut = true;
+    state.token = null;
+    state.detailId = null;
+    clearTimeout(state.listTimer);
+    clearTimeout(state.deliveryTimer);
+    state.listSeq++;
+    state.deliverySeq++;
+    hideSecret(false);
+    clearNotice();
+    showSignedOut(message);
+  }
+
+  function updateExpires() {
+    const node = $("expires");
+    if (state.exp === null) {
+      setText(node, "");
+      return;
+    }
+    const when = new Date(state.exp * 1000);
+    const minutes = Math.round((when.getTime() - Date.now()) / 60000);
+    let relative;
+    if (minutes <= 0) relative = "now";
+    else if (minutes < 60) relative = "in " + minutes + " min";
+    else relative = "in " + Math.floor(minutes / 60) + " h " + (minutes % 60) + " min";
+    setText(node, "Session expires " + when.toLocaleString() + " (" + relative + ")");
+    setAttr(node, "title", rfc3339(when));
+  }
+
+  // ---------------------------------------------------------- endpoint list
+
+  function endpointById(id) {
+    return state.endpoints.find((e) => e.id === id) || null;
+  }
+
+  function placeholderRow(table, text) {
+    const cols = table.tHead.rows[0].cells.length;
+    const tr = el("tr", "placeholder");
+    const td = el("td", null, text);
+    td.colSpan = cols;
+    tr.appendChild(td);
+    return tr;
+  }
+
+  // Keyed update: reuse rows so focus and open <details> survive refreshes.
+  function reconcileRows(tbody, attr, items, createRow, updateRow) {
+    const existing = new Map();
+    for (const row of Array.from(tbody.rows)) {
+      const key = row.getAttribute(attr);
+      if (key === null) row.remove();
+      else existing.set(key, row);
+    }
+    const keep = new Set();
+    items.forEach((item, index) => {
+      const key = String(item.id);
+      let row = existing.get(key);
+      if (!row || keep.has(key)) row = createRow(item);
+      keep.add(key);
+      updateRow(row, item);
+      const current = tbody.rows[index];
+      if (current !== row) tbody.insertBefore(row, current || null);
+    });
+    while (tbody.rows.length > items.length) tbody.rows[tbody.rows.length - 1].remove();
+  }
+
+  function createEndpointRow(ep) {
+    const tr = el("tr");
+    tr.setAttribute("data-endpoint-id", String(ep.id));
+    tr.appendChild(el("td", "url"));
+    tr.appendChild(el("td", "description"));
+    tr.appendChild(el("td", "event-types"));
+    const healthCell = el("td", "health-cell");
+    healthCell.appendChild(el("span", "health health-unknown", "unknown"));
+    tr.appendChild(healthCell);
+    tr.appendChild(el("td", "active"));
+    const actions = el("td", "actions");
+    const open = el("button", "btn small open", "Open");
+    open.type = "button";
+    open.addEventListener("click", () => openDetail(tr.getAttribute("data-endpoint-id"), open));
+    actions.appendChild(open);
+    tr.appendChild(actions);
+    return tr;
+  }
+
+  function updateEndpointRow(tr, ep) {
+    const cells = tr.cells;
+    setText(cells[0], ep.url);
+    setText(cells[1], ep.description);
+    setText(cells[2], formatEventTypes(ep.event_types) || "All events");
+    cells[2].classList.toggle("muted", !formatEventTypes(ep.event_types));
+    const health = ep.health || "unknown";
+    const badge = cells[3].firstChild;
+    const cls = "health health-" + classToken(health);
+    if (badge.className !== cls) badge.className = cls;
+    setText(badge, health);
+    setText(cells[4], ep.is_active ? "Active" : "Inactive");
+    cells[4].classList.toggle("inactive", !ep.is_active);
+    const open = cells[5].firstChild;
+    setAttr(open, "aria-label", "Open " + ep.url);
+    tr.classList.toggle("selected", state.detailId === ep.id);
+  }
+
+  function renderEndpoints() {
+    const table = $("endpoints");
+    const tbody = table.tBodies[0];
+    if (!state.endpoints.length) {
+      tbody.replaceChildren(placeholderRow(table, "No endpoints yet"));
+      return;
+    }
+    reconcileRows(tbody, "data-endpoint-id", state.endpoints, createEndpointRow, updateEndpointRow);
+  }
+
+  async function refreshList() {
+    if (state.signedOut) return;
+    const seq = ++state.listSeq;
+    clearTimeout(state.listTimer);
+    try {
+      const data = await api("GET", "");
+      if (seq !== state.listSeq) return;
+      state.endpoints = Array.isArray(data.webhook_endpoints) ? data.webhook_endpoints : [];
+      renderEndpoints();
+      updateDetailMeta();
+      clearNotice("list");
+    } catch (err) {
+      if (seq === state.listSeq) reportError(err, "list");
+    } finally {
+      if (seq === state.listSeq && !state.signedOut) {
+        updateExpires();
+        state.listTimer = setTimeout(refreshList, LIST_INTERVAL_MS);
+      }
+    }
+  }
+
+  // ---------------------------------------------------------------- create
+
+  async function onCreate(event) {
+    event.preventDefault();
+    if (state.ro) return;
+    const form = $("create-form");
+    const urlInput = $("create-url");
+    const submit = $("create-submit");
+    const url = urlInput.value.trim();
+    if (!url) {
+      notify("Enter the URL of the endpoint.", "error");
+      urlInput.focus();
+      return;
+    }
+    const body = {
+      url: url,
+      description: $("create-description").value.trim(),
+      event_types: parseEventTypes($("create-event-types").value),
+    };
+    submit.disabled = true;
+    try {
+      const data = await api("POST", "", body);
+      form.reset();
+      notify("Endpoint created.", "success");
+      refreshList();
+      if (data.plaintext_secret) showSecret(data.plaintext_secret);
+    } catch (err) {
+      reportError(err);
+    } finally {
+      submit.disabled = false;
+    }
+  }
+
+  // ---------------------------------------------------------- secret panel
+
+  function showSecret(secret) {
+    const active = document.activeElement;
+    state.secretReturnFocus = active && active !== document.body ? active : null;
+    $("secret-value").textContent = secret;
+    $("secret-panel").hidden = false;
+    $("secret-title").focus();
+  }
+
+  function hideSecret(restoreFocus) {
+    const panel = $("secret-panel");
+    const wasOpen = !panel.hidden;
+    panel.hidden = true;
+    $("secret-value").textContent = "";
+    if (restoreFocus && wasOpen) {
+      const target = state.secretReturnFocus;
+      if (!focusIfPossible(target)) {
+        focusIfPossible(state.detailId ? $("detail-title") : $("create-url")) || focusIfPossible($("endpoints-title"));
+      }
+    }
+    state.secretReturnFocus = null;
+  }
+
+  function timeout(ms) {
+    return new Promise((_, reject) => setTimeout(() => reject(new Error("timeout")), ms));
+  }
+
+  function legacyCopy(node) {
+    const selection = window.getSelection();
+    if (!selection) return false;
+    const range = document.createRange();
+    range.selectNodeContents(node);
+    selection.removeAllRanges();
+    selection.addRange(range);
+    let ok = false;
+    try {
+      ok = document.execCommand("copy");
+    } catch (_) {
+      ok = false;
+    }
+    selection.removeAllRanges();
+    return ok;
+  }
+
+  async function onCopySecret() {
+    const node = $("secret-value");
+    const secret = node.textContent;
+    if (!secret) return;
+    if (navigator.clipboard && typeof navigator.clipboard.writeText === "function") {
+      try {
+        await Promise.race([navigator.clipboard.writeText(secret), timeout(2000)]);
+        notify("Copied", "success");
+        return;
+      } catch (_) {
+        // fall through to the legacy path
+      }
+    }
+    if (legacyCopy(node)) notify("Copied", "success");
+    else notify("Could not copy automatically. Select the secret and copy it.", "error");
+  }
+
+  // ----------------------------------------------------------- detail view
+
+  function fillDetailForm(ep) {
+    setText($("detail-title"), ep.url || "Endpoint");
+    $("detail-url").value = ep.url || "";
+    $("detail-description").value = ep.description || "";
+    $("detail-event-types").value = formatEventTypes(ep.event_types);
+    $("detail-active").checked = Boolean(ep.is_active);
+    fillDetailMeta(ep);
+  }
+
+  function fillDetailMeta(ep) {
+    setText($("detail-id"), ep.id);
+    const health = ep.health || "unknown";
+    const badge = $("detail-health");
+    const cls = "health health-" + classToken(health);
+    if (badge.className !== cls) badge.className = cls;
+    setText(badge, health);
+    setText($("detail-created"), ep.created_at);
+    setAttr($("detail-created"), "title", localTime(ep.created_at));
+    setText($("detail-updated"), ep.updated_at);
+    setAttr($("detail-updated"), "title", localTime(ep.updated_at));
+  }
+
+  function updateDetailMeta() {
+    if (!state.detailId) return;
+    const ep = endpointById(state.detailId);
+    if (ep) fillDetailMeta(ep);
+  }
+
+  function resetDeleteConfirm() {
+    const box = $("detail-delete-box");
+    if (!box) return;
+    box.hidden = true;
+    $("detail-delete-confirm").hidden = true;
+    $("detail-delete").setAttribute("aria-expanded", "false");
+  }
+
+  function openDetail(id, opener) {
+    const ep = endpointById(id);
+    if (!ep || state.signedOut) return;
+    state.detailId = id;
+    state.detailOpener = opener || null;
+    state.deliveries = null;
+    const section = $("endpoint-detail");
+    section.setAttribute("data-endpoint-id", String(id));
+    fillDetailForm(ep);
+    resetDeleteConfirm();
+    const since = $("recover-since");
+    if (since) since.value = rfc3339(new Date(Date.now() - 3600 * 1000));
+    const result = $("recover-result");
+    if (result) result.textContent = "";
+    $("delivery-filter").value = "";
+    const table = $("deliveries");
+    table.tBodies[0].replaceChildren(placeholderRow(table, "Loading…"));
+    section.hidden = false;
+    for (const row of $("endpoints").tBodies[0].rows) {
+      row.classList.toggle("selected", row.getAttribute("data-endpoint-id") === id);
+    }
+    $("detail-title").focus();
+    refreshDeliveries();
+  }
+
+  function closeDetail(restoreFocus) {
+    state.detailId = null;
+    state.deliveries = null;
+    state.deliverySeq++;
+    clearTimeout(state.deliveryTimer);
+    const section = $("endpoint-detail");
+    section.hidden = true;
+    section.removeAttribute("data-endpoint-id");
+    resetDeleteConfirm();
+    $("deliveries").tBodies[0].replaceChildren();
+    for (const row of $("endpoints").tBodies[0].rows) row.classList.remove("selected");
+    if (restoreFocus) {
+      focusIfPossible(state.detailOpener) || focusIfPossible($("endpoints-title"));
+    }
+    state.detailOpener = null;
+  }
+
+  async function onSave(event) {
+    event.preventDefault();
+    if (state.ro || !state.detailId) return;
+    const id = state.detailId;
+    const url = $("detail-url").value.trim();
+    if (!url) {
+      notify("Enter the URL of the endpoint.", "error");
+      $("detail-url").focus();
+      return;
+    }
+    const body = {
+      url: url,
+      description: $("detail-description").value.trim(),
+      event_types: parseEventTypes($("detail-event-types").value),
+      is_active: $("detail-active").checked,
+    };
+    const save = $("detail-save");
+    save.disabled = true;
+    try {
+      const data = await api("PATCH", "/" + enc(id), body);
+      const updated = data.webhook_endpoint;
+      if (updated && state.detailId === id) {
+        const cached = endpointById(id);
+        if (cached) Object.assign(cached, updated);
+        fillDetailForm(cached || updated);
+      }
+      notify("Saved.", "success");
+      refreshList();
+    } catch (err) {
+      reportError(err);
+    } finally {
+      save.disabled = false;
+    }
+  }
+
+  async function withButton(button, work) {
+    button.disabled = true;
+    try {
+      await work();
+    } catch (err) {
+      reportError(err);
+    } finally {
+      button.disabled = false;
+    }
+  }
+
+  function onTest() {
+    const id = state.detailId;
+    if (state.ro || !id) return;
+    return withButton($("detail-test"), async () => {
+      await api("POST", "/" + enc(id) + "/test");
+      notify("Test event queued.", "success");
+      if (state.detailId === id) refreshDeliveries();
+    });
+  }
+
+  function onRotate() {
+    const id = state.detailId;
+    if (state.ro || !id) return;
+    return withButton($("detail-rotate"), async () => {
+      const data = await api("POST", "/" + enc(id) + "/rotate-secret");
+      notify("Secret rotated. The previous secret stays valid for a grace period.", "success");
+      refreshList();
+      if (data.plaintext_secret) showSecret(data.plaintext_secret);
+    });
+  }
+
+  function onDelete() {
+    if (state.ro || !state.detailId) return;
+    $("detail-delete-box").hidden = false;
+    const confirm = $("detail-delete-confirm");
+    confirm.hidden = false;
+    $("detail-delete").setAttribute("aria-expanded", "true");
+    confirm.focus();
+  }
+
+  function onDeleteCancel() {
+    resetDeleteConfirm();
+    focusIfPossible($("detail-delete"));
+  }
+
+  function onDeleteConfirm() {
+    const id = state.detailId;
+    if (state.ro || !id) return;
+    return withButton($("detail-delete-confirm"), async () => {
+      await api("DELETE", "/" + enc(id));
+      state.endpoints = state.endpoints.filter((e) => e.id !== id);
+      renderEndpoints();
+      closeDetail(false);
+      notify("Endpoint deleted.", "success");
+      focusIfPossible($("endpoints-title"));
+      refreshList();
+    });
+  }
+
+  async function onRecover(event) {
+    event.preventDefault();
+    const id = state.detailId;
+    if (state.ro || !id) return;
+    const input = $("recover-since");
+    const since = input.value.trim();
+    if (!since) {
+      notify("Enter a start time in RFC 3339, for example " + rfc3339(new Date()) + ".", "error");
+      input.focus();
+      return;
+    }
+    const result = $("recover-result");
+    result.textContent = "";
+    await withButton($("recover-submit"), async () => {
+      const data = await api("POST", "/" + enc(id) + "/recover", { since: since });
+      const n = typeof data.recovered === "number" ? data.recovered : 0;
+      if (state.detailId !== id) return;
+      result.textContent = "Recovered " + n + " deliveries";
+      refreshDeliveries();
+    });
+  }
+
+  // ------------------------------------------------------------ deliveries
+
+  const DELIVERY_COLUMNS = [
+    "state",
+    "event-type",
+    "attempts",
+    "max-attempts",
+    "response-status",
+    "last-error",
+    "created-at",
+    "delivered-at",
+    "next-attempt",
+    "delivery-id",
+    "payload",
+  ];
+
+  function createDeliveryRow(d) {
+    const tr = el("tr");
+    tr.setAttribute("data-delivery-id", String(d.id));
+    for (const name of DELIVERY_COLUMNS) tr.appendChild(el("td", name));
+    const payloadCell = tr.cells[DELIVERY_COLUMNS.indexOf("payload")];
+    const details = el("details");
+    details.appendChild(el("summary", null, "Show"));
+    details.appendChild(el("pre"));
+    payloadCell.appendChild(details);
+    if (!state.ro) tr.appendChild(el("td", "actions"));
+    return tr;
+  }
+
+  function cell(tr, name) {
+    return tr.cells[DELIVERY_COLUMNS.indexOf(name)];
+  }
+
+  function setTimeCell(td, value) {
+    setText(td, value || "");
+    setAttr(td, "title", localTime(value));
+  }
+
+  function updateDeliveryRow(tr, d) {
+    const stateCell = cell(tr, "state");
+    const stateClass = "state state-" + classToken(d.state);
+    if (stateCell.className !== stateClass) stateCell.className = stateClass;
+    setText(stateCell, d.state);
+    setText(cell(tr, "event-type"), d.event_type);
+    setText(cell(tr, "attempts"), d.attempts);
+    setText(cell(tr, "max-attempts"), d.max_attempts);
+    setText(cell(tr, "response-status"), d.response_status === null || d.response_status === undefined ? "" : d.response_status);
+    setText(cell(tr, "last-error"), d.last_error || "");
+    setTimeCell(cell(tr, "created-at"), d.created_at);
+    setTimeCell(cell(tr, "delivered-at"), d.delivered_at);
+    setTimeCell(cell(tr, "next-attempt"), d.next_attempt_at);
+    setText(cell(tr, "delivery-id"), d.id);
+
+    const payloadCell = cell(tr, "payload");
+    const details = payloadCell.firstChild;
+    const hasPayload = d.payload !== null && d.payload !== undefined;
+    details.hidden = !hasPayload;
+    if (hasPayload) {
+      let text;
+      try {
+        text = JSON.stringify(d.payload, null, 2);
+      } catch (_) {
+        text = String(d.payload);
+      }
+      setText(details.lastChild, text);
+    }
+
+    if (!state.ro) {
+      const actions = tr.cells[DELIVERY_COLUMNS.length];
+      let retry = actions.querySelector("button.retry");
+      if (d.state === "failed") {
+        if (!retry) {
+          retry = el("button", "btn small retry", "Retry");
+          retry.type = "button";
+          retry.addEventListener("click", () => onRetry(tr.getAttribute("data-delivery-id"), retry));
+          actions.appendChild(retry);
+        }
+        setAttr(retry, "aria-label", "Retry " + (d.event_type || "delivery") + " " + d.id);
+      } else if (retry) {
+        const hadFocus = document.activeElement === retry;
+        retry.remove();
+        if (hadFocus) focusIfPossible($("delivery-filter"));
+      }
+    }
+  }
+
+  function renderDeliveries() {
+    const table = $("deliveries");
+    const tbody = table.tBodies[0];
+    if (state.deliveries === null) return;
+    const filter = $("delivery-filter").value;
+    const shown = filter ? state.deliveries.filter((d) => d.state === filter) : state.deliveries;
+    if (!shown.length) {
+      const text = state.deliveries.length ? "No " + filter + " deliveries" : "No deliveries yet";
+      const row = tbody.rows.length === 1 ? tbody.rows[0] : null;
+      if (!(row && row.classList.contains("placeholder") && row.textContent === text)) {
+        tbody.replaceChildren(placeholderRow(table, text));
+      }
+      return;
+    }
+    reconcileRows(tbody, "data-delivery-id", shown, createDeliveryRow, updateDeliveryRow);
+  }
+
+  async function refreshDeliveries() {
+    const id = state.detailId;
+    if (!id || state.signedOut) return;
+    const seq = ++state.deliverySeq;
+    clearTimeout(state.deliveryTimer);
+    try {
+      const data = await api("GET", "/" + enc(id) + "/deliveries?limit=" + DELIVERY_LIMIT);
+      if (seq !== state.deliverySeq || state.detailId !== id) return;
+      state.deliveries = Array.isArray(data.deliveries) ? data.deliveries : [];
+      renderDeliveries();
+      clearNotice("deliveries");
+    } catch (err) {
+      if (seq !== state.deliverySeq || state.detailId !== id) return;
+      if (err.status === 404) {
+        closeDetail(true);
+        notify("This endpoint no longer exists.", "error");
+        refreshList();
+        return;
+      }
+      reportError(err, "deliveries");
+    } finally {
+      if (seq === state.deliverySeq && state.detailId === id && !state.signedOut) {
+        state.deliveryTimer = setTimeout(refreshDeliveries, DELIVERY_INTERVAL_MS);
+      }
+    }
+  }
+
+  function onRetry(deliveryId, button) {
+    const id = state.detailId;
+    if (state.ro || !id || !deliveryId) return;
+    return withButton(button, async () => {
+      await api("POST", "/" + enc(id) + "/deliveries/" + enc(deliveryId) + "/retry");
+      notify("Retry queued.", "success");
+      if (state.detailId === id) refreshDeliveries();
+    });
+  }
+
+  // ------------------------------------------------------------------ setup
+
+  function mountWriteControls() {
+    $("create-slot").appendChild(cloneTemplate("tpl-create"));
+    $("detail-save-slot").appendChild(cloneTemplate("tpl-detail-save"));
+    $("detail-actions-slot").appendChild(cloneTemplate("tpl-detail-actions"));
+    $("recover-slot").appendChild(cloneTemplate("tpl-recover"));
+
+    $("create-form").addEventListener("submit", onCreate);
+    $("detail-test").addEventListener("click", onTest);
+    $("detail-rotate").addEventListener("click", onRotate);
+    $("detail-delete").addEventListener("click", onDelete);
+    $("detail-delete-cancel").addEventListener("click", onDeleteCancel);
+    $("detail-delete-confirm").addEventListener("click", onDeleteConfirm);
+    $("recover-form").addEventListener("submit", onRecover);
+  }
+
+  function makeDetailReadOnly() {
+    for (const id of ["detail-url", "detail-description", "detail-event-types"]) {
+      $(id).readOnly = true;
+    }
+    $("detail-active").disabled = true;
+    $("detail-save-slot").remove();
+    const actionsHeader = $("deliveries-actions-col");
+    if (actionsHeader) actionsHeader.remove();
+    const help = $("detail-event-types-help");
+    if (help) help.textContent = "Empty means all events.";
+  }
+
+  function init() {
+    const token = readTokenFromFragment();
+    // A portal link opened in this tab without a reload (only the fragment
+    // changed): start over with its token.
+    window.addEventListener("hashchange", () => {
+      if (/(^#|&)token=/.test(location.hash)) location.reload();
+    });
+    // No native form submission ever (the CSP also forbids it).
+    document.addEventListener("submit", (event) => event.preventDefault());
+
+    if (!token) {
+      showSignedOut(MSG_NO_TOKEN);
+      return;
+    }
+    const claims = decodeToken(token);
+    if (!claims) {
+      showSignedOut(MSG_NO_TOKEN);
+      return;
+    }
+
+    state.token = token;
+    state.org = claims.org;
+    state.exp = claims.exp;
+    state.ro = claims.ro;
+    state.base = "/v1/organizations/" + enc(state.org) + "/webhook-endpoints";
+
+    if (state.ro) {
+      for (const id of ["tpl-create", "tpl-detail-save", "tpl-detail-actions", "tpl-recover"]) removeTemplate(id);
+      makeDetailReadOnly();
+    } else {
+      mountWriteControls();
+      $("detail-form").addEventListener("submit", onSave);
+    }
+
+    $("org").textContent = state.org;
+    $("read-only-badge").hidden = !state.ro;
+    updateExpires();
+    $("session").hidden = false;
+    $("app").hidden = false;
+
+    $("secret-copy").addEventListener("click", onCopySecret);
+    $("secret-dismiss").addEventListener("click", () => hideSecret(true));
+    $("detail-close").addEventListener("click", () => closeDetail(true));
+    $("delivery-filter").addEventListener("change", renderDeliveries);
+
+    refreshList();
+  }
+
+  if (document.readyState === "loading") {
+    document.addEventListener("DOMContentLoaded", init);
+  } else {
+    init();
+  }
+})();

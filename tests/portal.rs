@@ -1,0 +1,503 @@
+//! The customer portal: portal sessions over REST, and the page itself driven in a real headless
+//! Chromium through WebDriver (chromedriver) against a real operator on the local control plane,
+//! delivering to a real receiver on loopback.
+//!
+//! Needs `/usr/bin/chromium` and `/usr/bin/chromedriver` (Debian's `chromium` and
+//! `chromium-driver`); `make test` installs them when missing (`hack/browser-tools.sh`).
+//! Screenshots of the main views are written to `target/portal-screenshots/`.
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use capy_webhooks::resources::WebhookEndpoint;
+use fantoccini::{Client as Browser, ClientBuilder, Locator};
+use kube::Api;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use support::assert_conforms;
+use support::operator::{Operator, Options};
+use support::receiver::{Answer, Receiver};
+
+const ORG: &str = "org_portal";
+const WAIT: Duration = Duration::from_secs(30);
+
+async fn setup(prefix: &str, opts: Options) -> (kube::Client, String, Operator, String) {
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, prefix).await;
+    let op = Operator::start(&client, &ns, opts).await;
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
+    (client, ns, op, key)
+}
+
+fn sessions_url(op: &Operator, org: &str) -> String {
+    format!("{}/{org}/portal-sessions", op.base)
+}
+
+async fn open_session(op: &Operator, credential: &str, body: Option<Value>) -> Value {
+    let (status, session, _) = op.call("POST", &sessions_url(op, ORG), Some(credential), body).await;
+    assert_eq!(status, StatusCode::CREATED, "{session}");
+    assert_conforms("PortalSession", &session);
+    session
+}
+
+#[tokio::test]
+async fn portal_sessions_are_bound_to_one_organization_and_expire() {
+    let (client, ns, op, key) = setup(
+        "portal-sessions",
+        Options {
+            portal_session_ttl: jiff::SignedDuration::from_secs(3),
+            ..Options::default()
+        },
+    )
+    .await;
+    let list = op.url(ORG, "");
+    let session = open_session(&op, &key, None).await;
+    let token = session["token"].as_str().unwrap();
+    assert!(
+        session["url"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/portal/#token={token}"))
+    );
+
+    // A writable session manages endpoints like a key.
+    let (status, created, _) = op
+        .call(
+            "POST",
+            &list,
+            Some(token),
+            Some(json!({"url": "https://example.com/hook"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::CREATED, "{created}");
+    let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+
+    // A read-only session reads, and every write is 403.
+    let read_only = open_session(&op, &key, Some(json!({"read_only": true}))).await;
+    let ro = read_only["token"].as_str().unwrap();
+    let (status, body, _) = op.call("GET", &list, Some(ro), None).await;
+    assert_eq!(
+        (status, body["webhook_endpoints"].as_array().map(Vec::len)),
+        (StatusCode::OK, Some(1))
+    );
+    let (status, _, _) = op
+        .call("GET", &op.url(ORG, &format!("/{id}/settings")), Some(ro), None)
+        .await;
+    assert_eq!(status, StatusCode::OK);
+    for (method, path, body) in [
+        ("POST", String::new(), Some(json!({"url": "https://example.com/x"}))),
+        ("PATCH", format!("/{id}"), Some(json!({"is_active": false}))),
+        ("DELETE", format!("/{id}"), None),
+        ("POST", format!("/{id}/rotate-secret"), None),
+        ("POST", format!("/{id}/test"), None),
+        (
+            "POST",
+            format!("/{id}/recover"),
+            Some(json!({"since": "2026-01-01T00:00:00Z"})),
+        ),
+        ("PATCH", format!("/{id}/settings"), Some(json!({"rate_limit": 1}))),
+    ] {
+        let (status, body, _) = op.call(method, &op.url(ORG, &path), Some(ro), body).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {body}");
+        assert!(body["error"].as_str().unwrap().contains("read-only"), "{body}");
+    }
+    // A session cannot open another, nor act for another organization.
+    let (status, _, _) = op.call("POST", &sessions_url(&op, ORG), Some(token), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    let (status, _, _) = op.call("GET", &op.url("org_other", ""), Some(token), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+    // Forged: the claims of another organization with this signature.
+    let (signed, signature) = token.rsplit_once('.').unwrap();
+    let forged = format!("{}x.{signature}", signed);
+    for bad in [forged.as_str(), "capy_portal_e30.AAAA", "capy_portal_"] {
+        let (status, body, _) = op.call("GET", &list, Some(bad), None).await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+        assert!(!body.to_string().contains(bad), "{body}");
+    }
+    // Without a credential, or with a bad body, nothing is issued.
+    let (status, _, _) = op.call("POST", &sessions_url(&op, ORG), None, None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let (status, body, _) = op
+        .call(
+            "POST",
+            &sessions_url(&op, ORG),
+            Some(&key),
+            Some(json!({"read_only": "yes"})),
+        )
+        .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+
+    // The page itself: strict policy, nothing cached stale, the bare path redirected.
+    let page = op.http.get(format!("{}/portal/", origin(&op))).send().await.unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
+    let csp = page.headers()["content-security-policy"].to_str().unwrap().to_string();
+    assert!(
+        csp.starts_with("default-src 'self'") && csp.contains("frame-ancestors 'none'"),
+        "{csp}"
+    );
+    assert_eq!(page.headers()["x-content-type-options"], "nosniff");
+    assert!(page.text().await.unwrap().contains("app.js"));
+    let bare = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap()
+        .get(format!("{}/portal", origin(&op)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        (bare.status().as_u16(), bare.headers()["location"].to_str().unwrap()),
+        (308, "/portal/")
+    );
+
+    // Expiry: the 3 s session stops working.
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let (status, body, _) = op.call("GET", &list, Some(token), None).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    assert!(body["error"].as_str().unwrap().contains("expired"), "{body}");
+    let _ = (client, ns);
+}
+
+/// `http://127.0.0.1:port` of the operator's REST port.
+fn origin(op: &Operator) -> String {
+    op.base.trim_end_matches("/v1/organizations").to_string()
+}
+
+/// A chromedriver on a free loopback port, killed on drop.
+struct Chromedriver {
+    child: Child,
+    url: String,
+}
+
+impl Drop for Chromedriver {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+const CHROMIUM: &str = "/usr/bin/chromium";
+const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
+
+async fn start_browser() -> (Chromedriver, Browser) {
+    for tool in [CHROMIUM, CHROMEDRIVER] {
+        assert!(
+            std::path::Path::new(tool).exists(),
+            "{tool} is missing: run `make browser-tools` (Debian packages chromium and chromium-driver)"
+        );
+    }
+    let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = Command::new(CHROMEDRIVER)
+        .arg(format!("--port={port}"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("chromedriver starts");
+    let driver = Chromedriver {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
+    let capabilities = json!({
+        "browserName": "chrome",
+        "goog:chromeOptions": {
+            "binary": CHROMIUM,
+            "args": ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                     "--window-size=1280,1000", "--no-first-run", "--disable-extensions"],
+        },
+    });
+    let capabilities = capabilities.as_object().unwrap().clone();
+    let browser = support::wait_for("chromedriver accepts a session", WAIT, || async {
+        ClientBuilder::new(hyper_util::client::legacy::connect::HttpConnector::new())
+            .capabilities(capabilities.clone())
+            .connect(&driver.url)
+            .await
+            .ok()
+    })
+    .await;
+    (driver, browser)
+}
+
+fn screenshots_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/portal-screenshots");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+async fn screenshot(browser: &Browser, name: &str) {
+    let png = browser.screenshot().await.expect("screenshot");
+    std::fs::write(screenshots_dir().join(format!("{name}.png")), png).unwrap();
+}
+
+async fn text(browser: &Browser, css: &str) -> String {
+    browser.find(Locator::Css(css)).await.unwrap().text().await.unwrap()
+}
+
+async fn click(browser: &Browser, css: &str) {
+    browser
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css(css))
+        .await
+        .unwrap_or_else(|e| panic!("{css}: {e}"))
+        .click()
+        .await
+        .unwrap_or_else(|e| panic!("click {css}: {e}"));
+}
+
+async fn present(browser: &Browser, css: &str) -> bool {
+    !browser.find_all(Locator::Css(css)).await.unwrap().is_empty()
+}
+
+async fn visible(browser: &Browser, css: &str) -> bool {
+    match browser.find(Locator::Css(css)).await {
+        Ok(e) => e.is_displayed().await.unwrap_or(false),
+        Err(_) => false,
+    }
+}
+
+/// The states shown in the deliveries table, top (newest) first.
+async fn shown_states(browser: &Browser) -> Vec<String> {
+    let mut states = Vec::new();
+    for cell in browser
+        .find_all(Locator::Css("#deliveries tr[data-delivery-id] .state"))
+        .await
+        .unwrap()
+    {
+        states.push(cell.text().await.unwrap_or_default());
+    }
+    states
+}
+
+async fn wait_states(browser: &Browser, what: &str, want: &[&str]) {
+    support::wait_for(what, WAIT, || async {
+        let states = shown_states(browser).await;
+        (states == want).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_portal_in_a_real_browser() {
+    let (client, ns, op, key) = setup(
+        "portal-browser",
+        Options {
+            dispatcher: true,
+            schedule: "0s",
+            ..Options::default()
+        },
+    )
+    .await;
+    let receiver = Receiver::start(vec![]).await;
+    let (_driver, browser) = start_browser().await;
+    let session = open_session(&op, &key, None).await;
+    let url = session["url"].as_str().unwrap();
+
+    // Signed in from the link; the token leaves the address bar and is stored nowhere.
+    browser.goto(url).await.unwrap();
+    browser
+        .wait()
+        .at_most(WAIT)
+        .for_element(Locator::Css("#create-url"))
+        .await
+        .unwrap();
+    let href = browser.current_url().await.unwrap();
+    assert!(href.fragment().is_none() && !href.as_str().contains("token"), "{href}");
+    let stored = browser
+        .execute(
+            "return [localStorage.length, sessionStorage.length, document.cookie]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(stored, json!([0, 0, ""]));
+    assert_eq!(text(&browser, "#org").await, ORG);
+    assert!(!visible(&browser, "#read-only-badge").await);
+
+    // Create: the secret is shown once, then gone from the page.
+    let url_input = browser.find(Locator::Css("#create-url")).await.unwrap();
+    url_input.send_keys(&receiver.url("/portal-hook")).await.unwrap();
+    let description = browser.find(Locator::Css("#create-description")).await.unwrap();
+    description.send_keys("made in the browser test").await.unwrap();
+    click(&browser, "#create-submit").await;
+    support::wait_for("the secret panel", WAIT, || async {
+        visible(&browser, "#secret-panel").await.then_some(())
+    })
+    .await;
+    let secret = text(&browser, "#secret-value").await;
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    screenshot(&browser, "portal-secret").await;
+    click(&browser, "#secret-dismiss").await;
+    assert!(!visible(&browser, "#secret-panel").await);
+    assert_eq!(text(&browser, "#secret-value").await, "");
+    let page_source = browser.source().await.unwrap();
+    assert!(!page_source.contains(&secret), "the secret stays in the page");
+
+    let api: Api<WebhookEndpoint> = Api::namespaced(client.clone(), &ns);
+    let endpoints = api.list(&Default::default()).await.unwrap().items;
+    assert_eq!(endpoints.len(), 1);
+    let id = kube::ResourceExt::name_any(&endpoints[0]);
+    assert_eq!(endpoints[0].spec.description, "made in the browser test");
+    let row = format!("#endpoints tr[data-endpoint-id=\"{id}\"]");
+    support::wait_for("the new endpoint listed", WAIT, || async {
+        present(&browser, &row).await.then_some(())
+    })
+    .await;
+    screenshot(&browser, "portal-endpoints").await;
+    click(&browser, &format!("{row} .open")).await;
+    support::wait_for("the detail view", WAIT, || async {
+        visible(&browser, "#endpoint-detail").await.then_some(())
+    })
+    .await;
+
+    // A test event turns succeeded.
+    click(&browser, "#detail-test").await;
+    wait_states(&browser, "the test delivery succeeds", &["succeeded"]).await;
+    // One that fails, retried from the page.
+    receiver.script(vec![Answer::Status(500)]);
+    click(&browser, "#detail-test").await;
+    wait_states(&browser, "the second test delivery fails", &["failed", "succeeded"]).await;
+    screenshot(&browser, "portal-deliveries-failed").await;
+    click(&browser, "#deliveries tr[data-delivery-id] .retry").await;
+    wait_states(&browser, "the retried delivery succeeds", &["succeeded", "succeeded"]).await;
+    // One that fails, recovered since an hour ago (the prefilled time).
+    receiver.script(vec![Answer::Status(500)]);
+    click(&browser, "#detail-test").await;
+    wait_states(
+        &browser,
+        "the third test delivery fails",
+        &["failed", "succeeded", "succeeded"],
+    )
+    .await;
+    let since = browser.find(Locator::Css("#recover-since")).await.unwrap();
+    let prefilled = since.prop("value").await.unwrap().unwrap_or_default();
+    assert!(prefilled.parse::<jiff::Timestamp>().is_ok(), "{prefilled:?}");
+    click(&browser, "#recover-submit").await;
+    support::wait_for("the recovery result", WAIT, || async {
+        (text(&browser, "#recover-result").await == "Recovered 1 deliveries").then_some(())
+    })
+    .await;
+    wait_states(
+        &browser,
+        "the recovered delivery succeeds",
+        &["succeeded", "succeeded", "succeeded"],
+    )
+    .await;
+    // The filter shows only what is asked for.
+    let filter = browser.find(Locator::Css("#delivery-filter")).await.unwrap();
+    filter.select_by_value("failed").await.unwrap();
+    wait_states(&browser, "nothing failed is shown", &[]).await;
+    filter.select_by_value("").await.unwrap();
+    wait_states(&browser, "all shown again", &["succeeded", "succeeded", "succeeded"]).await;
+    browser
+        .execute(
+            "document.getElementById('deliveries').scrollIntoView({block: 'center'})",
+            vec![],
+        )
+        .await
+        .unwrap();
+    screenshot(&browser, "portal-deliveries").await;
+
+    // Every request the receiver got verifies with the secret the page showed once.
+    let got = receiver.received();
+    assert_eq!(got.len(), 5, "test, failed test + retry, failed test + recovery");
+    let wh = standardwebhooks::Webhook::new(&secret).unwrap();
+    for request in &got {
+        wh.verify(&request.body, &request.headers).expect("signature verifies");
+    }
+
+    // Edit: deactivate, save; the CR follows.
+    click(&browser, "#detail-active").await;
+    click(&browser, "#detail-save").await;
+    support::wait_for("the endpoint deactivated", WAIT, || async {
+        let ep = api.get(&id).await.ok()?;
+        (!ep.spec.active).then_some(())
+    })
+    .await;
+
+    // Rotate: a new secret, shown once.
+    click(&browser, "#detail-rotate").await;
+    support::wait_for("the rotated secret", WAIT, || async {
+        let shown = text(&browser, "#secret-value").await;
+        (visible(&browser, "#secret-panel").await && shown.starts_with("whsec_") && shown != secret).then_some(())
+    })
+    .await;
+    click(&browser, "#secret-dismiss").await;
+
+    // Phone width: nothing wider than the screen.
+    browser.set_window_size(375, 812).await.unwrap();
+    let overflow = browser
+        .execute(
+            "return document.documentElement.scrollWidth - window.innerWidth",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert!(
+        overflow.as_i64().unwrap() <= 0,
+        "the page is wider than a phone: {overflow}"
+    );
+    screenshot(&browser, "portal-phone").await;
+    browser.set_window_size(1280, 1000).await.unwrap();
+
+    // Delete, confirmed in the page.
+    click(&browser, "#detail-delete").await;
+    click(&browser, "#detail-delete-confirm").await;
+    support::wait_for("the endpoint deleted", WAIT, || async {
+        api.get_opt(&id).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    support::wait_for("the row gone", WAIT, || async {
+        (!present(&browser, &row).await).then_some(())
+    })
+    .await;
+
+    // A read-only session: no write control at all, and the API refuses writes with its token.
+    let (_, kept, _) = op
+        .call(
+            "POST",
+            &op.url(ORG, ""),
+            Some(&key),
+            Some(json!({"url": receiver.url("/kept")})),
+        )
+        .await;
+    let kept_id = kept["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+    op.call("POST", &op.url(ORG, &format!("/{kept_id}/test")), Some(&key), None)
+        .await;
+    let read_only = open_session(&op, &key, Some(json!({"read_only": true}))).await;
+    browser.goto(read_only["url"].as_str().unwrap()).await.unwrap();
+    let kept_row = format!("#endpoints tr[data-endpoint-id=\"{kept_id}\"]");
+    support::wait_for("the endpoint listed read-only", WAIT, || async {
+        present(&browser, &kept_row).await.then_some(())
+    })
+    .await;
+    assert!(visible(&browser, "#read-only-badge").await);
+    click(&browser, &format!("{kept_row} .open")).await;
+    wait_states(&browser, "the delivery shown read-only", &["succeeded"]).await;
+    for control in [
+        "#create-form",
+        "#detail-save",
+        "#detail-test",
+        "#detail-rotate",
+        "#detail-delete",
+        "#recover-form",
+        ".retry",
+    ] {
+        assert!(
+            !present(&browser, control).await,
+            "{control} is shown to a read-only session"
+        );
+    }
+    screenshot(&browser, "portal-read-only").await;
+    let ro = read_only["token"].as_str().unwrap();
+    let (status, _, _) = op
+        .call("POST", &op.url(ORG, &format!("/{kept_id}/test")), Some(ro), None)
+        .await;
+    assert_eq!(status, StatusCode::FORBIDDEN);
+
+    browser.close().await.unwrap();
+}
