@@ -26,6 +26,7 @@ pub mod endpoints;
 pub mod http;
 pub mod ids;
 pub mod ingest;
+pub mod key_secrets;
 pub mod leases;
 pub mod ops;
 pub mod resources;

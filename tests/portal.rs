@@ -56,6 +56,14 @@ async fn portal_sessions_are_bound_to_one_organization_and_expire() {
     )
     .await;
     let list = op.url(ORG, "");
+    // Sessions last 3 s here, so each check opens its own just before it.
+    let fresh = |read_only: bool| {
+        let (op, key) = (&op, &key);
+        async move {
+            let session = open_session(op, key, Some(json!({"read_only": read_only}))).await;
+            session["token"].as_str().unwrap().to_string()
+        }
+    };
     let session = open_session(&op, &key, None).await;
     let token = session["token"].as_str().unwrap();
     assert!(
@@ -66,29 +74,29 @@ async fn portal_sessions_are_bound_to_one_organization_and_expire() {
     );
 
     // A writable session manages endpoints like a key.
-    let (status, created, _) = op
-        .call(
-            "POST",
-            &list,
-            Some(token),
-            Some(json!({"url": "https://example.com/hook"})),
-        )
-        .await;
+    let body = json!({"url": "https://example.com/hook"});
+    let (status, created, _) = op.call("POST", &list, Some(&fresh(false).await), Some(body)).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
     let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+    let settings = op.url(ORG, &format!("/{id}/settings"));
+    let body = json!({"headers": {"Authorization": "Bearer receiver-credential"}});
+    let (status, _, _) = op.call("PATCH", &settings, Some(&fresh(false).await), Some(body)).await;
+    assert_eq!(status, StatusCode::OK);
 
-    // A read-only session reads, and every write is 403.
-    let read_only = open_session(&op, &key, Some(json!({"read_only": true}))).await;
-    let ro = read_only["token"].as_str().unwrap();
-    let (status, body, _) = op.call("GET", &list, Some(ro), None).await;
+    // A read-only session reads (header values redacted), and every write is 403.
+    let ro = fresh(true).await;
+    let (status, body, _) = op.call("GET", &list, Some(&ro), None).await;
     assert_eq!(
         (status, body["webhook_endpoints"].as_array().map(Vec::len)),
         (StatusCode::OK, Some(1))
     );
-    let (status, _, _) = op
-        .call("GET", &op.url(ORG, &format!("/{id}/settings")), Some(ro), None)
-        .await;
-    assert_eq!(status, StatusCode::OK);
+    let (status, body, _) = op.call("GET", &settings, Some(&ro), None).await;
+    assert_eq!(
+        (status, &body["headers"]),
+        (StatusCode::OK, &json!({"Authorization": "<redacted>"}))
+    );
+    let (_, body, _) = op.call("GET", &settings, Some(&fresh(false).await), None).await;
+    assert_eq!(body["headers"]["Authorization"], "Bearer receiver-credential");
     for (method, path, body) in [
         ("POST", String::new(), Some(json!({"url": "https://example.com/x"}))),
         ("PATCH", format!("/{id}"), Some(json!({"is_active": false}))),
@@ -101,19 +109,26 @@ async fn portal_sessions_are_bound_to_one_organization_and_expire() {
             Some(json!({"since": "2026-01-01T00:00:00Z"})),
         ),
         ("PATCH", format!("/{id}/settings"), Some(json!({"rate_limit": 1}))),
+        ("POST", format!("/{id}/deliveries/msg_any/retry"), None),
     ] {
-        let (status, body, _) = op.call(method, &op.url(ORG, &path), Some(ro), body).await;
+        let ro = fresh(true).await;
+        let (status, body, _) = op.call(method, &op.url(ORG, &path), Some(&ro), body).await;
         assert_eq!(status, StatusCode::FORBIDDEN, "{method} {path}: {body}");
         assert!(body["error"].as_str().unwrap().contains("read-only"), "{body}");
     }
     // A session cannot open another, nor act for another organization.
-    let (status, _, _) = op.call("POST", &sessions_url(&op, ORG), Some(token), None).await;
+    let (status, _, _) = op
+        .call("POST", &sessions_url(&op, ORG), Some(&fresh(false).await), None)
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    let (status, _, _) = op.call("GET", &op.url("org_other", ""), Some(token), None).await;
+    let (status, _, _) = op
+        .call("GET", &op.url("org_other", ""), Some(&fresh(false).await), None)
+        .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
-    // Forged: the claims of another organization with this signature.
-    let (signed, signature) = token.rsplit_once('.').unwrap();
-    let forged = format!("{}x.{signature}", signed);
+    // Forged: the claims changed under the signature; garbage.
+    let current = fresh(false).await;
+    let (signed, signature) = current.rsplit_once('.').unwrap();
+    let forged = format!("{signed}x.{signature}");
     for bad in [forged.as_str(), "capy_portal_e30.AAAA", "capy_portal_"] {
         let (status, body, _) = op.call("GET", &list, Some(bad), None).await;
         assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
@@ -155,9 +170,12 @@ async fn portal_sessions_are_bound_to_one_organization_and_expire() {
         (308, "/portal/")
     );
 
-    // Expiry: the 3 s session stops working.
+    // Expiry: a 3 s session (whole seconds: it ends at most 3 s after issue) stops working.
+    let expiring = fresh(false).await;
+    let (status, _, _) = op.call("GET", &list, Some(&expiring), None).await;
+    assert_eq!(status, StatusCode::OK);
     tokio::time::sleep(Duration::from_millis(3100)).await;
-    let (status, body, _) = op.call("GET", &list, Some(token), None).await;
+    let (status, body, _) = op.call("GET", &list, Some(&expiring), None).await;
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     assert!(body["error"].as_str().unwrap().contains("expired"), "{body}");
     let _ = (client, ns);

@@ -76,8 +76,9 @@ pub struct ApiConfig {
     pub portal_url: Option<String>,
 }
 
-/// What the portal-session key is derived for (see [`crate::delivery_log::LogKey::derive`]).
-const PORTAL_KEY_PURPOSE: &str = "capy-webhooks portal sessions v1";
+/// Secret, in the home namespace, holding the key that signs portal sessions. Deleting it (and
+/// restarting the replicas) ends every session; nothing else uses it.
+pub const PORTAL_KEY_SECRET: &str = "capy-webhooks-portal-key";
 
 /// What a route does with the organization's endpoints.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -363,9 +364,14 @@ impl ApiState {
     }
 
     async fn settings(&self, org: String, id: String, headers: HeaderMap) -> Result<Response, ApiError> {
-        self.authorize(&org, &headers, Access::Read).await?;
+        let principal = self.authorize(&org, &headers, Access::Read).await?;
         let endpoint = self.find(&org, &id)?;
-        Ok(warp::reply::json(&model::settings_view(&endpoint)).into_response())
+        let mut view = model::settings_view(&endpoint);
+        // Header values are often the receiver's credentials: a read-only session sees names only.
+        if principal.read_only() {
+            view.redact_header_values();
+        }
+        Ok(warp::reply::json(&view).into_response())
     }
 
     /// Authenticated before the body was read.
@@ -874,16 +880,19 @@ pub async fn run(
     cache.wait_ready().await?;
     auth.api_keys().wait_ready().await;
     let ready = config.ready.clone();
+    // Every replica reads the same key Secret, so any replica accepts the sessions another issued.
+    let (portal_key, _) =
+        crate::key_secrets::load_or_create(&client, &config.home_namespace, PORTAL_KEY_SECRET, Default::default())
+            .await?;
+    let auth = auth.with_portal_sessions(crate::auth::PortalSessions::new(portal_key, config.portal_session_ttl));
     // Without a dispatcher here, deliveries are read from a watch of the logs, never with an
     // API-server round trip per request.
-    // One key Secret for the log's MACs and, derived from it, the portal sessions: every replica
-    // reads the same Secret, so any replica accepts the sessions another issued.
-    let key = crate::delivery_log::load_or_create_key(&client, &config.home_namespace, &config.scope).await?;
-    let sessions = crate::auth::PortalSessions::new(key.derive(PORTAL_KEY_PURPOSE), config.portal_session_ttl);
-    let auth = auth.with_portal_sessions(sessions);
     let log_watch = match work {
         Some(_) => None,
-        None => Some(crate::delivery_log::LogWatch::start(client.clone(), &config.scope, key)),
+        None => {
+            let key = crate::delivery_log::load_or_create_key(&client, &config.home_namespace, &config.scope).await?;
+            Some(crate::delivery_log::LogWatch::start(client.clone(), &config.scope, key))
+        }
     };
     let rate_limit = crate::http::KeyedRateLimit::new(config.organization_rate_limit, ORGANIZATION_BURST);
     let state = Arc::new(ApiState {

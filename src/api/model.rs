@@ -235,6 +235,16 @@ pub struct SettingsView {
     pub max_attempts: Option<u32>,
 }
 
+/// What a redacted header value reads.
+pub const REDACTED: &str = "<redacted>";
+
+impl SettingsView {
+    /// Replaces every header value with [`REDACTED`], keeping the names.
+    pub fn redact_header_values(&mut self) {
+        self.headers.values_mut().for_each(|v| *v = REDACTED.to_string());
+    }
+}
+
 /// The settings of an endpoint, as REST shows them.
 pub fn settings_view(endpoint: &WebhookEndpoint) -> SettingsView {
     SettingsView {
@@ -517,9 +527,12 @@ mod tests {
         ep.spec.headers.insert("X-Tenant".into(), "a".into());
         ep.spec.rate_limit = Some(2);
         ep.spec.max_attempts = Some(3);
+        let mut view = settings_view(&ep);
         assert_eq!(
-            serde_json::to_value(settings_view(&ep)).unwrap(),
+            serde_json::to_value(&view).unwrap(),
             json!({"headers": {"X-Tenant": "a"}, "rate_limit": 2, "max_attempts": 3})
         );
+        view.redact_header_values();
+        assert_eq!(view.headers["X-Tenant"], REDACTED);
     }
 }

@@ -17,20 +17,18 @@ use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret};
-use kube::api::{ListParams, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use sha2::{Digest, Sha256};
-use tracing::{info, warn};
+use tracing::warn;
 
 use super::{FIELD_MANAGER, journal_seq, legacy_segment_seq, log_selector};
-use crate::resources::{MANAGED_BY, MANAGED_BY_LABEL, ORGANIZATION_LABEL, Scope};
+use crate::resources::{ORGANIZATION_LABEL, Scope};
 
 /// Annotation that holds a segment's MAC (base64 of HMAC-SHA256).
 pub const MAC_ANNOTATION: &str = "webhooks.capydb.io/log-mac";
 /// Secret, in the home namespace, holding the key of segment MACs.
 pub const LOG_KEY_SECRET: &str = "capy-webhooks-log-key";
-/// Data key of the MAC key in [`LOG_KEY_SECRET`].
-const KEY_DATA: &str = "key";
 /// Annotation of [`LOG_KEY_SECRET`] set once the segments that predate the key are signed.
 const MIGRATED_ANNOTATION: &str = "webhooks.capydb.io/segments-signed";
 
@@ -53,14 +51,6 @@ impl LogKey {
     /// A fresh random key.
     pub fn generate() -> Self {
         Self(rand::random())
-    }
-
-    /// A key for another purpose, derived from this one (HMAC-SHA256 of the purpose's name), so
-    /// one Secret serves several uses and no use's key reveals this one or another's.
-    pub fn derive(&self, purpose: &str) -> [u8; 32] {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.0).expect("HMAC takes any key length");
-        mac.update(purpose.as_bytes());
-        mac.finalize().into_bytes().into()
     }
 
     /// The MAC of a segment as it is (annotations aside).
@@ -195,51 +185,8 @@ pub fn endpoints_named_in(cm: &ConfigMap) -> std::collections::BTreeSet<String> 
 /// start that finds it not done does it again.
 pub async fn load_or_create_key(client: &Client, home_namespace: &str, scope: &Scope) -> anyhow::Result<LogKey> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), home_namespace);
-    let secret = match secrets.get_opt(LOG_KEY_SECRET).await? {
-        Some(secret) => secret,
-        None => {
-            let key = LogKey::generate();
-            let fresh = Secret {
-                metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-                    name: Some(LOG_KEY_SECRET.into()),
-                    labels: Some(BTreeMap::from([(MANAGED_BY_LABEL.to_string(), MANAGED_BY.to_string())])),
-                    annotations: Some(BTreeMap::from([(MIGRATED_ANNOTATION.to_string(), "false".to_string())])),
-                    ..Default::default()
-                },
-                type_: Some("Opaque".into()),
-                data: Some(BTreeMap::from([(KEY_DATA.to_string(), ByteString(key.0.to_vec()))])),
-                ..Default::default()
-            };
-            let params = PostParams {
-                field_manager: Some(FIELD_MANAGER.into()),
-                ..Default::default()
-            };
-            match secrets.create(&params, &fresh).await {
-                Ok(created) => {
-                    info!(
-                        namespace = home_namespace,
-                        secret = LOG_KEY_SECRET,
-                        "delivery-log MAC key created"
-                    );
-                    created
-                }
-                // Another process created it first: use theirs.
-                Err(kube::Error::Api(s)) if s.code == 409 => secrets.get(LOG_KEY_SECRET).await?,
-                Err(e) => return Err(e.into()),
-            }
-        }
-    };
-    let bytes = secret
-        .data
-        .as_ref()
-        .and_then(|d| d.get(KEY_DATA))
-        .map(|b| b.0.clone())
-        .unwrap_or_default();
-    let key: [u8; 32] = bytes.try_into().map_err(|_| {
-        anyhow::anyhow!(
-            "Secret {home_namespace}/{LOG_KEY_SECRET} holds no 32-byte `{KEY_DATA}`; delete it to start over"
-        )
-    })?;
+    let annotations = BTreeMap::from([(MIGRATED_ANNOTATION.to_string(), "false".to_string())]);
+    let (key, secret) = crate::key_secrets::load_or_create(client, home_namespace, LOG_KEY_SECRET, annotations).await?;
     let key = LogKey(key);
     let migrated = secret
         .metadata

@@ -14,6 +14,16 @@
   const LIST_INTERVAL_MS = 5000;
   const DELIVERY_INTERVAL_MS = 2000;
   const DELIVERY_LIMIT = 100;
+  // The refreshes share the organization's request budget with its own scripts: they stop while
+  // the tab is hidden and back off on errors, as far as Retry-After or this asks.
+  const MAX_BACKOFF_MS = 60000;
+
+  /** When the next background refresh should run, after `failures` failures in a row. */
+  function nextRefreshDelay(interval, failures, err) {
+    if (!failures) return interval;
+    const backoff = Math.min(interval * Math.pow(2, failures), MAX_BACKOFF_MS);
+    return Math.max(backoff, (err && err.retryAfterMs) || 0);
+  }
 
   const state = {
     token: null,
@@ -125,9 +135,12 @@
     if (!(unchanged && src !== "user")) notice.textContent = message;
     notice.classList.toggle("error", isError);
     notice.classList.toggle("success", kind === "success");
+    // Errors interrupt (role="alert") and stay until replaced or cleared; successes are polite.
+    notice.setAttribute("role", isError ? "alert" : "status");
+    notice.setAttribute("aria-live", isError ? "assertive" : "polite");
     noticeSource = src;
     clearTimeout(noticeTimer);
-    noticeTimer = setTimeout(() => clearNotice(), isError ? 20000 : 6000);
+    if (!isError) noticeTimer = setTimeout(() => clearNotice(), 6000);
   }
 
   function clearNotice(onlySource) {
@@ -253,7 +266,9 @@
       if ((response.status === 429 || response.status === 503) && retryAfter && /^\d+$/.test(retryAfter)) {
         message += " Try again in " + retryAfter + " s.";
       }
-      throw new ApiError(message, response.status);
+      const error = new ApiError(message, response.status);
+      if (retryAfter && /^\d+$/.test(retryAfter)) error.retryAfterMs = Number(retryAfter) * 1000;
+      throw error;
     }
     return data || {};
   }
@@ -264,6 +279,8 @@
     const box = $("signed-out");
     box.textContent = message;
     box.hidden = false;
+    // Focus may have been inside what is now hidden: move it to the message (role="alert").
+    box.focus();
     $("app").hidden = true;
     $("session").hidden = true;
   }
@@ -385,6 +402,8 @@
     if (state.signedOut) return;
     const seq = ++state.listSeq;
     clearTimeout(state.listTimer);
+    if (document.hidden) return; // resumed by the visibilitychange handler
+    let failed = null;
     try {
       const data = await api("GET", "");
       if (seq !== state.listSeq) return;
@@ -392,12 +411,18 @@
       renderEndpoints();
       updateDetailMeta();
       clearNotice("list");
+      state.listFailures = 0;
     } catch (err) {
-      if (seq === state.listSeq) reportError(err, "list");
+      failed = err;
+      if (seq === state.listSeq) {
+        state.listFailures = (state.listFailures || 0) + 1;
+        reportError(err, "list");
+      }
     } finally {
       if (seq === state.listSeq && !state.signedOut) {
         updateExpires();
-        state.listTimer = setTimeout(refreshList, LIST_INTERVAL_MS);
+        const delay = nextRefreshDelay(LIST_INTERVAL_MS, state.listFailures || 0, failed);
+        state.listTimer = setTimeout(refreshList, delay);
       }
     }
   }
@@ -665,7 +690,8 @@
       await api("DELETE", "/" + enc(id));
       state.endpoints = state.endpoints.filter((e) => e.id !== id);
       renderEndpoints();
-      closeDetail(false);
+      // The user may have opened another endpoint while this one was being deleted.
+      if (state.detailId === id) closeDetail(false);
       notify("Endpoint deleted.", "success");
       focusIfPossible($("endpoints-title"));
       refreshList();
@@ -802,14 +828,19 @@
     if (!id || state.signedOut) return;
     const seq = ++state.deliverySeq;
     clearTimeout(state.deliveryTimer);
+    if (document.hidden) return; // resumed by the visibilitychange handler
+    let failed = null;
     try {
       const data = await api("GET", "/" + enc(id) + "/deliveries?limit=" + DELIVERY_LIMIT);
       if (seq !== state.deliverySeq || state.detailId !== id) return;
       state.deliveries = Array.isArray(data.deliveries) ? data.deliveries : [];
       renderDeliveries();
       clearNotice("deliveries");
+      state.deliveryFailures = 0;
     } catch (err) {
+      failed = err;
       if (seq !== state.deliverySeq || state.detailId !== id) return;
+      state.deliveryFailures = (state.deliveryFailures || 0) + 1;
       if (err.status === 404) {
         closeDetail(true);
         notify("This endpoint no longer exists.", "error");
@@ -819,7 +850,8 @@
       reportError(err, "deliveries");
     } finally {
       if (seq === state.deliverySeq && state.detailId === id && !state.signedOut) {
-        state.deliveryTimer = setTimeout(refreshDeliveries, DELIVERY_INTERVAL_MS);
+        const delay = nextRefreshDelay(DELIVERY_INTERVAL_MS, state.deliveryFailures || 0, failed);
+        state.deliveryTimer = setTimeout(refreshDeliveries, delay);
       }
     }
   }
@@ -872,6 +904,12 @@
     });
     // No native form submission ever (the CSP also forbids it).
     document.addEventListener("submit", (event) => event.preventDefault());
+    // Refreshes pause while the tab is hidden; catch up as soon as it shows again.
+    document.addEventListener("visibilitychange", () => {
+      if (document.hidden || state.signedOut || !state.token) return;
+      refreshList();
+      if (state.detailId) refreshDeliveries();
+    });
 
     if (!token) {
       showSignedOut(MSG_NO_TOKEN);
