@@ -335,13 +335,24 @@ async fn the_portal_in_a_real_browser() {
     assert_eq!(stored, json!([0, 0, ""]));
     assert_eq!(text(&browser, "#org").await, ORG);
     assert!(!visible(&browser, "#read-only-badge").await);
+    // Every control is labelled: inputs by a <label>, buttons by their text or aria-label.
+    let unlabelled = browser
+        .execute(
+            "return [...document.querySelectorAll('input, select, textarea')].filter(e => e.labels.length === 0).map(e => e.id)
+               .concat([...document.querySelectorAll('button')]
+                 .filter(b => !(b.textContent.trim() || b.getAttribute('aria-label'))).map(b => b.id || b.className))",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(unlabelled, json!([]), "controls without a name");
 
     // Create: the secret is shown once, then gone from the page.
     let url_input = browser.find(Locator::Css("#create-url")).await.unwrap();
     url_input.send_keys(&receiver.url("/portal-hook")).await.unwrap();
     let description = browser.find(Locator::Css("#create-description")).await.unwrap();
-    description.send_keys("made in the browser test").await.unwrap();
-    click(&browser, "#create-submit").await;
+    // Submitted from the keyboard: Enter in a field.
+    description.send_keys("made in the browser test\u{E007}").await.unwrap();
     support::wait_for("the secret panel", WAIT, || async {
         visible(&browser, "#secret-panel").await.then_some(())
     })
