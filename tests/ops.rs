@@ -577,6 +577,34 @@ async fn no_secret_leaks_into_logs_events_status_configmaps_or_metrics() {
                 .expect("rotated secret")
                 .to_string(),
         );
+        // A portal session, and a custom header value (the receiver's credential): neither may
+        // reach logs, Events, ConfigMaps or metrics (the header value lives in the CR's spec by
+        // design, so the CRs are not searched for it).
+        let session: Value = http
+            .post(format!(
+                "http://127.0.0.1:{}/v1/organizations/{ORG}/portal-sessions",
+                ports.api
+            ))
+            .bearer_auth(&api_key)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let portal_token = session["token"].as_str().expect("portal token").to_string();
+        let r = http.get(&base).bearer_auth(&portal_token).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        secrets.push(portal_token);
+        let header_value = format!("Bearer receiver-credential-{format}-7c1e9a");
+        let r = http
+            .patch(format!("{base}/{}/settings", ids[1]))
+            .bearer_auth(&api_key)
+            .json(&json!({"headers": {"Authorization": header_value}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
         // Wrong credentials of every kind, which must not be echoed either.
         let wrong_key = format!("capy_live_{}", "Z".repeat(40));
         let wrong_token = "wrong-ingest-token-0123456789";
@@ -646,6 +674,19 @@ async fn no_secret_leaks_into_logs_events_status_configmaps_or_metrics() {
                     &secret[..8.min(secret.len())]
                 );
             }
+        }
+        assert!(
+            failing
+                .received()
+                .iter()
+                .any(|r| r.header("authorization") == header_value),
+            "the custom header was sent"
+        );
+        for (what, text) in haystacks.iter().filter(|(what, _)| *what != "webhookendpoints") {
+            assert!(
+                !text.contains(&header_value),
+                "a custom header value leaked into the {what} ({format} logs)"
+            );
         }
         support::delete_namespace(&client, &ns).await;
     }
