@@ -791,7 +791,9 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .and(warp::get())
         .map(|| warp::reply::with_header(OPENAPI_JSON, "content-type", "application/json").into_response());
 
-    let routes = list
+    // Boxed in two groups: one chain of this many filters nests types deep enough to overflow
+    // the compiler's recursion limit in release builds.
+    let documented = list
         .or(create)
         .unify()
         .or(update)
@@ -802,8 +804,8 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .unify()
         .or(deliveries)
         .unify()
-        .or(retry)
-        .unify()
+        .boxed();
+    let extensions = retry
         .or(test)
         .unify()
         .or(recover)
@@ -818,8 +820,8 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .unify()
         .or(openapi)
         .unify()
-        .recover(crate::http::recover)
-        .unify();
+        .boxed();
+    let routes = documented.or(extensions).unify().recover(crate::http::recover).unify();
     crate::http::with_request_log(routes, "api", route_template, allowed_methods, metrics)
 }
 
@@ -960,6 +962,13 @@ mod tests {
                 format!("{base}/:id/settings"),
             ),
             ("/openapi.json", "/openapi.json".to_string()),
+            ("/portal", "/portal/".to_string()),
+            ("/portal/", "/portal/".to_string()),
+            ("/portal/app.js", "/portal/app.js".to_string()),
+            (
+                "/v1/organizations/org_1/portal-sessions",
+                "/v1/organizations/:org/portal-sessions".to_string(),
+            ),
         ] {
             assert_eq!(route_template(path), want, "{path}");
         }
@@ -972,6 +981,8 @@ mod tests {
             "/v1/organizations/org_1/events",
             "/openapi.json/x",
             "/secret-looking/ep-0123456789",
+            "/portal/app.js.map",
+            "/portal/x/y",
         ] {
             assert_eq!(route_template(other), OTHER_ROUTE, "{other}");
         }
