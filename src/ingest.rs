@@ -20,9 +20,10 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::http::{ApiError, OTHER_ROUTE, bearer_token, parse_json, path_segments};
+use crate::routing::{FORWARDED_HEADER, Route, Router, WORK_PATH};
 use crate::telemetry::Metrics;
 use crate::validation::validate_event_type;
-use crate::work::{SubmitError, WorkHandle};
+use crate::work::{SubmitError, WorkHandle, WorkRequest, perform};
 
 /// Settings of the ingest port.
 #[derive(Clone)]
@@ -39,6 +40,9 @@ pub struct IngestConfig {
     pub idempotency_capacity: usize,
     /// Where requests are counted.
     pub metrics: Metrics,
+    /// With several replicas: sends each event to the replica that owns its organization.
+    /// `None`: every organization is served here.
+    pub router: Option<Router>,
 }
 
 impl std::fmt::Debug for IngestConfig {
@@ -162,6 +166,21 @@ impl IngestState {
                 "Idempotency-Key must have 1 to {MAX_IDEMPOTENCY_KEY_BYTES} characters"
             )));
         }
+        let forwarded = headers.contains_key(FORWARDED_HEADER);
+        if let Some(router) = self.config.router.as_ref().filter(|_| !forwarded) {
+            match router.route(&org) {
+                Route::Local => {}
+                Route::Peer(address) => {
+                    return forward(router, &address, &org, idempotency_key.as_deref(), body).await;
+                }
+                Route::Wait(retry_after_secs) => {
+                    return Err(ApiError::unavailable(
+                        format!("event not accepted: {}", SubmitError::Moving { retry_after_secs }),
+                        retry_after_secs,
+                    ));
+                }
+            }
+        }
         let answer = match idempotency_key {
             None => self.submit(&org, request).await?,
             Some(key) => self.submit_once((org.clone(), key), request).await?,
@@ -212,14 +231,37 @@ impl IngestState {
                 .await
                 .map_err(|e| match e {
                     SubmitError::Unavailable(m) => ApiError::unavailable(format!("event not accepted: {m}"), 2),
-                    throttled @ SubmitError::Throttled { retry_after_secs } => {
-                        ApiError::unavailable(format!("event not accepted: {throttled}"), retry_after_secs)
+                    busy @ (SubmitError::Throttled { .. } | SubmitError::Moving { .. }) => {
+                        ApiError::unavailable(format!("event not accepted: {busy}"), busy.retry_after_secs())
                     }
                     other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
                 })?;
         info!(organization = %org, event = %event_id, event_type = %request.event_type, deliveries, "event accepted");
         Ok(json!({"id": event_id, "deliveries": deliveries}))
     }
+}
+
+/// Relays an event to the replica that owns its organization, and its answer back.
+async fn forward(
+    router: &Router,
+    address: &str,
+    org: &str,
+    idempotency_key: Option<&str>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let (status, retry_after, body) = router
+        .forward_event(address, org, idempotency_key, body)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("event not accepted: {e}"), e.retry_after_secs()))?;
+    let mut response = warp::http::Response::builder()
+        .status(status)
+        .header("content-type", "application/json");
+    if let Some(retry_after) = retry_after {
+        response = response.header("retry-after", retry_after);
+    }
+    Ok(response
+        .body(warp::hyper::body::Bytes::from(body.to_vec()).into())
+        .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response()))
 }
 
 /// The ingest routes.
@@ -236,6 +278,27 @@ pub fn routes(
         in_progress: Mutex::default(),
     });
     let token = state.config.token.clone();
+    let work_token = token.clone();
+    let work_state = state.clone();
+    // Work forwarded by another replica: an endpoint (a few KiB) and at most one event.
+    let work = warp::path!("internal" / "v1" / "work")
+        .and(warp::post())
+        .and(warp::header::headers_cloned())
+        .and_then(move |headers: HeaderMap| {
+            let checked = authorize(&headers, &work_token).map_err(warp::reject::custom);
+            async move { checked }
+        })
+        .untuple_one()
+        .and(crate::http::json_bytes(limit + 256 * 1024))
+        .then(move |body: Bytes| {
+            let state = work_state.clone();
+            async move {
+                match parse_json::<WorkRequest>(&body) {
+                    Ok(request) => warp::reply::json(&perform(&state.work, request).await).into_response(),
+                    Err(e) => e.into_response(),
+                }
+            }
+        });
     // The token is checked before the body is read: an anonymous client cannot make the port
     // buffer bodies.
     let events = warp::path!("v1" / "organizations" / String / "events")
@@ -255,7 +318,7 @@ pub fn routes(
                 .unwrap_or_else(Reply::into_response)
         });
     crate::http::with_request_log(
-        events.recover(crate::http::recover).unify(),
+        events.or(work).unify().recover(crate::http::recover).unify(),
         "ingest",
         route_template,
         |template| if template == OTHER_ROUTE { "" } else { "POST" },
@@ -267,6 +330,7 @@ pub fn routes(
 pub fn route_template(path: &str) -> &'static str {
     match path_segments(path).as_slice() {
         ["v1", "organizations", org, "events"] if !org.is_empty() => "/v1/organizations/:org/events",
+        ["internal", "v1", "work"] => WORK_PATH,
         _ => OTHER_ROUTE,
     }
 }

@@ -8,7 +8,8 @@
 //!    (the one endpoint cache), [`tenancy`] (which namespaces serve which organizations),
 //!    [`delivery_log`] (the log the dispatcher writes and the REST facade
 //!    reads), [`work`] (the handle the REST facade and ingest use to reach a dispatcher), [`http`],
-//!    [`auth`], [`telemetry`];
+//!    [`auth`], [`telemetry`], [`leases`] and [`shards`] (who leads, who owns which shard, on
+//!    Kubernetes Leases), [`routing`] (forwarding work to the replica that owns it);
 //! 4. the components, none importing another (a test checks it: `tests/layering.rs`):
 //!    [`controller`], [`api`], [`dispatcher`], [`ingest`], and [`ops`] (probes and metrics).
 //!
@@ -30,6 +31,8 @@ pub mod key_secrets;
 pub mod leases;
 pub mod ops;
 pub mod resources;
+pub mod routing;
+pub mod shards;
 pub mod signing;
 pub mod signing_secret;
 pub mod telemetry;

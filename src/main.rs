@@ -26,6 +26,8 @@ use capy_webhooks::http::ServerLimits;
 use capy_webhooks::ingest::IngestConfig;
 use capy_webhooks::leases::{CONTROLLER_LEASE, Leadership, LeaseConfig, default_identity};
 use capy_webhooks::resources::{Scope, crd_yaml};
+use capy_webhooks::routing::Router;
+use capy_webhooks::shards::coordinator::{self, CoordinatorConfig};
 use capy_webhooks::telemetry::{self, LogFormat, Metrics, Readiness, ReadyHandle};
 use capy_webhooks::tenancy::NamespaceBinding;
 use capy_webhooks::validation::UrlPolicy;
@@ -280,6 +282,12 @@ struct RunArgs {
     #[arg(long, env = "CAPY_WEBHOOKS_IDENTITY")]
     identity: Option<String>,
 
+    /// How the other replicas reach this one's internal (ingest) port, as host:port. Default:
+    /// $POD_IP, else the ingest address's host (127.0.0.1 when it listens on every address),
+    /// with the ingest port.
+    #[arg(long, env = "CAPY_WEBHOOKS_ADVERTISE_ADDRESS")]
+    advertise_address: Option<String>,
+
     /// How long a Lease stays valid without renewal: after a replica dies, another takes over its
     /// Leases within this time (plus a few seconds). Whole seconds, at least 2s.
     #[arg(long, env = "CAPY_WEBHOOKS_LEASE_DURATION", default_value = "15s", value_parser = parse_flag_duration)]
@@ -313,6 +321,30 @@ fn read_ingest_token(path: Option<&std::path::Path>) -> anyhow::Result<String> {
         path.display()
     );
     Ok(token)
+}
+
+/// The address other replicas forward to: `--advertise-address`, else `$POD_IP` or the ingest
+/// address's host, with the ingest port.
+fn advertise_address(given: Option<&str>, ingest: SocketAddr) -> String {
+    if let Some(address) = given.filter(|a| !a.is_empty()) {
+        return address.to_string();
+    }
+    let host = std::env::var("POD_IP")
+        .ok()
+        .filter(|ip| !ip.is_empty())
+        .unwrap_or_else(|| {
+            if ingest.ip().is_unspecified() {
+                "127.0.0.1".into()
+            } else {
+                ingest.ip().to_string()
+            }
+        });
+    let host = if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]")
+    } else {
+        host
+    };
+    format!("{host}:{}", ingest.port())
 }
 
 fn in_cluster_namespace() -> Option<String> {
@@ -495,6 +527,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         stopped(),
     ));
 
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
     let client = kube_client().await?;
     // Every component reads WebhookEndpoints: an installation that forbids it ends the process
     // here, whichever components run, instead of leaving them waiting for caches that never fill.
@@ -517,7 +550,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         // One controller at a time among the replicas: the holder of the controller Lease.
         let leases = LeaseConfig {
             namespace: home_namespace.clone(),
-            identity: args.identity.clone().unwrap_or_else(default_identity),
+            identity: identity.clone(),
             duration: args.lease_duration,
         };
         info!(identity = %leases.identity, lease = CONTROLLER_LEASE, "competing for the controller Lease");
@@ -560,10 +593,33 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             ready: dispatcher_ready,
         };
-        let start = Dispatcher::start(client.clone(), cache.clone(), config, stop_rx.clone());
+        // Dispatch is partitioned into shards, each held by one replica through its Lease.
+        let ownership = CoordinatorConfig {
+            namespace: home_namespace.clone(),
+            identity: identity.clone(),
+            address: advertise_address(args.advertise_address.as_deref(), ingest_listener.local_addr()?),
+            duration: args.lease_duration,
+            drain_timeout: args.shutdown_grace + Duration::from_secs(5),
+            metrics: metrics.clone(),
+            readiness: readiness.clone(),
+        };
+        let start = coordinator::start(client.clone(), ownership, stop_rx.clone());
+        let Some((shards, coordinator)) = start_step(&mut tasks, stopped(), start).await? else {
+            return until_all_end(tasks).await;
+        };
+        tasks.spawn(async move { coordinator.await.context("the shard coordinator panicked") });
+        let placement = shards.placement.clone();
+        let start = Dispatcher::start(client.clone(), cache.clone(), config, shards, stop_rx.clone());
         let Some(dispatcher) = start_step(&mut tasks, stopped(), start).await? else {
             return until_all_end(tasks).await;
         };
+        let router = Router::new(
+            placement,
+            WorkHandle::new(dispatcher.clone()),
+            &token,
+            &identity,
+            Duration::from_secs(20),
+        )?;
         let ingest = IngestConfig {
             server_limits,
             token,
@@ -571,6 +627,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             idempotency_window: Duration::from_secs(24 * 3600),
             idempotency_capacity: 100_000,
             metrics: metrics.clone(),
+            router: Some(router.clone()),
         };
         tasks.spawn(capy_webhooks::ingest::run(
             WorkHandle::new(dispatcher.clone()),
@@ -585,7 +642,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             draining.wait_stopped().await;
             Ok(())
         });
-        Some(dispatcher)
+        Some(router)
     } else {
         None
     };

@@ -20,7 +20,10 @@ pub fn readyz(readiness: &Readiness) -> Response {
     let components = readiness.snapshot();
     let not_ready = readiness.not_ready();
     let ready = not_ready.is_empty();
-    let body = json!({ "ready": ready, "not_ready": not_ready, "components": components });
+    let mut body = json!({ "ready": ready, "not_ready": not_ready, "components": components });
+    for (name, value) in readiness.details() {
+        body[name] = value;
+    }
     let status = if ready {
         StatusCode::OK
     } else {

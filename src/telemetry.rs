@@ -162,6 +162,8 @@ struct Inner {
     ingest_throttled: Counter,
     log_segments_rejected: Counter,
     controller_leader: Gauge,
+    owned_shards: Gauge,
+    shard_handovers: Counter,
 }
 
 /// Every metric of the operator, in one registry. Cheap to clone; clones share the values.
@@ -281,6 +283,18 @@ impl Metrics {
             "1 while this replica holds the controller Lease and reconciles, else 0",
             controller_leader.clone(),
         );
+        let owned_shards = Gauge::default();
+        registry.register(
+            "owned_shards",
+            "Dispatch shards this replica holds through their Leases",
+            owned_shards.clone(),
+        );
+        let shard_handovers = Counter::default();
+        registry.register(
+            "shard_handovers",
+            "Dispatch shards this replica took over (from another replica, or unheld)",
+            shard_handovers.clone(),
+        );
         let log_segments_rejected = Counter::default();
         registry.register(
             "log_segments_rejected",
@@ -330,6 +344,8 @@ impl Metrics {
                 ingest_throttled,
                 log_segments_rejected,
                 controller_leader,
+                owned_shards,
+                shard_handovers,
             }),
         }
     }
@@ -445,7 +461,17 @@ impl Metrics {
         self.inner.controller_leader.set(i64::from(leading));
     }
 
-    /// One delivery-log segment ignored because this operator did not write it.
+    /// How many dispatch shards this replica holds.
+    pub fn owned_shards(&self, count: usize) {
+        self.inner.owned_shards.set(count as i64);
+    }
+
+    /// Counts a shard this replica took over.
+    pub fn shard_handover(&self) {
+        self.inner.shard_handovers.inc();
+    }
+
+    /// Counts a delivery-log segment ignored on recovery.
     pub fn log_segment_rejected(&self) {
         self.inner.log_segments_rejected.inc();
     }
@@ -478,6 +504,7 @@ fn method_label(method: &str) -> &'static str {
 #[derive(Clone, Default)]
 pub struct Readiness {
     components: Arc<Mutex<BTreeMap<String, bool>>>,
+    details: Arc<Mutex<BTreeMap<String, serde_json::Value>>>,
 }
 
 impl fmt::Debug for Readiness {
@@ -506,6 +533,19 @@ impl Readiness {
     /// Every registered component and whether it is ready, by name.
     pub fn snapshot(&self) -> BTreeMap<String, bool> {
         self.components.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    /// Sets a detail `/readyz` shows beside the components (e.g. the shards held).
+    pub fn set_detail(&self, name: &str, value: serde_json::Value) {
+        self.details
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), value);
+    }
+
+    /// Every detail set, by name.
+    pub fn details(&self) -> BTreeMap<String, serde_json::Value> {
+        self.details.lock().unwrap_or_else(PoisonError::into_inner).clone()
     }
 
     /// Names of the registered components not ready yet, sorted.

@@ -6,13 +6,15 @@
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::delivery_log::DeliveryRecord;
 use crate::resources::WebhookEndpoint;
 
 /// Why an event, a test, a retry or a read could not be done.
-#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
+#[derive(Clone, Debug, thiserror::Error, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum SubmitError {
     /// The log could not be written (API server unreachable, or the log is full), or the
     /// dispatcher is shutting down.
@@ -30,6 +32,121 @@ pub enum SubmitError {
         /// Seconds until the budget admits new work again.
         retry_after_secs: u64,
     },
+    /// The organization's shard is changing replicas (or its owner just died): try again soon.
+    #[error("this organization's deliveries are moving between replicas; retry in {retry_after_secs} s")]
+    Moving {
+        /// Seconds to wait before trying again.
+        retry_after_secs: u64,
+    },
+}
+
+impl SubmitError {
+    /// The `Retry-After` of the 503 this error answers with.
+    pub fn retry_after_secs(&self) -> u64 {
+        match self {
+            Self::Throttled { retry_after_secs } | Self::Moving { retry_after_secs } => *retry_after_secs,
+            _ => 2,
+        }
+    }
+}
+
+/// One piece of [`Work`], as a replica forwards it to the replica that owns the organization
+/// (over the internal port, `POST /internal/v1/work`, with the ingest token).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum WorkRequest {
+    /// [`Work::submit`].
+    Submit {
+        /// Organization id.
+        organization_id: String,
+        /// Event type.
+        event_type: String,
+        /// Event data.
+        data: Value,
+    },
+    /// [`Work::send_test`].
+    SendTest {
+        /// The endpoint, as the forwarding replica's cache has it.
+        endpoint: Box<WebhookEndpoint>,
+    },
+    /// [`Work::retry`].
+    Retry {
+        /// The endpoint.
+        endpoint: Box<WebhookEndpoint>,
+        /// The delivery.
+        delivery_id: String,
+    },
+    /// [`Work::recover`].
+    Recover {
+        /// The endpoint.
+        endpoint: Box<WebhookEndpoint>,
+        /// From (inclusive).
+        since: jiff::Timestamp,
+        /// Until (exclusive).
+        until: jiff::Timestamp,
+    },
+    /// [`Work::deliveries`].
+    Deliveries {
+        /// The endpoint.
+        endpoint: Box<WebhookEndpoint>,
+        /// Most deliveries.
+        limit: usize,
+    },
+}
+
+impl WorkRequest {
+    /// The organization whose owner must do this.
+    pub fn organization_id(&self) -> &str {
+        match self {
+            Self::Submit { organization_id, .. } => organization_id,
+            Self::SendTest { endpoint }
+            | Self::Retry { endpoint, .. }
+            | Self::Recover { endpoint, .. }
+            | Self::Deliveries { endpoint, .. } => &endpoint.spec.organization_id,
+        }
+    }
+}
+
+/// The answer to a [`WorkRequest`].
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WorkReply {
+    /// The event id and the number of deliveries.
+    Submitted(String, usize),
+    /// One delivery and its payload.
+    Listed(Box<Listed>),
+    /// How many deliveries were sent again.
+    Recovered(usize),
+    /// Deliveries, newest first.
+    Deliveries(Vec<Listed>),
+    /// It could not be done.
+    Failed(SubmitError),
+}
+
+/// Does a forwarded request here.
+pub async fn perform(work: &WorkHandle, request: WorkRequest) -> WorkReply {
+    let result = match request {
+        WorkRequest::Submit {
+            organization_id,
+            event_type,
+            data,
+        } => work
+            .submit(&organization_id, &event_type, data)
+            .await
+            .map(|(id, n)| WorkReply::Submitted(id, n)),
+        WorkRequest::SendTest { endpoint } => work.send_test(&endpoint).await.map(|l| WorkReply::Listed(Box::new(l))),
+        WorkRequest::Retry { endpoint, delivery_id } => work
+            .retry(&endpoint, &delivery_id)
+            .await
+            .map(|l| WorkReply::Listed(Box::new(l))),
+        WorkRequest::Recover { endpoint, since, until } => {
+            work.recover(&endpoint, since, until).await.map(WorkReply::Recovered)
+        }
+        WorkRequest::Deliveries { endpoint, limit } => {
+            work.deliveries(&endpoint, limit).await.map(WorkReply::Deliveries)
+        }
+    };
+    result.unwrap_or_else(WorkReply::Failed)
 }
 
 /// A delivery as the REST facade shows it: the record and its event's payload.

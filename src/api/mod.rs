@@ -647,8 +647,8 @@ fn submit_error(e: SubmitError) -> ApiError {
         SubmitError::NotFound(m) => ApiError::not_found(m),
         SubmitError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
         SubmitError::Unavailable(m) => ApiError::unavailable(m, 2),
-        throttled @ SubmitError::Throttled { retry_after_secs } => {
-            ApiError::unavailable(throttled.to_string(), retry_after_secs)
+        busy @ (SubmitError::Throttled { .. } | SubmitError::Moving { .. }) => {
+            ApiError::unavailable(busy.to_string(), busy.retry_after_secs())
         }
     }
 }

@@ -61,7 +61,9 @@ pub use image::{
     DELETE_BYTES, DeliveryLog, LogConfig, LogFull, PendingWrites, SegmentSummary, SegmentWrite, is_event_key,
 };
 pub use record::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, new_delivery_id, truncate_error};
-pub use store::{LogWatch, apply, apply_writes, group_by_organization, load_all, log_selector, read_organization};
+pub use store::{
+    LogWatch, apply, apply_writes, group_by_organization, is_name_taken, load_all, log_selector, read_organization,
+};
 pub use trust::{
     LOG_KEY_SECRET, LogKey, MAC_ANNOTATION, Rejection, endpoints_named_in, judge as judge_segment, load_or_create_key,
 };

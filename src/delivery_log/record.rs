@@ -38,8 +38,9 @@ impl DeliveryState {
 /// One delivery of one event to one endpoint, as kept in the organization's log.
 ///
 /// Its payload is not part of it: the log stores each event's payload once, beside the deliveries
-/// that carry it ([`super::DeliveryLog`]).
-#[derive(Clone, Debug, PartialEq)]
+/// that carry it ([`super::DeliveryLog`]). Its serde form is what replicas exchange when one
+/// forwards a request to another (never stored: the log stores [`Stored`]).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct DeliveryRecord {
     /// `msg_` + a time-sortable id ([`new_delivery_id`]); also the `webhook-id` header.
     pub id: String,

@@ -20,6 +20,15 @@ pub fn log_selector() -> String {
     format!("{MANAGED_BY_LABEL}={MANAGED_BY},{COMPONENT_LABEL}={COMPONENT}")
 }
 
+/// Whether a write failed because a segment's name is taken by an object this operator did not
+/// write (see [`apply_writes`]): the sign of a second writer.
+pub fn is_name_taken(error: &kube::Error) -> bool {
+    matches!(error, kube::Error::Api(status) if status.code == 409 && status.message.contains(TAKEN))
+}
+
+/// What the error of a taken segment name says.
+const TAKEN: &str = "is taken by an object this operator did not write";
+
 /// Applies a batch from [`super::DeliveryLog::take_writes`] in order, stopping at the first error
 /// (then give the batch back with [`super::DeliveryLog::restore`]). Returns the API calls made.
 pub async fn apply(client: &Client, namespace: &str, writes: &PendingWrites) -> Result<usize, kube::Error> {
@@ -67,9 +76,7 @@ pub async fn apply_writes(client: &Client, namespace: &str, writes: &[SegmentWri
                         );
                         return Err(kube::Error::Api(Box::new(
                             kube::core::Status::failure(
-                                &format!(
-                                    "delivery-log segment {name} is taken by an object this operator did not write"
-                                ),
+                                &format!("delivery-log segment {name} {TAKEN}"),
                                 "AlreadyExists",
                             )
                             .with_code(409),

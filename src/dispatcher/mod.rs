@@ -35,6 +35,7 @@ use crate::delivery_log::{
 };
 use crate::endpoints::EndpointCache;
 use crate::resources::{Scope, WebhookEndpoint, signing_secret_name};
+use crate::shards::{Fence, Placement, ShardEvent, ShardFeed, shard_of};
 use crate::signing::{KeyRing, StoredKeyRing};
 use crate::signing_secret::{ROTATION_ANNOTATION, signing_secret_selector, stored_key_ring};
 use crate::telemetry::{EventNote, Metrics, ReadyHandle, publish_event};
@@ -140,6 +141,20 @@ pub(crate) struct Shared {
     log_key: LogKey,
     recorder: Recorder,
     stopping: watch::Receiver<bool>,
+    /// Shards whose logs must be read back again (a second writer was detected).
+    reload: mpsc::UnboundedSender<u32>,
+}
+
+/// The work of one shard this replica holds: its workers, stopped together.
+struct ShardRun {
+    /// Turns true to drain the shard's workers (hand-over or shutdown).
+    stop: watch::Sender<bool>,
+    /// Every worker of the shard, to wait until all have drained.
+    tracker: tokio_util::task::TaskTracker,
+    /// To stop the workers at once when the shard is lost.
+    aborts: Vec<tokio::task::AbortHandle>,
+    /// Closed when the shard's Lease can no longer be trusted.
+    fence: Fence,
 }
 
 /// A worker's key: the namespace and organization of its log.
@@ -153,16 +168,24 @@ pub struct Dispatcher {
     /// Which worker holds deliveries of each endpoint, to wake it when the endpoint changes
     /// (also once it is deleted, when the cache no longer knows its organization).
     routes: Arc<Mutex<HashMap<ObjectRef<WebhookEndpoint>, WorkerKey>>>,
-    tasks: Arc<Mutex<tokio::task::JoinSet<()>>>,
+    /// The shards held here and running.
+    shards: Arc<Mutex<HashMap<u32, ShardRun>>>,
+    /// Which shards are held here and ready (shared with the coordinator and the router).
+    placement: Placement,
+    /// Ends once every shard event was handled after shutdown.
+    events_done: Arc<tokio::sync::Notify>,
 }
 
 impl Dispatcher {
-    /// Starts the dispatcher: caches, recovery of every pending delivery from the logs, and the
-    /// wake-ups on endpoint changes. `stopping` turns true on shutdown.
+    /// Starts the dispatcher: caches, and the wake-ups on endpoint changes. Shards come from
+    /// `shards`: for each one acquired, its logs are read back and its pending deliveries resume;
+    /// those already acquired when this is called (every shard, for [`ShardFeed::all_here`]) are
+    /// read back before it returns. `stopping` turns true on shutdown.
     pub async fn start(
         client: Client,
         endpoints: EndpointCache,
         config: DispatcherConfig,
+        shards: ShardFeed,
         stopping: watch::Receiver<bool>,
     ) -> anyhow::Result<Self> {
         let sender = Sender::new(config.sender.clone())?;
@@ -180,6 +203,7 @@ impl Dispatcher {
             controller: "capy-webhooks-dispatcher".into(),
             instance: std::env::var("POD_NAME").ok(),
         };
+        let (reload, reloads) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             recorder: Recorder::new(client.clone(), reporter),
             client: client.clone(),
@@ -189,27 +213,135 @@ impl Dispatcher {
             keys,
             log_key,
             stopping,
+            reload,
         });
+        let ShardFeed { mut events, placement } = shards;
         let dispatcher = Dispatcher {
             shared,
             workers: Arc::default(),
             routes: Arc::default(),
-            tasks: Arc::new(Mutex::new(tokio::task::JoinSet::new())),
+            shards: Arc::default(),
+            placement,
+            events_done: Arc::default(),
         };
-        dispatcher.recover_logs().await?;
+        // What is held already is read back before this returns.
+        let mut initial = Vec::new();
+        while let Ok(ShardEvent::Acquired(acquired)) = events.try_recv() {
+            initial.extend(acquired);
+        }
+        if !initial.is_empty() {
+            dispatcher.take_over(initial).await?;
+        }
         dispatcher.spawn_wakeups();
+        tokio::spawn(dispatcher.clone().follow_shards(events, reloads));
         dispatcher.shared.config.ready.set_ready();
         Ok(dispatcher)
     }
 
-    /// Reads every organization's log back and starts a worker for each, so pending deliveries
-    /// resume.
-    async fn recover_logs(&self) -> anyhow::Result<()> {
-        let configmaps = crate::delivery_log::load_all(&self.shared.client, &self.shared.config.scope)
-            .await
-            .map_err(|e| anyhow::anyhow!("reading the delivery logs: {e}"))?;
+    /// Acts on what the coordinator says about the shards held, and on reloads, until shutdown.
+    async fn follow_shards(
+        self,
+        mut events: mpsc::UnboundedReceiver<ShardEvent>,
+        mut reloads: mpsc::UnboundedReceiver<u32>,
+    ) {
+        let mut stopping = self.shared.stopping.clone();
+        loop {
+            tokio::select! {
+                event = events.recv() => match event {
+                    Some(ShardEvent::Acquired(acquired)) => {
+                        let stopped = *self.shared.stopping.borrow();
+                        if stopped {
+                            continue;
+                        }
+                        if let Err(e) = self.take_over(acquired).await {
+                            warn!(error = %e, "reading the logs of new shards failed");
+                        }
+                    }
+                    Some(ShardEvent::Release { shard, done }) => {
+                        let this = self.clone();
+                        tokio::spawn(async move {
+                            this.drain_shard(shard).await;
+                            let _ = done.send(());
+                        });
+                    }
+                    Some(ShardEvent::Lost(shard)) => {
+                        self.abort_shard(shard);
+                    }
+                    None => {
+                        // Fixed ownership: nothing changes until shutdown.
+                        let _ = self.shared.stopping.clone().wait_for(|s| *s).await;
+                        break;
+                    }
+                },
+                Some(shard) = reloads.recv() => {
+                    let fence = self.abort_shard(shard);
+                    if let Some(fence) = fence.filter(Fence::is_open) {
+                        warn!(shard, "reading the shard's logs again after a second writer was detected");
+                        self.placement.set(shard, crate::shards::Location::Moving);
+                        if let Err(e) = self.take_over(vec![(shard, fence)]).await {
+                            warn!(shard, error = %e, "reading a shard's logs again failed");
+                        }
+                    }
+                }
+                _ = async { stopping.wait_for(|s| *s).await.map(|_| ()) } => break,
+            }
+        }
+        // Shutdown: every shard drains (the coordinator, if any, waits for it to release them).
+        let held: Vec<u32> = self.shards.lock().expect("shards lock").keys().copied().collect();
+        let drains = held.into_iter().map(|shard| self.drain_shard(shard));
+        futures::future::join_all(drains).await;
+        // Release requests that come while draining are answered as soon as they arrive.
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if let ShardEvent::Release { done, .. } = event {
+                    let _ = done.send(());
+                }
+            }
+        });
+        self.events_done.notify_one();
+    }
+
+    /// Starts the work of newly held shards: their logs are read back first (retrying while
+    /// their fences are open), then their pending deliveries resume and they take work.
+    async fn take_over(&self, acquired: Vec<(u32, Fence)>) -> anyhow::Result<()> {
+        let started = std::time::Instant::now();
+        let mut attempt = 0;
+        let configmaps = loop {
+            match crate::delivery_log::load_all(&self.shared.client, &self.shared.config.scope).await {
+                Ok(cms) => break cms,
+                Err(e) if acquired.iter().any(|(_, f)| f.is_open()) && !self.is_stopping() => {
+                    attempt += 1;
+                    warn!(error = %e, "reading the delivery logs failed; retrying");
+                    tokio::time::sleep(crate::backoff::doubling(
+                        attempt,
+                        Duration::from_millis(250),
+                        Duration::from_secs(5),
+                    ))
+                    .await;
+                }
+                Err(e) => return Err(anyhow::anyhow!("reading the delivery logs: {e}")),
+            }
+        };
+        let wanted: BTreeMap<u32, Fence> = acquired.into_iter().collect();
+        for (&shard, fence) in &wanted {
+            let (stop, _) = watch::channel(self.is_stopping());
+            let run = ShardRun {
+                stop,
+                tracker: tokio_util::task::TaskTracker::new(),
+                aborts: Vec::new(),
+                fence: fence.clone(),
+            };
+            if let Some(old) = self.shards.lock().expect("shards lock").insert(shard, run) {
+                for abort in old.aborts {
+                    abort.abort();
+                }
+            }
+        }
         let mut resumed = 0;
         for ((namespace, organization), mut cms) in crate::delivery_log::group_by_organization(configmaps) {
+            if !wanted.contains_key(&shard_of(&organization)) {
+                continue;
+            }
             // Only segments this operator wrote count; anything else is reported and ignored, and
             // its name is never used.
             let taken = cms
@@ -229,8 +361,58 @@ impl Dispatcher {
                 routes.insert(ObjectRef::new(&endpoint).within(&namespace), key.clone());
             }
         }
-        info!(pending = resumed, "delivery logs recovered");
+        for &shard in wanted.keys() {
+            self.placement.set_ready(shard);
+        }
+        info!(shards = ?wanted.keys().collect::<Vec<_>>(), pending = resumed, took_ms = started.elapsed().as_millis() as u64,
+            "delivery logs of the shards read back; their deliveries resume");
         Ok(())
+    }
+
+    /// Stops a shard's workers gracefully: in-flight attempts finish (within the shutdown grace),
+    /// every change is written; returns once all have stopped.
+    async fn drain_shard(&self, shard: u32) {
+        let Some(run) = self.shards.lock().expect("shards lock").remove(&shard) else {
+            return;
+        };
+        let _ = run.stop.send(true);
+        run.tracker.close();
+        run.tracker.wait().await;
+        self.forget_shard_workers(shard);
+        info!(shard, "shard drained");
+    }
+
+    /// Stops a shard's workers at once, writing nothing more; returns its fence.
+    fn abort_shard(&self, shard: u32) -> Option<Fence> {
+        let run = self.shards.lock().expect("shards lock").remove(&shard)?;
+        for abort in &run.aborts {
+            abort.abort();
+        }
+        self.forget_shard_workers(shard);
+        Some(run.fence)
+    }
+
+    fn forget_shard_workers(&self, shard: u32) {
+        self.workers
+            .lock()
+            .expect("workers lock")
+            .retain(|(_, org), _| shard_of(org) != shard);
+        self.routes
+            .lock()
+            .expect("routes lock")
+            .retain(|_, (_, org)| shard_of(org) != shard);
+    }
+
+    fn is_stopping(&self) -> bool {
+        *self.shared.stopping.borrow()
+    }
+
+    /// Refuses work for an organization whose shard is not held here and ready.
+    fn owned(&self, organization_id: &str) -> Result<(), SubmitError> {
+        match self.placement.locate_organization(organization_id) {
+            crate::shards::Location::Here => Ok(()),
+            _ => Err(SubmitError::Moving { retry_after_secs: 1 }),
+        }
     }
 
     /// Whether a segment may be read ([`crate::delivery_log::judge_segment`]). A refused one is
@@ -295,51 +477,65 @@ impl Dispatcher {
         });
     }
 
-    fn spawn_worker(&self, key: WorkerKey, log: DeliveryLog) -> mpsc::Sender<Msg> {
+    /// Starts the worker of a log in its shard; `None` when the shard is not held here.
+    fn spawn_worker(&self, key: WorkerKey, log: DeliveryLog) -> Option<mpsc::Sender<Msg>> {
+        let shard = shard_of(&key.1);
+        let mut shards = self.shards.lock().expect("shards lock");
+        let run = shards.get_mut(&shard)?;
         let (tx, rx) = mpsc::channel(1024);
-        let worker = Worker::new(self.shared.clone(), log, tx.clone(), rx);
-        self.tasks.lock().expect("tasks lock").spawn(worker.run());
+        let worker = Worker::new(
+            self.shared.clone(),
+            log,
+            tx.clone(),
+            rx,
+            run.stop.subscribe(),
+            run.fence.clone(),
+        );
+        let handle = run.tracker.spawn(worker.run());
+        run.aborts.push(handle.abort_handle());
         self.workers.lock().expect("workers lock").insert(key, tx.clone());
-        tx
+        Some(tx)
     }
 
-    /// The worker of an endpoint's organization, started (with an empty log) if there is none.
-    fn worker_for(&self, endpoint: &WebhookEndpoint) -> mpsc::Sender<Msg> {
+    /// The worker of an endpoint's organization, started (with an empty log) if its
+    /// organization has none yet; refused while the organization's shard is not held here.
+    fn worker_for(&self, endpoint: &WebhookEndpoint) -> Result<mpsc::Sender<Msg>, SubmitError> {
+        self.owned(&endpoint.spec.organization_id)?;
+        let moving = || SubmitError::Moving { retry_after_secs: 1 };
         let namespace = endpoint.namespace().unwrap_or_default();
         let key = (namespace.clone(), endpoint.spec.organization_id.clone());
         self.routes
             .lock()
             .expect("routes lock")
             .insert(ObjectRef::from(endpoint), key.clone());
-        if let Some(tx) = self
-            .workers
-            .lock()
-            .expect("workers lock")
-            .get(&key)
-            .filter(|tx| !tx.is_closed())
-        {
-            return tx.clone();
+        if let Some(tx) = self.workers.lock().expect("workers lock").get(&key) {
+            // A worker that stopped is being replaced (hand-over, reload): never start an empty
+            // log over one that exists.
+            return if tx.is_closed() { Err(moving()) } else { Ok(tx.clone()) };
         }
         let log = DeliveryLog::new(
             &namespace,
             &endpoint.spec.organization_id,
             self.shared.config.log.clone(),
         );
-        self.spawn_worker(key, log)
+        self.spawn_worker(key, log).ok_or_else(moving)
     }
 
-    /// The worker of an endpoint's organization, if it runs.
-    fn running_worker(&self, endpoint: &WebhookEndpoint) -> Option<mpsc::Sender<Msg>> {
+    /// The worker of an endpoint's organization, if it runs; refused while the organization's
+    /// shard is not held here.
+    fn running_worker(&self, endpoint: &WebhookEndpoint) -> Result<Option<mpsc::Sender<Msg>>, SubmitError> {
+        self.owned(&endpoint.spec.organization_id)?;
         let key = (
             endpoint.namespace().unwrap_or_default(),
             endpoint.spec.organization_id.clone(),
         );
-        self.workers
+        Ok(self
+            .workers
             .lock()
             .expect("workers lock")
             .get(&key)
             .filter(|tx| !tx.is_closed())
-            .cloned()
+            .cloned())
     }
 
     fn new_record(
@@ -379,7 +575,7 @@ impl Dispatcher {
         records: Vec<DeliveryRecord>,
     ) -> Result<(), SubmitError> {
         let (ack, done) = oneshot::channel();
-        let tx = self.worker_for(endpoint);
+        let tx = self.worker_for(endpoint)?;
         for record in &records {
             self.routes.lock().expect("routes lock").insert(
                 ObjectRef::new(&record.endpoint_id).within(&endpoint.namespace().unwrap_or_default()),
@@ -431,6 +627,7 @@ impl Dispatcher {
         if *self.shared.stopping.borrow() {
             return Err(SubmitError::Unavailable("the dispatcher is shutting down".into()));
         }
+        self.owned(organization_id)?;
         self.admit()?;
         let now = Timestamp::now();
         let event_id = format!("evt_{}", crate::ids::time_sortable_id(now));
@@ -487,7 +684,7 @@ impl Dispatcher {
     pub async fn retry(&self, endpoint: &WebhookEndpoint, delivery_id: &str) -> Result<Listed, SubmitError> {
         self.admit()?;
         let not_found = || SubmitError::NotFound(format!("delivery {delivery_id} not found"));
-        let tx = self.running_worker(endpoint).ok_or_else(not_found)?;
+        let tx = self.running_worker(endpoint)?.ok_or_else(not_found)?;
         let (reply, done) = oneshot::channel();
         tx.send(Msg::Retry {
             endpoint: endpoint.name_any(),
@@ -507,7 +704,7 @@ impl Dispatcher {
         until: Timestamp,
     ) -> Result<usize, SubmitError> {
         self.admit()?;
-        let Some(tx) = self.running_worker(endpoint) else {
+        let Some(tx) = self.running_worker(endpoint)? else {
             return Ok(0);
         };
         let (reply, done) = oneshot::channel();
@@ -525,7 +722,7 @@ impl Dispatcher {
     /// Up to `limit` of an endpoint's deliveries, newest first, each with its event's payload:
     /// from memory, no API-server round trip.
     pub async fn deliveries(&self, endpoint: &WebhookEndpoint, limit: usize) -> Result<Vec<Listed>, SubmitError> {
-        let Some(tx) = self.running_worker(endpoint) else {
+        let Some(tx) = self.running_worker(endpoint)? else {
             return Ok(Vec::new());
         };
         let (reply, done) = oneshot::channel();
@@ -543,8 +740,7 @@ impl Dispatcher {
     /// Waits until every worker has finished (after `stopping` turned true): in-flight attempts
     /// end within the grace period and every change is written to the logs.
     pub async fn wait_stopped(&self) {
-        let mut tasks = std::mem::take(&mut *self.tasks.lock().expect("tasks lock"));
-        while tasks.join_next().await.is_some() {}
+        self.events_done.notified().await;
         info!("dispatcher stopped");
     }
 }

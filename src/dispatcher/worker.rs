@@ -18,7 +18,7 @@ use jiff::Timestamp;
 use kube::api::{Patch, PatchParams};
 use kube::{Api, Resource};
 use serde_json::json;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
@@ -30,6 +30,7 @@ use crate::delivery::sender::AttemptResult;
 use crate::delivery_log::FIELD_MANAGER;
 use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, SegmentWrite, WritePipeline};
 use crate::resources::{DeliverySummary, Health, WebhookEndpoint};
+use crate::shards::{Fence, shard_of};
 use crate::telemetry::{DeliveryOutcome, EventNote, WriteKind, publish_event};
 use crate::work::{Listed, SubmitError};
 
@@ -172,11 +173,27 @@ pub(crate) struct Worker {
     write_failures: u32,
     /// This worker's share of the pending-deliveries gauge.
     reported_pending: i64,
+    /// Turns true when the worker's shard is handed over or the process stops: drain.
+    stopping: watch::Receiver<bool>,
+    /// While open, this replica may write the log; once closed, the worker stops at once.
+    fence: Fence,
+    /// The shard of the organization.
+    shard: u32,
 }
 
 impl Worker {
-    pub(crate) fn new(shared: Arc<Shared>, log: DeliveryLog, tx: mpsc::Sender<Msg>, rx: mpsc::Receiver<Msg>) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        log: DeliveryLog,
+        tx: mpsc::Sender<Msg>,
+        rx: mpsc::Receiver<Msg>,
+        stopping: watch::Receiver<bool>,
+        fence: Fence,
+    ) -> Self {
         let mut worker = Self {
+            stopping,
+            fence,
+            shard: shard_of(log.organization_id()),
             namespace: log.namespace().to_string(),
             organization: log.organization_id().to_string(),
             shared,
@@ -256,10 +273,16 @@ impl Worker {
     }
 
     pub(crate) async fn run(mut self) {
-        let mut stopping = self.shared.stopping.clone();
+        let mut stopping = self.stopping.clone();
         let mut grace_deadline: Option<Instant> = None;
         loop {
             self.report_pending();
+            if !self.fence.is_open() {
+                // The shard's Lease may be someone else's by now: not one more write.
+                warn!(organization = %self.organization, shard = self.shard,
+                    "the shard's Lease was not renewed in time; this worker stops without writing");
+                break;
+            }
             let is_stopping = *stopping.borrow();
             if is_stopping && grace_deadline.is_none() {
                 grace_deadline = Some(Instant::now() + self.shared.config.shutdown_grace);
@@ -687,8 +710,19 @@ impl Worker {
                 self.shared.log_key.sign(cm);
             }
         }
+        let fence = self.fence.clone();
         tokio::spawn(async move {
-            let result = crate::delivery_log::apply_writes(&client, &namespace, &writes).await;
+            // A write still running when the fence closes is abandoned (a margin before anyone
+            // else may take the shard).
+            let result = match tokio::time::timeout(
+                fence.remaining(),
+                crate::delivery_log::apply_writes(&client, &namespace, &writes),
+            )
+            .await
+            {
+                Ok(result) => result,
+                Err(_) => Err(kube::Error::Service("the shard's fence closed during the write".into())),
+            };
             let _ = tx.send(done(batch, result)).await;
         });
     }
@@ -721,6 +755,14 @@ impl Worker {
             }
             Err(e) => {
                 self.pipeline.creates_done(batch, false);
+                if crate::delivery_log::is_name_taken(&e) {
+                    // A second writer: the name was taken by a segment this worker did not write.
+                    // This worker stops; the shard's logs are read back again (if it is still
+                    // held), never merged into.
+                    warn!(organization = %self.organization, shard = self.shard,
+                        "a second writer of this log was detected; reading the shard's logs back");
+                    let _ = self.shared.reload.send(self.shard);
+                }
                 warn!(organization = %self.organization, error = %e, "delivery log write failed; will retry");
                 // What they submitted stays queued and is written on the retry, so at worst it is
                 // delivered although the caller saw 503 (at least once).

@@ -180,9 +180,15 @@ impl Operator {
                 metrics: metrics.clone(),
                 ready: ReadyHandle::detached(),
             };
-            let dispatcher = Dispatcher::start(client.clone(), cache.clone(), config, stop_rx.clone())
-                .await
-                .expect("dispatcher starts");
+            let dispatcher = Dispatcher::start(
+                client.clone(),
+                cache.clone(),
+                config,
+                capy_webhooks::shards::ShardFeed::all_here(),
+                stop_rx.clone(),
+            )
+            .await
+            .expect("dispatcher starts");
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
             ingest_base = format!("http://{}", listener.local_addr().unwrap());
             let config = IngestConfig {
@@ -192,6 +198,7 @@ impl Operator {
                 idempotency_window: Duration::from_secs(3600),
                 idempotency_capacity: 1000,
                 metrics: metrics.clone(),
+                router: None,
             };
             tokio::spawn(ingest::run(
                 WorkHandle::new(dispatcher.clone()),
