@@ -15,7 +15,7 @@ use std::time::Duration;
 use futures::{Future, FutureExt, StreamExt};
 use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
-use kube::api::{Patch, PatchParams};
+use kube::api::{Patch, PatchParams, PostParams};
 use kube::core::PartialObjectMeta;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
@@ -177,14 +177,30 @@ async fn reconcile_inner(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Ac
     // Apply what differs.
     ensure_organization_label(endpoint, &endpoints, ctx).await?;
     if let Some(secret) = &decision.secret {
-        secrets
-            .patch(
-                &signing_secret_name(&name),
-                &PatchParams::apply(FIELD_MANAGER).force(),
-                &Patch::Apply(secret),
-            )
-            .await
-            .map_err(Error::WriteSecretFailed)?;
+        // Conditional on what was read: a controller that just lost its Lease and the new leader
+        // may reconcile the same endpoint at once, and a secret once answered to a client must
+        // never be overwritten by another one (the loser gets a conflict and reads again).
+        match &existing {
+            None => {
+                let post = PostParams {
+                    field_manager: Some(FIELD_MANAGER.into()),
+                    ..Default::default()
+                };
+                secrets.create(&post, secret).await.map_err(Error::WriteSecretFailed)?;
+            }
+            Some(current) => {
+                let mut secret = secret.clone();
+                secret.metadata.resource_version = current.resource_version();
+                secrets
+                    .patch(
+                        &signing_secret_name(&name),
+                        &PatchParams::apply(FIELD_MANAGER).force(),
+                        &Patch::Apply(&secret),
+                    )
+                    .await
+                    .map_err(Error::WriteSecretFailed)?;
+            }
+        }
         ctx.wrote(WriteKind::Secret);
     }
     if decision.status_changed {

@@ -179,6 +179,9 @@ pub(crate) struct Worker {
     fence: Fence,
     /// The shard of the organization.
     shard: u32,
+    /// Attempts, log writes and status writes in flight: when the worker is stopped at once (its
+    /// shard lost), dropping them aborts them all, so nothing more is sent or written.
+    tasks: tokio::task::JoinSet<()>,
 }
 
 impl Worker {
@@ -194,6 +197,7 @@ impl Worker {
             stopping,
             fence,
             shard: shard_of(log.organization_id()),
+            tasks: tokio::task::JoinSet::new(),
             namespace: log.namespace().to_string(),
             organization: log.organization_id().to_string(),
             shared,
@@ -277,6 +281,7 @@ impl Worker {
         let mut grace_deadline: Option<Instant> = None;
         loop {
             self.report_pending();
+            while self.tasks.try_join_next().is_some() {}
             if !self.fence.is_open() {
                 // The shard's Lease may be someone else's by now: not one more write.
                 warn!(organization = %self.organization, shard = self.shard,
@@ -506,7 +511,7 @@ impl Worker {
                 let shared = self.shared.clone();
                 let tx = self.tx.clone();
                 let endpoint_name = name.clone();
-                tokio::spawn(async move {
+                self.tasks.spawn(async move {
                     let at = Timestamp::now();
                     let spec = &endpoint.spec;
                     let result = shared
@@ -699,7 +704,7 @@ impl Worker {
     }
 
     /// Sends writes of a batch in a task of their own; `done` makes the report.
-    fn send(&self, batch: u64, mut writes: Vec<SegmentWrite>, done: fn(u64, Result<usize, kube::Error>) -> Msg) {
+    fn send(&mut self, batch: u64, mut writes: Vec<SegmentWrite>, done: fn(u64, Result<usize, kube::Error>) -> Msg) {
         let client = self.shared.client.clone();
         let namespace = self.namespace.clone();
         let tx = self.tx.clone();
@@ -711,7 +716,7 @@ impl Worker {
             }
         }
         let fence = self.fence.clone();
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             // A write still running when the fence closes is abandoned (a margin before anyone
             // else may take the shard).
             let result = match tokio::time::timeout(
@@ -904,7 +909,7 @@ impl Worker {
         let shared = self.shared.clone();
         let tx = self.tx.clone();
         let (namespace, name) = (self.namespace.clone(), name.to_string());
-        tokio::spawn(async move {
+        self.tasks.spawn(async move {
             let api: Api<WebhookEndpoint> = Api::namespaced(shared.client.clone(), &namespace);
             let bytes = serde_json::to_vec(&patch).map_or(0, |v| v.len() as u64);
             shared.config.budget.charge(bytes);

@@ -183,8 +183,9 @@ impl Coordinator {
         let spec = lease.spec.clone().unwrap_or_default();
         let duration = Duration::from_secs(spec.lease_duration_seconds.unwrap_or(15).max(1) as u64);
         match self.observed.get(&lease.name_any()) {
-            Some((_, at)) => at.elapsed() > duration,
-            None => false,
+            // Only the version this replica watched for a whole duration counts.
+            Some((rv, at)) if Some(rv) == lease.resource_version().as_ref() => at.elapsed() > duration,
+            _ => false,
         }
     }
 
@@ -444,6 +445,18 @@ impl Coordinator {
     async fn acquire(&mut self, shard: u32) -> Option<Fence> {
         let name = shard_lease_name(shard);
         let existing = self.lease(&name);
+        // The cache may have moved on since the plan was made: the write is conditional on the
+        // version judged here, and that version must still be free.
+        if let Some(lease) = &existing {
+            let holder = lease.spec.as_ref().and_then(|s| s.holder_identity.as_deref());
+            let free = match holder {
+                None => true,
+                Some(holder) => holder == self.config.identity || self.expired(lease),
+            };
+            if !free {
+                return None;
+            }
+        }
         let mut lease = existing
             .as_deref()
             .cloned()

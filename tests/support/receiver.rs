@@ -23,6 +23,8 @@ pub enum Answer {
 /// One request as received.
 #[derive(Clone, Debug)]
 pub struct Received {
+    /// The request's path.
+    pub path: String,
     pub headers: HeaderMap,
     pub body: Bytes,
     pub at: Instant,
@@ -51,12 +53,14 @@ impl Receiver {
         let received = Arc::new(Mutex::new(Vec::new()));
         let (s, r) = (script.clone(), received.clone());
         let route = warp::any()
+            .and(warp::path::full())
             .and(warp::header::headers_cloned())
             .and(warp::body::bytes())
-            .then(move |headers: HeaderMap, body: Bytes| {
+            .then(move |path: warp::path::FullPath, headers: HeaderMap, body: Bytes| {
                 let (s, r) = (s.clone(), r.clone());
                 async move {
                     r.lock().unwrap().push(Received {
+                        path: path.as_str().to_string(),
                         headers,
                         body,
                         at: Instant::now(),
