@@ -279,9 +279,28 @@ fn helm_install_creates_the_release_objects() {
     );
 
     let deploy = get_json(&["get", "deployment", FULLNAME, "-n", ns, "-o", "json"]);
-    assert_eq!(deploy["spec"]["replicas"], 1);
-    assert_eq!(deploy["spec"]["strategy"]["type"], "Recreate");
+    // Two replicas rolled one at a time, never below the replica count; a PDB keeps one up.
+    assert_eq!(deploy["spec"]["replicas"], 2);
+    assert_eq!(deploy["spec"]["strategy"]["type"], "RollingUpdate");
+    assert_eq!(deploy["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"], 0);
+    let pdb = get_json(&["get", "poddisruptionbudget", FULLNAME, "-n", ns, "-o", "json"]);
+    assert_eq!(pdb["spec"]["minAvailable"], 1);
     let pod = &deploy["spec"]["template"]["spec"];
+    let spread = &pod["topologySpreadConstraints"][0];
+    assert_eq!(spread["whenUnsatisfiable"], "ScheduleAnyway", "soft spread: {spread}");
+    let env: Vec<(&str, &str)> = pod["containers"][0]["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| Some((e["name"].as_str()?, e["valueFrom"]["fieldRef"]["fieldPath"].as_str()?)))
+        .collect();
+    for want in [
+        ("POD_NAME", "metadata.name"),
+        ("POD_IP", "status.podIP"),
+        ("POD_UID", "metadata.uid"),
+    ] {
+        assert!(env.contains(&want), "{want:?} from the downward API: {env:?}");
+    }
     assert_eq!(pod["serviceAccountName"], FULLNAME);
     assert!(pod["terminationGracePeriodSeconds"].as_i64().unwrap() > 20);
     let c = &pod["containers"][0];
@@ -384,31 +403,38 @@ async fn the_operator_works_with_only_the_chart_rbac() {
     // The operator, outside the cluster, as the ServiceAccount. The token comes from the chart.
     let token_file = dir.path().join("ingest-token");
     std::fs::write(&token_file, ingest_token(&ns)).unwrap();
-    let (api, ingest, metrics) = (free_port(), free_port(), free_port());
-    let help = ok("run --help", cli(&kubeconfig, &["run", "--help"]));
-    let has_metrics = help.contains("--metrics-listen");
-    let log_path = dir.path().join("operator.log");
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_capy-webhooks"));
-    cmd.args(["run", "--namespace", &ns])
-        .args(["--api-listen", &format!("127.0.0.1:{api}")])
-        .args(["--ingest-listen", &format!("127.0.0.1:{ingest}")])
-        .arg("--ingest-token-file")
-        .arg(&token_file)
-        .args(["--allow-http", "--allow-private-targets", "--summary-interval", "1s"]);
-    if has_metrics {
-        cmd.args(["--metrics-listen", &format!("127.0.0.1:{metrics}")]);
-    }
-    let _op = Running(
-        cmd.env("KUBECONFIG", &kubeconfig)
-            .env("RUST_LOG", "info")
-            .env("POD_NAME", "chart-test")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log_path).unwrap())
-            .spawn()
-            .unwrap(),
-    );
-    let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+    // Two replicas, as the chart runs them: they share the dispatch shards through Leases and
+    // forward to each other, all with the chart's RBAC.
+    let start_replica = |name: &str| {
+        let (api, ingest, metrics) = (free_port(), free_port(), free_port());
+        let log_path = dir.path().join(format!("{name}.log"));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_capy-webhooks"));
+        cmd.args(["run", "--namespace", &ns])
+            .args(["--api-listen", &format!("127.0.0.1:{api}")])
+            .args(["--ingest-listen", &format!("127.0.0.1:{ingest}")])
+            .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
+            .arg("--ingest-token-file")
+            .arg(&token_file)
+            .args(["--allow-http", "--allow-private-targets", "--summary-interval", "1s"])
+            .args(["--lease-duration", "6s"]);
+        let process = Running(
+            cmd.env("KUBECONFIG", &kubeconfig)
+                .env("RUST_LOG", "info")
+                .env("POD_NAME", name)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log_path).unwrap())
+                .spawn()
+                .unwrap(),
+        );
+        (api, ingest, metrics, log_path, process)
+    };
+    let (api, ingest_a, metrics_a, log_a, _op_a) = start_replica("chart-test-a");
+    let (api_b, ingest_b, metrics_b, log_b, _op_b) = start_replica("chart-test-b");
+    let log = || {
+        let read = |p: &Path| std::fs::read_to_string(p).unwrap_or_default();
+        format!("{}\n--- second replica ---\n{}", read(&log_a), read(&log_b))
+    };
     let http = reqwest::Client::new();
     let base = format!("http://127.0.0.1:{api}/v1/organizations/{ORG}/webhook-endpoints");
     let up = tokio::time::timeout(Duration::from_secs(60), async {
@@ -427,6 +453,34 @@ async fn the_operator_works_with_only_the_chart_rbac() {
         "REST API never answered 200 with the key; operator log:\n{}",
         log()
     );
+    // Both hold shards; events and reads go through the replica that does not own ORG's.
+    let shards = |metrics: u16| {
+        let http = http.clone();
+        async move {
+            let body: Value = http
+                .get(format!("http://127.0.0.1:{metrics}/readyz"))
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            serde_json::from_value::<Vec<u32>>(body["shards"].clone()).ok()
+        }
+    };
+    let (shards_a, _) = support::wait_for(
+        "the shards spread over both replicas",
+        Duration::from_secs(60),
+        || async {
+            let (a, b) = (shards(metrics_a).await?, shards(metrics_b).await?);
+            (!a.is_empty() && !b.is_empty() && a.len() + b.len() == 16).then_some((a, b))
+        },
+    )
+    .await;
+    let owner_is_a = shards_a.contains(&capy_webhooks::shards::shard_of(ORG));
+    let (via_api, ingest) = if owner_is_a { (api_b, ingest_b) } else { (api, ingest_a) };
+    let via_base = format!("http://127.0.0.1:{via_api}/v1/organizations/{ORG}/webhook-endpoints");
+    let (has_metrics, metrics) = (true, metrics_a);
 
     let receiver = Receiver::start(vec![]).await;
     let res = http
@@ -463,7 +517,7 @@ async fn the_operator_works_with_only_the_chart_rbac() {
     assert_eq!(receiver.received()[0].json()["type"], "order.created");
     support::wait_for("the delivery is succeeded", Duration::from_secs(30), || async {
         let body: Value = http
-            .get(format!("{base}/{id}/deliveries"))
+            .get(format!("{via_base}/{id}/deliveries"))
             .bearer_auth(&key)
             .send()
             .await
