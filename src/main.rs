@@ -618,7 +618,9 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             WorkHandle::new(dispatcher.clone()),
             &token,
             &identity,
-            Duration::from_secs(20),
+            // The owner answers within its persist timeout (10 s); a frozen owner must not hold
+            // a producer much longer than that.
+            Duration::from_secs(12),
         )?;
         let ingest = IngestConfig {
             server_limits,

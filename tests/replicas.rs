@@ -636,3 +636,74 @@ async fn scaling_out_and_back_in_moves_the_shards_and_loses_nothing() {
     wait_delivered(&sc.receiver, &sc.targets, &produced.accepted, Duration::from_secs(60)).await;
     sc.finish().await;
 }
+
+/// Fencing: a replica frozen (SIGSTOP, as a long GC pause or a partition would) cannot renew
+/// its shard Leases; the others take its shards once they expire and deliver its organizations'
+/// events. When it wakes, it finds its fences closed and stops that work without writing, then
+/// rejoins and gets a fair share again. Nothing accepted is lost.
+#[tokio::test]
+async fn a_frozen_replica_stops_writing_before_its_shards_move() {
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let sc = Scenario::start("fencing", &["a", "b", "c"]).await;
+    let frozen = sc.replicas.iter().position(|r| r.name == "a").unwrap();
+    let frozen_shards = sc.held["a"].clone();
+    let ports = Arc::new(Mutex::new(
+        sc.replicas
+            .iter()
+            .filter(|r| r.name != "a")
+            .map(|r| r.ingest)
+            .collect::<Vec<_>>(),
+    ));
+    let produced = Arc::new(Mutex::new(Produced::default()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let producer = spawn_producer(&sc.http, &ports, &sc.orgs, 50, &stop, &produced);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pid = sc.replicas[frozen].process.as_ref().unwrap().child.id().to_string();
+    assert!(Command::new("kill").args(["-STOP", &pid]).status().unwrap().success());
+    // The others take the frozen replica's shards once its Leases expired.
+    let others: Vec<&Replica> = sc.replicas.iter().filter(|r| r.name != "a").collect();
+    support::wait_for(
+        "the frozen replica's shards taken over",
+        Duration::from_secs(LEASE_SECS + 10),
+        || async {
+            let mut held = Vec::new();
+            for r in &others {
+                held.extend(shards_of(&sc.http, r).await?);
+            }
+            frozen_shards.iter().all(|s| held.contains(s)).then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(Command::new("kill").args(["-CONT", &pid]).status().unwrap().success());
+    let held = wait_balanced(&sc.http, &sc.replicas, Duration::from_secs(30)).await;
+    println!("after the freeze: {held:?}");
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    producer.await.unwrap();
+    let produced = std::mem::take(&mut *produced.lock().unwrap());
+    assert!(
+        produced.other.is_empty(),
+        "answers other than 202 and 503: {:?}",
+        produced.other
+    );
+    wait_delivered(&sc.receiver, &sc.targets, &produced.accepted, Duration::from_secs(60)).await;
+    // The woken replica knew its shards were gone: each was reported lost, none written after.
+    let log = std::fs::read_dir(sc.dir.path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("a-"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+        .collect::<String>();
+    let lost = log.lines().filter(|l| l.contains("shard lost")).count();
+    assert_eq!(
+        lost,
+        frozen_shards.len(),
+        "every shard of the frozen replica reported lost"
+    );
+    println!(
+        "fencing: {} events accepted, {} answers 503, {lost} shards lost by the frozen replica",
+        produced.accepted.len(),
+        produced.unavailable
+    );
+    sc.finish().await;
+}

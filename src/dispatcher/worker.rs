@@ -705,6 +705,10 @@ impl Worker {
 
     /// Sends writes of a batch in a task of their own; `done` makes the report.
     fn send(&mut self, batch: u64, mut writes: Vec<SegmentWrite>, done: fn(u64, Result<usize, kube::Error>) -> Msg) {
+        if !self.fence.is_open() {
+            // Not one write once the fence closed; the run loop stops the worker.
+            return;
+        }
         let client = self.shared.client.clone();
         let namespace = self.namespace.clone();
         let tx = self.tx.clone();
