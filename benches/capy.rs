@@ -4,7 +4,11 @@
 //! The operator runs as its own process (the release binary), exactly as deployed; this harness
 //! is the load generator, the receiver and the stopwatch. Options: `--quick` (under two
 //! minutes), `--out PATH` (default BENCHMARKS.md), `--stop-after dispatch|latency|list` (print the
-//! rows so far and write nothing: for profiling one scenario).
+//! rows so far and write nothing: for profiling one scenario), `--replicas-only` (only the
+//! scenarios with several replicas, [`replicas`]).
+
+#[path = "capy/replicas.rs"]
+mod replicas;
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -35,23 +39,32 @@ struct Args {
     /// Stop after this scenario (`dispatch`, `latency` or `list`), print its rows and write no
     /// file: for profiling one scenario.
     stop_after: Option<String>,
+    /// Run only the replica scenarios (`--replicas-only`).
+    replicas_only: bool,
 }
 
 fn args() -> Args {
     let mut quick = false;
     let mut out = PathBuf::from("BENCHMARKS.md");
     let mut stop_after = None;
+    let mut replicas_only = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
             "--quick" => quick = true,
             "--out" => out = PathBuf::from(it.next().expect("--out PATH")),
             "--stop-after" => stop_after = Some(it.next().expect("--stop-after dispatch|latency|list")),
+            "--replicas-only" => replicas_only = true,
             "--bench" => {}
             other => eprintln!("ignoring argument {other}"),
         }
     }
-    Args { quick, out, stop_after }
+    Args {
+        quick,
+        out,
+        stop_after,
+        replicas_only,
+    }
 }
 
 fn root() -> PathBuf {
@@ -184,14 +197,26 @@ struct Operator {
 
 impl Operator {
     fn start(kubeconfig: &Path, workdir: &Path, summary_interval: &str, extra: &[&str]) -> Self {
+        Self::start_in(NS, "operator", kubeconfig, workdir, summary_interval, extra)
+    }
+
+    /// An operator serving namespace `ns`, logging to `workdir/<log_name>.log`.
+    fn start_in(
+        ns: &str,
+        log_name: &str,
+        kubeconfig: &Path,
+        workdir: &Path,
+        summary_interval: &str,
+        extra: &[&str],
+    ) -> Self {
         let (api, ingest, metrics) = (free_port(), free_port(), free_port());
         let token = workdir.join("ingest-token");
         std::fs::write(&token, INGEST_TOKEN).unwrap();
-        let log = std::fs::File::create(workdir.join("operator.log")).unwrap();
+        let log = std::fs::File::create(workdir.join(format!("{log_name}.log"))).unwrap();
         // Cargo builds the binary for benches (in the bench profile, like --release) and names
         // it here, wherever the target directory is.
         let child = Command::new(env!("CARGO_BIN_EXE_capy-webhooks"))
-            .args(["run", "--namespace", NS])
+            .args(["run", "--namespace", ns])
             .args(["--api-listen", &format!("127.0.0.1:{api}")])
             .args(["--ingest-listen", &format!("127.0.0.1:{ingest}")])
             .args(["--metrics-listen", &format!("127.0.0.1:{metrics}")])
@@ -753,6 +778,12 @@ async fn main() {
         stop
     };
 
+    if args.replicas_only {
+        replicas::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
+        println!("\n{}", table(&rows.borrow()));
+        return;
+    }
+
     // Idle footprint.
     // Throughput is measured with the write budget off (`--log-write-budget 0`); the sustained
     // scenario below runs with the default budget.
@@ -1039,6 +1070,9 @@ async fn main() {
         if target >= 10_000 { "≤ 150 MiB" } else { "-" },
     );
     drop(op);
+
+    replicas::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
+    eprintln!("[bench] replicas done ({:?})", started.elapsed());
 
     let table = table(&rows.borrow());
     println!("\n{table}");
