@@ -342,6 +342,17 @@ impl Receiver {
     }
 }
 
+impl Receiver {
+    /// Waits (at most 5 minutes) until the receiver got `expected` requests in all.
+    async fn wait_count(&self, expected: u64) {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while self.count.load(Ordering::Relaxed) < expected {
+            assert!(Instant::now() < deadline, "deliveries did not all arrive");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+}
+
 /// One row of the results table: scenario, result, baseline, target.
 type Row = (String, String, String, String);
 
@@ -471,11 +482,7 @@ async fn dispatch_burst(
         })
         .collect();
     futures::future::join_all(workers).await;
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while rx.count.load(Ordering::Relaxed) < expected {
-        assert!(Instant::now() < deadline, "deliveries did not all arrive");
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    rx.wait_count(expected).await;
     (events * per_event) as f64 / t0.elapsed().as_secs_f64()
 }
 
