@@ -197,7 +197,7 @@ struct Operator {
 
 impl Operator {
     fn start(kubeconfig: &Path, workdir: &Path, summary_interval: &str, extra: &[&str]) -> Self {
-        Self::start_in(NS, "operator", kubeconfig, workdir, summary_interval, extra)
+        Self::start_in(NS, "operator", kubeconfig, workdir, summary_interval, extra, "warn")
     }
 
     /// An operator serving namespace `ns`, logging to `workdir/<log_name>.log`.
@@ -208,6 +208,7 @@ impl Operator {
         workdir: &Path,
         summary_interval: &str,
         extra: &[&str],
+        log_level: &str,
     ) -> Self {
         let (api, ingest, metrics) = (free_port(), free_port(), free_port());
         let token = workdir.join("ingest-token");
@@ -244,7 +245,7 @@ impl Operator {
             ])
             .args(extra)
             .env("KUBECONFIG", kubeconfig)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", log_level)
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -1118,7 +1119,16 @@ kube-controller-manager from /proc over the same stretch.\n\
 40,000 deliveries per scenario) were measured once beside this project and are quoted, not re-run: 789/s at 1 \
 endpoint, 2,835/s at 10, 3,769/s at 100. Svix is not part of this repository.\n\
 - API-server writes: the operator's own counter `capy_webhooks_apiserver_writes_total` (every create, patch and \
-delete it makes, Events included) over the dispatch scenarios, divided by the deliveries made.\n",
+delete it makes, Events included) over the dispatch scenarios, divided by the deliveries made.\n\
+- Replicas (`benches/capy/replicas.rs`, namespace `bench-replicas`): every replica is the release binary in its own \
+process on this machine. Dispatch: the same burst (10 organizations × 10 endpoints) through one replica, then through \
+three with events sent to every replica's ingest port in turn (a replica that does not own an organization forwards \
+it). Failover: the owner of an organization's shard is killed with SIGKILL, an event for it is sent at once through \
+another replica (retried every 100 ms while it answers 503), and the clock stops at its first delivery; the killed \
+replica comes back under a new name before the next round. Rolling restart: 500 events/s open loop into 10 \
+organizations with one endpoint each; each replica in turn is replaced, the new one started first and the old one \
+sent SIGTERM (what a rollout with maxUnavailable 0 does); producers retry 503s after Retry-After; ingest latency is \
+that of the request answered 202; lost = accepted events that never reached the receiver.\n",
         date = jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC"),
         secs = started.elapsed().as_secs_f64(),
         machine = machine(),

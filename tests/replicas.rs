@@ -501,6 +501,29 @@ async fn three_replicas_lose_nothing_when_one_is_killed() {
     // The survivors took the victim's shards between them.
     let survivors = wait_balanced(&sc.http, &sc.replicas, Duration::from_secs(30)).await;
     assert_eq!(survivors.len(), 2);
+    // A replica that starts now, while another leaves, takes its whole share at once: the dead
+    // replica's membership, never released, does not count (its renewals stopped long ago),
+    // although the newcomer has not watched that Lease for a whole duration yet (a rollout after
+    // a crash: otherwise the leaver's shards would wait, unowned, that long).
+    let joined = Instant::now();
+    sc.replicas.push(Replica::start(&sc.ns, sc.dir.path(), "d"));
+    support::wait_for("the newcomer holds shards", Duration::from_secs(30), || async {
+        let d = sc.replicas.last().unwrap();
+        shards_of(&sc.http, d).await.filter(|s| !s.is_empty())
+    })
+    .await;
+    let leaver = sc.replicas.iter().position(|r| r.running() && r.name != "d").unwrap();
+    sc.replicas[leaver].terminate();
+    let held = wait_balanced(&sc.http, &sc.replicas, Duration::from_secs(30)).await;
+    println!(
+        "the newcomer had its share {:?} after it started: {held:?}",
+        joined.elapsed()
+    );
+    assert!(
+        joined.elapsed() < Duration::from_secs(LEASE_SECS),
+        "the newcomer waited {:?} for its share",
+        joined.elapsed()
+    );
     sc.finish().await;
 }
 

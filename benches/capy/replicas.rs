@@ -30,6 +30,8 @@ fn start(cp: &ControlPlane, workdir: &Path, name: &str, lease: &str) -> Replica 
         workdir,
         "10s",
         &["--log-write-budget", "0", "--identity", name, "--lease-duration", lease],
+        // Handovers are logged at info: the logs stay in the work directory for a look.
+        "info",
     );
     Replica {
         name: name.to_string(),
@@ -182,10 +184,16 @@ pub(super) async fn run(
     client: &Client,
     http: &reqwest::Client,
     rx: &Receiver,
-    workdir: &Path,
+    _workdir: &Path,
     quick: bool,
     row: &impl Fn(&str, String, String, &str),
 ) {
+    // The replicas' logs are kept after the run, for a look at the handovers.
+    let logs = std::env::temp_dir().join("capy-bench-replicas");
+    let _ = std::fs::remove_dir_all(&logs);
+    std::fs::create_dir_all(&logs).unwrap();
+    eprintln!("[bench] replica logs in {}", logs.display());
+    let workdir = logs.as_path();
     let nss: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
     let _ = nss
         .create(

@@ -210,7 +210,7 @@ impl Coordinator {
             .state()
             .iter()
             .filter(|l| l.labels().get(LEASE_ROLE_LABEL).map(String::as_str) == Some("replica"))
-            .filter(|l| !self.expired(l))
+            .filter(|l| !self.expired(l) && recently_renewed(l, Timestamp::now()))
             .filter_map(|l| {
                 let holder = l.spec.as_ref()?.holder_identity.clone()?;
                 let address = l.annotations().get(ADDRESS_ANNOTATION).cloned().unwrap_or_default();
@@ -536,6 +536,23 @@ impl Coordinator {
     }
 }
 
+/// Whether a Lease's own `renewTime` is within its duration (and a few seconds of clock skew)
+/// of `now`. Membership only sets the fair share, never who may write, so the holder's clock may
+/// be trusted here: without it, a replica that just started would count every replica that died
+/// without releasing its membership as alive until it had watched that Lease for a whole
+/// duration, and take too few shards meanwhile.
+fn recently_renewed(lease: &Lease, now: Timestamp) -> bool {
+    const SKEW: i64 = 5;
+    let Some(spec) = lease.spec.as_ref() else {
+        return false;
+    };
+    let Some(MicroTime(renewed)) = spec.renew_time else {
+        return false;
+    };
+    let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15).max(1));
+    now.as_second() - renewed.as_second() <= duration + SKEW
+}
+
 /// The pod this process runs in, as the owner of its membership Lease (`POD_NAME` and `POD_UID`
 /// from the downward API), so the Lease is garbage-collected with the pod.
 fn pod_owner() -> Option<Vec<OwnerReference>> {
@@ -553,6 +570,29 @@ fn pod_owner() -> Option<Vec<OwnerReference>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn members_that_stopped_renewing_long_ago_do_not_count() {
+        let lease = |renewed_secs_ago: i64| Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: Some("a".into()),
+                lease_duration_seconds: Some(15),
+                renew_time: Some(MicroTime(
+                    Timestamp::now() - jiff::SignedDuration::from_secs(renewed_secs_ago),
+                )),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let now = Timestamp::now();
+        assert!(recently_renewed(&lease(1), now));
+        assert!(
+            recently_renewed(&lease(19), now),
+            "a few seconds of clock skew are allowed"
+        );
+        assert!(!recently_renewed(&lease(60), now));
+        assert!(!recently_renewed(&Lease::default(), now));
+    }
 
     #[test]
     fn fences_close_well_before_anyone_may_take_over() {
