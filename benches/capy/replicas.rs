@@ -100,20 +100,28 @@ async fn endpoints(client: &Client, http: &reqwest::Client, op: &Operator, orgs:
     }
 }
 
+/// The ingest URLs of the running replicas, as they change (a rollout replaces them).
+type Ingests = Arc<std::sync::Mutex<Vec<String>>>;
+
 /// Posts one event until a replica answers 202 (another replica when one does not answer,
 /// after `Retry-After` on 503, or every `poll` when given); returns (latency of the 202 request,
-/// 503s seen).
+/// 503s seen). Each try picks from the replicas running at that moment.
 async fn post_event(
     http: &reqwest::Client,
-    ingests: &[String],
+    ingests: &Ingests,
     org: &str,
     seq: u64,
     poll: Option<Duration>,
 ) -> (Duration, u64) {
     let mut unavailable = 0;
     let mut attempt = seq as usize;
+    let deadline = Instant::now() + Duration::from_secs(120);
     loop {
-        let url = &ingests[attempt % ingests.len()];
+        assert!(Instant::now() < deadline, "event {seq} was not accepted within 120 s");
+        let url = {
+            let urls = ingests.lock().unwrap();
+            urls[attempt % urls.len()].clone()
+        };
         attempt += 1;
         let t = Instant::now();
         let res = http
@@ -154,9 +162,10 @@ async fn burst(
     let expected = rx.count.load(Ordering::Relaxed) + events * per_event;
     let next = Arc::new(AtomicU64::new(0));
     let t0 = Instant::now();
+    let ingests: Ingests = Arc::new(std::sync::Mutex::new(ingests.to_vec()));
     let workers: Vec<_> = (0..super::CONCURRENCY)
         .map(|_| {
-            let (http, next, ingests, orgs) = (http.clone(), next.clone(), ingests.to_vec(), orgs.to_vec());
+            let (http, next, ingests, orgs) = (http.clone(), next.clone(), ingests.clone(), orgs.to_vec());
             tokio::spawn(async move {
                 loop {
                     let n = next.fetch_add(1, Ordering::Relaxed);
@@ -252,7 +261,8 @@ pub(super) async fn run(
         drop(victim); // SIGKILL
         let killed = Instant::now();
         seq += 1;
-        post_event(http, &ingests(&three), org, seq, Some(Duration::from_millis(100))).await;
+        let survivors: Ingests = Arc::new(std::sync::Mutex::new(ingests(&three)));
+        post_event(http, &survivors, org, seq, Some(Duration::from_millis(100))).await;
         let deadline = Instant::now() + Duration::from_secs(120);
         let arrived = loop {
             if let Some(at) = rx.arrivals.lock().await.get(&seq) {
@@ -308,7 +318,7 @@ pub(super) async fn run(
             while !stop.load(Ordering::SeqCst) {
                 tick.tick().await;
                 let (http, results) = (http.clone(), results.clone());
-                let urls = urls.lock().unwrap().clone();
+                let urls = urls.clone();
                 let org = orgs[(n % orgs.len() as u64) as usize].clone();
                 let seq = first + n;
                 sent.spawn(async move {
