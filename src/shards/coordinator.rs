@@ -107,7 +107,7 @@ pub async fn start(
     let (released_tx, released_rx) = mpsc::unbounded_channel();
     info!(identity = %config.identity, address = %config.address, shards = SHARD_COUNT,
         "competing for dispatch shards");
-    let coordinator = Coordinator {
+    let mut coordinator = Coordinator {
         api,
         store,
         config,
@@ -121,6 +121,10 @@ pub async fn start(
         released_tx,
         stopping: false,
     };
+    // The first round runs before this returns: what is free is taken now, so a dispatcher
+    // started on this feed reads those logs back before it serves (one process alone holds
+    // every shard from its first request on).
+    coordinator.step().await;
     let task = tokio::spawn(coordinator.run(changed, released_rx, stopping));
     Ok((ShardFeed { events, placement }, task))
 }
