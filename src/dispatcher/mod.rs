@@ -44,6 +44,9 @@ pub use crate::work::{Listed, SubmitError};
 pub use status::{CONDITION_HEALTHY, DispatchSummary};
 use worker::{Msg, Worker};
 
+/// How long reading back every delivery log may take before it is tried again.
+const LOG_LIST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Event type of test deliveries.
 pub const TEST_EVENT_TYPE: &str = "webhook.test";
 
@@ -226,11 +229,19 @@ impl Dispatcher {
         };
         // What is held already is read back before this returns.
         let mut initial = Vec::new();
-        while let Ok(ShardEvent::Acquired(acquired)) = events.try_recv() {
-            initial.extend(acquired);
+        let mut later = Vec::new();
+        while let Ok(event) = events.try_recv() {
+            match event {
+                ShardEvent::Acquired(acquired) if later.is_empty() => initial.extend(acquired),
+                // Whatever followed is acted on in order once the first shards are read back.
+                event => later.push(event),
+            }
         }
         if !initial.is_empty() {
             dispatcher.take_over(initial).await?;
+        }
+        for event in later {
+            dispatcher.on_shard_event(event).await;
         }
         dispatcher.spawn_wakeups();
         tokio::spawn(dispatcher.clone().follow_shards(events, reloads));
@@ -248,25 +259,7 @@ impl Dispatcher {
         loop {
             tokio::select! {
                 event = events.recv() => match event {
-                    Some(ShardEvent::Acquired(acquired)) => {
-                        let stopped = *self.shared.stopping.borrow();
-                        if stopped {
-                            continue;
-                        }
-                        if let Err(e) = self.take_over(acquired).await {
-                            warn!(error = %e, "reading the logs of new shards failed");
-                        }
-                    }
-                    Some(ShardEvent::Release { shard, done }) => {
-                        let this = self.clone();
-                        tokio::spawn(async move {
-                            this.drain_shard(shard).await;
-                            let _ = done.send(());
-                        });
-                    }
-                    Some(ShardEvent::Lost(shard)) => {
-                        self.abort_shard(shard);
-                    }
+                    Some(event) => self.on_shard_event(event).await,
                     None => {
                         // Fixed ownership: nothing changes until shutdown.
                         let _ = self.shared.stopping.clone().wait_for(|s| *s).await;
@@ -301,13 +294,44 @@ impl Dispatcher {
         self.events_done.notify_one();
     }
 
+    /// Acts on one thing the coordinator says about the shards held.
+    async fn on_shard_event(&self, event: ShardEvent) {
+        match event {
+            ShardEvent::Acquired(acquired) => {
+                if self.is_stopping() {
+                    return;
+                }
+                if let Err(e) = self.take_over(acquired).await {
+                    warn!(error = %e, "reading the logs of new shards failed");
+                }
+            }
+            ShardEvent::Release { shard, done } => {
+                let this = self.clone();
+                tokio::spawn(async move {
+                    this.drain_shard(shard).await;
+                    let _ = done.send(());
+                });
+            }
+            ShardEvent::Lost(shard) => {
+                self.abort_shard(shard);
+            }
+        }
+    }
+
     /// Starts the work of newly held shards: their logs are read back first (retrying while
     /// their fences are open), then their pending deliveries resume and they take work.
     async fn take_over(&self, acquired: Vec<(u32, Fence)>) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let mut attempt = 0;
         let configmaps = loop {
-            match crate::delivery_log::load_all(&self.shared.client, &self.shared.config.scope).await {
+            // A LIST that hangs must not hold up the hand-overs and losses queued behind it.
+            let listed = tokio::time::timeout(
+                LOG_LIST_TIMEOUT,
+                crate::delivery_log::load_all(&self.shared.client, &self.shared.config.scope),
+            )
+            .await
+            .unwrap_or_else(|_| Err(kube::Error::Service("listing the delivery logs timed out".into())));
+            match listed {
                 Ok(cms) => break cms,
                 Err(e) if acquired.iter().any(|(_, f)| f.is_open()) && !self.is_stopping() => {
                     attempt += 1;
@@ -378,7 +402,13 @@ impl Dispatcher {
         let _ = run.stop.send(true);
         run.tracker.close();
         run.tracker.wait().await;
-        self.forget_shard_workers(shard);
+        // Only the workers that stopped: the shard may have been taken again meanwhile (lost,
+        // then acquired afresh), and its new workers must stay reachable, or a second worker
+        // would start on the same log.
+        self.workers
+            .lock()
+            .expect("workers lock")
+            .retain(|(_, org), tx| shard_of(org) != shard || !tx.is_closed());
         info!(shard, "shard drained");
     }
 
@@ -388,19 +418,14 @@ impl Dispatcher {
         for abort in &run.aborts {
             abort.abort();
         }
-        self.forget_shard_workers(shard);
-        Some(run.fence)
-    }
-
-    fn forget_shard_workers(&self, shard: u32) {
+        // Aborted tasks stop at their next await, so their senders may look open a little longer:
+        // every worker of the shard is forgotten now. Routes stay: an endpoint's organization
+        // never changes, and a route to no worker leads nowhere.
         self.workers
             .lock()
             .expect("workers lock")
             .retain(|(_, org), _| shard_of(org) != shard);
-        self.routes
-            .lock()
-            .expect("routes lock")
-            .retain(|_, (_, org)| shard_of(org) != shard);
+        Some(run.fence)
     }
 
     fn is_stopping(&self) -> bool {

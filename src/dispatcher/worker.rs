@@ -706,7 +706,13 @@ impl Worker {
     /// Sends writes of a batch in a task of their own; `done` makes the report.
     fn send(&mut self, batch: u64, mut writes: Vec<SegmentWrite>, done: fn(u64, Result<usize, kube::Error>) -> Msg) {
         if !self.fence.is_open() {
-            // Not one write once the fence closed; the run loop stops the worker.
+            // Not one write once the fence closed: the batch fails (its callers get 503) and the
+            // run loop stops the worker.
+            let tx = self.tx.clone();
+            self.tasks.spawn(async move {
+                let closed = kube::Error::Service("the shard's fence closed".into());
+                let _ = tx.send(done(batch, Err(closed))).await;
+            });
             return;
         }
         let client = self.shared.client.clone();
@@ -723,14 +729,9 @@ impl Worker {
         self.tasks.spawn(async move {
             // A write still running when the fence closes is abandoned (a margin before anyone
             // else may take the shard).
-            let result = match tokio::time::timeout(
-                fence.remaining(),
-                crate::delivery_log::apply_writes(&client, &namespace, &writes),
-            )
-            .await
-            {
-                Ok(result) => result,
-                Err(_) => Err(kube::Error::Service("the shard's fence closed during the write".into())),
+            let result = tokio::select! {
+                result = crate::delivery_log::apply_writes(&client, &namespace, &writes) => result,
+                () = fence.closed() => Err(kube::Error::Service("the shard's fence closed during the write".into())),
             };
             let _ = tx.send(done(batch, result)).await;
         });

@@ -67,6 +67,8 @@ fn fence_margin(duration: Duration) -> Duration {
 
 /// A shard Lease this replica holds.
 struct Held {
+    /// Which hold of the shard this is: a hand-over that ends late never ends a later hold.
+    generation: u64,
     fence: Fence,
     lease: Lease,
     renewed_at: Instant,
@@ -104,7 +106,7 @@ pub async fn start(
         .map_err(|e| anyhow::anyhow!("the dispatch Lease cache never synced: {e}"))?;
     let placement = Placement::new();
     let (events_tx, events) = mpsc::unbounded_channel();
-    let (released_tx, released_rx) = mpsc::unbounded_channel();
+    let (released_tx, released_rx) = mpsc::unbounded_channel::<Released>();
     info!(identity = %config.identity, address = %config.address, shards = SHARD_COUNT,
         "competing for dispatch shards");
     let mut coordinator = Coordinator {
@@ -119,6 +121,7 @@ pub async fn start(
         placement: placement.clone(),
         events: events_tx,
         released_tx,
+        generations: 0,
         stopping: false,
     };
     // The first round runs before this returns: what is free is taken now, so a dispatcher
@@ -141,7 +144,9 @@ struct Coordinator {
     member_renewed_at: Option<Instant>,
     placement: Placement,
     events: mpsc::UnboundedSender<ShardEvent>,
-    released_tx: mpsc::UnboundedSender<u32>,
+    released_tx: mpsc::UnboundedSender<Released>,
+    /// Counts holds, for [`Held::generation`].
+    generations: u64,
     stopping: bool,
 }
 
@@ -149,7 +154,7 @@ impl Coordinator {
     async fn run(
         mut self,
         changed: Arc<Notify>,
-        mut released: mpsc::UnboundedReceiver<u32>,
+        mut released: mpsc::UnboundedReceiver<Released>,
         mut stopping: watch::Receiver<bool>,
     ) {
         let mut shutdown_deadline = None;
@@ -167,12 +172,19 @@ impl Coordinator {
             tokio::select! {
                 _ = tokio::time::sleep(TICK) => {}
                 _ = changed.notified() => {}
-                Some(shard) = released.recv() => self.released(shard).await,
+                Some(done) = released.recv() => self.released(done).await,
                 _ = stopping.changed(), if !self.stopping => {}
             }
         }
-        for shard in self.held.keys().copied().collect::<Vec<_>>() {
-            self.released(shard).await;
+        // Shards still held at the deadline did not drain: their Leases expire rather than being
+        // released, so nobody starts while their writes may still land.
+        for (shard, generation) in self.held.iter().map(|(s, h)| (*s, h.generation)).collect::<Vec<_>>() {
+            self.released(Released {
+                shard,
+                generation,
+                drained: false,
+            })
+            .await;
         }
         info!("dispatch shards released");
     }
@@ -296,11 +308,17 @@ impl Coordinator {
             ..Default::default()
         };
         let name = lease.name_any();
-        if lease.resource_version().is_some() {
-            self.api.replace(&name, &post, lease).await
-        } else {
-            self.api.create(&post, lease).await
-        }
+        let write = async {
+            if lease.resource_version().is_some() {
+                self.api.replace(&name, &post, lease).await
+            } else {
+                self.api.create(&post, lease).await
+            }
+        };
+        // One slow call must not hold up the renewals of every other Lease.
+        tokio::time::timeout(renew_interval(self.config.duration), write)
+            .await
+            .unwrap_or_else(|_| Err(kube::Error::Service("the Lease write timed out".into())))
     }
 
     /// Creates or renews this replica's membership Lease, which carries its address. In a pod,
@@ -484,9 +502,11 @@ impl Coordinator {
                     "shard handed over");
                 self.config.metrics.shard_handover();
                 self.placement.set(shard, Location::Moving);
+                self.generations += 1;
                 self.held.insert(
                     shard,
                     Held {
+                        generation: self.generations,
                         fence: fence.clone(),
                         lease: written,
                         renewed_at: sent,
@@ -507,7 +527,10 @@ impl Coordinator {
 
     /// Starts handing a shard over: its work drains, then [`Self::released`] frees the Lease.
     fn release(&mut self, shard: u32) {
-        if !self.held.contains_key(&shard) || !self.releasing.insert(shard) {
+        let Some(generation) = self.held.get(&shard).map(|h| h.generation) else {
+            return;
+        };
+        if !self.releasing.insert(shard) {
             return;
         }
         info!(shard, identity = %self.config.identity, "handing a shard over");
@@ -518,17 +541,38 @@ impl Coordinator {
         let timeout = self.config.drain_timeout + Duration::from_secs(2);
         tokio::spawn(async move {
             // A dispatcher that is gone has nothing left to drain.
-            let _ = tokio::time::timeout(timeout, drained).await;
-            let _ = released.send(shard);
+            let drained = tokio::time::timeout(timeout, drained).await.is_ok();
+            let _ = released.send(Released {
+                shard,
+                generation,
+                drained,
+            });
         });
     }
 
-    /// The shard's work has stopped: release its Lease so another replica takes it at once.
-    async fn released(&mut self, shard: u32) {
+    /// The shard's work has stopped: release its Lease so another replica takes it at once. If
+    /// it did not drain in time, the fence closes and the Lease is left to expire instead.
+    async fn released(&mut self, done: Released) {
+        let Released {
+            shard,
+            generation,
+            drained,
+        } = done;
+        if self.held.get(&shard).is_none_or(|h| h.generation != generation) {
+            return;
+        }
         self.releasing.remove(&shard);
         let Some(held) = self.held.remove(&shard) else { return };
         held.fence.close();
         self.placement.set(shard, Location::Unowned);
+        if !drained {
+            warn!(
+                shard,
+                "the shard's work did not stop in time; its Lease expires instead of being released"
+            );
+            let _ = self.events.send(ShardEvent::Lost(shard));
+            return;
+        }
         let mut lease = held.lease;
         if let Some(spec) = lease.spec.as_mut() {
             spec.holder_identity = None;
@@ -538,6 +582,14 @@ impl Coordinator {
             Err(e) => warn!(shard, error = %e, "releasing a shard Lease failed; it expires instead"),
         }
     }
+}
+
+/// A hand-over's end, from the task that waited for the shard to drain.
+struct Released {
+    shard: u32,
+    generation: u64,
+    /// Whether its work stopped before the timeout.
+    drained: bool,
 }
 
 /// Whether a Lease's own `renewTime` is within its duration (and a few seconds of clock skew)

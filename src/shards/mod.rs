@@ -82,6 +82,10 @@ fn origin() -> Instant {
     *ORIGIN.get_or_init(Instant::now)
 }
 
+fn millis_of(at: Instant) -> u64 {
+    at.saturating_duration_since(origin()).as_millis() as u64
+}
+
 /// Until when this replica may write a shard's logs: moved forward by each Lease renewal, to
 /// the renewal's start plus the Lease duration minus a margin, so it ends before any other replica
 /// may take the shard (which waits a whole duration after it last saw the Lease change). Shared
@@ -97,15 +101,29 @@ impl Fence {
 
     /// A fence open until `until`.
     pub fn until(until: Instant) -> Self {
-        let fence = Self(Arc::new(AtomicU64::new(0)));
-        fence.extend_to(until);
-        fence
+        Self(Arc::new(AtomicU64::new(millis_of(until))))
     }
 
-    /// Moves the deadline to `until` (never backwards: renewals may answer out of order).
+    /// Moves the deadline to `until`, never backwards (renewals may answer out of order), and
+    /// never once it has passed: a renewal that answers after the fence closed does not reopen
+    /// it (the workers it guarded have stopped; the shard is lost and taken again afresh).
     pub fn extend_to(&self, until: Instant) {
-        let millis = until.saturating_duration_since(origin()).as_millis() as u64;
-        self.0.fetch_max(millis, Ordering::AcqRel);
+        let target = millis_of(until);
+        let now = millis_of(Instant::now());
+        let _ = self.0.fetch_update(Ordering::AcqRel, Ordering::Acquire, |current| {
+            (current != u64::MAX && current > now && target > current).then_some(target)
+        });
+    }
+
+    /// Resolves once the fence has closed (checked every 50 ms at most).
+    pub async fn closed(&self) {
+        loop {
+            let left = self.remaining();
+            if left.is_zero() {
+                return;
+            }
+            tokio::time::sleep(left.min(Duration::from_millis(50))).await;
+        }
     }
 
     /// Closes the fence now: the shard was lost or released.
@@ -119,8 +137,7 @@ impl Fence {
         if deadline == u64::MAX {
             return Duration::MAX;
         }
-        let now = Instant::now().saturating_duration_since(origin()).as_millis() as u64;
-        Duration::from_millis(deadline.saturating_sub(now))
+        Duration::from_millis(deadline.saturating_sub(millis_of(Instant::now())))
     }
 
     /// Whether this replica may still write.
@@ -292,8 +309,12 @@ mod tests {
         assert!(fence.remaining() > Duration::from_secs(8), "never moves back");
         fence.close();
         assert!(!fence.is_open());
+        fence.extend_to(now + Duration::from_secs(60));
+        assert!(!fence.is_open(), "a late renewal never reopens a closed fence");
         let past = Fence::until(now);
         assert!(!past.is_open());
+        past.extend_to(now + Duration::from_secs(60));
+        assert!(!past.is_open(), "nor one whose deadline passed");
         assert!(Fence::open().is_open());
     }
 
