@@ -184,16 +184,7 @@ async fn a_forged_log_segment_is_never_delivered_or_listed() {
     let op = Operator::start(&client, &ns, opts()).await;
     let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
     let receiver = Receiver::start(vec![]).await;
-    let (status, created, _) = op
-        .call(
-            "POST",
-            &op.url(ORG, ""),
-            Some(&key),
-            Some(json!({"url": receiver.url("/in")})),
-        )
-        .await;
-    assert_eq!(status, 201, "{created}");
-    let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+    let id = op.create_endpoint(ORG, &key, &receiver.url("/in")).await;
     let (status, _) = op.ingest(ORG, "real.one", json!({"n": 1})).await;
     assert_eq!(status, 202);
 
@@ -337,6 +328,99 @@ async fn a_forged_log_segment_is_never_delivered_or_listed() {
     // The forger's objects are left alone, never written into.
     let still = configmaps.get(&journal_segment_name(ORG, 900)).await.unwrap();
     assert!(still.metadata.annotations.unwrap_or_default().is_empty());
+    op.stop().await;
+    support::delete_namespace(&client, &ns).await;
+}
+
+/// Plain ConfigMaps created ahead under the names the delivery log will use next (any tenant
+/// who can create ConfigMaps in the namespace could): they are not a second writer, so the log
+/// moves on to the next free name, delivers, and never writes into nor deletes them.
+#[tokio::test]
+async fn configmaps_squatting_the_next_segment_names_neither_stall_the_log_nor_get_deleted() {
+    use capy_webhooks::delivery_log::journal_segment_name;
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    const ORG: &str = "org_squatted";
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, "squatted-log").await;
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let squatted: Vec<String> = (1..=2).map(|seq| journal_segment_name(ORG, seq)).collect();
+    for name in &squatted {
+        let cm: ConfigMap = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "data": {"mine": "not yours"},
+        }))
+        .unwrap();
+        configmaps.create(&PostParams::default(), &cm).await.unwrap();
+    }
+    let op = Operator::start(
+        &client,
+        &ns,
+        Options {
+            dispatcher: true,
+            ..Options::default()
+        },
+    )
+    .await;
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
+    let receiver = Receiver::start(vec![]).await;
+    op.create_endpoint(ORG, &key, &receiver.url("/in")).await;
+
+    // The first write meets the squatters: the caller may see 503, but what was queued is
+    // written under the next free name and delivered.
+    let (status, body) = op.ingest(ORG, "first.one", json!({"n": 1})).await;
+    assert!(status == 202 || status == 503, "{status} {body}");
+    support::wait_for("the first event, written past the squatted names", WAIT, || async {
+        receiver
+            .received()
+            .iter()
+            .any(|r| r.json()["type"] == "first.one")
+            .then_some(())
+    })
+    .await;
+    for n in 2..=4 {
+        let (status, body) = op.ingest(ORG, "later.one", json!({"n": n})).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    support::wait_for("every later event", WAIT, || async {
+        let later = receiver
+            .received()
+            .iter()
+            .filter(|r| r.json()["type"] == "later.one")
+            .count();
+        (later == 3).then_some(())
+    })
+    .await;
+    // Superseded segments are deleted on the writes after a delivery finishes: give them time.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, _) = op.ingest(ORG, "last.one", json!({"n": 5})).await;
+    assert_eq!(status, 202);
+    support::wait_for("the last event", WAIT, || async {
+        receiver
+            .received()
+            .iter()
+            .any(|r| r.json()["type"] == "last.one")
+            .then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for name in &squatted {
+        let still = configmaps
+            .get_opt(name)
+            .await
+            .unwrap()
+            .unwrap_or_else(|| panic!("{name} was deleted"));
+        assert_eq!(
+            still.data.unwrap_or_default().get("mine").map(String::as_str),
+            Some("not yours"),
+            "{name} was written into"
+        );
+        assert!(
+            still.metadata.labels.unwrap_or_default().is_empty(),
+            "{name} was labelled"
+        );
+    }
     op.stop().await;
     support::delete_namespace(&client, &ns).await;
 }

@@ -788,6 +788,14 @@ impl DeliveryLog {
         self.deleting = deleting;
     }
 
+    /// Forgets a segment whose create failed because its name is held by an object that is not
+    /// a segment (after [`Self::restore`], so it holds nothing live): it is never deleted, since
+    /// the object there is not this log's.
+    pub fn forget_segment(&mut self, name: &str) {
+        self.segments
+            .retain(|_, segment| segment.name != name || !segment.live.is_empty());
+    }
+
     /// Marks an entry's live version as not stored; false if the image does not hold it.
     fn forget_seq(&mut self, id: &str) -> bool {
         if let Some(entry) = self.records.get_mut(id) {

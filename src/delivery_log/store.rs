@@ -29,6 +29,22 @@ pub fn is_name_taken(error: &kube::Error) -> bool {
 /// What the error of a taken segment name says.
 const TAKEN: &str = "is taken by an object this operator did not write";
 
+/// What the error of a segment name held by something that is not a delivery-log segment says.
+const FOREIGN: &str = "is held by an object that is not a delivery-log segment";
+
+/// The segment name a write could not use because an object that is not a delivery-log segment
+/// holds it (see [`apply_writes`]). Not a second writer: the log goes on under the next name, and
+/// the object is never written into nor deleted (forget the name with
+/// [`super::DeliveryLog::forget_segment`]).
+pub fn foreign_segment_name(error: &kube::Error) -> Option<&str> {
+    match error {
+        kube::Error::Api(status) if status.code == 409 && status.message.contains(FOREIGN) => {
+            status.details.as_ref().map(|d| d.name.as_str())
+        }
+        _ => None,
+    }
+}
+
 /// Applies a batch from [`super::DeliveryLog::take_writes`] in order, stopping at the first error
 /// (then give the batch back with [`super::DeliveryLog::restore`]). Returns the API calls made.
 pub async fn apply(client: &Client, namespace: &str, writes: &PendingWrites) -> Result<usize, kube::Error> {
@@ -67,6 +83,36 @@ pub async fn apply_writes(client: &Client, namespace: &str, writes: &[SegmentWri
                             .cloned()
                     };
                     let ours = mac(cm).is_some() && existing.as_ref().is_some_and(|e| mac(e) == mac(cm));
+                    let is_segment = existing.as_ref().is_some_and(|e| {
+                        let labels = e.metadata.labels.as_ref();
+                        let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+                        label(MANAGED_BY_LABEL) == Some(MANAGED_BY) && label(COMPONENT_LABEL) == Some(COMPONENT)
+                    });
+                    if !ours && !is_segment {
+                        // Anything else under a segment's name (or nothing, if it went meanwhile)
+                        // is no sign of a second writer; the log moves on to the next name.
+                        warn!(
+                            namespace,
+                            configmap = name,
+                            "a delivery-log segment name is held by an object that is not a segment; \
+                             it is left alone and the log is written under the next name"
+                        );
+                        return Err(kube::Error::Api(Box::new(
+                            kube::core::Status::failure(
+                                &format!("delivery-log segment {name} {FOREIGN}"),
+                                "AlreadyExists",
+                            )
+                            .with_code(409)
+                            .with_details(kube::core::response::StatusDetails {
+                                name: name.to_string(),
+                                group: String::new(),
+                                kind: "configmaps".into(),
+                                uid: String::new(),
+                                causes: Vec::new(),
+                                retry_after_seconds: 0,
+                            }),
+                        )));
+                    }
                     if !ours {
                         warn!(
                             namespace,

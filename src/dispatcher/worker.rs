@@ -171,6 +171,9 @@ pub(crate) struct Worker {
     batch_acks: HashMap<u64, Vec<Ack>>,
     write_retry_at: Option<Instant>,
     write_failures: u32,
+    /// Segment names found held by objects that are not segments, forgotten once the failed
+    /// batches are given back.
+    foreign_names: Vec<String>,
     /// This worker's share of the pending-deliveries gauge.
     reported_pending: i64,
     /// Turns true when the worker's shard is handed over or the process stops: drain.
@@ -212,6 +215,7 @@ impl Worker {
             batch_acks: HashMap::new(),
             write_retry_at: None,
             write_failures: 0,
+            foreign_names: Vec::new(),
             reported_pending: 0,
         };
         let due: Vec<(String, Timestamp, String)> = worker
@@ -765,7 +769,11 @@ impl Worker {
             }
             Err(e) => {
                 self.pipeline.creates_done(batch, false);
-                if crate::delivery_log::is_name_taken(&e) {
+                if let Some(name) = crate::delivery_log::foreign_segment_name(&e) {
+                    // Not a second writer: the batch is written again under the next name, and
+                    // the object holding this one is never deleted as if it were a segment.
+                    self.foreign_names.push(name.to_string());
+                } else if crate::delivery_log::is_name_taken(&e) {
                     // A second writer: the name was taken by a segment this worker did not write.
                     // This worker stops; the shard's logs are read back again (if it is still
                     // held), never merged into.
@@ -808,6 +816,9 @@ impl Worker {
     fn after_write(&mut self) {
         self.start_deletes();
         if self.pipeline.settle(&mut self.log) {
+            for name in std::mem::take(&mut self.foreign_names) {
+                self.log.forget_segment(&name);
+            }
             self.write_failures += 1;
             let backoff = crate::backoff::doubling(self.write_failures, Duration::from_secs(1), LOG_WRITE_RETRY_MAX);
             warn!(organization = %self.organization, ?backoff, "delivery log writes given back; retrying");

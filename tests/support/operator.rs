@@ -325,6 +325,22 @@ impl Operator {
         (record, key)
     }
 
+    /// Creates an endpoint of `org` at `url` through REST; returns its id (the create must
+    /// answer 201).
+    #[allow(dead_code)] // not every test binary creates endpoints this way
+    pub async fn create_endpoint(&self, org: &str, key: &str, url: &str) -> String {
+        let (status, created, _) = self
+            .call(
+                "POST",
+                &self.url(org, ""),
+                Some(key),
+                Some(serde_json::json!({"url": url})),
+            )
+            .await;
+        assert_eq!(status, StatusCode::CREATED, "{created}");
+        created["webhook_endpoint"]["id"].as_str().unwrap().to_string()
+    }
+
     /// Posts an event to the ingest port.
     pub async fn ingest(&self, org: &str, event_type: &str, data: Value) -> (StatusCode, Value) {
         let res = self

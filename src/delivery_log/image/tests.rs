@@ -1569,3 +1569,34 @@ fn payloads_count_against_the_capacity_of_every_endpoint_they_go_to() {
     commit(&mut busy, &mut server);
     assert_in_sync(&busy, &server);
 }
+
+#[test]
+fn a_segment_name_held_by_a_foreign_object_is_skipped_and_never_deleted() {
+    let mut log = new_log(config(10, 8 * 1024, 16));
+    let mut server = FakeServer::default();
+    log.insert(record(0, DeliveryState::Pending)).unwrap();
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-1", true)]);
+    // Its name is held by something else: the records go again under the next name, and the
+    // name is forgotten rather than deleted later as an empty segment of this log.
+    log.restore(writes);
+    log.forget_segment("org-1-dfc76549-journal-1");
+    let writes = log.take_writes();
+    assert_eq!(names(&writes), [("org-1-dfc76549-journal-2", true)]);
+    server.apply(&writes, None).unwrap();
+    assert_in_sync(&log, &server);
+    let mut r = log.get(&id(0)).unwrap().clone();
+    r.state = DeliveryState::Succeeded;
+    assert!(log.update(r));
+    let writes = log.take_writes();
+    assert!(
+        names(&writes)
+            .iter()
+            .all(|(name, _)| *name != "org-1-dfc76549-journal-1"),
+        "the foreign name is never written nor deleted: {:?}",
+        names(&writes)
+    );
+    // A segment that still holds live entries is never forgotten.
+    log.forget_segment("org-1-dfc76549-journal-3");
+    assert!(log.segments().iter().any(|s| !s.ids.is_empty()));
+}
