@@ -62,8 +62,8 @@ pub use image::{
 };
 pub use record::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, new_delivery_id, truncate_error};
 pub use store::{
-    LogWatch, apply, apply_writes, foreign_segment_name, group_by_organization, is_name_taken, load_all, log_selector,
-    read_organization,
+    LogWatch, apply, apply_writes, foreign_segment_name, group_by_organization, is_name_taken, load_all,
+    load_organizations_where, log_selector, read_organization,
 };
 pub use trust::{
     LOG_KEY_SECRET, LogKey, MAC_ANNOTATION, Rejection, endpoints_named_in, judge as judge_segment, load_or_create_key,

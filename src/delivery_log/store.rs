@@ -1,6 +1,6 @@
 //! The delivery log's IO: applying a batch of writes, loading every log, reading one endpoint's.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -164,6 +164,58 @@ pub async fn load_all(client: &Client, scope: &Scope) -> Result<Vec<ConfigMap>, 
     list_all(&scope.api::<ConfigMap>(client.clone()), &log_selector()).await
 }
 
+/// How many organizations one LIST of [`load_organizations_where`] names in its selector (keeps
+/// the request line short).
+const ORGANIZATIONS_PER_LIST: usize = 32;
+
+/// The delivery-log segments of the organizations `wanted` picks, in scope: a metadata-only LIST
+/// (names and labels, no content) finds the organizations that have segments, then only theirs
+/// are read in full. A replica taking a few shards so reads its own share of the logs, not every
+/// log of the cluster.
+pub async fn load_organizations_where(
+    client: &Client,
+    scope: &Scope,
+    wanted: impl Fn(&str) -> bool,
+) -> Result<Vec<ConfigMap>, kube::Error> {
+    let api = scope.api::<ConfigMap>(client.clone());
+    let mut organizations = BTreeSet::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut params = ListParams::default().labels(&log_selector()).limit(PAGE_SIZE);
+        if let Some(token) = &token {
+            params = params.continue_token(token);
+        }
+        let page = api.list_metadata(&params).await?;
+        organizations.extend(
+            page.items
+                .iter()
+                .filter_map(|m| m.metadata.labels.as_ref()?.get(ORGANIZATION_LABEL))
+                .filter(|org| wanted(org))
+                .cloned(),
+        );
+        match page.metadata.continue_ {
+            Some(next) if !next.is_empty() => token = Some(next),
+            _ => break,
+        }
+    }
+    let organizations: Vec<String> = organizations.into_iter().collect();
+    let mut items = Vec::new();
+    for chunk in organizations.chunks(ORGANIZATIONS_PER_LIST) {
+        items.extend(list_all(&api, &organizations_selector(chunk)).await?);
+    }
+    Ok(items)
+}
+
+/// The label selector of the segments of `organizations` (valid label values, as every
+/// organization id that labels a segment is).
+fn organizations_selector(organizations: &[String]) -> String {
+    format!(
+        "{},{ORGANIZATION_LABEL} in ({})",
+        log_selector(),
+        organizations.join(",")
+    )
+}
+
 /// Segments grouped by (namespace, organization), ready for
 /// [`super::DeliveryLog::from_configmaps`]. Segments naming no organization are skipped with a
 /// warning.
@@ -284,6 +336,18 @@ mod tests {
             },
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn the_selector_of_some_organizations_keeps_to_the_log_and_names_each() {
+        let selector = organizations_selector(&["org_a".into(), "org-b".into()]);
+        assert_eq!(
+            selector,
+            format!("{},{ORGANIZATION_LABEL} in (org_a,org-b)", log_selector())
+        );
+        // The request line stays short at the chunk size, with the longest label values.
+        let longest: Vec<String> = (0..ORGANIZATIONS_PER_LIST).map(|i| format!("{i:0>63}")).collect();
+        assert!(organizations_selector(&longest).len() < 4096);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 mod status;
 mod worker;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -35,7 +35,7 @@ use crate::delivery_log::{
 };
 use crate::endpoints::EndpointCache;
 use crate::resources::{Scope, WebhookEndpoint, signing_secret_name};
-use crate::shards::{Fence, Placement, ShardEvent, ShardFeed, shard_of};
+use crate::shards::{Fence, Placement, SHARD_COUNT, ShardEvent, ShardFeed, shard_of};
 use crate::signing::{KeyRing, StoredKeyRing};
 use crate::signing_secret::{ROTATION_ANNOTATION, signing_secret_selector, stored_key_ring};
 use crate::telemetry::{EventNote, Metrics, ReadyHandle, publish_event};
@@ -323,14 +323,23 @@ impl Dispatcher {
     async fn take_over(&self, acquired: Vec<(u32, Fence)>) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
         let mut attempt = 0;
+        let shards: BTreeSet<u32> = acquired.iter().map(|(shard, _)| *shard).collect();
+        let (client, scope) = (&self.shared.client, &self.shared.config.scope);
         let configmaps = loop {
+            // Every shard at once (one process, or the first replica up): one LIST of everything.
+            // A few shards: only their organizations' logs are read.
+            let load = async {
+                if shards.len() == SHARD_COUNT as usize {
+                    crate::delivery_log::load_all(client, scope).await
+                } else {
+                    crate::delivery_log::load_organizations_where(client, scope, |org| shards.contains(&shard_of(org)))
+                        .await
+                }
+            };
             // A LIST that hangs must not hold up the hand-overs and losses queued behind it.
-            let listed = tokio::time::timeout(
-                LOG_LIST_TIMEOUT,
-                crate::delivery_log::load_all(&self.shared.client, &self.shared.config.scope),
-            )
-            .await
-            .unwrap_or_else(|_| Err(kube::Error::Service("listing the delivery logs timed out".into())));
+            let listed = tokio::time::timeout(LOG_LIST_TIMEOUT, load)
+                .await
+                .unwrap_or_else(|_| Err(kube::Error::Service("listing the delivery logs timed out".into())));
             match listed {
                 Ok(cms) => break cms,
                 Err(e) if acquired.iter().any(|(_, f)| f.is_open()) && !self.is_stopping() => {
