@@ -82,8 +82,9 @@ impl Replica {
         }
     }
 
-    /// SIGTERM, and wait until it exited.
-    fn terminate(&mut self) {
+    /// SIGTERM, and wait until it exited. Waits without blocking the runtime: the receiver and
+    /// the producers run on it, and a replica draining its attempts waits for the receiver.
+    async fn terminate(&mut self) {
         if let Some(mut p) = self.process.take() {
             let pid = p.child.id().to_string();
             assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
@@ -92,7 +93,7 @@ impl Replica {
                 if p.child.try_wait().unwrap().is_some() {
                     return;
                 }
-                std::thread::sleep(Duration::from_millis(100));
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
             panic!("replica {} did not exit within 40 s of SIGTERM", self.name);
         }
@@ -513,7 +514,7 @@ async fn three_replicas_lose_nothing_when_one_is_killed() {
     })
     .await;
     let leaver = sc.replicas.iter().position(|r| r.running() && r.name != "d").unwrap();
-    sc.replicas[leaver].terminate();
+    sc.replicas[leaver].terminate().await;
     let held = wait_balanced(&sc.http, &sc.replicas, Duration::from_secs(30)).await;
     println!(
         "the newcomer had its share {:?} after it started: {held:?}",
@@ -577,8 +578,14 @@ async fn a_rolling_restart_loses_nothing() {
     for i in 0..sc.replicas.len() {
         let replica = &mut sc.replicas[i];
         let term_at = Instant::now();
-        replica.terminate();
+        replica.terminate().await;
         let exited_after = term_at.elapsed();
+        // Attempts to a receiver that answers finish in milliseconds: a replica that waits out
+        // its whole shutdown grace (5 s here) left work behind that did not drain.
+        assert!(
+            exited_after < Duration::from_secs(4),
+            "replica {i} took {exited_after:?} to exit after SIGTERM"
+        );
         replica.name = format!("{}-2", replica.name);
         replica.restart(&sc.ns, sc.dir.path());
         let held = wait_balanced(&sc.http, &sc.replicas, Duration::from_secs(60)).await;
@@ -634,7 +641,7 @@ async fn scaling_out_and_back_in_moves_the_shards_and_loses_nothing() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     *ports.lock().unwrap() = vec![sc.replicas[0].ingest];
     for replica in &mut sc.replicas[1..] {
-        replica.terminate();
+        replica.terminate().await;
     }
     let back = wait_balanced(&sc.http, &sc.replicas, Duration::from_secs(30)).await;
     assert_eq!(

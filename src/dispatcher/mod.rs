@@ -281,16 +281,33 @@ impl Dispatcher {
         }
         // Shutdown: every shard drains (the coordinator, if any, waits for it to release them).
         let held: Vec<u32> = self.shards.lock().expect("shards lock").keys().copied().collect();
-        let drains = held.into_iter().map(|shard| self.drain_shard(shard));
-        futures::future::join_all(drains).await;
-        // Release requests that come while draining are answered as soon as they arrive.
+        let mut drained: HashMap<u32, watch::Receiver<bool>> = HashMap::new();
+        let mut drains = Vec::new();
+        for shard in held {
+            let (tx, rx) = watch::channel(false);
+            drained.insert(shard, rx);
+            let this = &self;
+            drains.push(async move {
+                this.drain_shard(shard).await;
+                let _ = tx.send(true);
+            });
+        }
+        // Each shard's release is answered as soon as that shard drained, so the coordinator
+        // frees it without waiting for the slowest one.
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
-                if let ShardEvent::Release { done, .. } = event {
-                    let _ = done.send(());
+                if let ShardEvent::Release { shard, done } = event {
+                    let rx = drained.get(&shard).cloned();
+                    tokio::spawn(async move {
+                        if let Some(mut rx) = rx {
+                            let _ = rx.wait_for(|d| *d).await;
+                        }
+                        let _ = done.send(());
+                    });
                 }
             }
         });
+        futures::future::join_all(drains).await;
         self.events_done.notify_one();
     }
 

@@ -305,7 +305,14 @@ impl Worker {
                 let summaries = self.endpoints.values().any(|s| s.summary_in_flight);
                 let drained =
                     self.in_flight.is_empty() && self.pipeline.is_idle() && !self.log.has_changes() && !summaries;
-                if drained || grace_deadline.is_some_and(|d| Instant::now() >= d) {
+                if drained {
+                    break;
+                }
+                if grace_deadline.is_some_and(|d| Instant::now() >= d) {
+                    warn!(organization = %self.organization, shard = self.shard,
+                        attempts_in_flight = self.in_flight.len(), writes_idle = self.pipeline.is_idle(),
+                        unwritten_changes = self.log.has_changes(), summaries_in_flight = summaries,
+                        "the worker did not drain within the shutdown grace; it stops now");
                     break;
                 }
             }
