@@ -24,7 +24,7 @@ use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::backoff::retry_delay;
 use crate::endpoints::ControllerFeed;
@@ -136,6 +136,9 @@ impl Context {
     }
 }
 
+/// When to reconcile again after the signing Secret changed between its read and its write.
+const SECRET_CHANGED_RECHECK: Duration = Duration::from_millis(500);
+
 /// Reconciles one endpoint.
 pub async fn reconcile(endpoint: Arc<WebhookEndpoint>, ctx: Arc<Context>) -> Result<Action, Error> {
     let started = std::time::Instant::now();
@@ -180,13 +183,13 @@ async fn reconcile_inner(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Ac
         // Conditional on what was read: a controller that just lost its Lease and the new leader
         // may reconcile the same endpoint at once, and a secret once answered to a client must
         // never be overwritten by another one (the loser gets a conflict and reads again).
-        match &existing {
+        let written = match &existing {
             None => {
                 let post = PostParams {
                     field_manager: Some(FIELD_MANAGER.into()),
                     ..Default::default()
                 };
-                secrets.create(&post, secret).await.map_err(Error::WriteSecretFailed)?;
+                secrets.create(&post, secret).await.map(drop)
             }
             Some(current) => {
                 let mut secret = secret.clone();
@@ -198,8 +201,18 @@ async fn reconcile_inner(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Ac
                         &Patch::Apply(&secret),
                     )
                     .await
-                    .map_err(Error::WriteSecretFailed)?;
+                    .map(drop)
             }
+        };
+        match written {
+            // Someone wrote the Secret since it was read (the REST facade creating the endpoint,
+            // or the other side of a leader handover): not a failure, nothing to warn about; the
+            // next round reads what is there now.
+            Err(kube::Error::Api(status)) if status.code == 409 => {
+                debug!(%namespace, endpoint = %name, "the signing Secret changed since it was read; reconciling again");
+                return Ok(Action::requeue(SECRET_CHANGED_RECHECK));
+            }
+            written => written.map_err(Error::WriteSecretFailed)?,
         }
         ctx.wrote(WriteKind::Secret);
     }
