@@ -44,7 +44,7 @@ pub use crate::work::{Listed, SubmitError};
 pub use status::{CONDITION_HEALTHY, DispatchSummary};
 use worker::{Msg, Worker};
 
-/// How long reading back every delivery log may take before it is tried again.
+/// How long reading back the logs of newly held shards may take before it is tried again.
 const LOG_LIST_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Event type of test deliveries.
