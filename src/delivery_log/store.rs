@@ -4,7 +4,7 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use futures::FutureExt;
 use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::api::{DeleteParams, ListParams, ObjectList, PostParams};
 use kube::{Api, Client};
 use tracing::{debug, warn};
 
@@ -143,6 +143,15 @@ pub async fn apply_writes(client: &Client, namespace: &str, writes: &[SegmentWri
 }
 
 async fn list_all(api: &Api<ConfigMap>, selector: &str) -> Result<Vec<ConfigMap>, kube::Error> {
+    list_pages(selector, |params| async move { api.list(&params).await }).await
+}
+
+/// Every item matching `selector`, fetched page by page with `list` (full objects or metadata).
+async fn list_pages<T, Page>(selector: &str, list: impl Fn(ListParams) -> Page) -> Result<Vec<T>, kube::Error>
+where
+    T: Clone,
+    Page: Future<Output = Result<ObjectList<T>, kube::Error>>,
+{
     let mut items = Vec::new();
     let mut token: Option<String> = None;
     loop {
@@ -150,7 +159,7 @@ async fn list_all(api: &Api<ConfigMap>, selector: &str) -> Result<Vec<ConfigMap>
         if let Some(token) = &token {
             params = params.continue_token(token);
         }
-        let page = api.list(&params).await?;
+        let page = list(params).await?;
         items.extend(page.items);
         match page.metadata.continue_ {
             Some(next) if !next.is_empty() => token = Some(next),
@@ -177,31 +186,24 @@ pub async fn load_organizations_where(
     scope: &Scope,
     wanted: impl Fn(&str) -> bool,
 ) -> Result<Vec<ConfigMap>, kube::Error> {
-    let api = scope.api::<ConfigMap>(client.clone());
-    let mut organizations = BTreeSet::new();
-    let mut token: Option<String> = None;
-    loop {
-        let mut params = ListParams::default().labels(&log_selector()).limit(PAGE_SIZE);
-        if let Some(token) = &token {
-            params = params.continue_token(token);
-        }
-        let page = api.list_metadata(&params).await?;
-        organizations.extend(
-            page.items
-                .iter()
-                .filter_map(|m| m.metadata.labels.as_ref()?.get(ORGANIZATION_LABEL))
-                .filter(|org| wanted(org))
-                .cloned(),
-        );
-        match page.metadata.continue_ {
-            Some(next) if !next.is_empty() => token = Some(next),
-            _ => break,
-        }
-    }
-    let organizations: Vec<String> = organizations.into_iter().collect();
+    let api = &scope.api::<ConfigMap>(client.clone());
+    let segments = list_pages(
+        &log_selector(),
+        |params| async move { api.list_metadata(&params).await },
+    )
+    .await?;
+    // Sorted and each once, for the chunks below.
+    let organizations: Vec<String> = segments
+        .iter()
+        .filter_map(|m| m.metadata.labels.as_ref()?.get(ORGANIZATION_LABEL))
+        .filter(|org| wanted(org))
+        .cloned()
+        .collect::<BTreeSet<String>>()
+        .into_iter()
+        .collect();
     let mut items = Vec::new();
     for chunk in organizations.chunks(ORGANIZATIONS_PER_LIST) {
-        items.extend(list_all(&api, &organizations_selector(chunk)).await?);
+        items.extend(list_all(api, &organizations_selector(chunk)).await?);
     }
     Ok(items)
 }
