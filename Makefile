@@ -29,12 +29,30 @@ cluster: control-plane ## Start a local control plane in the background (.cluste
 	  echo "local control plane already running: export KUBECONFIG=$(CLUSTER_DIR)/kubeconfig"; \
 	else \
 	  hack/cluster.sh down $(CLUSTER_DIR) >/dev/null 2>&1 || true; \
-	  hack/cluster.sh up $(CLUSTER_DIR); \
+	  CAPY_CLUSTER_WORKLOADS=true hack/cluster.sh up $(CLUSTER_DIR); \
 	fi
 
 .PHONY: cluster-down
 cluster-down: ## Stop the local control plane and remove its data
 	@hack/cluster.sh down $(CLUSTER_DIR)
+
+.PHONY: image
+image: ## Build the operator's image (capy-webhooks:dev) into target/image/capy-webhooks.tar, no registry
+	@hack/image.sh all >/dev/null
+
+.PHONY: node
+node: cluster image ## One-node cluster on the local control plane (containerd, kubelet, kube-proxy, kube-scheduler); reuses a running one
+	@hack/node.sh up $(CLUSTER_DIR)/kubeconfig
+	@hack/node.sh load target/image/capy-webhooks.tar
+	@echo "node Ready: export KUBECONFIG=$(CLUSTER_DIR)/kubeconfig; kubectl get nodes -o wide"
+
+.PHONY: node-down
+node-down: ## Remove the node and leave the host as it was found
+	@hack/node.sh down
+
+.PHONY: deploy
+deploy: node ## helm upgrade --install the chart on the node with the local image and development values
+	@hack/deploy.sh $(CLUSTER_DIR)/kubeconfig
 
 .PHONY: crds
 crds: ## Regenerate crds/ (and the Helm chart's copy) from the Rust types

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Builds etcd, kube-apiserver, kube-controller-manager, kubectl and helm from the Go module proxy
-# at the versions pinned in hack/versions.env, once, into a cache outside the repository.
+# at the versions pinned in hack/versions.env, once, into a cache outside the repository; and, for
+# the real node (hack/node.sh), kubelet, kube-proxy and kube-scheduler from the same wrapper module,
+# so they reuse the k8s.io packages compiled for the apiserver.
 # Prints the directory holding the binaries on its last line of stdout.
 #
 # kube-apiserver cannot be `go install`ed: k8s.io/kubernetes' go.mod replaces its staging modules
@@ -31,7 +33,7 @@ trap 'rc=$?; [ $rc -ne 0 ] && log "FAILED at step: ${current_step:-setup} (exit 
 
 command -v go >/dev/null || { log "go is not on PATH; install Go 1.24+ first"; exit 1; }
 
-total=4
+total=5
 start=$(date +%s)
 
 # --- etcd -----------------------------------------------------------------------------------
@@ -61,7 +63,9 @@ fi
 # --- Kubernetes components ------------------------------------------------------------------
 k8s_mod="$cache/work/kubernetes-$K8S_VERSION"
 prepare_k8s_module() {
-  [ -f "$k8s_mod/.ready" ] && return 0
+  # The marker names the set of commands the module was tidied for: a cache prepared for fewer
+  # commands (before the node's were added) lacks their dependencies and is tidied again.
+  [ -f "$k8s_mod/.ready-node" ] && return 0
   mkdir -p "$k8s_mod"
   local upstream="$k8s_mod/upstream.mod"
   (cd "$k8s_mod" && go mod download -json "k8s.io/kubernetes@v$K8S_VERSION" >/dev/null)
@@ -87,10 +91,13 @@ import (
 	_ "k8s.io/kubernetes/cmd/kube-apiserver"
 	_ "k8s.io/kubernetes/cmd/kube-controller-manager"
 	_ "k8s.io/kubernetes/cmd/kubectl"
+	_ "k8s.io/kubernetes/cmd/kubelet"
+	_ "k8s.io/kubernetes/cmd/kube-proxy"
+	_ "k8s.io/kubernetes/cmd/kube-scheduler"
 )
 GO
   (cd "$k8s_mod" && go mod tidy >&2)
-  touch "$k8s_mod/.ready"
+  touch "$k8s_mod/.ready-node"
 }
 build_k8s() { # build_k8s NAME
   local major="${K8S_VERSION%%.*}" rest="${K8S_VERSION#*.}"; local minor="${rest%%.*}"
@@ -118,7 +125,15 @@ for c in kube-controller-manager kubectl; do
   else log "      $c cached"; fi
 done
 
-step 4 $total "helm v$HELM_VERSION"
+step 4 $total "kubelet, kube-proxy and kube-scheduler v$K8S_VERSION (for the real node)"
+for c in kubelet kube-proxy kube-scheduler; do
+  if [ ! -x "$bin/$c" ]; then
+    prepare_k8s_module
+    t=$(date +%s); build_k8s "$c"; log "      $c built in $(( $(date +%s) - t ))s"
+  else log "      $c cached"; fi
+done
+
+step 5 $total "helm v$HELM_VERSION"
 if [ ! -x "$bin/helm" ]; then
   t=$(date +%s)
   GOBIN="$bin" go install -trimpath "helm.sh/helm/v3/cmd/helm@v$HELM_VERSION" >&2

@@ -12,7 +12,10 @@
 # exits without running destructors leaves nothing behind.
 # Environment: CAPY_CLUSTER_TIMEOUT (seconds to wait for readiness, default 60);
 # CAPY_CLUSTER_PROFILING=true serves /debug/pprof on the apiserver and controller-manager (off by default);
-# CAPY_CLUSTER_ETCD_QUOTA_BYTES sets etcd's --quota-backend-bytes (default: etcd's own, 2 GiB).
+# CAPY_CLUSTER_ETCD_QUOTA_BYTES sets etcd's --quota-backend-bytes (default: etcd's own, 2 GiB);
+# CAPY_CLUSTER_WORKLOADS=true also runs the controllers that pods on a real node need (Deployments,
+# ReplicaSets, EndpointSlices, PodDisruptionBudgets, kube-root-ca.crt, pod GC, node taints): see
+# hack/node.sh.
 # etcd's client URL (metrics, alarms) is written to DIR/etcd.url.
 # Progress goes to stderr; stdout carries only the results named above.
 set -euo pipefail
@@ -141,6 +144,8 @@ extendedKeyUsage=clientAuth"
     sign admin "/O=system:masters/CN=capy-admin" "$client_ext"
     # The controller manager runs every controller under its own identity: give it system:masters.
     sign kcm "/O=system:masters/CN=system:kube-controller-manager" "$client_ext"
+    # The API server's identity towards kubelets (logs, exec, port-forward on a real node).
+    sign kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "$client_ext"
     openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out sa.key 2>/dev/null
     openssl pkey -in sa.key -pubout -out sa.pub 2>/dev/null
     chmod 600 ./*.key
@@ -244,6 +249,8 @@ cmd_up() { # up DIR [--watch-pid PID]
     --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$api_port" \
     --cert-dir="$pki" --tls-cert-file="$pki/apiserver.crt" --tls-private-key-file="$pki/apiserver.key" \
     --client-ca-file="$pki/ca.crt" \
+    --kubelet-client-certificate="$pki/kubelet-client.crt" --kubelet-client-key="$pki/kubelet-client.key" \
+    --kubelet-preferred-address-types=InternalIP \
     --authorization-mode=Node,RBAC \
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$pki/sa.pub" --service-account-signing-key-file="$pki/sa.key" \
@@ -251,11 +258,16 @@ cmd_up() { # up DIR [--watch-pid PID]
     --endpoint-reconciler-type=none \
     --profiling="${CAPY_CLUSTER_PROFILING:-false}"
 
+  local controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller
+  if [ "${CAPY_CLUSTER_WORKLOADS:-false}" = true ]; then
+    controllers+=,deployment-controller,replicaset-controller,endpointslice-controller,disruption-controller
+    controllers+=,root-ca-certificate-publisher-controller,pod-garbage-collector-controller,node-lifecycle-controller
+  fi
   log "starting kube-controller-manager (secure port 127.0.0.1:$kcm_port)"
   launch "$dir" kube-controller-manager "$bin/kube-controller-manager" \
     --kubeconfig="$dir/kcm.kubeconfig" \
     --authentication-kubeconfig="$dir/kcm.kubeconfig" --authorization-kubeconfig="$dir/kcm.kubeconfig" \
-    --controllers=garbage-collector-controller,namespace-controller,serviceaccount-controller,serviceaccount-token-controller \
+    --controllers="$controllers" \
     --service-account-private-key-file="$pki/sa.key" --root-ca-file="$pki/ca.crt" \
     --leader-elect=false --bind-address=127.0.0.1 --secure-port="$kcm_port" \
     --kube-api-qps=100 --kube-api-burst=200 \
