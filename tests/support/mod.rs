@@ -165,6 +165,18 @@ pub fn bin_dir() -> PathBuf {
     }
 }
 
+/// stdout of a successful command; panics with its stderr otherwise.
+pub fn ok(what: &str, out: Output) -> String {
+    assert!(
+        out.status.success(),
+        "{what} failed ({}):\n{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs the bundled kubectl against the shared cluster.
 pub fn kubectl(args: &[&str]) -> Output {
     let kubeconfig = kubeconfig_path();

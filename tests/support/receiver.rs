@@ -49,6 +49,17 @@ pub struct Receiver {
 
 impl Receiver {
     pub async fn start(script: Vec<Answer>) -> Self {
+        Self::start_on("127.0.0.1".parse().unwrap(), script).await
+    }
+
+    /// A receiver listening on `ip` (any free port), e.g. the address pods on the real node reach
+    /// the host at (`hack/node.sh host-ip`).
+    pub async fn start_on(ip: std::net::IpAddr, script: Vec<Answer>) -> Self {
+        Self::start_on_port(ip, 0, script).await
+    }
+
+    /// A receiver on `ip:port` (a fixed port, for commands that name it, like the README's).
+    pub async fn start_on_port(ip: std::net::IpAddr, port: u16, script: Vec<Answer>) -> Self {
         let script = Arc::new(Mutex::new(VecDeque::from(script)));
         let received = Arc::new(Mutex::new(Vec::new()));
         let (s, r) = (script.clone(), received.clone());
@@ -83,7 +94,7 @@ impl Receiver {
                     }
                 }
             });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(warp::serve(route).incoming(listener).run());
         Self { addr, script, received }
