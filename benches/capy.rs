@@ -5,8 +5,11 @@
 //! is the load generator, the receiver and the stopwatch. Options: `--quick` (under two
 //! minutes), `--out PATH` (default BENCHMARKS.md), `--stop-after dispatch|latency|list` (print the
 //! rows so far and write nothing: for profiling one scenario), `--replicas-only` (only the
-//! scenarios with several replicas, [`replicas`]).
+//! scenarios with several replicas, [`replicas`]), `--pods-only` (only the pods on a real node,
+//! [`pods`]).
 
+#[path = "capy/pods.rs"]
+mod pods;
 #[path = "capy/replicas.rs"]
 mod replicas;
 
@@ -41,6 +44,8 @@ struct Args {
     stop_after: Option<String>,
     /// Run only the replica scenarios (`--replicas-only`).
     replicas_only: bool,
+    /// Run only the pods scenarios (`--pods-only`).
+    pods_only: bool,
 }
 
 fn args() -> Args {
@@ -48,6 +53,7 @@ fn args() -> Args {
     let mut out = PathBuf::from("BENCHMARKS.md");
     let mut stop_after = None;
     let mut replicas_only = false;
+    let mut pods_only = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -55,6 +61,7 @@ fn args() -> Args {
             "--out" => out = PathBuf::from(it.next().expect("--out PATH")),
             "--stop-after" => stop_after = Some(it.next().expect("--stop-after dispatch|latency|list")),
             "--replicas-only" => replicas_only = true,
+            "--pods-only" => pods_only = true,
             "--bench" => {}
             other => eprintln!("ignoring argument {other}"),
         }
@@ -64,6 +71,7 @@ fn args() -> Args {
         out,
         stop_after,
         replicas_only,
+        pods_only,
     }
 }
 
@@ -322,6 +330,11 @@ struct Receiver {
 
 impl Receiver {
     async fn start() -> Self {
+        Self::start_on("127.0.0.1".parse().unwrap()).await
+    }
+
+    /// A receiver on `ip`, e.g. where pods on the real node reach the host.
+    async fn start_on(ip: std::net::IpAddr) -> Self {
         let count = Arc::new(AtomicU64::new(0));
         let arrivals: Arc<Mutex<HashMap<u64, Instant>>> = Arc::default();
         let (c, a) = (count.clone(), arrivals.clone());
@@ -336,7 +349,7 @@ impl Receiver {
                 warp::reply()
             }
         });
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
         let addr = format!("http://{}", listener.local_addr().unwrap());
         tokio::spawn(warp::serve(route).incoming(listener).run());
         Self { addr, count, arrivals }
@@ -786,6 +799,11 @@ async fn main() {
         stop
     };
 
+    if args.pods_only {
+        pods::run(q, None, &row).await;
+        println!("\n{}", table(&rows.borrow()));
+        return;
+    }
     if args.replicas_only {
         replicas::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
         println!("\n{}", table(&rows.borrow()));
@@ -798,9 +816,10 @@ async fn main() {
     let mut op = Operator::start(&cp.kubeconfig, workdir.path(), "10s", &["--log-write-budget", "0"]);
     op.wait_ready(&http).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle_rss = op.rss_mib();
     row(
         "Operator RSS, idle",
-        format!("{:.1} MiB", op.rss_mib()),
+        format!("{idle_rss:.1} MiB"),
         "-".into(),
         "≤ 40 MiB",
     );
@@ -1081,6 +1100,8 @@ async fn main() {
 
     replicas::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
     eprintln!("[bench] replicas done ({:?})", started.elapsed());
+    pods::run(q, Some(idle_rss), &row).await;
+    eprintln!("[bench] pods done ({:?})", started.elapsed());
 
     let table = table(&rows.borrow());
     println!("\n{table}");

@@ -4,8 +4,10 @@
 # (built from the Go module proxy by hack/build-control-plane.sh), all inside a network namespace
 # of their own so that the bridge, iptables rules and ip_forward never touch the host's stack.
 #
-#   hack/node.sh up [KUBECONFIG]   start the node (or reuse one joined to the same control plane);
-#                                  KUBECONFIG defaults to .cluster/kubeconfig (`make cluster`)
+#   hack/node.sh up [KUBECONFIG] [--watch-pid PID]
+#                                  start the node (or reuse one joined to the same control plane);
+#                                  KUBECONFIG defaults to .cluster/kubeconfig (`make cluster`);
+#                                  with --watch-pid, the node is removed once PID has exited
 #   hack/node.sh down              remove it and leave the host as it was found
 #   hack/node.sh status            exit 0 iff a node is up and Ready; prints its control plane
 #   hack/node.sh load TAR...       import image archives into the node's containerd
@@ -360,8 +362,31 @@ load_images() { # load_images TAR...
   done
 }
 
+# A detached watchdog that runs `down` once PID has exited (a test binary that crashed).
+start_watchdog() { # start_watchdog PID
+  local pid="$1" self="$here/node.sh"
+  [[ "$pid" =~ ^[0-9]+$ ]] && kill -0 "$pid" 2>/dev/null || die "--watch-pid $pid: no such process"
+  stop_proc watchdog 1
+  setsid nohup bash -c '
+    echo $$ >"$1/watchdog.pid"
+    while kill -0 "$2" 2>/dev/null; do sleep 1; done
+    [ -f "$1/watchdog.pid" ] && [ "$(cat "$1/watchdog.pid")" = $$ ] || exit 0
+    rm -f "$1/watchdog.pid"
+    echo "pid $2 exited; removing the node"
+    exec "$3" down' watchdog "$node_dir" "$pid" "$self" </dev/null >"$node_dir/log/watchdog.log" 2>&1 8>&- &
+  disown "$!" 2>/dev/null || true
+}
+
 cmd_up() {
-  local kubeconfig="${1:-$root/.cluster/kubeconfig}"
+  local kubeconfig="" watch_pid=""
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --watch-pid) [ $# -ge 2 ] || usage; watch_pid="$2"; shift 2 ;;
+      -*) usage ;;
+      *) [ -z "$kubeconfig" ] || usage; kubeconfig="$1"; shift ;;
+    esac
+  done
+  kubeconfig="${kubeconfig:-$root/.cluster/kubeconfig}"
   local why; why="$(cannot_run)"; [ -z "$why" ] || { log "a node cannot run here: $why"; exit 3; }
   [ -f "$kubeconfig" ] || die "no control plane at $kubeconfig: start one with 'make cluster' (or pass a kubeconfig written by hack/cluster.sh up)"
   kubeconfig="$(cd "$(dirname "$kubeconfig")" && pwd)/$(basename "$kubeconfig")"
@@ -372,6 +397,7 @@ cmd_up() {
     if [ "$(cat "$node_dir/joined")" = "$kubeconfig" ] && pid_alive kubelet && node_ready; then
       log "node $node_name already up and joined to $kubeconfig"
       ensure_pause_image
+      [ -z "$watch_pid" ] || start_watchdog "$watch_pid"
       return 0
     fi
     log "a node from an earlier run is still here (joined to $(cat "$node_dir/joined")); removing it first"
@@ -414,7 +440,15 @@ cmd_up() {
 
   log "[7/$total] waiting for the node to be Ready"
   wait_for "node $node_name Ready" kubelet node_ready
+  # Pods mount kube-root-ca.crt; only a control plane with the workload controllers publishes it.
+  local i
+  for ((i = 0; i < 50; i++)); do
+    kubectl_admin -n default get configmap kube-root-ca.crt >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  [ $i -lt 50 ] || die "the control plane runs without the controllers pods need (Deployments, EndpointSlices, kube-root-ca.crt): restart it with CAPY_CLUSTER_WORKLOADS=true (make cluster-down && make node)"
   trap - EXIT
+  [ -z "$watch_pid" ] || start_watchdog "$watch_pid"
   log "node $node_name Ready in $(( $(date +%s) - t0 ))s; pods reach the host at $host_ip"
 }
 
@@ -440,6 +474,8 @@ do_down() {
   if [ -f "$node_dir/joined" ] && [ -f "$(cat "$node_dir/joined")" ]; then
     kubectl_admin delete node "$node_name" --wait=false >/dev/null 2>&1 || true
   fi
+  # Not the watchdog itself: it runs this very function.
+  [ "$(cat "$node_dir/watchdog.pid" 2>/dev/null)" = "$$" ] || stop_proc watchdog 1
   stop_proc kubelet 10
   # Every container and sandbox: kill their tasks so the shims exit and their mounts go.
   if [ -S "$sock" ]; then
@@ -510,7 +546,7 @@ cmd_status() {
 [ $# -ge 1 ] || usage
 cmd="$1"; shift
 case "$cmd" in
-  up) [ $# -le 1 ] || usage; cmd_up "$@" ;;
+  up) cmd_up "$@" ;;
   down) [ $# -eq 0 ] || usage; cmd_down ;;
   status) [ $# -eq 0 ] || usage; cmd_status ;;
   load) [ $# -ge 1 ] || usage; pid_alive containerd || die "no node is up (hack/node.sh up)"; load_images "$@" ;;
