@@ -1149,7 +1149,15 @@ another replica (retried every 100 ms while it answers 503), and the clock stops
 replica comes back under a new name before the next round. Rolling restart: 500 events/s open loop into 10 \
 organizations with one endpoint each; each replica in turn is replaced, the new one started first and the old one \
 sent SIGTERM (what a rollout with maxUnavailable 0 does); producers retry 503s after Retry-After; ingest latency is \
-that of the request answered 202; lost = accepted events that never reached the receiver.\n",
+that of the request answered 202; lost = accepted events that never reached the receiver.\n\
+- Pods (`benches/capy/pods.rs`, last, on a control plane of its own with the controllers pods need): `hack/node.sh` \
+joins a real node (containerd, runc, the CNI bridge, kubelet, kube-proxy, kube-scheduler in a network namespace); \
+the image from `make image` is loaded and `hack/deploy.sh` (`make deploy`) installs the chart with two replicas, \
+timed until both pods are Ready. Pod RSS: VmRSS of the processes in the pods' cgroups, 10 s after Ready. Rolling \
+upgrade: write budget off, 500 events/s open loop over 4 organizations (one endpoint each) into the ingest \
+Service's IP from the host; `helm upgrade` to a new tag of the same image 10 s in; producers retry 503s after \
+Retry-After and refused connections every 200 ms with the same Idempotency-Key; ingest latency counts those \
+retries; lost = accepted events that never reached the receiver on the host.\n",
         date = jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC"),
         secs = started.elapsed().as_secs_f64(),
         machine = machine(),
