@@ -111,6 +111,16 @@ build_k8s() { # build_k8s NAME
   mv "$bin/$1.tmp" "$bin/$1"
 }
 
+build_each() { # build_each NAME...: the Kubernetes commands not built yet
+  local c t
+  for c in "$@"; do
+    if [ ! -x "$bin/$c" ]; then
+      prepare_k8s_module
+      t=$(date +%s); build_k8s "$c"; log "      $c built in $(( $(date +%s) - t ))s"
+    else log "      $c cached"; fi
+  done
+}
+
 step 2 $total "kube-apiserver v$K8S_VERSION (the longest step: several minutes on 2 cores)"
 if [ ! -x "$bin/kube-apiserver" ]; then
   prepare_k8s_module
@@ -118,20 +128,10 @@ if [ ! -x "$bin/kube-apiserver" ]; then
 else log "      cached"; fi
 
 step 3 $total "kube-controller-manager and kubectl v$K8S_VERSION"
-for c in kube-controller-manager kubectl; do
-  if [ ! -x "$bin/$c" ]; then
-    prepare_k8s_module
-    t=$(date +%s); build_k8s "$c"; log "      $c built in $(( $(date +%s) - t ))s"
-  else log "      $c cached"; fi
-done
+build_each kube-controller-manager kubectl
 
 step 4 $total "kubelet, kube-proxy and kube-scheduler v$K8S_VERSION (for the real node)"
-for c in kubelet kube-proxy kube-scheduler; do
-  if [ ! -x "$bin/$c" ]; then
-    prepare_k8s_module
-    t=$(date +%s); build_k8s "$c"; log "      $c built in $(( $(date +%s) - t ))s"
-  else log "      $c cached"; fi
-done
+build_each kubelet kube-proxy kube-scheduler
 
 step 5 $total "helm v$HELM_VERSION"
 if [ ! -x "$bin/helm" ]; then

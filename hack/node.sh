@@ -121,9 +121,13 @@ stop_proc() { # stop_proc NAME [GRACE]
   rm -f "$node_dir/$name.pid"
 }
 
-bin_dir() { "$here/cluster.sh" bin-dir; }
+# The control plane's binaries (kubectl, kubelet, ...), found once per command in this shell:
+# finding them runs the (cached) build script, and the wait loops call kubectl every 0.3 s from
+# subshells, which cannot keep a value for the next call.
+capy_bin=""
+resolve_bin() { [ -n "$capy_bin" ] || capy_bin="$("$here/cluster.sh" bin-dir)"; }
 
-kubectl_admin() { "$(bin_dir)/kubectl" --kubeconfig "$(cat "$node_dir/joined")" --request-timeout=10s "$@"; }
+kubectl_admin() { resolve_bin; "$capy_bin/kubectl" --kubeconfig "$(cat "$node_dir/joined")" --request-timeout=10s "$@"; }
 
 # --- up ---------------------------------------------------------------------------------------
 
@@ -297,7 +301,8 @@ EOF
 
 api_loopback_addr() { # host:port of the API server in KUBECONFIG
   local server
-  server="$("$(bin_dir)/kubectl" --kubeconfig "$1" config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
+  resolve_bin
+  server="$("$capy_bin/kubectl" --kubeconfig "$1" config view --minify -o jsonpath='{.clusters[0].cluster.server}')"
   server="${server#https://}"
   echo "${server%%/*}"
 }
@@ -408,7 +413,8 @@ cmd_up() {
   log "[1/$total] packages (containerd, runc, CNI plugins, iptables, conntrack, socat)"
   install_packages
   log "[2/$total] kubelet, kube-proxy, kube-scheduler (hack/build-control-plane.sh, cached)"
-  local bin; bin="$(bin_dir)"
+  resolve_bin
+  local bin="$capy_bin"
   local c
   for c in kubelet kube-proxy kube-scheduler; do [ -x "$bin/$c" ] || die "$bin/$c missing after the build"; done
   mkdir -p "$node_dir/log" "$run_dir"
@@ -472,6 +478,7 @@ do_down() {
   [ -d "$node_dir" ] || [ -e "/run/netns/$netns" ] || ip link show "$host_if" >/dev/null 2>&1 || return 0
   # The Node object goes too when its control plane is still there (best effort).
   if [ -f "$node_dir/joined" ] && [ -f "$(cat "$node_dir/joined")" ]; then
+    resolve_bin
     kubectl_admin delete node "$node_name" --wait=false >/dev/null 2>&1 || true
   fi
   # Not the watchdog itself: it runs this very function.
@@ -539,6 +546,7 @@ cmd_down() {
 }
 
 cmd_status() {
+  resolve_bin
   [ -f "$node_dir/joined" ] && pid_alive kubelet && node_ready || return 1
   echo "node $node_name Ready, joined to $(cat "$node_dir/joined")"
 }
