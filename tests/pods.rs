@@ -1005,9 +1005,17 @@ fn evictions(state: &mut State) {
         }
         // Back to two Ready replicas, and the PDB allows one disruption again.
         wait_settled(&client, 2, Duration::from_secs(120)).await;
+        // The Deployment's status follows the pods' by a moment.
         let deployments: Api<Deployment> = Api::namespaced(client.clone(), NS);
-        let d = deployments.get(RELEASE).await.unwrap();
-        assert_eq!(d.status.and_then(|s| s.available_replicas), Some(2));
+        support::wait_for(
+            "the Deployment to report 2 available replicas",
+            Duration::from_secs(30),
+            || async {
+                let d = deployments.get(RELEASE).await.ok()?;
+                (d.status.and_then(|s| s.available_replicas) == Some(2)).then_some(())
+            },
+        )
+        .await;
     });
 }
 
