@@ -71,6 +71,29 @@ enum Command {
     /// Mint, list and revoke REST API keys (stored hashed as Secrets).
     #[command(subcommand)]
     ApiKey(ApiKeyCommand),
+    /// Administer the delivery logs.
+    #[command(subcommand)]
+    DeliveryLog(DeliveryLogCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum DeliveryLogCommand {
+    /// Upgrade step from a version that wrote segments without MACs (0.1): signs every
+    /// delivery-log segment that carries no MAC, once, so its pending deliveries resume. Run it
+    /// only when you know every such ConfigMap was written by the operator: it trusts whatever
+    /// carries the log's labels now. The operator itself never signs what it did not write.
+    SignUnsigned {
+        /// Namespace whose segments are signed (default: the in-cluster namespace, else
+        /// `default`).
+        #[arg(long, conflicts_with = "all_namespaces")]
+        namespace: Option<String>,
+        /// Sign the segments of every namespace.
+        #[arg(long)]
+        all_namespaces: bool,
+        /// Namespace of the operator's Secrets, where the MAC key is (default: `--namespace`).
+        #[arg(long)]
+        home_namespace: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -421,6 +444,32 @@ async fn api_key_command(command: ApiKeyCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+async fn delivery_log_command(command: DeliveryLogCommand) -> anyhow::Result<()> {
+    let client = kube_client().await?;
+    match command {
+        DeliveryLogCommand::SignUnsigned {
+            namespace,
+            all_namespaces,
+            home_namespace,
+        } => {
+            let scope = if all_namespaces {
+                Scope::AllNamespaces
+            } else {
+                Scope::Namespace(default_namespace(namespace.clone()))
+            };
+            let home_namespace = home_namespace.unwrap_or_else(|| default_namespace(namespace));
+            let signed = capy_webhooks::delivery_log::sign_unsigned_segments(&client, &home_namespace, &scope)
+                .await
+                .context("signing unsigned delivery-log segments")?;
+            for name in &signed {
+                println!("{name}");
+            }
+            eprintln!("{} unsigned delivery-log segment(s) signed", signed.len());
+        }
+    }
+    Ok(())
+}
+
 async fn authenticator(args: &RunArgs, client: &kube::Client, home_namespace: &str) -> anyhow::Result<Authenticator> {
     let index = ApiKeyIndex::new();
     tokio::spawn(index.clone().run(client.clone(), home_namespace.to_string()));
@@ -738,6 +787,7 @@ async fn cli() -> anyhow::Result<()> {
         }
         Command::Run(args) => run(*args).await,
         Command::ApiKey(command) => api_key_command(command).await,
+        Command::DeliveryLog(command) => delivery_log_command(command).await,
     }
 }
 

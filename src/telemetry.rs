@@ -161,6 +161,7 @@ struct Inner {
     log_write_budget: Gauge,
     ingest_throttled: Counter,
     log_segments_rejected: Counter,
+    log_second_writers: Counter,
     controller_leader: Gauge,
     owned_shards: Gauge,
     shard_handovers: Counter,
@@ -301,6 +302,13 @@ impl Metrics {
             "ConfigMaps with the delivery-log labels ignored because this operator did not write them",
             log_segments_rejected.clone(),
         );
+        let log_second_writers = Counter::default();
+        registry.register(
+            "log_second_writers",
+            "Times a delivery-log write met a segment signed with this operator's key that it did not write \
+             (a second writer), making the shard's logs be read back",
+            log_second_writers.clone(),
+        );
         // Label values known up front are exported at zero, so rates work from the first scrape.
         for kind in [
             WriteKind::Secret,
@@ -343,6 +351,7 @@ impl Metrics {
                 log_write_budget,
                 ingest_throttled,
                 log_segments_rejected,
+                log_second_writers,
                 controller_leader,
                 owned_shards,
                 shard_handovers,
@@ -474,6 +483,11 @@ impl Metrics {
     /// Counts a delivery-log segment ignored on recovery.
     pub fn log_segment_rejected(&self) {
         self.inner.log_segments_rejected.inc();
+    }
+
+    /// Counts a second writer of a delivery log, detected on a write.
+    pub fn log_second_writer(&self) {
+        self.inner.log_second_writers.inc();
     }
 
     /// The registry in the OpenMetrics text format (ends with `# EOF`).

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use capy_webhooks::delivery_log::{
-    self, DeliveryLog, DeliveryRecord, DeliveryState, LogConfig, PendingWrites, SegmentWrite, new_delivery_id,
+    self, DeliveryLog, DeliveryRecord, DeliveryState, LogConfig, LogKey, PendingWrites, SegmentWrite, new_delivery_id,
 };
 use capy_webhooks::resources::{ORGANIZATION_LABEL, Scope};
 use jiff::{SignedDuration, Timestamp};
@@ -109,10 +109,16 @@ fn assert_same_image(a: &DeliveryLog, b: &DeliveryLog) {
     );
 }
 
+/// The MAC key these tests write with (they apply unsigned batches; the key only judges a name
+/// conflict).
+fn test_key() -> LogKey {
+    LogKey::from_bytes([3; 32])
+}
+
 /// Takes the batch and applies it; returns (writes, API calls).
 async fn commit(client: &Client, ns: &str, log: &mut DeliveryLog) -> (usize, usize) {
     let writes = log.take_writes();
-    let calls = delivery_log::apply(client, ns, &writes).await.unwrap();
+    let calls = delivery_log::apply(client, ns, &test_key(), &writes).await.unwrap();
     (writes.len(), calls)
 }
 
@@ -311,7 +317,7 @@ async fn a_failed_batch_is_restored_and_written_again() {
     assert_eq!(writes.len(), 1, "one new segment with both records");
     let failed_name = writes.writes()[0].name().to_string();
     assert!(matches!(&writes.writes()[0], SegmentWrite::Create(_)));
-    match delivery_log::apply(&client, &ns, &writes).await {
+    match delivery_log::apply(&client, &ns, &test_key(), &writes).await {
         Err(kube::Error::Api(status)) => assert_eq!(status.code, 403, "{status:?}"),
         other => panic!("expected a refusal, got {other:?}"),
     }
@@ -337,7 +343,7 @@ async fn a_failed_batch_is_restored_and_written_again() {
         Duration::from_secs(30),
         || {
             let (client, ns, writes) = (client.clone(), ns.clone(), writes.clone());
-            async move { delivery_log::apply(&client, &ns, &writes).await.ok() }
+            async move { delivery_log::apply(&client, &ns, &test_key(), &writes).await.ok() }
         },
     )
     .await;

@@ -354,15 +354,7 @@ async fn configmaps_squatting_the_next_segment_names_neither_stall_the_log_nor_g
         .unwrap();
         configmaps.create(&PostParams::default(), &cm).await.unwrap();
     }
-    let op = Operator::start(
-        &client,
-        &ns,
-        Options {
-            dispatcher: true,
-            ..Options::default()
-        },
-    )
-    .await;
+    let op = Operator::start(&client, &ns, Options::dispatching()).await;
     let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
     let receiver = Receiver::start(vec![]).await;
     op.create_endpoint(ORG, &key, &receiver.url("/in")).await;
@@ -420,6 +412,139 @@ async fn configmaps_squatting_the_next_segment_names_neither_stall_the_log_nor_g
             still.metadata.labels.unwrap_or_default().is_empty(),
             "{name} was labelled"
         );
+    }
+    op.stop().await;
+    support::delete_namespace(&client, &ns).await;
+}
+
+/// How many times the operator found a second writer of a log (and read a shard back).
+fn second_writers(op: &Operator) -> u64 {
+    let text = op.metrics.encode();
+    text.lines()
+        .find_map(|l| l.strip_prefix("capy_webhooks_log_second_writers_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no second-writer counter in\n{text}"))
+}
+
+/// Waits until `receiver` got `n` deliveries, then checks that no delivery came twice.
+async fn wait_each_once(receiver: &Receiver, n: usize, what: &str) {
+    support::wait_for(what, WAIT, || async { (receiver.received().len() >= n).then_some(()) }).await;
+    let received = receiver.received();
+    let ids: std::collections::BTreeSet<String> = received.iter().map(|r| r.header("webhook-id").to_string()).collect();
+    assert_eq!(ids.len(), received.len(), "{what}: a delivery arrived twice");
+    assert_eq!(ids.len(), n, "{what}: more deliveries than events");
+}
+
+/// ConfigMaps carrying the delivery-log labels but no MAC, named as segments of a tenant's log
+/// (at the last sequence number a name can carry, and at the next ones), are made by anyone who
+/// may create ConfigMaps in the namespace. They never move the log's numbering (no overflow, no
+/// wrap-around), never pass for a second writer (which would read back every log of the shard,
+/// 1/16 of all organizations, on every write), and so the squatter's organization and another one
+/// in its shard keep delivering every event, before and after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labelled_squats_on_segment_names_never_stall_a_shard() {
+    use capy_webhooks::delivery_log::{journal_segment_name, segment_labels};
+    use capy_webhooks::shards::shard_of;
+    use k8s_openapi::api::core::v1::ConfigMap;
+
+    const SQUATTER: &str = "org_squatter";
+    let neighbour = (0..)
+        .map(|i| format!("org_neighbour_{i}"))
+        .find(|org| shard_of(org) == shard_of(SQUATTER))
+        .unwrap();
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, "labelled-squat").await;
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let squatted: Vec<String> = [u64::MAX, 1, 2]
+        .into_iter()
+        .map(|seq| journal_segment_name(SQUATTER, seq))
+        .collect();
+    for name in &squatted {
+        let cm = ConfigMap {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.clone()),
+                labels: Some(segment_labels(SQUATTER)),
+                ..Default::default()
+            },
+            data: Some([("mine".to_string(), "not yours".to_string())].into()),
+            ..Default::default()
+        };
+        configmaps.create(&PostParams::default(), &cm).await.unwrap();
+    }
+    let mut op = Operator::start(&client, &ns, Options::dispatching()).await;
+    let (_, squatter_key) = op.mint_key(&client, &ns, SQUATTER, None).await;
+    let (_, neighbour_key) = op.mint_key(&client, &ns, &neighbour, None).await;
+    let (to_squatter, to_neighbour) = (Receiver::start(vec![]).await, Receiver::start(vec![]).await);
+    op.create_endpoint(SQUATTER, &squatter_key, &to_squatter.url("/in"))
+        .await;
+    op.create_endpoint(&neighbour, &neighbour_key, &to_neighbour.url("/in"))
+        .await;
+
+    const EVENTS: usize = 5;
+    for round in 1..=2 {
+        for n in 0..EVENTS {
+            for org in [SQUATTER, neighbour.as_str()] {
+                let (status, body) = op.ingest(org, "squat.probe", json!({"round": round, "n": n})).await;
+                assert_eq!(status, 202, "round {round}, {org}: {body}");
+            }
+        }
+        wait_each_once(&to_squatter, round * EVENTS, "every event of the squatter").await;
+        wait_each_once(&to_neighbour, round * EVENTS, "every event of its neighbour").await;
+        assert_eq!(second_writers(&op), 0, "a squat passed for a second writer");
+        if round == 1 {
+            op.stop().await;
+            op = Operator::start(&client, &ns, Options::dispatching()).await;
+        }
+    }
+    for name in &squatted {
+        let still = configmaps.get(name).await.unwrap();
+        assert_eq!(
+            still.data.unwrap_or_default().get("mine").map(String::as_str),
+            Some("not yours"),
+            "{name} was written into"
+        );
+    }
+    op.stop().await;
+    support::delete_namespace(&client, &ns).await;
+}
+
+/// Events of a brand-new organization arriving all at once start one log writer, not one per
+/// racing request: two writers would both claim the log's first segment name, and the one that
+/// lost would pass for a second writer, answer 503 for events it had made durable, and have the
+/// shard read back, sending deliveries twice. Every event is answered 202 and each delivery
+/// arrives once. Repeated over fresh organizations, on a runtime with several threads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_into_a_new_organization_starts_one_writer() {
+    const ENDPOINTS: usize = 10;
+    const EVENTS: usize = 64;
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, "burst").await;
+    let op = Operator::start(&client, &ns, Options::dispatching()).await;
+    for round in 0..8 {
+        let org = format!("org_burst_{round}");
+        let (_, key) = op.mint_key(&client, &ns, &org, None).await;
+        let receiver = Receiver::start(vec![]).await;
+        for endpoint in 0..ENDPOINTS {
+            op.create_endpoint(&org, &key, &receiver.url(&format!("/ep{endpoint}")))
+                .await;
+        }
+        support::wait_for("every endpoint known to the operator", WAIT, || async {
+            let (_, body, _) = op.call("GET", &op.url(&org, ""), Some(&key), None).await;
+            (body["webhook_endpoints"].as_array()?.len() == ENDPOINTS).then_some(())
+        })
+        .await;
+        let burst = (0..EVENTS).map(|n| {
+            let (op, org) = (&op, org.clone());
+            async move { op.ingest(&org, "burst.probe", json!({"n": n})).await }
+        });
+        for (status, body) in futures::future::join_all(burst).await {
+            assert_eq!(status, 202, "round {round}: {body}");
+            assert_eq!(body["deliveries"], ENDPOINTS, "round {round}: {body}");
+        }
+        wait_each_once(&receiver, EVENTS * ENDPOINTS, "every delivery of the burst").await;
+        assert_eq!(second_writers(&op), 0, "round {round}: a second writer of the log");
     }
     op.stop().await;
     support::delete_namespace(&client, &ns).await;

@@ -892,7 +892,7 @@ pub async fn run(
     let log_watch = match work {
         Some(_) => None,
         None => {
-            let key = crate::delivery_log::load_or_create_key(&client, &config.home_namespace, &config.scope).await?;
+            let key = crate::delivery_log::load_or_create_key(&client, &config.home_namespace).await?;
             Some(crate::delivery_log::LogWatch::start(client.clone(), &config.scope, key))
         }
     };

@@ -284,6 +284,10 @@ pub struct DeliveryLog {
     /// Bytes of every entry plus [`GROWTH_RESERVE`] per pending delivery.
     projected: usize,
     next_seq: u64,
+    /// Sequence numbers whose names objects this operator did not write hold (refused segments
+    /// seen when the log was read back): never used, and never moving `next_seq`, so a squatted
+    /// name costs one skipped number, whatever number it claims.
+    avoided: BTreeSet<u64>,
 }
 
 impl DeliveryLog {
@@ -304,13 +308,16 @@ impl DeliveryLog {
             pending: 0,
             projected: 0,
             next_seq: 1,
+            avoided: BTreeSet::new(),
         }
     }
 
-    /// Never names a new segment `seq` or below: for names taken by objects that are not part of
-    /// the log (refused segments), which are never written into.
-    pub fn skip_names_through(&mut self, seq: u64) {
-        self.next_seq = self.next_seq.max(seq.saturating_add(1));
+    /// Never names a new segment `name`: it is held by an object that is not part of the log
+    /// (a refused segment), which is never written into. Names of other logs are ignored.
+    pub fn avoid_name(&mut self, name: &str) {
+        if let Some(seq) = journal_seq(name).filter(|&seq| journal_segment_name(&self.organization_id, seq) == name) {
+            self.avoided.insert(seq);
+        }
     }
 
     /// Rebuilds the image from the segments [`super::load_all`] found for this organization in
@@ -811,8 +818,12 @@ impl DeliveryLog {
 
     /// Records a new segment for `batch` and the write creating it.
     fn create(&mut self, batch: Batch, writes: &mut Vec<SegmentWrite>, created: &mut Vec<Created>) {
+        // Only trusted segments move the sequence, one per create: it never nears the end.
+        while self.avoided.remove(&self.next_seq) {
+            self.next_seq = self.next_seq.saturating_add(1);
+        }
         let seq = self.next_seq;
-        self.next_seq += 1;
+        self.next_seq = self.next_seq.saturating_add(1);
         let name = journal_segment_name(&self.organization_id, seq);
         let mut live_bytes = 0;
         for id in &batch.live {

@@ -67,6 +67,7 @@ pub use store::{
 };
 pub use trust::{
     LOG_KEY_SECRET, LogKey, MAC_ANNOTATION, Rejection, endpoints_named_in, judge as judge_segment, load_or_create_key,
+    sign_unsigned_segments,
 };
 
 use std::collections::BTreeMap;

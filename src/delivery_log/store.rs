@@ -9,7 +9,7 @@ use kube::{Api, Client};
 use tracing::{debug, warn};
 
 use super::image::{DeliveryLog, LogConfig, PendingWrites, SegmentWrite};
-use super::{COMPONENT, FIELD_MANAGER};
+use super::{COMPONENT, FIELD_MANAGER, LogKey};
 use crate::resources::{COMPONENT_LABEL, MANAGED_BY, MANAGED_BY_LABEL, ORGANIZATION_LABEL, Scope};
 
 /// Page size of list calls.
@@ -20,22 +20,22 @@ pub fn log_selector() -> String {
     format!("{MANAGED_BY_LABEL}={MANAGED_BY},{COMPONENT_LABEL}={COMPONENT}")
 }
 
-/// Whether a write failed because a segment's name is taken by an object this operator did not
-/// write (see [`apply_writes`]): the sign of a second writer.
+/// Whether a write failed because a segment's name is taken by another segment signed with this
+/// operator's key (see [`apply_writes`]): the sign of a second writer.
 pub fn is_name_taken(error: &kube::Error) -> bool {
     matches!(error, kube::Error::Api(status) if status.code == 409 && status.message.contains(TAKEN))
 }
 
 /// What the error of a taken segment name says.
-const TAKEN: &str = "is taken by an object this operator did not write";
+const TAKEN: &str = "is taken by another segment signed with this operator's key";
 
-/// What the error of a segment name held by something that is not a delivery-log segment says.
-const FOREIGN: &str = "is held by an object that is not a delivery-log segment";
+/// What the error of a segment name held by something this operator did not write says.
+const FOREIGN: &str = "is held by an object this operator did not write";
 
-/// The segment name a write could not use because an object that is not a delivery-log segment
-/// holds it (see [`apply_writes`]). Not a second writer: the log goes on under the next name, and
-/// the object is never written into nor deleted (forget the name with
-/// [`super::DeliveryLog::forget_segment`]).
+/// The segment name a write could not use because an object this operator did not write holds
+/// it (see [`apply_writes`]): anything that is not a segment, or that carries no valid MAC, such
+/// as a squatted name. Not a second writer: the log goes on under the next name, and the object is
+/// never written into nor deleted (forget the name with [`super::DeliveryLog::forget_segment`]).
 pub fn foreign_segment_name(error: &kube::Error) -> Option<&str> {
     match error {
         kube::Error::Api(status) if status.code == 409 && status.message.contains(FOREIGN) => {
@@ -47,8 +47,13 @@ pub fn foreign_segment_name(error: &kube::Error) -> Option<&str> {
 
 /// Applies a batch from [`super::DeliveryLog::take_writes`] in order, stopping at the first error
 /// (then give the batch back with [`super::DeliveryLog::restore`]). Returns the API calls made.
-pub async fn apply(client: &Client, namespace: &str, writes: &PendingWrites) -> Result<usize, kube::Error> {
-    apply_writes(client, namespace, writes.writes()).await
+pub async fn apply(
+    client: &Client,
+    namespace: &str,
+    key: &LogKey,
+    writes: &PendingWrites,
+) -> Result<usize, kube::Error> {
+    apply_writes(client, namespace, key, writes.writes()).await
 }
 
 /// Applies writes in order, stopping at the first error; returns the API calls made. Use it on
@@ -56,8 +61,16 @@ pub async fn apply(client: &Client, namespace: &str, writes: &PendingWrites) -> 
 ///
 /// A create that finds the segment already there is fine when the one there carries the same MAC
 /// (a create that succeeded but whose answer was lost); any other object of that name is never
-/// written into, and the write fails. A delete of a segment already gone is fine.
-pub async fn apply_writes(client: &Client, namespace: &str, writes: &[SegmentWrite]) -> Result<usize, kube::Error> {
+/// written into, and the write fails: as a second writer ([`is_name_taken`]) when the object there
+/// is a segment signed with `key`, else as a foreign name ([`foreign_segment_name`]), which no
+/// one without the key can turn into more than a skipped name. A delete of a segment already gone
+/// is fine.
+pub async fn apply_writes(
+    client: &Client,
+    namespace: &str,
+    key: &LogKey,
+    writes: &[SegmentWrite],
+) -> Result<usize, kube::Error> {
     let api: Api<ConfigMap> = Api::namespaced(client.clone(), namespace);
     let post = PostParams {
         field_manager: Some(FIELD_MANAGER.into()),
@@ -83,18 +96,21 @@ pub async fn apply_writes(client: &Client, namespace: &str, writes: &[SegmentWri
                             .cloned()
                     };
                     let ours = mac(cm).is_some() && existing.as_ref().is_some_and(|e| mac(e) == mac(cm));
-                    let is_segment = existing.as_ref().is_some_and(|e| {
+                    let signed_segment = existing.as_ref().is_some_and(|e| {
                         let labels = e.metadata.labels.as_ref();
                         let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
-                        label(MANAGED_BY_LABEL) == Some(MANAGED_BY) && label(COMPONENT_LABEL) == Some(COMPONENT)
+                        label(MANAGED_BY_LABEL) == Some(MANAGED_BY)
+                            && label(COMPONENT_LABEL) == Some(COMPONENT)
+                            && key.verify(e)
                     });
-                    if !ours && !is_segment {
-                        // Anything else under a segment's name (or nothing, if it went meanwhile)
-                        // is no sign of a second writer; the log moves on to the next name.
+                    if !ours && !signed_segment {
+                        // Anything this operator did not write under a segment's name (or
+                        // nothing, if it went meanwhile) is no sign of a second writer: only the
+                        // key's holder can sign. The log moves on to the next name.
                         warn!(
                             namespace,
                             configmap = name,
-                            "a delivery-log segment name is held by an object that is not a segment; \
+                            "a delivery-log segment name is held by an object this operator did not write; \
                              it is left alone and the log is written under the next name"
                         );
                         return Err(kube::Error::Api(Box::new(
@@ -117,8 +133,8 @@ pub async fn apply_writes(client: &Client, namespace: &str, writes: &[SegmentWri
                         warn!(
                             namespace,
                             configmap = name,
-                            "a delivery-log segment name is taken by an object this operator did not write; \
-                             it is left alone and this log cannot be written until it is deleted"
+                            "a delivery-log segment name is taken by another segment signed with this operator's key; \
+                             a second writer of this log is running"
                         );
                         return Err(kube::Error::Api(Box::new(
                             kube::core::Status::failure(

@@ -16,7 +16,7 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
 use hmac::{Hmac, Mac};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client};
 use sha2::{Digest, Sha256};
@@ -29,9 +29,6 @@ use crate::resources::{ORGANIZATION_LABEL, Scope};
 pub const MAC_ANNOTATION: &str = "webhooks.capydb.io/log-mac";
 /// Secret, in the home namespace, holding the key of segment MACs.
 pub const LOG_KEY_SECRET: &str = "capy-webhooks-log-key";
-/// Annotation of [`LOG_KEY_SECRET`] set once the segments that predate the key are signed.
-const MIGRATED_ANNOTATION: &str = "webhooks.capydb.io/segments-signed";
-
 /// The key of segment MACs.
 #[derive(Clone)]
 pub struct LogKey([u8; 32]);
@@ -179,36 +176,30 @@ pub fn endpoints_named_in(cm: &ConfigMap) -> std::collections::BTreeSet<String> 
     named
 }
 
-/// Reads the MAC key from [`LOG_KEY_SECRET`] in `home_namespace`, creating it on first use. When
-/// this creates it, the segments that predate it (written by a version without MACs) are signed
-/// once, so an upgrade loses no pending delivery; the Secret records when that is done, and a
-/// start that finds it not done does it again.
-pub async fn load_or_create_key(client: &Client, home_namespace: &str, scope: &Scope) -> anyhow::Result<LogKey> {
-    let secrets: Api<Secret> = Api::namespaced(client.clone(), home_namespace);
-    let annotations = BTreeMap::from([(MIGRATED_ANNOTATION.to_string(), "false".to_string())]);
-    let (key, secret) = crate::key_secrets::load_or_create(client, home_namespace, LOG_KEY_SECRET, annotations).await?;
-    let key = LogKey(key);
-    let migrated = secret
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(MIGRATED_ANNOTATION))
-        .is_none_or(|v| v == "true");
-    if !migrated {
-        sign_unsigned_segments(client, scope, &key).await?;
-        let patch = serde_json::json!({"metadata": {"annotations": {MIGRATED_ANNOTATION: "true"}}});
-        secrets
-            .patch(LOG_KEY_SECRET, &PatchParams::default(), &Patch::Merge(&patch))
-            .await?;
-    }
-    Ok(key)
+/// Reads the MAC key from [`LOG_KEY_SECRET`] in `home_namespace`, creating it on first use.
+///
+/// Creating the key blesses nothing: a segment written before the key existed (by a version
+/// without MACs, or planted by a forger before an install or after the key was deleted) stays
+/// untrusted. Upgrading from such a version is an administrator's explicit, one-time step,
+/// [`sign_unsigned_segments`] (`capy-webhooks delivery-log sign-unsigned`).
+pub async fn load_or_create_key(client: &Client, home_namespace: &str) -> anyhow::Result<LogKey> {
+    let (key, _) = crate::key_secrets::load_or_create(client, home_namespace, LOG_KEY_SECRET, BTreeMap::new()).await?;
+    Ok(LogKey(key))
 }
 
-/// Signs every current-format segment that has no MAC annotation (those written before MACs).
-async fn sign_unsigned_segments(client: &Client, scope: &Scope, key: &LogKey) -> anyhow::Result<()> {
+/// Signs every current-format segment in `scope` that has no MAC annotation (those written before
+/// MACs existed), with the key in [`LOG_KEY_SECRET`] of `home_namespace`: an administrator's
+/// explicit upgrade step, never run by the operator itself, since it trusts whatever carries the
+/// log's labels at the time. Returns the namespaced names signed, each also logged.
+pub async fn sign_unsigned_segments(
+    client: &Client,
+    home_namespace: &str,
+    scope: &Scope,
+) -> anyhow::Result<Vec<String>> {
+    let key = load_or_create_key(client, home_namespace).await?;
     let api: Api<ConfigMap> = scope.api(client.clone());
     let segments = api.list(&ListParams::default().labels(&log_selector())).await?;
-    let mut signed = 0;
+    let mut signed = Vec::new();
     for cm in segments.items {
         let name = cm.metadata.name.clone().unwrap_or_default();
         let unsigned = cm
@@ -228,15 +219,10 @@ async fn sign_unsigned_segments(client: &Client, scope: &Scope, key: &LogKey) ->
         Api::<ConfigMap>::namespaced(client.clone(), &namespace)
             .patch(&name, &params, &Patch::Merge(&patch))
             .await?;
-        signed += 1;
+        warn!(%namespace, configmap = %name, "unsigned delivery-log segment signed by an administrator's request");
+        signed.push(format!("{namespace}/{name}"));
     }
-    if signed > 0 {
-        warn!(
-            signed,
-            "signed delivery-log segments written before segment MACs existed (one-time upgrade step)"
-        );
-    }
-    Ok(())
+    Ok(signed)
 }
 
 #[cfg(test)]

@@ -198,7 +198,7 @@ impl Dispatcher {
             .await
             .map_err(|e| anyhow::anyhow!("signing secret cache never synced: {e}"))?;
         endpoints.wait_ready().await?;
-        let log_key = crate::delivery_log::load_or_create_key(&client, &config.home_namespace, &config.scope)
+        let log_key = crate::delivery_log::load_or_create_key(&client, &config.home_namespace)
             .await
             .map_err(|e| anyhow::anyhow!("loading the delivery-log MAC key: {e}"))?;
         config.metrics.log_write_budget(config.budget.rate());
@@ -388,20 +388,19 @@ impl Dispatcher {
             }
         }
         let mut resumed = 0;
-        for ((namespace, organization), mut cms) in crate::delivery_log::group_by_organization(configmaps) {
+        for ((namespace, organization), cms) in crate::delivery_log::group_by_organization(configmaps) {
             if !wanted.contains_key(&shard_of(&organization)) {
                 continue;
             }
-            // Only segments this operator wrote count; anything else is reported and ignored, and
-            // its name is never used.
-            let taken = cms
-                .iter()
-                .filter_map(|cm| crate::delivery_log::journal_seq(cm.metadata.name.as_deref().unwrap_or_default()))
-                .max()
-                .unwrap_or(0);
-            cms.retain(|cm| self.trusted(&namespace, cm));
-            let mut log = DeliveryLog::from_configmaps(&namespace, &organization, self.shared.config.log.clone(), cms);
-            log.skip_names_through(taken);
+            // Only segments this operator wrote count, for their entries and for the names the
+            // log goes on with; anything else is reported and ignored. Should a foreign object
+            // hold a name the log reaches, that write moves on to the next name.
+            let (trusted, refused): (Vec<_>, Vec<_>) = cms.into_iter().partition(|cm| self.trusted(&namespace, cm));
+            let mut log =
+                DeliveryLog::from_configmaps(&namespace, &organization, self.shared.config.log.clone(), trusted);
+            for cm in &refused {
+                log.avoid_name(cm.metadata.name.as_deref().unwrap_or_default());
+            }
             resumed += log.pending_count();
             let endpoints: Vec<String> = log.endpoints().map(str::to_string).collect();
             let key = (namespace.clone(), organization);
@@ -530,8 +529,18 @@ impl Dispatcher {
 
     /// Starts the worker of a log in its shard; `None` when the shard is not held here.
     fn spawn_worker(&self, key: WorkerKey, log: DeliveryLog) -> Option<mpsc::Sender<Msg>> {
-        let shard = shard_of(&key.1);
         let mut shards = self.shards.lock().expect("shards lock");
+        self.spawn_worker_in(&mut shards, key, log)
+    }
+
+    /// [`Self::spawn_worker`] with the shards lock already held.
+    fn spawn_worker_in(
+        &self,
+        shards: &mut HashMap<u32, ShardRun>,
+        key: WorkerKey,
+        log: DeliveryLog,
+    ) -> Option<mpsc::Sender<Msg>> {
+        let shard = shard_of(&key.1);
         let run = shards.get_mut(&shard)?;
         let (tx, rx) = mpsc::channel(1024);
         let worker = Worker::new(
@@ -559,6 +568,10 @@ impl Dispatcher {
             .lock()
             .expect("routes lock")
             .insert(ObjectRef::from(endpoint), key.clone());
+        // Looking for the worker and starting one is a single step under the shards lock (which
+        // spawning takes first anyway): two events of a new organization arriving together must
+        // not each start a worker, or two writers would race for the log's first segment name.
+        let mut shards = self.shards.lock().expect("shards lock");
         if let Some(tx) = self.workers.lock().expect("workers lock").get(&key) {
             // A worker that stopped is being replaced (hand-over, reload): never start an empty
             // log over one that exists.
@@ -569,7 +582,7 @@ impl Dispatcher {
             &endpoint.spec.organization_id,
             self.shared.config.log.clone(),
         );
-        self.spawn_worker(key, log).ok_or_else(moving)
+        self.spawn_worker_in(&mut shards, key, log).ok_or_else(moving)
     }
 
     /// The worker of an endpoint's organization, if it runs; refused while the organization's

@@ -171,9 +171,12 @@ pub(crate) struct Worker {
     batch_acks: HashMap<u64, Vec<Ack>>,
     write_retry_at: Option<Instant>,
     write_failures: u32,
-    /// Segment names found held by objects that are not segments, forgotten once the failed
-    /// batches are given back.
+    /// Segment names found held by objects this operator did not write, forgotten once the
+    /// failed batches are given back.
     foreign_names: Vec<String>,
+    /// Whether a write failed since the last give-back for another reason than a foreign name
+    /// (only such failures make the worker pause before writing again).
+    write_failed: bool,
     /// This worker's share of the pending-deliveries gauge.
     reported_pending: i64,
     /// Turns true when the worker's shard is handed over or the process stops: drain.
@@ -216,6 +219,7 @@ impl Worker {
             write_retry_at: None,
             write_failures: 0,
             foreign_names: Vec::new(),
+            write_failed: false,
             reported_pending: 0,
         };
         let due: Vec<(String, Timestamp, String)> = worker
@@ -737,11 +741,12 @@ impl Worker {
             }
         }
         let fence = self.fence.clone();
+        let key = self.shared.log_key.clone();
         self.tasks.spawn(async move {
             // A write still running when the fence closes is abandoned (a margin before anyone
             // else may take the shard).
             let result = tokio::select! {
-                result = crate::delivery_log::apply_writes(&client, &namespace, &writes) => result,
+                result = crate::delivery_log::apply_writes(&client, &namespace, &key, &writes) => result,
                 () = fence.closed() => Err(kube::Error::Service("the shard's fence closed during the write".into())),
             };
             let _ = tx.send(done(batch, result)).await;
@@ -780,12 +785,16 @@ impl Worker {
                     // Not a second writer: the batch is written again under the next name, and
                     // the object holding this one is never deleted as if it were a segment.
                     self.foreign_names.push(name.to_string());
-                } else if crate::delivery_log::is_name_taken(&e) {
+                } else {
+                    self.write_failed = true;
+                }
+                if crate::delivery_log::is_name_taken(&e) {
                     // A second writer: the name was taken by a segment this worker did not write.
                     // This worker stops; the shard's logs are read back again (if it is still
                     // held), never merged into.
                     warn!(organization = %self.organization, shard = self.shard,
                         "a second writer of this log was detected; reading the shard's logs back");
+                    metrics.log_second_writer();
                     let _ = self.shared.reload.send(self.shard);
                 }
                 warn!(organization = %self.organization, error = %e, "delivery log write failed; will retry");
@@ -810,6 +819,7 @@ impl Worker {
                 self.pipeline.deletes_done(batch, true);
             }
             Err(e) => {
+                self.write_failed = true;
                 warn!(organization = %self.organization, error = %e,
                     "deleting old delivery-log segments failed; will retry");
                 self.pipeline.deletes_done(batch, false);
@@ -825,6 +835,11 @@ impl Worker {
         if self.pipeline.settle(&mut self.log) {
             for name in std::mem::take(&mut self.foreign_names) {
                 self.log.forget_segment(&name);
+            }
+            if !std::mem::take(&mut self.write_failed) {
+                // Only names held by foreign objects: the next names are free, write at once.
+                self.write_retry_at = Some(Instant::now());
+                return;
             }
             self.write_failures += 1;
             let backoff = crate::backoff::doubling(self.write_failures, Duration::from_secs(1), LOG_WRITE_RETRY_MAX);

@@ -81,6 +81,17 @@ pub struct Options {
     pub portal_session_ttl: jiff::SignedDuration,
 }
 
+impl Options {
+    /// The defaults with the dispatcher running.
+    #[allow(dead_code)] // not every test binary dispatches
+    pub fn dispatching() -> Self {
+        Self {
+            dispatcher: true,
+            ..Self::default()
+        }
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Self {

@@ -1600,3 +1600,25 @@ fn a_segment_name_held_by_a_foreign_object_is_skipped_and_never_deleted() {
     log.forget_segment("org-1-dfc76549-journal-3");
     assert!(log.segments().iter().any(|s| !s.ids.is_empty()));
 }
+
+#[test]
+fn names_held_by_refused_objects_are_skipped_whatever_number_they_claim() {
+    let mut log = new_log(config(10, 64 * 1024, 8));
+    // A squat at the last number never moves the numbering (no overflow, no wrap-around), one at
+    // the next number is skipped, and a name of another organization's log is not this log's.
+    log.avoid_name(&journal_segment_name("org_1", u64::MAX));
+    log.avoid_name(&journal_segment_name("org_1", 1));
+    log.avoid_name(&journal_segment_name("org_2", 2));
+    log.avoid_name("org-1-journal-2");
+    let mut seqs = Vec::new();
+    for n in 0..3 {
+        assert!(log.insert(record(n, DeliveryState::Pending)).is_ok());
+        let writes = log.take_writes();
+        seqs.extend(
+            created(&writes)
+                .iter()
+                .map(|cm| journal_seq(cm.metadata.name.as_deref().unwrap()).unwrap()),
+        );
+    }
+    assert_eq!(seqs, [2, 3, 4]);
+}
