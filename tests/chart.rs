@@ -139,6 +139,9 @@ fn helm_lint_strict() {
         "delivery.retrySchedule=soon",
         "delivery.retrySchedule=1.5h",
         "rotationGracePeriod=1 day",
+        "organizationLabelPolicy.enabled=maybe",
+        "organizationLabelPolicy.validationActions={Deny,Warn}",
+        "organizationLabelPolicy.validationActions={Refuse}",
     ] {
         let out = support::helm(&["lint", "--strict", &chart(), "--set", bad]);
         assert!(!out.status.success(), "helm lint accepted --set {bad}");
@@ -197,12 +200,20 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         }
         let has = |s: &str| out.contains(s);
         match i {
-            0 => assert!(has("role.rbac") && !has("clusterrole.rbac") && has("customresourcedefinition")),
+            0 => assert!(
+                has("role.rbac")
+                    && !has("clusterrole.rbac")
+                    && has("customresourcedefinition")
+                    && !has("validatingadmissionpolicy"),
+                "{out}"
+            ),
             1 => assert!(
                 has("clusterrole.rbac")
                     && has("clusterrolebinding")
                     && has("networkpolicy")
-                    && has("poddisruptionbudget"),
+                    && has("poddisruptionbudget")
+                    && has("validatingadmissionpolicy.admissionregistration.k8s.io/")
+                    && has("validatingadmissionpolicybinding.admissionregistration.k8s.io/"),
                 "{out}"
             ),
             _ => assert!(!has("customresourcedefinition") && !has("secret/"), "{out}"),
