@@ -174,6 +174,13 @@ impl EndpointCache {
             .filter(|e| self.bound(e))
     }
 
+    /// One endpoint by namespace and name as stored, bound or not: only to tell an endpoint
+    /// whose namespace stopped serving its organization for now (its deliveries wait) from one
+    /// that is gone. Never for answering or sending.
+    pub fn stored(&self, namespace: &str, name: &str) -> Option<Arc<WebhookEndpoint>> {
+        self.store.get(&ObjectRef::new(name).within(namespace))
+    }
+
     /// Every cached endpoint of one organization, in listing order.
     pub fn list(&self, organization_id: &str) -> Vec<Arc<WebhookEndpoint>> {
         let mut found: Vec<_> = self

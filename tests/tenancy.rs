@@ -163,6 +163,89 @@ async fn an_endpoint_in_an_unbound_namespace_cannot_serve_another_organization()
     support::delete_namespace(&client, &home).await;
 }
 
+/// A namespace's binding that flaps loses nothing: while the organization label is off, the
+/// namespace's endpoints are paused (no delivery goes out, none is dropped); once it is back,
+/// every delivery already answered 202 arrives. Only deleting the endpoint drops its deliveries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_binding_that_flaps_loses_no_acknowledged_delivery() {
+    use support::receiver::Answer;
+    const ORG: &str = "org_flapping";
+    const EVENTS: usize = 6;
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let home = support::test_namespace(&client, "flap-home").await;
+    let tenant = support::test_namespace(&client, "flap-tenant").await;
+    label_namespace(&client, &tenant, ORG).await;
+    let op = Operator::start(
+        &client,
+        &tenant,
+        Options {
+            home_namespace: Some(home.clone()),
+            schedule: "0s,3s,3s,3s,3s,3s,3s,3s,3s,3s",
+            ..Options::dispatching()
+        },
+    )
+    .await;
+    let (_, key) = op.mint_key(&client, &home, ORG, None).await;
+    // Every first attempt fails: the deliveries are pending, retried every 3 s.
+    let receiver = Receiver::start(vec![Answer::Status(503); EVENTS]).await;
+    let endpoints: Api<WebhookEndpoint> = Api::namespaced(client.clone(), &tenant);
+    endpoints
+        .create(&PostParams::default(), &endpoint("flapper", ORG, &receiver.url("/in")))
+        .await
+        .unwrap();
+    support::wait_for("the endpoint ready", WAIT, || async {
+        let ep = endpoints.get("flapper").await.unwrap();
+        (ready_reason(&ep) == Some(("True".into(), "Reconciled".into()))).then_some(())
+    })
+    .await;
+    for n in 0..EVENTS {
+        let (status, body) = op.ingest(ORG, "flap.probe", json!({"n": n})).await;
+        assert_eq!((status.as_u16(), body["deliveries"].as_u64()), (202, Some(1)), "{body}");
+    }
+    support::wait_for("every first attempt refused", WAIT, || async {
+        (receiver.received().len() >= EVENTS).then_some(())
+    })
+    .await;
+
+    // The label goes for 5 s: the operator sees the endpoint unbound (out of REST answers).
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    namespaces
+        .patch(
+            &tenant,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {ORGANIZATION_LABEL: null}}})),
+        )
+        .await
+        .unwrap();
+    support::wait_for("the endpoint unbound", WAIT, || async {
+        let (_, list, _) = op.call("GET", &op.url(ORG, ""), Some(&key), None).await;
+        (list["webhook_endpoints"] == json!([])).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    label_namespace(&client, &tenant, ORG).await;
+
+    let delivered = support::wait_for(
+        "every acknowledged delivery, after the binding returned",
+        WAIT,
+        || async {
+            let ok: std::collections::BTreeSet<u64> = receiver
+                .received()
+                .iter()
+                .skip(EVENTS)
+                .filter_map(|r| r.json()["data"]["n"].as_u64())
+                .collect();
+            (ok.len() == EVENTS).then_some(ok)
+        },
+    )
+    .await;
+    assert_eq!(delivered, (0..EVENTS as u64).collect());
+    op.stop().await;
+    support::delete_namespace(&client, &tenant).await;
+    support::delete_namespace(&client, &home).await;
+}
+
 /// A ConfigMap that carries the delivery log's labels but that the operator did not write: its
 /// pending record is never delivered nor listed, before or after a restart, and its owner is told.
 #[tokio::test]

@@ -258,6 +258,16 @@ impl Worker {
         self.endpoints.get_mut(endpoint).expect("just inserted")
     }
 
+    /// Whether an endpoint is gone for good: deleted, or naming another organization. One whose
+    /// namespace no longer serves its organization (a label removed or changed, perhaps for a
+    /// moment) is not: it is paused, its deliveries stay durable and resume with the binding.
+    fn departed(&self, name: &str) -> bool {
+        self.shared
+            .endpoints
+            .stored(&self.namespace, name)
+            .is_none_or(|e| e.spec.organization_id != self.organization)
+    }
+
     /// Drops the deliveries of endpoints that were deleted or now belong to another
     /// organization; their stored copies go with the segments.
     fn forget_departed_endpoints(&mut self) {
@@ -268,7 +278,7 @@ impl Worker {
             .chain(self.endpoints.keys().cloned())
             .collect();
         for name in known {
-            if self.endpoint(&name).is_some() {
+            if !self.departed(&name) {
                 continue;
             }
             let dropped = self.log.remove_endpoint(&name);
