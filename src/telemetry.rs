@@ -162,6 +162,7 @@ struct Inner {
     ingest_throttled: Counter,
     log_segments_rejected: Counter,
     log_second_writers: Counter,
+    backlog_overflows: Counter,
     controller_leader: Gauge,
     owned_shards: Gauge,
     shard_handovers: Counter,
@@ -309,6 +310,12 @@ impl Metrics {
              (a second writer), making the shard's logs be read back",
             log_second_writers.clone(),
         );
+        let backlog_overflows = Counter::default();
+        registry.register(
+            "endpoint_backlog_overflows",
+            "Deliveries stored failed without an attempt because their endpoint's backlog was full",
+            backlog_overflows.clone(),
+        );
         // Label values known up front are exported at zero, so rates work from the first scrape.
         for kind in [
             WriteKind::Secret,
@@ -352,6 +359,7 @@ impl Metrics {
                 ingest_throttled,
                 log_segments_rejected,
                 log_second_writers,
+                backlog_overflows,
                 controller_leader,
                 owned_shards,
                 shard_handovers,
@@ -483,6 +491,11 @@ impl Metrics {
     /// Counts a delivery-log segment ignored on recovery.
     pub fn log_segment_rejected(&self) {
         self.inner.log_segments_rejected.inc();
+    }
+
+    /// Counts a delivery stored failed because its endpoint's backlog was full.
+    pub fn backlog_overflow(&self) {
+        self.inner.backlog_overflows.inc();
     }
 
     /// Counts a second writer of a delivery log, detected on a write.

@@ -246,6 +246,103 @@ async fn a_binding_that_flaps_loses_no_acknowledged_delivery() {
     support::delete_namespace(&client, &home).await;
 }
 
+/// One endpoint that cannot keep up (`rate_limit: 1`) fills its backlog: the organization's
+/// events are still accepted, its other endpoint gets every one, and the slow endpoint's extra
+/// deliveries are stored `failed` with a `last_error` that says why (recoverable later), counted,
+/// and told with a Warning Event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_endpoint_never_holds_back_its_organization() {
+    use capy_webhooks::delivery_log::{BACKLOG_FULL_ERROR, LogConfig};
+    const ORG: &str = "org_slow_and_fast";
+    const EVENTS: usize = 40;
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, "backlog").await;
+    let op = Operator::start(
+        &client,
+        &ns,
+        Options {
+            // 32 KiB per endpoint: about a dozen of the 2 KiB events below.
+            log: LogConfig {
+                segment_bytes: 16 * 1024,
+                max_segments: 4,
+                ..LogConfig::default()
+            },
+            ..Options::dispatching()
+        },
+    )
+    .await;
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
+    let (slow, fast) = (Receiver::start(vec![]).await, Receiver::start(vec![]).await);
+    let endpoints: Api<WebhookEndpoint> = Api::namespaced(client.clone(), &ns);
+    let mut paced = endpoint("slow", ORG, &slow.url("/in"));
+    paced.spec.rate_limit = Some(1);
+    for ep in [paced, endpoint("fast", ORG, &fast.url("/in"))] {
+        endpoints.create(&PostParams::default(), &ep).await.unwrap();
+    }
+    for name in ["slow", "fast"] {
+        support::wait_for("the endpoints ready", WAIT, || async {
+            let ep = endpoints.get(name).await.unwrap();
+            (ready_reason(&ep) == Some(("True".into(), "Reconciled".into()))).then_some(())
+        })
+        .await;
+    }
+    // Incompressible, as the log stores payloads compressed.
+    let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+    let filler: String = (0..2048)
+        .map(|_| {
+            seed = seed
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            char::from(b"abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"[(seed >> 58) as usize % 62])
+        })
+        .collect();
+    for n in 0..EVENTS {
+        let (status, body) = op.ingest(ORG, "backlog.probe", json!({"n": n, "filler": filler})).await;
+        assert_eq!(
+            (status.as_u16(), body["deliveries"].as_u64()),
+            (202, Some(2)),
+            "event {n}: {body}"
+        );
+    }
+    support::wait_for("every event at the endpoint that keeps up", WAIT, || async {
+        (fast.received().len() >= EVENTS).then_some(())
+    })
+    .await;
+    let (status, listed, _) = op
+        .call("GET", &op.url(ORG, "/slow/deliveries?limit=100"), Some(&key), None)
+        .await;
+    assert_eq!(status, 200, "{listed}");
+    let deliveries = listed["deliveries"].as_array().unwrap();
+    assert_eq!(deliveries.len(), EVENTS, "one delivery per event, none lost: {listed}");
+    let overflowed = deliveries
+        .iter()
+        .filter(|d| d["state"] == "failed" && d["last_error"] == BACKLOG_FULL_ERROR)
+        .count();
+    assert!(
+        overflowed > 0 && overflowed < EVENTS,
+        "some deliveries stored failed for the full backlog, not all: {overflowed}"
+    );
+    let metrics = op.metrics.encode();
+    assert!(
+        metrics.contains(&format!("capy_webhooks_endpoint_backlog_overflows_total {overflowed}")),
+        "{metrics}"
+    );
+    support::wait_for("a Warning Event on the slow endpoint", WAIT, || async {
+        let events: Api<K8sEvent> = Api::namespaced(client.clone(), &ns);
+        let all = events.list(&ListParams::default()).await.ok()?.items;
+        all.iter()
+            .any(|e| {
+                e.reason.as_deref() == Some("BacklogFull")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("slow")
+            })
+            .then_some(())
+    })
+    .await;
+    op.stop().await;
+    support::delete_namespace(&client, &ns).await;
+}
+
 /// A ConfigMap that carries the delivery log's labels but that the operator did not write: its
 /// pending record is never delivered nor listed, before or after a restart, and its owner is told.
 #[tokio::test]

@@ -80,6 +80,10 @@ impl Default for LogConfig {
 #[error("the delivery log of this endpoint is full")]
 pub struct LogFull;
 
+/// The `last_error` of a delivery stored failed because its endpoint's backlog was full
+/// ([`DeliveryLog::insert_or_fail_when_full`]).
+pub const BACKLOG_FULL_ERROR: &str = "not attempted: the endpoint's backlog of pending deliveries was full (it receives slower than events arrive); recover it once the endpoint keeps up";
+
 /// One API write of a batch.
 // A batch holds a handful of these: the variants' size difference does not matter.
 #[allow(clippy::large_enum_variant)]
@@ -517,7 +521,33 @@ impl DeliveryLog {
 
     /// Adds a new delivery (one with a known id is updated instead); the next batch stores it.
     /// [`LogFull`] when its endpoint's deliveries would exceed their capacity.
-    pub fn insert(&mut self, mut record: DeliveryRecord) -> Result<(), LogFull> {
+    pub fn insert(&mut self, record: DeliveryRecord) -> Result<(), LogFull> {
+        self.insert_checked(record, true)
+    }
+
+    /// Adds a new pending delivery like [`Self::insert`], except that when its endpoint's
+    /// deliveries have no room left, it is stored `failed` at once, with `last_error` saying so
+    /// (recoverable later like any failed delivery): an endpoint that cannot keep up never
+    /// refuses its organization's events to the others. Finished deliveries are bounded by
+    /// [`LogConfig::max_finished`], not by the capacity. Returns whether it was stored failed.
+    pub fn insert_or_fail_when_full(&mut self, mut record: DeliveryRecord) -> Result<bool, LogFull> {
+        let full = !record.is_finished() && !self.records.contains_key(&record.id) && self.endpoint_is_full(&record);
+        if !full {
+            return self.insert_checked(record, true).map(|()| false);
+        }
+        record.state = DeliveryState::Failed;
+        record.next_attempt_at = None;
+        record.last_error = Some(BACKLOG_FULL_ERROR.to_string());
+        self.insert_checked(record, false).map(|()| true)
+    }
+
+    /// Whether a new delivery would take its endpoint's deliveries beyond their capacity.
+    fn endpoint_is_full(&self, record: &DeliveryRecord) -> bool {
+        let projected = self.endpoints.get(&record.endpoint_id).map_or(0, |e| e.projected);
+        projected + self.charge(record, record.stored_len()) > self.capacity()
+    }
+
+    fn insert_checked(&mut self, mut record: DeliveryRecord, check_capacity: bool) -> Result<(), LogFull> {
         record.normalize();
         if self.records.contains_key(&record.id) {
             self.update(record);
@@ -533,7 +563,7 @@ impl DeliveryLog {
             return Err(LogFull);
         }
         let projected = self.endpoints.get(&record.endpoint_id).map_or(0, |e| e.projected);
-        if projected + self.charge(&record, bytes) > self.capacity() {
+        if check_capacity && projected + self.charge(&record, bytes) > self.capacity() {
             return Err(LogFull);
         }
         if let Some(event) = self.events.get_mut(&record.event_id) {

@@ -58,7 +58,8 @@ pub use pipeline::{Started, WritePipeline};
 pub use segment::{JOURNAL_KEY, entries as segment_entries, pack as pack_entries};
 
 pub use image::{
-    DELETE_BYTES, DeliveryLog, LogConfig, LogFull, PendingWrites, SegmentSummary, SegmentWrite, is_event_key,
+    BACKLOG_FULL_ERROR, DELETE_BYTES, DeliveryLog, LogConfig, LogFull, PendingWrites, SegmentSummary, SegmentWrite,
+    is_event_key,
 };
 pub use record::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, new_delivery_id, truncate_error};
 pub use store::{

@@ -637,6 +637,7 @@ impl Dispatcher {
         endpoint: &WebhookEndpoint,
         event: (String, Bytes),
         records: Vec<DeliveryRecord>,
+        fan_out: bool,
     ) -> Result<(), SubmitError> {
         let (ack, done) = oneshot::channel();
         let tx = self.worker_for(endpoint)?;
@@ -652,6 +653,7 @@ impl Dispatcher {
         tx.send(Msg::Enqueue {
             event: Some(event),
             records,
+            fan_out,
             ack,
         })
         .await
@@ -717,7 +719,7 @@ impl Dispatcher {
         }
         let writes = by_namespace.into_values().map(|(ep, records)| {
             let event = (event_id.clone(), payload.clone());
-            async move { self.enqueue(&ep, event, records).await }
+            async move { self.enqueue(&ep, event, records, true).await }
         });
         let results = futures::future::join_all(writes).await;
         if let Some(err) = results.into_iter().find_map(Result::err) {
@@ -739,7 +741,7 @@ impl Dispatcher {
         let mut record = self.new_record(endpoint, &event_id, TEST_EVENT_TYPE, now);
         record.normalize();
         let view = serde_json::from_slice(&payload).ok();
-        self.enqueue(endpoint, (event_id, payload), vec![record.clone()])
+        self.enqueue(endpoint, (event_id, payload), vec![record.clone()], false)
             .await?;
         Ok((record, view))
     }

@@ -39,6 +39,13 @@ const LOG_WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Log writes (batches) of one organization in flight at most.
 pub(crate) const WRITES_IN_FLIGHT: usize = 4;
 
+/// An endpoint whose backlog stays full is told so at most this often (a Warning Event).
+const BACKLOG_FULL_EVENT_INTERVAL: Duration = Duration::from_secs(60);
+
+/// What the Warning Event of a full backlog says first.
+const BACKLOG_NOTE: &str = "This endpoint's backlog of pending deliveries is full: it receives slower than events arrive \
+     (a low rate_limit, or a slow or failing receiver).";
+
 /// Messages a worker handles.
 pub(crate) enum Msg {
     /// New deliveries, and the event they carry (absent when the log already holds it); `ack`
@@ -46,6 +53,9 @@ pub(crate) enum Msg {
     Enqueue {
         event: Option<(String, Bytes)>,
         records: Vec<DeliveryRecord>,
+        /// An event's fan-out: a delivery to an endpoint whose backlog is full is stored failed
+        /// rather than refusing the event. Otherwise (a test) a full backlog refuses the request.
+        fan_out: bool,
         ack: oneshot::Sender<Result<(), SubmitError>>,
     },
     /// An attempt finished.
@@ -132,6 +142,8 @@ struct EndpointState {
     summary_dirty: bool,
     summary_in_flight: bool,
     summary_written_at: Option<Instant>,
+    /// When the endpoint's owner was last told its backlog is full.
+    backlog_full_told_at: Option<Instant>,
 }
 
 impl EndpointState {
@@ -149,6 +161,7 @@ impl EndpointState {
             summary_dirty: false,
             summary_in_flight: false,
             summary_written_at: None,
+            backlog_full_told_at: None,
         }
     }
 }
@@ -403,7 +416,12 @@ impl Worker {
 
     fn handle(&mut self, msg: Msg) {
         match msg {
-            Msg::Enqueue { event, records, ack } => self.enqueue(event, records, ack),
+            Msg::Enqueue {
+                event,
+                records,
+                fan_out,
+                ack,
+            } => self.enqueue(event, records, fan_out, ack),
             Msg::AttemptDone {
                 id,
                 endpoint,
@@ -437,6 +455,7 @@ impl Worker {
         &mut self,
         event: Option<(String, Bytes)>,
         records: Vec<DeliveryRecord>,
+        fan_out: bool,
         ack: oneshot::Sender<Result<(), SubmitError>>,
     ) {
         let refused = |e: crate::delivery_log::LogFull| Err(SubmitError::Unavailable(e.to_string()));
@@ -448,9 +467,19 @@ impl Worker {
             return;
         }
         let mut inserted: Vec<String> = Vec::with_capacity(records.len());
+        let mut overflowed: Vec<String> = Vec::new();
         for record in records {
             let id = record.id.clone();
-            if let Err(e) = self.log.insert(record) {
+            let endpoint = record.endpoint_id.clone();
+            let stored = if fan_out {
+                self.log.insert_or_fail_when_full(record)
+            } else {
+                self.log.insert(record).map(|()| false)
+            };
+            if stored == Ok(true) {
+                overflowed.push(endpoint);
+            }
+            if let Err(e) = stored {
                 // All or nothing: what this request added was never written, so it can go.
                 for id in inserted {
                     self.log.discard_unstored(&id);
@@ -471,7 +500,53 @@ impl Worker {
                 self.state(&endpoint).totals.pending = pending;
             }
         }
+        for endpoint in overflowed {
+            self.backlog_overflowed(&endpoint);
+        }
         self.waiting.push(Ack::Enqueued(ack));
+    }
+
+    /// A delivery of an event was stored failed because the endpoint's backlog was full: counted,
+    /// in the endpoint's totals, and told to its owner with a Warning Event (once a minute at
+    /// most per endpoint, however many events overflow).
+    fn backlog_overflowed(&mut self, endpoint: &str) {
+        let metrics = self.shared.config.metrics.clone();
+        metrics.delivery(DeliveryOutcome::Failed);
+        metrics.backlog_overflow();
+        let now = Instant::now();
+        let state = self.state(endpoint);
+        state.totals.failed += 1;
+        state.summary_dirty = true;
+        if state
+            .backlog_full_told_at
+            .is_some_and(|t| now < t + BACKLOG_FULL_EVENT_INTERVAL)
+        {
+            return;
+        }
+        state.backlog_full_told_at = Some(now);
+        let Some(current) = self.endpoint(endpoint) else {
+            return;
+        };
+        warn!(namespace = %self.namespace, endpoint, "the endpoint's backlog is full: new deliveries are stored failed");
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let event = EventNote {
+                warning: true,
+                reason: "BacklogFull",
+                action: "Enqueue",
+                note: format!(
+                    "{BACKLOG_NOTE} New deliveries are stored failed (recoverable) until it catches up; \
+                     other endpoints are not held back."
+                ),
+            };
+            publish_event(
+                &shared.recorder,
+                &shared.config.metrics,
+                &kube::Resource::object_ref(current.as_ref(), &()),
+                &event,
+            )
+            .await;
+        });
     }
 
     fn start_due_attempts(&mut self) {

@@ -79,6 +79,8 @@ pub struct Options {
     pub allow_private_targets: bool,
     /// `--portal-session-ttl`.
     pub portal_session_ttl: jiff::SignedDuration,
+    /// The delivery log's bounds.
+    pub log: LogConfig,
 }
 
 impl Options {
@@ -95,6 +97,7 @@ impl Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
+            log: LogConfig::default(),
             controller: true,
             dispatcher: false,
             controller_wait: Duration::from_secs(20),
@@ -172,7 +175,7 @@ impl Operator {
                 home_namespace: home.clone(),
                 scope: scope.clone(),
                 schedule: opts.schedule.parse().expect("test schedule parses"),
-                log: LogConfig::default(),
+                log: opts.log.clone(),
                 sender: SenderConfig {
                     total_timeout: opts.attempt_timeout,
                     policy: TargetPolicy {

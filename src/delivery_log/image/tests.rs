@@ -1622,3 +1622,32 @@ fn names_held_by_refused_objects_are_skipped_whatever_number_they_claim() {
     }
     assert_eq!(seqs, [2, 3, 4]);
 }
+
+#[test]
+fn a_full_endpoint_stores_new_fan_out_deliveries_failed_and_leaves_others_alone() {
+    // 2 segments of 1 KiB: 1 KiB per endpoint, a few pending deliveries.
+    let mut log = new_log(config(100, 1024, 2));
+    let mut stored_failed = 0;
+    for n in 0..20 {
+        let mut full = record(n, DeliveryState::Pending);
+        full.endpoint_id = "ep-slow".into();
+        if log.insert_or_fail_when_full(full).unwrap() {
+            stored_failed += 1;
+            let kept = log.get(&id(n)).unwrap();
+            assert_eq!(kept.state, DeliveryState::Failed);
+            assert_eq!(kept.next_attempt_at, None);
+            assert_eq!(kept.last_error.as_deref(), Some(BACKLOG_FULL_ERROR));
+        }
+    }
+    assert!(stored_failed > 0 && stored_failed < 20, "{stored_failed}");
+    let mut plain = record(20, DeliveryState::Pending);
+    plain.endpoint_id = "ep-slow".into();
+    assert!(log.insert(plain).is_err(), "plain inserts still refuse");
+    let mut other = record(21, DeliveryState::Pending);
+    other.endpoint_id = "ep-fast".into();
+    assert_eq!(
+        log.insert_or_fail_when_full(other),
+        Ok(false),
+        "another endpoint has room"
+    );
+}
