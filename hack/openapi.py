@@ -12,7 +12,7 @@ def ok(desc, ref, code="200"):
 common = {
     "400": err("Invalid input: bad JSON, an unknown field, a wrong type or an invalid value."),
     "401": err("Missing, malformed, unknown, revoked or expired credential."),
-    "403": err("A valid credential of another organization, or a project-scoped API key."),
+    "403": err("A valid credential of another organization (an organization or project-scoped API key, or a session)."),
     "413": err("Request body too large."),
     "415": err("Content-Type is not application/json."),
     "500": err("Internal error."),
@@ -86,7 +86,7 @@ doc = {
     },
     "components": {
         "securitySchemes": {"bearerAuth": {"type": "http", "scheme": "bearer",
-                                           "description": "An organization API key (capy_live_...) or a Clerk session token (RS256 JWT)"}},
+                                           "description": "An organization or project-scoped API key (capy_live_...; either acts on every route of its organization, and on no other) or a Clerk session token (RS256 JWT)"}},
         "schemas": {
             "Error": {"type": "object", "required": ["error"], "additionalProperties": False, "properties": {"error": {"type": "string"}}},
             "Endpoint": {"type": "object", "required": endpoint_required, "additionalProperties": False, "properties": endpoint_props},

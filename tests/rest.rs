@@ -14,6 +14,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::assert_conforms;
 use support::operator::{ISSUER, Operator, Options};
+use support::receiver::{Answer, Receiver};
 
 const ORG: &str = "org_alpha";
 const OTHER_ORG: &str = "org_beta";
@@ -181,7 +182,8 @@ async fn authentication_matrix_over_every_route() {
     let (client, ns, op, issuer) = setup("authz", true).await;
     let (_, org_key) = op.mint_key(&client, &ns, ORG, None).await;
     let (_, other_key) = op.mint_key(&client, &ns, OTHER_ORG, None).await;
-    let (_, project_key) = op.mint_key(&client, &ns, ORG, Some("prj_1")).await;
+    // A project key is accepted on its own organization (see the next test), refused on any other.
+    let (_, project_key) = op.mint_key(&client, &ns, OTHER_ORG, Some("prj_1")).await;
     let (revoked, revoked_key) = op.mint_key(&client, &ns, ORG, None).await;
     // The revoked key works until it is revoked, then stops within seconds.
     let (status, _, _) = op.call("GET", &op.url(ORG, ""), Some(&revoked_key), None).await;
@@ -220,7 +222,11 @@ async fn authentication_matrix_over_every_route() {
         ("unknown key", Some(format!("Bearer {unknown_key}")), 401),
         ("revoked key", Some(format!("Bearer {revoked_key}")), 401),
         ("key of another organization", Some(format!("Bearer {other_key}")), 403),
-        ("project-scoped key", Some(format!("Bearer {project_key}")), 403),
+        (
+            "project-scoped key of another organization",
+            Some(format!("Bearer {project_key}")),
+            403,
+        ),
         ("expired JWT", Some(format!("Bearer {expired}")), 401),
         ("JWT from another issuer", Some(format!("Bearer {foreign_issuer}")), 401),
         (
@@ -292,6 +298,193 @@ async fn authentication_matrix_over_every_route() {
         .call("DELETE", &op.url(OTHER_ORG, &format!("/{id}")), Some(&other_key), None)
         .await;
     assert_eq!(status, 404);
+}
+
+/// CapyDB's reference accepts an "org or project-scoped API key" on every route. Endpoints carry no
+/// project, so a project key acts on every route of its own organization exactly as an
+/// organization key does (it sees and manages the organization key's endpoints too, and the other
+/// way round), and gets 403 on every route of another organization.
+#[tokio::test]
+async fn a_project_key_acts_on_every_route_of_its_own_organization_and_on_no_other() {
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, "projkey").await;
+    let opts = Options {
+        dispatcher: true,
+        schedule: "0s",
+        ..Options::default()
+    };
+    let op = Operator::start(&client, &ns, opts).await;
+    let (_, org_key) = op.mint_key(&client, &ns, ORG, None).await;
+    let (record, project_key) = op.mint_key(&client, &ns, ORG, Some("prj_1")).await;
+    assert_eq!(record.project_id.as_deref(), Some("prj_1"));
+    let (_, other_key) = op.mint_key(&client, &ns, OTHER_ORG, None).await;
+    let (_, other_project_key) = op.mint_key(&client, &ns, OTHER_ORG, Some("prj_1")).await;
+    let pk = Some(project_key.as_str());
+    let ids = |list: &Value| -> Vec<String> {
+        let mut ids: Vec<String> = list["webhook_endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+
+    // Create (201, with the secret), and list: the organization key's endpoint is there too.
+    let quiet = Receiver::start(Vec::new()).await;
+    let org_id = op.create_endpoint(ORG, &org_key, &quiet.url("/org")).await;
+    let receiver = Receiver::start(vec![Answer::Status(500)]).await;
+    let (status, created, _) = op
+        .call("POST", &op.url(ORG, ""), pk, Some(json!({"url": receiver.url("/prj")})))
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_conforms("EndpointWithSecret", &created);
+    let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+    assert_eq!(created["webhook_endpoint"]["organization_id"], ORG);
+    let mut both = vec![org_id.clone(), id.clone()];
+    both.sort();
+    for key in [&project_key, &org_key] {
+        let (status, listed, _) = op.call("GET", &op.url(ORG, ""), Some(key), None).await;
+        assert_eq!(status, 200, "{listed}");
+        assert_conforms("EndpointList", &listed);
+        assert_eq!(ids(&listed), both);
+    }
+
+    // Update, settings, rotate: on its own endpoint and on the organization key's.
+    for target in [&id, &org_id] {
+        let (status, body, _) = op
+            .call(
+                "PATCH",
+                &op.url(ORG, &format!("/{target}")),
+                pk,
+                Some(json!({"description": "by a project key"})),
+            )
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_eq!(body["webhook_endpoint"]["description"], "by a project key");
+        let (status, body, _) = op
+            .call("POST", &op.url(ORG, &format!("/{target}/rotate-secret")), pk, None)
+            .await;
+        assert_eq!(status, 200, "{body}");
+        assert_conforms("EndpointWithSecret", &body);
+    }
+    let settings = op.url(ORG, &format!("/{id}/settings"));
+    let (status, body, _) = op
+        .call("PATCH", &settings, pk, Some(json!({"headers": {"X-Source": "prj_1"}})))
+        .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body, _) = op.call("GET", &settings, pk, None).await;
+    assert_eq!(
+        (status.as_u16(), &body["headers"]),
+        (200, &json!({"X-Source": "prj_1"}))
+    );
+
+    // Deliveries, recover, retry, test.
+    let (status, _) = op.ingest(ORG, "database.created", json!({"name": "orders"})).await;
+    assert!(status.is_success(), "{status}");
+    let deliveries = op.url(ORG, &format!("/{id}/deliveries"));
+    let newest = |state: &'static str| {
+        let (op, deliveries) = (&op, &deliveries);
+        support::wait_for(state, Duration::from_secs(30), move || async move {
+            let (status, body, _) = op.call("GET", deliveries, pk, None).await;
+            assert_eq!(status, 200, "{body}");
+            assert_conforms("DeliveryList", &body);
+            let first = body["deliveries"][0].clone();
+            (first["state"] == state).then_some(first)
+        })
+    };
+    let failed = newest("failed").await;
+    let since = (jiff::Timestamp::now() - jiff::SignedDuration::from_secs(600)).to_string();
+    let (status, body, _) = op
+        .call(
+            "POST",
+            &op.url(ORG, &format!("/{id}/recover")),
+            pk,
+            Some(json!({"since": since})),
+        )
+        .await;
+    assert_eq!((status.as_u16(), &body), (202, &json!({"recovered": 1})));
+    newest("succeeded").await;
+    let retry = op.url(
+        ORG,
+        &format!("/{id}/deliveries/{}/retry", failed["id"].as_str().unwrap()),
+    );
+    let (status, body, _) = op.call("POST", &retry, pk, None).await;
+    assert_eq!(status, 202, "{body}");
+    assert_conforms("DeliveryResponse", &body);
+    let (status, body, _) = op.call("POST", &op.url(ORG, &format!("/{id}/test")), pk, None).await;
+    assert_eq!(status, 202, "{body}");
+    // Sent: the first attempt, the recovered one, the retry and the test event.
+    support::wait_for("retry and test received", Duration::from_secs(30), || async {
+        let got = receiver.received();
+        (got.len() == 4 && got.iter().any(|r| r.json()["type"] == "webhook.test")).then_some(())
+    })
+    .await;
+
+    // A portal session, for the organization.
+    let sessions = |org: &str| format!("{}/{org}/portal-sessions", op.base);
+    let (status, session, _) = op.call("POST", &sessions(ORG), pk, None).await;
+    assert_eq!(status, 201, "{session}");
+    assert_conforms("PortalSession", &session);
+    let (status, _, _) = op.call("GET", &op.url(ORG, ""), session["token"].as_str(), None).await;
+    assert_eq!(status, 200);
+
+    // Another organization: 403 on every route, with the other organization's own endpoint id,
+    // both ways (this organization's project key there, theirs here).
+    let other_id = op
+        .create_endpoint(OTHER_ORG, &other_key, "https://hooks.example.com/theirs")
+        .await;
+    let since = (jiff::Timestamp::now() - jiff::SignedDuration::from_secs(600)).to_string();
+    for (key, org, target) in [(&project_key, OTHER_ORG, &other_id), (&other_project_key, ORG, &id)] {
+        let url = |rest: &str| op.url(org, rest);
+        let routes: Vec<(&str, String, Option<Value>)> = vec![
+            ("GET", url(""), None),
+            ("POST", url(""), Some(json!({"url": "https://hooks.example.com/x"}))),
+            (
+                "PATCH",
+                url(&format!("/{target}")),
+                Some(json!({"description": "taken"})),
+            ),
+            ("POST", url(&format!("/{target}/rotate-secret")), None),
+            ("GET", url(&format!("/{target}/deliveries")), None),
+            ("GET", url(&format!("/{target}/settings")), None),
+            (
+                "PATCH",
+                url(&format!("/{target}/settings")),
+                Some(json!({"rate_limit": 1})),
+            ),
+            ("POST", url(&format!("/{target}/test")), None),
+            (
+                "POST",
+                url(&format!("/{target}/recover")),
+                Some(json!({"since": since})),
+            ),
+            ("POST", url(&format!("/{target}/deliveries/msg_any/retry")), None),
+            ("POST", sessions(org), None),
+            ("DELETE", url(&format!("/{target}")), None),
+        ];
+        for (method, url, body) in routes {
+            let (status, body, _) = op.call(method, &url, Some(key), body).await;
+            assert_eq!(status, 403, "{method} {url}: {body}");
+            assert_conforms("Error", &body);
+            let message = body["error"].as_str().unwrap();
+            assert!(message.contains("organization"), "{message}");
+            assert!(!message.contains(key.as_str()), "the error echoes the key");
+        }
+    }
+    let (_, theirs, _) = op.call("GET", &op.url(OTHER_ORG, ""), Some(&other_key), None).await;
+    assert_eq!(ids(&theirs), vec![other_id]);
+    assert_eq!(theirs["webhook_endpoints"][0]["description"], "");
+
+    // Delete, last: the organization key's endpoint and its own.
+    for target in [&org_id, &id] {
+        let (status, body, _) = op.call("DELETE", &op.url(ORG, &format!("/{target}")), pk, None).await;
+        assert_eq!((status.as_u16(), &body), (200, &json!({"deleted": true})));
+    }
+    let (_, listed, _) = op.call("GET", &op.url(ORG, ""), Some(&org_key), None).await;
+    assert_eq!(listed, json!({"webhook_endpoints": []}));
 }
 
 #[tokio::test]

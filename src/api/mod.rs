@@ -171,9 +171,9 @@ fn is_status(e: &kube::Error, code: u16) -> bool {
 impl ApiState {
     /// Authenticates the caller and checks it may act on organization `org`.
     ///
-    /// 401 for a missing or bad credential; 403 for a valid credential of another organization,
-    /// and for project-scoped API keys: webhook endpoints are organization-wide and receive every
-    /// project's events, so managing them needs an organization key or session.
+    /// 401 for a missing or bad credential; 403 for a valid credential of another organization
+    /// ([`Principal::may_act_on`]). Project-scoped API keys act on their own organization as
+    /// organization keys do: endpoints carry no project.
     ///
     /// A read-only portal session may only [`Access::Read`]: 403 on every route that writes.
     async fn authorize(&self, org: &str, headers: &HeaderMap, access: Access) -> Result<Principal, ApiError> {
@@ -192,16 +192,10 @@ impl ApiState {
             }
             err
         })?;
-        if principal.organization_id != org {
+        if !principal.may_act_on(org) {
             return Err(ApiError::new(
                 StatusCode::FORBIDDEN,
                 "this credential does not belong to this organization",
-            ));
-        }
-        if principal.project_id.is_some() {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "project-scoped API keys cannot manage webhook endpoints, which are organization-wide; use an organization API key",
             ));
         }
         if access == Access::Write && principal.read_only() {

@@ -6,10 +6,12 @@
 //! - Clerk session tokens (RS256 JWTs), verified against a cached JWKS ([`clerk`]).
 //!
 //! This module only answers "who is this?" ([`Principal`]) or "not authenticated" ([`AuthError`],
-//! 401, or 503 when the signing keys cannot be fetched). Authorization is the REST layer's job:
-//! - a principal of another organization than the one in the path gets 403;
-//! - webhook endpoints are organization-wide, so a project-scoped API key
-//!   ([`Principal::project_id`] is `Some`) may not manage them: 403 as well.
+//! 401, or 503 when the signing keys cannot be fetched). Authorization is the REST layer's job,
+//! on the rule [`Principal::may_act_on`] states: a principal of another organization than the one
+//! in the path gets 403. A project-scoped API key ([`Principal::project_id`] is `Some`) is
+//! accepted on every route of its own organization, as CapyDB's reference says ("org or
+//! project-scoped API key" on each route): webhook endpoints are organization-wide and carry no
+//! project, so there is nothing narrower to hold the key to.
 //!
 //! Nothing here ever puts a token or key into an error message, a log line or a `Debug` output.
 
@@ -28,9 +30,8 @@ pub const MAX_TOKEN_LENGTH: usize = 8192;
 
 /// Who is calling. Holds no secret, so `Debug` is safe to log.
 ///
-/// The REST layer authorizes: it answers 403 when `organization_id` differs from the
-/// organization in the path, and 403 when `project_id` is `Some` (webhook endpoints are
-/// organization-wide, so a project-scoped key may not manage them).
+/// The REST layer authorizes with [`Principal::may_act_on`]: 403 when `organization_id` differs
+/// from the organization in the path, whatever `project_id` is.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Principal {
     /// The organization the credential belongs to.
@@ -43,6 +44,19 @@ pub struct Principal {
 }
 
 impl Principal {
+    /// Whether this credential may act on the webhook endpoints of organization `org`: exactly when
+    /// it belongs to `org`.
+    ///
+    /// A project-scoped API key counts as a key of its organization. Webhook endpoints carry no
+    /// project (each receives the events of every project it subscribes to), so a project key
+    /// lists, creates and manages the organization's endpoints as an organization key does, and no
+    /// other organization's. Should endpoints ever carry a project, this is where a project key
+    /// would be narrowed to the endpoints of its project (the README's "Decisions" states that
+    /// rule).
+    pub fn may_act_on(&self, org: &str) -> bool {
+        self.organization_id == org
+    }
+
     /// Whether this credential may only read (a read-only portal session).
     pub fn read_only(&self) -> bool {
         matches!(self.credential, CredentialKind::PortalSession { read_only: true, .. })
@@ -321,6 +335,40 @@ mod tests {
         assert!(!err.to_string().contains(&other));
         let short = auth.authenticate(Some("Bearer capy_live_abc")).await.unwrap_err();
         assert_eq!(short, AuthError::UnknownKey);
+    }
+
+    /// The reference accepts "org or project-scoped API key" on every route: a project key acts on
+    /// its own organization exactly as an organization key does, and on no other.
+    #[tokio::test]
+    async fn project_keys_act_on_their_own_organization_only() {
+        for project in [Some("proj_1"), None] {
+            let key = generate_key();
+            let (index, _) = index_with(&key, "org_1", project);
+            let auth = Authenticator::new(index, None);
+            let principal = auth.authenticate(Some(&format!("Bearer {key}"))).await.unwrap();
+            assert_eq!(principal.project_id.as_deref(), project);
+            assert!(principal.may_act_on("org_1"), "{project:?}");
+            assert!(!principal.read_only(), "{project:?}");
+            for other in ["org_2", "org_10", "org_", "ORG_1", ""] {
+                assert!(!principal.may_act_on(other), "{project:?} on {other:?}");
+            }
+        }
+        // A portal session and a Clerk session follow the same rule.
+        for credential in [
+            CredentialKind::PortalSession {
+                session_id: "s".into(),
+                read_only: false,
+            },
+            CredentialKind::Session { user_id: "u".into() },
+        ] {
+            let principal = Principal {
+                organization_id: "org_1".into(),
+                project_id: None,
+                credential,
+            };
+            assert!(principal.may_act_on("org_1"));
+            assert!(!principal.may_act_on("org_2"));
+        }
     }
 
     #[tokio::test]
