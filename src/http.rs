@@ -510,6 +510,21 @@ impl KeyedRateLimit {
         }
     }
 
+    /// Charges `key` for `n` more units of work a request it was admitted for turned out to do
+    /// (a recovery that resends `n` deliveries): the bucket may go below zero, and the key's next
+    /// requests wait until it has refilled. Nothing for an unlimited key.
+    pub fn charge(&self, key: &str, n: usize, now: Instant) {
+        if self.per_second <= 0.0 || n == 0 {
+            return;
+        }
+        let mut buckets = self.buckets.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let (level, updated) = buckets.entry(key.to_string()).or_insert((self.burst, now));
+        let refilled =
+            (*level + now.saturating_duration_since(*updated).as_secs_f64() * self.per_second).min(self.burst);
+        *updated = (*updated).max(now);
+        *level = refilled - n as f64;
+    }
+
     /// Takes one request for `key` at `now`; when the key is over its rate, how long until the
     /// next request is admitted (whole seconds, at least 1, as `Retry-After` counts).
     pub fn take(&self, key: &str, now: Instant) -> Result<(), Duration> {
@@ -648,5 +663,21 @@ mod tests {
         assert_eq!(slow.take("k", t0), Err(Duration::from_secs(10)));
         let unlimited = KeyedRateLimit::new(0.0, 1);
         assert!((0..1000).all(|_| unlimited.take("k", t0).is_ok()));
+    }
+
+    #[test]
+    fn a_charge_puts_a_key_in_debt_until_it_refills() {
+        let limit = KeyedRateLimit::new(2.0, 3);
+        let t0 = Instant::now();
+        assert_eq!(limit.take("org_a", t0), Ok(()));
+        // The request turned out to do ten more units: 2 - 10 = -8, four seconds to refill to 0.
+        limit.charge("org_a", 10, t0);
+        assert_eq!(limit.take("org_a", t0), Err(Duration::from_secs(5)));
+        assert!(limit.take("org_a", t0 + Duration::from_secs(4)).is_err());
+        assert_eq!(limit.take("org_a", t0 + Duration::from_millis(4500)), Ok(()));
+        assert_eq!(limit.take("org_b", t0), Ok(()), "another key is not charged");
+        let unlimited = KeyedRateLimit::new(0.0, 1);
+        unlimited.charge("k", 1_000_000, t0);
+        assert_eq!(unlimited.take("k", t0), Ok(()));
     }
 }

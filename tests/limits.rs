@@ -149,6 +149,83 @@ async fn the_delivery_routes_are_rate_limited_per_organization() {
     support::delete_namespace(&client, &ns).await;
 }
 
+/// A recovery is not a reflector toward an endpoint's URL: each delivery it sends again counts
+/// against the organization's rate like a request of its own, and a delivery recovered is not
+/// recovered again within the cool-down, however often the call is repeated.
+#[tokio::test]
+async fn recovery_counts_each_delivery_and_never_resends_one_twice_at_once() {
+    use support::receiver::Answer;
+    const EVENTS: usize = 15;
+    let (client, ns, op) = support::operator::in_new_namespace(
+        "recover-limit",
+        Options {
+            organization_rate_limit: 0.1,
+            // One attempt each: every delivery to the refusing receiver fails at once.
+            schedule: "0s",
+            ..Options::dispatching()
+        },
+    )
+    .await;
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
+    let receiver = Receiver::start(vec![Answer::Status(503); 4 * EVENTS]).await;
+    let id = op.create_endpoint(ORG, &key, &receiver.url("/")).await;
+    let failed = |n: usize| {
+        let op = &op;
+        async move {
+            op.metrics
+                .encode()
+                .contains(&format!("capy_webhooks_deliveries_total{{outcome=\"failed\"}} {n}"))
+                .then_some(())
+        }
+    };
+    for n in 0..EVENTS {
+        let (status, body) = op.ingest(ORG, "recover.probe", json!({"n": n})).await;
+        assert_eq!(status, 202, "{body}");
+    }
+    support::wait_for("every delivery failed", Duration::from_secs(30), || failed(EVENTS)).await;
+    let recover_url = op.url(ORG, &format!("/{id}/recover"));
+    let since = (jiff::Timestamp::now() - jiff::SignedDuration::from_hours(1)).to_string();
+    let recover = || op.call("POST", &recover_url, Some(&key), Some(json!({ "since": since })));
+    let (status, body, _) = recover().await;
+    assert_eq!(
+        (status.as_u16(), body["recovered"].as_u64()),
+        (202, Some(EVENTS as u64)),
+        "{body}"
+    );
+    support::wait_for("every recovered delivery failed again", Duration::from_secs(30), || {
+        failed(2 * EVENTS)
+    })
+    .await;
+    // Repeated at once: nothing is sent again (before, all fifteen were, every call).
+    let (status, body, _) = recover().await;
+    assert_eq!((status.as_u16(), body["recovered"].as_u64()), (202, Some(0)), "{body}");
+    assert_eq!(receiver.received().len(), 2 * EVENTS);
+
+    // Fifteen new failures, recovered: 20 (burst) - 1 - 14 - 1 - 1 - 14 leaves the organization
+    // eleven requests in debt, so its next delivery-route request waits.
+    for n in 0..EVENTS {
+        op.ingest(ORG, "recover.probe", json!({"n": n})).await;
+    }
+    support::wait_for("the new deliveries failed", Duration::from_secs(30), || {
+        failed(3 * EVENTS)
+    })
+    .await;
+    let (status, body, _) = recover().await;
+    assert_eq!(
+        (status.as_u16(), body["recovered"].as_u64()),
+        (202, Some(EVENTS as u64)),
+        "{body}"
+    );
+    let (status, body, headers) = op
+        .call("GET", &op.url(ORG, &format!("/{id}/deliveries")), Some(&key), None)
+        .await;
+    assert_eq!(status, 429, "the recovered deliveries were charged: {body}");
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry_after >= 100, "eleven requests of debt at 0.1/s: {retry_after}");
+    op.stop().await;
+    support::delete_namespace(&client, &ns).await;
+}
+
 /// A process without a dispatcher serves the deliveries route from a watch of the logs: the API
 /// server sees no list of ConfigMaps per request.
 #[tokio::test]

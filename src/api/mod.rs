@@ -558,6 +558,10 @@ impl ApiState {
             .recover(&endpoint, since, until)
             .await
             .map_err(submit_error)?;
+        // Each delivery sent again counts against the organization's rate, as if it were a
+        // request of its own: one call is no amplifier (the request itself took one).
+        self.rate_limit
+            .charge(&org, recovered.saturating_sub(1), std::time::Instant::now());
         info!(organization = %org, endpoint = %id, recovered, %since, %until, "failed deliveries recovered");
         let body = json!({ "recovered": recovered });
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())

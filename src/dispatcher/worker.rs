@@ -39,6 +39,10 @@ const LOG_WRITE_RETRY_MAX: Duration = Duration::from_secs(30);
 /// Log writes (batches) of one organization in flight at most.
 pub(crate) const WRITES_IN_FLIGHT: usize = 4;
 
+/// A delivery recovered is not recovered again for this long (it is pending meanwhile anyway,
+/// until its one attempt fails again).
+pub(crate) const RECOVER_COOLDOWN: jiff::SignedDuration = jiff::SignedDuration::from_mins(10);
+
 /// An endpoint whose backlog stays full is told so at most this often (a Warning Event).
 const BACKLOG_FULL_EVENT_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -187,6 +191,9 @@ pub(crate) struct Worker {
     /// Segment names found held by objects this operator did not write, forgotten once the
     /// failed batches are given back.
     foreign_names: Vec<String>,
+    /// Deliveries recovered within [`RECOVER_COOLDOWN`], and when (kept by this worker: a new
+    /// owner of the shard starts without them).
+    recovered_at: HashMap<String, Timestamp>,
     /// Whether a write failed since the last give-back for another reason than a foreign name
     /// (only such failures make the worker pause before writing again).
     write_failed: bool,
@@ -233,6 +240,7 @@ impl Worker {
             write_failures: 0,
             foreign_names: Vec::new(),
             write_failed: false,
+            recovered_at: HashMap::new(),
             reported_pending: 0,
         };
         let due: Vec<(String, Timestamp, String)> = worker
@@ -722,11 +730,18 @@ impl Worker {
         until: Timestamp,
         reply: oneshot::Sender<Result<usize, SubmitError>>,
     ) {
+        let now = Timestamp::now();
+        let cooled = now - RECOVER_COOLDOWN;
+        self.recovered_at.retain(|_, at| *at > cooled);
+        let recovered_at = &self.recovered_at;
         let mut failed: Vec<DeliveryRecord> = self
             .log
             .newest_first(&endpoint, usize::MAX)
             .into_iter()
             .filter(|r| r.state == DeliveryState::Failed && r.created_at >= since && r.created_at < until)
+            // Recovered within the cool-down: not again, or one call repeated at once would be a
+            // POST amplifier toward the endpoint's URL.
+            .filter(|r| !recovered_at.contains_key(&r.id))
             .cloned()
             .collect();
         failed.reverse();
@@ -735,9 +750,9 @@ impl Worker {
             let _ = reply.send(Ok(0));
             return;
         }
-        let now = Timestamp::now();
         let count = failed.len();
         for mut record in failed {
+            self.recovered_at.insert(record.id.clone(), now);
             record.state = DeliveryState::Pending;
             record.max_attempts = record.attempts + 1;
             record.next_attempt_at = Some(now);
