@@ -343,6 +343,112 @@ async fn a_slow_endpoint_never_holds_back_its_organization() {
     support::delete_namespace(&client, &ns).await;
 }
 
+/// A log segment the operator deleted, re-created byte for byte by someone who copied it (its MAC
+/// is valid), is a replay: its superseded pending record is never read back, so the delivery is
+/// not sent again after a restart, and the copy is deleted again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_segment_created_again_is_not_replayed() {
+    use capy_webhooks::delivery_log::{LogConfig, journal_segment_name};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use support::receiver::Answer;
+    const ORG: &str = "org_replayed";
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, "replay").await;
+    let options = || Options {
+        schedule: "0s,1s,1s",
+        // Small segments and one finished delivery kept: the first segment soon holds nothing
+        // live, and the first delivery's every copy goes.
+        log: LogConfig {
+            max_finished: 1,
+            segment_bytes: 1024,
+            max_segments: 4,
+        },
+        ..Options::dispatching()
+    };
+    let mut op = Operator::start(&client, &ns, options()).await;
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
+    // The first event's first attempt fails: segment 1 holds its delivery pending.
+    let receiver = Receiver::start(vec![Answer::Status(503)]).await;
+    op.create_endpoint(ORG, &key, &receiver.url("/in")).await;
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let first = journal_segment_name(ORG, 1);
+    let (status, body) = op.ingest(ORG, "replay.first", json!({"n": 0})).await;
+    assert_eq!(status, 202, "{body}");
+    let copy = support::wait_for("segment 1 written", WAIT, || async {
+        configmaps.get_opt(&first).await.ok()?
+    })
+    .await;
+    support::wait_for("the first delivery succeeded on its retry", WAIT, || async {
+        (receiver.received().len() >= 2).then_some(())
+    })
+    .await;
+    // More events until segment 1 is deleted and a newer segment's floor is above it.
+    let mut n = 1;
+    support::wait_for(
+        "segment 1 deleted and a floor above it",
+        Duration::from_secs(60),
+        || {
+            n += 1;
+            let (op, configmaps, first) = (&op, &configmaps, &first);
+            async move {
+                op.ingest(ORG, "replay.later", json!({ "n": n })).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                configmaps.get_opt(first).await.ok()?.is_none().then_some(())?;
+                let segments = configmaps.list(&ListParams::default()).await.ok()?.items;
+                segments
+                    .iter()
+                    .any(|cm| {
+                        cm.data
+                            .as_ref()
+                            .and_then(|d| d.get("floor"))
+                            .and_then(|f| f.parse::<u64>().ok())
+                            > Some(1)
+                    })
+                    .then_some(())
+            }
+        },
+    )
+    .await;
+    op.stop().await;
+    let sent_before = receiver.received().len();
+
+    // The copy comes back, and the operator restarts.
+    let mut replayed = copy.clone();
+    replayed.metadata.resource_version = None;
+    replayed.metadata.uid = None;
+    replayed.metadata.creation_timestamp = None;
+    replayed.metadata.managed_fields = None;
+    configmaps.create(&PostParams::default(), &replayed).await.unwrap();
+    op = Operator::start(&client, &ns, options()).await;
+    support::wait_for("the replayed segment deleted again", WAIT, || async {
+        configmaps.get_opt(&first).await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let (status, _) = op.ingest(ORG, "replay.after", json!({"n": -1})).await;
+    assert_eq!(status, 202);
+    support::wait_for("the event after the restart", WAIT, || async {
+        receiver
+            .received()
+            .iter()
+            .any(|r| r.json()["type"] == "replay.after")
+            .then_some(())
+    })
+    .await;
+    let first_sends = receiver
+        .received()
+        .iter()
+        .filter(|r| r.json()["type"] == "replay.first")
+        .count();
+    assert_eq!(
+        first_sends, 2,
+        "the first delivery was sent again from the replayed segment"
+    );
+    assert_eq!(receiver.received().len(), sent_before + 1);
+    op.stop().await;
+    support::delete_namespace(&client, &ns).await;
+}
+
 /// A ConfigMap that carries the delivery log's labels but that the operator did not write: its
 /// pending record is never delivered nor listed, before or after a restart, and its owner is told.
 #[tokio::test]

@@ -3,10 +3,12 @@
 //! without ever holding an API key.
 //!
 //! A token is `capy_portal_` + base64url(JSON claims) + `.` + base64url(HMAC-SHA256 over
-//! everything before the dot). The key is derived from the operator's delivery-log key Secret, so
-//! every replica verifies what any replica issued and a restart keeps sessions valid. Sessions
-//! cannot be revoked one by one: they are short (`--portal-session-ttl`, 1 h by default), and
-//! deleting the key Secret ends all of them (and re-keys the log; see the README).
+//! everything before the dot). The key is the operator's own portal key, Secret
+//! `capy-webhooks-portal-key` in the home namespace (`crate::api::PORTAL_KEY_SECRET`), so every
+//! replica verifies what any replica issued and a restart keeps sessions valid. Sessions cannot be
+//! revoked one by one: they are short (`--portal-session-ttl`, 1 h by default), and deleting that
+//! Secret (then restarting the operator) ends all of them. It is not the delivery-log key:
+//! deleting `capy-webhooks-log-key` ends no session and makes every log untrusted.
 //!
 //! Pure: issuing and verifying take the time as an argument and do no IO.
 

@@ -292,6 +292,14 @@ pub struct DeliveryLog {
     /// seen when the log was read back): never used, and never moving `next_seq`, so a squatted
     /// name costs one skipped number, whatever number it claims.
     avoided: BTreeSet<u64>,
+    /// Segments a batch deletes whose delete is not confirmed yet: until it is, they may hold
+    /// the only durable copy of an entry, so new segments' floors stay at or below them.
+    unconfirmed_deletes: BTreeSet<u64>,
+    /// The highest floor a create carried.
+    floor_written: u64,
+    /// Whether confirmed deletes raised the floor above [`Self::floor_written`] while entries
+    /// live: the next batch writes, if only to record it.
+    floor_behind: bool,
 }
 
 impl DeliveryLog {
@@ -313,13 +321,41 @@ impl DeliveryLog {
             projected: 0,
             next_seq: 1,
             avoided: BTreeSet::new(),
+            unconfirmed_deletes: BTreeSet::new(),
+            floor_written: 0,
+            floor_behind: false,
         }
+    }
+
+    /// The lowest sequence number that may still hold a live entry: the floor new segments
+    /// record ([`segment::FLOOR_KEY`]).
+    fn floor(&self) -> u64 {
+        let oldest = self.segments.keys().next().copied().unwrap_or(self.next_seq);
+        self.unconfirmed_deletes.first().map_or(oldest, |&seq| seq.min(oldest))
+    }
+
+    /// The sequence number of a segment of this log, by name (`None` for another log's name or
+    /// the first format).
+    fn own_seq(&self, name: &str) -> Option<u64> {
+        journal_seq(name).filter(|&seq| journal_segment_name(&self.organization_id, seq) == name)
+    }
+
+    /// Segments deleted, as the API server confirmed: they no longer hold back the floor. While
+    /// entries live, a floor that rose is written with the next batch (one with nothing else to
+    /// write, if need be: [`Self::has_changes`]).
+    pub fn confirm_deleted(&mut self, names: &[String]) {
+        for name in names {
+            if let Some(seq) = self.own_seq(name) {
+                self.unconfirmed_deletes.remove(&seq);
+            }
+        }
+        self.floor_behind = !self.records.is_empty() && self.floor() > self.floor_written;
     }
 
     /// Never names a new segment `name`: it is held by an object that is not part of the log
     /// (a refused segment), which is never written into. Names of other logs are ignored.
     pub fn avoid_name(&mut self, name: &str) {
-        if let Some(seq) = journal_seq(name).filter(|&seq| journal_segment_name(&self.organization_id, seq) == name) {
+        if let Some(seq) = self.own_seq(name) {
             self.avoided.insert(seq);
         }
     }
@@ -354,6 +390,20 @@ impl DeliveryLog {
                 warn!(configmap = %name, "not named like a delivery-log segment; ignored");
             }
         }
+        // Below the newest floor: segments the operator deleted. One found again is a replay of
+        // superseded entries (or a delete not yet done): never read, and deleted once more.
+        let floor = current.iter().map(|(_, cm)| segment::floor(cm)).max().unwrap_or(0);
+        log.floor_written = floor;
+        current.retain(|(seq, cm)| {
+            if *seq >= floor {
+                return true;
+            }
+            let name = cm.metadata.name.clone().unwrap_or_default();
+            warn!(configmap = %name, floor, "delivery-log segment below its log's floor (deleted before); ignored and deleted");
+            log.unconfirmed_deletes.insert(*seq);
+            log.deleting.push(name);
+            false
+        });
         legacy.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
         for (_, _, cm) in legacy {
             let name = cm.metadata.name.unwrap_or_default();
@@ -707,6 +757,7 @@ impl DeliveryLog {
     /// Whether [`Self::take_writes`] would return writes.
     pub fn has_changes(&self) -> bool {
         !self.dirty.is_empty()
+            || self.floor_behind
             || !self.retired.is_empty()
             || !self.deleting.is_empty()
             || self.segments.values().next().is_some_and(|s| s.live.is_empty())
@@ -742,6 +793,14 @@ impl DeliveryLog {
             deleted.push(segment.name);
         }
 
+        // Before the creates: no floor passes a segment until the API server confirmed its delete
+        // (a batch applied in part, or an earlier batch whose copies are not durable yet, leaves
+        // it the only copy of live entries).
+        for name in &deleted {
+            if let Some(seq) = self.own_seq(name) {
+                self.unconfirmed_deletes.insert(seq);
+            }
+        }
         let mut writes = Vec::new();
         let mut created = Vec::new();
         let mut batch = Batch::default();
@@ -774,6 +833,11 @@ impl DeliveryLog {
             batch.data.insert(id, stored);
         }
         if !batch.data.is_empty() {
+            self.create(std::mem::take(&mut batch), &mut writes, &mut created);
+        }
+        if batch.data.is_empty() && created.is_empty() && self.floor_behind {
+            // Nothing else to write, but deletes were confirmed since the last floor was: one
+            // small segment carries the new floor, so no replay of them is read back.
             self.create(batch, &mut writes, &mut created);
         }
         writes.extend(deleted.iter().map(|name| SegmentWrite::Delete { name: name.clone() }));
@@ -874,7 +938,10 @@ impl DeliveryLog {
                 bytes: batch.bytes,
             },
         );
-        writes.push(SegmentWrite::Create(self.configmap(&name, batch.data)));
+        let floor = self.floor().min(seq);
+        self.floor_written = self.floor_written.max(floor);
+        self.floor_behind = false;
+        writes.push(SegmentWrite::Create(self.configmap(&name, batch.data, floor)));
         created.push(Created {
             seq,
             live: batch.live,
@@ -1037,7 +1104,7 @@ impl DeliveryLog {
         }
     }
 
-    fn configmap(&self, name: &str, data: BTreeMap<String, String>) -> ConfigMap {
+    fn configmap(&self, name: &str, data: BTreeMap<String, String>, floor: u64) -> ConfigMap {
         ConfigMap {
             metadata: ObjectMeta {
                 name: Some(name.to_string()),
@@ -1049,6 +1116,7 @@ impl DeliveryLog {
                 segment::JOURNAL_KEY.to_string(),
                 segment::pack(&data),
             )])),
+            data: Some(BTreeMap::from([(segment::FLOOR_KEY.to_string(), floor.to_string())])),
             ..Default::default()
         }
     }

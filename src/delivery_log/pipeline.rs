@@ -138,16 +138,18 @@ impl WritePipeline {
         }
     }
 
-    /// The deletes of batch `id` were applied (`ok`) or failed.
-    pub fn deletes_done(&mut self, id: u64, ok: bool) {
+    /// The deletes of batch `id` were applied (`ok`: returns the names of the segments deleted,
+    /// for [`DeliveryLog::confirm_deleted`]) or failed.
+    pub fn deletes_done(&mut self, id: u64, ok: bool) -> Vec<String> {
         let slot = self.slot(id);
         debug_assert_eq!(slot.deletes, Phase::Running);
-        if ok {
-            slot.deletes = Phase::Done;
-        } else {
+        if !ok {
             slot.deletes = Phase::Failed;
             self.failed = true;
+            return Vec::new();
         }
+        slot.deletes = Phase::Done;
+        slot.writes.deletes().iter().map(|w| w.name().to_string()).collect()
     }
 
     /// The deletes to send now, if it is a batch's turn: the oldest batch, once its creates are

@@ -20,6 +20,20 @@ use k8s_openapi::api::core::v1::ConfigMap;
 /// The `binaryData` key holding a segment's entries.
 pub const JOURNAL_KEY: &str = "journal";
 
+/// The `data` key holding a segment's floor: the lowest sequence number of its log that was
+/// not yet known deleted when it was written. A segment below the highest floor of its log was
+/// deleted by the operator (or is being): if it is there again, it is a replay, never read.
+pub const FLOOR_KEY: &str = "floor";
+
+/// A segment's floor ([`FLOOR_KEY`]); 0 for segments written before floors existed.
+pub fn floor(cm: &ConfigMap) -> u64 {
+    cm.data
+        .as_ref()
+        .and_then(|d| d.get(FLOOR_KEY))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 /// Largest inflated size read back from one segment: a bound against a corrupt or hostile value
 /// (writers stay far below it: a segment holds at most a few hundred KiB).
 const MAX_INFLATED_BYTES: u64 = 16 * 1024 * 1024;
@@ -44,6 +58,7 @@ pub fn pack(entries: &BTreeMap<String, String>) -> ByteString {
 /// packed value is an error (the caller skips the segment's entries and says so).
 pub fn entries(cm: &ConfigMap) -> Result<BTreeMap<String, String>, String> {
     let mut entries: BTreeMap<String, String> = cm.data.clone().unwrap_or_default();
+    entries.remove(FLOOR_KEY);
     if let Some(packed) = cm.binary_data.as_ref().and_then(|b| b.get(JOURNAL_KEY)) {
         let mut text = String::new();
         DeflateDecoder::new(packed.0.as_slice())

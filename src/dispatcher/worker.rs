@@ -916,7 +916,8 @@ impl Worker {
                     .config
                     .metrics
                     .apiserver_writes(WriteKind::ConfigMap, calls as u64);
-                self.pipeline.deletes_done(batch, true);
+                let deleted = self.pipeline.deletes_done(batch, true);
+                self.log.confirm_deleted(&deleted);
             }
             Err(e) => {
                 self.write_failed = true;

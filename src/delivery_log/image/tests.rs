@@ -183,8 +183,14 @@ fn new_segments_carry_labels_and_every_changed_record() {
         cm.metadata.owner_references.is_none(),
         "the dispatcher deletes what it wrote"
     );
-    // Packed: one binaryData value, no data key per entry.
-    assert!(cm.data.is_none());
+    // Packed: one binaryData value, no data key per entry; data holds only the log's floor.
+    assert_eq!(
+        cm.data,
+        Some(BTreeMap::from([(
+            crate::delivery_log::segment::FLOOR_KEY.to_string(),
+            "1".to_string()
+        )]))
+    );
     assert_eq!(
         cm.binary_data.as_ref().unwrap().keys().collect::<Vec<_>>(),
         [crate::delivery_log::JOURNAL_KEY]
@@ -1650,4 +1656,58 @@ fn a_full_endpoint_stores_new_fan_out_deliveries_failed_and_leaves_others_alone(
         Ok(false),
         "another endpoint has room"
     );
+}
+
+#[test]
+fn a_segment_deleted_and_created_again_is_never_read_back() {
+    let mut log = new_log(config(100, 8 * 1024, 4));
+    let mut server = FakeServer::default();
+    for n in 0..3 {
+        log.insert(record(n, DeliveryState::Pending)).unwrap();
+    }
+    commit(&mut log, &mut server);
+    let first = log.segments()[0].name.clone();
+    let copy = server.objects[&first].clone();
+    // Every delivery of the first segment finishes, in later segments: it holds nothing live and
+    // is deleted once the log compacts.
+    let mut deleted = false;
+    for round in 0..20u32 {
+        for n in 0..3 {
+            let mut done = log.get(&id(n)).unwrap().clone();
+            done.state = DeliveryState::Succeeded;
+            done.attempts = round + 1;
+            assert!(log.update(done));
+        }
+        let writes = log.take_writes();
+        server.apply(&writes, None).unwrap();
+        let gone: Vec<String> = writes.deletes().iter().map(|w| w.name().to_string()).collect();
+        deleted |= gone.contains(&first);
+        log.confirm_deleted(&gone);
+        if deleted {
+            break;
+        }
+    }
+    assert!(deleted, "the first segment was compacted away");
+    // The confirmed delete raised the floor: the log writes it even with nothing else to write.
+    assert!(log.has_changes());
+    let floor_only = log.take_writes();
+    assert_eq!(created(&floor_only).len(), 1);
+    assert!(entries(created(&floor_only)[0]).is_empty());
+    server.apply(&floor_only, None).unwrap();
+    assert!(!log.has_changes(), "once");
+    // Before the delete was confirmed, a read-back would still read it; after, a byte-for-byte
+    // copy (MAC and all) is a replay: ignored, its pending records do not come back, and the
+    // next batch deletes it again.
+    let mut replayed = server.clone();
+    replayed.objects.insert(first.clone(), copy);
+    let back = recover(&replayed, config(100, 8 * 1024, 4));
+    for n in 0..3 {
+        assert_eq!(back.get(&id(n)).unwrap().state, DeliveryState::Succeeded, "{n}");
+    }
+    assert!(!back.segments().iter().any(|s| s.name == first));
+    let mut back = back;
+    let again = back.take_writes();
+    assert!(again.deletes().iter().any(|w| w.name() == first), "{:?}", names(&again));
+    // Without the replay, the log reads back as it is.
+    assert_in_sync(&log, &server);
 }
