@@ -327,6 +327,18 @@ impl DeliveryLog {
         }
     }
 
+    /// Never names a new segment `seq` or below: for names this process may have written for the
+    /// same log before (a worker aborted with writes in flight, whose segments a read-back made
+    /// meanwhile may not show yet). Only for the operator's own numbers, never for names found.
+    pub fn start_names_after(&mut self, seq: u64) {
+        self.next_seq = self.next_seq.max(seq.saturating_add(1));
+    }
+
+    /// The sequence number the next new segment will get (at least).
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
     /// The lowest sequence number that may still hold a live entry: the floor new segments
     /// record ([`segment::FLOOR_KEY`]).
     fn floor(&self) -> u64 {

@@ -146,6 +146,32 @@ pub(crate) struct Shared {
     stopping: watch::Receiver<bool>,
     /// Shards whose logs must be read back again (a second writer was detected).
     reload: mpsc::UnboundedSender<u32>,
+    /// The highest segment number each log's worker in this process has named: a worker started
+    /// later for the same log (after a shard was lost and taken again, or read back) names its
+    /// segments above it. An aborted worker's last create may still land after the new worker's
+    /// read-back; under the same name it would pass for a second writer and have the whole shard
+    /// read back (events answered 503 although durable, deliveries sent twice).
+    seq_marks: Mutex<HashMap<WorkerKey, u64>>,
+}
+
+impl Shared {
+    /// Records that the log of `key` has named segments below `next_seq`.
+    pub(crate) fn mark_seq(&self, key: &WorkerKey, next_seq: u64) {
+        let mut marks = self.seq_marks.lock().expect("seq marks lock");
+        match marks.get_mut(key) {
+            Some(mark) => *mark = (*mark).max(next_seq.saturating_sub(1)),
+            None => {
+                marks.insert(key.clone(), next_seq.saturating_sub(1));
+            }
+        }
+    }
+
+    /// A log about to get a worker: its names start above any this process used for it.
+    fn resume_names(&self, key: &WorkerKey, log: &mut DeliveryLog) {
+        if let Some(&mark) = self.seq_marks.lock().expect("seq marks lock").get(key) {
+            log.start_names_after(mark);
+        }
+    }
 }
 
 /// The work of one shard this replica holds: its workers, stopped together.
@@ -161,7 +187,7 @@ struct ShardRun {
 }
 
 /// A worker's key: the namespace and organization of its log.
-type WorkerKey = (String, String);
+pub(crate) type WorkerKey = (String, String);
 
 /// Handle to the running dispatcher: submit events, retry deliveries, send test events.
 #[derive(Clone)]
@@ -217,6 +243,7 @@ impl Dispatcher {
             log_key,
             stopping,
             reload,
+            seq_marks: Mutex::default(),
         });
         let ShardFeed { mut events, placement } = shards;
         let dispatcher = Dispatcher {
@@ -542,6 +569,8 @@ impl Dispatcher {
     ) -> Option<mpsc::Sender<Msg>> {
         let shard = shard_of(&key.1);
         let run = shards.get_mut(&shard)?;
+        let mut log = log;
+        self.shared.resume_names(&key, &mut log);
         let (tx, rx) = mpsc::channel(1024);
         let worker = Worker::new(
             self.shared.clone(),

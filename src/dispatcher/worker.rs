@@ -797,6 +797,10 @@ impl Worker {
         self.write_retry_at = None;
         while self.pipeline.has_room() && self.log.has_changes() {
             let writes = self.log.take_writes();
+            self.shared.mark_seq(
+                &(self.namespace.clone(), self.organization.clone()),
+                self.log.next_seq(),
+            );
             let bytes = writes.bytes();
             self.shared.config.budget.charge(bytes);
             self.shared
