@@ -305,7 +305,7 @@ pub fn routes(
             }
         })
         .untuple_one()
-        .and(crate::http::json_bytes(limit + 256 * 1024))
+        .and(crate::http::json_bytes(limit + 16 * 1024))
         .then(|router: Router, headers: HeaderMap, body: Bytes| async move {
             if let Err(e) = router
                 .replica_key()
