@@ -201,9 +201,38 @@ impl EndpointCache {
                 .store
                 .find(|e| e.name_any() == id && e.spec.organization_id == organization_id && self.bound(e)),
         };
-        found.filter(|e| {
-            e.spec.organization_id == organization_id && e.metadata.deletion_timestamp.is_none() && self.bound(e)
+        found.filter(|e| self.serves(e, organization_id))
+    }
+
+    /// Whether `endpoint` is one of `organization_id`'s that may be acted on: it names that
+    /// organization, is not being deleted, and its namespace is bound to the organization. The
+    /// one rule for the REST facade ([`Self::find`]) and for work another replica asks for
+    /// ([`Self::resolve`]).
+    fn serves(&self, endpoint: &WebhookEndpoint, organization_id: &str) -> bool {
+        endpoint.spec.organization_id == organization_id
+            && endpoint.metadata.deletion_timestamp.is_none()
+            && self.bound(endpoint)
+    }
+
+    /// The endpoint a [`crate::work::EndpointRef`] names, if this cache has it with that uid and
+    /// it [serves](Self::serves) the organization the reference names; otherwise nothing is
+    /// believed of the reference.
+    pub fn resolve(&self, reference: &crate::work::EndpointRef) -> Option<Arc<WebhookEndpoint>> {
+        self.store
+            .get(&ObjectRef::new(&reference.name).within(&reference.namespace))
+            .filter(|e| {
+                !reference.uid.is_empty()
+                    && e.metadata.uid.as_deref() == Some(reference.uid.as_str())
+                    && self.serves(e, &reference.organization_id)
+            })
+    }
+
+    /// Waits up to `timeout` until the cache holds `(namespace, name)` with `uid`.
+    pub async fn wait_for_uid(&self, namespace: &str, name: &str, uid: &str, timeout: Duration) {
+        self.wait_for(namespace, name, timeout, |e| {
+            e.filter(|e| e.metadata.uid.as_deref() == Some(uid)).map(|_| ())
         })
+        .await;
     }
 
     /// Waits up to `timeout` for `check` to return `Some` on the cached object `(ns, name)`

@@ -20,10 +20,11 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::http::{ApiError, OTHER_ROUTE, bearer_token, parse_json, path_segments};
+use crate::replica_key::{Refused, ReplicaKey, unix_now};
 use crate::routing::{FORWARDED_HEADER, Route, Router, WORK_PATH};
 use crate::telemetry::Metrics;
 use crate::validation::validate_event_type;
-use crate::work::{SubmitError, WorkHandle, WorkRequest, perform};
+use crate::work::{SubmitError, WorkHandle, WorkRequest};
 
 /// Settings of the ingest port.
 #[derive(Clone)]
@@ -129,6 +130,11 @@ fn authorize(headers: &HeaderMap, token: &str) -> Result<(), ApiError> {
     }
 }
 
+/// The 401 of a work request that is not a replica's.
+fn refused(e: Refused) -> ApiError {
+    ApiError::new(StatusCode::UNAUTHORIZED, e.to_string())
+}
+
 /// Compares a presented token with the expected one in constant time, leaking neither content
 /// nor length: both are hashed to 32 bytes first, so the comparison never stops early on a
 /// length mismatch.
@@ -166,6 +172,8 @@ impl IngestState {
                 "Idempotency-Key must have 1 to {MAX_IDEMPOTENCY_KEY_BYTES} characters"
             )));
         }
+        // Anyone may set this header: it is believed only so far as not to forward again (see
+        // `crate::routing`); the request was authenticated with the ingest token like any other.
         let forwarded = headers.contains_key(FORWARDED_HEADER);
         if let Some(router) = self.config.router.as_ref().filter(|_| !forwarded) {
             match router.route(&org) {
@@ -278,25 +286,36 @@ pub fn routes(
         in_progress: Mutex::default(),
     });
     let token = state.config.token.clone();
-    let work_token = token.clone();
-    let work_state = state.clone();
-    // Work forwarded by another replica: an endpoint (a few KiB) and at most one event.
+    let work_router = state.config.router.clone();
+    // Work forwarded by another replica: a few hundred bytes of reference and at most one event.
+    // Only replicas sign it ([`crate::replica_key`]); the producers' ingest token is worth
+    // nothing here, and so is [`FORWARDED_HEADER`]. Without a router (a single process that
+    // serves every organization), nobody forwards anything: the route is not there.
     let work = warp::path!("internal" / "v1" / "work")
         .and(warp::post())
         .and(warp::header::headers_cloned())
         .and_then(move |headers: HeaderMap| {
-            let checked = authorize(&headers, &work_token).map_err(warp::reject::custom);
-            async move { checked }
+            let router = work_router.clone();
+            async move {
+                let router = router.ok_or_else(warp::reject::not_found)?;
+                // Fresh signature headers before the body is read: an anonymous client cannot
+                // make the port buffer bodies.
+                ReplicaKey::precheck(&headers, unix_now()).map_err(|e| warp::reject::custom(refused(e)))?;
+                Ok::<_, warp::Rejection>((router, headers))
+            }
         })
         .untuple_one()
-        .and(crate::http::json_bytes(limit + 256 * 1024))
-        .then(move |body: Bytes| {
-            let state = work_state.clone();
-            async move {
-                match parse_json::<WorkRequest>(&body) {
-                    Ok(request) => warp::reply::json(&perform(&state.work, request).await).into_response(),
-                    Err(e) => e.into_response(),
-                }
+        .and(crate::http::json_bytes(limit + 16 * 1024))
+        .then(|router: Router, headers: HeaderMap, body: Bytes| async move {
+            if let Err(e) = router
+                .replica_key()
+                .verify("POST", WORK_PATH, &headers, &body, unix_now())
+            {
+                return refused(e).into_response();
+            }
+            match parse_json::<WorkRequest>(&body) {
+                Ok(request) => warp::reply::json(&router.perform_here(request).await).into_response(),
+                Err(e) => e.into_response(),
             }
         });
     // The token is checked before the body is read: an anonymous client cannot make the port

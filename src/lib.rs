@@ -9,7 +9,8 @@
 //!    [`delivery_log`] (the log the dispatcher writes and the REST facade
 //!    reads), [`work`] (the handle the REST facade and ingest use to reach a dispatcher), [`http`],
 //!    [`auth`], [`telemetry`], [`leases`] and [`shards`] (who leads, who owns which shard, on
-//!    Kubernetes Leases), [`routing`] (forwarding work to the replica that owns it);
+//!    Kubernetes Leases), [`routing`] (forwarding work to the replica that owns it) and
+//!    [`replica_key`] (how replicas authenticate to each other);
 //! 4. the components, none importing another (a test checks it: `tests/layering.rs`):
 //!    [`controller`], [`api`], [`dispatcher`], [`ingest`], and [`ops`] (probes and metrics).
 //!
@@ -30,6 +31,7 @@ pub mod ingest;
 pub mod key_secrets;
 pub mod leases;
 pub mod ops;
+pub mod replica_key;
 pub mod resources;
 pub mod routing;
 pub mod shards;

@@ -25,6 +25,7 @@ use capy_webhooks::endpoints::{self, EndpointCache};
 use capy_webhooks::http::ServerLimits;
 use capy_webhooks::ingest::IngestConfig;
 use capy_webhooks::leases::{CONTROLLER_LEASE, Leadership, LeaseConfig, default_identity};
+use capy_webhooks::replica_key::ReplicaKey;
 use capy_webhooks::resources::{Scope, crd_yaml};
 use capy_webhooks::routing::Router;
 use capy_webhooks::shards::coordinator::{self, CoordinatorConfig};
@@ -662,10 +663,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let Some(dispatcher) = start_step(&mut tasks, stopped(), start).await? else {
             return until_all_end(tasks).await;
         };
+        // Replicas sign the work they forward to each other with a key only the operator reads.
+        let replica_key = ReplicaKey::load_or_create(&client, &home_namespace);
+        let Some(replica_key) = start_step(&mut tasks, stopped(), replica_key).await? else {
+            return until_all_end(tasks).await;
+        };
         let router = Router::new(
             placement,
             WorkHandle::new(dispatcher.clone()),
+            cache.clone(),
             &token,
+            replica_key,
             &identity,
             // The owner answers within its persist timeout (10 s); a frozen owner must not hold
             // a producer much longer than that.

@@ -1,7 +1,18 @@
 //! Any replica serves any request: work for an organization is done by the replica that owns the
 //! organization's shard ([`crate::shards`]), and the others forward it there over the internal
-//! port, authenticated with the ingest token. Events keep their `Idempotency-Key` on the way, so
-//! the owner's idempotency cache answers whichever replica a producer reached.
+//! port. Events keep their `Idempotency-Key` on the way, so the owner's idempotency cache answers
+//! whichever replica a producer reached.
+//!
+//! Two kinds of forwarding, two credentials:
+//! - Work (`POST` [`WORK_PATH`]: events submitted through REST, tests, retries, recoveries, delivery
+//!   listings) is signed with the replicas' own key ([`crate::replica_key`]); the ingest token
+//!   alone is refused there. Its body names an endpoint only by reference ([`EndpointRef`]),
+//!   which the owner looks up in its own cache ([`perform`]).
+//! - An event a producer posted is relayed as it came, to the owner's public events route, with
+//!   the producer's ingest token: it is the producer's own request, which the owner would accept
+//!   from the producer directly. [`FORWARDED_HEADER`] on it is believed for one thing only: not
+//!   to forward it again (a producer who sets it gets its event handled, or refused, where it
+//!   landed); it grants nothing.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,14 +23,17 @@ use jiff::Timestamp;
 use serde_json::Value;
 use tracing::debug;
 
+use crate::endpoints::EndpointCache;
+use crate::replica_key::{ReplicaKey, unix_now};
 use crate::resources::WebhookEndpoint;
 use crate::shards::{Location, Placement};
-use crate::work::{Listed, SubmitError, Work, WorkHandle, WorkReply, WorkRequest, perform};
+use crate::work::{EndpointRef, Listed, SubmitError, Work, WorkHandle, WorkReply, WorkRequest, perform};
 
 /// Path of the internal route that does forwarded work (ingest port only).
 pub const WORK_PATH: &str = "/internal/v1/work";
 
-/// Header a replica sets on what it forwards; the receiver never forwards such a request again.
+/// Header a replica sets on an event it relays; the receiver never forwards such a request again,
+/// and trusts it for nothing else (anyone may set it).
 pub const FORWARDED_HEADER: &str = "x-capy-webhooks-forwarded-by";
 
 /// How long to wait before trying again while a shard changes hands.
@@ -43,8 +57,10 @@ pub enum Route {
 pub struct Router {
     placement: Placement,
     local: WorkHandle,
+    endpoints: EndpointCache,
     http: reqwest::Client,
     token: Arc<str>,
+    key: ReplicaKey,
     identity: Arc<str>,
 }
 
@@ -57,12 +73,15 @@ impl std::fmt::Debug for Router {
 }
 
 impl Router {
-    /// A router over `placement`; `local` does what this replica owns; `token` authenticates it
-    /// to the other replicas; `timeout` bounds a forwarded request.
+    /// A router over `placement`; `local` does what this replica owns, on the endpoints of
+    /// `endpoints`; `token` (the producers' ingest token) relays producers' events; `key` signs
+    /// work for, and checks work from, the other replicas; `timeout` bounds a forwarded request.
     pub fn new(
         placement: Placement,
         local: WorkHandle,
+        endpoints: EndpointCache,
         token: &str,
+        key: ReplicaKey,
         identity: &str,
         timeout: Duration,
     ) -> anyhow::Result<Self> {
@@ -75,8 +94,10 @@ impl Router {
         Ok(Self {
             placement,
             local,
+            endpoints,
             http,
             token: token.into(),
+            key,
             identity: identity.into(),
         })
     }
@@ -96,7 +117,18 @@ impl Router {
         &self.identity
     }
 
-    /// Posts an event, as received, to the owner's ingest port; returns the owner's answer
+    /// The key replicas sign their work with.
+    pub fn replica_key(&self) -> &ReplicaKey {
+        &self.key
+    }
+
+    /// Does work another replica sent here (its signature checked by the caller).
+    pub async fn perform_here(&self, request: WorkRequest) -> WorkReply {
+        perform(&self.local, &self.endpoints, request).await
+    }
+
+    /// Posts an event, as received, to the owner's ingest port (with the producer's token: see
+    /// the module's documentation); returns the owner's answer
     /// (status, `Retry-After`, body). An owner that cannot be reached is moving: 503.
     pub async fn forward_event(
         &self,
@@ -135,12 +167,18 @@ impl Router {
     }
 
     async fn forward(&self, address: &str, request: &WorkRequest) -> Result<WorkReply, SubmitError> {
-        let response = self
+        let body = serde_json::to_vec(request)
+            .map_err(|e| SubmitError::Unavailable(format!("cannot encode forwarded work: {e}")))?;
+        let mut post = self
             .http
             .post(format!("http://{address}{WORK_PATH}"))
-            .bearer_auth(&*self.token)
             .header(FORWARDED_HEADER, &*self.identity)
-            .json(request)
+            .header("content-type", "application/json");
+        for (name, value) in self.key.sign("POST", WORK_PATH, unix_now(), &body) {
+            post = post.header(name, value);
+        }
+        let response = post
+            .body(body)
             .send()
             .await
             .map_err(|e| self.unreachable(address, &e))?;
@@ -158,7 +196,7 @@ impl Router {
 
     async fn run(&self, request: WorkRequest) -> Result<WorkReply, SubmitError> {
         let reply = match self.route(request.organization_id()) {
-            Route::Local => perform(&self.local, request).await,
+            Route::Local => self.perform_here(request).await,
             Route::Peer(address) => self.forward(&address, &request).await?,
             Route::Wait(retry_after_secs) => return Err(SubmitError::Moving { retry_after_secs }),
         };
@@ -196,7 +234,7 @@ impl Work for Router {
     fn send_test<'a>(&'a self, endpoint: &'a WebhookEndpoint) -> BoxFuture<'a, Result<Listed, SubmitError>> {
         Box::pin(async move {
             let request = WorkRequest::SendTest {
-                endpoint: Box::new(endpoint.clone()),
+                endpoint: EndpointRef::of(endpoint),
             };
             match self.run(request).await? {
                 WorkReply::Listed(listed) => Ok(*listed),
@@ -212,7 +250,7 @@ impl Work for Router {
     ) -> BoxFuture<'a, Result<Listed, SubmitError>> {
         Box::pin(async move {
             let request = WorkRequest::Retry {
-                endpoint: Box::new(endpoint.clone()),
+                endpoint: EndpointRef::of(endpoint),
                 delivery_id: delivery_id.into(),
             };
             match self.run(request).await? {
@@ -230,7 +268,7 @@ impl Work for Router {
     ) -> BoxFuture<'a, Result<usize, SubmitError>> {
         Box::pin(async move {
             let request = WorkRequest::Recover {
-                endpoint: Box::new(endpoint.clone()),
+                endpoint: EndpointRef::of(endpoint),
                 since,
                 until,
             };
@@ -248,7 +286,7 @@ impl Work for Router {
     ) -> BoxFuture<'a, Result<Vec<Listed>, SubmitError>> {
         Box::pin(async move {
             let request = WorkRequest::Deliveries {
-                endpoint: Box::new(endpoint.clone()),
+                endpoint: EndpointRef::of(endpoint),
                 limit,
             };
             match self.run(request).await? {

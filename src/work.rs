@@ -2,6 +2,10 @@
 //! ask of the dispatcher, without importing it. `main.rs` wires a [`WorkHandle`] to the
 //! dispatcher of the process; it is also the seam where work for an organization another replica
 //! owns would be forwarded.
+//!
+//! What is forwarded names an endpoint by reference ([`EndpointRef`]), never carries it: the
+//! replica that does the work looks it up in its own cache ([`perform`]), with the rule the REST
+//! facade uses, so nothing in a request body is believed about an endpoint.
 
 use std::sync::Arc;
 
@@ -10,11 +14,14 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use crate::delivery_log::DeliveryRecord;
+use crate::endpoints::EndpointCache;
 use crate::resources::WebhookEndpoint;
 
 /// Why an event, a test, a retry or a read could not be done.
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case")]
+// Adjacently tagged: an internally tagged newtype variant holding a string cannot be serialized,
+// so a forwarded "not found" used to reach the forwarding replica as a broken answer.
+#[serde(tag = "kind", content = "detail", rename_all = "snake_case")]
 pub enum SubmitError {
     /// The log could not be written (API server unreachable, or the log is full), or the
     /// dispatcher is shutting down.
@@ -50,8 +57,36 @@ impl SubmitError {
     }
 }
 
+/// An endpoint as a [`WorkRequest`] names it: which object, of which organization. Only a
+/// reference; the replica that does the work finds the endpoint itself
+/// ([`EndpointCache::resolve`]) and refuses one it does not know by these four.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EndpointRef {
+    /// Namespace of the WebhookEndpoint.
+    pub namespace: String,
+    /// Name (the endpoint id).
+    pub name: String,
+    /// uid: a deleted and re-created endpoint of the same name is another endpoint.
+    pub uid: String,
+    /// The organization the endpoint must belong to (and whose owner does the work).
+    pub organization_id: String,
+}
+
+impl EndpointRef {
+    /// The reference to `endpoint`.
+    pub fn of(endpoint: &WebhookEndpoint) -> Self {
+        Self {
+            namespace: endpoint.metadata.namespace.clone().unwrap_or_default(),
+            name: endpoint.metadata.name.clone().unwrap_or_default(),
+            uid: endpoint.metadata.uid.clone().unwrap_or_default(),
+            organization_id: endpoint.spec.organization_id.clone(),
+        }
+    }
+}
+
 /// One piece of [`Work`], as a replica forwards it to the replica that owns the organization
-/// (over the internal port, `POST /internal/v1/work`, with the ingest token).
+/// (over the internal port, `POST /internal/v1/work`, signed with the replicas' key:
+/// [`crate::replica_key`]).
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum WorkRequest {
@@ -66,20 +101,20 @@ pub enum WorkRequest {
     },
     /// [`Work::send_test`].
     SendTest {
-        /// The endpoint, as the forwarding replica's cache has it.
-        endpoint: Box<WebhookEndpoint>,
+        /// The endpoint.
+        endpoint: EndpointRef,
     },
     /// [`Work::retry`].
     Retry {
         /// The endpoint.
-        endpoint: Box<WebhookEndpoint>,
+        endpoint: EndpointRef,
         /// The delivery.
         delivery_id: String,
     },
     /// [`Work::recover`].
     Recover {
         /// The endpoint.
-        endpoint: Box<WebhookEndpoint>,
+        endpoint: EndpointRef,
         /// From (inclusive).
         since: jiff::Timestamp,
         /// Until (exclusive).
@@ -88,7 +123,7 @@ pub enum WorkRequest {
     /// [`Work::deliveries`].
     Deliveries {
         /// The endpoint.
-        endpoint: Box<WebhookEndpoint>,
+        endpoint: EndpointRef,
         /// Most deliveries.
         limit: usize,
     },
@@ -102,7 +137,7 @@ impl WorkRequest {
             Self::SendTest { endpoint }
             | Self::Retry { endpoint, .. }
             | Self::Recover { endpoint, .. }
-            | Self::Deliveries { endpoint, .. } => &endpoint.spec.organization_id,
+            | Self::Deliveries { endpoint, .. } => &endpoint.organization_id,
         }
     }
 }
@@ -123,8 +158,20 @@ pub enum WorkReply {
     Failed(SubmitError),
 }
 
-/// Does a forwarded request here.
-pub async fn perform(work: &WorkHandle, request: WorkRequest) -> WorkReply {
+/// How long a replica waits for its cache to show an endpoint another replica named (the
+/// forwarding replica may have seen a create a moment earlier).
+const LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Does a request here, forwarded or not: the endpoint it names is looked up in `endpoints`
+/// ([`EndpointCache::resolve`]); one unknown, of another uid or organization, being deleted or
+/// not bound to its organization is not found.
+pub async fn perform(work: &WorkHandle, endpoints: &EndpointCache, request: WorkRequest) -> WorkReply {
+    let resolve = |r: EndpointRef| async move {
+        endpoints.wait_for_uid(&r.namespace, &r.name, &r.uid, LOOKUP_WAIT).await;
+        endpoints
+            .resolve(&r)
+            .ok_or_else(|| SubmitError::NotFound(format!("no endpoint {} in {}", r.name, r.namespace)))
+    };
     let result = match request {
         WorkRequest::Submit {
             organization_id,
@@ -134,17 +181,25 @@ pub async fn perform(work: &WorkHandle, request: WorkRequest) -> WorkReply {
             .submit(&organization_id, &event_type, data)
             .await
             .map(|(id, n)| WorkReply::Submitted(id, n)),
-        WorkRequest::SendTest { endpoint } => work.send_test(&endpoint).await.map(|l| WorkReply::Listed(Box::new(l))),
-        WorkRequest::Retry { endpoint, delivery_id } => work
-            .retry(&endpoint, &delivery_id)
-            .await
-            .map(|l| WorkReply::Listed(Box::new(l))),
-        WorkRequest::Recover { endpoint, since, until } => {
-            work.recover(&endpoint, since, until).await.map(WorkReply::Recovered)
-        }
-        WorkRequest::Deliveries { endpoint, limit } => {
-            work.deliveries(&endpoint, limit).await.map(WorkReply::Deliveries)
-        }
+        WorkRequest::SendTest { endpoint } => match resolve(endpoint).await {
+            Ok(endpoint) => work.send_test(&endpoint).await.map(|l| WorkReply::Listed(Box::new(l))),
+            Err(e) => Err(e),
+        },
+        WorkRequest::Retry { endpoint, delivery_id } => match resolve(endpoint).await {
+            Ok(endpoint) => work
+                .retry(&endpoint, &delivery_id)
+                .await
+                .map(|l| WorkReply::Listed(Box::new(l))),
+            Err(e) => Err(e),
+        },
+        WorkRequest::Recover { endpoint, since, until } => match resolve(endpoint).await {
+            Ok(endpoint) => work.recover(&endpoint, since, until).await.map(WorkReply::Recovered),
+            Err(e) => Err(e),
+        },
+        WorkRequest::Deliveries { endpoint, limit } => match resolve(endpoint).await {
+            Ok(endpoint) => work.deliveries(&endpoint, limit).await.map(WorkReply::Deliveries),
+            Err(e) => Err(e),
+        },
     };
     result.unwrap_or_else(WorkReply::Failed)
 }
@@ -242,5 +297,27 @@ impl WorkHandle {
     /// See [`Work::deliveries`].
     pub async fn deliveries(&self, endpoint: &WebhookEndpoint, limit: usize) -> Result<Vec<Listed>, SubmitError> {
         self.0.deliveries(endpoint, limit).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_failure_crosses_the_wire() {
+        for e in [
+            SubmitError::NotFound("no endpoint x".into()),
+            SubmitError::Conflict("pending".into()),
+            SubmitError::Unavailable("full".into()),
+            SubmitError::Throttled { retry_after_secs: 3 },
+            SubmitError::Moving { retry_after_secs: 1 },
+        ] {
+            let wire = serde_json::to_string(&WorkReply::Failed(e.clone())).expect("serializes");
+            match serde_json::from_str::<WorkReply>(&wire).expect("parses") {
+                WorkReply::Failed(back) => assert_eq!(back, e),
+                other => panic!("{other:?}"),
+            }
+        }
     }
 }

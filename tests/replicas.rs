@@ -737,3 +737,178 @@ async fn a_frozen_replica_stops_writing_before_its_shards_move() {
     );
     sc.finish().await;
 }
+
+/// Posts `body` to a replica's internal work route with `headers`; returns the status and the
+/// answer (JSON, or `null`).
+async fn post_work(http: &reqwest::Client, replica: &Replica, headers: &[(&str, String)], body: &[u8]) -> (u16, Value) {
+    let mut request = http
+        .post(format!(
+            "http://127.0.0.1:{}{}",
+            replica.ingest,
+            capy_webhooks::routing::WORK_PATH
+        ))
+        .header("content-type", "application/json")
+        .body(body.to_vec());
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let response = request.send().await.unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Issue 21, item 3: the internal work route takes work only from replicas (signed with their
+/// key, never the producers' ingest token, never a stale or altered request), and believes
+/// nothing its body says about an endpoint: a reference the owner does not know (another
+/// namespace, another uid, another organization) is not found, and nothing is written for it.
+/// REST operations forwarded between replicas still work.
+#[tokio::test]
+async fn the_internal_work_route_trusts_nothing_in_its_body() {
+    use capy_webhooks::replica_key::{REPLICA_KEY_SECRET, ReplicaKey, unix_now};
+    use capy_webhooks::work::{EndpointRef, WorkRequest};
+    use k8s_openapi::api::core::v1::{ConfigMap, Secret};
+
+    let _turn = ONE_AT_A_TIME.lock().await;
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, "worktrust").await;
+    let victim = support::test_namespace(&client, "worktrust-victim").await;
+    let dir = logs_dir();
+    let http = reqwest::Client::new();
+    let replicas: Vec<Replica> = ["a", "b"].iter().map(|n| Replica::start(&ns, dir.path(), n)).collect();
+    let held = wait_balanced(&http, &replicas, Duration::from_secs(60)).await;
+    let orgs = orgs(10);
+    let org = orgs
+        .iter()
+        .find(|o| held["b"].contains(&shard_of(o)))
+        .expect("b owns one of ten organizations")
+        .clone();
+    let receiver = Receiver::start(Vec::new()).await;
+    // Created, tested and listed through `a`: every operation is forwarded to `b`.
+    let (_, keys) = create_endpoints(
+        &client,
+        &ns,
+        &http,
+        &replicas[..1],
+        &receiver,
+        std::slice::from_ref(&org),
+        1,
+    )
+    .await;
+    let key = &keys[&org];
+    let (a, b) = (&replicas[0], &replicas[1]);
+    let rest = format!("http://127.0.0.1:{}/v1/organizations/{org}/webhook-endpoints", a.api);
+    let get = |url: String| {
+        let request = http.get(url).bearer_auth(key);
+        async move { request.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let listed = get(rest.clone()).await;
+    let id = listed["webhook_endpoints"][0]["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("one endpoint listed: {listed}"))
+        .to_string();
+    let tested = http
+        .post(format!("{rest}/{id}/test"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(tested.status(), 202, "{:?}", tested.text().await);
+    let deliveries = get(format!("{rest}/{id}/deliveries")).await;
+    assert_eq!(
+        deliveries["deliveries"].as_array().map(Vec::len),
+        Some(1),
+        "the forwarded test is listed through a: {deliveries}"
+    );
+
+    let endpoints: kube::Api<capy_webhooks::resources::WebhookEndpoint> = kube::Api::namespaced(client.clone(), &ns);
+    let real = EndpointRef::of(&endpoints.get(&id).await.unwrap());
+    let send_test = |endpoint: EndpointRef| serde_json::to_vec(&WorkRequest::SendTest { endpoint }).unwrap();
+    let secrets: kube::Api<Secret> = kube::Api::namespaced(client.clone(), &ns);
+    let stored = secrets.get(REPLICA_KEY_SECRET).await.unwrap();
+    let bytes: [u8; 32] = stored.data.unwrap()["key"].0.clone().try_into().unwrap();
+    let replica_key = ReplicaKey::new(bytes);
+    let signed = |body: &[u8], at: i64| -> Vec<(&str, String)> {
+        replica_key
+            .sign("POST", capy_webhooks::routing::WORK_PATH, at, body)
+            .into_iter()
+            .collect()
+    };
+
+    // The producers' token is no replica's credential, whatever else the request says.
+    let body = send_test(real.clone());
+    let producer = vec![
+        ("authorization", format!("Bearer {INGEST_TOKEN}")),
+        (capy_webhooks::routing::FORWARDED_HEADER, "a".to_string()),
+    ];
+    assert_eq!(post_work(&http, b, &producer, &body).await.0, 401);
+    // Nor is a signature that is stale, or over another body.
+    assert_eq!(
+        post_work(&http, b, &signed(&body, unix_now() - 120), &body).await.0,
+        401
+    );
+    let other = send_test(EndpointRef {
+        name: "other".into(),
+        ..real.clone()
+    });
+    assert_eq!(post_work(&http, b, &signed(&other, unix_now()), &body).await.0, 401);
+
+    // Signed, but naming what `b` does not know: not found, and nothing is written for it.
+    let invented = [
+        EndpointRef {
+            namespace: victim.clone(),
+            name: "invented".into(),
+            uid: "00000000-0000-0000-0000-000000000001".into(),
+            organization_id: org.clone(),
+        },
+        EndpointRef {
+            uid: "00000000-0000-0000-0000-000000000002".into(),
+            ..real.clone()
+        },
+        EndpointRef {
+            organization_id: "org_elsewhere".into(),
+            ..real.clone()
+        },
+    ];
+    for reference in invented {
+        let body = send_test(reference.clone());
+        let (status, reply) = post_work(&http, b, &signed(&body, unix_now()), &body).await;
+        assert_eq!(status, 200, "{reply}");
+        assert_eq!(reply["failed"]["kind"], "not_found", "{reference:?}: {reply}");
+        for op in [
+            WorkRequest::Deliveries {
+                endpoint: reference.clone(),
+                limit: 1_000_000,
+            },
+            WorkRequest::Retry {
+                endpoint: reference.clone(),
+                delivery_id: "dlv_x".into(),
+            },
+        ] {
+            let body = serde_json::to_vec(&op).unwrap();
+            let (status, reply) = post_work(&http, b, &signed(&body, unix_now()), &body).await;
+            assert_eq!(status, 200, "{reply}");
+            assert_eq!(reply["failed"]["kind"], "not_found", "{op:?}: {reply}");
+        }
+    }
+    // The signature works: the real reference is done.
+    let (status, reply) = post_work(&http, b, &signed(&body, unix_now()), &body).await;
+    assert_eq!(status, 200, "{reply}");
+    assert!(reply.get("listed").is_some(), "{reply}");
+
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let written: Vec<String> = kube::Api::<ConfigMap>::namespaced(client.clone(), &victim)
+        .list(&Default::default())
+        .await
+        .unwrap()
+        .items
+        .into_iter()
+        .filter_map(|c| c.metadata.name)
+        .filter(|n| n != "kube-root-ca.crt")
+        .collect();
+    assert!(written.is_empty(), "written into {victim}: {written:?}");
+    support::delete_namespace(&client, &victim).await;
+    let found = second_writers(dir.path());
+    assert!(found.is_empty(), "{found:?}");
+    support::delete_namespace(&client, &ns).await;
+}

@@ -225,13 +225,8 @@ impl Coordinator {
         self.store
             .state()
             .iter()
-            .filter(|l| l.labels().get(LEASE_ROLE_LABEL).map(String::as_str) == Some("replica"))
             .filter(|l| !self.expired(l) && recently_renewed(l, Timestamp::now()))
-            .filter_map(|l| {
-                let holder = l.spec.as_ref()?.holder_identity.clone()?;
-                let address = l.annotations().get(ADDRESS_ANNOTATION).cloned().unwrap_or_default();
-                Some((holder, address))
-            })
+            .filter_map(|l| membership(l))
             .collect()
     }
 
@@ -597,6 +592,23 @@ struct Released {
 /// be trusted here: without it, a replica that just started would count every replica that died
 /// without releasing its membership as alive until it had watched that Lease for a whole
 /// duration, and take too few shards meanwhile.
+/// The replica a membership Lease stands for and the address it advertises: believed only from
+/// the replica's own Lease, `capy-webhooks-replica-<identity>` held by that identity. A Lease
+/// whose name and holder disagree (made by whoever may write Leases, or a replica's Lease taken
+/// over) is ignored: otherwise it could point the others' forwarded work, signed with the
+/// replicas' key, at any address.
+fn membership(lease: &Lease) -> Option<(String, String)> {
+    if lease.labels().get(LEASE_ROLE_LABEL).map(String::as_str) != Some("replica") {
+        return None;
+    }
+    let holder = lease.spec.as_ref()?.holder_identity.clone()?;
+    if holder.is_empty() || lease.metadata.name.as_deref() != Some(replica_lease_name(&holder).as_str()) {
+        return None;
+    }
+    let address = lease.annotations().get(ADDRESS_ANNOTATION).cloned().unwrap_or_default();
+    Some((holder, address))
+}
+
 fn recently_renewed(lease: &Lease, now: Timestamp) -> bool {
     const SKEW: i64 = 5;
     let Some(spec) = lease.spec.as_ref() else {
@@ -626,6 +638,48 @@ fn pod_owner() -> Option<Vec<OwnerReference>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_replica_address_is_believed_only_from_its_own_lease() {
+        let lease = |name: &str, holder: Option<&str>, role: &str| Lease {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(BTreeMap::from([(LEASE_ROLE_LABEL.to_string(), role.to_string())])),
+                annotations: Some(BTreeMap::from([(
+                    ADDRESS_ANNOTATION.to_string(),
+                    "10.0.0.9:8081".to_string(),
+                )])),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(str::to_string),
+                ..Default::default()
+            }),
+        };
+        assert_eq!(
+            membership(&lease("capy-webhooks-replica-pod-a", Some("pod-a"), "replica")),
+            Some(("pod-a".to_string(), "10.0.0.9:8081".to_string()))
+        );
+        // Names are made from identities as replicas make them (lower case, `_` → `-`).
+        assert!(membership(&lease("capy-webhooks-replica-pod-b", Some("Pod_B"), "replica")).is_some());
+        // A Lease naming another replica (or none) as holder is nobody's membership.
+        assert_eq!(
+            membership(&lease("capy-webhooks-replica-pod-a", Some("pod-b"), "replica")),
+            None
+        );
+        assert_eq!(
+            membership(&lease("capy-webhooks-replica-evil", Some("pod-a"), "replica")),
+            None
+        );
+        assert_eq!(membership(&lease("anything", Some("pod-a"), "replica")), None);
+        assert_eq!(membership(&lease("capy-webhooks-replica-pod-a", None, "replica")), None);
+        assert_eq!(membership(&lease("capy-webhooks-replica-", Some(""), "replica")), None);
+        // Only membership Leases count.
+        assert_eq!(
+            membership(&lease("capy-webhooks-replica-pod-a", Some("pod-a"), "shard")),
+            None
+        );
+    }
 
     #[test]
     fn members_that_stopped_renewing_long_ago_do_not_count() {

@@ -90,6 +90,9 @@ ConfigMap where these rules apply, although it only ever selects its own by labe
 # the API server also checks create when the apply creates the Secret), read by the dispatcher and
 # the REST facade. Deleting Secrets is granted in the home namespace only
 # ("capy-webhooks.homeRules"): the garbage collector, not the operator, deletes signing secrets.
+# The same get and create make the operator's own key Secrets in the home namespace on first start
+# (`capy-webhooks-log-key`, `capy-webhooks-portal-key`, and `capy-webhooks-replica-key`, which
+# replicas sign forwarded work with).
 # Label-selected, but see the note above.
 - apiGroups: [""]
   resources: ["secrets"]
