@@ -79,10 +79,11 @@ enum Command {
 
 #[derive(Subcommand, Debug)]
 enum DeliveryLogCommand {
-    /// Upgrade step from a version that wrote segments without MACs (0.1): signs every
+    /// Upgrade step from a build that wrote segments without MACs: signs every
     /// delivery-log segment that carries no MAC, once, so its pending deliveries resume. Run it
     /// only when you know every such ConfigMap was written by the operator: it trusts whatever
     /// carries the log's labels now. The operator itself never signs what it did not write.
+    /// Run it with the operator scaled to zero, before the new version starts.
     SignUnsigned {
         /// Namespace whose segments are signed (default: the in-cluster namespace, else
         /// `default`).

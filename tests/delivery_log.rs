@@ -34,22 +34,14 @@ fn add(log: &mut DeliveryLog, endpoint: &str, now: Timestamp, n: usize) -> Deliv
         "data": {"database_id": format!("db_{n}"), "event": event_id, "notes": "x".repeat(400)},
     });
     log.insert_event(&event_id, Bytes::from(payload.to_string())).unwrap();
-    let record = DeliveryRecord {
-        id: new_delivery_id(now),
-        endpoint_id: endpoint.into(),
-        organization_id: ORG.into(),
-        event_id,
-        event_type: "database.created".into(),
-        state: DeliveryState::Pending,
-        attempts: 0,
-        max_attempts: 8,
-        created_at: now,
-        updated_at: now,
-        next_attempt_at: Some(now),
-        delivered_at: None,
-        response_status: None,
-        last_error: None,
-    };
+    let record = DeliveryRecord::pending(
+        new_delivery_id(now),
+        endpoint,
+        ORG,
+        (&event_id, "database.created"),
+        8,
+        now,
+    );
     log.insert(record.clone()).unwrap();
     log.get(&record.id).unwrap().clone()
 }

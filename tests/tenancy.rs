@@ -5,6 +5,7 @@ mod support;
 
 use std::time::Duration;
 
+use capy_webhooks::delivery_log::DeliveryRecord;
 use capy_webhooks::resources::{CONDITION_READY, ORGANIZATION_LABEL, WebhookEndpoint, WebhookEndpointSpec};
 use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::api::events::v1::Event as K8sEvent;
@@ -39,6 +40,18 @@ fn ready_reason(ep: &WebhookEndpoint) -> Option<(String, String)> {
     (status.observed_generation == ep.metadata.generation).then_some(())?;
     let ready = status.conditions.iter().find(|c| c.type_ == CONDITION_READY)?;
     Some((ready.status.clone(), ready.reason.clone()))
+}
+
+/// A pending delivery record as a log segment stores it, for segments the tests write by hand.
+fn pending_record(id: &str, endpoint: &str, org: &str, event_id: &str, event_type: &str) -> DeliveryRecord {
+    DeliveryRecord::pending(
+        id.into(),
+        endpoint,
+        org,
+        (event_id, event_type),
+        3,
+        jiff::Timestamp::now(),
+    )
 }
 
 async fn label_namespace(client: &kube::Client, ns: &str, org: &str) {
@@ -449,13 +462,93 @@ async fn a_deleted_segment_created_again_is_not_replayed() {
     support::delete_namespace(&client, &ns).await;
 }
 
+/// Creating the log key blesses nothing: a segment without a MAC (as a build before MACs wrote,
+/// or a forger before an install) stays untrusted however the operator starts. Upgrading such a
+/// log is the administrator's explicit step, `capy-webhooks delivery-log sign-unsigned`, which
+/// says what it signed; the pending delivery then resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_an_administrator_signs_segments_written_before_macs() {
+    use capy_webhooks::delivery_log::{journal_segment_name, pack_entries, segment_labels};
+    use k8s_openapi::api::core::v1::ConfigMap;
+    use std::collections::BTreeMap;
+
+    const ORG: &str = "org_upgraded";
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, "sign-unsigned").await;
+    let op = Operator::start(&client, &ns, Options::dispatching()).await;
+    let (_, key) = op.mint_key(&client, &ns, ORG, None).await;
+    let receiver = Receiver::start(vec![]).await;
+    let id = op.create_endpoint(ORG, &key, &receiver.url("/in")).await;
+    op.stop().await;
+
+    let record = pending_record(
+        "msg_unsigned0000000000000001",
+        &id,
+        ORG,
+        "evt_unsigned0000000000000001",
+        "old.event",
+    );
+    let name = journal_segment_name(ORG, 1);
+    let old: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": segment_labels(ORG)},
+        "binaryData": {"journal": pack_entries(&BTreeMap::from([
+            (record.id.clone(), record.to_stored()),
+            (record.event_id.clone(), json!({"type": "old.event", "data": {"n": 0}}).to_string()),
+        ]))},
+    }))
+    .unwrap();
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    configmaps.create(&PostParams::default(), &old).await.unwrap();
+
+    // The operator starts (its start reads the logs back): the segment is refused, not signed,
+    // and its delivery not sent.
+    let op = Operator::start(&client, &ns, Options::dispatching()).await;
+    assert!(
+        op.metrics
+            .encode()
+            .contains("capy_webhooks_log_segments_rejected_total 1")
+    );
+    assert!(receiver.received().is_empty());
+    let still = configmaps.get(&name).await.unwrap();
+    assert!(
+        !still
+            .metadata
+            .annotations
+            .unwrap_or_default()
+            .contains_key("webhooks.capydb.io/log-mac"),
+        "the operator signed a segment it did not write"
+    );
+    op.stop().await;
+
+    // The administrator's step, as the README gives it (the operator stopped first, so that no
+    // segment of the new version is written above the old ones).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_capy-webhooks"))
+        .args(["delivery-log", "sign-unsigned", "--namespace", &ns])
+        .env("KUBECONFIG", support::kubeconfig_path())
+        .output()
+        .unwrap();
+    let stdout = support::ok("delivery-log sign-unsigned", out);
+    assert_eq!(stdout.trim(), format!("{ns}/{name}"));
+
+    let op = Operator::start(&client, &ns, Options::dispatching()).await;
+    support::wait_for("the signed segment's delivery resumed", WAIT, || async {
+        receiver
+            .received()
+            .iter()
+            .any(|r| r.json()["type"] == "old.event")
+            .then_some(())
+    })
+    .await;
+    op.stop().await;
+    support::delete_namespace(&client, &ns).await;
+}
+
 /// A ConfigMap that carries the delivery log's labels but that the operator did not write: its
 /// pending record is never delivered nor listed, before or after a restart, and its owner is told.
 #[tokio::test]
 async fn a_forged_log_segment_is_never_delivered_or_listed() {
-    use capy_webhooks::delivery_log::{
-        DeliveryRecord, DeliveryState, journal_segment_name, legacy_segment_name, pack_entries,
-    };
+    use capy_webhooks::delivery_log::{journal_segment_name, legacy_segment_name, pack_entries};
     use k8s_openapi::api::core::v1::ConfigMap;
     use std::collections::BTreeMap;
 
@@ -475,23 +568,14 @@ async fn a_forged_log_segment_is_never_delivered_or_listed() {
     assert_eq!(status, 202);
 
     // The forger writes a pending delivery for that endpoint, in both stored formats.
-    let now = jiff::Timestamp::now();
-    let record = DeliveryRecord {
-        id: "msg_forged000000000000000001".into(),
-        endpoint_id: id.clone(),
-        organization_id: ORG.into(),
-        event_id: "evt_forged000000000000000001".into(),
-        event_type: "forged.event".into(),
-        state: DeliveryState::Pending,
-        attempts: 0,
-        max_attempts: 3,
-        created_at: now,
-        updated_at: now,
-        next_attempt_at: Some(now),
-        delivered_at: None,
-        response_status: None,
-        last_error: None,
-    };
+    let record = pending_record(
+        "msg_forged000000000000000001",
+        &id,
+        ORG,
+        "evt_forged000000000000000001",
+        "forged.event",
+    );
+    let now = record.created_at;
     let labels = BTreeMap::from([
         ("app.kubernetes.io/managed-by".to_string(), "capy-webhooks".to_string()),
         ("app.kubernetes.io/component".to_string(), "delivery-log".to_string()),

@@ -189,6 +189,33 @@ pub(crate) fn newest_first(a: &DeliveryRecord, b: &DeliveryRecord) -> std::cmp::
 }
 
 impl DeliveryRecord {
+    /// A new delivery of event `event_id` to `endpoint_id`, pending and due at `now`.
+    pub fn pending(
+        id: String,
+        endpoint_id: impl Into<String>,
+        organization_id: impl Into<String>,
+        (event_id, event_type): (&str, &str),
+        max_attempts: u32,
+        now: Timestamp,
+    ) -> Self {
+        Self {
+            id,
+            endpoint_id: endpoint_id.into(),
+            organization_id: organization_id.into(),
+            event_id: event_id.to_string(),
+            event_type: event_type.to_string(),
+            state: DeliveryState::Pending,
+            attempts: 0,
+            max_attempts,
+            created_at: now,
+            updated_at: now,
+            next_attempt_at: Some(now),
+            delivered_at: None,
+            response_status: None,
+            last_error: None,
+        }
+    }
+
     /// Whether the delivery succeeded or failed for good.
     pub fn is_finished(&self) -> bool {
         self.state.is_finished()

@@ -30,9 +30,7 @@ use tracing::{info, warn};
 use crate::delivery::event_types::matches;
 use crate::delivery::schedule::RetrySchedule;
 use crate::delivery::sender::{Sender, SenderConfig, envelope};
-use crate::delivery_log::{
-    DeliveryLog, DeliveryRecord, DeliveryState, LogConfig, LogKey, WriteBudget, new_delivery_id,
-};
+use crate::delivery_log::{DeliveryLog, DeliveryRecord, LogConfig, LogKey, WriteBudget, new_delivery_id};
 use crate::endpoints::EndpointCache;
 use crate::resources::{Scope, WebhookEndpoint, signing_secret_name};
 use crate::shards::{Fence, Placement, SHARD_COUNT, ShardEvent, ShardFeed, shard_of};
@@ -638,25 +636,18 @@ impl Dispatcher {
         event_type: &str,
         now: Timestamp,
     ) -> DeliveryRecord {
-        DeliveryRecord {
-            id: new_delivery_id(now),
-            endpoint_id: endpoint.name_any(),
-            organization_id: endpoint.spec.organization_id.clone(),
-            event_id: event_id.to_string(),
-            event_type: event_type.to_string(),
-            state: DeliveryState::Pending,
-            attempts: 0,
-            max_attempts: endpoint
-                .spec
-                .max_attempts
-                .unwrap_or(self.shared.config.schedule.max_attempts()),
-            created_at: now,
-            updated_at: now,
-            next_attempt_at: Some(now),
-            delivered_at: None,
-            response_status: None,
-            last_error: None,
-        }
+        let max_attempts = endpoint
+            .spec
+            .max_attempts
+            .unwrap_or(self.shared.config.schedule.max_attempts());
+        DeliveryRecord::pending(
+            new_delivery_id(now),
+            endpoint.name_any(),
+            endpoint.spec.organization_id.clone(),
+            (event_id, event_type),
+            max_attempts,
+            now,
+        )
     }
 
     /// Hands an event and its deliveries (all of one organization in one namespace) to their
