@@ -295,6 +295,10 @@ pub struct DeliveryLog {
     /// Segments a batch deletes whose delete is not confirmed yet: until it is, they may hold
     /// the only durable copy of an entry, so new segments' floors stay at or below them.
     unconfirmed_deletes: BTreeSet<u64>,
+    /// Of [`Self::unconfirmed_deletes`], those that held entries: only their replay could bring
+    /// anything back, so only their confirmed delete needs a floor written (an empty segment's
+    /// need not, or a floor-only segment, deleted in turn, would ask for the next one forever).
+    unconfirmed_with_entries: BTreeSet<u64>,
     /// The highest floor a create carried.
     floor_written: u64,
     /// Whether confirmed deletes raised the floor above [`Self::floor_written`] while entries
@@ -322,6 +326,7 @@ impl DeliveryLog {
             next_seq: 1,
             avoided: BTreeSet::new(),
             unconfirmed_deletes: BTreeSet::new(),
+            unconfirmed_with_entries: BTreeSet::new(),
             floor_written: 0,
             floor_behind: false,
         }
@@ -356,12 +361,26 @@ impl DeliveryLog {
     /// entries live, a floor that rose is written with the next batch (one with nothing else to
     /// write, if need be: [`Self::has_changes`]).
     pub fn confirm_deleted(&mut self, names: &[String]) {
+        let mut held_entries = false;
         for name in names {
             if let Some(seq) = self.own_seq(name) {
                 self.unconfirmed_deletes.remove(&seq);
+                held_entries |= self.unconfirmed_with_entries.remove(&seq);
             }
         }
-        self.floor_behind = !self.records.is_empty() && self.floor() > self.floor_written;
+        if held_entries && !self.records.is_empty() && self.floor() > self.floor_written {
+            self.floor_behind = true;
+        }
+    }
+
+    /// Whether the only change to write is a floor ([`Self::confirm_deleted`]): the writer may
+    /// wait a while for other changes to carry it.
+    pub fn only_floor_behind(&self) -> bool {
+        self.floor_behind
+            && self.dirty.is_empty()
+            && self.retired.is_empty()
+            && self.deleting.is_empty()
+            && !self.segments.values().next().is_some_and(|s| s.live.is_empty())
     }
 
     /// Never names a new segment `name`: it is held by an object that is not part of the log
@@ -413,6 +432,7 @@ impl DeliveryLog {
             let name = cm.metadata.name.clone().unwrap_or_default();
             warn!(configmap = %name, floor, "delivery-log segment below its log's floor (deleted before); ignored and deleted");
             log.unconfirmed_deletes.insert(*seq);
+            log.unconfirmed_with_entries.insert(*seq);
             log.deleting.push(name);
             false
         });
@@ -797,10 +817,13 @@ impl DeliveryLog {
             if !segment.live.is_empty() && !compact {
                 break;
             }
-            let (_, segment) = entry.remove_entry();
+            let (seq, segment) = entry.remove_entry();
             for id in &segment.live {
                 self.forget_seq(id);
                 self.dirty.insert(id.clone());
+            }
+            if segment.bytes > 0 {
+                self.unconfirmed_with_entries.insert(seq);
             }
             deleted.push(segment.name);
         }

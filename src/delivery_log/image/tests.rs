@@ -1711,3 +1711,34 @@ fn a_segment_deleted_and_created_again_is_never_read_back() {
     // Without the replay, the log reads back as it is.
     assert_in_sync(&log, &server);
 }
+
+#[test]
+fn an_idle_log_stops_writing() {
+    // Deliveries come, finish and are pruned (one finished kept), segments are compacted away and
+    // their deletes confirmed, floors written; then the log goes idle: it must stop writing, even
+    // when a floor-only segment ends up the oldest (its delete must not ask for another).
+    let mut log = new_log(config(1, 512, 4));
+    let mut server = FakeServer::default();
+    let step = |log: &mut DeliveryLog, server: &mut FakeServer| {
+        let writes = log.take_writes();
+        server.apply(&writes, None).unwrap();
+        let gone: Vec<String> = writes.deletes().iter().map(|w| w.name().to_string()).collect();
+        log.confirm_deleted(&gone);
+    };
+    for n in 0..30 {
+        log.insert(record(n, DeliveryState::Pending)).unwrap();
+        step(&mut log, &mut server);
+        let mut done = log.get(&id(n)).unwrap().clone();
+        done.state = DeliveryState::Succeeded;
+        done.attempts = 1;
+        log.update(done);
+        step(&mut log, &mut server);
+    }
+    let mut rounds = 0;
+    while log.has_changes() {
+        rounds += 1;
+        assert!(rounds < 10, "an idle log still writes: {:?}", server.names());
+        step(&mut log, &mut server);
+    }
+    assert_in_sync(&log, &server);
+}
