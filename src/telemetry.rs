@@ -666,6 +666,8 @@ pub async fn publish_event(
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
 
     #[test]
@@ -688,11 +690,55 @@ mod tests {
         assert_eq!(readiness.snapshot().len(), 2);
     }
 
+    /// `(name, type)` of every family in the encoded text, named as scraped: a counter `x` is
+    /// `x_total`.
+    fn families_in(text: &str) -> BTreeSet<(String, String)> {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .map(|l| {
+                let (name, kind) = l.split_once(' ').expect("# TYPE name type");
+                let name = if kind == "counter" {
+                    format!("{name}_total")
+                } else {
+                    name.to_string()
+                };
+                (name, kind.to_string())
+            })
+            .collect()
+    }
+
+    /// `(name, type)` of every row of the README's metrics table.
+    fn families_in_readme() -> BTreeSet<(String, String)> {
+        let readme = include_str!("../README.md");
+        let mut lines = readme
+            .lines()
+            .skip_while(|l| !l.starts_with("| metric | type | labels | meaning |"));
+        assert!(
+            lines.next().is_some(),
+            "README.md has no metrics table (| metric | type | labels | meaning |)"
+        );
+        let rows: BTreeSet<(String, String)> = lines
+            .skip(1) // |---|
+            .take_while(|l| l.starts_with('|'))
+            .map(|row| {
+                let cells: Vec<&str> = row.split('|').map(str::trim).collect();
+                (cells[1].trim_matches('`').to_string(), cells[2].to_string())
+            })
+            .collect();
+        assert!(!rows.is_empty(), "README.md's metrics table is empty");
+        rows
+    }
+
+    /// Every recording method is exercised, every family has a sample, and the README's metrics
+    /// table and the scraped text name exactly the same families with the same types: a metric
+    /// added without its README row (or a row left for a metric removed) fails here, and so does a
+    /// family no recording method of this test reaches.
     #[test]
     fn metrics_text_has_every_family() {
         let metrics = Metrics::new();
         metrics.reconciled(Duration::from_millis(12), None);
         metrics.reconciled(Duration::from_millis(12), Some("WriteSecretFailed"));
+        metrics.declare_reconcile_error_reasons(&["MissingMetadata"]);
         metrics.http_request(
             "api",
             "/v1/organizations/:org/webhook-endpoints",
@@ -710,26 +756,42 @@ mod tests {
         metrics.apiserver_write_bytes(WriteKind::ConfigMap, 4096);
         metrics.log_write_budget(524_288);
         metrics.ingest_throttled();
+        metrics.controller_leader(true);
+        metrics.owned_shards(5);
+        metrics.shard_handover();
+        metrics.log_segment_rejected();
+        metrics.backlog_overflow();
+        metrics.log_second_writer();
         let text = metrics.encode();
-        for family in [
-            "# TYPE capy_webhooks_reconciles counter",
-            "# TYPE capy_webhooks_reconcile_duration_seconds histogram",
-            "# TYPE capy_webhooks_reconcile_errors counter",
-            "# TYPE capy_webhooks_http_requests counter",
-            "# TYPE capy_webhooks_http_request_duration_seconds histogram",
-            "# TYPE capy_webhooks_deliveries counter",
-            "# TYPE capy_webhooks_delivery_attempts counter",
-            "# TYPE capy_webhooks_attempt_duration_seconds histogram",
-            "# TYPE capy_webhooks_pending_deliveries gauge",
-            "# TYPE capy_webhooks_log_write_batch_records histogram",
-            "# TYPE capy_webhooks_log_writes counter",
-            "# TYPE capy_webhooks_apiserver_writes counter",
-            "# TYPE capy_webhooks_apiserver_write_bytes counter",
-            "# TYPE capy_webhooks_log_write_budget_bytes gauge",
-            "# TYPE capy_webhooks_ingest_throttled counter",
-        ] {
-            assert!(text.contains(family), "{family} missing from\n{text}");
+
+        let scraped = families_in(&text);
+        let documented = families_in_readme();
+        let undocumented: Vec<_> = scraped.difference(&documented).collect();
+        let unregistered: Vec<_> = documented.difference(&scraped).collect();
+        assert!(
+            undocumented.is_empty() && unregistered.is_empty(),
+            "README.md's metrics table and the registry disagree.\nregistered, not in the README (or \
+             with another type): {undocumented:?}\nin the README, not registered: {unregistered:?}"
+        );
+        for (name, kind) in &scraped {
+            let family = if kind == "counter" {
+                name.strip_suffix("_total").unwrap()
+            } else {
+                name
+            };
+            let sampled = text.lines().filter(|l| !l.starts_with('#')).any(|l| {
+                l.strip_prefix(family).is_some_and(|rest| {
+                    ["_total", "_bucket", "_count", "_sum", "{", " "]
+                        .iter()
+                        .any(|s| rest.starts_with(s))
+                })
+            });
+            assert!(
+                sampled,
+                "no sample of {name}: exercise its recording method here\n{text}"
+            );
         }
+
         for sample in [
             "capy_webhooks_reconciles_total 2",
             "capy_webhooks_reconcile_errors_total{reason=\"WriteSecretFailed\"} 1",
@@ -747,6 +809,13 @@ mod tests {
             "capy_webhooks_apiserver_write_bytes_total{kind=\"endpoint_status\"} 0",
             "capy_webhooks_log_write_budget_bytes 524288",
             "capy_webhooks_ingest_throttled_total 1",
+            "capy_webhooks_reconcile_errors_total{reason=\"MissingMetadata\"} 0",
+            "capy_webhooks_controller_leader 1",
+            "capy_webhooks_owned_shards 5",
+            "capy_webhooks_shard_handovers_total 1",
+            "capy_webhooks_log_segments_rejected_total 1",
+            "capy_webhooks_endpoint_backlog_overflows_total 1",
+            "capy_webhooks_log_second_writers_total 1",
         ] {
             assert!(text.contains(sample), "{sample} missing from\n{text}");
         }

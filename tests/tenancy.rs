@@ -3,6 +3,7 @@
 
 mod support;
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use capy_webhooks::delivery_log::DeliveryRecord;
@@ -754,19 +755,48 @@ async fn configmaps_squatting_the_next_segment_names_neither_stall_the_log_nor_g
         (later == 3).then_some(())
     })
     .await;
-    // Superseded segments are deleted on the writes after a delivery finishes: give them time.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let (status, _) = op.ingest(ORG, "last.one", json!({"n": 5})).await;
-    assert_eq!(status, 202);
-    support::wait_for("the last event", WAIT, || async {
-        receiver
-            .received()
-            .iter()
-            .any(|r| r.json()["type"] == "last.one")
-            .then_some(())
+    // Superseded segments are deleted on the writes after a delivery finishes. Rather than wait a
+    // while and find the squatters still there (which a slow delete would also show), wait for the
+    // deletes to happen: more events until the lowest of the log's own segments (labelled, just
+    // above the squatted names) is gone. Each event is delivered before the next is sent.
+    let own = ListParams::default().labels(&log_selector_of(ORG));
+    let own_segments = || async {
+        let names: BTreeSet<String> = configmaps
+            .list(&own)
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter_map(|cm| cm.metadata.name)
+            .collect();
+        names
+    };
+    let before = own_segments().await;
+    let lowest = (1..=1024)
+        .map(|seq| journal_segment_name(ORG, seq))
+        .find(|name| before.contains(name))
+        .unwrap_or_else(|| panic!("the log has no segment of its own: {before:?}"));
+    assert!(!squatted.contains(&lowest), "the log wrote {lowest}, a squatted name");
+    let mut n = 4;
+    support::wait_for(&format!("the log's own lowest segment {lowest} deleted"), WAIT, || {
+        n += 1;
+        let (op, receiver, configmaps, lowest) = (&op, &receiver, &configmaps, &lowest);
+        async move {
+            let (status, body) = op.ingest(ORG, "last.one", json!({ "n": n })).await;
+            assert_eq!(status, 202, "{body}");
+            support::wait_for("the last event", WAIT, || async {
+                receiver
+                    .received()
+                    .iter()
+                    .any(|r| r.json()["data"]["n"] == n)
+                    .then_some(())
+            })
+            .await;
+            configmaps.get_opt(lowest).await.unwrap().is_none().then_some(())
+        }
     })
     .await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!own_segments().await.is_empty(), "the log keeps a segment of its own");
     for name in &squatted {
         let still = configmaps
             .get_opt(name)
@@ -785,6 +815,15 @@ async fn configmaps_squatting_the_next_segment_names_neither_stall_the_log_nor_g
     }
     op.stop().await;
     support::delete_namespace(&client, &ns).await;
+}
+
+/// Label selector of the segments of `org`'s delivery log.
+fn log_selector_of(org: &str) -> String {
+    capy_webhooks::delivery_log::segment_labels(org)
+        .into_iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// How many times the operator found a second writer of a log (and read a shard back).
