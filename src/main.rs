@@ -335,8 +335,7 @@ struct RunArgs {
     log_format: LogFormat,
 }
 
-fn read_ingest_token(path: Option<&std::path::Path>) -> anyhow::Result<String> {
-    let path = path.context("the dispatcher needs --ingest-token-file (the bearer token of the ingest port)")?;
+fn read_ingest_token(path: &std::path::Path) -> anyhow::Result<String> {
     let token =
         std::fs::read_to_string(path).with_context(|| format!("reading the ingest token from {}", path.display()))?;
     let token = token.trim().to_string();
@@ -472,36 +471,17 @@ async fn delivery_log_command(command: DeliveryLogCommand) -> anyhow::Result<()>
     Ok(())
 }
 
-async fn authenticator(args: &RunArgs, client: &kube::Client, home_namespace: &str) -> anyhow::Result<Authenticator> {
+/// The REST API's authenticator: the API-key index of `home_namespace`, and Clerk sessions when
+/// configured (its JWKS loaded first).
+async fn authenticator(
+    clerk: Option<ClerkConfig>,
+    client: &kube::Client,
+    home_namespace: &str,
+) -> anyhow::Result<Authenticator> {
     let index = ApiKeyIndex::new();
     tokio::spawn(index.clone().run(client.clone(), home_namespace.to_string()));
-    let jwks = match (&args.clerk_jwks_url, &args.clerk_jwks_file) {
-        (Some(url), _) => Some(JwksSource::Url(url.clone())),
-        (None, Some(file)) => Some(JwksSource::File(file.clone())),
-        (None, None) => None,
-    };
-    let clerk = match jwks {
-        Some(jwks) => {
-            let issuer = args
-                .clerk_issuer
-                .clone()
-                .context("--clerk-issuer is required with a JWKS")?;
-            let mut config = ClerkConfig::new(jwks, issuer);
-            config.authorized_parties = args
-                .clerk_authorized_parties
-                .iter()
-                .filter(|p| !p.is_empty())
-                .cloned()
-                .collect();
-            config.required_roles = args
-                .clerk_required_role
-                .iter()
-                .filter(|r| !r.is_empty())
-                .cloned()
-                .collect();
-            if let JwksSource::Url(url) = &config.jwks {
-                check_jwks_url(url, args.allow_http).map_err(anyhow::Error::msg)?;
-            }
+    let clerk = match clerk {
+        Some(config) => {
             let http = jwks_http_client()?;
             let verifier = ClerkVerifier::new(config, http)
                 .await
@@ -514,45 +494,99 @@ async fn authenticator(args: &RunArgs, client: &kube::Client, home_namespace: &s
     Ok(Authenticator::new(index, clerk))
 }
 
-async fn run(args: RunArgs) -> anyhow::Result<()> {
-    telemetry::init(args.log_format);
+/// Everything `run` decides from the command line before it starts anything.
+struct Setup {
+    /// Namespaces served.
+    scope: Scope,
+    /// Namespace of the operator's own objects (Leases, keys, endpoints created over REST).
+    home_namespace: String,
+    /// Timeouts and connection cap of every port.
+    server_limits: ServerLimits,
+    /// The controller's settings, when it runs.
+    controller: Option<ControllerConfig>,
+    /// The dispatcher's and its ingest port's settings, when it runs.
+    dispatcher: Option<DispatcherSetup>,
+    /// The REST API's settings, when it runs.
+    api: Option<ApiSetup>,
+}
+
+/// The dispatcher's settings, and its ingest port's.
+struct DispatcherSetup {
+    config: DispatcherConfig,
+    /// File holding the ingest bearer token.
+    token_file: PathBuf,
+    payload_limit: usize,
+}
+
+/// The REST API's settings, and its Clerk sessions'.
+struct ApiSetup {
+    config: ApiConfig,
+    clerk: Option<ClerkConfig>,
+}
+
+/// `given`, else the in-cluster namespace, else `default`.
+fn namespace_or(given: Option<&str>, in_cluster: Option<&str>) -> String {
+    given.or(in_cluster).unwrap_or("default").to_string()
+}
+
+/// Which namespaces are served, and the operator's home namespace: `--home-namespace`, else the
+/// served namespace, else (serving all of them) the in-cluster namespace, else `default`.
+fn scope_and_home(args: &RunArgs, in_cluster: Option<&str>) -> (Scope, String) {
     let scope = if args.all_namespaces {
         Scope::AllNamespaces
     } else {
-        Scope::Namespace(default_namespace(args.namespace.clone()))
+        Scope::Namespace(namespace_or(args.namespace.as_deref(), in_cluster))
     };
-    let home_namespace = match (&args.home_namespace, &scope) {
+    let home = match (&args.home_namespace, &scope) {
         (Some(ns), _) => ns.clone(),
         (None, Scope::Namespace(ns)) => ns.clone(),
-        (None, Scope::AllNamespaces) => default_namespace(None),
+        (None, Scope::AllNamespaces) => namespace_or(None, in_cluster),
     };
-    info!(version = env!("CARGO_PKG_VERSION"), components = ?args.components, ?scope, "capy-webhooks starting");
+    (scope, home)
+}
 
-    // One shutdown signal fans out to every component.
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(async move {
-        shutdown_signal().await;
-        info!("shutdown requested");
-        let _ = stop_tx.send(true);
-    });
-    let stopped = {
-        let stop_rx = stop_rx.clone();
-        move || {
-            let mut rx = stop_rx.clone();
-            async move {
-                let _ = rx.wait_for(|stop| *stop).await;
-            }
-        }
+/// Clerk session settings, when a JWKS is given.
+fn clerk_config(args: &RunArgs) -> anyhow::Result<Option<ClerkConfig>> {
+    let jwks = match (&args.clerk_jwks_url, &args.clerk_jwks_file) {
+        (Some(url), _) => JwksSource::Url(url.clone()),
+        (None, Some(file)) => JwksSource::File(file.clone()),
+        (None, None) => return Ok(None),
     };
+    let issuer = args
+        .clerk_issuer
+        .clone()
+        .context("--clerk-issuer is required with a JWKS")?;
+    if let JwksSource::Url(url) = &jwks {
+        check_jwks_url(url, args.allow_http).map_err(anyhow::Error::msg)?;
+    }
+    let non_empty = |values: &[String]| values.iter().filter(|v| !v.is_empty()).cloned().collect();
+    let mut config = ClerkConfig::new(jwks, issuer);
+    config.authorized_parties = non_empty(&args.clerk_authorized_parties);
+    config.required_roles = non_empty(&args.clerk_required_role);
+    Ok(Some(config))
+}
+
+/// Builds every started component's configuration from the parsed flags, the in-cluster
+/// namespace (read by the caller) and the process's metrics and readiness; registers each
+/// component to start with `readiness`. Starts nothing, reads nothing: a flag combination that
+/// cannot run is refused here, before anything starts.
+fn configure(
+    args: &RunArgs,
+    in_cluster: Option<&str>,
+    metrics: &Metrics,
+    readiness: &Readiness,
+) -> anyhow::Result<Setup> {
+    let (scope, home_namespace) = scope_and_home(args, in_cluster);
     let url_policy = UrlPolicy {
         allow_http: args.allow_http,
     };
+    let server_limits = ServerLimits {
+        header_read_timeout: args.http_header_timeout,
+        idle_timeout: args.http_idle_timeout,
+        max_connections: args.http_max_connections as usize,
+    };
     let wants = |c: Component| args.components.contains(&c);
-
-    // The operations port comes first, so probes are answered during start-up: every component
-    // to start is registered (not ready) before it opens.
-    let metrics = Metrics::new();
-    let readiness = Readiness::new();
+    // Registered (not ready) before the operations port opens, in this order.
     let ready = |c: Component, name: &str| {
         if wants(c) {
             readiness.register(name)
@@ -563,60 +597,19 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let controller_ready = ready(Component::Controller, "controller");
     let api_ready = ready(Component::Api, "api");
     let dispatcher_ready = ready(Component::Dispatcher, "dispatcher");
-    let mut tasks = Components::new();
-    let ops_listener = capy_webhooks::http::bind(args.metrics_listen, "operations port").await?;
-    let server_limits = ServerLimits {
-        header_read_timeout: args.http_header_timeout,
-        idle_timeout: args.http_idle_timeout,
-        max_connections: args.http_max_connections as usize,
-    };
-    tasks.spawn(capy_webhooks::ops::run(
-        metrics.clone(),
-        readiness.clone(),
-        ops_listener,
-        server_limits,
-        stopped(),
-    ));
 
-    let identity = args.identity.clone().unwrap_or_else(default_identity);
-    let client = kube_client().await?;
-    // Every component reads WebhookEndpoints: an installation that forbids it ends the process
-    // here, whichever components run, instead of leaving them waiting for caches that never fill.
-    let listable = endpoints::wait_until_listable(client.clone(), &scope);
-    if start_step(&mut tasks, stopped(), listable).await?.is_none() {
-        return until_all_end(tasks).await;
-    }
-    // One watch-backed endpoint cache for the whole process: the controller, the REST API and
-    // the dispatcher all read it.
-    let binding = NamespaceBinding::start(client.clone(), &scope, &home_namespace);
-    let cache = EndpointCache::start(client.clone(), &scope, binding, wants(Component::Controller));
-    if let Some(feed) = cache.controller_feed() {
-        let config = ControllerConfig {
-            scope: scope.clone(),
-            rotation_grace_period: args.rotation_grace_period,
-            url_policy,
-            metrics: metrics.clone(),
-            ready: controller_ready,
-        };
-        // One controller at a time among the replicas: the holder of the controller Lease.
-        let leases = LeaseConfig {
-            namespace: home_namespace.clone(),
-            identity: identity.clone(),
-            duration: args.lease_duration,
-        };
-        info!(identity = %leases.identity, lease = CONTROLLER_LEASE, "competing for the controller Lease");
-        let leadership = Leadership::compete(client.clone(), &leases, CONTROLLER_LEASE).await?;
-        let run = controller::run(client.clone(), config, feed, leadership.leading(), stopped());
-        tasks.spawn(async move {
-            let result = run.await;
-            // Stopped: hand the Lease over now rather than after it expires.
-            leadership.release().await;
-            result
-        });
-    }
+    let controller = wants(Component::Controller).then(|| ControllerConfig {
+        scope: scope.clone(),
+        rotation_grace_period: args.rotation_grace_period,
+        url_policy,
+        metrics: metrics.clone(),
+        ready: controller_ready,
+    });
     let dispatcher = if wants(Component::Dispatcher) {
-        let token = read_ingest_token(args.ingest_token_file.as_deref())?;
-        let ingest_listener = capy_webhooks::http::bind(args.ingest_listen, "ingest port").await?;
+        let token_file = args
+            .ingest_token_file
+            .clone()
+            .context("the dispatcher needs --ingest-token-file (the bearer token of the ingest port)")?;
         let config = DispatcherConfig {
             home_namespace: home_namespace.clone(),
             scope: scope.clone(),
@@ -644,6 +637,122 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             metrics: metrics.clone(),
             ready: dispatcher_ready,
         };
+        Some(DispatcherSetup {
+            config,
+            token_file,
+            payload_limit: args.ingest_payload_limit,
+        })
+    } else {
+        None
+    };
+    let api = if wants(Component::Api) {
+        let config = ApiConfig {
+            server_limits,
+            max_endpoints_per_organization: args.max_endpoints_per_organization,
+            organization_rate_limit: args.organization_rate_limit,
+            scope: scope.clone(),
+            home_namespace: home_namespace.clone(),
+            url_policy,
+            body_limit: args.api_body_limit,
+            controller_wait: args.controller_wait,
+            metrics: metrics.clone(),
+            ready: api_ready,
+            portal_session_ttl: jiff::SignedDuration::try_from(args.portal_session_ttl)?,
+            portal_url: args.portal_url.clone(),
+        };
+        Some(ApiSetup {
+            config,
+            clerk: clerk_config(args)?,
+        })
+    } else {
+        None
+    };
+    Ok(Setup {
+        scope,
+        home_namespace,
+        server_limits,
+        controller,
+        dispatcher,
+        api,
+    })
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    telemetry::init(args.log_format);
+    let metrics = Metrics::new();
+    let readiness = Readiness::new();
+    let in_cluster = in_cluster_namespace();
+    let Setup {
+        scope,
+        home_namespace,
+        server_limits,
+        controller,
+        dispatcher,
+        api,
+    } = configure(&args, in_cluster.as_deref(), &metrics, &readiness)?;
+    info!(version = env!("CARGO_PKG_VERSION"), components = ?args.components, ?scope, "capy-webhooks starting");
+
+    // One shutdown signal fans out to every component.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        info!("shutdown requested");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = {
+        let stop_rx = stop_rx.clone();
+        move || {
+            let mut rx = stop_rx.clone();
+            async move {
+                let _ = rx.wait_for(|stop| *stop).await;
+            }
+        }
+    };
+
+    // The operations port comes first, so probes are answered during start-up: every component
+    // to start is registered (not ready) before it opens.
+    let mut tasks = Components::new();
+    let ops_listener = capy_webhooks::http::bind(args.metrics_listen, "operations port").await?;
+    tasks.spawn(capy_webhooks::ops::run(
+        metrics.clone(),
+        readiness.clone(),
+        ops_listener,
+        server_limits,
+        stopped(),
+    ));
+
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+    let client = kube_client().await?;
+    // Every component reads WebhookEndpoints: an installation that forbids it ends the process
+    // here, whichever components run, instead of leaving them waiting for caches that never fill.
+    let listable = endpoints::wait_until_listable(client.clone(), &scope);
+    if start_step(&mut tasks, stopped(), listable).await?.is_none() {
+        return until_all_end(tasks).await;
+    }
+    // One watch-backed endpoint cache for the whole process: the controller, the REST API and
+    // the dispatcher all read it.
+    let binding = NamespaceBinding::start(client.clone(), &scope, &home_namespace);
+    let cache = EndpointCache::start(client.clone(), &scope, binding, controller.is_some());
+    if let (Some(feed), Some(config)) = (cache.controller_feed(), controller) {
+        // One controller at a time among the replicas: the holder of the controller Lease.
+        let leases = LeaseConfig {
+            namespace: home_namespace.clone(),
+            identity: identity.clone(),
+            duration: args.lease_duration,
+        };
+        info!(identity = %leases.identity, lease = CONTROLLER_LEASE, "competing for the controller Lease");
+        let leadership = Leadership::compete(client.clone(), &leases, CONTROLLER_LEASE).await?;
+        let run = controller::run(client.clone(), config, feed, leadership.leading(), stopped());
+        tasks.spawn(async move {
+            let result = run.await;
+            // Stopped: hand the Lease over now rather than after it expires.
+            leadership.release().await;
+            result
+        });
+    }
+    let dispatcher = if let Some(setup) = dispatcher {
+        let token = read_ingest_token(&setup.token_file)?;
+        let ingest_listener = capy_webhooks::http::bind(args.ingest_listen, "ingest port").await?;
         // Dispatch is partitioned into shards, each held by one replica through its Lease.
         let ownership = CoordinatorConfig {
             namespace: home_namespace.clone(),
@@ -660,7 +769,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         };
         tasks.spawn(async move { coordinator.await.context("the shard coordinator panicked") });
         let placement = shards.placement.clone();
-        let start = Dispatcher::start(client.clone(), cache.clone(), config, shards, stop_rx.clone());
+        let start = Dispatcher::start(client.clone(), cache.clone(), setup.config, shards, stop_rx.clone());
         let Some(dispatcher) = start_step(&mut tasks, stopped(), start).await? else {
             return until_all_end(tasks).await;
         };
@@ -683,7 +792,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let ingest = IngestConfig {
             server_limits,
             token,
-            payload_limit: args.ingest_payload_limit,
+            payload_limit: setup.payload_limit,
             idempotency_window: Duration::from_secs(24 * 3600),
             idempotency_capacity: 100_000,
             metrics: metrics.clone(),
@@ -706,29 +815,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    if wants(Component::Api) {
+    if let Some(setup) = api {
         let listener = capy_webhooks::http::bind(args.api_listen, "REST API").await?;
-        let start = authenticator(&args, &client, &home_namespace);
+        let start = authenticator(setup.clerk, &client, &home_namespace);
         let Some(auth) = start_step(&mut tasks, stopped(), start).await? else {
             return until_all_end(tasks).await;
         };
-        let config = ApiConfig {
-            server_limits,
-            max_endpoints_per_organization: args.max_endpoints_per_organization,
-            organization_rate_limit: args.organization_rate_limit,
-            scope: scope.clone(),
-            home_namespace: home_namespace.clone(),
-            url_policy,
-            body_limit: args.api_body_limit,
-            controller_wait: args.controller_wait,
-            metrics: metrics.clone(),
-            ready: api_ready,
-            portal_session_ttl: jiff::SignedDuration::try_from(args.portal_session_ttl)?,
-            portal_url: args.portal_url.clone(),
-        };
         tasks.spawn(api::run(
             client.clone(),
-            config,
+            setup.config,
             auth,
             cache,
             dispatcher.map(WorkHandle::new),
@@ -816,5 +911,174 @@ mod tests {
     fn cli_is_well_formed() {
         use clap::CommandFactory;
         Cli::command().debug_assert();
+    }
+
+    /// `capy-webhooks run` with these flags, parsed.
+    fn run_args(flags: &[&str]) -> RunArgs {
+        let argv = ["capy-webhooks", "run"].into_iter().chain(flags.iter().copied());
+        match Cli::try_parse_from(argv).expect("the flags parse").command {
+            Command::Run(args) => *args,
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    fn setup(flags: &[&str], in_cluster: Option<&str>) -> anyhow::Result<Setup> {
+        configure(&run_args(flags), in_cluster, &Metrics::new(), &Readiness::new())
+    }
+
+    #[test]
+    fn defaults_start_every_component() {
+        let setup = setup(&["--ingest-token-file", "/token"], None).unwrap();
+        assert_eq!(setup.scope, Scope::Namespace("default".into()));
+        assert_eq!(setup.home_namespace, "default");
+        assert_eq!(setup.server_limits.header_read_timeout, Duration::from_secs(10));
+        assert_eq!(setup.server_limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(setup.server_limits.max_connections, 1024);
+
+        let controller = setup.controller.expect("the controller runs");
+        assert_eq!(controller.rotation_grace_period, Duration::from_secs(24 * 3600));
+        assert!(!controller.url_policy.allow_http);
+
+        let dispatcher = setup.dispatcher.expect("the dispatcher runs");
+        assert_eq!(dispatcher.token_file, PathBuf::from("/token"));
+        assert_eq!(dispatcher.payload_limit, 64 * 1024);
+        let config = dispatcher.config;
+        assert_eq!(config.schedule, DEFAULT_SCHEDULE.parse::<RetrySchedule>().unwrap());
+        assert_eq!(config.log.max_finished, 100);
+        assert_eq!(config.per_endpoint_concurrency, 8);
+        assert_eq!(config.summary_interval, Duration::from_secs(10));
+        assert_eq!(config.auto_disable_after, Duration::from_secs(5 * 86_400));
+        assert_eq!(config.shutdown_grace, Duration::from_secs(20));
+        assert_eq!(config.persist_timeout, Duration::from_secs(10));
+        assert_eq!(config.sender.connect_timeout, Duration::from_secs(5));
+        assert_eq!(config.sender.total_timeout, Duration::from_secs(15));
+        assert!(!config.sender.policy.allow_private && !config.sender.policy.allow_metadata);
+        assert!(!config.sender.allow_http);
+        assert_eq!(config.budget.rate(), 512 * 1024);
+
+        let api = setup.api.expect("the API runs");
+        assert!(api.clerk.is_none());
+        assert_eq!(api.config.body_limit, 64 * 1024);
+        assert_eq!(api.config.max_endpoints_per_organization, 100);
+        assert_eq!(api.config.organization_rate_limit, 5.0);
+        assert_eq!(api.config.controller_wait, Duration::from_secs(10));
+        assert_eq!(api.config.portal_session_ttl, jiff::SignedDuration::from_hours(1));
+        assert_eq!(api.config.portal_url, None);
+        assert_eq!(api.config.home_namespace, "default");
+    }
+
+    #[test]
+    fn scope_and_home_namespace() {
+        let all = || Scope::AllNamespaces;
+        let ns = |n: &str| Scope::Namespace(n.into());
+        // (flags, in-cluster namespace) => (scope, home namespace)
+        #[allow(clippy::type_complexity)]
+        let table: [((&[&str], Option<&str>), (Scope, &str)); 8] = [
+            ((&[], None), (ns("default"), "default")),
+            ((&[], Some("ops")), (ns("ops"), "ops")),
+            ((&["--namespace", "team"], Some("ops")), (ns("team"), "team")),
+            (
+                (&["--namespace", "team", "--home-namespace", "home"], None),
+                (ns("team"), "home"),
+            ),
+            ((&["--home-namespace", "home"], Some("ops")), (ns("ops"), "home")),
+            ((&["--all-namespaces"], Some("ops")), (all(), "ops")),
+            ((&["--all-namespaces"], None), (all(), "default")),
+            (
+                (&["--all-namespaces", "--home-namespace", "home"], Some("ops")),
+                (all(), "home"),
+            ),
+        ];
+        for ((flags, in_cluster), (scope, home)) in table {
+            let flags: Vec<&str> = flags.iter().copied().chain(["--components", "controller"]).collect();
+            let setup = setup(&flags, in_cluster).unwrap();
+            assert_eq!(
+                (&setup.scope, setup.home_namespace.as_str()),
+                (&scope, home),
+                "{flags:?} {in_cluster:?}"
+            );
+            assert_eq!(setup.controller.unwrap().scope, scope);
+        }
+    }
+
+    #[test]
+    fn only_the_components_asked_for_are_configured() {
+        let setup = setup_of(&["--components", "api"]);
+        assert!(setup.controller.is_none() && setup.dispatcher.is_none());
+        assert!(setup.api.is_some());
+        let setup = setup_of(&["--components", "controller,dispatcher", "--ingest-token-file", "/t"]);
+        assert!(setup.api.is_none() && setup.controller.is_some() && setup.dispatcher.is_some());
+    }
+
+    fn setup_of(flags: &[&str]) -> Setup {
+        setup(flags, None).unwrap()
+    }
+
+    #[test]
+    fn clerk_sessions_are_configured_from_their_flags() {
+        let setup = setup_of(&[
+            "--components",
+            "api",
+            "--clerk-jwks-url",
+            "https://clerk.example.com/.well-known/jwks.json",
+            "--clerk-issuer",
+            "https://clerk.example.com",
+            "--clerk-authorized-parties",
+            "https://a.example.com,,https://b.example.com",
+            "--clerk-required-role",
+            "org:admin",
+        ]);
+        let clerk = setup.api.unwrap().clerk.expect("Clerk sessions");
+        assert_eq!(clerk.issuer, "https://clerk.example.com");
+        assert_eq!(
+            clerk.authorized_parties,
+            ["https://a.example.com", "https://b.example.com"]
+        );
+        assert_eq!(clerk.required_roles, ["org:admin"]);
+    }
+
+    #[test]
+    fn combinations_that_cannot_run_are_refused_clearly() {
+        // (flags) => what the error says
+        let table: [(&[&str], &str); 3] = [
+            (&[], "the dispatcher needs --ingest-token-file"),
+            (
+                &["--components", "dispatcher"],
+                "the dispatcher needs --ingest-token-file",
+            ),
+            (
+                &[
+                    "--components",
+                    "api",
+                    "--clerk-jwks-url",
+                    "http://clerk.example.com/jwks",
+                    "--clerk-issuer",
+                    "https://clerk.example.com",
+                ],
+                "--clerk-jwks-url must be an https:// URL",
+            ),
+        ];
+        for (flags, says) in table {
+            let Err(error) = setup(flags, None) else {
+                panic!("{flags:?} was accepted");
+            };
+            assert!(error.to_string().contains(says), "{flags:?}: {error}");
+        }
+        // A plain http:// JWKS is accepted with --allow-http (development).
+        let flags = [
+            "--components",
+            "api",
+            "--allow-http",
+            "--clerk-jwks-url",
+            "http://clerk.example.com/jwks",
+            "--clerk-issuer",
+            "https://clerk.example.com",
+        ];
+        assert!(setup(&flags, None).unwrap().api.unwrap().clerk.is_some());
+        // Conflicting flags never reach `configure`: the command line is refused.
+        let argv = ["capy-webhooks", "run", "--namespace", "a", "--all-namespaces"];
+        assert!(Cli::try_parse_from(argv).is_err());
+        let argv = ["capy-webhooks", "run", "--clerk-jwks-file", "/jwks"];
+        assert!(Cli::try_parse_from(argv).is_err(), "a JWKS needs --clerk-issuer");
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! [`HealthWindow`] keeps the recent outcomes of one endpoint; [`health`] turns them into the
 //! [`Health`] shown in the API and the CR status; [`should_auto_disable`] says when an endpoint
-//! has failed for long enough that it is disabled (with a reason in status, never silently).
+//! has failed for long enough that it is disabled (with a reason in status, never silently), and
+//! [`disabled_reason`] which reason that status shows.
 
 use std::collections::VecDeque;
 use std::time::Duration;
@@ -176,6 +177,42 @@ pub fn should_auto_disable(window: &HealthWindow, now: Timestamp, failing_window
         return false;
     };
     now.duration_since(first_failure) >= failing_window
+}
+
+/// The `disabled_reason` an endpoint's status summary shows, and what the dispatcher keeps of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DisabledReason {
+    /// Whether the endpoint was seen inactive since the dispatcher last disabled it.
+    pub seen_inactive: bool,
+    /// The reason the dispatcher keeps: the one it disabled the endpoint for, until a user
+    /// re-activates it.
+    pub kept: Option<String>,
+    /// What the status summary shows.
+    pub shown: Option<String>,
+}
+
+/// The `disabled_reason` rule, when a status summary is written: an endpoint active again after
+/// it was seen inactive was re-activated by a user, so the kept reason goes; an active endpoint
+/// shows a reason only while the dispatcher's own disabling is on its way (kept, not yet seen
+/// inactive); an inactive one shows the kept reason, else the one its status already has (from
+/// an earlier owner of its log).
+pub fn disabled_reason(
+    active: bool,
+    seen_inactive: bool,
+    kept: Option<&str>,
+    in_status: Option<&str>,
+) -> DisabledReason {
+    let kept = if active && seen_inactive { None } else { kept };
+    let shown = if active && kept.is_none() {
+        None
+    } else {
+        kept.or(in_status).map(str::to_string)
+    };
+    DisabledReason {
+        seen_inactive: seen_inactive || !active,
+        kept: kept.map(str::to_string),
+        shown,
+    }
 }
 
 #[cfg(test)]
@@ -366,5 +403,40 @@ mod tests {
             at(199 * 3600),
             Duration::from_secs(5 * DAY)
         ));
+    }
+
+    #[test]
+    fn disabled_reason_rule() {
+        const OURS: Option<&str> = Some("every delivery attempt failed since then");
+        const THEIRS: Option<&str> = Some("the receiver answered 410 Gone");
+        // (active, seen inactive, kept, in status) => (seen inactive, kept, shown)
+        #[allow(clippy::type_complexity)]
+        let table: [(
+            (bool, bool, Option<&str>, Option<&str>),
+            (bool, Option<&str>, Option<&str>),
+        ); 10] = [
+            // Active and never disabled: nothing to show, whatever an old status says.
+            ((true, false, None, None), (false, None, None)),
+            ((true, false, None, THEIRS), (false, None, None)),
+            // Disabled by this dispatcher, the patch not seen yet: the reason shows already.
+            ((true, false, OURS, None), (false, OURS, OURS)),
+            ((true, false, OURS, THEIRS), (false, OURS, OURS)),
+            // Seen inactive: noted, and the reason shows (ours first, else the status's).
+            ((false, false, OURS, None), (true, OURS, OURS)),
+            ((false, true, OURS, THEIRS), (true, OURS, OURS)),
+            ((false, false, None, THEIRS), (true, None, THEIRS)),
+            // Disabled by a user: no reason of ours, none in status.
+            ((false, false, None, None), (true, None, None)),
+            // Active again after being seen inactive: a user re-activated it, the reason goes.
+            ((true, true, OURS, THEIRS), (true, None, None)),
+            ((true, true, None, None), (true, None, None)),
+        ];
+        for ((active, seen, kept, status), (want_seen, want_kept, want_shown)) in table {
+            let rule = disabled_reason(active, seen, kept, status);
+            let case = (active, seen, kept, status);
+            assert_eq!(rule.seen_inactive, want_seen, "{case:?}");
+            assert_eq!(rule.kept.as_deref(), want_kept, "{case:?}");
+            assert_eq!(rule.shown.as_deref(), want_shown, "{case:?}");
+        }
     }
 }

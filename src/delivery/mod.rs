@@ -5,12 +5,15 @@
 //! unit-tested on its own. The dispatcher calls into these modules:
 //!
 //! - [`schedule`]: when the next attempt happens (retry schedule, jitter, `Retry-After`).
-//! - [`outcome`]: what an attempt's result means (success, retry, give up, disable).
+//! - [`due`]: which of an endpoint's due deliveries start now (concurrency, pacing).
+//! - [`outcome`]: what an attempt's result means for the delivery and its endpoint (success,
+//!   retry, give up, totals, disable).
 //! - [`event_types`]: which endpoints an event goes to.
-//! - [`health`]: the health rule and when a failing endpoint is disabled.
+//! - [`health`]: the health rule, when a failing endpoint is disabled and which reason it shows.
 //! - [`ssrf`]: which resolved addresses a delivery may connect to.
 //! - [`sender`]: one signed attempt over a keep-alive client with the SSRF guard in its resolver.
 
+pub mod due;
 pub mod event_types;
 pub mod health;
 pub mod outcome;

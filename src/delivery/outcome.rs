@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 
+use crate::delivery::health::{HealthWindow, should_auto_disable};
 use crate::delivery::schedule::{RetrySchedule, next_attempt_delay};
+use crate::resources::DeliverySummary;
 
 /// The result of one delivery attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -163,6 +165,62 @@ pub fn after_attempt(
         },
         last_error: Some(describe_failure(outcome, response_excerpt)),
         disable: matches!(outcome, AttemptOutcome::Gone).then(|| "the receiver answered 410 Gone".to_string()),
+    }
+}
+
+/// What one attempt does to its endpoint.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EndpointEffect {
+    /// The endpoint's delivery totals once the attempt is counted (`pending` is left as it was:
+    /// the log counts it).
+    pub totals: DeliverySummary,
+    /// Why the endpoint is disabled now, when it is.
+    pub disable: Option<String>,
+}
+
+/// Decides what an attempt whose delivery got `effect` (from [`after_attempt`]) does to its
+/// endpoint, which `active` says is still active.
+///
+/// Every attempt moves the failure streak and the time of the last success or failure; a
+/// delivery counts as succeeded or failed once, when it finishes. The endpoint is disabled when
+/// the receiver asked for it (410 Gone) or, after a failure, when every attempt failed for
+/// `auto_disable_after` ([`should_auto_disable`]; `window` already holds this attempt). One
+/// that is no longer active is not disabled again. Pure: the worker applies the effect.
+pub fn endpoint_after_attempt(
+    effect: &AttemptEffect,
+    totals: &DeliverySummary,
+    window: &HealthWindow,
+    at: Timestamp,
+    auto_disable_after: Duration,
+    active: bool,
+) -> EndpointEffect {
+    let mut totals = totals.clone();
+    let time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
+    let success = effect.next == NextStep::Succeeded;
+    if success {
+        totals.consecutive_failures = 0;
+        totals.last_success_at = time;
+    } else {
+        totals.consecutive_failures += 1;
+        totals.last_failure_at = time;
+    }
+    match effect.next {
+        NextStep::Succeeded => totals.succeeded += 1,
+        NextStep::RetryAt(_) => {}
+        NextStep::Failed => totals.failed += 1,
+    }
+    let disable = effect.disable.clone().or_else(|| {
+        (!success && should_auto_disable(window, at, auto_disable_after)).then(|| {
+            let since = window
+                .first_failure_of_current_streak()
+                .map(|t| t.to_string())
+                .unwrap_or_default();
+            format!("every delivery attempt failed since {since}")
+        })
+    });
+    EndpointEffect {
+        totals,
+        disable: disable.filter(|_| active),
     }
 }
 
@@ -376,6 +434,116 @@ mod tests {
             assert_eq!(describe_failure(&failure, Some("bad gateway")), "HTTP 502: bad gateway");
             assert_eq!(describe_failure(&failure, Some("")), "HTTP 502");
             assert_eq!(describe_failure(&AttemptOutcome::Timeout, None), "timed out");
+        }
+    }
+
+    mod endpoint_after_attempt {
+        use super::super::*;
+        use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+
+        const DAY: i64 = 86_400;
+        const FIVE_DAYS: Duration = Duration::from_secs(5 * 86_400);
+
+        fn at(s: i64) -> Timestamp {
+            Timestamp::from_second(1_700_000_000 + s).unwrap()
+        }
+
+        fn effect(next: NextStep, disable: Option<&str>) -> AttemptEffect {
+            AttemptEffect {
+                next,
+                last_error: (next != NextStep::Succeeded).then(|| "HTTP 500".to_string()),
+                disable: disable.map(str::to_string),
+            }
+        }
+
+        /// A window whose failure streak began at `since` and runs to `now` (a success before it).
+        fn failing_since(since: i64, now: i64) -> HealthWindow {
+            let mut window = HealthWindow::default();
+            window.record(at(since - 1), true);
+            window.record(at(since), false);
+            window.record(at(now), false);
+            window
+        }
+
+        fn totals() -> DeliverySummary {
+            DeliverySummary {
+                succeeded: 3,
+                failed: 2,
+                pending: 7,
+                consecutive_failures: 4,
+                last_success_at: Some(Time(at(-100))),
+                last_failure_at: Some(Time(at(-50))),
+            }
+        }
+
+        #[test]
+        fn totals_count_attempts_and_finished_deliveries() {
+            let now = at(0);
+            let retry = NextStep::RetryAt(at(60));
+            // next step => (succeeded, failed, consecutive failures, last success, last failure)
+            let table = [
+                (NextStep::Succeeded, (4, 2, 0, Some(now), Some(at(-50)))),
+                (retry, (3, 2, 5, Some(at(-100)), Some(now))),
+                (NextStep::Failed, (3, 3, 5, Some(at(-100)), Some(now))),
+            ];
+            let mut window = HealthWindow::default();
+            window.record(now, false);
+            for (next, (succeeded, failed, streak, success_at, failure_at)) in table {
+                let done = endpoint_after_attempt(&effect(next, None), &totals(), &window, now, FIVE_DAYS, true);
+                let got = done.totals;
+                assert_eq!(got.succeeded, succeeded, "{next:?}");
+                assert_eq!(got.failed, failed, "{next:?}");
+                assert_eq!(got.consecutive_failures, streak, "{next:?}");
+                assert_eq!(got.last_success_at.map(|t| t.0), success_at, "{next:?}");
+                assert_eq!(got.last_failure_at.map(|t| t.0), failure_at, "{next:?}");
+                assert_eq!(got.pending, 7, "pending is the log's to count");
+                assert_eq!(done.disable, None, "{next:?}");
+            }
+        }
+
+        #[test]
+        fn when_the_endpoint_is_disabled() {
+            let gone = Some("the receiver answered 410 Gone");
+            let retry = NextStep::RetryAt(at(6 * DAY + 60));
+            let streak = format!("every delivery attempt failed since {}", at(0));
+            // (next step, receiver asked, streak began (s), active) => reason
+            #[allow(clippy::type_complexity)]
+            let table: [((NextStep, Option<&str>, i64, bool), Option<&str>); 8] = [
+                // The receiver said stop.
+                ((NextStep::Failed, gone, 6 * DAY, true), gone),
+                // Failing for the whole window, retried or given up.
+                ((retry, None, 0, true), Some(&streak)),
+                ((NextStep::Failed, None, 0, true), Some(&streak)),
+                // The receiver's reason comes first.
+                ((NextStep::Failed, gone, 0, true), gone),
+                // Not failing long enough.
+                ((retry, None, 2 * DAY, true), None),
+                ((NextStep::Failed, None, 5 * DAY + 1, true), None),
+                // Already inactive (or deleted): not disabled again.
+                ((NextStep::Failed, gone, 0, false), None),
+                ((retry, None, 0, false), None),
+            ];
+            let now = 6 * DAY;
+            for ((next, asked, since, active), want) in table {
+                let window = failing_since(since, now);
+                let done = endpoint_after_attempt(&effect(next, asked), &totals(), &window, at(now), FIVE_DAYS, active);
+                assert_eq!(done.disable.as_deref(), want, "{next:?} {asked:?} {since} {active}");
+            }
+        }
+
+        #[test]
+        fn a_success_never_disables() {
+            let mut window = failing_since(0, 6 * DAY);
+            window.record(at(6 * DAY), true);
+            let done = endpoint_after_attempt(
+                &effect(NextStep::Succeeded, None),
+                &totals(),
+                &window,
+                at(6 * DAY),
+                FIVE_DAYS,
+                true,
+            );
+            assert_eq!(done.disable, None);
         }
     }
 }

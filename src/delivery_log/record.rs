@@ -4,6 +4,8 @@ use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use crate::delivery::outcome::NextStep;
+
 /// Longest `last_error` kept, in characters (longer ones are cut and end in `…`).
 pub const MAX_ERROR_CHARS: usize = 512;
 
@@ -214,6 +216,45 @@ impl DeliveryRecord {
             response_status: None,
             last_error: None,
         }
+    }
+
+    /// Counts an attempt that ended at `at` (answered with `status`, if at all) and takes the
+    /// step [`after_attempt`](crate::delivery::outcome::after_attempt) decided for it:
+    /// succeeded (delivered now), due again, or failed.
+    pub fn attempted(&mut self, status: Option<u16>, next: NextStep, last_error: Option<String>, at: Timestamp) {
+        self.attempts += 1;
+        self.updated_at = at;
+        self.response_status = status;
+        self.last_error = last_error;
+        match next {
+            NextStep::Succeeded => {
+                self.state = DeliveryState::Succeeded;
+                self.delivered_at = Some(at);
+                self.next_attempt_at = None;
+            }
+            NextStep::RetryAt(next) => self.next_attempt_at = Some(next),
+            NextStep::Failed => {
+                self.state = DeliveryState::Failed;
+                self.next_attempt_at = None;
+            }
+        }
+    }
+
+    /// Gives the delivery up at `at` without an attempt: failed, for `reason`.
+    pub fn fail(&mut self, reason: &str, at: Timestamp) {
+        self.state = DeliveryState::Failed;
+        self.next_attempt_at = None;
+        self.updated_at = at;
+        self.last_error = Some(reason.to_string());
+    }
+
+    /// Makes a finished delivery pending again, due at `now`, with one more attempt allowed
+    /// (a retry or a recovery asked for over the API).
+    pub fn resend(&mut self, now: Timestamp) {
+        self.state = DeliveryState::Pending;
+        self.max_attempts = self.attempts + 1;
+        self.next_attempt_at = Some(now);
+        self.updated_at = now;
     }
 
     /// Whether the delivery succeeded or failed for good.
@@ -505,5 +546,54 @@ pub(crate) mod tests {
         assert!(a < b);
         assert!(is_valid_key(&a));
         assert!(!is_valid_key("a/b") && !is_valid_key("") && !is_valid_key(".."));
+    }
+
+    #[test]
+    fn an_attempt_moves_the_record_as_decided() {
+        let at = ts(100);
+        // next step => (state, next attempt at, delivered at)
+        let table = [
+            (NextStep::Succeeded, (DeliveryState::Succeeded, None, Some(at))),
+            (
+                NextStep::RetryAt(ts(160)),
+                (DeliveryState::Pending, Some(ts(160)), None),
+            ),
+            (NextStep::Failed, (DeliveryState::Failed, None, None)),
+        ];
+        for (next, (state, next_attempt_at, delivered_at)) in table {
+            let mut r = record(1, DeliveryState::Pending);
+            r.attempts = 2;
+            r.last_error = Some("before".into());
+            let error = (next != NextStep::Succeeded).then(|| "HTTP 500".to_string());
+            r.attempted(Some(500), next, error.clone(), at);
+            assert_eq!(r.state, state, "{next:?}");
+            assert_eq!(r.next_attempt_at, next_attempt_at, "{next:?}");
+            assert_eq!(r.delivered_at, delivered_at, "{next:?}");
+            assert_eq!((r.attempts, r.updated_at), (3, at), "{next:?}");
+            assert_eq!((r.response_status, r.last_error), (Some(500), error), "{next:?}");
+        }
+    }
+
+    #[test]
+    fn failing_without_an_attempt_and_sending_again() {
+        let mut r = record(1, DeliveryState::Pending);
+        r.attempts = 3;
+        r.fail("the event's payload was lost", ts(50));
+        assert_eq!(
+            (r.state, r.next_attempt_at, r.updated_at),
+            (DeliveryState::Failed, None, ts(50))
+        );
+        assert_eq!(r.last_error.as_deref(), Some("the event's payload was lost"));
+        assert_eq!(r.attempts, 3, "no attempt is spent");
+
+        r.resend(ts(60));
+        assert_eq!(r.state, DeliveryState::Pending);
+        assert_eq!((r.attempts, r.max_attempts), (3, 4), "exactly one more attempt");
+        assert_eq!((r.next_attempt_at, r.updated_at), (Some(ts(60)), ts(60)));
+        assert_eq!(
+            r.last_error.as_deref(),
+            Some("the event's payload was lost"),
+            "kept until the attempt"
+        );
     }
 }

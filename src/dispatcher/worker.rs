@@ -24,8 +24,9 @@ use tracing::{debug, info, warn};
 
 use super::Shared;
 use super::status::{DispatchSummary, status_patch, transition_event};
-use crate::delivery::health::{HealthWindow, health, should_auto_disable};
-use crate::delivery::outcome::{NextStep, after_attempt};
+use crate::delivery::due::{Found, Lane, Start, next_start, plan_starts};
+use crate::delivery::health::{HealthWindow, disabled_reason, health};
+use crate::delivery::outcome::{NextStep, after_attempt, endpoint_after_attempt};
 use crate::delivery::sender::AttemptResult;
 use crate::delivery_log::FIELD_MANAGER;
 use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, SegmentWrite, WritePipeline};
@@ -169,6 +170,14 @@ impl EndpointState {
             summary_in_flight: false,
             summary_written_at: None,
             backlog_full_told_at: None,
+        }
+    }
+
+    fn lane(&self) -> Lane<'_> {
+        Lane {
+            due: &self.due,
+            in_flight: self.in_flight,
+            paced_until: self.paced_until,
         }
     }
 }
@@ -409,11 +418,8 @@ impl Worker {
             }
         };
         for state in self.endpoints.values() {
-            if !stopping
-                && state.in_flight < self.shared.config.per_endpoint_concurrency
-                && let Some((due, _)) = state.due.first()
-            {
-                wake = wake.min(at((*due).max(state.paced_until)));
+            if !stopping && let Some(start) = next_start(&state.lane(), self.shared.config.per_endpoint_concurrency) {
+                wake = wake.min(at(start));
             }
             if state.summary_dirty && !state.summary_in_flight {
                 let next = state
@@ -569,88 +575,102 @@ impl Worker {
         });
     }
 
+    /// Starts the attempts [`plan_starts`] picks for each endpoint, fails the deliveries whose
+    /// payload was lost, and puts back those that wait for their signing keys.
     fn start_due_attempts(&mut self) {
         let now = Timestamp::now();
         let concurrency = self.shared.config.per_endpoint_concurrency;
         let names: Vec<String> = self
             .endpoints
             .iter()
-            .filter(|(_, s)| {
-                s.in_flight < concurrency && s.paced_until <= now && s.due.first().is_some_and(|(at, _)| *at <= now)
-            })
+            .filter(|(_, s)| next_start(&s.lane(), concurrency).is_some_and(|at| at <= now))
             .map(|(name, _)| name.clone())
             .collect();
         for name in names {
             let Some(endpoint) = self.endpoint(&name) else {
                 continue;
             };
-            if !endpoint.spec.active {
-                continue;
-            }
-            loop {
-                let state = self.endpoints.get_mut(&name).expect("listed above");
-                if state.in_flight >= concurrency {
-                    break;
+            let ring = endpoint
+                .spec
+                .active
+                .then(|| self.shared.keys.ring(&self.namespace, &name))
+                .flatten();
+            let state = self.endpoints.get_mut(&name).expect("listed above");
+            let (log, in_flight) = (&self.log, &self.in_flight);
+            let found = |id: &str| match log.get(id) {
+                Some(r) if r.state == DeliveryState::Pending && !in_flight.contains(id) => {
+                    if log.payload(&r.event_id).is_some() {
+                        Found::Ready
+                    } else {
+                        Found::PayloadLost
+                    }
                 }
-                let Some((at, id)) = state.due.first().cloned() else {
-                    break;
-                };
-                if at > now || state.paced_until > now {
-                    break;
+                _ => Found::Stale,
+            };
+            let plan = plan_starts(
+                &state.lane(),
+                concurrency,
+                endpoint.spec.rate_limit,
+                endpoint.spec.active,
+                ring.is_some(),
+                now,
+                found,
+            );
+            state.in_flight = plan.in_flight;
+            state.paced_until = plan.paced_until;
+            for (key, start) in plan.steps {
+                state.due.remove(&key);
+                let (_, id) = key;
+                match start {
+                    Start::Skip => {}
+                    Start::Postpone(at) => {
+                        state.due.insert((at, id));
+                    }
+                    Start::Fail => {
+                        let Some(mut record) = self.log.get(&id).cloned() else {
+                            continue;
+                        };
+                        warn!(endpoint = %name, delivery = %id, event = %record.event_id,
+                            "the event's payload is not in the log; the delivery fails");
+                        record.fail("the event's payload was lost", now);
+                        self.log.update(record);
+                    }
+                    Start::Send => {
+                        let (Some(ring), Some(record)) = (ring.clone(), self.log.get(&id)) else {
+                            continue;
+                        };
+                        let Some(body) = self.log.payload(&record.event_id).cloned() else {
+                            continue;
+                        };
+                        self.in_flight.insert(id.clone());
+                        let endpoint = endpoint.clone();
+                        let shared = self.shared.clone();
+                        let tx = self.tx.clone();
+                        let endpoint_name = name.clone();
+                        self.tasks.spawn(async move {
+                            let at = Timestamp::now();
+                            let spec = &endpoint.spec;
+                            let result = shared
+                                .sender
+                                .send_with_headers(&spec.url, &spec.headers, &id, &body, &ring, at)
+                                .await;
+                            let _ = tx
+                                .send(Msg::AttemptDone {
+                                    id,
+                                    endpoint: endpoint_name,
+                                    result,
+                                    at: Timestamp::now(),
+                                })
+                                .await;
+                        });
+                    }
                 }
-                state.due.pop_first();
-                let Some(record) = self.log.get(&id).filter(|r| r.state == DeliveryState::Pending) else {
-                    continue;
-                };
-                if self.in_flight.contains(&id) {
-                    continue;
-                }
-                let Some(ring) = self.shared.keys.ring(&self.namespace, &name) else {
-                    // The controller has not written (or is repairing) the secret: try again
-                    // shortly, without spending an attempt.
-                    state.due.insert((now + Duration::from_secs(2), id));
-                    break;
-                };
-                let Some(body) = self.log.payload(&record.event_id).cloned() else {
-                    warn!(endpoint = %name, delivery = %id, event = %record.event_id,
-                        "the event's payload is not in the log; the delivery fails");
-                    let mut failed = record.clone();
-                    failed.state = DeliveryState::Failed;
-                    failed.next_attempt_at = None;
-                    failed.updated_at = now;
-                    failed.last_error = Some("the event's payload was lost".into());
-                    self.log.update(failed);
-                    continue;
-                };
-                state.in_flight += 1;
-                if let Some(rate) = endpoint.spec.rate_limit {
-                    state.paced_until = crate::delivery::schedule::paced(state.paced_until, now, rate);
-                }
-                self.in_flight.insert(id.clone());
-                let endpoint = endpoint.clone();
-                let shared = self.shared.clone();
-                let tx = self.tx.clone();
-                let endpoint_name = name.clone();
-                self.tasks.spawn(async move {
-                    let at = Timestamp::now();
-                    let spec = &endpoint.spec;
-                    let result = shared
-                        .sender
-                        .send_with_headers(&spec.url, &spec.headers, &id, &body, &ring, at)
-                        .await;
-                    let _ = tx
-                        .send(Msg::AttemptDone {
-                            id,
-                            endpoint: endpoint_name,
-                            result,
-                            at: Timestamp::now(),
-                        })
-                        .await;
-                });
             }
         }
     }
 
+    /// An attempt finished: the record and the endpoint take what [`after_attempt`] and
+    /// [`endpoint_after_attempt`] decide, and the endpoint is disabled when they say so.
     fn attempt_done(&mut self, id: String, endpoint_name: String, result: AttemptResult, at: Timestamp) {
         self.in_flight.remove(&id);
         if let Some(state) = self.endpoints.get_mut(&endpoint_name) {
@@ -659,66 +679,35 @@ impl Worker {
         let Some(mut record) = self.log.get(&id).cloned() else {
             return;
         };
-        let endpoint = self.endpoint(&endpoint_name);
+        let active = self.endpoint(&endpoint_name).is_some_and(|e| e.spec.active);
         let metrics = self.shared.config.metrics.clone();
         metrics.attempt(result.outcome.metric_label(), result.duration);
         let schedule = self.shared.config.schedule.clone();
         let auto_disable_after = self.shared.config.auto_disable_after;
-        let state = self.state(&endpoint_name);
-        record.attempts += 1;
-        record.updated_at = at;
-        record.response_status = result.outcome.status();
-        let success = result.outcome.is_success();
         let effect = after_attempt(
             &result.outcome,
             result.response_excerpt.as_deref(),
-            record.attempts,
+            record.attempts + 1,
             record.max_attempts,
             &schedule,
             at,
             rand::random::<f64>(),
         );
-        record.last_error = effect.last_error;
-        let mut disable = effect.disable;
-        if success {
-            state.totals.consecutive_failures = 0;
-            state.totals.last_success_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
-        } else {
-            state.totals.consecutive_failures += 1;
-            state.totals.last_failure_at = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(at));
-        }
-        match effect.next {
-            NextStep::Succeeded => {
-                record.state = DeliveryState::Succeeded;
-                record.delivered_at = Some(at);
-                record.next_attempt_at = None;
-                state.totals.succeeded += 1;
-                metrics.delivery(DeliveryOutcome::Succeeded);
-            }
+        record.attempted(result.outcome.status(), effect.next, effect.last_error.clone(), at);
+        let state = self.state(&endpoint_name);
+        state.window.record(at, result.outcome.is_success());
+        let on_endpoint = endpoint_after_attempt(&effect, &state.totals, &state.window, at, auto_disable_after, active);
+        state.totals = on_endpoint.totals;
+        metrics.delivery(match effect.next {
+            NextStep::Succeeded => DeliveryOutcome::Succeeded,
             NextStep::RetryAt(next) => {
-                record.next_attempt_at = Some(next);
                 state.due.insert((next, id.clone()));
-                metrics.delivery(DeliveryOutcome::Retried);
+                DeliveryOutcome::Retried
             }
-            NextStep::Failed => {
-                record.state = DeliveryState::Failed;
-                record.next_attempt_at = None;
-                state.totals.failed += 1;
-                metrics.delivery(DeliveryOutcome::Failed);
-            }
-        }
-        state.window.record(at, success);
-        if !success && disable.is_none() && should_auto_disable(&state.window, at, auto_disable_after) {
-            let since = state
-                .window
-                .first_failure_of_current_streak()
-                .map(|t| t.to_string())
-                .unwrap_or_default();
-            disable = Some(format!("every delivery attempt failed since {since}"));
-        }
+            NextStep::Failed => DeliveryOutcome::Failed,
+        });
         state.summary_dirty = true;
-        let disable = disable.filter(|_| endpoint.as_ref().is_some_and(|e| e.spec.active));
-        if let Some(reason) = &disable {
+        if let Some(reason) = &on_endpoint.disable {
             // The reason is this worker's to keep: the status summary writes it (one writer of the
             // dispatcher's status fields), and it stays until a user re-activates the endpoint.
             state.disabled_reason = Some(reason.clone());
@@ -727,7 +716,7 @@ impl Worker {
         self.log.update(record);
         let pending = self.log.pending_count_of(&endpoint_name) as u64;
         self.state(&endpoint_name).totals.pending = pending;
-        if let Some(reason) = disable {
+        if let Some(reason) = on_endpoint.disable {
             self.disable(&endpoint_name, reason);
         }
     }
@@ -765,10 +754,7 @@ impl Worker {
         let count = failed.len();
         for mut record in failed {
             self.recovered_at.insert(record.id.clone(), now);
-            record.state = DeliveryState::Pending;
-            record.max_attempts = record.attempts + 1;
-            record.next_attempt_at = Some(now);
-            record.updated_at = now;
+            record.resend(now);
             self.unpersisted.insert(record.id.clone());
             self.log.update(record);
         }
@@ -786,11 +772,7 @@ impl Worker {
             let _ = reply.send(Err(SubmitError::Conflict(format!("delivery {id} is still pending"))));
             return;
         }
-        let now = Timestamp::now();
-        record.state = DeliveryState::Pending;
-        record.max_attempts = record.attempts + 1;
-        record.next_attempt_at = Some(now);
-        record.updated_at = now;
+        record.resend(Timestamp::now());
         self.log.update(record.clone());
         let record = self.log.get(&id).cloned().unwrap_or(record);
         let payload = self.log.payload_json(&record.event_id);
@@ -1047,20 +1029,15 @@ impl Worker {
         };
         let now = Timestamp::now();
         let health = health(endpoint.spec.active, &state.window);
-        if !endpoint.spec.active {
-            state.seen_inactive = true;
-        } else if state.seen_inactive {
-            // Active again after being seen inactive: a user re-activated it.
-            state.disabled_reason = None;
-        }
-        let disabled_reason = if endpoint.spec.active && state.disabled_reason.is_none() {
-            None
-        } else {
-            state
-                .disabled_reason
-                .clone()
-                .or_else(|| endpoint.status.as_ref().and_then(|s| s.disabled_reason.clone()))
-        };
+        let reason = disabled_reason(
+            endpoint.spec.active,
+            state.seen_inactive,
+            state.disabled_reason.as_deref(),
+            endpoint.status.as_ref().and_then(|s| s.disabled_reason.as_deref()),
+        );
+        state.seen_inactive = reason.seen_inactive;
+        state.disabled_reason = reason.kept;
+        let disabled_reason = reason.shown;
         let want = DispatchSummary {
             health,
             deliveries: state.totals.clone(),
