@@ -2,7 +2,10 @@
 //!
 //! `POST /v1/organizations/{orgID}/events` with `Authorization: Bearer <ingest token>`, body
 //! `{"type": "...", "data": {...}}`, optional `Idempotency-Key`. 202 once every delivery is
-//! durable; 503 with `Retry-After` when they cannot be persisted.
+//! durable; 503 with `Retry-After` when they cannot be persisted. With several replicas, an event
+//! of an organization another replica owns is relayed there through the work handle
+//! ([`WorkHandle::relay`]), and that replica's answer is the producer's; the internal route
+//! [`WORK_PATH`] does work other replicas forward here.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -21,10 +24,9 @@ use warp::{Filter, Reply};
 
 use crate::http::{ApiError, OTHER_ROUTE, bearer_token, parse_json, path_segments};
 use crate::replica_key::{Refused, ReplicaKey, unix_now};
-use crate::routing::{FORWARDED_HEADER, Route, Router, WORK_PATH};
 use crate::telemetry::Metrics;
 use crate::validation::validate_event_type;
-use crate::work::{SubmitError, WorkHandle, WorkRequest};
+use crate::work::{FORWARDED_HEADER, OwnerAnswer, SubmitError, WORK_PATH, WorkHandle, WorkRequest};
 
 /// Settings of the ingest port.
 #[derive(Clone)]
@@ -41,9 +43,19 @@ pub struct IngestConfig {
     pub idempotency_capacity: usize,
     /// Where requests are counted.
     pub metrics: Metrics,
-    /// With several replicas: sends each event to the replica that owns its organization.
-    /// `None`: every organization is served here.
-    pub router: Option<Router>,
+    /// With several replicas: what the others may ask of this one. `None`: every organization is
+    /// served here, and nothing is forwarded here.
+    pub replicas: Option<Replicas>,
+}
+
+/// What the internal work route ([`WORK_PATH`]) of a replica among several needs.
+#[derive(Clone)]
+pub struct Replicas {
+    /// Checks that work comes from a replica.
+    pub key: ReplicaKey,
+    /// Does work here and never forwards it again (this replica's dispatcher): work comes here
+    /// because another replica found this one the owner.
+    pub here: WorkHandle,
 }
 
 impl std::fmt::Debug for IngestConfig {
@@ -172,21 +184,18 @@ impl IngestState {
                 "Idempotency-Key must have 1 to {MAX_IDEMPOTENCY_KEY_BYTES} characters"
             )));
         }
-        // Anyone may set this header: it is believed only so far as not to forward again (see
-        // `crate::routing`); the request was authenticated with the ingest token like any other.
-        let forwarded = headers.contains_key(FORWARDED_HEADER);
-        if let Some(router) = self.config.router.as_ref().filter(|_| !forwarded) {
-            match router.route(&org) {
-                Route::Local => {}
-                Route::Peer(address) => {
-                    return forward(router, &address, &org, idempotency_key.as_deref(), body).await;
-                }
-                Route::Wait(retry_after_secs) => {
-                    return Err(ApiError::unavailable(
-                        format!("event not accepted: {}", SubmitError::Moving { retry_after_secs }),
-                        retry_after_secs,
-                    ));
-                }
+        // Anyone may set this header: it is believed only so far as not to relay again (see
+        // `crate::work`); the request was authenticated with the ingest token like any other.
+        // Another replica's event goes to it before this one's idempotency cache is asked: the
+        // owner's answers.
+        if !headers.contains_key(FORWARDED_HEADER) {
+            let relayed = self
+                .work
+                .relay(&org, idempotency_key.as_deref(), body)
+                .await
+                .map_err(|e| ApiError::unavailable(format!("event not accepted: {e}"), e.retry_after_secs()))?;
+            if let Some(answer) = relayed {
+                return Ok(owner_answer(answer));
             }
         }
         let answer = match idempotency_key {
@@ -249,27 +258,17 @@ impl IngestState {
     }
 }
 
-/// Relays an event to the replica that owns its organization, and its answer back.
-async fn forward(
-    router: &Router,
-    address: &str,
-    org: &str,
-    idempotency_key: Option<&str>,
-    body: Bytes,
-) -> Result<Response, ApiError> {
-    let (status, retry_after, body) = router
-        .forward_event(address, org, idempotency_key, body)
-        .await
-        .map_err(|e| ApiError::unavailable(format!("event not accepted: {e}"), e.retry_after_secs()))?;
+/// The answer of the replica that owns an event's organization, as the producer gets it.
+fn owner_answer(answer: OwnerAnswer) -> Response {
     let mut response = warp::http::Response::builder()
-        .status(status)
+        .status(answer.status)
         .header("content-type", "application/json");
-    if let Some(retry_after) = retry_after {
+    if let Some(retry_after) = answer.retry_after {
         response = response.header("retry-after", retry_after);
     }
-    Ok(response
-        .body(warp::hyper::body::Bytes::from(body.to_vec()).into())
-        .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response()))
+    response
+        .body(warp::hyper::body::Bytes::from(answer.body.to_vec()).into())
+        .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
 }
 
 /// The ingest routes.
@@ -286,35 +285,32 @@ pub fn routes(
         in_progress: Mutex::default(),
     });
     let token = state.config.token.clone();
-    let work_router = state.config.router.clone();
+    let replicas = state.config.replicas.clone();
     // Work forwarded by another replica: a few hundred bytes of reference and at most one event.
     // Only replicas sign it ([`crate::replica_key`]); the producers' ingest token is worth
-    // nothing here, and so is [`FORWARDED_HEADER`]. Without a router (a single process that
-    // serves every organization), nobody forwards anything: the route is not there.
+    // nothing here, and so is [`FORWARDED_HEADER`]. A single process that serves every
+    // organization is sent nothing: the route is not there.
     let work = warp::path!("internal" / "v1" / "work")
         .and(warp::post())
         .and(warp::header::headers_cloned())
         .and_then(move |headers: HeaderMap| {
-            let router = work_router.clone();
+            let replicas = replicas.clone();
             async move {
-                let router = router.ok_or_else(warp::reject::not_found)?;
+                let replicas = replicas.ok_or_else(warp::reject::not_found)?;
                 // Fresh signature headers before the body is read: an anonymous client cannot
                 // make the port buffer bodies.
                 ReplicaKey::precheck(&headers, unix_now()).map_err(|e| warp::reject::custom(refused(e)))?;
-                Ok::<_, warp::Rejection>((router, headers))
+                Ok::<_, warp::Rejection>((replicas, headers))
             }
         })
         .untuple_one()
         .and(crate::http::json_bytes(limit + 16 * 1024))
-        .then(|router: Router, headers: HeaderMap, body: Bytes| async move {
-            if let Err(e) = router
-                .replica_key()
-                .verify("POST", WORK_PATH, &headers, &body, unix_now())
-            {
+        .then(|replicas: Replicas, headers: HeaderMap, body: Bytes| async move {
+            if let Err(e) = replicas.key.verify("POST", WORK_PATH, &headers, &body, unix_now()) {
                 return refused(e).into_response();
             }
             match parse_json::<WorkRequest>(&body) {
-                Ok(request) => warp::reply::json(&router.perform_here(request).await).into_response(),
+                Ok(request) => warp::reply::json(&replicas.here.perform(request).await).into_response(),
                 Err(e) => e.into_response(),
             }
         });

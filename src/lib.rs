@@ -7,10 +7,11 @@
 //! 3. what components share: [`signing_secret`] (the signing Secret's stored format), [`endpoints`]
 //!    (the one endpoint cache), [`tenancy`] (which namespaces serve which organizations),
 //!    [`delivery_log`] (the log the dispatcher writes and the REST facade
-//!    reads), [`work`] (the handle the REST facade and ingest use to reach a dispatcher), [`http`],
-//!    [`auth`], [`telemetry`], [`leases`] and [`shards`] (who leads, who owns which shard, on
-//!    Kubernetes Leases), [`routing`] (forwarding work to the replica that owns it) and
-//!    [`replica_key`] (how replicas authenticate to each other);
+//!    reads), [`work`] (the handle the REST facade and ingest use to reach work, wherever it is
+//!    done), [`http`], [`auth`], [`telemetry`], [`leases`] and [`shards`] (who leads, who owns
+//!    which shard, on Kubernetes Leases), [`routing`] (the forwarder behind the work handle, which
+//!    sends work to the replica that owns it; only `main.rs` names it) and [`replica_key`] (how
+//!    replicas authenticate to each other);
 //! 4. the components, none importing another (a test checks it: `tests/layering.rs`):
 //!    [`controller`], [`api`], [`dispatcher`], [`ingest`], and [`ops`] (probes and metrics).
 //!

@@ -23,7 +23,7 @@ use capy_webhooks::dispatcher::{Dispatcher, DispatcherConfig};
 use capy_webhooks::duration::parse_flag_duration;
 use capy_webhooks::endpoints::{self, EndpointCache};
 use capy_webhooks::http::ServerLimits;
-use capy_webhooks::ingest::IngestConfig;
+use capy_webhooks::ingest::{IngestConfig, Replicas};
 use capy_webhooks::leases::{CONTROLLER_LEASE, Leadership, LeaseConfig, default_identity};
 use capy_webhooks::replica_key::ReplicaKey;
 use capy_webhooks::resources::{Scope, crd_yaml};
@@ -778,17 +778,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         let Some(replica_key) = start_step(&mut tasks, stopped(), replica_key).await? else {
             return until_all_end(tasks).await;
         };
+        let here = WorkHandle::new(dispatcher.clone());
         let router = Router::new(
             placement,
-            WorkHandle::new(dispatcher.clone()),
-            cache.clone(),
+            here.clone(),
             &token,
-            replica_key,
+            replica_key.clone(),
             &identity,
             // The owner answers within its persist timeout (10 s); a frozen owner must not hold
             // a producer much longer than that.
             Duration::from_secs(12),
         )?;
+        let work = WorkHandle::new(router);
         let ingest = IngestConfig {
             server_limits,
             token,
@@ -796,10 +797,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             idempotency_window: Duration::from_secs(24 * 3600),
             idempotency_capacity: 100_000,
             metrics: metrics.clone(),
-            router: Some(router.clone()),
+            replicas: Some(Replicas { key: replica_key, here }),
         };
         tasks.spawn(capy_webhooks::ingest::run(
-            WorkHandle::new(dispatcher.clone()),
+            work.clone(),
             ingest,
             ingest_listener,
             stopped(),
@@ -811,7 +812,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             draining.wait_stopped().await;
             Ok(())
         });
-        Some(router)
+        Some(work)
     } else {
         None
     };
@@ -826,7 +827,7 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             setup.config,
             auth,
             cache,
-            dispatcher.map(WorkHandle::new),
+            dispatcher,
             listener,
             stopped(),
         ));

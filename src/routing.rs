@@ -1,40 +1,32 @@
-//! Any replica serves any request: work for an organization is done by the replica that owns the
-//! organization's shard ([`crate::shards`]), and the others forward it there over the internal
-//! port. Events keep their `Idempotency-Key` on the way, so the owner's idempotency cache answers
-//! whichever replica a producer reached.
+//! The forwarder: any replica serves any request, and work for an organization is done by the
+//! replica that owns the organization's shard ([`crate::shards`]). [`Router`] is the [`Work`] of
+//! a replica among several: it hands each [`WorkRequest`] to this replica's dispatcher or to the
+//! owner, over the owner's ingest port; nothing that takes requests imports it.
 //!
 //! Two kinds of forwarding, two credentials:
-//! - Work (`POST` [`WORK_PATH`]: events submitted through REST, tests, retries, recoveries, delivery
-//!   listings) is signed with the replicas' own key ([`crate::replica_key`]); the ingest token
-//!   alone is refused there. Its body names an endpoint only by reference ([`EndpointRef`]),
-//!   which the owner looks up in its own cache ([`perform`]).
-//! - An event a producer posted is relayed as it came, to the owner's public events route, with
-//!   the producer's ingest token: it is the producer's own request, which the owner would accept
-//!   from the producer directly. [`FORWARDED_HEADER`] on it is believed for one thing only: not
-//!   to forward it again (a producer who sets it gets its event handled, or refused, where it
-//!   landed); it grants nothing.
+//! - Work (`POST` [`WORK_PATH`]: tests, retries, recoveries, delivery listings) is signed with
+//!   the replicas' own key ([`crate::replica_key`]); the ingest token alone is refused there. Its
+//!   body names an endpoint only by reference ([`crate::work::EndpointRef`]), which the owner
+//!   looks up in its own cache.
+//! - An event a producer posted ([`WorkRequest::Relay`]) is relayed as it came, to the owner's
+//!   public events route, with the producer's ingest token and `Idempotency-Key`: it is the
+//!   producer's own request, which the owner would accept from the producer directly, and the
+//!   owner's idempotency cache answers it whichever replica the producer reached. The owner's
+//!   answer (status, `Retry-After`, body) goes back as it is. [`FORWARDED_HEADER`] on it is
+//!   believed for one thing only: not to relay it again (a producer who sets it gets its event
+//!   handled, or refused, where it landed); it grants nothing. A [`WorkRequest::Submit`] is done
+//!   here, never forwarded: ingest relays an event before it submits one.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use jiff::Timestamp;
-use serde_json::Value;
 use tracing::debug;
 
-use crate::endpoints::EndpointCache;
 use crate::replica_key::{ReplicaKey, unix_now};
-use crate::resources::WebhookEndpoint;
 use crate::shards::{Location, Placement};
-use crate::work::{EndpointRef, Listed, SubmitError, Work, WorkHandle, WorkReply, WorkRequest, perform};
-
-/// Path of the internal route that does forwarded work (ingest port only).
-pub const WORK_PATH: &str = "/internal/v1/work";
-
-/// Header a replica sets on an event it relays; the receiver never forwards such a request again,
-/// and trusts it for nothing else (anyone may set it).
-pub const FORWARDED_HEADER: &str = "x-capy-webhooks-forwarded-by";
+use crate::work::{FORWARDED_HEADER, OwnerAnswer, SubmitError, WORK_PATH, Work, WorkHandle, WorkReply, WorkRequest};
 
 /// How long to wait before trying again while a shard changes hands.
 const MOVING_RETRY_SECS: u64 = 1;
@@ -43,7 +35,7 @@ const UNOWNED_RETRY_SECS: u64 = 2;
 
 /// Where a request for an organization goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Route {
+enum Route {
     /// This replica owns it.
     Local,
     /// Another replica owns it, at this address.
@@ -57,7 +49,6 @@ pub enum Route {
 pub struct Router {
     placement: Placement,
     local: WorkHandle,
-    endpoints: EndpointCache,
     http: reqwest::Client,
     token: Arc<str>,
     key: ReplicaKey,
@@ -73,13 +64,12 @@ impl std::fmt::Debug for Router {
 }
 
 impl Router {
-    /// A router over `placement`; `local` does what this replica owns, on the endpoints of
-    /// `endpoints`; `token` (the producers' ingest token) relays producers' events; `key` signs
-    /// work for, and checks work from, the other replicas; `timeout` bounds a forwarded request.
+    /// A router over `placement`; `local` (this replica's dispatcher) does what this replica
+    /// owns; `token` (the producers' ingest token) relays producers' events; `key` signs work for
+    /// the other replicas; `timeout` bounds a forwarded request.
     pub fn new(
         placement: Placement,
         local: WorkHandle,
-        endpoints: EndpointCache,
         token: &str,
         key: ReplicaKey,
         identity: &str,
@@ -94,7 +84,6 @@ impl Router {
         Ok(Self {
             placement,
             local,
-            endpoints,
             http,
             token: token.into(),
             key,
@@ -103,7 +92,7 @@ impl Router {
     }
 
     /// Where work for `organization_id` goes now.
-    pub fn route(&self, organization_id: &str) -> Route {
+    fn route(&self, organization_id: &str) -> Route {
         match self.placement.locate_organization(organization_id) {
             Location::Here => Route::Local,
             Location::Peer { address, .. } => Route::Peer(address),
@@ -112,31 +101,16 @@ impl Router {
         }
     }
 
-    /// This replica's identity (what [`FORWARDED_HEADER`] carries).
-    pub fn identity(&self) -> &str {
-        &self.identity
-    }
-
-    /// The key replicas sign their work with.
-    pub fn replica_key(&self) -> &ReplicaKey {
-        &self.key
-    }
-
-    /// Does work another replica sent here (its signature checked by the caller).
-    pub async fn perform_here(&self, request: WorkRequest) -> WorkReply {
-        perform(&self.local, &self.endpoints, request).await
-    }
-
     /// Posts an event, as received, to the owner's ingest port (with the producer's token: see
-    /// the module's documentation); returns the owner's answer
-    /// (status, `Retry-After`, body). An owner that cannot be reached is moving: 503.
-    pub async fn forward_event(
+    /// the module's documentation); returns the owner's answer. An owner that cannot be reached
+    /// is moving: 503.
+    async fn relay(
         &self,
         address: &str,
         organization_id: &str,
         idempotency_key: Option<&str>,
         body: Bytes,
-    ) -> Result<(u16, Option<String>, Bytes), SubmitError> {
+    ) -> Result<OwnerAnswer, SubmitError> {
         let url = format!("http://{address}/v1/organizations/{organization_id}/events");
         let mut request = self
             .http
@@ -156,7 +130,11 @@ impl Router {
             .and_then(|v| v.to_str().ok())
             .map(str::to_string);
         let body = response.bytes().await.map_err(|e| self.unreachable(address, &e))?;
-        Ok((status, retry_after, body))
+        Ok(OwnerAnswer {
+            status,
+            retry_after,
+            body,
+        })
     }
 
     fn unreachable(&self, address: &str, e: &reqwest::Error) -> SubmitError {
@@ -193,106 +171,34 @@ impl Router {
             .await
             .map_err(|e| self.unreachable(address, &e))
     }
-
-    async fn run(&self, request: WorkRequest) -> Result<WorkReply, SubmitError> {
-        let reply = match self.route(request.organization_id()) {
-            Route::Local => self.perform_here(request).await,
-            Route::Peer(address) => self.forward(&address, &request).await?,
-            Route::Wait(retry_after_secs) => return Err(SubmitError::Moving { retry_after_secs }),
-        };
-        match reply {
-            WorkReply::Failed(e) => Err(e),
-            reply => Ok(reply),
-        }
-    }
-}
-
-fn unexpected(reply: WorkReply) -> SubmitError {
-    SubmitError::Unavailable(format!("unexpected answer from the owning replica: {reply:?}"))
 }
 
 impl Work for Router {
-    fn submit<'a>(
-        &'a self,
-        organization_id: &'a str,
-        event_type: &'a str,
-        data: Value,
-    ) -> BoxFuture<'a, Result<(String, usize), SubmitError>> {
+    fn perform(&self, request: WorkRequest) -> BoxFuture<'_, WorkReply> {
         Box::pin(async move {
-            let request = WorkRequest::Submit {
-                organization_id: organization_id.into(),
-                event_type: event_type.into(),
-                data,
+            let route = match &request {
+                // Ingest relayed the event first if it was another replica's (see the module's
+                // documentation): a submission is never forwarded.
+                WorkRequest::Submit { .. } => Route::Local,
+                request => self.route(request.organization_id()),
             };
-            match self.run(request).await? {
-                WorkReply::Submitted(id, n) => Ok((id, n)),
-                other => Err(unexpected(other)),
-            }
-        })
-    }
-
-    fn send_test<'a>(&'a self, endpoint: &'a WebhookEndpoint) -> BoxFuture<'a, Result<Listed, SubmitError>> {
-        Box::pin(async move {
-            let request = WorkRequest::SendTest {
-                endpoint: EndpointRef::of(endpoint),
+            let forwarded = match (route, request) {
+                (Route::Local, request) => return self.local.perform(request).await,
+                (Route::Wait(retry_after_secs), _) => Err(SubmitError::Moving { retry_after_secs }),
+                (
+                    Route::Peer(address),
+                    WorkRequest::Relay {
+                        organization_id,
+                        idempotency_key,
+                        body,
+                    },
+                ) => self
+                    .relay(&address, &organization_id, idempotency_key.as_deref(), body)
+                    .await
+                    .map(WorkReply::Relayed),
+                (Route::Peer(address), request) => self.forward(&address, &request).await,
             };
-            match self.run(request).await? {
-                WorkReply::Listed(listed) => Ok(*listed),
-                other => Err(unexpected(other)),
-            }
-        })
-    }
-
-    fn retry<'a>(
-        &'a self,
-        endpoint: &'a WebhookEndpoint,
-        delivery_id: &'a str,
-    ) -> BoxFuture<'a, Result<Listed, SubmitError>> {
-        Box::pin(async move {
-            let request = WorkRequest::Retry {
-                endpoint: EndpointRef::of(endpoint),
-                delivery_id: delivery_id.into(),
-            };
-            match self.run(request).await? {
-                WorkReply::Listed(listed) => Ok(*listed),
-                other => Err(unexpected(other)),
-            }
-        })
-    }
-
-    fn recover<'a>(
-        &'a self,
-        endpoint: &'a WebhookEndpoint,
-        since: Timestamp,
-        until: Timestamp,
-    ) -> BoxFuture<'a, Result<usize, SubmitError>> {
-        Box::pin(async move {
-            let request = WorkRequest::Recover {
-                endpoint: EndpointRef::of(endpoint),
-                since,
-                until,
-            };
-            match self.run(request).await? {
-                WorkReply::Recovered(n) => Ok(n),
-                other => Err(unexpected(other)),
-            }
-        })
-    }
-
-    fn deliveries<'a>(
-        &'a self,
-        endpoint: &'a WebhookEndpoint,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<Listed>, SubmitError>> {
-        Box::pin(async move {
-            let request = WorkRequest::Deliveries {
-                endpoint: EndpointRef::of(endpoint),
-                limit,
-            };
-            match self.run(request).await? {
-                WorkReply::Deliveries(list) => Ok(list),
-                other => Err(unexpected(other)),
-            }
+            forwarded.unwrap_or_else(WorkReply::Failed)
         })
     }
 }

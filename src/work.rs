@@ -1,14 +1,23 @@
-//! The work handle: what the components that take requests (the REST facade, the ingest port)
-//! ask of the dispatcher, without importing it. `main.rs` wires a [`WorkHandle`] to the
-//! dispatcher of the process; it is also the seam where work for an organization another replica
-//! owns would be forwarded.
+//! The work handle: how the components that take requests (the REST facade, the ingest port)
+//! reach work, without importing who does it. Work is one request ([`WorkRequest`]) and one
+//! answer ([`WorkReply`]): the [`Work`] trait has one method, [`Work::perform`], and the typed
+//! calls (`submit`, `send_test`, ...) are spelled once, on [`WorkHandle`].
 //!
-//! What is forwarded names an endpoint by reference ([`EndpointRef`]), never carries it: the
-//! replica that does the work looks it up in its own cache ([`perform`]), with the rule the REST
-//! facade uses, so nothing in a request body is believed about an endpoint.
+//! Two things implement [`Work`], and `main.rs` wires a [`WorkHandle`] to one of them: the
+//! dispatcher, which does the work (a single process that serves every organization uses it
+//! alone), and the forwarder ([`crate::routing`]), which hands each request to the replica that
+//! owns its organization and the dispatcher does what this replica owns.
+//!
+//! A request crosses between replicas as JSON, `POST` [`WORK_PATH`], signed with the replicas' key
+//! ([`crate::replica_key`]). It names an endpoint by reference ([`EndpointRef`]), never carries
+//! it: the replica that does the work looks it up in its own cache ([`EndpointRef::look_up`]),
+//! with the rule the REST facade uses, so nothing in a request body is believed about an
+//! endpoint. An event a producer posted is the exception: it goes to its owner as the producer's
+//! own request ([`WorkRequest::Relay`]), so that the owner's idempotency cache answers it.
 
 use std::sync::Arc;
 
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -57,6 +66,13 @@ impl SubmitError {
     }
 }
 
+/// Path of the internal route of the ingest port that does work another replica forwarded.
+pub const WORK_PATH: &str = "/internal/v1/work";
+
+/// Header a replica sets on what it forwards: an event it relays is never relayed again. Anyone
+/// may set it, so it is trusted for nothing else.
+pub const FORWARDED_HEADER: &str = "x-capy-webhooks-forwarded-by";
+
 /// An endpoint as a [`WorkRequest`] names it: which object, of which organization. Only a
 /// reference; the replica that does the work finds the endpoint itself
 /// ([`EndpointCache::resolve`]) and refuses one it does not know by these four.
@@ -72,6 +88,10 @@ pub struct EndpointRef {
     pub organization_id: String,
 }
 
+/// How long a replica waits for its cache to show an endpoint another replica named (the
+/// forwarding replica may have seen a create a moment earlier).
+const LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl EndpointRef {
     /// The reference to `endpoint`.
     pub fn of(endpoint: &WebhookEndpoint) -> Self {
@@ -82,15 +102,28 @@ impl EndpointRef {
             organization_id: endpoint.spec.organization_id.clone(),
         }
     }
+
+    /// The endpoint this names, looked up in `endpoints` ([`EndpointCache::resolve`]), waiting a
+    /// little for a cache behind the replica that named it; one unknown, of another uid or
+    /// organization, being deleted or not bound to its organization is not found.
+    pub async fn look_up(&self, endpoints: &EndpointCache) -> Result<Arc<WebhookEndpoint>, SubmitError> {
+        endpoints
+            .wait_for_uid(&self.namespace, &self.name, &self.uid, LOOKUP_WAIT)
+            .await;
+        endpoints
+            .resolve(self)
+            .ok_or_else(|| SubmitError::NotFound(format!("no endpoint {} in {}", self.name, self.namespace)))
+    }
 }
 
-/// One piece of [`Work`], as a replica forwards it to the replica that owns the organization
-/// (over the internal port, `POST /internal/v1/work`, signed with the replicas' key:
-/// [`crate::replica_key`]).
+/// One piece of work: what a [`WorkHandle`] asks of a [`Work`], and what a replica forwards to
+/// the replica that owns the organization.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum WorkRequest {
-    /// [`Work::submit`].
+    /// Accept an event: a durable pending delivery for every matching active endpoint of the
+    /// organization. Answered [`WorkReply::Submitted`]. Done where it is asked, never forwarded:
+    /// an event reaches its owner as a [`Self::Relay`] first.
     Submit {
         /// Organization id.
         organization_id: String,
@@ -99,19 +132,35 @@ pub enum WorkRequest {
         /// Event data.
         data: Value,
     },
-    /// [`Work::send_test`].
+    /// Pass an event a producer posted here, as it came, to the replica that owns its
+    /// organization, with its `Idempotency-Key` and [`FORWARDED_HEADER`]. Answered
+    /// [`WorkReply::Relayed`] with the owner's answer, or [`WorkReply::NotRelayed`] when the
+    /// organization is this replica's. Never sent as work itself: it is the producer's request
+    /// that goes, so that the owner's idempotency cache answers whichever replica the producer
+    /// reached.
+    #[serde(skip)]
+    Relay {
+        /// Organization id.
+        organization_id: String,
+        /// The producer's `Idempotency-Key`.
+        idempotency_key: Option<String>,
+        /// The event's body, as the producer sent it.
+        body: Bytes,
+    },
+    /// Send a `webhook.test` event to one endpoint now. Answered [`WorkReply::Listed`].
     SendTest {
         /// The endpoint.
         endpoint: EndpointRef,
     },
-    /// [`Work::retry`].
+    /// Send a finished delivery again, now, once. Answered [`WorkReply::Listed`].
     Retry {
         /// The endpoint.
         endpoint: EndpointRef,
         /// The delivery.
         delivery_id: String,
     },
-    /// [`Work::recover`].
+    /// Send every `failed` delivery of an endpoint created in `[since, until)` again (the oldest
+    /// [`MAX_RECOVERED`] at most), keeping their ids. Answered [`WorkReply::Recovered`].
     Recover {
         /// The endpoint.
         endpoint: EndpointRef,
@@ -120,7 +169,8 @@ pub enum WorkRequest {
         /// Until (exclusive).
         until: jiff::Timestamp,
     },
-    /// [`Work::deliveries`].
+    /// Up to `limit` of an endpoint's deliveries, newest first. Answered
+    /// [`WorkReply::Deliveries`].
     Deliveries {
         /// The endpoint.
         endpoint: EndpointRef,
@@ -133,7 +183,7 @@ impl WorkRequest {
     /// The organization whose owner must do this.
     pub fn organization_id(&self) -> &str {
         match self {
-            Self::Submit { organization_id, .. } => organization_id,
+            Self::Submit { organization_id, .. } | Self::Relay { organization_id, .. } => organization_id,
             Self::SendTest { endpoint }
             | Self::Retry { endpoint, .. }
             | Self::Recover { endpoint, .. }
@@ -154,54 +204,26 @@ pub enum WorkReply {
     Recovered(usize),
     /// Deliveries, newest first.
     Deliveries(Vec<Listed>),
+    /// The owner's answer to a relayed event.
+    #[serde(skip)]
+    Relayed(OwnerAnswer),
+    /// The event's organization is this replica's: it is submitted here.
+    #[serde(skip)]
+    NotRelayed,
     /// It could not be done.
     Failed(SubmitError),
 }
 
-/// How long a replica waits for its cache to show an endpoint another replica named (the
-/// forwarding replica may have seen a create a moment earlier).
-const LOOKUP_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
-/// Does a request here, forwarded or not: the endpoint it names is looked up in `endpoints`
-/// ([`EndpointCache::resolve`]); one unknown, of another uid or organization, being deleted or
-/// not bound to its organization is not found.
-pub async fn perform(work: &WorkHandle, endpoints: &EndpointCache, request: WorkRequest) -> WorkReply {
-    let resolve = |r: EndpointRef| async move {
-        endpoints.wait_for_uid(&r.namespace, &r.name, &r.uid, LOOKUP_WAIT).await;
-        endpoints
-            .resolve(&r)
-            .ok_or_else(|| SubmitError::NotFound(format!("no endpoint {} in {}", r.name, r.namespace)))
-    };
-    let result = match request {
-        WorkRequest::Submit {
-            organization_id,
-            event_type,
-            data,
-        } => work
-            .submit(&organization_id, &event_type, data)
-            .await
-            .map(|(id, n)| WorkReply::Submitted(id, n)),
-        WorkRequest::SendTest { endpoint } => match resolve(endpoint).await {
-            Ok(endpoint) => work.send_test(&endpoint).await.map(|l| WorkReply::Listed(Box::new(l))),
-            Err(e) => Err(e),
-        },
-        WorkRequest::Retry { endpoint, delivery_id } => match resolve(endpoint).await {
-            Ok(endpoint) => work
-                .retry(&endpoint, &delivery_id)
-                .await
-                .map(|l| WorkReply::Listed(Box::new(l))),
-            Err(e) => Err(e),
-        },
-        WorkRequest::Recover { endpoint, since, until } => match resolve(endpoint).await {
-            Ok(endpoint) => work.recover(&endpoint, since, until).await.map(WorkReply::Recovered),
-            Err(e) => Err(e),
-        },
-        WorkRequest::Deliveries { endpoint, limit } => match resolve(endpoint).await {
-            Ok(endpoint) => work.deliveries(&endpoint, limit).await.map(WorkReply::Deliveries),
-            Err(e) => Err(e),
-        },
-    };
-    result.unwrap_or_else(WorkReply::Failed)
+/// The answer of the replica that owns an organization to an event relayed to it, as the
+/// producer must get it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OwnerAnswer {
+    /// HTTP status.
+    pub status: u16,
+    /// Its `Retry-After`, if any.
+    pub retry_after: Option<String>,
+    /// Its body (JSON).
+    pub body: Bytes,
 }
 
 /// A delivery as the REST facade shows it: the record and its event's payload.
@@ -210,45 +232,13 @@ pub type Listed = (DeliveryRecord, Option<Value>);
 /// Most deliveries one recovery sends again.
 pub const MAX_RECOVERED: usize = 10_000;
 
-/// The work a dispatcher does on request.
+/// Whatever does work on request: the dispatcher, or the forwarder in front of it.
 pub trait Work: Send + Sync + 'static {
-    /// Accepts an event: a durable pending delivery for every matching active endpoint of the
-    /// organization. Returns the event id and the number of deliveries.
-    fn submit<'a>(
-        &'a self,
-        organization_id: &'a str,
-        event_type: &'a str,
-        data: Value,
-    ) -> BoxFuture<'a, Result<(String, usize), SubmitError>>;
-
-    /// Sends a `webhook.test` event to one endpoint now.
-    fn send_test<'a>(&'a self, endpoint: &'a WebhookEndpoint) -> BoxFuture<'a, Result<Listed, SubmitError>>;
-
-    /// Sends a finished delivery again, now, once.
-    fn retry<'a>(
-        &'a self,
-        endpoint: &'a WebhookEndpoint,
-        delivery_id: &'a str,
-    ) -> BoxFuture<'a, Result<Listed, SubmitError>>;
-
-    /// Sends every `failed` delivery of an endpoint created in `[since, until)` again (the oldest
-    /// [`MAX_RECOVERED`] at most), keeping their ids. Returns how many.
-    fn recover<'a>(
-        &'a self,
-        endpoint: &'a WebhookEndpoint,
-        since: jiff::Timestamp,
-        until: jiff::Timestamp,
-    ) -> BoxFuture<'a, Result<usize, SubmitError>>;
-
-    /// Up to `limit` of an endpoint's deliveries, newest first.
-    fn deliveries<'a>(
-        &'a self,
-        endpoint: &'a WebhookEndpoint,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<Listed>, SubmitError>>;
+    /// Does `request` (or has it done), and answers it; a failure is [`WorkReply::Failed`].
+    fn perform(&self, request: WorkRequest) -> BoxFuture<'_, WorkReply>;
 }
 
-/// A cheap, cloneable handle to the [`Work`] of this process.
+/// A cheap, cloneable handle to the [`Work`] of this process, with a typed call per request.
 #[derive(Clone)]
 pub struct WorkHandle(Arc<dyn Work>);
 
@@ -258,51 +248,167 @@ impl std::fmt::Debug for WorkHandle {
     }
 }
 
+/// A reply of the wrong kind (an owner that speaks another version, say).
+fn unexpected(reply: WorkReply) -> SubmitError {
+    SubmitError::Unavailable(format!("unexpected answer to work: {reply:?}"))
+}
+
 impl WorkHandle {
     /// A handle to `work`.
     pub fn new(work: impl Work) -> Self {
         Self(Arc::new(work))
     }
 
-    /// See [`Work::submit`].
+    /// See [`Work::perform`].
+    pub async fn perform(&self, request: WorkRequest) -> WorkReply {
+        self.0.perform(request).await
+    }
+
+    /// [`Self::perform`], with a [`WorkReply::Failed`] answer as the error.
+    async fn ask(&self, request: WorkRequest) -> Result<WorkReply, SubmitError> {
+        match self.perform(request).await {
+            WorkReply::Failed(e) => Err(e),
+            reply => Ok(reply),
+        }
+    }
+
+    /// [`WorkRequest::Submit`]: returns the event id and the number of deliveries.
     pub async fn submit(
         &self,
         organization_id: &str,
         event_type: &str,
         data: Value,
     ) -> Result<(String, usize), SubmitError> {
-        self.0.submit(organization_id, event_type, data).await
+        let request = WorkRequest::Submit {
+            organization_id: organization_id.into(),
+            event_type: event_type.into(),
+            data,
+        };
+        match self.ask(request).await? {
+            WorkReply::Submitted(id, n) => Ok((id, n)),
+            other => Err(unexpected(other)),
+        }
     }
 
-    /// See [`Work::send_test`].
+    /// [`WorkRequest::Relay`]: the owner's answer, or `None` when the event is to be submitted
+    /// here.
+    pub async fn relay(
+        &self,
+        organization_id: &str,
+        idempotency_key: Option<&str>,
+        body: Bytes,
+    ) -> Result<Option<OwnerAnswer>, SubmitError> {
+        let request = WorkRequest::Relay {
+            organization_id: organization_id.into(),
+            idempotency_key: idempotency_key.map(str::to_string),
+            body,
+        };
+        match self.ask(request).await? {
+            WorkReply::Relayed(answer) => Ok(Some(answer)),
+            WorkReply::NotRelayed => Ok(None),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// [`WorkRequest::SendTest`]: the delivery and its payload.
     pub async fn send_test(&self, endpoint: &WebhookEndpoint) -> Result<Listed, SubmitError> {
-        self.0.send_test(endpoint).await
+        let request = WorkRequest::SendTest {
+            endpoint: EndpointRef::of(endpoint),
+        };
+        match self.ask(request).await? {
+            WorkReply::Listed(listed) => Ok(*listed),
+            other => Err(unexpected(other)),
+        }
     }
 
-    /// See [`Work::retry`].
+    /// [`WorkRequest::Retry`]: the delivery and its payload.
     pub async fn retry(&self, endpoint: &WebhookEndpoint, delivery_id: &str) -> Result<Listed, SubmitError> {
-        self.0.retry(endpoint, delivery_id).await
+        let request = WorkRequest::Retry {
+            endpoint: EndpointRef::of(endpoint),
+            delivery_id: delivery_id.into(),
+        };
+        match self.ask(request).await? {
+            WorkReply::Listed(listed) => Ok(*listed),
+            other => Err(unexpected(other)),
+        }
     }
 
-    /// See [`Work::recover`].
+    /// [`WorkRequest::Recover`]: how many deliveries were sent again.
     pub async fn recover(
         &self,
         endpoint: &WebhookEndpoint,
         since: jiff::Timestamp,
         until: jiff::Timestamp,
     ) -> Result<usize, SubmitError> {
-        self.0.recover(endpoint, since, until).await
+        let request = WorkRequest::Recover {
+            endpoint: EndpointRef::of(endpoint),
+            since,
+            until,
+        };
+        match self.ask(request).await? {
+            WorkReply::Recovered(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
     }
 
-    /// See [`Work::deliveries`].
+    /// [`WorkRequest::Deliveries`]: newest first.
     pub async fn deliveries(&self, endpoint: &WebhookEndpoint, limit: usize) -> Result<Vec<Listed>, SubmitError> {
-        self.0.deliveries(endpoint, limit).await
+        let request = WorkRequest::Deliveries {
+            endpoint: EndpointRef::of(endpoint),
+            limit,
+        };
+        match self.ask(request).await? {
+            WorkReply::Deliveries(list) => Ok(list),
+            other => Err(unexpected(other)),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Answers every request with a copy of one reply.
+    struct Answers(fn() -> WorkReply);
+
+    impl Work for Answers {
+        fn perform(&self, _: WorkRequest) -> BoxFuture<'_, WorkReply> {
+            Box::pin(async move { (self.0)() })
+        }
+    }
+
+    #[tokio::test]
+    async fn the_handle_unpacks_each_answer_and_refuses_the_wrong_kind() {
+        let submitted = WorkHandle::new(Answers(|| WorkReply::Submitted("evt_1".into(), 2)));
+        assert_eq!(
+            submitted.submit("org", "a.b", Value::Null).await,
+            Ok(("evt_1".to_string(), 2))
+        );
+        assert!(matches!(
+            submitted.relay("org", None, Bytes::new()).await,
+            Err(SubmitError::Unavailable(_))
+        ));
+        let here = WorkHandle::new(Answers(|| WorkReply::NotRelayed));
+        assert_eq!(here.relay("org", Some("k"), Bytes::new()).await, Ok(None));
+        let failed = WorkHandle::new(Answers(|| {
+            WorkReply::Failed(SubmitError::Moving { retry_after_secs: 1 })
+        }));
+        assert_eq!(
+            failed.submit("org", "a.b", Value::Null).await,
+            Err(SubmitError::Moving { retry_after_secs: 1 })
+        );
+    }
+
+    #[test]
+    fn a_relayed_event_never_goes_as_work() {
+        let relay = WorkRequest::Relay {
+            organization_id: "org".into(),
+            idempotency_key: None,
+            body: Bytes::from_static(b"{}"),
+        };
+        assert!(serde_json::to_vec(&relay).is_err());
+        assert!(serde_json::from_str::<WorkRequest>(r#"{"op":"relay","organization_id":"org"}"#).is_err());
+    }
 
     #[test]
     fn every_failure_crosses_the_wire() {

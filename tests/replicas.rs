@@ -809,7 +809,7 @@ async fn post_work(http: &reqwest::Client, replica: &Replica, headers: &[(&str, 
         .post(format!(
             "http://127.0.0.1:{}{}",
             replica.ingest,
-            capy_webhooks::routing::WORK_PATH
+            capy_webhooks::work::WORK_PATH
         ))
         .header("content-type", "application/json")
         .body(body.to_vec());
@@ -894,7 +894,7 @@ async fn the_internal_work_route_trusts_nothing_in_its_body() {
     let replica_key = ReplicaKey::new(bytes);
     let signed = |body: &[u8], at: i64| -> Vec<(&str, String)> {
         replica_key
-            .sign("POST", capy_webhooks::routing::WORK_PATH, at, body)
+            .sign("POST", capy_webhooks::work::WORK_PATH, at, body)
             .into_iter()
             .collect()
     };
@@ -903,7 +903,7 @@ async fn the_internal_work_route_trusts_nothing_in_its_body() {
     let body = send_test(real.clone());
     let producer = vec![
         ("authorization", format!("Bearer {INGEST_TOKEN}")),
-        (capy_webhooks::routing::FORWARDED_HEADER, "a".to_string()),
+        (capy_webhooks::work::FORWARDED_HEADER, "a".to_string()),
     ];
     assert_eq!(post_work(&http, b, &producer, &body).await.0, 401);
     // Nor is a signature that is stale, or over another body.

@@ -37,8 +37,8 @@ use crate::shards::{Fence, Placement, SHARD_COUNT, ShardEvent, ShardFeed, shard_
 use crate::signing::{KeyRing, StoredKeyRing};
 use crate::signing_secret::{ROTATION_ANNOTATION, signing_secret_selector, stored_key_ring};
 use crate::telemetry::{EventNote, Metrics, ReadyHandle, publish_event};
-use crate::work::Work;
 pub use crate::work::{Listed, SubmitError};
+use crate::work::{Work, WorkReply, WorkRequest};
 pub use status::{CONDITION_HEALTHY, DispatchSummary};
 use worker::{Msg, Worker};
 
@@ -187,7 +187,8 @@ struct ShardRun {
 /// A worker's key: the namespace and organization of its log.
 pub(crate) type WorkerKey = (String, String);
 
-/// Handle to the running dispatcher: submit events, retry deliveries, send test events.
+/// Handle to the running dispatcher. Work is asked of it as a [`WorkRequest`] ([`Work::perform`],
+/// through a [`crate::work::WorkHandle`]).
 #[derive(Clone)]
 pub struct Dispatcher {
     shared: Arc<Shared>,
@@ -704,7 +705,7 @@ impl Dispatcher {
     /// Accepts one event: a pending delivery for every active endpoint of the organization whose
     /// event types match, each durable in its organization's log (with the payload, once) before
     /// this returns. Returns the event id and the number of deliveries.
-    pub async fn submit(
+    async fn submit(
         &self,
         organization_id: &str,
         event_type: &str,
@@ -750,7 +751,7 @@ impl Dispatcher {
 
     /// Sends a `webhook.test` event to one endpoint now (whatever its event types); returns the
     /// delivery and its payload.
-    pub async fn send_test(&self, endpoint: &WebhookEndpoint) -> Result<Listed, SubmitError> {
+    async fn send_test(&self, endpoint: &WebhookEndpoint) -> Result<Listed, SubmitError> {
         self.admit()?;
         let now = Timestamp::now();
         let event_id = format!("evt_{}", crate::ids::time_sortable_id(now));
@@ -767,7 +768,7 @@ impl Dispatcher {
     }
 
     /// Sends a finished delivery again, now, once; returns it and its payload.
-    pub async fn retry(&self, endpoint: &WebhookEndpoint, delivery_id: &str) -> Result<Listed, SubmitError> {
+    async fn retry(&self, endpoint: &WebhookEndpoint, delivery_id: &str) -> Result<Listed, SubmitError> {
         self.admit()?;
         let not_found = || SubmitError::NotFound(format!("delivery {delivery_id} not found"));
         let tx = self.running_worker(endpoint)?.ok_or_else(not_found)?;
@@ -783,7 +784,7 @@ impl Dispatcher {
     }
 
     /// Sends the endpoint's failed deliveries created in `[since, until)` again, once durable.
-    pub async fn recover_failed(
+    async fn recover(
         &self,
         endpoint: &WebhookEndpoint,
         since: Timestamp,
@@ -807,7 +808,7 @@ impl Dispatcher {
 
     /// Up to `limit` of an endpoint's deliveries, newest first, each with its event's payload:
     /// from memory, no API-server round trip.
-    pub async fn deliveries(&self, endpoint: &WebhookEndpoint, limit: usize) -> Result<Vec<Listed>, SubmitError> {
+    async fn deliveries(&self, endpoint: &WebhookEndpoint, limit: usize) -> Result<Vec<Listed>, SubmitError> {
         let Some(tx) = self.running_worker(endpoint)? else {
             return Ok(Vec::new());
         };
@@ -832,41 +833,42 @@ impl Dispatcher {
 }
 
 impl Work for Dispatcher {
-    fn submit<'a>(
-        &'a self,
-        organization_id: &'a str,
-        event_type: &'a str,
-        data: Value,
-    ) -> BoxFuture<'a, Result<(String, usize), SubmitError>> {
-        Box::pin(Dispatcher::submit(self, organization_id, event_type, data))
-    }
-
-    fn send_test<'a>(&'a self, endpoint: &'a WebhookEndpoint) -> BoxFuture<'a, Result<Listed, SubmitError>> {
-        Box::pin(Dispatcher::send_test(self, endpoint))
-    }
-
-    fn retry<'a>(
-        &'a self,
-        endpoint: &'a WebhookEndpoint,
-        delivery_id: &'a str,
-    ) -> BoxFuture<'a, Result<Listed, SubmitError>> {
-        Box::pin(Dispatcher::retry(self, endpoint, delivery_id))
-    }
-
-    fn recover<'a>(
-        &'a self,
-        endpoint: &'a WebhookEndpoint,
-        since: Timestamp,
-        until: Timestamp,
-    ) -> BoxFuture<'a, Result<usize, SubmitError>> {
-        Box::pin(Dispatcher::recover_failed(self, endpoint, since, until))
-    }
-
-    fn deliveries<'a>(
-        &'a self,
-        endpoint: &'a WebhookEndpoint,
-        limit: usize,
-    ) -> BoxFuture<'a, Result<Vec<Listed>, SubmitError>> {
-        Box::pin(Dispatcher::deliveries(self, endpoint, limit))
+    /// Does work here: an endpoint a request names is looked up in this replica's cache
+    /// ([`crate::work::EndpointRef::look_up`]), whoever sent the request; an event is never
+    /// relayed from here.
+    fn perform(&self, request: WorkRequest) -> BoxFuture<'_, WorkReply> {
+        Box::pin(async move {
+            let endpoints = &self.shared.endpoints;
+            let done = async {
+                Ok(match request {
+                    WorkRequest::Submit {
+                        organization_id,
+                        event_type,
+                        data,
+                    } => {
+                        let (id, n) = self.submit(&organization_id, &event_type, data).await?;
+                        WorkReply::Submitted(id, n)
+                    }
+                    WorkRequest::Relay { .. } => WorkReply::NotRelayed,
+                    WorkRequest::SendTest { endpoint } => {
+                        let endpoint = endpoint.look_up(endpoints).await?;
+                        WorkReply::Listed(Box::new(self.send_test(&endpoint).await?))
+                    }
+                    WorkRequest::Retry { endpoint, delivery_id } => {
+                        let endpoint = endpoint.look_up(endpoints).await?;
+                        WorkReply::Listed(Box::new(self.retry(&endpoint, &delivery_id).await?))
+                    }
+                    WorkRequest::Recover { endpoint, since, until } => {
+                        let endpoint = endpoint.look_up(endpoints).await?;
+                        WorkReply::Recovered(self.recover(&endpoint, since, until).await?)
+                    }
+                    WorkRequest::Deliveries { endpoint, limit } => {
+                        let endpoint = endpoint.look_up(endpoints).await?;
+                        WorkReply::Deliveries(self.deliveries(&endpoint, limit).await?)
+                    }
+                })
+            };
+            done.await.unwrap_or_else(WorkReply::Failed)
+        })
     }
 }

@@ -212,7 +212,7 @@ impl Operator {
                 idempotency_window: Duration::from_secs(3600),
                 idempotency_capacity: 1000,
                 metrics: metrics.clone(),
-                router: None,
+                replicas: None,
             };
             tokio::spawn(ingest::run(
                 WorkHandle::new(dispatcher.clone()),
