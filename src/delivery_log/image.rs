@@ -295,15 +295,6 @@ pub struct DeliveryLog {
     /// Segments a batch deletes whose delete is not confirmed yet: until it is, they may hold
     /// the only durable copy of an entry, so new segments' floors stay at or below them.
     unconfirmed_deletes: BTreeSet<u64>,
-    /// Of [`Self::unconfirmed_deletes`], those that held entries: only their replay could bring
-    /// anything back, so only their confirmed delete needs a floor written (an empty segment's
-    /// need not, or a floor-only segment, deleted in turn, would ask for the next one forever).
-    unconfirmed_with_entries: BTreeSet<u64>,
-    /// The highest floor a create carried.
-    floor_written: u64,
-    /// Whether confirmed deletes raised the floor above [`Self::floor_written`] while entries
-    /// live: the next batch writes, if only to record it.
-    floor_behind: bool,
 }
 
 impl DeliveryLog {
@@ -326,9 +317,6 @@ impl DeliveryLog {
             next_seq: 1,
             avoided: BTreeSet::new(),
             unconfirmed_deletes: BTreeSet::new(),
-            unconfirmed_with_entries: BTreeSet::new(),
-            floor_written: 0,
-            floor_behind: false,
         }
     }
 
@@ -357,30 +345,15 @@ impl DeliveryLog {
         journal_seq(name).filter(|&seq| journal_segment_name(&self.organization_id, seq) == name)
     }
 
-    /// Segments deleted, as the API server confirmed: they no longer hold back the floor. While
-    /// entries live, a floor that rose is written with the next batch (one with nothing else to
-    /// write, if need be: [`Self::has_changes`]).
+    /// Segments deleted, as the API server confirmed: they no longer hold back the floor, which
+    /// the next batch records. (No write is made for the floor alone: a log that stays idle after
+    /// a delete records it with its next change.)
     pub fn confirm_deleted(&mut self, names: &[String]) {
-        let mut held_entries = false;
         for name in names {
             if let Some(seq) = self.own_seq(name) {
                 self.unconfirmed_deletes.remove(&seq);
-                held_entries |= self.unconfirmed_with_entries.remove(&seq);
             }
         }
-        if held_entries && !self.records.is_empty() && self.floor() > self.floor_written {
-            self.floor_behind = true;
-        }
-    }
-
-    /// Whether the only change to write is a floor ([`Self::confirm_deleted`]): the writer may
-    /// wait a while for other changes to carry it.
-    pub fn only_floor_behind(&self) -> bool {
-        self.floor_behind
-            && self.dirty.is_empty()
-            && self.retired.is_empty()
-            && self.deleting.is_empty()
-            && !self.segments.values().next().is_some_and(|s| s.live.is_empty())
     }
 
     /// Never names a new segment `name`: it is held by an object that is not part of the log
@@ -424,7 +397,6 @@ impl DeliveryLog {
         // Below the newest floor: segments the operator deleted. One found again is a replay of
         // superseded entries (or a delete not yet done): never read, and deleted once more.
         let floor = current.iter().map(|(_, cm)| segment::floor(cm)).max().unwrap_or(0);
-        log.floor_written = floor;
         current.retain(|(seq, cm)| {
             if *seq >= floor {
                 return true;
@@ -432,7 +404,6 @@ impl DeliveryLog {
             let name = cm.metadata.name.clone().unwrap_or_default();
             warn!(configmap = %name, floor, "delivery-log segment below its log's floor (deleted before); ignored and deleted");
             log.unconfirmed_deletes.insert(*seq);
-            log.unconfirmed_with_entries.insert(*seq);
             log.deleting.push(name);
             false
         });
@@ -789,7 +760,6 @@ impl DeliveryLog {
     /// Whether [`Self::take_writes`] would return writes.
     pub fn has_changes(&self) -> bool {
         !self.dirty.is_empty()
-            || self.floor_behind
             || !self.retired.is_empty()
             || !self.deleting.is_empty()
             || self.segments.values().next().is_some_and(|s| s.live.is_empty())
@@ -817,13 +787,10 @@ impl DeliveryLog {
             if !segment.live.is_empty() && !compact {
                 break;
             }
-            let (seq, segment) = entry.remove_entry();
+            let (_, segment) = entry.remove_entry();
             for id in &segment.live {
                 self.forget_seq(id);
                 self.dirty.insert(id.clone());
-            }
-            if segment.bytes > 0 {
-                self.unconfirmed_with_entries.insert(seq);
             }
             deleted.push(segment.name);
         }
@@ -868,11 +835,6 @@ impl DeliveryLog {
             batch.data.insert(id, stored);
         }
         if !batch.data.is_empty() {
-            self.create(std::mem::take(&mut batch), &mut writes, &mut created);
-        }
-        if batch.data.is_empty() && created.is_empty() && self.floor_behind {
-            // Nothing else to write, but deletes were confirmed since the last floor was: one
-            // small segment carries the new floor, so no replay of them is read back.
             self.create(batch, &mut writes, &mut created);
         }
         writes.extend(deleted.iter().map(|name| SegmentWrite::Delete { name: name.clone() }));
@@ -974,8 +936,6 @@ impl DeliveryLog {
             },
         );
         let floor = self.floor().min(seq);
-        self.floor_written = self.floor_written.max(floor);
-        self.floor_behind = false;
         writes.push(SegmentWrite::Create(self.configmap(&name, batch.data, floor)));
         created.push(Created {
             seq,

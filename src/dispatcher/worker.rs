@@ -44,9 +44,6 @@ pub(crate) const WRITES_IN_FLIGHT: usize = 4;
 /// until its one attempt fails again).
 pub(crate) const RECOVER_COOLDOWN: jiff::SignedDuration = jiff::SignedDuration::from_mins(10);
 
-/// How long a raised log floor waits for another change to carry it before it is written alone.
-const FLOOR_WRITE_DELAY: Duration = Duration::from_secs(10);
-
 /// An endpoint whose backlog stays full is told so at most this often (a Warning Event).
 const BACKLOG_FULL_EVENT_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -203,10 +200,6 @@ pub(crate) struct Worker {
     /// Segment names found held by objects this operator did not write, forgotten once the
     /// failed batches are given back.
     foreign_names: Vec<String>,
-    /// When the last batch was taken from the log.
-    last_batch_at: Option<Instant>,
-    /// When a raised floor, the only change, is written if nothing else carried it by then.
-    floor_write_at: Option<Instant>,
     /// Deliveries recovered within [`RECOVER_COOLDOWN`], and when (kept by this worker: a new
     /// owner of the shard starts without them).
     recovered_at: HashMap<String, Timestamp>,
@@ -257,8 +250,6 @@ impl Worker {
             foreign_names: Vec::new(),
             write_failed: false,
             recovered_at: HashMap::new(),
-            last_batch_at: None,
-            floor_write_at: None,
             reported_pending: 0,
         };
         let due: Vec<(String, Timestamp, String)> = worker
@@ -429,9 +420,6 @@ impl Worker {
             }
         }
         if let Some(at) = self.write_retry_at {
-            wake = wake.min(at);
-        }
-        if let Some(at) = self.floor_write_at {
             wake = wake.min(at);
         }
         if let Some(d) = grace_deadline {
@@ -789,19 +777,7 @@ impl Worker {
             return;
         }
         self.write_retry_at = None;
-        if self.log.only_floor_behind() {
-            // A raised floor alone waits a while for a batch that carries it anyway: only a log
-            // that stays idle pays a write of its own for it.
-            let due = self.last_batch_at.map_or_else(Instant::now, |t| t + FLOOR_WRITE_DELAY);
-            if Instant::now() < due {
-                self.floor_write_at = Some(due);
-                self.start_deletes();
-                return;
-            }
-        }
-        self.floor_write_at = None;
         while self.pipeline.has_room() && self.log.has_changes() {
-            self.last_batch_at = Some(Instant::now());
             let writes = self.log.take_writes();
             self.shared.mark_seq(
                 &(self.namespace.clone(), self.organization.clone()),
