@@ -1,7 +1,7 @@
 //! capy-webhooks: CapyDB's outbound webhooks as a Kubernetes operator.
 //!
 //! Layering, bottom up (a module uses only those on its own floor or below):
-//! 1. [`resources`] (the CRD types and shared names), [`ids`];
+//! 1. [`resources`] (the CRD types and shared names), [`ids`], [`duration`];
 //! 2. pure domain: [`signing`], [`validation`], [`delivery`] (retry schedule, outcomes, event-type
 //!    matching, health, SSRF classes, and the signed attempt), [`backoff`];
 //! 3. what components share: [`signing_secret`] (the signing Secret's stored format), [`endpoints`]
@@ -10,8 +10,9 @@
 //!    reads), [`work`] (the handle the REST facade and ingest use to reach work, wherever it is
 //!    done), [`http`], [`auth`], [`telemetry`], [`leases`] and [`shards`] (who leads, who owns
 //!    which shard, on Kubernetes Leases), [`routing`] (the forwarder behind the work handle, which
-//!    sends work to the replica that owns it; only `main.rs` names it) and [`replica_key`] (how
-//!    replicas authenticate to each other);
+//!    sends work to the replica that owns it; only `main.rs` names it), [`replica_key`] (how
+//!    replicas authenticate to each other) and [`key_secrets`] (the operator's own keys: the log
+//!    MAC key, the portal key, the replica key);
 //! 4. the components, none importing another (a test checks it: `tests/layering.rs`):
 //!    [`controller`], [`api`], [`dispatcher`], [`ingest`], and [`ops`] (probes and metrics).
 //!

@@ -1,10 +1,14 @@
-//! The dispatcher: fans events out to endpoints, keeps each endpoint's deliveries durable in its
-//! ConfigMap log, sends signed attempts, retries, and reports health.
+//! The dispatcher: fans events out to endpoints, keeps their deliveries durable in each
+//! organization's delivery log ([`crate::delivery_log`], ConfigMaps per organization and
+//! namespace), sends signed attempts, retries, and reports health.
 //!
 //! One worker task per organization (and namespace) is the single writer of that organization's
 //! log and owns the schedules of its endpoints (see [`worker`]): an event fans out in one place
-//! and its payload is stored once. Ingest hands records to workers and answers only once they are
-//! durable. On start, pending deliveries are read back from the logs and resumed.
+//! and its payload is stored once. Work arrives through [`crate::work::Work::perform`] and is
+//! answered only once durable. Organizations are partitioned into shards ([`crate::shards`]): the
+//! dispatcher works only for the shards this replica holds, reads their logs back when it takes
+//! them (pending deliveries resume), drains them when it hands them over, and stops writing at
+//! once when a shard's fence closes.
 
 mod status;
 mod worker;
