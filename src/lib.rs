@@ -8,10 +8,10 @@
 //!    (the one endpoint cache), [`tenancy`] (which namespaces serve which organizations),
 //!    [`delivery_log`] (the log the dispatcher writes and the REST facade
 //!    reads), [`work`] (the handle the REST facade and ingest use to reach work, wherever it is
-//!    done), [`http`], [`auth`], [`telemetry`], [`leases`] and [`shards`] (who leads, who owns
-//!    which shard, on Kubernetes Leases), [`routing`] (the forwarder behind the work handle, which
+//!    done), [`http`], [`auth`], [`telemetry`], [`controller_lease`] and [`shards`] (who leads, who owns
+//!    which shard, on Kubernetes Leases), [`forwarder`] (the forwarder behind the work handle, which
 //!    sends work to the replica that owns it; only `main.rs` names it), [`replica_key`] (how
-//!    replicas authenticate to each other) and [`key_secrets`] (the operator's own keys: the log
+//!    replicas authenticate to each other) and [`operator_keys`] (the operator's own keys: the log
 //!    MAC key, the portal key, the replica key);
 //! 4. the components, none importing another (a test checks it: `tests/layering.rs`):
 //!    [`controller`], [`api`], [`dispatcher`], [`ingest`], and [`ops`] (probes and metrics).
@@ -22,20 +22,20 @@ pub mod api;
 pub mod auth;
 pub mod backoff;
 pub mod controller;
+pub mod controller_lease;
 pub mod delivery;
 pub mod delivery_log;
 pub mod dispatcher;
 pub mod duration;
 pub mod endpoints;
+pub mod forwarder;
 pub mod http;
 pub mod ids;
 pub mod ingest;
-pub mod key_secrets;
-pub mod leases;
+pub mod operator_keys;
 pub mod ops;
 pub mod replica_key;
 pub mod resources;
-pub mod routing;
 pub mod shards;
 pub mod signing;
 pub mod signing_secret;

@@ -1,4 +1,4 @@
-//! How replicas authenticate to each other on the internal work route ([`crate::routing`]):
+//! How replicas authenticate to each other on the internal work route ([`crate::forwarder`]):
 //! never with the producers' ingest token (a producer must not be able to act as a replica), but
 //! with an HMAC-SHA256 over the request (method, path, a timestamp, body) keyed by Secret
 //! [`REPLICA_KEY_SECRET`] in the home namespace, which only the operator reads. The receiver
@@ -54,7 +54,8 @@ impl ReplicaKey {
     /// Reads the key from [`REPLICA_KEY_SECRET`] in `home_namespace`, creating it on first use.
     pub async fn load_or_create(client: &kube::Client, home_namespace: &str) -> anyhow::Result<Self> {
         let (key, _) =
-            crate::key_secrets::load_or_create(client, home_namespace, REPLICA_KEY_SECRET, Default::default()).await?;
+            crate::operator_keys::load_or_create(client, home_namespace, REPLICA_KEY_SECRET, Default::default())
+                .await?;
         Ok(Self::new(key))
     }
 

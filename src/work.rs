@@ -5,7 +5,7 @@
 //!
 //! Two things implement [`Work`], and `main.rs` wires a [`WorkHandle`] to one of them: the
 //! dispatcher, which does the work (a single process that serves every organization uses it
-//! alone), and the forwarder ([`crate::routing`]), which hands each request to the replica that
+//! alone), and the forwarder ([`crate::forwarder`]), which hands each request to the replica that
 //! owns its organization and the dispatcher does what this replica owns.
 //!
 //! A request crosses between replicas as JSON, `POST` [`WORK_PATH`], signed with the replicas' key

@@ -540,7 +540,7 @@ fn the_check_sees_every_form_of_reference() {
             "src/dispatcher/worker.rs",
             "use super::status::Status; use self::inner::Y;",
         ),
-        ("src/ingest.rs", "use crate::{routing::Router, work::WorkHandle};"),
+        ("src/ingest.rs", "use crate::{forwarder::Router, work::WorkHandle};"),
         (
             "src/ingest.rs",
             "use crate::{work::{self, WorkHandle}, delivery_log::{DeliveryLog}};",
@@ -570,7 +570,7 @@ fn the_check_sees_every_form_of_reference() {
             "src/api/mod.rs",
             "impl S { fn f(&self) { self.ops(); Self::dispatcher(); } }",
         ),
-        ("src/routing.rs", "use crate::dispatcher::Dispatcher;"),
+        ("src/forwarder.rs", "use crate::dispatcher::Dispatcher;"),
     ];
     for (file, source) in allowed {
         assert_eq!(caught(file, source), Vec::<String>::new(), "{file}: {source}");
@@ -578,7 +578,7 @@ fn the_check_sees_every_form_of_reference() {
 
     // The floors below see components too (that test uses the same visitor with no own component).
     assert_eq!(
-        references("src/routing.rs", "fn f() { crate::dispatcher::x(); }", "")
+        references("src/forwarder.rs", "fn f() { crate::dispatcher::x(); }", "")
             .into_iter()
             .map(|v| v.reaches)
             .collect::<Vec<_>>(),
@@ -595,5 +595,5 @@ fn the_check_sees_every_form_of_reference() {
     );
     assert_eq!(module_path("src/api/mod.rs"), ["api"]);
     assert_eq!(component_of("src/dispatcher/worker.rs"), Some("dispatcher"));
-    assert_eq!(component_of("src/routing.rs"), None);
+    assert_eq!(component_of("src/forwarder.rs"), None);
 }

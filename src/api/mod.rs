@@ -882,7 +882,7 @@ pub async fn run(
     let ready = config.ready.clone();
     // Every replica reads the same key Secret, so any replica accepts the sessions another issued.
     let (portal_key, _) =
-        crate::key_secrets::load_or_create(&client, &config.home_namespace, PORTAL_KEY_SECRET, Default::default())
+        crate::operator_keys::load_or_create(&client, &config.home_namespace, PORTAL_KEY_SECRET, Default::default())
             .await?;
     let auth = auth.with_portal_sessions(crate::auth::PortalSessions::new(portal_key, config.portal_session_ttl));
     // Without a dispatcher here, deliveries are read from a watch of the logs, never with an

@@ -1,6 +1,6 @@
 //! The customer portal: a static page, its script and its styles, compiled into the binary and
 //! served at `/portal/` with a strict Content-Security-Policy. The page signs in with a portal
-//! session token (see [`crate::auth::portal`]) read from the URL's fragment, which never reaches
+//! session token (see [`crate::auth::portal_token`]) read from the URL's fragment, which never reaches
 //! a server, and then calls the documented REST routes with it.
 
 use serde::Deserialize;
@@ -70,10 +70,10 @@ pub fn base_url(configured: Option<&str>, headers: &HeaderMap) -> String {
 }
 
 /// Parses `--portal-session-ttl`: a duration of at least one minute and at most
-/// [`crate::auth::portal::MAX_TTL`].
+/// [`crate::auth::portal_token::MAX_TTL`].
 pub fn parse_session_ttl(text: &str) -> Result<std::time::Duration, String> {
     let ttl = crate::duration::parse_flag_duration(text)?;
-    let max = crate::auth::portal::MAX_TTL.unsigned_abs();
+    let max = crate::auth::portal_token::MAX_TTL.unsigned_abs();
     if ttl < std::time::Duration::from_secs(60) || ttl > max {
         return Err(format!("{text:?}: a portal session lasts from 1m to 24h"));
     }

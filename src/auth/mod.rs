@@ -17,13 +17,13 @@
 
 pub mod api_keys;
 pub mod clerk;
-pub mod portal;
+pub mod portal_token;
 
 use std::sync::Arc;
 
 pub use api_keys::{ApiKeyIndex, ApiKeyRecord};
 pub use clerk::{ClerkConfig, ClerkVerifier, JwksSource};
-pub use portal::{IssuedSession, PortalSessions};
+pub use portal_token::{IssuedSession, PortalSessions};
 
 /// Longest bearer token accepted, in bytes; longer ones are malformed without further parsing.
 pub const MAX_TOKEN_LENGTH: usize = 8192;
@@ -153,7 +153,7 @@ fn parse_authorization(header: Option<&str>) -> Result<TokenKind<'_>, AuthError>
     }
     if token.starts_with(api_keys::KEY_PREFIX) {
         Ok(TokenKind::ApiKey(token))
-    } else if token.starts_with(portal::TOKEN_PREFIX) {
+    } else if token.starts_with(portal_token::TOKEN_PREFIX) {
         Ok(TokenKind::Portal(token))
     } else if token.bytes().filter(|&b| b == b'.').count() == 2 {
         Ok(TokenKind::Jwt(token))

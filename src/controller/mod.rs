@@ -382,7 +382,7 @@ pub async fn run(
         let (term_leading, term_shutdown) = (leading.clone(), shutdown.clone());
         lead(&client, &ctx, &store, &binding, relayed.clone(), async move {
             tokio::select! {
-                () = crate::leases::lost(term_leading) => info!("controller leadership lost"),
+                () = crate::controller_lease::lost(term_leading) => info!("controller leadership lost"),
                 () = term_shutdown => {}
             }
         })

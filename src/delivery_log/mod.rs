@@ -61,7 +61,7 @@ pub use image::{
     BACKLOG_FULL_ERROR, DELETE_BYTES, DeliveryLog, LogConfig, LogFull, PendingWrites, SegmentSummary, SegmentWrite,
     is_event_key,
 };
-pub use record::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, new_delivery_id, truncate_error};
+pub use record::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, new_delivery_id, new_event_id, truncate_error};
 pub use store::{
     LogWatch, apply, apply_writes, foreign_segment_name, group_by_organization, is_name_taken, load_all,
     load_organizations_where, log_selector, read_organization,
@@ -92,7 +92,7 @@ pub const EVENT_KEY_PREFIX: &str = "evt_";
 /// [`COMPONENT_LABEL`](crate::resources::COMPONENT_LABEL) value of delivery-log ConfigMaps.
 pub const COMPONENT: &str = "delivery-log";
 /// Field manager of every write to the delivery log.
-pub const FIELD_MANAGER: &str = "capy-webhooks-dispatcher";
+pub const FIELD_MANAGER: &str = "capy-webhooks-delivery-log";
 /// Largest record accepted (key plus stored form); a larger one is refused with [`LogFull`].
 pub const MAX_RECORD_BYTES: usize = 512 * 1024;
 /// Largest [`LogConfig::segment_bytes`] honoured; larger settings are clamped to it.

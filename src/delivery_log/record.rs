@@ -162,6 +162,12 @@ pub fn new_delivery_id(now: Timestamp) -> String {
     format!("msg_{}", crate::ids::time_sortable_id(now))
 }
 
+/// A new event id: [`super::EVENT_KEY_PREFIX`] (`evt_`) + a lowercase ULID of `now`. Valid as a
+/// ConfigMap key and sortable by creation time.
+pub fn new_event_id(now: Timestamp) -> String {
+    format!("{}{}", super::EVENT_KEY_PREFIX, crate::ids::time_sortable_id(now))
+}
+
 /// Whether `key` can be a ConfigMap data key (`[-._a-zA-Z0-9]+`, at most 253 characters).
 pub fn is_valid_key(key: &str) -> bool {
     !key.is_empty()

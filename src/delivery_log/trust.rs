@@ -183,7 +183,8 @@ pub fn endpoints_named_in(cm: &ConfigMap) -> std::collections::BTreeSet<String> 
 /// untrusted. Upgrading from such a version is an administrator's explicit, one-time step,
 /// [`sign_unsigned_segments`] (`capy-webhooks delivery-log sign-unsigned`).
 pub async fn load_or_create_key(client: &Client, home_namespace: &str) -> anyhow::Result<LogKey> {
-    let (key, _) = crate::key_secrets::load_or_create(client, home_namespace, LOG_KEY_SECRET, BTreeMap::new()).await?;
+    let (key, _) =
+        crate::operator_keys::load_or_create(client, home_namespace, LOG_KEY_SECRET, BTreeMap::new()).await?;
     Ok(LogKey(key))
 }
 

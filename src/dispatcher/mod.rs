@@ -49,6 +49,10 @@ use worker::{Msg, Worker};
 /// How long reading back the logs of newly held shards may take before it is tried again.
 const LOG_LIST_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// Field manager of the dispatcher's own writes to endpoints: status summaries, and `active` when
+/// it disables one (the delivery log's writes are [`crate::delivery_log::FIELD_MANAGER`]'s).
+pub const FIELD_MANAGER: &str = "capy-webhooks-dispatcher";
+
 /// Event type of test deliveries.
 pub const TEST_EVENT_TYPE: &str = "webhook.test";
 
@@ -721,7 +725,7 @@ impl Dispatcher {
         self.owned(organization_id)?;
         self.admit()?;
         let now = Timestamp::now();
-        let event_id = format!("evt_{}", crate::ids::time_sortable_id(now));
+        let event_id = new_event_id(now);
         let payload =
             Bytes::from(serde_json::to_vec(&envelope(event_type, now, &data)).expect("JSON values serialize"));
         let targets: Vec<_> = self
@@ -758,7 +762,7 @@ impl Dispatcher {
     async fn send_test(&self, endpoint: &WebhookEndpoint) -> Result<Listed, SubmitError> {
         self.admit()?;
         let now = Timestamp::now();
-        let event_id = format!("evt_{}", crate::ids::time_sortable_id(now));
+        let event_id = new_event_id(now);
         let data =
             serde_json::json!({"endpoint_id": endpoint.name_any(), "message": "This is a test event from CapyDB."});
         let payload =

@@ -28,7 +28,6 @@ use crate::delivery::due::{Found, Lane, Start, next_start, plan_starts};
 use crate::delivery::health::{HealthWindow, disabled_reason, health};
 use crate::delivery::outcome::{NextStep, after_attempt, endpoint_after_attempt};
 use crate::delivery::sender::AttemptResult;
-use crate::delivery_log::FIELD_MANAGER;
 use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, SegmentWrite, WritePipeline};
 use crate::resources::{DeliverySummary, Health, WebhookEndpoint};
 use crate::shards::{Fence, shard_of};
@@ -956,7 +955,7 @@ impl Worker {
         tokio::spawn(async move {
             let api: Api<WebhookEndpoint> = Api::namespaced(shared.client.clone(), &namespace);
             let params = PatchParams {
-                field_manager: Some(FIELD_MANAGER.into()),
+                field_manager: Some(super::FIELD_MANAGER.into()),
                 ..Default::default()
             };
             if let Err(e) = api
@@ -1038,7 +1037,11 @@ impl Worker {
                 .metrics
                 .apiserver_write_bytes(WriteKind::EndpointStatus, bytes);
             let result = api
-                .patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
+                .patch_status(
+                    &name,
+                    &PatchParams::apply(super::FIELD_MANAGER).force(),
+                    &Patch::Apply(&patch),
+                )
                 .await;
             let written = match result {
                 Ok(_) => {

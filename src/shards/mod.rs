@@ -6,7 +6,7 @@
 //! through Lease `capy-webhooks-shard-NN`, and each live replica renews its membership Lease
 //! `capy-webhooks-replica-<identity>`, which also carries the address other replicas forward to.
 //!
-//! This module holds what the dispatcher and the forwarder ([`crate::routing`]) share: the shard
+//! This module holds what the dispatcher and the forwarder ([`crate::forwarder`]) share: the shard
 //! function, the [`Placement`] table (which the dispatcher fills and checks, and the forwarder
 //! routes by; neither ingest nor the REST facade reads it), and the [`Fence`] a writer checks
 //! before each write. [`plan`] is the pure balancing rule; [`coordinator`] is its IO edge on the Leases.

@@ -115,7 +115,7 @@ impl Default for Options {
             organization_rate_limit: 0.0,
             clerk_required_roles: Vec::new(),
             allow_private_targets: true,
-            portal_session_ttl: capy_webhooks::auth::portal::DEFAULT_TTL,
+            portal_session_ttl: capy_webhooks::auth::portal_token::DEFAULT_TTL,
         }
     }
 }

@@ -16,7 +16,7 @@ use crate::resources::{MANAGED_BY, MANAGED_BY_LABEL};
 /// Data key of the key in each key Secret.
 pub const KEY_DATA: &str = "key";
 /// Field manager of the key Secrets this module creates.
-const FIELD_MANAGER: &str = "capy-webhooks";
+const FIELD_MANAGER: &str = "capy-webhooks-operator-keys";
 
 /// Reads the 32-byte key of Secret `name` in `namespace`, creating the Secret (with
 /// `annotations`) when it does not exist. Returns the key and the Secret as stored.
