@@ -34,7 +34,7 @@ use tracing::{info, warn};
 use crate::delivery::event_types::matches;
 use crate::delivery::schedule::RetrySchedule;
 use crate::delivery::sender::{Sender, SenderConfig, envelope};
-use crate::delivery_log::{DeliveryLog, DeliveryRecord, LogConfig, LogKey, WriteBudget, new_delivery_id};
+use crate::delivery_log::{DeliveryLog, DeliveryRecord, LogConfig, LogKey, WriteBudget, new_delivery_id, new_event_id};
 use crate::endpoints::EndpointCache;
 use crate::resources::{Scope, WebhookEndpoint, signing_secret_name};
 use crate::shards::{Fence, Placement, SHARD_COUNT, ShardEvent, ShardFeed, shard_of};
