@@ -80,6 +80,14 @@ impl Default for LogConfig {
 #[error("the delivery log of this endpoint is full")]
 pub struct LogFull;
 
+/// Why [`DeliveryLog::insert_checked`] refused a delivery.
+enum Refused {
+    /// Its endpoint's deliveries have no room for it: the record, handed back.
+    NoRoom(Box<DeliveryRecord>),
+    /// An invalid id, or a record too large for any segment.
+    Invalid,
+}
+
 /// The `last_error` of a delivery stored failed because its endpoint's backlog was full
 /// ([`DeliveryLog::insert_or_fail_when_full`]).
 pub const BACKLOG_FULL_ERROR: &str = "not attempted: the endpoint's backlog of pending deliveries was full (it receives slower than events arrive); recover it once the endpoint keeps up";
@@ -575,7 +583,7 @@ impl DeliveryLog {
     /// Adds a new delivery (one with a known id is updated instead); the next batch stores it.
     /// [`LogFull`] when its endpoint's deliveries would exceed their capacity.
     pub fn insert(&mut self, record: DeliveryRecord) -> Result<(), LogFull> {
-        self.insert_checked(record, true)
+        self.insert_checked(record, true).map_err(|_| LogFull)
     }
 
     /// Adds a new pending delivery like [`Self::insert`], except that when its endpoint's
@@ -583,24 +591,22 @@ impl DeliveryLog {
     /// (recoverable later like any failed delivery): an endpoint that cannot keep up never
     /// refuses its organization's events to the others. Finished deliveries are bounded by
     /// [`LogConfig::max_finished`], not by the capacity. Returns whether it was stored failed.
-    pub fn insert_or_fail_when_full(&mut self, mut record: DeliveryRecord) -> Result<bool, LogFull> {
-        let full = !record.is_finished() && !self.records.contains_key(&record.id) && self.endpoint_is_full(&record);
-        if !full {
-            return self.insert_checked(record, true).map(|()| false);
+    pub fn insert_or_fail_when_full(&mut self, record: DeliveryRecord) -> Result<bool, LogFull> {
+        match self.insert_checked(record, true) {
+            Ok(()) => Ok(false),
+            Err(Refused::NoRoom(mut record)) if !record.is_finished() => {
+                record.state = DeliveryState::Failed;
+                record.next_attempt_at = None;
+                record.last_error = Some(BACKLOG_FULL_ERROR.to_string());
+                self.insert_checked(*record, false).map(|()| true).map_err(|_| LogFull)
+            }
+            Err(_) => Err(LogFull),
         }
-        record.state = DeliveryState::Failed;
-        record.next_attempt_at = None;
-        record.last_error = Some(BACKLOG_FULL_ERROR.to_string());
-        self.insert_checked(record, false).map(|()| true)
     }
 
-    /// Whether a new delivery would take its endpoint's deliveries beyond their capacity.
-    fn endpoint_is_full(&self, record: &DeliveryRecord) -> bool {
-        let projected = self.endpoints.get(&record.endpoint_id).map_or(0, |e| e.projected);
-        projected + self.charge(record, record.stored_len()) > self.capacity()
-    }
-
-    fn insert_checked(&mut self, mut record: DeliveryRecord, check_capacity: bool) -> Result<(), LogFull> {
+    /// Adds a delivery; with `check_capacity`, refuses it (handing it back) when its endpoint's
+    /// deliveries have no room for it. The record is measured once.
+    fn insert_checked(&mut self, mut record: DeliveryRecord, check_capacity: bool) -> Result<(), Refused> {
         record.normalize();
         if self.records.contains_key(&record.id) {
             self.update(record);
@@ -608,16 +614,16 @@ impl DeliveryLog {
         }
         if !is_valid_key(&record.id) || is_event_key(&record.id) {
             warn!(endpoint = %record.endpoint_id, id = %record.id, "delivery id is not a valid key; refused");
-            return Err(LogFull);
+            return Err(Refused::Invalid);
         }
         let bytes = record.stored_len();
         if bytes > MAX_RECORD_BYTES {
             warn!(endpoint = %record.endpoint_id, id = %record.id, bytes, "delivery record too large for the log; refused");
-            return Err(LogFull);
+            return Err(Refused::Invalid);
         }
         let projected = self.endpoints.get(&record.endpoint_id).map_or(0, |e| e.projected);
         if check_capacity && projected + self.charge(&record, bytes) > self.capacity() {
-            return Err(LogFull);
+            return Err(Refused::NoRoom(Box::new(record)));
         }
         if let Some(event) = self.events.get_mut(&record.event_id) {
             event.refs += 1;

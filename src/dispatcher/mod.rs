@@ -14,6 +14,7 @@ mod status;
 mod worker;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -157,26 +158,22 @@ pub(crate) struct Shared {
     /// segments above it. An aborted worker's last create may still land after the new worker's
     /// read-back; under the same name it would pass for a second writer and have the whole shard
     /// read back (events answered 503 although durable, deliveries sent twice).
-    seq_marks: Mutex<HashMap<WorkerKey, u64>>,
+    seq_marks: Mutex<HashMap<WorkerKey, Arc<AtomicU64>>>,
 }
 
 impl Shared {
-    /// Records that the log of `key` has named segments below `next_seq`.
-    pub(crate) fn mark_seq(&self, key: &WorkerKey, next_seq: u64) {
-        let mut marks = self.seq_marks.lock().expect("seq marks lock");
-        match marks.get_mut(key) {
-            Some(mark) => *mark = (*mark).max(next_seq.saturating_sub(1)),
-            None => {
-                marks.insert(key.clone(), next_seq.saturating_sub(1));
-            }
-        }
-    }
-
-    /// A log about to get a worker: its names start above any this process used for it.
-    fn resume_names(&self, key: &WorkerKey, log: &mut DeliveryLog) {
-        if let Some(&mark) = self.seq_marks.lock().expect("seq marks lock").get(key) {
-            log.start_names_after(mark);
-        }
+    /// A log about to get a worker: its names start above any this process used for it. Returns
+    /// the mark the worker raises as it names segments (no lock nor key on its write path).
+    fn resume_names(&self, key: &WorkerKey, log: &mut DeliveryLog) -> Arc<AtomicU64> {
+        let mark = self
+            .seq_marks
+            .lock()
+            .expect("seq marks lock")
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        log.start_names_after(mark.load(Ordering::Relaxed));
+        mark
     }
 }
 
@@ -577,11 +574,12 @@ impl Dispatcher {
         let shard = shard_of(&key.1);
         let run = shards.get_mut(&shard)?;
         let mut log = log;
-        self.shared.resume_names(&key, &mut log);
+        let names_mark = self.shared.resume_names(&key, &mut log);
         let (tx, rx) = mpsc::channel(1024);
         let worker = Worker::new(
             self.shared.clone(),
             log,
+            names_mark,
             tx.clone(),
             rx,
             run.stop.subscribe(),

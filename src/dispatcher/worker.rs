@@ -11,6 +11,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -202,6 +203,9 @@ pub(crate) struct Worker {
     /// Deliveries recovered within [`RECOVER_COOLDOWN`], and when (kept by this worker: a new
     /// owner of the shard starts without them).
     recovered_at: HashMap<String, Timestamp>,
+    /// The highest segment number this log's workers in this process have named
+    /// ([`super::Shared`]'s `seq_marks`).
+    names_mark: Arc<AtomicU64>,
     /// Whether a write failed since the last give-back for another reason than a foreign name
     /// (only such failures make the worker pause before writing again).
     write_failed: bool,
@@ -222,6 +226,7 @@ impl Worker {
     pub(crate) fn new(
         shared: Arc<Shared>,
         log: DeliveryLog,
+        names_mark: Arc<AtomicU64>,
         tx: mpsc::Sender<Msg>,
         rx: mpsc::Receiver<Msg>,
         stopping: watch::Receiver<bool>,
@@ -249,6 +254,7 @@ impl Worker {
             foreign_names: Vec::new(),
             write_failed: false,
             recovered_at: HashMap::new(),
+            names_mark,
             reported_pending: 0,
         };
         let due: Vec<(String, Timestamp, String)> = worker
@@ -778,10 +784,8 @@ impl Worker {
         self.write_retry_at = None;
         while self.pipeline.has_room() && self.log.has_changes() {
             let writes = self.log.take_writes();
-            self.shared.mark_seq(
-                &(self.namespace.clone(), self.organization.clone()),
-                self.log.next_seq(),
-            );
+            self.names_mark
+                .fetch_max(self.log.next_seq().saturating_sub(1), Ordering::Relaxed);
             let bytes = writes.bytes();
             self.shared.config.budget.charge(bytes);
             self.shared
