@@ -10,8 +10,8 @@ use capy_webhooks::delivery_log::{
 };
 use capy_webhooks::resources::{ORGANIZATION_LABEL, Scope};
 use jiff::{SignedDuration, Timestamp};
-use k8s_openapi::api::core::v1::{ConfigMap, ResourceQuota};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::ListParams;
 use kube::{Api, Client};
 use serde_json::json;
 
@@ -261,36 +261,8 @@ async fn a_failed_batch_is_restored_and_written_again() {
     let segments = log.segments();
     assert!(segments.len() >= 3);
 
-    // A ConfigMap quota reported as used up (no quota controller runs here to correct it) makes
-    // the API server refuse every ConfigMap create: the batch carrying two outcomes fails.
-    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), &ns);
-    let quota: ResourceQuota = serde_json::from_value(json!({
-        "metadata": {"name": "block-configmaps"},
-        "spec": {"hard": {"count/configmaps": "10"}},
-    }))
-    .unwrap();
-    quotas.create(&PostParams::default(), &quota).await.unwrap();
-    let used = json!({"status": {"hard": {"count/configmaps": "10"}, "used": {"count/configmaps": "10"}}});
-    quotas
-        .patch_status("block-configmaps", &PatchParams::default(), &Patch::Merge(&used))
-        .await
-        .unwrap();
-    // The quota admission reads quotas from a cache: wait until it refuses a probe.
-    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    support::wait_for("ConfigMap creates refused", Duration::from_secs(30), || {
-        let configmaps = configmaps.clone();
-        async move {
-            let probe: ConfigMap = serde_json::from_value(json!({"metadata": {"name": "quota-probe"}})).unwrap();
-            match configmaps.create(&PostParams::default(), &probe).await {
-                Err(kube::Error::Api(status)) if status.code == 403 => Some(()),
-                _ => {
-                    let _ = configmaps.delete("quota-probe", &DeleteParams::default()).await;
-                    None
-                }
-            }
-        }
-    })
-    .await;
+    // The API server refuses every ConfigMap create: the batch carrying two outcomes fails.
+    support::block_configmap_creates(&client, &ns).await;
     // Segments hold events first (ids sort `evt_` before `msg_`): take deliveries from the first and
     // last segments that hold any.
     let deliveries: Vec<&String> = segments
@@ -317,10 +289,7 @@ async fn a_failed_batch_is_restored_and_written_again() {
     assert!(log.has_changes());
 
     // Without the quota, the next batch writes both records again, into a segment of a new name.
-    quotas
-        .delete("block-configmaps", &DeleteParams::default())
-        .await
-        .unwrap();
+    support::unblock_configmap_creates(&client, &ns).await;
     let writes = log.take_writes();
     assert_eq!(writes.len(), 1);
     assert_ne!(writes.writes()[0].name(), failed_name);

@@ -718,3 +718,55 @@ async fn settings_add_headers_and_pace_one_endpoint_without_holding_back_others(
     assert!(free_got.iter().all(|r| r.header("x-tenant").is_empty()));
     let _ = free_id;
 }
+
+/// A 503 means "not accepted": an event whose deliveries could not be made durable is taken back
+/// out of the log, so a producer that retries it does not get it delivered twice. The API server
+/// refuses every ConfigMap create for a while; the event sent meanwhile is answered 503 and never
+/// delivered, neither once creates work again nor after later events.
+#[tokio::test]
+async fn an_event_answered_503_is_never_delivered() {
+    let s = setup("refused", Options::default()).await;
+    let receiver = Receiver::start(vec![]).await;
+    let (id, _) = s.endpoint(&receiver.url("/hooks"), &[]).await;
+    let op = &s.op;
+    let send = |n: u32| async move { op.ingest(ORG, "probe.sent", json!({"n": n})).await };
+
+    let (status, first) = send(1).await;
+    assert_eq!(status, 202, "{first}");
+    wait_received(&receiver, 1).await;
+
+    support::block_configmap_creates(&s.client, &s.ns).await;
+    let (status, refused) = send(2).await;
+    assert_eq!(status, 503, "{refused}");
+    assert!(
+        refused["error"].as_str().unwrap().contains("cannot be written"),
+        "{refused}"
+    );
+    support::unblock_configmap_creates(&s.client, &s.ns).await;
+
+    let (status, third) = send(3).await;
+    assert_eq!(status, 202, "{third}");
+    let (status, fourth) = send(4).await;
+    assert_eq!(status, 202, "{fourth}");
+    // Positive signal: the later events are delivered and listed; had the refused one stayed in
+    // the log, it would have been written and attempted no later than them.
+    wait_received(&receiver, 3).await;
+    let listed = s
+        .wait_delivery(&id, "the newest delivery succeeded", |d| d["state"] == "succeeded")
+        .await;
+    assert_eq!(listed["payload"]["data"]["n"], 4);
+    let sent: Vec<u64> = receiver
+        .received()
+        .iter()
+        .map(|r| r.json()["data"]["n"].as_u64().unwrap())
+        .collect();
+    assert_eq!(sent, [1, 3, 4], "the event answered 503 was delivered");
+    let mut listed: Vec<u64> = s
+        .deliveries(&id)
+        .await
+        .iter()
+        .map(|d| d["payload"]["data"]["n"].as_u64().unwrap())
+        .collect();
+    listed.sort();
+    assert_eq!(listed, [1, 3, 4], "the event answered 503 is in the log");
+}

@@ -110,7 +110,9 @@ pub(crate) enum Msg {
 
 /// Someone waiting for the next durable write.
 pub(crate) enum Ack {
-    Enqueued(oneshot::Sender<Result<(), SubmitError>>),
+    /// An event's deliveries: if they cannot be made durable, the caller is answered 503 and
+    /// they are taken back out of the log, so a 503 never leads to a delivery.
+    Enqueued(Added, oneshot::Sender<Result<(), SubmitError>>),
     Retried(Box<Listed>, oneshot::Sender<Result<Listed, SubmitError>>),
     Recovered(usize, oneshot::Sender<Result<usize, SubmitError>>),
 }
@@ -118,7 +120,7 @@ pub(crate) enum Ack {
 impl Ack {
     fn answer(self, result: Result<(), SubmitError>) {
         match self {
-            Ack::Enqueued(tx) => {
+            Ack::Enqueued(_, tx) => {
                 let _ = tx.send(result);
             }
             Ack::Retried(record, tx) => {
@@ -127,6 +129,24 @@ impl Ack {
             Ack::Recovered(count, tx) => {
                 let _ = tx.send(result.map(|()| count));
             }
+        }
+    }
+}
+
+/// What one enqueue added to the log and no write has carried yet.
+#[derive(Default)]
+pub(crate) struct Added {
+    deliveries: Vec<String>,
+    event: Option<String>,
+}
+
+impl Ack {
+    /// Whether whoever waits has given up (the persist timeout answered them 503).
+    fn abandoned(&self) -> bool {
+        match self {
+            Ack::Enqueued(_, tx) => tx.is_closed(),
+            Ack::Retried(_, tx) => tx.is_closed(),
+            Ack::Recovered(_, tx) => tx.is_closed(),
         }
     }
 }
@@ -195,6 +215,9 @@ pub(crate) struct Worker {
     pipeline: WritePipeline,
     /// Who waits for each batch in flight.
     batch_acks: HashMap<u64, Vec<Ack>>,
+    /// Those whose batch failed: answered 503 once the failed batches are given back, when what
+    /// they added can be taken out of the log again.
+    refused: Vec<Ack>,
     write_retry_at: Option<Instant>,
     write_failures: u32,
     /// Segment names found held by objects this operator did not write, forgotten once the
@@ -249,6 +272,7 @@ impl Worker {
             waiting: Vec::new(),
             pipeline: WritePipeline::new(WRITES_IN_FLIGHT),
             batch_acks: HashMap::new(),
+            refused: Vec::new(),
             write_retry_at: None,
             write_failures: 0,
             foreign_names: Vec::new(),
@@ -382,6 +406,7 @@ impl Worker {
         let unanswered = self
             .waiting
             .drain(..)
+            .chain(self.refused.drain(..))
             .chain(self.batch_acks.drain().flat_map(|(_, acks)| acks));
         for ack in unanswered {
             ack.answer(Err(SubmitError::Unavailable("the dispatcher is shutting down".into())));
@@ -485,7 +510,10 @@ impl Worker {
             let _ = ack.send(refused(e));
             return;
         }
-        let mut inserted: Vec<String> = Vec::with_capacity(records.len());
+        let mut added = Added {
+            deliveries: Vec::with_capacity(records.len()),
+            event: event_id,
+        };
         let mut overflowed: Vec<String> = Vec::new();
         for record in records {
             let id = record.id.clone();
@@ -500,20 +528,14 @@ impl Worker {
             }
             if let Err(e) = stored {
                 // All or nothing: what this request added was never written, so it can go.
-                for id in inserted {
-                    self.log.discard_unstored(&id);
-                    self.unpersisted.remove(&id);
-                }
-                if let Some(event_id) = &event_id {
-                    self.log.discard_unused_event(event_id);
-                }
+                self.withdraw(added);
                 let _ = ack.send(refused(e));
                 return;
             }
             self.unpersisted.insert(id.clone());
-            inserted.push(id);
+            added.deliveries.push(id);
         }
-        for id in &inserted {
+        for id in &added.deliveries {
             if let Some(endpoint) = self.log.get(id).map(|r| r.endpoint_id.clone()) {
                 let pending = self.log.pending_count_of(&endpoint) as u64;
                 self.state(&endpoint).totals.pending = pending;
@@ -522,7 +544,44 @@ impl Worker {
         for endpoint in overflowed {
             self.backlog_overflowed(&endpoint);
         }
-        self.waiting.push(Ack::Enqueued(ack));
+        self.waiting.push(Ack::Enqueued(added, ack));
+    }
+
+    /// Takes out of the log what an enqueue added, none of it written yet: its caller was (or is
+    /// about to be) answered 503, so none of it may be delivered.
+    fn withdraw(&mut self, added: Added) {
+        for id in added.deliveries {
+            let Some(record) = self.log.get(&id).cloned() else {
+                continue;
+            };
+            if !self.log.discard_unstored(&id) {
+                continue;
+            }
+            self.unpersisted.remove(&id);
+            let pending = self.log.pending_count_of(&record.endpoint_id) as u64;
+            let state = self.state(&record.endpoint_id);
+            state.totals.pending = pending;
+            if record.state == DeliveryState::Failed {
+                // Stored failed (the endpoint's backlog was full): it no longer exists either.
+                state.totals.failed = state.totals.failed.saturating_sub(1);
+                state.summary_dirty = true;
+            }
+        }
+        if let Some(event) = added.event {
+            self.log.discard_unused_event(&event);
+        }
+    }
+
+    /// Answers 503 to whoever waits on a write that failed, and withdraws what they added.
+    fn refuse(&mut self, acks: Vec<Ack>, error: &SubmitError) {
+        for ack in acks {
+            if let Ack::Enqueued(added, tx) = ack {
+                self.withdraw(added);
+                let _ = tx.send(Err(error.clone()));
+            } else {
+                ack.answer(Err(error.clone()));
+            }
+        }
     }
 
     /// A delivery of an event was stored failed because the endpoint's backlog was full: counted,
@@ -782,6 +841,17 @@ impl Worker {
             return;
         }
         self.write_retry_at = None;
+        // Whoever gave up waiting was answered 503 (the persist timeout): what they added is
+        // not written.
+        if self.waiting.iter().any(Ack::abandoned) {
+            let (abandoned, waiting): (Vec<Ack>, Vec<Ack>) =
+                std::mem::take(&mut self.waiting).into_iter().partition(Ack::abandoned);
+            self.waiting = waiting;
+            self.refuse(
+                abandoned,
+                &SubmitError::Unavailable("timed out writing the delivery log".into()),
+            );
+        }
         while self.pipeline.has_room() && self.log.has_changes() {
             let writes = self.log.take_writes();
             self.names_mark
@@ -870,12 +940,16 @@ impl Worker {
             }
             Err(e) => {
                 self.pipeline.creates_done(batch, false);
+                let acks = self.batch_acks.remove(&batch).unwrap_or_default();
                 if let Some(name) = crate::delivery_log::foreign_segment_name(&e) {
                     // Not a second writer: the batch is written again under the next name, and
                     // the object holding this one is never deleted as if it were a segment.
+                    // Those waiting wait for that write (at once), not for a 503.
                     self.foreign_names.push(name.to_string());
+                    self.waiting.splice(0..0, acks);
                 } else {
                     self.write_failed = true;
+                    self.refused.extend(acks);
                 }
                 if crate::delivery_log::is_name_taken(&e) {
                     // A second writer: the name was taken by a segment this worker did not write.
@@ -887,12 +961,6 @@ impl Worker {
                     let _ = self.shared.reload.send(self.shard);
                 }
                 warn!(organization = %self.organization, error = %e, "delivery log write failed; will retry");
-                // What they submitted stays queued and is written on the retry, so at worst it is
-                // delivered although the caller saw 503 (at least once).
-                self.answer_batch(
-                    batch,
-                    Err(SubmitError::Unavailable("the delivery log cannot be written".into())),
-                );
             }
         }
         self.after_write();
@@ -926,6 +994,14 @@ impl Worker {
             for name in std::mem::take(&mut self.foreign_names) {
                 self.log.forget_segment(&name);
             }
+            // The failed batches are back in the log, their deliveries unwritten again: those
+            // answered 503 now are taken out before the next write. (Should a failed create have
+            // landed after all, its segment holds nothing live any more and is deleted.)
+            let refused = std::mem::take(&mut self.refused);
+            self.refuse(
+                refused,
+                &SubmitError::Unavailable("the delivery log cannot be written".into()),
+            );
             if !std::mem::take(&mut self.write_failed) {
                 // Only names held by foreign objects: the next names are free, write at once.
                 self.write_retry_at = Some(Instant::now());

@@ -251,6 +251,56 @@ where
     }
 }
 
+/// Name of the quota [`block_configmap_creates`] makes.
+const CONFIGMAP_BLOCK: &str = "block-configmaps";
+
+/// Makes the API server refuse every ConfigMap create in `ns` (403, exceeded quota) until
+/// [`unblock_configmap_creates`]: a quota reported as used up (no quota controller runs here to
+/// correct it). Returns once a probe create is refused (quota admission reads from a cache).
+pub async fn block_configmap_creates(client: &Client, ns: &str) {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), ns);
+    let quota: ResourceQuota = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": CONFIGMAP_BLOCK},
+        "spec": {"hard": {"count/configmaps": "10"}},
+    }))
+    .unwrap();
+    quotas.create(&PostParams::default(), &quota).await.unwrap();
+    let used = serde_json::json!({"status": {"hard": {"count/configmaps": "10"}, "used": {"count/configmaps": "10"}}});
+    quotas
+        .patch_status(CONFIGMAP_BLOCK, &PatchParams::default(), &Patch::Merge(&used))
+        .await
+        .unwrap();
+    wait_for("ConfigMap creates refused", Duration::from_secs(30), || async {
+        match probe_configmap_create(client, ns).await {
+            Err(kube::Error::Api(status)) if status.code == 403 => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+}
+
+/// Creates and deletes a throw-away ConfigMap in `ns`: whether creates are accepted.
+async fn probe_configmap_create(client: &Client, ns: &str) -> Result<(), kube::Error> {
+    use k8s_openapi::api::core::v1::ConfigMap;
+    let configmaps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let probe: ConfigMap = serde_json::from_value(serde_json::json!({"metadata": {"name": "quota-probe"}})).unwrap();
+    configmaps.create(&PostParams::default(), &probe).await?;
+    let _ = configmaps.delete("quota-probe", &DeleteParams::default()).await;
+    Ok(())
+}
+
+/// Ends [`block_configmap_creates`]; returns once a probe create is accepted again.
+pub async fn unblock_configmap_creates(client: &Client, ns: &str) {
+    use k8s_openapi::api::core::v1::ResourceQuota;
+    let quotas: Api<ResourceQuota> = Api::namespaced(client.clone(), ns);
+    quotas.delete(CONFIGMAP_BLOCK, &DeleteParams::default()).await.unwrap();
+    wait_for("ConfigMap creates accepted", Duration::from_secs(30), || async {
+        probe_configmap_create(client, ns).await.ok()
+    })
+    .await;
+}
+
 /// Server-side applies the WebhookEndpoint CRD and waits until it is established and its served
 /// versions are in discovery. Idempotent: call it from every test that needs it.
 pub async fn install_crd(client: &Client) {
