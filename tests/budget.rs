@@ -77,12 +77,21 @@ fn metric(text: &str, sample: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-#[tokio::test]
+fn main() {
+    let args = libtest_mimic::Arguments::from_args();
+    let trials = vec![support::harness::async_trial(
+        "an_overload_is_throttled_and_never_fills_etcd",
+        support::harness::Needs::OwnControlPlane,
+        an_overload_is_throttled_and_never_fills_etcd,
+    )];
+    libtest_mimic::run(&args, trials).exit();
+}
+
 async fn an_overload_is_throttled_and_never_fills_etcd() {
-    if !support::use_etcd_quota(ETCD_QUOTA) {
-        eprintln!("skipped: needs the project's own control plane (KUBECONFIG names an external cluster)");
-        return;
-    }
+    assert!(
+        support::use_etcd_quota(ETCD_QUOTA),
+        "the etcd quota must be set before the control plane starts"
+    );
     let client = support::client().await;
     support::install_crd(&client).await;
     let etcd = support::etcd_url().expect("the harness records etcd's URL");

@@ -1,6 +1,7 @@
 //! Crash and outage safety: the operator killed with SIGKILL while deliveries are pending, and
 //! the API server stopped during ingest. Its own test binary, so stopping the API server
-//! disturbs no other test.
+//! disturbs no other test. Its own harness (libtest-mimic): the outage tests need the control
+//! plane this process starts, and are counted ignored, not passed, against another cluster.
 
 mod support;
 
@@ -11,15 +12,37 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::harness::{Needs, async_trial};
 use support::operator::{INGEST_TOKEN, Operator, Options};
 use support::process::OperatorProcess;
 use support::receiver::{Answer, Receiver};
 
 const ORG: &str = "org_restart";
 
-/// The tests of this binary take turns: the outage test pauses the API server they all share, and
-/// any test running beside it would see a 4 s outage it did not ask for.
-static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+fn main() {
+    let mut args = libtest_mimic::Arguments::from_args();
+    // The tests take turns: the outage tests pause the API server they all share, and any test
+    // running beside them would see an outage it did not ask for.
+    args.test_threads = Some(1);
+    let trials = vec![
+        async_trial(
+            "sigkill_with_pending_deliveries_loses_nothing",
+            Needs::AnyCluster,
+            sigkill_with_pending_deliveries_loses_nothing,
+        ),
+        async_trial(
+            "an_api_server_outage_answers_503_and_loses_nothing_acknowledged",
+            Needs::OwnControlPlane,
+            an_api_server_outage_answers_503_and_loses_nothing_acknowledged,
+        ),
+        async_trial(
+            "an_outage_with_several_writes_in_flight_loses_nothing_acknowledged",
+            Needs::OwnControlPlane,
+            an_outage_with_several_writes_in_flight_loses_nothing_acknowledged,
+        ),
+    ];
+    libtest_mimic::run(&args, trials).exit();
+}
 
 fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -69,9 +92,7 @@ async fn ingest(http: &reqwest::Client, ingest_port: u16, data: Value) -> (u16, 
     }
 }
 
-#[tokio::test]
 async fn sigkill_with_pending_deliveries_loses_nothing() {
-    let _turn = ONE_AT_A_TIME.lock().await;
     let client = support::client().await;
     support::install_crd(&client).await;
     let ns = support::test_namespace(&client, "sigkill").await;
@@ -156,8 +177,11 @@ async fn sigkill_with_pending_deliveries_loses_nothing() {
     // log only knows what it persisted, and the delivery is simply sent again.)
 }
 
-fn apiserver_pid() -> Option<PathBuf> {
-    support::cluster_dir().map(|d| d.join("kube-apiserver.pid"))
+/// The pid file of the API server this process started (its trials need their own control plane).
+fn apiserver_pid() -> PathBuf {
+    support::cluster_dir()
+        .expect("this process started the control plane")
+        .join("kube-apiserver.pid")
 }
 
 fn signal(pid_file: &Path, sig: &str) {
@@ -190,13 +214,8 @@ async fn outage_setup(prefix: &str) -> (Operator, String, Receiver) {
     (op, key, Receiver::start(vec![]).await)
 }
 
-#[tokio::test]
 async fn an_api_server_outage_answers_503_and_loses_nothing_acknowledged() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let Some(pid_file) = apiserver_pid() else {
-        eprintln!("skipped: needs the project's own control plane (KUBECONFIG names an external cluster)");
-        return;
-    };
+    let pid_file = apiserver_pid();
     let (op, key, receiver) = outage_setup("outage").await;
     let (status, created, _) = op
         .call(
@@ -257,13 +276,8 @@ async fn an_api_server_outage_answers_503_and_loses_nothing_acknowledged() {
     op.stop().await;
 }
 
-#[tokio::test]
 async fn an_outage_with_several_writes_in_flight_loses_nothing_acknowledged() {
-    let _turn = ONE_AT_A_TIME.lock().await;
-    let Some(pid_file) = apiserver_pid() else {
-        eprintln!("skipped: needs the project's own control plane (KUBECONFIG names an external cluster)");
-        return;
-    };
+    let pid_file = apiserver_pid();
     let (op, key, receiver) = outage_setup("outage-many").await;
     const ENDPOINTS: usize = 3;
     for n in 0..ENDPOINTS {

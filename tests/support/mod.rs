@@ -11,6 +11,7 @@
 //! made in, so start-up here is synchronous and clients are made per test with [`client`].
 #![allow(dead_code)]
 
+pub mod harness;
 pub mod operator;
 pub mod process;
 pub mod receiver;
@@ -106,9 +107,12 @@ fn start_cluster() -> Result<Cluster, String> {
 /// Call it before anything touches the cluster; false when that is too late, or when
 /// `KUBECONFIG` names a cluster this process does not start.
 pub fn use_etcd_quota(bytes: u64) -> bool {
-    ETCD_QUOTA.set(bytes).is_ok()
-        && CLUSTER.get().is_none()
-        && std::env::var_os("KUBECONFIG").is_none_or(|v| v.is_empty())
+    ETCD_QUOTA.set(bytes).is_ok() && CLUSTER.get().is_none() && !external_cluster()
+}
+
+/// Whether `KUBECONFIG` names a cluster this process does not start.
+pub fn external_cluster() -> bool {
+    std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty())
 }
 
 /// etcd's client URL, when this process started the control plane.
