@@ -8,6 +8,8 @@
 //! scenarios with several replicas, [`replicas`]), `--pods-only` (only the pods on a real node,
 //! [`pods`]).
 
+#[path = "loadgen.rs"]
+mod loadgen;
 #[path = "capy/pods.rs"]
 mod pods;
 #[path = "capy/replicas.rs"]
@@ -403,22 +405,7 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// A payload of about 539 bytes, as in the peer's published measurement. The blob is random
-/// (different for every event), so that the log's compression gains nothing on it that real
-/// payloads would not give.
-fn payload(seq: u64) -> Value {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut state = seq.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    let blob: String = (0..480)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            char::from(ALPHABET[(state % 64) as usize])
-        })
-        .collect();
-    json!({"seq": seq, "blob": blob})
-}
+use loadgen::payload;
 
 async fn mint_key(client: &Client, http: &reqwest::Client, op: &Operator, org: &str) -> String {
     let (_, key) = capy_webhooks::auth::api_keys::create_key(client, NS, org, None, Some("bench"))
@@ -462,8 +449,8 @@ async fn create_endpoints(
     lat
 }
 
-/// Sends `events` events with CONCURRENCY in flight; returns deliveries/s until the receiver
-/// got `expected` requests.
+/// Sends `events` events with CONCURRENCY in flight (the load generator a peer is measured with,
+/// [`loadgen`]); returns deliveries/s until the receiver got `expected` requests.
 async fn dispatch_burst(
     http: &reqwest::Client,
     op: &Operator,
@@ -474,30 +461,17 @@ async fn dispatch_burst(
 ) -> f64 {
     let start_count = rx.count.load(Ordering::Relaxed);
     let expected = start_count + events * per_event;
-    let next = Arc::new(AtomicU64::new(0));
-    let t0 = Instant::now();
-    let workers: Vec<_> = (0..CONCURRENCY)
-        .map(|_| {
-            let (http, next, ingest_url, org) = (http.clone(), next.clone(), op.ingest.clone(), org.to_string());
-            tokio::spawn(async move {
-                loop {
-                    let seq = next.fetch_add(1, Ordering::Relaxed);
-                    if seq >= events {
-                        break;
-                    }
-                    let client = IngestClient {
-                        ingest: ingest_url.clone(),
-                    };
-                    while !client.ingest(&http, &org, seq).await {
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                    }
-                }
-            })
-        })
-        .collect();
-    futures::future::join_all(workers).await;
+    let load = loadgen::Load {
+        url: format!("{}/v1/organizations/{org}/events", op.ingest),
+        headers: vec![("authorization".into(), format!("Bearer {INGEST_TOKEN}"))],
+        body: loadgen::BodyTemplate::parse(loadgen::INGEST_BODY).expect("the ingest template parses"),
+        events,
+        first_seq: 0,
+        concurrency: CONCURRENCY,
+    };
+    let sent = loadgen::send(http, &load).await;
     rx.wait_count(expected).await;
-    (events * per_event) as f64 / t0.elapsed().as_secs_f64()
+    (events * per_event) as f64 / sent.started.elapsed().as_secs_f64()
 }
 
 /// Waits until the operator has nothing pending, and a moment more for the last outcomes to be
@@ -1157,10 +1131,11 @@ timed until both pods are Ready. Pod RSS: VmRSS of the processes in the pods' cg
 upgrade: write budget off, 500 events/s open loop over 4 organizations (one endpoint each) into the ingest \
 Service's IP from the host; `helm upgrade` to a new tag of the same image 10 s in; producers retry 503s after \
 Retry-After and refused connections every 200 ms with the same Idempotency-Key; ingest latency counts those \
-retries; lost = accepted events that never reached the receiver on the host.\n",
+retries; lost = accepted events that never reached the receiver on the host.\n\n{another}",
         date = jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC"),
         secs = started.elapsed().as_secs_f64(),
         machine = machine(),
+        another = include_str!("measuring-another-system.md"),
     );
     std::fs::write(&args.out, doc).unwrap();
     eprintln!("[bench] wrote {} in {:?}", args.out.display(), started.elapsed());

@@ -5,6 +5,8 @@
 //!
 //! This binary starts its own control plane (one per test binary) with the small quota.
 
+#[path = "../benches/loadgen.rs"]
+mod loadgen;
 mod support;
 
 use std::collections::{HashMap, HashSet};
@@ -55,20 +57,6 @@ async fn etcd_metric(http: &reqwest::Client, etcd: &str, name: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|v| v.trim().parse().ok()))
         .unwrap_or_else(|| panic!("{name} not in etcd's metrics"))
-}
-
-/// `len` random characters (the log compresses what it stores: only random data costs its size).
-fn random_text(len: usize, seed: u64) -> String {
-    const ALPHABET: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut state = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            char::from(ALPHABET[(state % 64) as usize])
-        })
-        .collect()
 }
 
 fn metric(text: &str, sample: &str) -> f64 {
@@ -141,7 +129,7 @@ async fn an_overload_is_throttled_and_never_fills_etcd() {
             let mut n = 0u64;
             while started.elapsed() < LOAD_FOR {
                 n += 1;
-                let filler = random_text(EVENT_DATA_BYTES, (p as u64) << 32 | n);
+                let filler = loadgen::random_text(EVENT_DATA_BYTES, (p as u64) << 32 | n);
                 let body = json!({"type": "load.tick", "data": {"producer": p, "n": n, "filler": filler}});
                 let res = http
                     .post(&url)
