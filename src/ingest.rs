@@ -193,7 +193,7 @@ impl IngestState {
                 .work
                 .relay(&org, idempotency_key.as_deref(), body)
                 .await
-                .map_err(|e| ApiError::unavailable(format!("event not accepted: {e}"), e.retry_after_secs()))?;
+                .map_err(not_accepted)?;
             if let Some(answer) = relayed {
                 return Ok(owner_answer(answer));
             }
@@ -242,20 +242,20 @@ impl IngestState {
     }
 
     async fn submit(&self, org: &str, request: EventRequest) -> Result<Value, ApiError> {
-        let (event_id, deliveries) =
-            self.work
-                .submit(org, &request.event_type, request.data)
-                .await
-                .map_err(|e| match e {
-                    SubmitError::Unavailable(m) => ApiError::unavailable(format!("event not accepted: {m}"), 2),
-                    busy @ (SubmitError::Throttled { .. } | SubmitError::Moving { .. }) => {
-                        ApiError::unavailable(format!("event not accepted: {busy}"), busy.retry_after_secs())
-                    }
-                    other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
-                })?;
+        let (event_id, deliveries) = self
+            .work
+            .submit(org, &request.event_type, request.data)
+            .await
+            .map_err(not_accepted)?;
         info!(organization = %org, event = %event_id, event_type = %request.event_type, deliveries, "event accepted");
         Ok(json!({"id": event_id, "deliveries": deliveries}))
     }
+}
+
+/// The answer to an event that could not be accepted: the one mapping of [`SubmitError`] (a 503
+/// with `Retry-After` for whatever may pass), saying what was not done.
+fn not_accepted(e: SubmitError) -> ApiError {
+    ApiError::from(e).prefixed("event not accepted: ")
 }
 
 /// The answer of the replica that owns an event's organization, as the producer gets it.
@@ -450,6 +450,16 @@ mod tests {
             (405, Some("POST"))
         );
         assert_eq!(ROUTES.resolve("POST", "/metrics").unwrap_err().status.as_u16(), 404);
+    }
+
+    #[test]
+    fn an_event_not_accepted_says_so_with_the_shared_status_and_retry_after() {
+        let e = not_accepted(SubmitError::Unavailable("the log is full".into()));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.message, "event not accepted: the log is full");
+        assert_eq!(e.retry_after, Some(crate::http::DEFAULT_RETRY_AFTER_SECS));
+        let e = not_accepted(SubmitError::Moving { retry_after_secs: 1 });
+        assert_eq!((e.status.as_u16(), e.retry_after), (503, Some(1)));
     }
 
     #[test]
