@@ -35,6 +35,14 @@ pub const DEFAULT_RETRY_AFTER_SECS: u64 = 2;
 
 impl warp::reject::Reject for ApiError {}
 
+/// The body of every error answer: `{"error": message}`.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+#[schemars(rename = "Error", deny_unknown_fields)]
+pub struct ErrorBody {
+    /// What went wrong, for a person to read.
+    pub error: String,
+}
+
 impl ApiError {
     /// An error with the given status and message.
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
@@ -73,6 +81,12 @@ impl ApiError {
             ..Self::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
         }
     }
+    /// The body this error answers with.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: self.message.clone(),
+        }
+    }
     /// The same error with `prefix` before its message (what the caller was doing).
     pub fn prefixed(mut self, prefix: &str) -> Self {
         self.message.insert_str(0, prefix);
@@ -82,11 +96,7 @@ impl ApiError {
 
 impl Reply for ApiError {
     fn into_response(self) -> Response {
-        let mut response = warp::reply::with_status(
-            warp::reply::json(&serde_json::json!({ "error": self.message })),
-            self.status,
-        )
-        .into_response();
+        let mut response = warp::reply::with_status(warp::reply::json(&self.body()), self.status).into_response();
         if let Some(secs) = self.retry_after {
             response
                 .headers_mut()

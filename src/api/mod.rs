@@ -5,6 +5,7 @@
 //! rotate-secret also wait (bounded) for the controller to write the signing secret.
 
 pub mod model;
+pub mod openapi;
 pub mod portal;
 pub mod routes;
 
@@ -18,7 +19,7 @@ use jiff::Timestamp;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{DeleteParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::{Api, Client, ResourceExt};
-use serde_json::{Value, json};
+use serde_json::json;
 use tracing::{info, warn};
 use warp::http::{HeaderMap, Method, StatusCode};
 use warp::path::FullPath;
@@ -34,7 +35,10 @@ use crate::signing_secret::stored_key_ring;
 use crate::telemetry::{Metrics, ReadyHandle, WriteKind};
 use crate::validation::UrlPolicy;
 use crate::work::WorkHandle;
-use model::{CreateRequest, UpdateRequest, endpoint_view, new_endpoint, new_endpoint_name, update_patch};
+use model::{
+    CreateRequest, DeliveryView, EndpointResponse, EndpointWithSecret, UpdateRequest, endpoint_view,
+    listed_endpoint_view, new_endpoint, new_endpoint_name, update_patch,
+};
 use routes::{Access, Operation, ROUTES, route_template};
 
 /// Field manager of the facade's writes (distinct from the controller's server-side applies).
@@ -246,7 +250,7 @@ impl ApiState {
                 self.create_portal_session(org, authorized(principal)?, headers, body)
                     .await
             }
-            Operation::OpenApiDocument => Ok(json_response(Bytes::from_static(OPENAPI_JSON.as_bytes()))),
+            Operation::OpenApiDocument => Ok(json_response(openapi::DOCUMENT_JSON.clone())),
             Operation::PortalPage => Ok(portal::page(path)),
             Operation::PortalScript => Ok(portal::script()),
             Operation::PortalStyles => Ok(portal::styles()),
@@ -278,11 +282,11 @@ impl ApiState {
         let base = portal::base_url(self.config.portal_url.as_deref(), &headers);
         info!(organization = %org, session = %session.claims.sid, read_only = request.read_only,
             by = %principal.credential, "portal session opened");
-        let body = json!({
-            "url": format!("{base}/portal/#token={}", session.token),
-            "token": session.token,
-            "expires_at": model::rfc3339(session.expires_at),
-        });
+        let body = model::PortalSession {
+            url: format!("{base}/portal/#token={}", session.token),
+            token: session.token,
+            expires_at: model::rfc3339(session.expires_at),
+        };
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::CREATED).into_response())
     }
 
@@ -323,9 +327,9 @@ impl ApiState {
         }
         // Read the version first: a change while building makes the entry stale, never wrong.
         let version = self.cache.version_of(&org);
-        let endpoints: Vec<_> = self.cache.list(&org).iter().map(|e| endpoint_view(e, true)).collect();
+        let webhook_endpoints = self.cache.list(&org).iter().map(|e| listed_endpoint_view(e)).collect();
         let body = Bytes::from(
-            serde_json::to_vec(&json!({ "webhook_endpoints": endpoints })).map_err(|_| ApiError::internal())?,
+            serde_json::to_vec(&model::EndpointList { webhook_endpoints }).map_err(|_| ApiError::internal())?,
         );
         let mut bodies = self.list_bodies.lock().expect("list cache lock");
         if bodies.len() >= LIST_BODIES_KEPT {
@@ -389,7 +393,10 @@ impl ApiState {
             ));
         };
         let secret = self.read_signing_secret(ns, &name).await?;
-        let body = json!({ "webhook_endpoint": endpoint_view(&ready, false), "plaintext_secret": secret });
+        let body = EndpointWithSecret {
+            webhook_endpoint: endpoint_view(&ready),
+            plaintext_secret: secret,
+        };
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::CREATED).into_response())
     }
 
@@ -399,7 +406,10 @@ impl ApiState {
         let existing = self.find(&org, &id)?;
         let patch = update_patch(&org, &request, self.config.url_policy).map_err(ApiError::bad_request)?;
         let updated = self.patch_endpoint(&existing, patch).await?;
-        Ok(warp::reply::json(&json!({ "webhook_endpoint": endpoint_view(&updated, false) })).into_response())
+        let body = EndpointResponse {
+            webhook_endpoint: endpoint_view(&updated),
+        };
+        Ok(warp::reply::json(&body).into_response())
     }
 
     async fn settings(&self, org: String, id: String, principal: Principal) -> Result<Response, ApiError> {
@@ -483,7 +493,7 @@ impl ApiState {
         self.cache
             .wait_for(&ns, &id, Duration::from_secs(2), |ep| ep.is_none().then_some(()))
             .await;
-        Ok(warp::reply::json(&json!({ "deleted": true })).into_response())
+        Ok(warp::reply::json(&model::Deleted::default()).into_response())
     }
 
     async fn rotate_secret(&self, org: String, id: String, principal: Principal) -> Result<Response, ApiError> {
@@ -540,7 +550,10 @@ impl ApiState {
         };
         let secret = self.read_signing_secret(&ns, &id).await?;
         info!(organization = %org, endpoint = %id, rotation = target, by = %principal.credential, "secret rotated");
-        let body = json!({ "webhook_endpoint": endpoint_view(&rotated, false), "plaintext_secret": secret });
+        let body = EndpointWithSecret {
+            webhook_endpoint: endpoint_view(&rotated),
+            plaintext_secret: secret,
+        };
         Ok(warp::reply::json(&body).into_response())
     }
 
@@ -549,13 +562,13 @@ impl ApiState {
         let query: HashMap<String, String> = url::form_urlencoded::parse(query.as_bytes()).into_owned().collect();
         let limit = parse_limit(query.get("limit").map(String::as_str))?;
         let endpoint = self.find(&org, &id)?;
-        let deliveries: Vec<Value> = match &self.work {
+        let deliveries: Vec<DeliveryView> = match &self.work {
             // The dispatcher in this process holds every log in memory.
             Some(work) => work
                 .deliveries(&endpoint, limit)
                 .await?
-                .iter()
-                .map(|(record, payload)| record.to_api(payload.as_ref()))
+                .into_iter()
+                .map(|(record, payload)| DeliveryView::of(&record, payload))
                 .collect(),
             None => {
                 let ns = endpoint.namespace().unwrap_or_default();
@@ -579,11 +592,11 @@ impl ApiState {
                     })?;
                 log.newest_first(&id, limit)
                     .into_iter()
-                    .map(|r| r.to_api(log.payload_json(&r.event_id).as_ref()))
+                    .map(|r| DeliveryView::of(r, log.payload_json(&r.event_id)))
                     .collect()
             }
         };
-        Ok(warp::reply::json(&json!({ "deliveries": deliveries })).into_response())
+        Ok(warp::reply::json(&model::DeliveryList { deliveries }).into_response())
     }
 
     /// Sends the endpoint's failed deliveries of a window again (authenticated before the body
@@ -599,7 +612,7 @@ impl ApiState {
         self.rate_limit
             .charge(&org, recovered.saturating_sub(1), std::time::Instant::now());
         info!(organization = %org, endpoint = %id, recovered, %since, %until, "failed deliveries recovered");
-        let body = json!({ "recovered": recovered });
+        let body = model::Recovered { recovered };
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
     }
 
@@ -647,7 +660,9 @@ impl ApiState {
         self.within_rate(&org)?;
         let endpoint = self.find(&org, &id)?;
         let (record, payload) = self.work()?.retry(&endpoint, &delivery).await?;
-        let body = json!({ "delivery": record.to_api(payload.as_ref()) });
+        let body = model::DeliveryResponse {
+            delivery: DeliveryView::of(&record, payload),
+        };
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
     }
 
@@ -655,7 +670,9 @@ impl ApiState {
         self.within_rate(&org)?;
         let endpoint = self.find(&org, &id)?;
         let (record, payload) = self.work()?.send_test(&endpoint).await?;
-        let body = json!({ "delivery": record.to_api(payload.as_ref()) });
+        let body = model::DeliveryResponse {
+            delivery: DeliveryView::of(&record, payload),
+        };
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
     }
 }
@@ -681,9 +698,6 @@ pub fn parse_limit(raw: Option<&str>) -> Result<usize, ApiError> {
         ))),
     }
 }
-
-/// The OpenAPI 3.1 document of the public API.
-pub const OPENAPI_JSON: &str = include_str!("openapi.json");
 
 /// Every route of the public API ([`ROUTES`]), with JSON errors for anything unmatched.
 pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
@@ -773,35 +787,6 @@ mod tests {
                 StatusCode::BAD_REQUEST,
                 "{bad}"
             );
-        }
-    }
-
-    #[test]
-    fn the_document_has_the_methods_the_table_allows() {
-        let doc: serde_json::Value = serde_json::from_str(OPENAPI_JSON).unwrap();
-        let paths = doc["paths"].as_object().unwrap();
-        for route in ROUTES.routes().iter().filter(|r| r.operation.access().is_some()) {
-            let path = route
-                .template
-                .replace(":org", "{orgID}")
-                .replace(":id", "{endpointID}")
-                .replace(":delivery", "{deliveryID}");
-            let item = paths[&path]
-                .as_object()
-                .unwrap_or_else(|| panic!("{path} is not documented"));
-            let mut documented: Vec<String> = item
-                .keys()
-                .filter(|k| *k != "parameters")
-                .map(|m| m.to_uppercase())
-                .collect();
-            documented.sort();
-            let mut allowed: Vec<String> = ROUTES
-                .allowed_methods(route.template)
-                .split(", ")
-                .map(str::to_string)
-                .collect();
-            allowed.sort();
-            assert_eq!(allowed, documented, "{path}");
         }
     }
 }

@@ -21,8 +21,9 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
      base-uri 'none'; form-action 'none'";
 
 /// Body of `POST /v1/organizations/{org}/portal-sessions`; an empty body means `{}`.
-#[derive(Deserialize, Debug, Clone, Default)]
+#[derive(Deserialize, Debug, Clone, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "CreatePortalSession")]
 pub struct SessionRequest {
     /// A session that may only read.
     #[serde(default)]
