@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures::StreamExt;
 use serde::de::DeserializeOwned;
-use warp::http::{HeaderValue, StatusCode, header};
+use warp::http::{HeaderMap, HeaderValue, StatusCode, header};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
@@ -25,9 +25,23 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for a `Retry-After` header (503s).
     pub retry_after: Option<u64>,
+    /// The methods the route takes, for the `Allow` header of a 405 (RFC 9110 §15.5.6).
+    pub allow: Option<String>,
 }
 
+/// The `Retry-After` of a 503 whose cause gives no better estimate: long enough not to hammer a
+/// busy port, short enough that a passing hiccup costs the caller little.
+pub const DEFAULT_RETRY_AFTER_SECS: u64 = 2;
+
 impl warp::reject::Reject for ApiError {}
+
+/// The body of every error answer: `{"error": message}`.
+#[derive(Debug, Clone, serde::Serialize, schemars::JsonSchema)]
+#[schemars(rename = "Error", deny_unknown_fields)]
+pub struct ErrorBody {
+    /// What went wrong, for a person to read.
+    pub error: String,
+}
 
 impl ApiError {
     /// An error with the given status and message.
@@ -36,6 +50,7 @@ impl ApiError {
             status,
             message: message.into(),
             retry_after: None,
+            allow: None,
         }
     }
     /// 400 Bad Request.
@@ -56,21 +71,39 @@ impl ApiError {
             status: StatusCode::SERVICE_UNAVAILABLE,
             message: message.into(),
             retry_after: Some(retry_after_secs),
+            allow: None,
         }
+    }
+    /// 405, with the methods the route does take.
+    pub fn method_not_allowed(allow: String) -> Self {
+        Self {
+            allow: Some(allow),
+            ..Self::new(StatusCode::METHOD_NOT_ALLOWED, "method not allowed on this route")
+        }
+    }
+    /// The body this error answers with.
+    pub fn body(&self) -> ErrorBody {
+        ErrorBody {
+            error: self.message.clone(),
+        }
+    }
+    /// The same error with `prefix` before its message (what the caller was doing).
+    pub fn prefixed(mut self, prefix: &str) -> Self {
+        self.message.insert_str(0, prefix);
+        self
     }
 }
 
 impl Reply for ApiError {
     fn into_response(self) -> Response {
-        let mut response = warp::reply::with_status(
-            warp::reply::json(&serde_json::json!({ "error": self.message })),
-            self.status,
-        )
-        .into_response();
+        let mut response = warp::reply::with_status(warp::reply::json(&self.body()), self.status).into_response();
         if let Some(secs) = self.retry_after {
             response
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(allow) = self.allow.and_then(|a| HeaderValue::from_str(&a).ok()) {
+            response.headers_mut().insert(header::ALLOW, allow);
         }
         response
     }
@@ -112,60 +145,72 @@ pub fn is_json_content_type(value: &str) -> bool {
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"))
 }
 
-/// Reads a JSON body of at most `limit` bytes, unparsed, so a handler can authenticate first.
+/// Whether a route's JSON body must be there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyRule {
+    /// A JSON body with a JSON `Content-Type`.
+    Required,
+    /// As [`Self::Required`], or no body at all (and then no `Content-Type` either), read as an
+    /// empty one.
+    Optional,
+}
+
+/// Reads a JSON request body of at most `limit` bytes, unparsed: a handler calls it once it has
+/// authenticated the caller, so that an anonymous client cannot make a port buffer bodies.
 ///
 /// 415 for a missing or non-JSON content type, 413 beyond the limit (checked on the declared
 /// length and again while reading, so a chunked body cannot grow past it).
-pub fn json_bytes(limit: usize) -> impl Filter<Extract = (bytes::Bytes,), Error = Rejection> + Clone {
-    json_body(limit, false)
-}
-
-/// [`json_bytes`] for routes whose body is optional: no body at all is also accepted, without a
-/// `content-type`, as an empty one.
-pub fn optional_json_bytes(limit: usize) -> impl Filter<Extract = (bytes::Bytes,), Error = Rejection> + Clone {
-    json_body(limit, true)
-}
-
-fn json_body(limit: usize, optional: bool) -> impl Filter<Extract = (bytes::Bytes,), Error = Rejection> + Clone {
-    warp::header::optional::<String>("content-type")
-        .and(warp::header::optional::<u64>("content-length"))
-        .and(warp::body::stream())
-        .and_then(
-            move |content_type: Option<String>, length: Option<u64>, body| async move {
-                if optional && content_type.is_none() {
-                    // Nothing but an empty body may come without a content-type.
-                    return read_limited(body, 0).await.map_err(|_| {
-                        warp::reject::custom(ApiError::new(
-                            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                            "content-type must be application/json",
-                        ))
-                    });
-                }
-                if !content_type.as_deref().is_some_and(is_json_content_type) {
-                    return Err(warp::reject::custom(ApiError::new(
-                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                        "content-type must be application/json",
-                    )));
-                }
-                let too_large = || {
-                    warp::reject::custom(ApiError::new(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        format!("request body is larger than {limit} bytes"),
-                    ))
-                };
-                if length.is_some_and(|l| l > limit as u64) {
-                    return Err(too_large());
-                }
-                read_limited(body, limit).await.map_err(|e| match e {
-                    None => too_large(),
-                    Some(e) => warp::reject::custom(ApiError::bad_request(format!("reading body: {e}"))),
-                })
-            },
+pub async fn read_json_body<S, B>(headers: &HeaderMap, body: S, limit: usize, rule: BodyRule) -> Result<Bytes, ApiError>
+where
+    S: futures::Stream<Item = Result<B, warp::Error>>,
+    B: Buf,
+{
+    let wrong_type = || {
+        ApiError::new(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "content-type must be application/json",
         )
+    };
+    let content_type = match headers.get(header::CONTENT_TYPE) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .map_err(|_| ApiError::bad_request("invalid content-type header"))?,
+        ),
+    };
+    if rule == BodyRule::Optional && content_type.is_none() {
+        // Nothing but an empty body may come without a content-type.
+        return read_limited(body, 0).await.map_err(|_| wrong_type());
+    }
+    if !content_type.is_some_and(is_json_content_type) {
+        return Err(wrong_type());
+    }
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {limit} bytes"),
+        )
+    };
+    let length = match headers.get(header::CONTENT_LENGTH) {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .and_then(|v| v.parse::<u64>().ok())
+                .ok_or_else(|| ApiError::bad_request("invalid content-length header"))?,
+        ),
+    };
+    if length.is_some_and(|l| l > limit as u64) {
+        return Err(too_large());
+    }
+    read_limited(body, limit).await.map_err(|e| match e {
+        None => too_large(),
+        Some(e) => ApiError::bad_request(format!("reading body: {e}")),
+    })
 }
 
 /// Collects a body stream, failing with `None` as soon as it exceeds `limit` bytes.
-async fn read_limited<S, B>(body: S, limit: usize) -> Result<bytes::Bytes, Option<warp::Error>>
+async fn read_limited<S, B>(body: S, limit: usize) -> Result<Bytes, Option<warp::Error>>
 where
     S: futures::Stream<Item = Result<B, warp::Error>>,
     B: Buf,
@@ -218,16 +263,123 @@ pub fn parse_json<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, ApiError> {
     Ok(value)
 }
 
-/// Maps a request path to its route template (ids replaced, e.g.
-/// `/v1/organizations/:org/webhook-endpoints/:id`), for the `route` label of metrics. Paths no
-/// route serves map to `other`, so that labels stay few whatever clients send.
-pub type RouteTemplate = fn(&str) -> &'static str;
-
-/// The methods a route template takes, as an `Allow` header value (`""` for none or unknown).
-pub type AllowedMethods = fn(&'static str) -> &'static str;
-
 /// The `route` label of requests no route serves.
 pub const OTHER_ROUTE: &str = "other";
+
+/// One route of a port: a path template, a method, and the operation that serves them.
+///
+/// A template is the path with its ids written as parameters (`:org`, `:id`, ...): it is the
+/// `route` label of HTTP metrics, so labels stay few whatever clients send. A parameter matches
+/// one non-empty segment, as it comes (not percent-decoded). A template that ends in `/` also
+/// matches its path without the slash (the operation tells the two apart if it cares).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route<Op: 'static> {
+    /// The path, ids as `:name` parameters.
+    pub template: &'static str,
+    /// The HTTP method, upper case.
+    pub method: &'static str,
+    /// What serves it.
+    pub operation: Op,
+}
+
+/// A request matched to its route: the route and its path parameters, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Matched<Op: 'static> {
+    /// The route.
+    pub route: &'static Route<Op>,
+    params: Vec<(&'static str, String)>,
+}
+
+impl<Op> Matched<Op> {
+    /// The value of the path parameter `:name`; empty if the template has none of that name.
+    pub fn param(&self, name: &str) -> String {
+        self.params
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    }
+}
+
+/// Every route of a port, in one place: the route templates of metrics, the `Allow` header of a
+/// 405 and the request dispatch all come from it.
+#[derive(Debug)]
+pub struct RouteTable<Op: 'static> {
+    routes: &'static [Route<Op>],
+}
+
+impl<Op: Copy + PartialEq> RouteTable<Op> {
+    /// A table of `routes`; the first route of a template comes first in `Allow`.
+    pub const fn new(routes: &'static [Route<Op>]) -> Self {
+        Self { routes }
+    }
+
+    /// The routes, in table order.
+    pub fn routes(&self) -> &'static [Route<Op>] {
+        self.routes
+    }
+
+    /// The parameters of `path` if it matches `template`; `None` otherwise.
+    fn match_path(template: &'static str, path: &str) -> Option<Vec<(&'static str, String)>> {
+        let path = path.strip_prefix('/').unwrap_or(path);
+        let template = template.strip_prefix('/').unwrap_or(template);
+        // `/portal` is `/portal/`: a directory template also matches its path without the slash.
+        let path = match template.strip_suffix('/') {
+            Some(dir) if path == dir => template,
+            _ => path,
+        };
+        let mut params = Vec::new();
+        let mut segments = path.split('/');
+        for expected in template.split('/') {
+            let segment = segments.next()?;
+            match expected.strip_prefix(':') {
+                Some(name) if !segment.is_empty() => params.push((name, segment.to_string())),
+                Some(_) => return None,
+                None if segment == expected => {}
+                None => return None,
+            }
+        }
+        segments.next().is_none().then_some(params)
+    }
+
+    /// The route template of `path` (the `route` label of metrics), or [`OTHER_ROUTE`].
+    pub fn template_of(&self, path: &str) -> &'static str {
+        self.routes
+            .iter()
+            .find(|r| Self::match_path(r.template, path).is_some())
+            .map_or(OTHER_ROUTE, |r| r.template)
+    }
+
+    /// The methods `template` takes, as an `Allow` header value (`""` for an unknown template).
+    pub fn allowed_methods(&self, template: &str) -> String {
+        let mut methods: Vec<&str> = Vec::new();
+        for route in self.routes.iter().filter(|r| r.template == template) {
+            if !methods.contains(&route.method) {
+                methods.push(route.method);
+            }
+        }
+        methods.join(", ")
+    }
+
+    /// The route that serves `method` on `path`. The path is matched first: 404 for a path no
+    /// route serves, 405 (with `Allow`) for a known path and another method.
+    pub fn resolve(&self, method: &str, path: &str) -> Result<Matched<Op>, ApiError> {
+        let mut known_path = None;
+        for route in self.routes {
+            let Some(params) = Self::match_path(route.template, path) else {
+                continue;
+            };
+            if route.method == method {
+                return Ok(Matched { route, params });
+            }
+            known_path.get_or_insert(route.template);
+        }
+        match known_path {
+            Some(template) => Err(ApiError::method_not_allowed(self.allowed_methods(template))),
+            None => Err(ApiError::not_found("no such route")),
+        }
+    }
+}
 
 /// Wraps routes so that every request gets a fresh request id (echoed in the `x-request-id`
 /// response header), one log line with its status and latency, and its metrics
@@ -236,8 +388,7 @@ pub const OTHER_ROUTE: &str = "other";
 pub fn with_request_log<F>(
     routes: F,
     component: &'static str,
-    route_of: RouteTemplate,
-    allowed_on: AllowedMethods,
+    route_of: fn(&str) -> &'static str,
     metrics: Metrics,
 ) -> impl Filter<Extract = (Response,), Error = Infallible> + Clone
 where
@@ -261,22 +412,9 @@ where
                 if let Ok(v) = HeaderValue::from_str(&id) {
                     response.headers_mut().insert("x-request-id", v);
                 }
-                // A 405 says what the route does take (RFC 9110 §15.5.6).
-                if status == 405 {
-                    let allowed = allowed_on(route_of(path.as_str()));
-                    if !allowed.is_empty() {
-                        response.headers_mut().insert(header::ALLOW, HeaderValue::from_static(allowed));
-                    }
-                }
                 response
             },
         )
-}
-
-/// Splits a path into its segments (`/a/b` is `["a", "b"]`; a trailing slash gives a last empty
-/// segment), for route-template functions.
-pub fn path_segments(path: &str) -> Vec<&str> {
-    path.strip_prefix('/').unwrap_or(path).split('/').collect()
 }
 
 fn new_request_id() -> String {
@@ -590,37 +728,82 @@ mod tests {
 
     #[tokio::test]
     async fn rejections_become_json_errors() {
-        let routes = warp::path!("a")
-            .and(warp::get())
-            .map(|| "ok")
-            .or(warp::path!("b")
-                .and(warp::post())
-                .and(json_bytes(16))
-                .map(|b: bytes::Bytes| parse_json::<Body>(&b).map(|b| b.url).unwrap_or_default()))
-            .recover(recover);
+        let routes = warp::path!("a").and(warp::get()).map(|| "ok").recover(recover);
         let res = warp::test::request().path("/nope").reply(&routes).await;
         assert_eq!(res.status(), 404);
         assert_eq!(res.headers()["content-type"], "application/json");
         let res = warp::test::request().method("DELETE").path("/a").reply(&routes).await;
         assert_eq!(res.status(), 405);
-        let res = warp::test::request()
-            .method("POST")
-            .path("/b")
-            .header("content-type", "text/plain")
-            .body("x")
-            .reply(&routes)
-            .await;
-        assert_eq!(res.status(), 415);
-        let res = warp::test::request()
-            .method("POST")
-            .path("/b")
-            .header("content-type", "application/json")
-            .body(r#"{"url": "a very long url value"}"#)
-            .reply(&routes)
-            .await;
-        assert_eq!(res.status(), 413);
-        let body: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
-        assert!(body["error"].as_str().unwrap().contains("16 bytes"));
+    }
+
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        pairs
+            .iter()
+            .map(|(k, v)| (header::HeaderName::from_static(k), HeaderValue::from_static(v)))
+            .collect()
+    }
+
+    fn body(text: &'static str) -> impl futures::Stream<Item = Result<Bytes, warp::Error>> {
+        futures::stream::iter(text.as_bytes().chunks(4).map(|c| Ok(Bytes::from_static(c))))
+    }
+
+    #[tokio::test]
+    async fn json_bodies_are_checked_for_type_and_size() {
+        let json = headers(&[("content-type", "application/json")]);
+        async fn read(h: &HeaderMap, text: &'static str, rule: BodyRule) -> Result<Bytes, ApiError> {
+            read_json_body(h, body(text), 16, rule).await
+        }
+        assert_eq!(read(&json, "{}", BodyRule::Required).await.unwrap(), "{}");
+        let status = |r: Result<Bytes, ApiError>| r.unwrap_err().status.as_u16();
+        let plain = headers(&[("content-type", "text/plain")]);
+        assert_eq!(status(read(&plain, "{}", BodyRule::Required).await), 415);
+        assert_eq!(status(read(&HeaderMap::new(), "{}", BodyRule::Required).await), 415);
+        // Chunked past the limit, and declared past it.
+        let e = read(&json, r#"{"url": "a very long url value"}"#, BodyRule::Required)
+            .await
+            .unwrap_err();
+        assert_eq!(e.status, StatusCode::PAYLOAD_TOO_LARGE);
+        assert!(e.message.contains("16 bytes"), "{}", e.message);
+        let declared = headers(&[("content-type", "application/json"), ("content-length", "17")]);
+        assert_eq!(status(read(&declared, "{}", BodyRule::Required).await), 413);
+        // An optional body may be absent, and then has no content-type.
+        assert_eq!(read(&HeaderMap::new(), "", BodyRule::Optional).await.unwrap(), "");
+        assert_eq!(status(read(&HeaderMap::new(), "{}", BodyRule::Optional).await), 415);
+        assert_eq!(read(&json, "{}", BodyRule::Optional).await.unwrap(), "{}");
+    }
+
+    #[test]
+    fn route_tables_match_paths_first_then_methods() {
+        static TABLE: RouteTable<u8> = RouteTable::new(&[
+            Route {
+                template: "/a/:x",
+                method: "GET",
+                operation: 1,
+            },
+            Route {
+                template: "/a/:x",
+                method: "POST",
+                operation: 2,
+            },
+            Route {
+                template: "/d/",
+                method: "GET",
+                operation: 3,
+            },
+        ]);
+        let matched = TABLE.resolve("POST", "/a/b%20c").unwrap();
+        assert_eq!((matched.route.operation, matched.param("x")), (2, "b%20c".to_string()));
+        assert_eq!(matched.param("y"), "");
+        let e = TABLE.resolve("DELETE", "/a/b").unwrap_err();
+        assert_eq!((e.status.as_u16(), e.allow.as_deref()), (405, Some("GET, POST")));
+        let e = TABLE.resolve("GET", "/a/").unwrap_err();
+        assert_eq!((e.status.as_u16(), e.allow), (404, None));
+        assert_eq!(TABLE.resolve("GET", "/d").unwrap().route.operation, 3);
+        assert_eq!(TABLE.template_of("/d"), "/d/");
+        assert_eq!(TABLE.template_of("/a/b/c"), OTHER_ROUTE);
+        assert_eq!(TABLE.template_of("/a"), OTHER_ROUTE);
+        let answer = ApiError::method_not_allowed("GET".into()).into_response();
+        assert_eq!(answer.headers()[header::ALLOW], "GET");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
-use crate::http::{ApiError, OTHER_ROUTE, bearer_token, parse_json, path_segments};
+use crate::http::{ApiError, BodyRule, Route, RouteTable, bearer_token, parse_json, read_json_body};
 use crate::replica_key::{Refused, ReplicaKey, unix_now};
 use crate::telemetry::Metrics;
 use crate::validation::validate_event_type;
@@ -167,7 +167,7 @@ fn validate(request: &EventRequest) -> Result<(), ApiError> {
 }
 
 impl IngestState {
-    /// The token was checked before the body was read (see [`routes`]).
+    /// The token was checked before the body was read (see [`IngestState::serve`]).
     async fn ingest(&self, org: String, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
         let request: EventRequest = parse_json(&body)?;
         validate(&request)?;
@@ -193,7 +193,7 @@ impl IngestState {
                 .work
                 .relay(&org, idempotency_key.as_deref(), body)
                 .await
-                .map_err(|e| ApiError::unavailable(format!("event not accepted: {e}"), e.retry_after_secs()))?;
+                .map_err(not_accepted)?;
             if let Some(answer) = relayed {
                 return Ok(owner_answer(answer));
             }
@@ -242,20 +242,20 @@ impl IngestState {
     }
 
     async fn submit(&self, org: &str, request: EventRequest) -> Result<Value, ApiError> {
-        let (event_id, deliveries) =
-            self.work
-                .submit(org, &request.event_type, request.data)
-                .await
-                .map_err(|e| match e {
-                    SubmitError::Unavailable(m) => ApiError::unavailable(format!("event not accepted: {m}"), 2),
-                    busy @ (SubmitError::Throttled { .. } | SubmitError::Moving { .. }) => {
-                        ApiError::unavailable(format!("event not accepted: {busy}"), busy.retry_after_secs())
-                    }
-                    other => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
-                })?;
+        let (event_id, deliveries) = self
+            .work
+            .submit(org, &request.event_type, request.data)
+            .await
+            .map_err(not_accepted)?;
         info!(organization = %org, event = %event_id, event_type = %request.event_type, deliveries, "event accepted");
         Ok(json!({"id": event_id, "deliveries": deliveries}))
     }
+}
+
+/// The answer to an event that could not be accepted: the one mapping of [`SubmitError`] (a 503
+/// with `Retry-After` for whatever may pass), saying what was not done.
+fn not_accepted(e: SubmitError) -> ApiError {
+    ApiError::from(e).prefixed("event not accepted: ")
 }
 
 /// The answer of the replica that owns an event's organization, as the producer gets it.
@@ -271,12 +271,84 @@ fn owner_answer(answer: OwnerAnswer) -> Response {
         .unwrap_or_else(|_| StatusCode::BAD_GATEWAY.into_response())
 }
 
-/// The ingest routes.
+/// What a route of the ingest port does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum IngestOperation {
+    /// A producer posts an event (with the ingest token).
+    Event,
+    /// Another replica forwards work ([`WORK_PATH`], signed with the replica key).
+    Work,
+}
+
+/// Every route of the ingest port: its route templates (the `route` label of metrics), the
+/// `Allow` header of a 405 and the dispatch come from here. The forwarder sends to [`WORK_PATH`].
+static ROUTES: RouteTable<IngestOperation> = RouteTable::new(&[
+    Route {
+        template: "/v1/organizations/:org/events",
+        method: "POST",
+        operation: IngestOperation::Event,
+    },
+    Route {
+        template: WORK_PATH,
+        method: "POST",
+        operation: IngestOperation::Work,
+    },
+]);
+
+/// Room for a forwarded request's envelope around the event it may carry.
+const WORK_ENVELOPE_BYTES: usize = 16 * 1024;
+
+impl IngestState {
+    /// Answers one request of the ingest port. Whoever sends a body proves who they are before it
+    /// is read: an anonymous client cannot make the port buffer bodies.
+    async fn serve<S, B>(&self, method: &str, path: &str, headers: HeaderMap, body: S) -> Result<Response, ApiError>
+    where
+        S: futures::Stream<Item = Result<B, warp::Error>> + Send,
+        B: bytes::Buf + Send,
+    {
+        let matched = ROUTES.resolve(method, path)?;
+        match matched.route.operation {
+            IngestOperation::Event => {
+                authorize(&headers, &self.config.token)?;
+                let body = read_json_body(&headers, body, self.config.payload_limit, BodyRule::Required).await?;
+                self.ingest(matched.param("org"), headers, body).await
+            }
+            IngestOperation::Work => self.perform_forwarded(headers, body).await,
+        }
+    }
+
+    /// Work forwarded by another replica: a few hundred bytes of reference and at most one event.
+    /// Only replicas sign it ([`crate::replica_key`]); the producers' ingest token is worth
+    /// nothing here, and so is [`FORWARDED_HEADER`]. A single process that serves every
+    /// organization is sent nothing: the route is not there.
+    async fn perform_forwarded<S, B>(&self, headers: HeaderMap, body: S) -> Result<Response, ApiError>
+    where
+        S: futures::Stream<Item = Result<B, warp::Error>> + Send,
+        B: bytes::Buf + Send,
+    {
+        let replicas = self
+            .config
+            .replicas
+            .as_ref()
+            .ok_or_else(|| ApiError::not_found("no such route"))?;
+        // Fresh signature headers before the body is read.
+        ReplicaKey::precheck(&headers, unix_now()).map_err(refused)?;
+        let limit = self.config.payload_limit + WORK_ENVELOPE_BYTES;
+        let body = read_json_body(&headers, body, limit, BodyRule::Required).await?;
+        replicas
+            .key
+            .verify("POST", WORK_PATH, &headers, &body, unix_now())
+            .map_err(refused)?;
+        let request = parse_json::<WorkRequest>(&body)?;
+        Ok(warp::reply::json(&replicas.here.perform(request).await).into_response())
+    }
+}
+
+/// The ingest routes ([`ROUTES`]), with JSON errors for anything unmatched.
 pub fn routes(
     work: WorkHandle,
     config: IngestConfig,
 ) -> impl Filter<Extract = (Response,), Error = std::convert::Infallible> + Clone {
-    let limit = config.payload_limit;
     let metrics = config.metrics.clone();
     let state = Arc::new(IngestState {
         work,
@@ -284,70 +356,31 @@ pub fn routes(
         idempotency: Mutex::default(),
         in_progress: Mutex::default(),
     });
-    let token = state.config.token.clone();
-    let replicas = state.config.replicas.clone();
-    // Work forwarded by another replica: a few hundred bytes of reference and at most one event.
-    // Only replicas sign it ([`crate::replica_key`]); the producers' ingest token is worth
-    // nothing here, and so is [`FORWARDED_HEADER`]. A single process that serves every
-    // organization is sent nothing: the route is not there.
-    let work = warp::path!("internal" / "v1" / "work")
-        .and(warp::post())
+    let dispatch = warp::method()
+        .and(warp::path::full())
         .and(warp::header::headers_cloned())
-        .and_then(move |headers: HeaderMap| {
-            let replicas = replicas.clone();
-            async move {
-                let replicas = replicas.ok_or_else(warp::reject::not_found)?;
-                // Fresh signature headers before the body is read: an anonymous client cannot
-                // make the port buffer bodies.
-                ReplicaKey::precheck(&headers, unix_now()).map_err(|e| warp::reject::custom(refused(e)))?;
-                Ok::<_, warp::Rejection>((replicas, headers))
-            }
-        })
-        .untuple_one()
-        .and(crate::http::json_bytes(limit + 16 * 1024))
-        .then(|replicas: Replicas, headers: HeaderMap, body: Bytes| async move {
-            if let Err(e) = replicas.key.verify("POST", WORK_PATH, &headers, &body, unix_now()) {
-                return refused(e).into_response();
-            }
-            match parse_json::<WorkRequest>(&body) {
-                Ok(request) => warp::reply::json(&replicas.here.perform(request).await).into_response(),
-                Err(e) => e.into_response(),
-            }
-        });
-    // The token is checked before the body is read: an anonymous client cannot make the port
-    // buffer bodies.
-    let events = warp::path!("v1" / "organizations" / String / "events")
-        .and(warp::post())
-        .and(warp::header::headers_cloned())
-        .and_then(move |org: String, headers: HeaderMap| {
-            let checked = authorize(&headers, &token).map_err(warp::reject::custom);
-            async move { checked.map(|()| (org, headers)) }
-        })
-        .untuple_one()
-        .and(crate::http::json_bytes(limit))
+        .and(warp::body::stream())
         .and(warp::any().map(move || state.clone()))
-        .then(|org, headers, body, state: Arc<IngestState>| async move {
-            state
-                .ingest(org, headers, body)
-                .await
-                .unwrap_or_else(Reply::into_response)
-        });
-    crate::http::with_request_log(
-        events.or(work).unify().recover(crate::http::recover).unify(),
-        "ingest",
-        route_template,
-        |template| if template == OTHER_ROUTE { "" } else { "POST" },
-        metrics,
-    )
+        .then(
+            |method: warp::http::Method,
+             path: warp::path::FullPath,
+             headers: HeaderMap,
+             body,
+             state: Arc<IngestState>| async move {
+                state
+                    .serve(method.as_str(), path.as_str(), headers, body)
+                    .await
+                    .unwrap_or_else(Reply::into_response)
+            },
+        )
+        .recover(crate::http::recover)
+        .unify();
+    crate::http::with_request_log(dispatch, "ingest", route_template, metrics)
 }
 
 /// The route template of an ingest path (the `route` label of HTTP metrics).
 pub fn route_template(path: &str) -> &'static str {
-    match path_segments(path).as_slice() {
-        ["v1", "organizations", org, "events"] if !org.is_empty() => "/v1/organizations/:org/events",
-        ["internal", "v1", "work"] => WORK_PATH,
-        _ => OTHER_ROUTE,
-    }
+    ROUTES.template_of(path)
 }
 
 /// Serves the ingest port until `shutdown` resolves.
@@ -397,6 +430,8 @@ mod tests {
 
     #[test]
     fn route_templates_hide_organizations() {
+        use crate::http::OTHER_ROUTE;
+        assert_eq!(route_template(WORK_PATH), WORK_PATH);
         assert_eq!(
             route_template("/v1/organizations/org_1/events"),
             "/v1/organizations/:org/events"
@@ -409,6 +444,22 @@ mod tests {
         ] {
             assert_eq!(route_template(other), OTHER_ROUTE, "{other}");
         }
+        let wrong_method = ROUTES.resolve("PUT", "/v1/organizations/org_1/events").unwrap_err();
+        assert_eq!(
+            (wrong_method.status.as_u16(), wrong_method.allow.as_deref()),
+            (405, Some("POST"))
+        );
+        assert_eq!(ROUTES.resolve("POST", "/metrics").unwrap_err().status.as_u16(), 404);
+    }
+
+    #[test]
+    fn an_event_not_accepted_says_so_with_the_shared_status_and_retry_after() {
+        let e = not_accepted(SubmitError::Unavailable("the log is full".into()));
+        assert_eq!(e.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(e.message, "event not accepted: the log is full");
+        assert_eq!(e.retry_after, Some(crate::http::DEFAULT_RETRY_AFTER_SECS));
+        let e = not_accepted(SubmitError::Moving { retry_after_secs: 1 });
+        assert_eq!((e.status.as_u16(), e.retry_after), (503, Some(1)));
     }
 
     #[test]

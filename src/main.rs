@@ -69,6 +69,8 @@ enum Command {
     Run(Box<RunArgs>),
     /// Print the WebhookEndpoint CRD as YAML (what `crds/` holds).
     Crd,
+    /// Print the REST API's OpenAPI 3.1 document (what `GET /openapi.json` serves).
+    Openapi,
     /// Mint, list and revoke REST API keys (stored hashed as Secrets).
     #[command(subcommand)]
     ApiKey(ApiKeyCommand),
@@ -888,6 +890,10 @@ async fn cli() -> anyhow::Result<()> {
     match Cli::parse().command {
         Command::Crd => {
             print!("{}", crd_yaml());
+            Ok(())
+        }
+        Command::Openapi => {
+            println!("{}", capy_webhooks::api::openapi::document_text());
             Ok(())
         }
         Command::Run(args) => run(*args).await,

@@ -21,9 +21,11 @@ use bytes::Bytes;
 use futures::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use warp::http::StatusCode;
 
 use crate::delivery_log::DeliveryRecord;
 use crate::endpoints::EndpointCache;
+use crate::http::{ApiError, DEFAULT_RETRY_AFTER_SECS};
 use crate::resources::WebhookEndpoint;
 
 /// Why an event, a test, a retry or a read could not be done.
@@ -61,7 +63,24 @@ impl SubmitError {
     pub fn retry_after_secs(&self) -> u64 {
         match self {
             Self::Throttled { retry_after_secs } | Self::Moving { retry_after_secs } => *retry_after_secs,
-            _ => 2,
+            _ => DEFAULT_RETRY_AFTER_SECS,
+        }
+    }
+}
+
+/// The one HTTP answer to work that could not be done, on the public API and the ingest port
+/// alike: 404 and 409 as they say, 503 with `Retry-After` for everything that may pass.
+impl From<SubmitError> for ApiError {
+    fn from(e: SubmitError) -> Self {
+        let retry_after = e.retry_after_secs();
+        match e {
+            SubmitError::NotFound(m) => ApiError::not_found(m),
+            SubmitError::Conflict(m) => ApiError::new(StatusCode::CONFLICT, m),
+            // The cause alone: "deliveries could not be persisted" is what a 503 says already.
+            SubmitError::Unavailable(m) => ApiError::unavailable(m, retry_after),
+            busy @ (SubmitError::Throttled { .. } | SubmitError::Moving { .. }) => {
+                ApiError::unavailable(busy.to_string(), retry_after)
+            }
         }
     }
 }
@@ -408,6 +427,27 @@ mod tests {
         };
         assert!(serde_json::to_vec(&relay).is_err());
         assert!(serde_json::from_str::<WorkRequest>(r#"{"op":"relay","organization_id":"org"}"#).is_err());
+    }
+
+    #[test]
+    fn each_failure_has_one_http_answer() {
+        let answer = |e: SubmitError| {
+            let e = ApiError::from(e);
+            (e.status.as_u16(), e.message, e.retry_after)
+        };
+        assert_eq!(answer(SubmitError::NotFound("no x".into())), (404, "no x".into(), None));
+        assert_eq!(
+            answer(SubmitError::Conflict("pending".into())),
+            (409, "pending".into(), None)
+        );
+        assert_eq!(
+            answer(SubmitError::Unavailable("full".into())),
+            (503, "full".into(), Some(DEFAULT_RETRY_AFTER_SECS))
+        );
+        let (status, message, retry_after) = answer(SubmitError::Throttled { retry_after_secs: 3 });
+        assert_eq!((status, retry_after), (503, Some(3)));
+        assert!(message.contains("budget"), "{message}");
+        assert_eq!(answer(SubmitError::Moving { retry_after_secs: 1 }).2, Some(1));
     }
 
     #[test]

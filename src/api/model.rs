@@ -6,65 +6,267 @@ use std::collections::BTreeMap;
 use jiff::Timestamp;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use crate::resources::{Health, ORGANIZATION_LABEL, WebhookEndpoint, WebhookEndpointSpec};
+use crate::delivery_log::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, truncate_error};
+use crate::resources::{
+    EVENT_TYPE_PATTERN, FORBIDDEN_HEADERS, HEADER_VALUE_PATTERN, Health, MAX_ATTEMPTS_LIMIT, MAX_CUSTOM_HEADERS,
+    MAX_DESCRIPTION_LENGTH, MAX_EVENT_TYPE_LENGTH, MAX_EVENT_TYPES, MAX_HEADER_VALUE_LENGTH, MAX_RATE_LIMIT,
+    MAX_URL_LENGTH, ORGANIZATION_LABEL, WebhookEndpoint, WebhookEndpointSpec,
+};
 use crate::validation::{
     UrlPolicy, validate_description, validate_event_types, validate_headers, validate_max_attempts,
     validate_rate_limit, validate_url,
 };
 
+// The doc comments of the types and fields below are the descriptions of the OpenAPI document
+// (`super::openapi`): they are written for the API's users. Every response type denies unknown
+// fields in its schema, so that an answer with a field the document does not name fails
+// validation (schemathesis, `tests/fuzz.rs`).
+
 /// The Endpoint object of the REST contract, field for field.
-#[derive(Serialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Debug, Clone, PartialEq, JsonSchema)]
+#[schemars(rename = "Endpoint", deny_unknown_fields)]
 pub struct EndpointView {
-    /// RFC 3339 UTC.
+    /// RFC 3339, UTC, with a Z
+    #[schemars(extend("format" = "date-time"))]
     pub created_at: String,
     /// Free text.
+    #[schemars(length(max = MAX_DESCRIPTION_LENGTH))]
     pub description: String,
-    /// Subscribed event types; empty means all.
+    /// Exact event types or prefixes ending in .*; empty means all
+    #[schemars(
+        length(max = MAX_EVENT_TYPES),
+        inner(length(min = 1, max = MAX_EVENT_TYPE_LENGTH), pattern(EVENT_TYPE_PATTERN))
+    )]
     pub event_types: Vec<String>,
-    /// The CR's name.
+    /// The endpoint's id.
     pub id: String,
     /// Whether deliveries are sent.
     pub is_active: bool,
-    /// Owning organization.
+    /// The organization that owns the endpoint.
     pub organization_id: String,
-    /// RFC 3339 UTC; moves when the endpoint's settings change.
+    /// RFC 3339, UTC, with a Z; moves when the endpoint's settings change.
+    #[schemars(extend("format" = "date-time"))]
     pub updated_at: String,
-    /// Delivery target.
+    /// Where deliveries are sent.
+    #[schemars(extend("format" = "uri"), length(max = MAX_URL_LENGTH))]
     pub url: String,
-    /// Only in list responses.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub health: Option<&'static str>,
+}
+
+/// An endpoint as the list shows it: the Endpoint object and its health.
+#[derive(Serialize, Debug, Clone, PartialEq, JsonSchema)]
+#[schemars(rename = "EndpointWithHealth", deny_unknown_fields)]
+pub struct ListedEndpointView {
+    /// The Endpoint object's fields.
+    #[serde(flatten)]
+    pub endpoint: EndpointView,
+    /// Health from recent deliveries (`disabled` when inactive, `unknown` before any delivery).
+    pub health: Health,
+}
+
+/// `GET .../webhook-endpoints`.
+#[derive(Serialize, Debug, Clone, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct EndpointList {
+    /// The organization's endpoints, oldest first.
+    pub webhook_endpoints: Vec<ListedEndpointView>,
+}
+
+/// An endpoint and its signing secret: create and rotate-secret.
+#[derive(Serialize, Debug, Clone, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct EndpointWithSecret {
+    /// The endpoint.
+    pub webhook_endpoint: EndpointView,
+    /// The signing secret in clear text; shown only by create and rotate-secret.
+    #[schemars(extend("pattern" = format!("^{}", crate::signing::SECRET_PREFIX)))]
+    pub plaintext_secret: String,
+}
+
+/// An endpoint: update.
+#[derive(Serialize, Debug, Clone, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct EndpointResponse {
+    /// The endpoint.
+    pub webhook_endpoint: EndpointView,
+}
+
+/// `DELETE .../webhook-endpoints/{id}`.
+#[derive(Serialize, Debug, Clone, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct Deleted {
+    /// Always true.
+    #[schemars(extend("const" = true))]
+    pub deleted: bool,
+}
+
+impl Default for Deleted {
+    fn default() -> Self {
+        Self { deleted: true }
+    }
+}
+
+/// The Delivery object of the REST contract, field for field.
+#[derive(Serialize, Debug, Clone, PartialEq, JsonSchema)]
+#[schemars(rename = "Delivery", deny_unknown_fields)]
+pub struct DeliveryView {
+    /// Attempts made so far.
+    pub attempts: u32,
+    /// RFC 3339, UTC, with a Z
+    #[schemars(extend("format" = "date-time"))]
+    pub created_at: String,
+    /// When an attempt succeeded; null until then.
+    #[schemars(extend("format" = "date-time"))]
+    pub delivered_at: Option<String>,
+    /// The endpoint's id.
+    pub endpoint_id: String,
+    /// The event's type.
+    pub event_type: String,
+    /// The delivery's id, also its `webhook-id` header.
+    pub id: String,
+    /// Why the last attempt failed, cut to 512 characters; null if none did.
+    pub last_error: Option<String>,
+    /// Attempts allowed before the delivery fails.
+    #[schemars(range(min = 1))]
+    pub max_attempts: u32,
+    /// When the next attempt is due; null when none is planned.
+    #[schemars(extend("format" = "date-time"))]
+    pub next_attempt_at: Option<String>,
+    /// The organization that owns the endpoint.
+    pub organization_id: String,
+    /// The event as sent (`{"type", "timestamp", "data"}`), or null once it is no longer kept.
+    pub payload: Option<Value>,
+    /// HTTP status of the last attempt that got an answer; null until one did.
+    pub response_status: Option<u16>,
+    /// `pending` (waiting for its first or next attempt), `succeeded`, or `failed` (gave up).
+    #[schemars(schema_with = "delivery_state_schema")]
+    pub state: DeliveryState,
+    /// RFC 3339, UTC, with a Z
+    #[schemars(extend("format" = "date-time"))]
+    pub updated_at: String,
+}
+
+impl DeliveryView {
+    /// A delivery of the log as the REST API shows it, with its event's payload if still kept.
+    pub fn of(record: &DeliveryRecord, payload: Option<Value>) -> Self {
+        let time = |t: Option<Timestamp>| t.map(rfc3339);
+        Self {
+            attempts: record.attempts,
+            created_at: rfc3339(record.created_at),
+            delivered_at: time(record.delivered_at),
+            endpoint_id: record.endpoint_id.clone(),
+            event_type: record.event_type.clone(),
+            id: record.id.clone(),
+            last_error: record.last_error.as_deref().map(|e| truncate_error(e, MAX_ERROR_CHARS)),
+            max_attempts: record.max_attempts,
+            next_attempt_at: time(record.next_attempt_at),
+            organization_id: record.organization_id.clone(),
+            payload,
+            response_status: record.response_status,
+            state: record.state,
+            updated_at: rfc3339(record.updated_at),
+        }
+    }
+}
+
+/// The states of a delivery, every one: the match stops compiling when a state is added and not
+/// listed here.
+fn delivery_state_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let every = |state: DeliveryState| match state {
+        DeliveryState::Pending | DeliveryState::Succeeded | DeliveryState::Failed => state.as_str(),
+    };
+    let names = [DeliveryState::Pending, DeliveryState::Succeeded, DeliveryState::Failed].map(every);
+    schemars::json_schema!({"type": "string", "enum": names})
+}
+
+/// `GET .../deliveries`.
+#[derive(Serialize, Debug, Clone, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct DeliveryList {
+    /// Newest first.
+    pub deliveries: Vec<DeliveryView>,
+}
+
+/// One delivery: retry and test.
+#[derive(Serialize, Debug, Clone, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct DeliveryResponse {
+    /// The delivery, pending: it is attempted now.
+    pub delivery: DeliveryView,
+}
+
+/// `POST .../recover`.
+#[derive(Serialize, Debug, Clone, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct Recovered {
+    /// How many failed deliveries are pending again.
+    #[schemars(range(max = crate::work::MAX_RECOVERED))]
+    pub recovered: usize,
+}
+
+/// `POST .../portal-sessions`.
+#[derive(Serialize, Debug, Clone, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct PortalSession {
+    /// The portal with the token in its fragment (`.../portal/#token=...`); the page removes it
+    /// from the address bar as it loads.
+    pub url: String,
+    /// Bearer token for the REST routes of this organization.
+    #[schemars(extend("pattern" = format!(
+        "^{}[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]+$",
+        crate::auth::portal_token::TOKEN_PREFIX
+    )))]
+    pub token: String,
+    /// When the session ends (RFC 3339, UTC, with a Z).
+    #[schemars(extend("format" = "date-time"))]
+    pub expires_at: String,
 }
 
 /// Body of `POST /webhook-endpoints`.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Debug, Clone, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "CreateEndpoint")]
 pub struct CreateRequest {
-    /// Required delivery target.
+    /// Where deliveries are sent: an absolute https:// URL (http:// where the operator allows
+    /// it) with a host and no credentials.
+    #[schemars(extend("format" = "uri"), length(max = MAX_URL_LENGTH))]
     pub url: String,
-    /// Optional free text.
+    /// Free text.
     #[serde(default)]
+    #[schemars(length(max = MAX_DESCRIPTION_LENGTH))]
     pub description: Option<String>,
-    /// Optional event types; absent or empty means all.
+    /// Exact event types or prefixes ending in .*; empty or absent means all
     #[serde(default)]
+    #[schemars(
+        length(max = MAX_EVENT_TYPES),
+        inner(length(min = 1, max = MAX_EVENT_TYPE_LENGTH), pattern(EVENT_TYPE_PATTERN))
+    )]
     pub event_types: Option<Vec<String>>,
-    /// Optional; defaults to true.
+    /// Whether deliveries are sent; default true.
     #[serde(default)]
+    #[schemars(extend("default" = true))]
     pub is_active: Option<bool>,
 }
 
 /// Body of `PATCH /webhook-endpoints/{id}`: any subset of the settable fields.
-#[derive(Deserialize, Debug, Clone, Default)]
+#[derive(Deserialize, Debug, Clone, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "UpdateEndpoint")]
 pub struct UpdateRequest {
-    /// New delivery target.
+    /// New delivery target (the rules of create).
+    #[schemars(extend("format" = "uri"), length(max = MAX_URL_LENGTH))]
     pub url: Option<String>,
     /// New description.
+    #[schemars(length(max = MAX_DESCRIPTION_LENGTH))]
     pub description: Option<String>,
-    /// New event types (replaces the list).
+    /// New event types (replaces the list); exact types or prefixes ending in .*
+    #[schemars(
+        length(max = MAX_EVENT_TYPES),
+        inner(length(min = 1, max = MAX_EVENT_TYPE_LENGTH), pattern(EVENT_TYPE_PATTERN))
+    )]
     pub event_types: Option<Vec<String>>,
     /// New active flag.
     pub is_active: Option<bool>,
@@ -107,8 +309,8 @@ pub fn health(endpoint: &WebhookEndpoint) -> Health {
         .unwrap_or(Health::Unknown)
 }
 
-/// Maps a CR to the REST Endpoint object; `with_health` for list responses.
-pub fn endpoint_view(endpoint: &WebhookEndpoint, with_health: bool) -> EndpointView {
+/// Maps a CR to the REST Endpoint object.
+pub fn endpoint_view(endpoint: &WebhookEndpoint) -> EndpointView {
     EndpointView {
         created_at: rfc3339(created_at(endpoint)),
         description: endpoint.spec.description.clone(),
@@ -118,7 +320,14 @@ pub fn endpoint_view(endpoint: &WebhookEndpoint, with_health: bool) -> EndpointV
         organization_id: endpoint.spec.organization_id.clone(),
         updated_at: rfc3339(updated_at(endpoint)),
         url: endpoint.spec.url.clone(),
-        health: with_health.then(|| health(endpoint).as_str()),
+    }
+}
+
+/// Maps a CR to the Endpoint object of a list response, with its health.
+pub fn listed_endpoint_view(endpoint: &WebhookEndpoint) -> ListedEndpointView {
+    ListedEndpointView {
+        endpoint: endpoint_view(endpoint),
+        health: health(endpoint),
     }
 }
 
@@ -190,12 +399,15 @@ pub fn new_endpoint_name(now: Timestamp) -> String {
 }
 
 /// Body of `POST /webhook-endpoints/{id}/recover`.
-#[derive(Deserialize, Debug, Clone)]
+#[derive(Deserialize, Debug, Clone, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "RecoverDeliveries")]
 pub struct RecoverRequest {
-    /// Start of the window (RFC 3339), inclusive: failed deliveries created since then.
+    /// Start of the window, inclusive (RFC 3339): failed deliveries created since then.
+    #[schemars(extend("format" = "date-time"))]
     pub since: String,
-    /// End of the window (RFC 3339), exclusive; default now.
+    /// End of the window, exclusive (RFC 3339); default now.
+    #[schemars(extend("format" = "date-time"))]
     pub until: Option<String>,
 }
 
@@ -225,14 +437,65 @@ pub fn recover_window(request: &RecoverRequest, now: Timestamp) -> Result<(Times
 
 /// The delivery settings of an endpoint (`GET` and `PATCH .../settings`): a sub-resource, so the
 /// documented Endpoint object keeps its exact fields.
-#[derive(Serialize, Debug, Clone, PartialEq)]
+#[derive(Serialize, Debug, Clone, PartialEq, JsonSchema)]
+#[schemars(rename = "Settings", deny_unknown_fields)]
 pub struct SettingsView {
-    /// Extra headers sent with every delivery.
+    /// Extra headers sent with every delivery. Names are HTTP tokens, unique ignoring case; the
+    /// operator's own headers cannot be set. Values are never logged.
+    #[schemars(schema_with = "headers_schema")]
     pub headers: BTreeMap<String, String>,
-    /// Most deliveries per second, or null for no limit.
+    /// Most deliveries per second to this endpoint; null for no limit. Deliveries over the rate
+    /// wait; none is dropped.
+    #[schemars(range(min = 1, max = MAX_RATE_LIMIT))]
     pub rate_limit: Option<u32>,
-    /// Attempts per delivery, or null for the retry schedule's length.
+    /// Attempts per delivery before it fails; null for the retry schedule's length.
+    #[schemars(range(min = 1, max = MAX_ATTEMPTS_LIMIT))]
     pub max_attempts: Option<u32>,
+}
+
+/// A header name the operator sets itself, in any case: `^(host|...)$` with every letter a
+/// class of both cases (JSON Schema patterns have no flag for case).
+fn forbidden_header_pattern() -> String {
+    let any_case = |name: &str| -> String {
+        name.chars()
+            .map(|c| match c.is_ascii_alphabetic() {
+                true => format!("[{}{}]", c.to_ascii_lowercase(), c.to_ascii_uppercase()),
+                false => c.to_string(),
+            })
+            .collect()
+    };
+    let names: Vec<String> = FORBIDDEN_HEADERS.iter().map(|n| any_case(n)).collect();
+    format!("^({})$", names.join("|"))
+}
+
+/// The schema of delivery headers, with every rule [`crate::validation::validate_headers`]
+/// enforces that a schema can state (not: a name given twice in another case).
+fn headers_object_schema() -> Value {
+    json!({
+        "type": "object",
+        "maxProperties": MAX_CUSTOM_HEADERS,
+        "propertyNames": {
+            "pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]+$",
+            "maxLength": 256,
+            "not": {"pattern": forbidden_header_pattern()},
+        },
+        "additionalProperties": {
+            "type": "string",
+            "maxLength": MAX_HEADER_VALUE_LENGTH,
+            "pattern": HEADER_VALUE_PATTERN,
+        },
+    })
+}
+
+fn headers_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    serde_json::from_value(headers_object_schema()).expect("an object is a schema")
+}
+
+/// [`headers_schema`], or null.
+fn nullable_headers_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    let mut schema = headers_object_schema();
+    schema["type"] = json!(["object", "null"]);
+    serde_json::from_value(schema).expect("an object is a schema")
 }
 
 /// What a redacted header value reads.
@@ -256,17 +519,25 @@ pub fn settings_view(endpoint: &WebhookEndpoint) -> SettingsView {
 
 /// Body of `PATCH .../settings`: a field left out is kept; a field set to `null` is cleared;
 /// `headers` replaces the whole map.
-#[derive(Deserialize, Debug, Clone, Default)]
+#[derive(Deserialize, Debug, Clone, Default, JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "UpdateSettings")]
 pub struct SettingsPatch {
-    /// New headers (the whole map), or null for none.
+    /// Extra headers sent with every delivery (the whole map), or null for none. Names are HTTP
+    /// tokens, unique ignoring case; the operator's own headers (webhook-id, webhook-timestamp,
+    /// webhook-signature, content-type, content-length, host, user-agent, connection,
+    /// transfer-encoding, te, trailer, upgrade, keep-alive, proxy-connection) cannot be set.
+    /// Values are never logged.
     #[serde(default, deserialize_with = "given")]
+    #[schemars(schema_with = "nullable_headers_schema")]
     pub headers: Option<Option<BTreeMap<String, String>>>,
-    /// New rate limit, or null for none.
+    /// Most deliveries per second to this endpoint, or null for no limit.
     #[serde(default, deserialize_with = "given")]
+    #[schemars(with = "Option<u32>", range(min = 1, max = MAX_RATE_LIMIT))]
     pub rate_limit: Option<Option<u32>>,
-    /// New attempt limit, or null for the schedule's length.
+    /// Attempts per delivery before it fails, or null for the retry schedule's length.
     #[serde(default, deserialize_with = "given")]
+    #[schemars(with = "Option<u32>", range(min = 1, max = MAX_ATTEMPTS_LIMIT))]
     pub max_attempts: Option<Option<u32>>,
 }
 
@@ -301,7 +572,7 @@ pub fn settings_patch(organization_id: &str, request: &SettingsPatch) -> Result<
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, Time};
 
@@ -309,6 +580,60 @@ mod tests {
 
     fn ts(s: i64) -> Timestamp {
         Timestamp::from_second(s).unwrap()
+    }
+
+    /// An endpoint with every optional setting given, for the document's tests.
+    pub(in crate::api) fn example_endpoint() -> WebhookEndpoint {
+        let mut ep = endpoint();
+        ep.spec.description = "orders".into();
+        ep.spec.event_types = vec!["database.*".into(), "webhook.test".into()];
+        ep.spec.headers.insert("X-Tenant".into(), "a".into());
+        ep.spec.rate_limit = Some(5);
+        ep.spec.max_attempts = Some(3);
+        ep
+    }
+
+    /// A pending delivery and a finished one, with every field that may be null given and not.
+    pub(in crate::api) fn example_deliveries() -> Vec<DeliveryView> {
+        let at = |s| Timestamp::from_second(s).unwrap();
+        let pending = DeliveryRecord {
+            id: "msg_1".into(),
+            endpoint_id: "ep-1".into(),
+            organization_id: "org_1".into(),
+            event_id: "evt_1".into(),
+            event_type: "database.created".into(),
+            state: DeliveryState::Pending,
+            attempts: 0,
+            max_attempts: 8,
+            created_at: at(1_700_000_000),
+            updated_at: at(1_700_000_000),
+            next_attempt_at: Some(at(1_700_000_005)),
+            delivered_at: None,
+            response_status: None,
+            last_error: None,
+        };
+        let done = DeliveryRecord {
+            state: DeliveryState::Failed,
+            attempts: 8,
+            next_attempt_at: None,
+            response_status: Some(500),
+            last_error: Some("HTTP 500".into()),
+            ..pending.clone()
+        };
+        let succeeded = DeliveryRecord {
+            state: DeliveryState::Succeeded,
+            attempts: 1,
+            next_attempt_at: None,
+            delivered_at: Some(at(1_700_000_001)),
+            response_status: Some(200),
+            ..pending.clone()
+        };
+        let payload = json!({"type": "database.created", "timestamp": "2023-11-14T22:13:20Z", "data": {"n": 1}});
+        vec![
+            DeliveryView::of(&pending, Some(payload)),
+            DeliveryView::of(&done, None),
+            DeliveryView::of(&succeeded, None),
+        ]
     }
 
     fn endpoint() -> WebhookEndpoint {
@@ -331,7 +656,7 @@ mod tests {
 
     #[test]
     fn view_has_exactly_the_documented_fields() {
-        let view = serde_json::to_value(endpoint_view(&endpoint(), false)).unwrap();
+        let view = serde_json::to_value(endpoint_view(&endpoint())).unwrap();
         let keys: Vec<_> = view.as_object().unwrap().keys().cloned().collect();
         assert_eq!(
             keys,
@@ -349,7 +674,10 @@ mod tests {
         assert_eq!(view["created_at"], "2019-08-24T14:15:22Z");
         assert_eq!(view["updated_at"], "2019-08-24T14:15:22Z");
         assert_eq!(view["is_active"], true);
-        let listed = serde_json::to_value(endpoint_view(&endpoint(), true)).unwrap();
+        let listed = serde_json::to_value(listed_endpoint_view(&endpoint())).unwrap();
+        let mut listed_keys: Vec<_> = listed.as_object().unwrap().keys().cloned().collect();
+        listed_keys.retain(|k| k != "health");
+        assert_eq!(listed_keys, keys, "the Endpoint object's fields and its health");
         assert_eq!(listed["health"], "unknown");
     }
 

@@ -4,8 +4,8 @@
 //! a server, and then calls the documented REST routes with it.
 
 use serde::Deserialize;
+use warp::Reply;
 use warp::http::{HeaderMap, HeaderValue, Response, StatusCode, header};
-use warp::{Filter, Reply};
 
 /// The page.
 pub const INDEX_HTML: &str = include_str!("portal/index.html");
@@ -21,8 +21,9 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
      base-uri 'none'; form-action 'none'";
 
 /// Body of `POST /v1/organizations/{org}/portal-sessions`; an empty body means `{}`.
-#[derive(Deserialize, Debug, Clone, Default)]
+#[derive(Deserialize, Debug, Clone, Default, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "CreatePortalSession")]
 pub struct SessionRequest {
     /// A session that may only read.
     #[serde(default)]
@@ -36,15 +37,6 @@ impl SessionRequest {
             return Ok(Self::default());
         }
         crate::http::parse_json(body)
-    }
-}
-
-/// The route template of a portal asset path segment, for metrics.
-pub fn asset_route(asset: &str) -> Option<&'static str> {
-    match asset {
-        "app.js" => Some("/portal/app.js"),
-        "app.css" => Some("/portal/app.css"),
-        _ => None,
     }
 }
 
@@ -110,25 +102,27 @@ fn asset(body: &'static str, content_type: &'static str) -> warp::reply::Respons
     response
 }
 
-/// `GET /portal` (redirected), `/portal/`, `/portal/app.js`, `/portal/app.css`.
-pub fn routes() -> impl Filter<Extract = (warp::reply::Response,), Error = warp::Rejection> + Clone {
-    warp::get()
-        .and(warp::path::full())
-        .and_then(|path: warp::path::FullPath| async move {
-            match path.as_str() {
-                "/portal/" => Ok(asset(INDEX_HTML, "text/html; charset=utf-8")),
-                "/portal/app.js" => Ok(asset(APP_JS, "text/javascript; charset=utf-8")),
-                "/portal/app.css" => Ok(asset(APP_CSS, "text/css; charset=utf-8")),
-                "/portal" => {
-                    let mut response = StatusCode::PERMANENT_REDIRECT.into_response();
-                    response
-                        .headers_mut()
-                        .insert(header::LOCATION, HeaderValue::from_static("/portal/"));
-                    Ok(response)
-                }
-                _ => Err(warp::reject::not_found()),
-            }
-        })
+/// `GET /portal/`: the page; `/portal` (the route's template without its slash) redirects there,
+/// so that the page's relative links resolve under `/portal/`.
+pub fn page(path: &str) -> warp::reply::Response {
+    if path.ends_with('/') {
+        return asset(INDEX_HTML, "text/html; charset=utf-8");
+    }
+    let mut response = StatusCode::PERMANENT_REDIRECT.into_response();
+    response
+        .headers_mut()
+        .insert(header::LOCATION, HeaderValue::from_static("/portal/"));
+    response
+}
+
+/// `GET /portal/app.js`.
+pub fn script() -> warp::reply::Response {
+    asset(APP_JS, "text/javascript; charset=utf-8")
+}
+
+/// `GET /portal/app.css`.
+pub fn styles() -> warp::reply::Response {
+    asset(APP_CSS, "text/css; charset=utf-8")
 }
 
 #[cfg(test)]
@@ -178,37 +172,20 @@ mod tests {
         assert_eq!(base_url(None, &headers), "https://localhost");
     }
 
-    #[tokio::test]
-    async fn serves_the_page_its_files_and_a_redirect() {
-        let filter = routes();
-        for (path, status, content_type) in [
-            ("/portal/", 200, "text/html; charset=utf-8"),
-            ("/portal/app.js", 200, "text/javascript; charset=utf-8"),
-            ("/portal/app.css", 200, "text/css; charset=utf-8"),
+    #[test]
+    fn serves_the_page_its_files_and_a_redirect() {
+        for (response, content_type) in [
+            (page("/portal/"), "text/html; charset=utf-8"),
+            (script(), "text/javascript; charset=utf-8"),
+            (styles(), "text/css; charset=utf-8"),
         ] {
-            let response = warp::test::request().path(path).reply(&filter).await;
-            assert_eq!(response.status(), status, "{path}");
-            assert_eq!(response.headers()["content-type"], content_type, "{path}");
+            assert_eq!(response.status(), 200, "{content_type}");
+            assert_eq!(response.headers()["content-type"], content_type);
             assert_eq!(response.headers()["content-security-policy"], CONTENT_SECURITY_POLICY);
         }
-        let redirect = warp::test::request().path("/portal").reply(&filter).await;
+        let redirect = page("/portal");
         assert_eq!(redirect.status().as_u16(), 308);
         assert_eq!(redirect.headers()["location"], "/portal/");
-        assert!(
-            warp::test::request()
-                .path("/portal/x.js")
-                .filter(&filter)
-                .await
-                .is_err()
-        );
-        assert!(
-            warp::test::request()
-                .method("POST")
-                .path("/portal/")
-                .filter(&filter)
-                .await
-                .is_err()
-        );
     }
 
     #[test]

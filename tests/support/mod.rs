@@ -339,7 +339,7 @@ pub async fn install_crd(client: &Client) {
 
 /// Validates a response body against a schema of the served OpenAPI document.
 pub fn assert_conforms(schema: &str, value: &serde_json::Value) {
-    let doc: serde_json::Value = serde_json::from_str(capy_webhooks::api::OPENAPI_JSON).unwrap();
+    let doc = capy_webhooks::api::openapi::document();
     let root = serde_json::json!({
         "$schema": "https://json-schema.org/draft/2020-12/schema",
         "$ref": format!("#/components/schemas/{schema}"),
