@@ -582,6 +582,61 @@ pub(super) mod tests {
         Timestamp::from_second(s).unwrap()
     }
 
+    #[test]
+    fn a_delivery_view_has_exactly_the_contract_keys() {
+        let created = Timestamp::from_second(1_700_000_003).unwrap();
+        let record = DeliveryRecord::pending(
+            "msg_3".into(),
+            "ep1",
+            "org_1",
+            ("evt_3", "database.created"),
+            8,
+            created,
+        );
+        let payload = json!({"type": "database.created", "timestamp": "2023-11-14T22:13:20Z", "data": {"n": 3}});
+        let api = serde_json::to_value(DeliveryView::of(&record, Some(payload))).unwrap();
+        let keys: Vec<&str> = api.as_object().unwrap().keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            [
+                "attempts",
+                "created_at",
+                "delivered_at",
+                "endpoint_id",
+                "event_type",
+                "id",
+                "last_error",
+                "max_attempts",
+                "next_attempt_at",
+                "organization_id",
+                "payload",
+                "response_status",
+                "state",
+                "updated_at"
+            ]
+        );
+        assert_eq!(api["delivered_at"], Value::Null);
+        assert_eq!(api["response_status"], Value::Null);
+        assert_eq!(api["last_error"], Value::Null);
+        assert_eq!(api["state"], "pending");
+        assert_eq!(api["created_at"], "2023-11-14T22:13:23Z");
+        assert_eq!(api["payload"]["data"]["n"], 3);
+
+        let mut done = record;
+        done.state = DeliveryState::Succeeded;
+        done.delivered_at = Some(Timestamp::from_nanosecond(1_700_000_010_999_000_000).unwrap());
+        done.response_status = Some(200);
+        done.next_attempt_at = None;
+        done.last_error = Some("e".repeat(MAX_ERROR_CHARS + 10));
+        let api = serde_json::to_value(DeliveryView::of(&done, None)).unwrap();
+        assert_eq!(api["payload"], Value::Null);
+        assert_eq!(api["delivered_at"], "2023-11-14T22:13:30Z");
+        assert_eq!(api["response_status"], 200);
+        assert_eq!(api["next_attempt_at"], Value::Null);
+        assert_eq!(api["state"], "succeeded");
+        assert!(api["last_error"].as_str().unwrap().chars().count() <= MAX_ERROR_CHARS);
+    }
+
     /// An endpoint with every optional setting given, for the document's tests.
     pub(in crate::api) fn example_endpoint() -> WebhookEndpoint {
         let mut ep = endpoint();

@@ -853,9 +853,12 @@ impl DeliveryLog {
 
     /// Takes back a batch whose writes failed (all or some: which ones is unknown), so that the
     /// next batch writes it again: entries it stored are stored again (in new segments), the
-    /// segments it created may exist and are deleted once they are the oldest, and the segments it
-    /// deleted are deleted again, before any deleted since.
+    /// segments it created may exist and are deleted by the next batch, after its creates (so an
+    /// entry taken out of the image meanwhile, such as a delivery whose event was answered 503,
+    /// is not read back from one of them), and the segments it deleted are deleted again, before
+    /// any deleted since.
     pub fn restore(&mut self, writes: PendingWrites) {
+        let mut taken_back = Vec::new();
         for (created, write) in writes.created.into_iter().zip(&writes.writes) {
             // A delivery pruned while this write was in flight is no longer dirty nor live here,
             // yet the version the write carried may be its newest: retire it, so that it is stored.
@@ -873,13 +876,14 @@ impl DeliveryLog {
                     }
                 }
             }
-            if let Some(segment) = self.segments.get_mut(&created.seq) {
-                segment.live_bytes = 0;
-                for id in std::mem::take(&mut segment.live) {
+            // Gone from the image already if a later batch compacted it: that batch deletes it.
+            if let Some(segment) = self.segments.remove(&created.seq) {
+                for id in segment.live {
                     if self.forget_seq(&id) {
                         self.dirty.insert(id);
                     }
                 }
+                taken_back.push(segment.name);
             }
             for record in created.retired {
                 if !self.records.contains_key(&record.id) {
@@ -889,6 +893,9 @@ impl DeliveryLog {
         }
         let mut deleting = writes.deleted;
         deleting.append(&mut self.deleting);
+        // Restored newest batch first: the oldest of these last.
+        taken_back.reverse();
+        deleting.append(&mut taken_back);
         self.deleting = deleting;
     }
 
@@ -898,6 +905,7 @@ impl DeliveryLog {
     pub fn forget_segment(&mut self, name: &str) {
         self.segments
             .retain(|_, segment| segment.name != name || !segment.live.is_empty());
+        self.deleting.retain(|deleting| deleting != name);
     }
 
     /// Marks an entry's live version as not stored; false if the image does not hold it.

@@ -2,7 +2,7 @@
 
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
-use serde_json::{Value, json};
+use serde_json::Value;
 
 use crate::delivery::outcome::NextStep;
 
@@ -268,28 +268,6 @@ impl DeliveryRecord {
         self.state.is_finished()
     }
 
-    /// The contract's Delivery object: exactly its keys, `null` where a value is absent,
-    /// timestamps RFC 3339 UTC in whole seconds with `Z`. `payload` is the event's envelope.
-    pub fn to_api(&self, payload: Option<&Value>) -> Value {
-        let time = |t: Option<Timestamp>| t.map(crate::resources::rfc3339);
-        json!({
-            "attempts": self.attempts,
-            "created_at": crate::resources::rfc3339(self.created_at),
-            "delivered_at": time(self.delivered_at),
-            "endpoint_id": self.endpoint_id,
-            "event_type": self.event_type,
-            "id": self.id,
-            "last_error": self.last_error.as_deref().map(|e| truncate_error(e, MAX_ERROR_CHARS)),
-            "max_attempts": self.max_attempts,
-            "next_attempt_at": time(self.next_attempt_at),
-            "organization_id": self.organization_id,
-            "payload": payload,
-            "response_status": self.response_status,
-            "state": self.state.as_str(),
-            "updated_at": crate::resources::rfc3339(self.updated_at),
-        })
-    }
-
     /// Brings the record to what storing it keeps: `last_error` capped, times in whole
     /// milliseconds. The in-memory log holds records in this form, so that it equals what a
     /// recovery reads back.
@@ -476,51 +454,6 @@ pub(crate) mod tests {
         let exact = "x".repeat(MAX_ERROR_CHARS);
         assert_eq!(truncate_error(&exact, MAX_ERROR_CHARS), exact);
         assert_eq!(truncate_error("abc", 0), "");
-    }
-
-    #[test]
-    fn to_api_has_exactly_the_contract_keys() {
-        let r = record(3, DeliveryState::Pending);
-        let payload = json!({"type": "database.created", "timestamp": "2023-11-14T22:13:20Z", "data": {"n": 3}});
-        let api = r.to_api(Some(&payload));
-        let keys: Vec<&str> = api.as_object().unwrap().keys().map(String::as_str).collect();
-        assert_eq!(
-            keys,
-            [
-                "attempts",
-                "created_at",
-                "delivered_at",
-                "endpoint_id",
-                "event_type",
-                "id",
-                "last_error",
-                "max_attempts",
-                "next_attempt_at",
-                "organization_id",
-                "payload",
-                "response_status",
-                "state",
-                "updated_at"
-            ]
-        );
-        assert_eq!(api["delivered_at"], Value::Null);
-        assert_eq!(api["response_status"], Value::Null);
-        assert_eq!(api["last_error"], Value::Null);
-        assert_eq!(api["state"], "pending");
-        assert_eq!(api["created_at"], "2023-11-14T22:13:23Z");
-        assert_eq!(api["payload"]["data"]["n"], 3);
-
-        let mut done = r.clone();
-        done.state = DeliveryState::Succeeded;
-        done.delivered_at = Some(Timestamp::from_nanosecond(1_700_000_010_999_000_000).unwrap());
-        done.response_status = Some(200);
-        done.next_attempt_at = None;
-        let api = done.to_api(None);
-        assert_eq!(api["payload"], Value::Null);
-        assert_eq!(api["delivered_at"], "2023-11-14T22:13:30Z");
-        assert_eq!(api["response_status"], 200);
-        assert_eq!(api["next_attempt_at"], Value::Null);
-        assert_eq!(api["state"], "succeeded");
     }
 
     /// A record exactly as version 0.1 stored it (`<endpoint>-deliveries-<seq>` segments).

@@ -404,20 +404,7 @@ impl Dispatcher {
             }
         };
         let wanted: BTreeMap<u32, Fence> = acquired.into_iter().collect();
-        for (&shard, fence) in &wanted {
-            let (stop, _) = watch::channel(self.is_stopping());
-            let run = ShardRun {
-                stop,
-                tracker: tokio_util::task::TaskTracker::new(),
-                aborts: Vec::new(),
-                fence: fence.clone(),
-            };
-            if let Some(old) = self.shards.lock().expect("shards lock").insert(shard, run) {
-                for abort in old.aborts {
-                    abort.abort();
-                }
-            }
-        }
+        let mut logs = Vec::new();
         let mut resumed = 0;
         for ((namespace, organization), cms) in crate::delivery_log::group_by_organization(configmaps) {
             if !wanted.contains_key(&shard_of(&organization)) {
@@ -433,12 +420,39 @@ impl Dispatcher {
                 log.avoid_name(cm.metadata.name.as_deref().unwrap_or_default());
             }
             resumed += log.pending_count();
-            let endpoints: Vec<String> = log.endpoints().map(str::to_string).collect();
-            let key = (namespace.clone(), organization);
-            self.spawn_worker(key.clone(), log);
-            let mut routes = self.routes.lock().expect("routes lock");
-            for endpoint in endpoints {
-                routes.insert(ObjectRef::new(&endpoint).within(&namespace), key.clone());
+            logs.push(((namespace, organization), log));
+        }
+        // The shards' runs and every worker read back start in one step under the shards lock:
+        // an event that passed the ownership check before the shard was read again must not
+        // find the run without its log's worker and start one over an empty log.
+        {
+            let mut shards = self.shards.lock().expect("shards lock");
+            for (&shard, fence) in &wanted {
+                let (stop, _) = watch::channel(self.is_stopping());
+                let run = ShardRun {
+                    stop,
+                    tracker: tokio_util::task::TaskTracker::new(),
+                    aborts: Vec::new(),
+                    fence: fence.clone(),
+                };
+                if let Some(old) = shards.insert(shard, run) {
+                    for abort in old.aborts {
+                        abort.abort();
+                    }
+                    // The replaced run's workers are gone: none may pass for this shard's.
+                    self.workers
+                        .lock()
+                        .expect("workers lock")
+                        .retain(|(_, org), _| shard_of(org) != shard);
+                }
+            }
+            for (key, log) in logs {
+                let endpoints: Vec<String> = log.endpoints().map(str::to_string).collect();
+                self.spawn_worker_in(&mut shards, key.clone(), log);
+                let mut routes = self.routes.lock().expect("routes lock");
+                for endpoint in endpoints {
+                    routes.insert(ObjectRef::new(&endpoint).within(&key.0), key.clone());
+                }
             }
         }
         for &shard in wanted.keys() {
@@ -558,13 +572,8 @@ impl Dispatcher {
         });
     }
 
-    /// Starts the worker of a log in its shard; `None` when the shard is not held here.
-    fn spawn_worker(&self, key: WorkerKey, log: DeliveryLog) -> Option<mpsc::Sender<Msg>> {
-        let mut shards = self.shards.lock().expect("shards lock");
-        self.spawn_worker_in(&mut shards, key, log)
-    }
-
-    /// [`Self::spawn_worker`] with the shards lock already held.
+    /// Starts the worker of a log in its shard, with the shards lock held (looking for a worker
+    /// and starting one is one step); `None` when the shard is not held here.
     fn spawn_worker_in(
         &self,
         shards: &mut HashMap<u32, ShardRun>,

@@ -572,10 +572,21 @@ impl Worker {
         }
     }
 
-    /// Answers 503 to whoever waits on a write that failed, and withdraws what they added.
+    /// Answers 503 to whoever waits on a write that failed, and withdraws what they added. Call
+    /// only with no batch in flight (every failed batch given back).
     fn refuse(&mut self, acks: Vec<Ack>, error: &SubmitError) {
         for ack in acks {
             if let Ack::Enqueued(added, tx) = ack {
+                let stored_elsewhere = added
+                    .deliveries
+                    .iter()
+                    .any(|id| !self.unpersisted.contains(id) && self.log.get(id).is_some());
+                if stored_elsewhere {
+                    // A batch that succeeded carried a copy (a compaction), so it may be sent
+                    // already: it cannot be taken back; its caller waits for the rest instead.
+                    self.waiting.push(Ack::Enqueued(added, tx));
+                    continue;
+                }
                 self.withdraw(added);
                 let _ = tx.send(Err(error.clone()));
             } else {
@@ -842,8 +853,9 @@ impl Worker {
         }
         self.write_retry_at = None;
         // Whoever gave up waiting was answered 503 (the persist timeout): what they added is
-        // not written.
-        if self.waiting.iter().any(Ack::abandoned) {
+        // not written. Not while a failed batch awaits its give-back: what it carried is not
+        // back in the log yet, and would be written after all.
+        if self.pipeline.has_room() && self.waiting.iter().any(Ack::abandoned) {
             let (abandoned, waiting): (Vec<Ack>, Vec<Ack>) =
                 std::mem::take(&mut self.waiting).into_iter().partition(Ack::abandoned);
             self.waiting = waiting;

@@ -805,8 +805,8 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
     let mut log = new_log(config(10, 8 * 1024, 16));
     let mut server = FakeServer::default();
 
-    // The only segment's create fails: it may exist, holds no live record, and is deleted once
-    // the records are stored again, in a new segment.
+    // The only segment's create fails: it may exist, so it leaves the image and the next batch
+    // deletes it, after storing its records again in a new segment.
     log.insert(record(0, DeliveryState::Pending)).unwrap();
     log.insert(record(1, DeliveryState::Pending)).unwrap();
     let writes = log.take_writes();
@@ -814,7 +814,7 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
     assert!(server.apply(&writes, Some(0)).is_err());
     log.restore(writes);
     assert!(log.has_changes());
-    assert_eq!(log.segments()[0].ids, Vec::<String>::new());
+    assert!(log.segments().is_empty());
     log.insert(record(2, DeliveryState::Pending)).unwrap();
     let writes = log.take_writes();
     assert_eq!(
@@ -828,7 +828,8 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
     server.apply(&writes, None).unwrap();
     assert_in_sync(&log, &server);
 
-    // A failed create behind an older segment with live records: the uncertain segment waits.
+    // A failed create behind an older segment with live records: deleted all the same, out of
+    // turn, once the next batch stored what it held.
     let mut r = log.get(&id(0)).unwrap().clone();
     r.attempts = 1;
     assert!(log.update(r.clone()));
@@ -837,25 +838,27 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
     assert!(server.apply(&writes, Some(0)).is_err());
     log.restore(writes);
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("org-1-dfc76549-journal-4", true)]);
+    assert_eq!(
+        names(&writes),
+        [("org-1-dfc76549-journal-4", true), ("org-1-dfc76549-journal-3", false)]
+    );
     assert_eq!(
         Some(&entries(created(&writes)[0])),
         Some(&BTreeMap::from([(id(0), r.to_stored())]))
     );
     server.apply(&writes, None).unwrap();
     assert!(!log.has_changes());
-    assert_records_recover(&log, &server);
+    assert_in_sync(&log, &server);
     let segments: Vec<(String, Vec<String>)> = log.segments().into_iter().map(|s| (s.name, s.ids)).collect();
     assert_eq!(
         segments,
         [
             ("org-1-dfc76549-journal-2".to_string(), ids([1, 2])),
-            ("org-1-dfc76549-journal-3".to_string(), vec![]),
             ("org-1-dfc76549-journal-4".to_string(), ids([0])),
         ]
     );
 
-    // A create applied whose answer was lost: the segment exists but is uncertain all the same.
+    // A create applied whose answer was lost: the segment exists, and goes the same way.
     let mut r1 = log.get(&id(1)).unwrap().clone();
     r1.attempts = 1;
     assert!(log.update(r1));
@@ -866,49 +869,62 @@ fn restore_after_a_failed_create_writes_the_records_again_in_a_new_segment() {
     assert!(log.has_changes());
     assert_records_recover(&log, &server);
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("org-1-dfc76549-journal-6", true)]);
+    assert_eq!(
+        names(&writes),
+        [("org-1-dfc76549-journal-6", true), ("org-1-dfc76549-journal-5", false)]
+    );
     server.apply(&writes, None).unwrap();
-    assert_records_recover(&log, &server);
+    assert_in_sync(&log, &server);
 
-    // Once segment 2 holds no live record, it and every uncertain segment after it go.
+    // Segments leave from the front as before once they hold no live record.
     let mut r2 = log.get(&id(2)).unwrap().clone();
     r2.attempts = 1;
     assert!(log.update(r2));
     let writes = log.take_writes();
     assert_eq!(
         names(&writes),
-        [
-            ("org-1-dfc76549-journal-7", true),
-            ("org-1-dfc76549-journal-2", false),
-            ("org-1-dfc76549-journal-3", false)
-        ]
+        [("org-1-dfc76549-journal-7", true), ("org-1-dfc76549-journal-2", false)]
     );
     server.apply(&writes, None).unwrap();
-    assert_records_recover(&log, &server);
-    // Segment 4 holds record 0's live version; segment 5 is uncertain (and exists) behind it.
+    assert_in_sync(&log, &server);
     assert_eq!(
         log.segments().into_iter().map(|s| s.name).collect::<Vec<_>>(),
         [
             "org-1-dfc76549-journal-4",
-            "org-1-dfc76549-journal-5",
             "org-1-dfc76549-journal-6",
             "org-1-dfc76549-journal-7"
         ]
     );
-    let mut r0 = log.get(&id(0)).unwrap().clone();
-    r0.attempts = 2;
-    assert!(log.update(r0));
+}
+
+/// Whatever a failed batch held and the image no longer has (a delivery taken back because its
+/// event was answered 503) is not read back from the failed batch's segments, even those whose
+/// create landed.
+#[test]
+fn a_delivery_taken_back_after_a_failed_batch_is_never_read_back() {
+    let mut log = new_log(config(10, 8 * 1024, 16));
+    let mut server = FakeServer::default();
+    log.insert(record(0, DeliveryState::Pending)).unwrap();
+    commit(&mut log, &mut server);
+    // Two segments in one batch (a small segment budget is not needed: two batches restored
+    // together behave the same); the first lands, the second fails.
+    log.insert(record(1, DeliveryState::Pending)).unwrap();
+    let first = log.take_writes();
+    log.insert(record(2, DeliveryState::Pending)).unwrap();
+    let second = log.take_writes();
+    server.apply(&first, None).unwrap();
+    assert!(server.apply(&second, Some(0)).is_err());
+    log.restore(second);
+    log.restore(first);
+    // Record 1's event was answered 503: taken out; record 2 stays and is written again.
+    assert!(log.discard_unstored(&id(1)));
     let writes = log.take_writes();
-    assert_eq!(
-        names(&writes),
-        [
-            ("org-1-dfc76549-journal-8", true),
-            ("org-1-dfc76549-journal-4", false),
-            ("org-1-dfc76549-journal-5", false)
-        ]
-    );
     server.apply(&writes, None).unwrap();
     assert_in_sync(&log, &server);
+    assert!(log.get(&id(1)).is_none());
+    let read_back = recover(&server, log.config().clone());
+    assert!(read_back.get(&id(1)).is_none(), "a taken-back delivery came back");
+    assert!(read_back.get(&id(2)).is_some());
 }
 
 #[test]
@@ -928,9 +944,12 @@ fn restore_writes_retired_records_again() {
     assert!(server.apply(&writes, Some(0)).is_err());
     log.restore(writes);
     assert!(log.has_changes());
-    // The next batch stores it again, in a new segment.
+    // The next batch stores it again, in a new segment, and deletes the failed one.
     let writes = log.take_writes();
-    assert_eq!(names(&writes), [("org-1-dfc76549-journal-3", true)]);
+    assert_eq!(
+        names(&writes),
+        [("org-1-dfc76549-journal-3", true), ("org-1-dfc76549-journal-2", false)]
+    );
     assert_eq!(
         Some(&entries(created(&writes)[0])),
         Some(&BTreeMap::from([(id(1), done.to_stored())]))
@@ -939,12 +958,12 @@ fn restore_writes_retired_records_again() {
     server.apply(&writes, None).unwrap();
     assert_records_recover(&log, &server);
     assert!(recover(&server, cfg).get(&id(1)).is_none(), "not pending again");
-    // Segment 2 is uncertain, behind segment 1 which holds record 0: both wait.
+    // Segment 2 went although segment 1, which holds record 0, is older; segment 3 (only the
+    // retired version) waits behind segment 1.
     assert_eq!(
         log.segments().into_iter().map(|s| (s.name, s.ids)).collect::<Vec<_>>(),
         [
             ("org-1-dfc76549-journal-1".to_string(), ids([0])),
-            ("org-1-dfc76549-journal-2".to_string(), vec![]),
             ("org-1-dfc76549-journal-3".to_string(), vec![]),
         ]
     );
