@@ -879,12 +879,22 @@ async fn the_internal_work_route_trusts_nothing_in_its_body() {
         .as_str()
         .unwrap_or_else(|| panic!("one endpoint listed: {listed}"))
         .to_string();
-    let tested = http
-        .post(format!("{rest}/{id}/test"))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap();
+    // Replicas may still be settling who owns what (a shard just handed over answers 503 with
+    // Retry-After, as documented): retried as a client would.
+    let tested = support::wait_for("the forwarded test accepted", Duration::from_secs(20), || async {
+        let r = http
+            .post(format!("{rest}/{id}/test"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 503 {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            return None;
+        }
+        Some(r)
+    })
+    .await;
     assert_eq!(tested.status(), 202, "{:?}", tested.text().await);
     let deliveries = get(format!("{rest}/{id}/deliveries")).await;
     assert_eq!(
