@@ -770,3 +770,64 @@ async fn an_event_answered_503_is_never_delivered() {
     listed.sort();
     assert_eq!(listed, [1, 3, 4], "the event answered 503 is in the log");
 }
+
+/// Many endpoints on one host share the dispatcher's keep-alive connections: a second burst like
+/// the first reuses the connections the first opened instead of opening new ones (with an idle
+/// pool smaller than the attempts in flight, each burst closed and reopened most of them, which
+/// cost the operator about 40 % of its CPU at 100 endpoints in `make bench`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn endpoints_on_one_host_reuse_connections_across_bursts() {
+    const ENDPOINTS: usize = 40;
+    const EVENTS: usize = 4;
+    let s = setup("keepalive", Options::default()).await;
+    // Slow answers keep many attempts in flight at once: up to 8 per endpoint.
+    let receiver = Receiver::start(vec![Answer::Slow(Duration::from_millis(200)); 2 * ENDPOINTS * EVENTS]).await;
+    for n in 0..ENDPOINTS {
+        s.endpoint(&receiver.url(&format!("/ep{n}")), &[]).await;
+    }
+    support::wait_for("every endpoint known to the dispatcher", WAIT, || async {
+        let (_, body, _) = s.op.call("GET", &s.op.url(ORG, ""), Some(&s.key), None).await;
+        (body["webhook_endpoints"].as_array()?.len() == ENDPOINTS).then_some(())
+    })
+    .await;
+    let burst = |round: usize| {
+        let op = &s.op;
+        futures::future::join_all((0..EVENTS).map(move |n| async move {
+            let (status, body) = op.ingest(ORG, "burst.sent", json!({"round": round, "n": n})).await;
+            assert_eq!(status, 202, "{body}");
+        }))
+    };
+    let connections = |from: usize| -> std::collections::HashSet<std::net::SocketAddr> {
+        receiver.received()[from..].iter().filter_map(|r| r.remote).collect()
+    };
+    // Answered, not only received: each connection is back in the pool.
+    let op = &s.op;
+    let answered = |n: usize| async move {
+        support::wait_for(&format!("{n} deliveries succeeded"), WAIT, || async {
+            let text = op.metrics.encode();
+            let done = text
+                .lines()
+                .find_map(|l| l.strip_prefix("capy_webhooks_deliveries_total{outcome=\"succeeded\"} "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            (done as usize >= n).then_some(())
+        })
+        .await
+    };
+    burst(1).await;
+    answered(ENDPOINTS * EVENTS).await;
+    let first = connections(0);
+    burst(2).await;
+    answered(2 * ENDPOINTS * EVENTS).await;
+    let fresh = connections(ENDPOINTS * EVENTS).difference(&first).count();
+    assert!(
+        first.len() > 40,
+        "the first burst had many attempts in flight: {}",
+        first.len()
+    );
+    assert!(
+        fresh <= first.len() / 10,
+        "the second burst opened {fresh} new connections; the first opened {}",
+        first.len()
+    );
+}

@@ -58,7 +58,11 @@ pub struct SenderConfig {
     pub allow_http: bool,
     /// Response bodies are read up to this many bytes, never further.
     pub max_response_bytes: usize,
-    /// Idle keep-alive connections kept per receiver host.
+    /// Idle keep-alive connections kept per receiver host. Many endpoints often share a host
+    /// (one customer's, or a SaaS receiver's), each with up to `--per-endpoint-concurrency`
+    /// attempts in flight: a pool smaller than that closes connections only to open them again
+    /// on the next burst (at 100 endpoints on one host, connecting was about 40 % of the
+    /// operator's CPU per delivery). Idle connections still close after 90 s.
     pub pool_idle_per_host: usize,
 }
 
@@ -70,7 +74,7 @@ impl Default for SenderConfig {
             policy: TargetPolicy::default(),
             allow_http: false,
             max_response_bytes: 1024,
-            pool_idle_per_host: 32,
+            pool_idle_per_host: 1024,
         }
     }
 }

@@ -28,6 +28,8 @@ pub struct Received {
     pub headers: HeaderMap,
     pub body: Bytes,
     pub at: Instant,
+    /// The client's address: one per connection (keep-alive reuses it).
+    pub remote: Option<SocketAddr>,
 }
 
 impl Received {
@@ -67,33 +69,37 @@ impl Receiver {
             .and(warp::path::full())
             .and(warp::header::headers_cloned())
             .and(warp::body::bytes())
-            .then(move |path: warp::path::FullPath, headers: HeaderMap, body: Bytes| {
-                let (s, r) = (s.clone(), r.clone());
-                async move {
-                    r.lock().unwrap().push(Received {
-                        path: path.as_str().to_string(),
-                        headers,
-                        body,
-                        at: Instant::now(),
-                    });
-                    let answer = s.lock().unwrap().pop_front().unwrap_or(Answer::Status(200));
-                    match answer {
-                        Answer::Status(code) => {
-                            warp::reply::with_status("", StatusCode::from_u16(code).unwrap()).into_response()
-                        }
-                        Answer::RetryAfter(code, secs) => warp::reply::with_header(
-                            warp::reply::with_status("slow down", StatusCode::from_u16(code).unwrap()),
-                            "retry-after",
-                            secs.to_string(),
-                        )
-                        .into_response(),
-                        Answer::Slow(d) => {
-                            tokio::time::sleep(d).await;
-                            warp::reply().into_response()
+            .and(warp::addr::remote())
+            .then(
+                move |path: warp::path::FullPath, headers: HeaderMap, body: Bytes, remote| {
+                    let (s, r) = (s.clone(), r.clone());
+                    async move {
+                        r.lock().unwrap().push(Received {
+                            path: path.as_str().to_string(),
+                            headers,
+                            body,
+                            at: Instant::now(),
+                            remote,
+                        });
+                        let answer = s.lock().unwrap().pop_front().unwrap_or(Answer::Status(200));
+                        match answer {
+                            Answer::Status(code) => {
+                                warp::reply::with_status("", StatusCode::from_u16(code).unwrap()).into_response()
+                            }
+                            Answer::RetryAfter(code, secs) => warp::reply::with_header(
+                                warp::reply::with_status("slow down", StatusCode::from_u16(code).unwrap()),
+                                "retry-after",
+                                secs.to_string(),
+                            )
+                            .into_response(),
+                            Answer::Slow(d) => {
+                                tokio::time::sleep(d).await;
+                                warp::reply().into_response()
+                            }
                         }
                     }
-                }
-            });
+                },
+            );
         let listener = tokio::net::TcpListener::bind((ip, port)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         tokio::spawn(warp::serve(route).incoming(listener).run());
