@@ -436,14 +436,7 @@ impl Dispatcher {
                     fence: fence.clone(),
                 };
                 if let Some(old) = shards.insert(shard, run) {
-                    for abort in old.aborts {
-                        abort.abort();
-                    }
-                    // The replaced run's workers are gone: none may pass for this shard's.
-                    self.workers
-                        .lock()
-                        .expect("workers lock")
-                        .retain(|(_, org), _| shard_of(org) != shard);
+                    self.abort_run(shard, old);
                 }
             }
             for (key, log) in logs {
@@ -485,6 +478,11 @@ impl Dispatcher {
     /// Stops a shard's workers at once, writing nothing more; returns its fence.
     fn abort_shard(&self, shard: u32) -> Option<Fence> {
         let run = self.shards.lock().expect("shards lock").remove(&shard)?;
+        Some(self.abort_run(shard, run))
+    }
+
+    /// Stops a shard run's workers at once (taken out of the shards already); returns its fence.
+    fn abort_run(&self, shard: u32, run: ShardRun) -> Fence {
         for abort in &run.aborts {
             abort.abort();
         }
@@ -495,7 +493,7 @@ impl Dispatcher {
             .lock()
             .expect("workers lock")
             .retain(|(_, org), _| shard_of(org) != shard);
-        Some(run.fence)
+        run.fence
     }
 
     fn is_stopping(&self) -> bool {

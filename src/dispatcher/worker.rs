@@ -118,6 +118,15 @@ pub(crate) enum Ack {
 }
 
 impl Ack {
+    /// Whether whoever waits has given up (the persist timeout answered them 503).
+    fn abandoned(&self) -> bool {
+        match self {
+            Ack::Enqueued(_, tx) => tx.is_closed(),
+            Ack::Retried(_, tx) => tx.is_closed(),
+            Ack::Recovered(_, tx) => tx.is_closed(),
+        }
+    }
+
     fn answer(self, result: Result<(), SubmitError>) {
         match self {
             Ack::Enqueued(_, tx) => {
@@ -138,17 +147,6 @@ impl Ack {
 pub(crate) struct Added {
     deliveries: Vec<String>,
     event: Option<String>,
-}
-
-impl Ack {
-    /// Whether whoever waits has given up (the persist timeout answered them 503).
-    fn abandoned(&self) -> bool {
-        match self {
-            Ack::Enqueued(_, tx) => tx.is_closed(),
-            Ack::Retried(_, tx) => tx.is_closed(),
-            Ack::Recovered(_, tx) => tx.is_closed(),
-        }
-    }
 }
 
 /// The schedule and health of one endpoint.
