@@ -99,16 +99,20 @@ lint: ## rustfmt check and clippy with warnings as errors
 fuzz-tools: ## Install schemathesis (PyPI) for the OpenAPI fuzz test, once (cached)
 	@hack/fuzz-tools.sh >/dev/null
 
+.PHONY: promtool
+promtool: ## Build promtool (Prometheus' rule checker) from the Go module proxy for the alert tests, once (cached)
+	@hack/promtool.sh >/dev/null
+
 .PHONY: browser-tools
 browser-tools: ## Install headless Chromium and chromedriver (Debian) for the portal's browser test, once
 	@hack/browser-tools.sh
 
 .PHONY: test
-test: disk-check control-plane fuzz-tools browser-tools ## Every test: unit tests, integration tests on a real control plane, pods on a real node
+test: disk-check control-plane fuzz-tools promtool browser-tools ## Every test: unit tests, integration tests on a real control plane, pods on a real node
 	$(CARGO) fmt --all -- --check
 	@# The images first: cargo holds target/ while tests run, so tests cannot build them.
 	@if [ "$$(uname -s)" = Linux ]; then hack/image.sh all >/dev/null; fi
-	CAPY_SCHEMATHESIS=$$(hack/fuzz-tools.sh) $(CARGO) test --lib --bins --tests -- --test-threads=4
+	CAPY_SCHEMATHESIS=$$(hack/fuzz-tools.sh) CAPY_PROMTOOL=$$(hack/promtool.sh) $(CARGO) test --lib --bins --tests -- --test-threads=4
 	@if why=$$(hack/node.sh check); then \
 	  echo "pods tests: ran on a real node (tests/pods.rs)"; \
 	else \
