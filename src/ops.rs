@@ -40,12 +40,14 @@ pub fn routes(
     let healthz = warp::path!("healthz")
         .and(warp::get().or(warp::head()).unify())
         .map(|| warp::reply::with_header("ok", "content-type", "text/plain; charset=utf-8").into_response());
+    let readiness_for_metrics = readiness.clone();
     let readyz = warp::path!("readyz")
         .and(warp::get().or(warp::head()).unify())
         .map(move || readyz(&readiness));
     let metrics = warp::path!("metrics")
         .and(warp::get().or(warp::head()).unify())
         .map(move || {
+            metrics.ready(readiness_for_metrics.not_ready().is_empty());
             warp::reply::with_header(metrics.encode(), "content-type", OPENMETRICS_CONTENT_TYPE).into_response()
         });
     healthz
@@ -89,6 +91,10 @@ mod tests {
 
         let res = warp::test::request().path("/readyz").reply(&routes).await;
         assert_eq!(res.status(), 503);
+        let res = warp::test::request().path("/metrics").reply(&routes).await;
+        let text = std::str::from_utf8(res.body()).unwrap();
+        assert!(text.contains("\ncapy_webhooks_ready 0\n"), "{text}");
+        let res = warp::test::request().path("/readyz").reply(&routes).await;
         let body: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
         assert_eq!(body["not_ready"], json!(["api", "dispatcher"]));
         api.set_ready();
@@ -105,6 +111,7 @@ mod tests {
         assert_eq!(res.headers()["content-type"], OPENMETRICS_CONTENT_TYPE);
         let text = std::str::from_utf8(res.body()).unwrap();
         assert!(text.contains("# TYPE capy_webhooks_reconciles counter"), "{text}");
+        assert!(text.contains("\ncapy_webhooks_ready 1\n"), "{text}");
         assert!(text.ends_with("# EOF\n"));
 
         let res = warp::test::request().path("/nope").reply(&routes).await;

@@ -5,10 +5,11 @@
 //! components get a clone (cheap: an `Arc`). [`Readiness`] is the registry behind `/readyz`:
 //! each started component registers a name and flips it ready once it serves.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -166,6 +167,160 @@ struct Inner {
     controller_leader: Gauge,
     owned_shards: Gauge,
     shard_handovers: Counter,
+    ready: Gauge,
+    shards_unowned: Gauge,
+    first_attempt_delay: Histogram,
+    endpoints_auto_disabled: Counter,
+    oldest_pending_age: Gauge,
+    /// Per dispatcher worker ([`DueSlot`]): when its longest-waiting due attempt became due, in
+    /// Unix milliseconds. Read at scrape into `oldest_pending_age`.
+    due_slots: Mutex<HashMap<u64, i64>>,
+    next_due_slot: AtomicU64,
+    process: ProcessMetrics,
+}
+
+/// `process_*` families in the names every Prometheus client library uses (no prefix), read
+/// from `/proc/self/stat` at scrape (Linux only; elsewhere they are not exported).
+struct ProcessMetrics {
+    registry: Registry,
+    cpu_seconds: Counter<f64, AtomicU64>,
+    resident_memory: Gauge,
+    /// Serializes scrapes' updates of the CPU counter (it moves by the difference).
+    update: Mutex<()>,
+}
+
+impl ProcessMetrics {
+    fn new() -> Self {
+        let mut registry = Registry::default();
+        let cpu_seconds = Counter::<f64, AtomicU64>::default();
+        let resident_memory = Gauge::default();
+        if cfg!(target_os = "linux") {
+            registry.register_with_unit(
+                "process_cpu",
+                "User and system CPU time the process spent",
+                Unit::Seconds,
+                cpu_seconds.clone(),
+            );
+            registry.register_with_unit(
+                "process_resident_memory",
+                "Resident memory of the process",
+                Unit::Bytes,
+                resident_memory.clone(),
+            );
+        }
+        Self {
+            registry,
+            cpu_seconds,
+            resident_memory,
+            update: Mutex::new(()),
+        }
+    }
+
+    fn refresh(&self) {
+        let Some(stat) = read_proc_self_stat() else {
+            return;
+        };
+        let _guard = self.update.lock().unwrap_or_else(PoisonError::into_inner);
+        let delta = stat.cpu_seconds - self.cpu_seconds.get();
+        if delta > 0.0 {
+            self.cpu_seconds.inc_by(delta);
+        }
+        self.resident_memory
+            .set(i64::try_from(stat.resident_bytes).unwrap_or(i64::MAX));
+    }
+}
+
+/// What `/proc/self/stat` says about the process.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ProcStat {
+    cpu_seconds: f64,
+    resident_bytes: u64,
+}
+
+#[cfg(target_os = "linux")]
+fn read_proc_self_stat() -> Option<ProcStat> {
+    let text = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // SAFETY: sysconf only reads configuration values.
+    let (ticks, page) = unsafe { (libc::sysconf(libc::_SC_CLK_TCK), libc::sysconf(libc::_SC_PAGESIZE)) };
+    parse_proc_stat(&text, u64::try_from(ticks).ok()?, u64::try_from(page).ok()?)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn read_proc_self_stat() -> Option<ProcStat> {
+    None
+}
+
+/// Parses `/proc/<pid>/stat` (proc(5)): utime and stime (fields 14 and 15, in clock ticks) and
+/// rss (field 24, in pages). The command name (field 2) may hold spaces and parentheses, so
+/// fields are counted after its last `)`.
+fn parse_proc_stat(text: &str, ticks_per_second: u64, page_size: u64) -> Option<ProcStat> {
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // `fields[0]` is field 3 (state).
+    let field = |n: usize| fields.get(n - 3)?.parse::<u64>().ok();
+    if ticks_per_second == 0 {
+        return None;
+    }
+    let ticks = field(14)? + field(15)?;
+    Some(ProcStat {
+        cpu_seconds: ticks as f64 / ticks_per_second as f64,
+        resident_bytes: field(24)?.saturating_mul(page_size),
+    })
+}
+
+fn unix_millis_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// The seconds the longest-waiting due attempt has waited at `now_ms`: the earliest of the
+/// workers' due times, 0 when none is due yet (or no worker reports one).
+fn oldest_wait_seconds(due_ms: impl IntoIterator<Item = i64>, now_ms: i64) -> i64 {
+    due_ms
+        .into_iter()
+        .min()
+        .map_or(0, |due| now_ms.saturating_sub(due).max(0) / 1000)
+}
+
+/// A dispatcher worker's place in `capy_webhooks_oldest_pending_delivery_age_seconds`: it sets
+/// when its longest-waiting pending delivery became due; dropped with the worker, it leaves.
+pub struct DueSlot {
+    metrics: Metrics,
+    key: u64,
+}
+
+impl fmt::Debug for DueSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("DueSlot").field("key", &self.key).finish()
+    }
+}
+
+impl DueSlot {
+    /// The earliest due time (Unix milliseconds) of an attempt this worker has not started, or
+    /// `None` when it has none.
+    pub fn set(&self, due_unix_ms: Option<i64>) {
+        let mut slots = self
+            .metrics
+            .inner
+            .due_slots
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match due_unix_ms {
+            Some(ms) => {
+                slots.insert(self.key, ms);
+            }
+            None => {
+                slots.remove(&self.key);
+            }
+        }
+    }
+}
+
+impl Drop for DueSlot {
+    fn drop(&mut self) {
+        self.set(None);
+    }
 }
 
 /// Every metric of the operator, in one registry. Cheap to clone; clones share the values.
@@ -310,6 +465,41 @@ impl Metrics {
              (a second writer), making the shard's logs be read back",
             log_second_writers.clone(),
         );
+        let ready = Gauge::default();
+        registry.register(
+            "ready",
+            "1 while every started component is ready (what /readyz answers 200 for), else 0",
+            ready.clone(),
+        );
+        let shards_unowned = Gauge::default();
+        registry.register(
+            "shards_unowned",
+            "Dispatch shards whose Lease no live replica holds, as this replica sees the Leases",
+            shards_unowned.clone(),
+        );
+        let first_attempt_delay = Histogram::new([
+            0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+        ]);
+        registry.register_with_unit(
+            "first_attempt_delay",
+            "From accepting an event to the start of its delivery's first attempt",
+            Unit::Seconds,
+            first_attempt_delay.clone(),
+        );
+        let endpoints_auto_disabled = Counter::default();
+        registry.register(
+            "endpoints_auto_disabled",
+            "Endpoints the dispatcher disabled because they kept failing (--auto-disable-after)",
+            endpoints_auto_disabled.clone(),
+        );
+        let oldest_pending_age = Gauge::default();
+        registry.register_with_unit(
+            "oldest_pending_delivery_age",
+            "How long the longest-waiting pending delivery of an active endpoint has waited past the \
+             time its next attempt was due (a first attempt is due when the event is accepted); 0 when none waits",
+            Unit::Seconds,
+            oldest_pending_age.clone(),
+        );
         let backlog_overflows = Counter::default();
         registry.register(
             "endpoint_backlog_overflows",
@@ -363,6 +553,14 @@ impl Metrics {
                 controller_leader,
                 owned_shards,
                 shard_handovers,
+                ready,
+                shards_unowned,
+                first_attempt_delay,
+                endpoints_auto_disabled,
+                oldest_pending_age,
+                due_slots: Mutex::new(HashMap::new()),
+                next_due_slot: AtomicU64::new(0),
+                process: ProcessMetrics::new(),
             }),
         }
     }
@@ -503,11 +701,49 @@ impl Metrics {
         self.inner.log_second_writers.inc();
     }
 
-    /// The registry in the OpenMetrics text format (ends with `# EOF`).
+    /// Whether every started component is ready (set by the operations port at each scrape).
+    pub fn ready(&self, ready: bool) {
+        self.inner.ready.set(i64::from(ready));
+    }
+
+    /// How many dispatch shards no live replica holds, as this replica sees their Leases.
+    pub fn shards_unowned(&self, count: usize) {
+        self.inner.shards_unowned.set(count as i64);
+    }
+
+    /// A delivery's first attempt starts `delay` after its event was accepted.
+    pub fn first_attempt_started(&self, delay: Duration) {
+        self.inner.first_attempt_delay.observe(delay.as_secs_f64());
+    }
+
+    /// Counts an endpoint the dispatcher disabled for failing.
+    pub fn endpoint_auto_disabled(&self) {
+        self.inner.endpoints_auto_disabled.inc();
+    }
+
+    /// A new slot in the oldest-pending gauge, for one dispatcher worker.
+    pub fn due_slot(&self) -> DueSlot {
+        DueSlot {
+            metrics: self.clone(),
+            key: self.inner.next_due_slot.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// The registry in the OpenMetrics text format (ends with `# EOF`). Values read at scrape
+    /// (the oldest pending wait, `process_*`) are brought up to date first: from memory and
+    /// `/proc/self`, never from the API server.
     pub fn encode(&self) -> String {
+        let wait = {
+            let slots = self.inner.due_slots.lock().unwrap_or_else(PoisonError::into_inner);
+            oldest_wait_seconds(slots.values().copied(), unix_millis_now())
+        };
+        self.inner.oldest_pending_age.set(wait);
+        self.inner.process.refresh();
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)
-            .expect("writing to a String cannot fail");
+        let encoded = prometheus_client::encoding::text::encode_registry(&mut out, &self.inner.registry)
+            .and_then(|()| prometheus_client::encoding::text::encode_registry(&mut out, &self.inner.process.registry))
+            .and_then(|()| prometheus_client::encoding::text::encode_eof(&mut out));
+        encoded.expect("writing to a String cannot fail");
         out
     }
 }
@@ -762,6 +998,12 @@ mod tests {
         metrics.log_segment_rejected();
         metrics.backlog_overflow();
         metrics.log_second_writer();
+        metrics.ready(true);
+        metrics.shards_unowned(2);
+        metrics.first_attempt_started(Duration::from_millis(30));
+        metrics.endpoint_auto_disabled();
+        let slot = metrics.due_slot();
+        slot.set(Some(unix_millis_now() - 90_000));
         let text = metrics.encode();
 
         let scraped = families_in(&text);
@@ -816,9 +1058,51 @@ mod tests {
             "capy_webhooks_log_segments_rejected_total 1",
             "capy_webhooks_endpoint_backlog_overflows_total 1",
             "capy_webhooks_log_second_writers_total 1",
+            "capy_webhooks_ready 1",
+            "capy_webhooks_shards_unowned 2",
+            "capy_webhooks_first_attempt_delay_seconds_count 1",
+            "capy_webhooks_endpoints_auto_disabled_total 1",
         ] {
             assert!(text.contains(sample), "{sample} missing from\n{text}");
         }
         assert!(text.ends_with("# EOF\n"));
+        assert_eq!(text.matches("# EOF").count(), 1, "{text}");
+        let age = sample(&text, "capy_webhooks_oldest_pending_delivery_age_seconds");
+        assert!((90.0..100.0).contains(&age), "{age}");
+        drop(slot);
+        let text = metrics.encode();
+        assert_eq!(sample(&text, "capy_webhooks_oldest_pending_delivery_age_seconds"), 0.0);
+        if cfg!(target_os = "linux") {
+            assert!(sample(&text, "process_resident_memory_bytes") > 1e6, "{text}");
+            assert!(sample(&text, "process_cpu_seconds_total") > 0.0, "{text}");
+        }
+    }
+
+    fn sample(text: &str, name: &str) -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("no sample {name} in\n{text}"))
+            .parse()
+            .unwrap()
+    }
+
+    #[test]
+    fn the_oldest_wait_is_the_earliest_due_time_and_never_negative() {
+        assert_eq!(oldest_wait_seconds([], 50_000), 0);
+        assert_eq!(oldest_wait_seconds([40_000, 10_000, 45_000], 50_000), 40);
+        assert_eq!(oldest_wait_seconds([60_000], 50_000), 0, "due later: nothing waits");
+        assert_eq!(oldest_wait_seconds([49_500], 50_000), 0);
+    }
+
+    #[test]
+    fn proc_stat_fields_are_counted_after_the_command_name() {
+        // proc(5): pid (comm) state ppid ... utime(14) stime(15) ... rss(24) ...
+        let line = "4242 (capy (x) y) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 50 0 0 20 0 9 0 \
+                    12345 200000000 3000 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+        let stat = parse_proc_stat(line, 100, 4096).unwrap();
+        assert_eq!(stat.cpu_seconds, 3.0);
+        assert_eq!(stat.resident_bytes, 3000 * 4096);
+        assert_eq!(parse_proc_stat("4242 (x) S 1", 100, 4096), None);
+        assert_eq!(parse_proc_stat(line, 0, 4096), None);
     }
 }

@@ -32,7 +32,7 @@ use crate::delivery::sender::AttemptResult;
 use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, SegmentWrite, WritePipeline};
 use crate::resources::{DeliverySummary, Health, WebhookEndpoint};
 use crate::shards::{Fence, shard_of};
-use crate::telemetry::{DeliveryOutcome, EventNote, WriteKind, publish_event};
+use crate::telemetry::{DeliveryOutcome, DueSlot, EventNote, WriteKind, publish_event};
 use crate::work::{Listed, SubmitError};
 
 /// Longest wait before writing again after the API server gave log writes back.
@@ -232,6 +232,8 @@ pub(crate) struct Worker {
     write_failed: bool,
     /// This worker's share of the pending-deliveries gauge.
     reported_pending: i64,
+    /// This worker's share of the oldest-pending gauge (leaves it when the worker is dropped).
+    due_slot: DueSlot,
     /// Turns true when the worker's shard is handed over or the process stops: drain.
     stopping: watch::Receiver<bool>,
     /// While open, this replica may write the log; once closed, the worker stops at once.
@@ -260,7 +262,7 @@ impl Worker {
             tasks: tokio::task::JoinSet::new(),
             namespace: log.namespace().to_string(),
             organization: log.organization_id().to_string(),
-            shared,
+            shared: shared.clone(),
             log,
             tx,
             rx,
@@ -278,6 +280,7 @@ impl Worker {
             recovered_at: HashMap::new(),
             names_mark,
             reported_pending: 0,
+            due_slot: shared.config.metrics.due_slot(),
         };
         let due: Vec<(String, Timestamp, String)> = worker
             .log
@@ -423,6 +426,16 @@ impl Worker {
             .metrics
             .pending_changed(pending - self.reported_pending);
         self.reported_pending = pending;
+        // The earliest due time of an attempt not started, over the active endpoints (an inactive
+        // one keeps its deliveries pending on purpose): one look per endpoint, no scan of records.
+        let earliest_due = self
+            .endpoints
+            .iter()
+            .filter_map(|(name, state)| state.due.first().map(|(at, _)| (name, *at)))
+            .filter(|(name, _)| self.endpoint(name).is_some_and(|e| e.spec.active))
+            .map(|(_, at)| at.as_millisecond())
+            .min();
+        self.due_slot.set(earliest_due);
     }
 
     fn next_wake(&self, stopping: bool, grace_deadline: Option<Instant>) -> Instant {
@@ -703,6 +716,11 @@ impl Worker {
                         let Some(body) = self.log.payload(&record.event_id).cloned() else {
                             continue;
                         };
+                        if record.attempts == 0 {
+                            // A clock step back makes it negative: counted as no wait.
+                            let waited = Duration::try_from(record.created_at.duration_until(now)).unwrap_or_default();
+                            self.shared.config.metrics.first_attempt_started(waited);
+                        }
                         self.in_flight.insert(id.clone());
                         let endpoint = endpoint.clone();
                         let shared = self.shared.clone();
@@ -778,6 +796,7 @@ impl Worker {
         let pending = self.log.pending_count_of(&endpoint_name) as u64;
         self.state(&endpoint_name).totals.pending = pending;
         if let Some(reason) = on_endpoint.disable {
+            metrics.endpoint_auto_disabled();
             self.disable(&endpoint_name, reason);
         }
     }

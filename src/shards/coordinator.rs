@@ -25,7 +25,7 @@ use tracing::{debug, info, warn};
 
 use super::{
     ADDRESS_ANNOTATION, Fence, LEASE_ROLE_LABEL, LeaseView, Location, Placement, SHARD_COUNT, ShardEvent, ShardFeed,
-    ShardLeaseView, plan, replica_lease_name, shard_lease_name,
+    ShardLeaseView, plan, replica_lease_name, shard_lease_name, unowned,
 };
 use crate::resources::{MANAGED_BY, MANAGED_BY_LABEL};
 use crate::telemetry::{Metrics, Readiness};
@@ -272,6 +272,8 @@ impl Coordinator {
             if !acquired.is_empty() {
                 let _ = self.events.send(ShardEvent::Acquired(acquired));
             }
+            let held: BTreeSet<u32> = self.held.keys().copied().collect();
+            self.config.metrics.shards_unowned(unowned(&view.shards, &held));
         }
         let held: Vec<u32> = self.held.keys().copied().collect();
         self.config.metrics.owned_shards(held.len());

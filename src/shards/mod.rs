@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
-pub use plan::{LeaseView, Plan, ShardLeaseView, plan};
+pub use plan::{LeaseView, Plan, ShardLeaseView, plan, unowned};
 
 /// How many shards dispatch is partitioned into. A contract: changing it moves organizations
 /// between shards, so every replica of a cluster must agree on it.

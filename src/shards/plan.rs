@@ -39,6 +39,19 @@ pub struct Plan {
     pub release: Vec<u32>,
 }
 
+/// How many shards no replica holds: neither held by this one (`held`, which may be newer than
+/// the Leases seen) nor named by a Lease that has not expired. For
+/// `capy_webhooks_shards_unowned`.
+pub fn unowned(shards: &[ShardLeaseView], held: &BTreeSet<u32>) -> usize {
+    (0..SHARD_COUNT)
+        .filter(|shard| !held.contains(shard))
+        .filter(|&shard| match shards.get(shard as usize) {
+            Some(lease) => lease.holder.is_none() || lease.expired,
+            None => true,
+        })
+        .count()
+}
+
 /// Most shards one replica should hold with `members` live replicas: the fair share, rounded up.
 pub fn fair_share(members: usize) -> usize {
     (SHARD_COUNT as usize).div_ceil(members.max(1))
@@ -99,6 +112,29 @@ pub fn plan(view: &LeaseView) -> Plan {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn unowned_shards_are_those_no_live_lease_names_and_this_replica_does_not_hold() {
+        let held_by = |h: &str| ShardLeaseView {
+            holder: Some(h.into()),
+            expired: false,
+        };
+        let mut shards = vec![held_by("a"); SHARD_COUNT as usize];
+        assert_eq!(unowned(&shards, &BTreeSet::new()), 0);
+        shards[3] = ShardLeaseView::default();
+        shards[4].expired = true;
+        assert_eq!(unowned(&shards, &BTreeSet::new()), 2);
+        assert_eq!(
+            unowned(&shards, &BTreeSet::from([4])),
+            1,
+            "just acquired: the Lease seen is older"
+        );
+        assert_eq!(
+            unowned(&shards[..10], &BTreeSet::new()),
+            8,
+            "missing Leases: never created"
+        );
+    }
 
     fn view(me: &str, members: &[&str], holders: &[Option<&str>]) -> LeaseView {
         let shards = (0..SHARD_COUNT as usize)
