@@ -1073,6 +1073,15 @@ mod tests {
         let text = metrics.encode();
         assert_eq!(sample(&text, "capy_webhooks_oldest_pending_delivery_age_seconds"), 0.0);
         if cfg!(target_os = "linux") {
+            // Spend a few clock ticks of CPU, so the counter has something to show.
+            let start = std::time::Instant::now();
+            let mut x = 0u64;
+            while read_proc_self_stat().is_some_and(|s| s.cpu_seconds < 0.05)
+                && start.elapsed() < Duration::from_secs(5)
+            {
+                x = std::hint::black_box(x.wrapping_mul(31).wrapping_add(7));
+            }
+            let text = metrics.encode();
             assert!(sample(&text, "process_resident_memory_bytes") > 1e6, "{text}");
             assert!(sample(&text, "process_cpu_seconds_total") > 0.0, "{text}");
         }
