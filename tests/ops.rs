@@ -420,6 +420,10 @@ async fn probes_and_metrics_of_the_binary() {
             && m.sum("capy_webhooks_deliveries_total", &[("outcome", "succeeded")]) >= 1.0
             && m.sum("capy_webhooks_delivery_attempts_total", &[("result", "success")]) >= 1.0
             && m.sum("capy_webhooks_attempt_duration_seconds_count", &[]) >= 1.0
+            && m.sum("capy_webhooks_first_attempt_delay_seconds_count", &[]) >= 1.0
+            && m.sum("capy_webhooks_oldest_pending_delivery_age_seconds", &[]) == 0.0
+            && m.sum("capy_webhooks_ready", &[]) == 1.0
+            && m.sum("capy_webhooks_shards_unowned", &[]) == 0.0
             && m.sum("capy_webhooks_log_writes_total", &[]) >= 2.0
             && m.sum("capy_webhooks_pending_deliveries", &[]) == 0.0
             && m.sum("capy_webhooks_apiserver_writes_total", &[("kind", "secret")]) >= 1.0
