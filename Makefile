@@ -82,9 +82,9 @@ run: build ## Run the operator against $$KUBECONFIG, or a local control plane wh
 	  --ingest-token-file $$token_file $(RUN_ARGS)
 
 .PHONY: bench
-bench: disk-check control-plane ## Throughput, latency and footprint on a local control plane, and pods on a real node; writes BENCHMARKS.md (BENCH_ARGS=--quick for a short run)
+bench: disk-check control-plane otel-collector ## Throughput, latency and footprint on a local control plane, and pods on a real node; writes BENCHMARKS.md (BENCH_ARGS=--quick for a short run)
 	@if [ "$$(uname -s)" = Linux ]; then hack/image.sh all >/dev/null; fi
-	$(CARGO) bench --bench capy -- $(BENCH_ARGS)
+	CAPY_OTELCOL=$$(hack/otel-collector.sh) $(CARGO) bench --bench capy -- $(BENCH_ARGS)
 
 .PHONY: fmt
 fmt: ## Format the code
@@ -99,6 +99,10 @@ lint: ## rustfmt check and clippy with warnings as errors
 fuzz-tools: ## Install schemathesis (PyPI) for the OpenAPI fuzz test, once (cached)
 	@hack/fuzz-tools.sh >/dev/null
 
+.PHONY: otel-collector
+otel-collector: ## Build an OpenTelemetry Collector (OTLP receiver, file exporter) for the traces test, once (cached)
+	@hack/otel-collector.sh >/dev/null
+
 .PHONY: promtool
 promtool: ## Build promtool (Prometheus' rule checker) from the Go module proxy for the alert tests, once (cached)
 	@hack/promtool.sh >/dev/null
@@ -108,11 +112,11 @@ browser-tools: ## Install headless Chromium and chromedriver (Debian) for the po
 	@hack/browser-tools.sh
 
 .PHONY: test
-test: disk-check control-plane fuzz-tools promtool browser-tools ## Every test: unit tests, integration tests on a real control plane, pods on a real node
+test: disk-check control-plane fuzz-tools promtool browser-tools otel-collector ## Every test: unit tests, integration tests on a real control plane, pods on a real node
 	$(CARGO) fmt --all -- --check
 	@# The images first: cargo holds target/ while tests run, so tests cannot build them.
 	@if [ "$$(uname -s)" = Linux ]; then hack/image.sh all >/dev/null; fi
-	CAPY_SCHEMATHESIS=$$(hack/fuzz-tools.sh) CAPY_PROMTOOL=$$(hack/promtool.sh) $(CARGO) test --lib --bins --tests -- --test-threads=4
+	CAPY_SCHEMATHESIS=$$(hack/fuzz-tools.sh) CAPY_OTELCOL=$$(hack/otel-collector.sh) CAPY_PROMTOOL=$$(hack/promtool.sh) $(CARGO) test --lib --bins --tests -- --test-threads=4
 	@if why=$$(hack/node.sh check); then \
 	  echo "pods tests: ran on a real node (tests/pods.rs)"; \
 	else \

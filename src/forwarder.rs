@@ -122,6 +122,11 @@ impl Router {
         if let Some(key) = idempotency_key {
             request = request.header("idempotency-key", key);
         }
+        // The owner's spans of this event continue this replica's request span (and so the
+        // producer's trace). Between replicas only: receivers never get a trace header.
+        if let Some(traceparent) = crate::traces::current_traceparent() {
+            request = request.header(crate::traces::TRACEPARENT, traceparent);
+        }
         let response = request.send().await.map_err(|e| self.unreachable(address, &e))?;
         let status = response.status().as_u16();
         let retry_after = response

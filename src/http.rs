@@ -417,6 +417,35 @@ where
         )
 }
 
+/// The span of one request of `component`'s port, named by its route template (`http.route`,
+/// never the path: paths carry ids). A W3C `traceparent` from the client makes it a child of the
+/// client's span. Exported only when tracing is on ([`crate::traces`]).
+pub fn request_span(component: &'static str, method: &str, route: &'static str, headers: &HeaderMap) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: crate::traces::TARGET,
+        "request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        capy.component = component,
+        http.request.method = method,
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+    );
+    crate::traces::continue_from(
+        &span,
+        headers.get(crate::traces::TRACEPARENT).and_then(|v| v.to_str().ok()),
+    );
+    span
+}
+
+/// Serves a request inside its [`request_span`], and records the answer's status on it.
+pub async fn traced(span: tracing::Span, serve: impl Future<Output = Response>) -> Response {
+    use tracing::Instrument;
+    let response = serve.instrument(span.clone()).await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
 fn new_request_id() -> String {
     use rand::Rng;
     let n: u64 = rand::rng().random();

@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
-use tracing::info;
+use tracing::{Instrument, info};
 use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Reply};
@@ -242,11 +242,25 @@ impl IngestState {
     }
 
     async fn submit(&self, org: &str, request: EventRequest) -> Result<Value, ApiError> {
+        // A child of the request's span (and so of the producer's `traceparent`); the dispatcher
+        // keeps its context with each delivery, so that every attempt joins the trace.
+        let span = tracing::info_span!(
+            target: crate::traces::TARGET,
+            "ingest",
+            otel.name = "ingest",
+            capy.organization.id = org,
+            capy.event.type = %request.event_type,
+            capy.event.id = tracing::field::Empty,
+            capy.endpoints.matched = tracing::field::Empty,
+        );
         let (event_id, deliveries) = self
             .work
             .submit(org, &request.event_type, request.data)
+            .instrument(span.clone())
             .await
             .map_err(not_accepted)?;
+        span.record("capy.event.id", event_id.as_str());
+        span.record("capy.endpoints.matched", deliveries as u64);
         info!(organization = %org, event = %event_id, event_type = %request.event_type, deliveries, "event accepted");
         Ok(json!({"id": event_id, "deliveries": deliveries}))
     }
@@ -367,10 +381,15 @@ pub fn routes(
              headers: HeaderMap,
              body,
              state: Arc<IngestState>| async move {
-                state
-                    .serve(method.as_str(), path.as_str(), headers, body)
-                    .await
-                    .unwrap_or_else(Reply::into_response)
+                let span =
+                    crate::http::request_span("ingest", method.as_str(), route_template(path.as_str()), &headers);
+                let serve = async {
+                    state
+                        .serve(method.as_str(), path.as_str(), headers, body)
+                        .await
+                        .unwrap_or_else(Reply::into_response)
+                };
+                crate::http::traced(span, serve).await
             },
         )
         .recover(crate::http::recover)

@@ -8,7 +8,7 @@
 //!    (the one endpoint cache), [`tenancy`] (which namespaces serve which organizations),
 //!    [`delivery_log`] (the log the dispatcher writes and the REST facade
 //!    reads), [`work`] (the handle the REST facade and ingest use to reach work, wherever it is
-//!    done), [`http`], [`auth`], [`telemetry`], [`controller_lease`] and [`shards`] (who leads, who owns
+//!    done), [`http`], [`auth`], [`telemetry`] and [`traces`] (logs, metrics, spans), [`controller_lease`] and [`shards`] (who leads, who owns
 //!    which shard, on Kubernetes Leases), [`forwarder`] (the forwarder behind the work handle, which
 //!    sends work to the replica that owns it; only `main.rs` names it), [`replica_key`] (how
 //!    replicas authenticate to each other) and [`operator_keys`] (the operator's own keys: the log
@@ -41,5 +41,6 @@ pub mod signing;
 pub mod signing_secret;
 pub mod telemetry;
 pub mod tenancy;
+pub mod traces;
 pub mod validation;
 pub mod work;

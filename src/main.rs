@@ -335,6 +335,17 @@ struct RunArgs {
     /// Log line format.
     #[arg(long, env = "CAPY_WEBHOOKS_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+
+    /// Export traces over OTLP/HTTP (protobuf) to this base URL (`/v1/traces` is appended), e.g.
+    /// `http://otel-collector:4318`. Without it, `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` (used as it
+    /// is) or `OTEL_EXPORTER_OTLP_ENDPOINT` (a base URL); with none of them, traces are off.
+    #[arg(long, env = "CAPY_WEBHOOKS_OTLP_ENDPOINT")]
+    otlp_endpoint: Option<String>,
+
+    /// Share of traces started here that are sampled (0 to 1). Parent-based: a request whose
+    /// `traceparent` says sampled (or not) is sampled (or not) whatever the ratio.
+    #[arg(long, env = "CAPY_WEBHOOKS_TRACE_SAMPLING_RATIO", default_value = "1.0", value_parser = capy_webhooks::traces::parse_sampling_ratio)]
+    trace_sampling_ratio: f64,
 }
 
 fn read_ingest_token(path: &std::path::Path) -> anyhow::Result<String> {
@@ -680,7 +691,33 @@ fn configure(
 }
 
 async fn run(args: RunArgs) -> anyhow::Result<()> {
-    telemetry::init(args.log_format);
+    let env = |name: &str| std::env::var(name).ok();
+    let endpoint = capy_webhooks::traces::traces_endpoint(
+        args.otlp_endpoint.as_deref(),
+        env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT").as_deref(),
+        env("OTEL_EXPORTER_OTLP_ENDPOINT").as_deref(),
+    );
+    let tracing = match &endpoint {
+        Some(endpoint) => Some(
+            capy_webhooks::traces::Tracing::start(endpoint, args.trace_sampling_ratio).map_err(anyhow::Error::msg)?,
+        ),
+        None => None,
+    };
+    let (tracing, tracer) = tracing.unzip();
+    telemetry::init(args.log_format, tracer);
+    if let Some(endpoint) = &endpoint {
+        // The URL only: export headers (OTEL_EXPORTER_OTLP_HEADERS) may hold credentials.
+        info!(endpoint = %capy_webhooks::traces::shown(endpoint), sampling_ratio = args.trace_sampling_ratio, "exporting traces");
+    }
+    let result = run_operator(args).await;
+    if let Some(tracing) = tracing {
+        // Shutting down waits for the last export, which runs on this runtime: off its workers.
+        let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+    }
+    result
+}
+
+async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     let readiness = Readiness::new();
     let in_cluster = in_cluster_namespace();

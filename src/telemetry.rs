@@ -28,15 +28,36 @@ pub enum LogFormat {
     Json,
 }
 
-/// Installs the global subscriber. `RUST_LOG` overrides the default filter (`info`).
-pub fn init(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let registry = tracing_subscriber::registry().with(filter);
-    match format {
-        LogFormat::Text => registry.with(log_fmt::layer().with_writer(std::io::stderr)).init(),
-        LogFormat::Json => registry
-            .with(log_fmt::layer().json().flatten_event(true).with_writer(std::io::stderr))
-            .init(),
+/// Installs the global subscriber. `RUST_LOG` overrides the default filter (`info`). With a
+/// `tracer` (tracing is on), spans of the target [`crate::traces::TARGET`] also go to it, and only
+/// those; log lines never show them, so turning traces on does not change the logs.
+pub fn init(format: LogFormat, tracer: Option<opentelemetry_sdk::trace::Tracer>) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info"))
+        .add_directive(
+            format!("{}=off", crate::traces::TARGET)
+                .parse()
+                .expect("a valid directive"),
+        );
+    let logs = match format {
+        LogFormat::Text => log_fmt::layer().with_writer(std::io::stderr).boxed(),
+        LogFormat::Json => log_fmt::layer()
+            .json()
+            .flatten_event(true)
+            .with_writer(std::io::stderr)
+            .boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(logs.with_filter(filter));
+    match tracer {
+        // No layer listens to the spans' target: their callsites are disabled once and for all.
+        None => registry.init(),
+        Some(tracer) => {
+            let spans =
+                tracing_subscriber::filter::Targets::new().with_target(crate::traces::TARGET, tracing::Level::TRACE);
+            registry
+                .with(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(spans))
+                .init()
+        }
     }
 }
 

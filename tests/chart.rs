@@ -142,6 +142,9 @@ fn helm_lint_strict() {
         "organizationLabelPolicy.enabled=maybe",
         "organizationLabelPolicy.validationActions={Deny,Warn}",
         "organizationLabelPolicy.validationActions={Refuse}",
+        "tracing.samplingRatio=1.5",
+        "tracing.enabled=true",
+        "tracing.endpoint=collector:4318",
     ] {
         let out = support::helm(&["lint", "--strict", &chart(), "--set", bad]);
         assert!(!out.status.success(), "helm lint accepted --set {bad}");
@@ -180,6 +183,10 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             "clerk.issuer=https://clerk.example.com",
             "clerk.authorizedParties={https://app.example.com}",
             "ingestToken.existingSecret=my-token",
+            "tracing.enabled=true",
+            "tracing.endpoint=http://otel-collector.observability:4318",
+            "tracing.samplingRatio=0.25",
+            "tracing.headersSecret=otlp-headers",
         ],
     ];
     let dir = tempfile::tempdir().unwrap();
@@ -227,9 +234,16 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
                 "--allow-private-targets",
                 "--components=api,controller",
                 "--clerk-issuer=",
+                "--otlp-endpoint=http://otel-collector.observability:4318",
+                "--trace-sampling-ratio=0.25",
+                "name: OTEL_EXPORTER_OTLP_HEADERS",
+                "name: otlp-headers",
             ] {
                 assert!(rendered.contains(flag), "no {flag}");
             }
+        } else {
+            // Traces are off by default: no exporter flag, no headers.
+            assert!(!rendered.contains("--otlp-endpoint") && !rendered.contains("OTEL_EXPORTER_OTLP"));
         }
     }
     // A ServiceMonitor is rendered only on request (its CRD is not in this cluster).

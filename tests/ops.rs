@@ -369,24 +369,7 @@ async fn probes_and_metrics_of_the_binary() {
     let (_, key) = capy_webhooks::auth::api_keys::create_key(&client, &ns, ORG, None, None)
         .await
         .unwrap();
-    let base = format!(
-        "http://127.0.0.1:{}/v1/organizations/{ORG}/webhook-endpoints",
-        ports.api
-    );
-    // The key index follows a watch: the first calls may not know the key yet.
-    let created: Value = support::wait_for("endpoint created over REST", Duration::from_secs(30), || async {
-        let res = http
-            .post(&base)
-            .bearer_auth(&key)
-            .json(&json!({"url": receiver.url("/hook")}))
-            .send()
-            .await
-            .ok()?;
-        (res.status() == 201).then_some(())?;
-        res.json().await.ok()
-    })
-    .await;
-    let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+    let id = support::process::create_endpoint(&http, ports.api, ORG, &key, &receiver.url("/hook")).await;
     let res = http
         .post(format!(
             "http://127.0.0.1:{}/v1/organizations/{ORG}/events",

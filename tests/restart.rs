@@ -112,19 +112,7 @@ async fn sigkill_with_pending_deliveries_loses_nothing() {
         .await
         .unwrap();
     let base = format!("http://127.0.0.1:{api_port}/v1/organizations/{ORG}/webhook-endpoints");
-    let created: Value = support::wait_for("endpoint created", Duration::from_secs(30), || async {
-        let res = http
-            .post(&base)
-            .bearer_auth(&key)
-            .json(&json!({"url": receiver.url("/in")}))
-            .send()
-            .await
-            .ok()?;
-        (res.status() == 201).then_some(())?;
-        res.json().await.ok()
-    })
-    .await;
-    let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+    let id = support::process::create_endpoint(&http, api_port, ORG, &key, &receiver.url("/in")).await;
     for n in 0..EVENTS {
         let (status, body) = ingest(&http, ingest_port, json!({"seq": n})).await;
         assert_eq!(status, 202, "{body}");

@@ -203,13 +203,7 @@ pub(super) async fn run(
     std::fs::create_dir_all(&logs).unwrap();
     eprintln!("[bench] replica logs in {}", logs.display());
     let workdir = logs.as_path();
-    let nss: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
-    let _ = nss
-        .create(
-            &kube::api::PostParams::default(),
-            &serde_json::from_value(json!({"metadata": {"name": NS}})).unwrap(),
-        )
-        .await;
+    super::create_namespace(client, NS).await;
     let url = format!("{}/deliver", rx.addr);
     // Dispatch: 10 organizations with 10 endpoints each, the same burst through one replica, then
     // spread over three.

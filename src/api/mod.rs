@@ -712,10 +712,14 @@ pub fn routes(state: Shared) -> impl Filter<Extract = (Response,), Error = std::
         .and(warp::any().map(move || state.clone()))
         .then(
             |method: Method, path: FullPath, headers: HeaderMap, query: String, body, state: Shared| async move {
-                state
-                    .serve(method.as_str(), path.as_str(), headers, &query, body)
-                    .await
-                    .unwrap_or_else(Reply::into_response)
+                let span = crate::http::request_span("api", method.as_str(), route_template(path.as_str()), &headers);
+                let serve = async {
+                    state
+                        .serve(method.as_str(), path.as_str(), headers, &query, body)
+                        .await
+                        .unwrap_or_else(Reply::into_response)
+                };
+                crate::http::traced(span, serve).await
             },
         )
         .recover(crate::http::recover)

@@ -666,6 +666,7 @@ pub(super) mod tests {
             delivered_at: None,
             response_status: None,
             last_error: None,
+            trace: None,
         };
         let done = DeliveryRecord {
             state: DeliveryState::Failed,

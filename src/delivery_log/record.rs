@@ -72,6 +72,11 @@ pub struct DeliveryRecord {
     pub response_status: Option<u16>,
     /// Why the last attempt failed (at most [`MAX_ERROR_CHARS`] characters once stored).
     pub last_error: Option<String>,
+    /// The trace context of the span that accepted the event (a sampled span only, in
+    /// [`crate::traces::encode`]'s form): every attempt is a span of that trace. Never shown
+    /// over REST, never sent to a receiver.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trace: Option<String>,
 }
 
 /// The stored form of a delivery (format 2): one ConfigMap data value, keyed by the delivery id,
@@ -112,6 +117,10 @@ struct Stored<'a> {
     /// Last error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     x: Option<std::borrow::Cow<'a, str>>,
+    /// Trace context of the accepting span (`traces::encode`), when traced; records written
+    /// before traces have none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    p: Option<std::borrow::Cow<'a, str>>,
 }
 
 /// A delivery as the first format stored it (`<endpoint>-deliveries-<seq>` segments, up to
@@ -221,6 +230,7 @@ impl DeliveryRecord {
             delivered_at: None,
             response_status: None,
             last_error: None,
+            trace: None,
         }
     }
 
@@ -311,6 +321,7 @@ impl DeliveryRecord {
             d: self.delivered_at.map(|t| millis(t) - created),
             r: self.response_status,
             x: last_error,
+            p: self.trace.as_deref().map(std::borrow::Cow::Borrowed),
         };
         serde_json::to_string(&stored).expect("a delivery record always serializes")
     }
@@ -339,6 +350,7 @@ impl DeliveryRecord {
             delivered_at: stored.d.map(|d| from_millis(stored.c.saturating_add(d))).transpose()?,
             response_status: stored.r,
             last_error: stored.x.map(std::borrow::Cow::into_owned),
+            trace: stored.p.map(std::borrow::Cow::into_owned),
         })
     }
 
@@ -361,6 +373,7 @@ impl DeliveryRecord {
             delivered_at: old.delivered_at,
             response_status: old.response_status,
             last_error: old.last_error,
+            trace: None,
         };
         record.normalize();
         Ok((record, old.payload))
@@ -397,7 +410,27 @@ pub(crate) mod tests {
             delivered_at: None,
             response_status: None,
             last_error: None,
+            trace: None,
         }
+    }
+
+    #[test]
+    fn a_trace_context_is_stored_when_there_is_one_and_records_without_it_still_read() {
+        let mut r = record(3, DeliveryState::Pending);
+        // A record written before traces (or of an untraced event): no `p`, read back as none.
+        let untraced = r.to_stored();
+        assert!(!untraced.contains(r#""p":"#), "{untraced}");
+        assert_eq!(
+            DeliveryRecord::from_stored(&r.id, "org_1", &untraced).unwrap().trace,
+            None
+        );
+        r.trace = Some("4bf92f3577b34da6a3ce929d0e0e473600f067aa0ba902b701".into());
+        let traced = r.to_stored();
+        assert!(
+            traced.ends_with(r#","p":"4bf92f3577b34da6a3ce929d0e0e473600f067aa0ba902b701"}"#),
+            "{traced}"
+        );
+        assert_eq!(DeliveryRecord::from_stored(&r.id, "org_1", &traced).unwrap(), r);
     }
 
     #[test]

@@ -263,6 +263,7 @@ mod tests {
             delivered_at: None,
             response_status: None,
             last_error: None,
+            trace: None,
         };
         let mut cm = segment(&journal_segment_name("org_1", 1));
         cm.binary_data = None;

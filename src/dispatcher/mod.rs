@@ -654,14 +654,18 @@ impl Dispatcher {
             .spec
             .max_attempts
             .unwrap_or(self.shared.config.schedule.max_attempts());
-        DeliveryRecord::pending(
+        let mut record = DeliveryRecord::pending(
             new_delivery_id(now),
             endpoint.name_any(),
             endpoint.spec.organization_id.clone(),
             (event_id, event_type),
             max_attempts,
             now,
-        )
+        );
+        // Work is done in the task of the request that asked for it: the current span is the
+        // ingest span (or the REST request's, for a test event). Its attempts join that trace.
+        record.trace = crate::traces::current_stored();
+        record
     }
 
     /// Hands an event and its deliveries (all of one organization in one namespace) to their

@@ -21,7 +21,7 @@ use kube::{Api, Resource};
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
-use tracing::{debug, info, warn};
+use tracing::{Instrument, debug, info, warn};
 
 use super::Shared;
 use super::status::{DispatchSummary, status_patch, transition_event};
@@ -721,6 +721,7 @@ impl Worker {
                             let waited = Duration::try_from(record.created_at.duration_until(now)).unwrap_or_default();
                             self.shared.config.metrics.first_attempt_started(waited);
                         }
+                        let span = attempt_span(&name, &endpoint.spec.url, record);
                         self.in_flight.insert(id.clone());
                         let endpoint = endpoint.clone();
                         let shared = self.shared.clone();
@@ -732,7 +733,9 @@ impl Worker {
                             let result = shared
                                 .sender
                                 .send_with_headers(&spec.url, &spec.headers, &id, &body, &ring, at)
+                                .instrument(span.clone())
                                 .await;
+                            attempt_ended(&span, &result);
                             let _ = tx
                                 .send(Msg::AttemptDone {
                                     id,
@@ -886,6 +889,17 @@ impl Worker {
             self.names_mark
                 .fetch_max(self.log.next_seq().saturating_sub(1), Ordering::Relaxed);
             let bytes = writes.bytes();
+            let span = tracing::info_span!(
+                target: crate::traces::TARGET,
+                "log write",
+                otel.name = "delivery log write",
+                capy.organization.id = %self.organization,
+                capy.log.records = tracing::field::Empty,
+                capy.log.bytes = bytes,
+            );
+            if !span.is_disabled() {
+                span.record("capy.log.records", writes.record_ids().count() as u64);
+            }
             self.shared.config.budget.charge(bytes);
             self.shared
                 .config
@@ -897,7 +911,7 @@ impl Worker {
                 // Only deletes: nothing new to make durable.
                 self.answer_batch(started.id, Ok(()));
             } else {
-                self.send(started.id, started.creates, |batch, result| Msg::CreatesDone {
+                self.send(started.id, started.creates, span, |batch, result| Msg::CreatesDone {
                     batch,
                     result,
                 });
@@ -907,7 +921,13 @@ impl Worker {
     }
 
     /// Sends writes of a batch in a task of their own; `done` makes the report.
-    fn send(&mut self, batch: u64, mut writes: Vec<SegmentWrite>, done: fn(u64, Result<usize, kube::Error>) -> Msg) {
+    fn send(
+        &mut self,
+        batch: u64,
+        mut writes: Vec<SegmentWrite>,
+        span: tracing::Span,
+        done: fn(u64, Result<usize, kube::Error>) -> Msg,
+    ) {
         if !self.fence.is_open() {
             // Not one write once the fence closed: the batch fails (its callers get 503) and the
             // run loop stops the worker.
@@ -933,8 +953,9 @@ impl Worker {
         self.tasks.spawn(async move {
             // A write still running when the fence closes is abandoned (a margin before anyone
             // else may take the shard).
+            let write = crate::delivery_log::apply_writes(&client, &namespace, &key, &writes).instrument(span);
             let result = tokio::select! {
-                result = crate::delivery_log::apply_writes(&client, &namespace, &key, &writes) => result,
+                result = write => result,
                 () = fence.closed() => Err(kube::Error::Service("the shard's fence closed during the write".into())),
             };
             let _ = tx.send(done(batch, result)).await;
@@ -944,7 +965,9 @@ impl Worker {
     /// Sends the next batch's deletes when it is their turn.
     fn start_deletes(&mut self) {
         if let Some((batch, deletes)) = self.pipeline.next_deletes() {
-            self.send(batch, deletes, |batch, result| Msg::DeletesDone { batch, result });
+            self.send(batch, deletes, tracing::Span::none(), |batch, result| {
+                Msg::DeletesDone { batch, result }
+            });
         }
     }
 
@@ -1199,5 +1222,50 @@ impl Worker {
             }
             None => state.summary_dirty = true,
         }
+    }
+}
+
+/// The span of one attempt: a child of the span that accepted the event, when the delivery kept
+/// its context (so it is in the producer's trace, however late), else a root span. It names the
+/// receiver's host only, never the URL's path or query (they may carry credentials).
+fn attempt_span(endpoint: &str, url: &str, record: &DeliveryRecord) -> tracing::Span {
+    let span = tracing::info_span!(
+        target: crate::traces::TARGET,
+        "attempt",
+        otel.name = "webhook attempt",
+        otel.kind = "client",
+        capy.endpoint.id = endpoint,
+        capy.delivery.id = %record.id,
+        capy.event.id = %record.event_id,
+        capy.attempt = u64::from(record.attempts) + 1,
+        server.address = tracing::field::Empty,
+        http.response.status_code = tracing::field::Empty,
+        error.type = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+    );
+    if span.is_disabled() {
+        return span;
+    }
+    if let Some(host) = url::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_string)) {
+        span.record("server.address", host.as_str());
+    }
+    if let Some(parent) = record.trace.as_deref().and_then(crate::traces::decode) {
+        crate::traces::set_parent(&span, &parent);
+    }
+    span
+}
+
+/// Records how an attempt ended on its span: the status when the receiver answered, and the
+/// outcome's class (`timeout`, `connect_error`, ...) when it failed.
+fn attempt_ended(span: &tracing::Span, result: &AttemptResult) {
+    if span.is_disabled() {
+        return;
+    }
+    if let Some(status) = result.outcome.status() {
+        span.record("http.response.status_code", status);
+    }
+    if !result.outcome.is_success() {
+        span.record("error.type", result.outcome.metric_label());
+        span.record("otel.status_code", "error");
     }
 }

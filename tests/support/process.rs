@@ -3,6 +3,7 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
 use super::operator::INGEST_TOKEN;
 
@@ -46,4 +47,27 @@ impl Drop for OperatorProcess {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// Creates an endpoint of `org` for `url` over the REST port `api_port` of an operator process,
+/// with API key `key`; returns its id. Retries until the operator's key index (a watch) knows the
+/// key.
+pub async fn create_endpoint(http: &reqwest::Client, api_port: u16, org: &str, key: &str, url: &str) -> String {
+    let base = format!("http://127.0.0.1:{api_port}/v1/organizations/{org}/webhook-endpoints");
+    let created: serde_json::Value = super::wait_for("endpoint created over REST", Duration::from_secs(60), || async {
+        let res = http
+            .post(&base)
+            .bearer_auth(key)
+            .json(&serde_json::json!({"url": url}))
+            .send()
+            .await
+            .ok()?;
+        (res.status() == 201).then_some(())?;
+        res.json().await.ok()
+    })
+    .await;
+    created["webhook_endpoint"]["id"]
+        .as_str()
+        .expect("an endpoint id")
+        .to_string()
 }
