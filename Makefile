@@ -99,16 +99,20 @@ lint: ## rustfmt check and clippy with warnings as errors
 fuzz-tools: ## Install schemathesis (PyPI) for the OpenAPI fuzz test, once (cached)
 	@hack/fuzz-tools.sh >/dev/null
 
+.PHONY: verifier-tools
+verifier-tools: ## Install PyNaCl (PyPI) that the tests verify ed25519 (v1a) signatures with, once (cached)
+	@hack/verifier-tools.sh >/dev/null
+
 .PHONY: browser-tools
 browser-tools: ## Install headless Chromium and chromedriver (Debian) for the portal's browser test, once
 	@hack/browser-tools.sh
 
 .PHONY: test
-test: disk-check control-plane fuzz-tools browser-tools ## Every test: unit tests, integration tests on a real control plane, pods on a real node
+test: disk-check control-plane fuzz-tools verifier-tools browser-tools ## Every test: unit tests, integration tests on a real control plane, pods on a real node
 	$(CARGO) fmt --all -- --check
 	@# The images first: cargo holds target/ while tests run, so tests cannot build them.
 	@if [ "$$(uname -s)" = Linux ]; then hack/image.sh all >/dev/null; fi
-	CAPY_SCHEMATHESIS=$$(hack/fuzz-tools.sh) $(CARGO) test --lib --bins --tests -- --test-threads=4
+	CAPY_SCHEMATHESIS=$$(hack/fuzz-tools.sh) CAPY_VERIFIER_PYTHON=$$(hack/verifier-tools.sh) $(CARGO) test --lib --bins --tests -- --test-threads=4
 	@if why=$$(hack/node.sh check); then \
 	  echo "pods tests: ran on a real node (tests/pods.rs)"; \
 	else \

@@ -651,6 +651,7 @@ async fn create_crs(client: &Client, org: &str, url: &str, n: usize, prefix: &st
                         max_attempts: None,
                         headers: Default::default(),
                         rate_limit: None,
+                        signature_scheme: Default::default(),
                     },
                 );
                 ep.labels_mut().insert(ORGANIZATION_LABEL.into(), org.into());

@@ -389,6 +389,79 @@ async fn during_rotation_both_secrets_sign_and_each_verifies() {
 }
 
 #[tokio::test]
+async fn ed25519_signatures_verify_with_pynacl_and_a_change_of_scheme_co_signs() {
+    let s = setup("ed25519", Options::default()).await;
+    let receiver = Receiver::start(vec![]).await;
+    let body = json!({"url": receiver.url("/"), "signature_scheme": "ed25519"});
+    let (status, created, _) = s.op.call("POST", &s.op.url(ORG, ""), Some(&s.key), Some(body)).await;
+    assert_eq!(status, 201, "{created}");
+    assert_conforms("EndpointWithSecret", &created);
+    assert_eq!(created["webhook_endpoint"]["signature_scheme"], "ed25519");
+    let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+    let public_key = created["plaintext_secret"].as_str().unwrap().to_string();
+    assert!(public_key.starts_with("whpk_"), "{public_key}");
+
+    // The Secret holds the private key; neither key is in the list answer.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    let stored = secrets.get(&format!("{id}-signing")).await.unwrap();
+    let private = String::from_utf8(stored.data.unwrap()["signing-secret"].0.clone()).unwrap();
+    assert!(private.starts_with("whsk_"));
+    let (status, list, _) = s.op.call("GET", &s.op.url(ORG, ""), Some(&s.key), None).await;
+    assert_eq!(status, 200);
+    assert_conforms("EndpointList", &list);
+    assert_eq!(list["webhook_endpoints"][0]["signature_scheme"], "ed25519");
+    let listed = list.to_string();
+    assert!(!listed.contains(&public_key[5..]) && !listed.contains(&private[5..]));
+
+    s.op.ingest(ORG, "database.created", json!({"name": "orders"})).await;
+    let request = wait_received(&receiver, 1).await.remove(0);
+    let header = request.header("webhook-signature").to_string();
+    assert!(header.starts_with("v1a,") && !header.contains(' '), "{header}");
+    support::verify_v1a(&public_key, &request).expect("PyNaCl verifies the v1a signature");
+    // The verifier really checks: another body, or another key, fails.
+    let mut tampered = request.clone();
+    tampered.body = bytes::Bytes::from_static(b"{\"type\":\"other\"}");
+    assert!(support::verify_v1a(&public_key, &tampered).is_err());
+    let other_key = format!("whpk_{}", "A".repeat(43) + "=");
+    assert!(support::verify_v1a(&other_key, &request).is_err());
+
+    // Back to HMAC: the update answers with the new whsec_ secret, and during the grace period
+    // both keys sign, each verifying with its own implementation.
+    let (status, updated, _) =
+        s.op.call(
+            "PATCH",
+            &s.op.url(ORG, &format!("/{id}")),
+            Some(&s.key),
+            Some(json!({"signature_scheme": "hmac-sha256"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_conforms("EndpointResponse", &updated);
+    assert!(
+        updated["webhook_endpoint"].get("signature_scheme").is_none(),
+        "{updated}"
+    );
+    let secret = updated["plaintext_secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    let request = support::wait_for("a delivery signed with both keys", WAIT, || async {
+        s.op.ingest(ORG, "a.b", json!({})).await;
+        let got = wait_received(&receiver, 1).await;
+        got.into_iter()
+            .last()
+            .filter(|r| r.header("webhook-signature").split(' ').count() == 2)
+    })
+    .await;
+    let header = request.header("webhook-signature").to_string();
+    let (v1, v1a) = header.split_once(' ').unwrap();
+    assert!(v1.starts_with("v1,") && v1a.starts_with("v1a,"), "{header}");
+    verify(&secret, &request).expect("the standardwebhooks crate verifies the new v1 signature");
+    support::verify_v1a(&public_key, &request).expect("PyNaCl verifies the old key's v1a signature");
+    let mut only_v1 = request.clone();
+    only_v1.headers.insert("webhook-signature", v1.parse().unwrap());
+    assert!(support::verify_v1a(&public_key, &only_v1).is_err());
+}
+
+#[tokio::test]
 async fn an_inactive_endpoint_holds_its_deliveries_until_reactivated() {
     let opts = Options {
         schedule: "0s,2s,2s",

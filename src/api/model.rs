@@ -14,7 +14,7 @@ use crate::delivery_log::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, trunca
 use crate::resources::{
     EVENT_TYPE_PATTERN, FORBIDDEN_HEADERS, HEADER_VALUE_PATTERN, Health, MAX_ATTEMPTS_LIMIT, MAX_CUSTOM_HEADERS,
     MAX_DESCRIPTION_LENGTH, MAX_EVENT_TYPE_LENGTH, MAX_EVENT_TYPES, MAX_HEADER_VALUE_LENGTH, MAX_RATE_LIMIT,
-    MAX_URL_LENGTH, ORGANIZATION_LABEL, WebhookEndpoint, WebhookEndpointSpec,
+    MAX_URL_LENGTH, ORGANIZATION_LABEL, SignatureScheme, WebhookEndpoint, WebhookEndpointSpec,
 };
 use crate::validation::{
     UrlPolicy, validate_description, validate_event_types, validate_headers, validate_max_attempts,
@@ -54,6 +54,15 @@ pub struct EndpointView {
     /// Where deliveries are sent.
     #[schemars(extend("format" = "uri"), length(max = MAX_URL_LENGTH))]
     pub url: String,
+    /// Extension: how deliveries are signed; present only when not the default `hmac-sha256`
+    /// (absent means `hmac-sha256`, so the documented object keeps its exact fields).
+    #[serde(skip_serializing_if = "is_default_scheme")]
+    #[schemars(default)]
+    pub signature_scheme: SignatureScheme,
+}
+
+fn is_default_scheme(scheme: &SignatureScheme) -> bool {
+    *scheme == SignatureScheme::default()
 }
 
 /// An endpoint as the list shows it: the Endpoint object and its health.
@@ -81,10 +90,15 @@ pub struct EndpointList {
 pub struct EndpointWithSecret {
     /// The endpoint.
     pub webhook_endpoint: EndpointView,
-    /// The signing secret in clear text; shown only by create and rotate-secret.
-    #[schemars(extend("pattern" = format!("^{}", crate::signing::SECRET_PREFIX)))]
+    /// What receivers verify signatures with, shown only by create and rotate-secret: the
+    /// `whsec_` secret in clear text (`hmac-sha256`), or the `whpk_` public key (`ed25519`; the
+    /// private key never leaves the operator).
+    #[schemars(extend("pattern" = RECEIVER_KEY_PATTERN))]
     pub plaintext_secret: String,
 }
+
+/// Pattern of `plaintext_secret`: an HMAC secret or an ed25519 public key.
+pub const RECEIVER_KEY_PATTERN: &str = "^(whsec_|whpk_)";
 
 /// An endpoint: update.
 #[derive(Serialize, Debug, Clone, JsonSchema)]
@@ -92,6 +106,12 @@ pub struct EndpointWithSecret {
 pub struct EndpointResponse {
     /// The endpoint.
     pub webhook_endpoint: EndpointView,
+    /// Extension: present only when the update changed `signature_scheme`, which makes a new key
+    /// of the new scheme as a rotation does: what receivers verify with from now on (as in the
+    /// rotate-secret answer). The previous key co-signs for the grace period.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = RECEIVER_KEY_PATTERN))]
+    pub plaintext_secret: Option<String>,
 }
 
 /// `DELETE .../webhook-endpoints/{id}`.
@@ -249,6 +269,10 @@ pub struct CreateRequest {
     #[serde(default)]
     #[schemars(extend("default" = true))]
     pub is_active: Option<bool>,
+    /// Extension: how deliveries are signed, `hmac-sha256` (default; `v1` signatures) or
+    /// `ed25519` (`v1a` signatures; `plaintext_secret` is then the `whpk_` public key).
+    #[serde(default)]
+    pub signature_scheme: Option<SignatureScheme>,
 }
 
 /// Body of `PATCH /webhook-endpoints/{id}`: any subset of the settable fields.
@@ -270,6 +294,9 @@ pub struct UpdateRequest {
     pub event_types: Option<Vec<String>>,
     /// New active flag.
     pub is_active: Option<bool>,
+    /// Extension: a new signature scheme (`hmac-sha256` or `ed25519`). A change makes a new key
+    /// as a rotation does, returned in the answer's `plaintext_secret`.
+    pub signature_scheme: Option<SignatureScheme>,
 }
 
 pub use crate::resources::rfc3339;
@@ -320,6 +347,7 @@ pub fn endpoint_view(endpoint: &WebhookEndpoint) -> EndpointView {
         organization_id: endpoint.spec.organization_id.clone(),
         updated_at: rfc3339(updated_at(endpoint)),
         url: endpoint.spec.url.clone(),
+        signature_scheme: endpoint.spec.signature_scheme,
     }
 }
 
@@ -364,6 +392,7 @@ pub fn new_endpoint(
             max_attempts: None,
             headers: Default::default(),
             rate_limit: None,
+            signature_scheme: request.signature_scheme.unwrap_or_default(),
         },
         status: None,
     })
@@ -390,6 +419,22 @@ pub fn update_patch(organization_id: &str, request: &UpdateRequest, policy: UrlP
         ops.push(json!({"op": "add", "path": "/spec/active", "value": active}));
     }
     Ok(Value::Array(ops))
+}
+
+/// The operations an update adds when it changes the signature scheme, and the rotation the
+/// controller will have completed once the new key exists: the scheme, and `secretRotation`
+/// raised by one, so the update waits for the new key as rotate-secret does. `None` when the
+/// scheme does not change.
+pub fn scheme_change(existing: &WebhookEndpointSpec, wanted: Option<SignatureScheme>) -> Option<(Vec<Value>, i64)> {
+    let wanted = wanted.filter(|w| *w != existing.signature_scheme)?;
+    let target = existing.secret_rotation + 1;
+    Some((
+        vec![
+            json!({"op": "add", "path": "/spec/signatureScheme", "value": wanted}),
+            json!({"op": "add", "path": "/spec/secretRotation", "value": target}),
+        ],
+        target,
+    ))
 }
 
 /// A new endpoint name: `ep-` and a lowercase ULID (see [`crate::ids`]). Sortable by creation
@@ -701,6 +746,7 @@ pub(super) mod tests {
                 description: None,
                 event_types: None,
                 is_active: None,
+                signature_scheme: None,
             },
             LAX,
         )
@@ -762,6 +808,7 @@ pub(super) mod tests {
             description: None,
             event_types: None,
             is_active: None,
+            signature_scheme: None,
         };
         let ep = endpoint();
         assert!(ep.spec.active);

@@ -16,7 +16,7 @@ use crate::resources::{
     COMPONENT_LABEL, CONDITION_READY, CONDITION_SECRET_READY, ENDPOINT_LABEL, MANAGED_BY, MANAGED_BY_LABEL,
     ORGANIZATION_LABEL, SIGNING_SECRET_COMPONENT, WebhookEndpoint, WebhookEndpointStatus, signing_secret_name,
 };
-use crate::signing::{KeyRing, KeyRingChange, SigningSecret, plan_key_ring};
+use crate::signing::{KeyRing, KeyRingChange, SignatureScheme, SigningSecret, WantedKeys, plan_key_ring};
 use crate::signing_secret::{CURRENT_SECRET_KEY, PREVIOUS_SECRETS_KEY, ROTATION_ANNOTATION, stored_key_ring};
 use crate::telemetry::EventNote;
 use crate::validation::{UrlPolicy, validate_spec};
@@ -141,7 +141,10 @@ pub struct Decision {
 
 /// Decides a reconcile: validate, then build the desired Secret and status, the Event and the
 /// requeue time. `generate` makes a new signing secret when one is needed.
-pub fn decide(observed: &Observed<'_>, generate: impl FnOnce() -> SigningSecret) -> Result<Decision, &'static str> {
+pub fn decide(
+    observed: &Observed<'_>,
+    generate: impl FnOnce(SignatureScheme) -> SigningSecret,
+) -> Result<Decision, &'static str> {
     let endpoint = observed.endpoint;
     let namespace = endpoint.metadata.namespace.as_deref().ok_or("namespace")?;
     let name = endpoint.metadata.name.as_deref().ok_or("name")?;
@@ -166,7 +169,10 @@ pub fn decide(observed: &Observed<'_>, generate: impl FnOnce() -> SigningSecret)
                 let plan = plan_key_ring(
                     stored_key_ring(observed.secret),
                     existed_before,
-                    endpoint.spec.secret_rotation,
+                    WantedKeys {
+                        rotation: endpoint.spec.secret_rotation,
+                        scheme: endpoint.spec.signature_scheme,
+                    },
                     observed.now,
                     observed.grace,
                     generate,
@@ -621,6 +627,7 @@ mod tests {
                 max_attempts: None,
                 headers: Default::default(),
                 rate_limit: None,
+                signature_scheme: Default::default(),
             },
         );
         ep.metadata.namespace = Some("ns".into());
@@ -649,7 +656,7 @@ mod tests {
     #[test]
     fn the_first_reconcile_creates_a_secret_and_says_so() {
         let ep = endpoint("uid-1", None);
-        let decision = decide(&observe(&ep, None, true), SigningSecret::generate).unwrap();
+        let decision = decide(&observe(&ep, None, true), SigningSecret::generate_with).unwrap();
         let secret = decision.secret.expect("a Secret to apply");
         assert_eq!(secret.metadata.owner_references.unwrap()[0].uid, "uid-1");
         assert!(decision.status_changed);
@@ -665,7 +672,7 @@ mod tests {
     #[test]
     fn a_settled_endpoint_writes_nothing_and_publishes_nothing() {
         let ep = endpoint("uid-1", None);
-        let first = decide(&observe(&ep, None, true), SigningSecret::generate).unwrap();
+        let first = decide(&observe(&ep, None, true), SigningSecret::generate_with).unwrap();
         let stored = first.secret.unwrap();
         let ep = endpoint("uid-1", Some(first.status));
         let again = decide(&observe(&ep, Some(&stored), true), || unreachable!("no new secret")).unwrap();
@@ -677,7 +684,7 @@ mod tests {
     #[test]
     fn a_secret_of_another_owner_or_of_none_is_taken_and_never_used() {
         let other = endpoint("uid-other", None);
-        let theirs = decide(&observe(&other, None, true), SigningSecret::generate)
+        let theirs = decide(&observe(&other, None, true), SigningSecret::generate_with)
             .unwrap()
             .secret
             .unwrap();
@@ -687,7 +694,10 @@ mod tests {
         assert_eq!(secret_claim(None, "uid-1"), SecretClaim::Absent);
         for planted in [&theirs, &unowned] {
             assert_eq!(secret_claim(Some(planted), "uid-1"), SecretClaim::Taken);
-            let decision = decide(&observe(&ep, Some(planted), true), || unreachable!("nothing generated")).unwrap();
+            let decision = decide(&observe(&ep, Some(planted), true), |_| {
+                unreachable!("nothing generated")
+            })
+            .unwrap();
             assert!(decision.secret.is_none(), "the taken Secret is not written");
             assert_eq!(decision.status.secret_name, None);
             assert_eq!(
@@ -709,7 +719,7 @@ mod tests {
     #[test]
     fn an_unbound_namespace_gets_no_secret_and_one_event() {
         let ep = endpoint("uid-1", None);
-        let decision = decide(&observe(&ep, None, false), || unreachable!("nothing generated")).unwrap();
+        let decision = decide(&observe(&ep, None, false), |_| unreachable!("nothing generated")).unwrap();
         assert!(decision.secret.is_none());
         assert_eq!(
             condition(&decision.status, CONDITION_READY),
@@ -745,7 +755,7 @@ mod tests {
         let mut ep = endpoint("uid-1", None);
         ep.metadata.uid = None;
         assert_eq!(
-            decide(&observe(&ep, None, true), SigningSecret::generate).unwrap_err(),
+            decide(&observe(&ep, None, true), SigningSecret::generate_with).unwrap_err(),
             "uid"
         );
     }

@@ -175,7 +175,7 @@ async fn reconcile_inner(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Ac
         grace: ctx.config.rotation_grace_period,
         now: Timestamp::now(),
     };
-    let decision = decide(&observed, SigningSecret::generate).map_err(Error::MissingMetadata)?;
+    let decision = decide(&observed, SigningSecret::generate_with).map_err(Error::MissingMetadata)?;
 
     // Apply what differs.
     ensure_organization_label(endpoint, &endpoints, ctx).await?;

@@ -12,6 +12,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub use crate::signing::SignatureScheme;
+
 /// API group of every resource this operator defines.
 pub const GROUP: &str = "webhooks.capydb.io";
 /// Field manager of every server-side apply this operator makes.
@@ -185,6 +187,17 @@ pub struct WebhookEndpointSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = MAX_RATE_LIMIT))]
     pub rate_limit: Option<u32>,
+
+    /// How deliveries are signed: `hmac-sha256` (Standard Webhooks `v1`, a shared `whsec_`
+    /// secret; the default) or `ed25519` (`v1a`; the Secret holds the `whsk_` private key and
+    /// receivers verify with its `whpk_` public key). A change makes a new key of the new scheme
+    /// the way a rotation does: the previous key co-signs for the grace period.
+    #[serde(default, skip_serializing_if = "is_default_scheme")]
+    pub signature_scheme: SignatureScheme,
+}
+
+fn is_default_scheme(scheme: &SignatureScheme) -> bool {
+    *scheme == SignatureScheme::default()
 }
 
 /// Pattern of a custom header value: printable ASCII, spaces and tabs.
