@@ -652,6 +652,7 @@ async fn create_crs(client: &Client, org: &str, url: &str, n: usize, prefix: &st
                         headers: Default::default(),
                         rate_limit: None,
                         signature_scheme: Default::default(),
+                        client_certificate: None,
                     },
                 );
                 ep.labels_mut().insert(ORGANIZATION_LABEL.into(), org.into());

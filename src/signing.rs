@@ -52,6 +52,7 @@ impl SignatureScheme {
         }
     }
 }
+
 /// Random bytes in a secret this operator generates.
 pub const GENERATED_SECRET_BYTES: usize = 32;
 /// Smallest key accepted when reading a secret back.
@@ -95,7 +96,7 @@ pub enum InvalidSecret {
     /// The decoded key is too short or too long.
     #[error("signing secret key has {0} bytes, expected {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES}")]
     BadLength(usize),
-    /// A `whsk_` key is not a 32-byte seed followed by its own 32-byte public key.
+    /// A `whsk_` key is not 64 bytes: a 32-byte seed followed by its own 32-byte public key.
     #[error("ed25519 private key is not a seed followed by its public key")]
     BadEd25519Key,
 }
@@ -134,7 +135,7 @@ impl SigningSecret {
         if let Some(b64) = value.strip_prefix(PRIVATE_KEY_PREFIX) {
             let key = BASE64.decode(b64).map_err(|_| InvalidSecret::NotBase64)?;
             if key.len() != 2 * ED25519_KEY_BYTES {
-                return Err(InvalidSecret::BadLength(key.len()));
+                return Err(InvalidSecret::BadEd25519Key);
             }
             let (seed, public) = key.split_at(ED25519_KEY_BYTES);
             let pair =
@@ -750,7 +751,7 @@ mod tests {
         );
         assert_eq!(
             SigningSecret::parse(&format!("whsk_{}", BASE64.encode(unhex(RFC8032_SEED)))),
-            Err(InvalidSecret::BadLength(32))
+            Err(InvalidSecret::BadEd25519Key)
         );
     }
 

@@ -300,6 +300,28 @@ impl ApiState {
             .ok_or_else(|| ApiError::not_found(format!("webhook endpoint {id} not found")))
     }
 
+    /// Waits (up to `--controller-wait`) until the controller has completed rotation `target`
+    /// of the endpoint, and reads what receivers verify with from then on; 503 with
+    /// `not_yet` otherwise.
+    async fn new_key(
+        &self,
+        namespace: &str,
+        name: &str,
+        target: i64,
+        not_yet: &'static str,
+    ) -> Result<(WebhookEndpoint, String), ApiError> {
+        let rotated = self
+            .cache
+            .wait_for(namespace, name, self.config.controller_wait, |ep| {
+                ep.filter(|ep| secret_ready(ep) && ep.status.as_ref().is_some_and(|s| s.secret_rotation >= target))
+                    .cloned()
+            })
+            .await
+            .ok_or_else(|| ApiError::unavailable(not_yet, 5))?;
+        let secret = self.read_signing_secret(namespace, name).await?;
+        Ok((rotated, secret))
+    }
+
     async fn read_signing_secret(&self, namespace: &str, name: &str) -> Result<String, ApiError> {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         let secret = secrets
@@ -419,20 +441,14 @@ impl ApiState {
         };
         // A new scheme is a new key: wait for it as rotate-secret does, and answer with it.
         let ns = updated.namespace().unwrap_or_default();
-        let rotated = self
-            .cache
-            .wait_for(&ns, &id, self.config.controller_wait, |ep| {
-                ep.filter(|ep| secret_ready(ep) && ep.status.as_ref().is_some_and(|s| s.secret_rotation >= target))
-                    .cloned()
-            })
-            .await;
-        let Some(rotated) = rotated else {
-            return Err(ApiError::unavailable(
+        let (rotated, secret) = self
+            .new_key(
+                &ns,
+                &id,
+                target,
                 "the signature scheme was changed but the controller has not made the new key yet; rotate-secret later to get it",
-                5,
-            ));
-        };
-        let secret = self.read_signing_secret(&ns, &id).await?;
+            )
+            .await?;
         info!(organization = %org, endpoint = %id, scheme = rotated.spec.signature_scheme.as_str(), "signature scheme changed");
         let body = EndpointResponse {
             webhook_endpoint: endpoint_view(&rotated),
@@ -564,20 +580,14 @@ impl ApiState {
                 Err(e) => return Err(kube_error(e, "rotating secret")),
             }
         };
-        let rotated = self
-            .cache
-            .wait_for(&ns, &id, self.config.controller_wait, |ep| {
-                ep.filter(|ep| secret_ready(ep) && ep.status.as_ref().is_some_and(|s| s.secret_rotation >= target))
-                    .cloned()
-            })
-            .await;
-        let Some(rotated) = rotated else {
-            return Err(ApiError::unavailable(
+        let (rotated, secret) = self
+            .new_key(
+                &ns,
+                &id,
+                target,
                 "the rotation was requested but the controller has not completed it yet; retry later to get the new secret",
-                5,
-            ));
-        };
-        let secret = self.read_signing_secret(&ns, &id).await?;
+            )
+            .await?;
         info!(organization = %org, endpoint = %id, rotation = target, by = %principal.credential, "secret rotated");
         let body = EndpointWithSecret {
             webhook_endpoint: endpoint_view(&rotated),
