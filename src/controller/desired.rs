@@ -743,7 +743,7 @@ mod tests {
         let first = decide(&observe(&ep, None, true), SigningSecret::generate_with).unwrap();
         let stored = first.secret.unwrap();
         let ep = endpoint("uid-1", Some(first.status));
-        let again = decide(&observe(&ep, Some(&stored), true), || unreachable!("no new secret")).unwrap();
+        let again = decide(&observe(&ep, Some(&stored), true), |_| unreachable!("no new secret")).unwrap();
         assert!(again.secret.is_none());
         assert!(!again.status_changed);
         assert_eq!(again.event, None);
@@ -802,7 +802,7 @@ mod tests {
         );
         // Seen again, unchanged: no second Event.
         let ep = endpoint("uid-1", Some(decision.status));
-        let again = decide(&observe(&ep, None, false), || unreachable!()).unwrap();
+        let again = decide(&observe(&ep, None, false), |_| unreachable!()).unwrap();
         assert!(!again.status_changed);
         assert_eq!(again.event, None);
     }
@@ -811,7 +811,7 @@ mod tests {
     fn an_invalid_spec_is_refused_before_anything_else() {
         let mut ep = endpoint("uid-1", None);
         ep.spec.url = "http://hooks.example.com/in".into();
-        let decision = decide(&observe(&ep, None, false), || unreachable!()).unwrap();
+        let decision = decide(&observe(&ep, None, false), |_| unreachable!()).unwrap();
         assert!(decision.secret.is_none());
         assert_eq!(condition(&decision.status, CONDITION_READY).1, "InvalidSpec");
         assert_eq!(decision.event.map(|e| e.reason), Some("InvalidSpec"));
