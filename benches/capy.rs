@@ -674,6 +674,8 @@ async fn create_crs(client: &Client, org: &str, url: &str, n: usize, prefix: &st
                         max_attempts: None,
                         headers: Default::default(),
                         rate_limit: None,
+                        signature_scheme: Default::default(),
+                        client_certificate: None,
                     },
                 );
                 ep.labels_mut().insert(ORGANIZATION_LABEL.into(), org.into());

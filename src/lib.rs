@@ -3,7 +3,8 @@
 //! Layering, bottom up (a module uses only those on its own floor or below):
 //! 1. [`resources`] (the CRD types and shared names), [`ids`], [`duration`];
 //! 2. pure domain: [`signing`], [`validation`], [`delivery`] (retry schedule, outcomes, event-type
-//!    matching, health, SSRF classes, and the signed attempt), [`backoff`];
+//!    matching, health, SSRF classes, and the signed attempt), [`client_certificate`] (a client
+//!    certificate for mutual TLS and the `kubernetes.io/tls` Secret it comes from), [`backoff`];
 //! 3. what components share: [`signing_secret`] (the signing Secret's stored format), [`endpoints`]
 //!    (the one endpoint cache), [`tenancy`] (which namespaces serve which organizations),
 //!    [`delivery_log`] (the log the dispatcher writes and the REST facade
@@ -21,6 +22,7 @@
 pub mod api;
 pub mod auth;
 pub mod backoff;
+pub mod client_certificate;
 pub mod controller;
 pub mod controller_lease;
 pub mod delivery;

@@ -300,6 +300,11 @@ struct RunArgs {
     #[arg(long, env = "CAPY_WEBHOOKS_ALLOW_HTTP")]
     allow_http: bool,
 
+    /// PEM file of certificate authorities trusted for receivers besides the system's roots
+    /// (receivers inside the cluster, or behind a private CA).
+    #[arg(long, env = "CAPY_WEBHOOKS_RECEIVER_CA_FILE")]
+    receiver_ca_file: Option<PathBuf>,
+
     /// Address of the operations port: /healthz, /readyz and /metrics (OpenMetrics text).
     #[arg(long, env = "CAPY_WEBHOOKS_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
@@ -639,6 +644,11 @@ fn configure(
                     allow_metadata: false,
                 },
                 allow_http: args.allow_http,
+                extra_roots_pem: match &args.receiver_ca_file {
+                    Some(path) => std::fs::read(path)
+                        .with_context(|| format!("reading the receiver CAs from {}", path.display()))?,
+                    None => Vec::new(),
+                },
                 ..SenderConfig::default()
             },
             per_endpoint_concurrency: args.per_endpoint_concurrency,

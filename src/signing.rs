@@ -2,20 +2,57 @@
 //!
 //! Pure domain logic: no Kubernetes types and no IO. The controller stores a [`KeyRing`] in a
 //! Secret; the dispatcher signs with every secret the ring still honours.
+//!
+//! Two schemes: `hmac-sha256` (`whsec_` shared secrets, `v1,` signatures) and `ed25519`
+//! (`whsk_` private keys that only the operator holds, `whpk_` public keys for receivers, `v1a,`
+//! signatures), both over the same signed content `{id}.{timestamp}.{body}`.
 
 use std::fmt;
+use std::sync::Arc;
 use std::time::Duration;
+
+use aws_lc_rs::signature::{Ed25519KeyPair, KeyPair};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
 use jiff::Timestamp;
 use rand::TryRngCore;
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
-/// Prefix of every signing secret (the Standard Webhooks format).
+/// Prefix of every HMAC signing secret (the Standard Webhooks format).
 pub const SECRET_PREFIX: &str = "whsec_";
+/// Prefix of an ed25519 private key: base64 of its 32-byte seed and 32-byte public key.
+pub const PRIVATE_KEY_PREFIX: &str = "whsk_";
+/// Prefix of an ed25519 public key, what receivers verify `v1a` signatures with: base64 of 32 bytes.
+pub const PUBLIC_KEY_PREFIX: &str = "whpk_";
+/// Bytes of an ed25519 seed, and of a public key.
+pub const ED25519_KEY_BYTES: usize = 32;
+
+/// How an endpoint's deliveries are signed.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+pub enum SignatureScheme {
+    /// Standard Webhooks `v1`: HMAC-SHA256 with a shared `whsec_` secret.
+    #[default]
+    #[serde(rename = "hmac-sha256")]
+    HmacSha256,
+    /// Standard Webhooks `v1a`: ed25519; receivers hold only the `whpk_` public key.
+    #[serde(rename = "ed25519")]
+    Ed25519,
+}
+
+impl SignatureScheme {
+    /// The name used by the REST API and the CR.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SignatureScheme::HmacSha256 => "hmac-sha256",
+            SignatureScheme::Ed25519 => "ed25519",
+        }
+    }
+}
+
 /// Random bytes in a secret this operator generates.
 pub const GENERATED_SECRET_BYTES: usize = 32;
 /// Smallest key accepted when reading a secret back.
@@ -25,12 +62,27 @@ pub const MAX_SECRET_BYTES: usize = 64;
 /// Previous secrets kept at most, however often the secret is rotated within a grace period.
 pub const MAX_PREVIOUS_SECRETS: usize = 8;
 
-/// A `whsec_` signing secret. `Debug` and `Display` never show it.
-#[derive(Clone, PartialEq, Eq)]
+/// A signing key: a `whsec_` HMAC secret or a `whsk_` ed25519 private key. `Debug` never shows it.
+#[derive(Clone)]
 pub struct SigningSecret {
     encoded: String,
-    key: Vec<u8>,
+    key: Key,
 }
+
+#[derive(Clone)]
+enum Key {
+    Hmac(Vec<u8>),
+    Ed25519(Arc<Ed25519KeyPair>),
+}
+
+impl PartialEq for SigningSecret {
+    fn eq(&self, other: &Self) -> bool {
+        // The encoded form holds every byte of the key (and, for ed25519, its public half).
+        self.encoded == other.encoded
+    }
+}
+
+impl Eq for SigningSecret {}
 
 /// Why a stored secret could not be used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -44,52 +96,113 @@ pub enum InvalidSecret {
     /// The decoded key is too short or too long.
     #[error("signing secret key has {0} bytes, expected {MIN_SECRET_BYTES} to {MAX_SECRET_BYTES}")]
     BadLength(usize),
+    /// A `whsk_` key is not 64 bytes: a 32-byte seed followed by its own 32-byte public key.
+    #[error("ed25519 private key is not a seed followed by its public key")]
+    BadEd25519Key,
 }
 
 impl SigningSecret {
-    /// A fresh secret of [`GENERATED_SECRET_BYTES`] bytes from the operating system's CSPRNG.
+    /// A fresh HMAC secret of [`GENERATED_SECRET_BYTES`] bytes from the operating system's CSPRNG.
     pub fn generate() -> Self {
+        Self::generate_with(SignatureScheme::HmacSha256)
+    }
+
+    /// A fresh key of `scheme`, from the operating system's CSPRNG.
+    pub fn generate_with(scheme: SignatureScheme) -> Self {
         let mut key = vec![0u8; GENERATED_SECRET_BYTES];
         rand::rngs::OsRng
             .try_fill_bytes(&mut key)
             .expect("the OS random number generator works");
-        Self::from_key(key)
-    }
-
-    fn from_key(key: Vec<u8>) -> Self {
-        Self {
-            encoded: format!("{SECRET_PREFIX}{}", BASE64.encode(&key)),
-            key,
+        match scheme {
+            SignatureScheme::HmacSha256 => Self {
+                encoded: format!("{SECRET_PREFIX}{}", BASE64.encode(&key)),
+                key: Key::Hmac(key),
+            },
+            SignatureScheme::Ed25519 => {
+                let pair = Ed25519KeyPair::from_seed_unchecked(&key).expect("any 32 bytes are an ed25519 seed");
+                key.extend_from_slice(pair.public_key().as_ref());
+                Self {
+                    encoded: format!("{PRIVATE_KEY_PREFIX}{}", BASE64.encode(&key)),
+                    key: Key::Ed25519(Arc::new(pair)),
+                }
+            }
         }
     }
 
-    /// Parses a stored `whsec_...` value.
+    /// Parses a stored `whsec_...` or `whsk_...` value.
     pub fn parse(value: &str) -> Result<Self, InvalidSecret> {
+        let value = value.trim();
+        if let Some(b64) = value.strip_prefix(PRIVATE_KEY_PREFIX) {
+            let key = BASE64.decode(b64).map_err(|_| InvalidSecret::NotBase64)?;
+            if key.len() != 2 * ED25519_KEY_BYTES {
+                return Err(InvalidSecret::BadEd25519Key);
+            }
+            let (seed, public) = key.split_at(ED25519_KEY_BYTES);
+            let pair =
+                Ed25519KeyPair::from_seed_and_public_key(seed, public).map_err(|_| InvalidSecret::BadEd25519Key)?;
+            return Ok(Self {
+                encoded: value.to_string(),
+                key: Key::Ed25519(Arc::new(pair)),
+            });
+        }
         let b64 = value.strip_prefix(SECRET_PREFIX).ok_or(InvalidSecret::MissingPrefix)?;
-        let key = BASE64.decode(b64.trim()).map_err(|_| InvalidSecret::NotBase64)?;
+        let key = BASE64.decode(b64).map_err(|_| InvalidSecret::NotBase64)?;
         if !(MIN_SECRET_BYTES..=MAX_SECRET_BYTES).contains(&key.len()) {
             return Err(InvalidSecret::BadLength(key.len()));
         }
         Ok(Self {
-            encoded: value.trim().to_string(),
-            key,
+            encoded: value.to_string(),
+            key: Key::Hmac(key),
         })
     }
 
-    /// The `whsec_...` text: only for storage and for the create and rotate-secret responses.
+    /// The scheme this key signs with.
+    pub fn scheme(&self) -> SignatureScheme {
+        match self.key {
+            Key::Hmac(_) => SignatureScheme::HmacSha256,
+            Key::Ed25519(_) => SignatureScheme::Ed25519,
+        }
+    }
+
+    /// The `whsec_...` or `whsk_...` text: only for storage.
     pub fn expose(&self) -> &str {
         &self.encoded
     }
 
-    /// The Standard Webhooks signature of one message with this secret, `v1,<base64>`.
+    /// What a receiver verifies with, for the create and rotate-secret answers: the `whsec_`
+    /// secret itself for HMAC, the `whpk_` public key for ed25519 (the private key never leaves
+    /// the Secret).
+    pub fn for_receiver(&self) -> String {
+        match &self.key {
+            Key::Hmac(_) => self.encoded.clone(),
+            Key::Ed25519(pair) => format!("{PUBLIC_KEY_PREFIX}{}", BASE64.encode(pair.public_key().as_ref())),
+        }
+    }
+
+    /// The Standard Webhooks signature of one message with this key: `v1,<base64>` (HMAC) or
+    /// `v1a,<base64>` (ed25519), over `{msg_id}.{timestamp}.{body}`.
     pub fn sign(&self, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
-        let mut mac = Hmac::<Sha256>::new_from_slice(&self.key).expect("HMAC takes keys of any length");
-        mac.update(msg_id.as_bytes());
-        mac.update(b".");
-        mac.update(timestamp.to_string().as_bytes());
-        mac.update(b".");
-        mac.update(body);
-        format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
+        match &self.key {
+            Key::Hmac(key) => {
+                let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+                mac.update(msg_id.as_bytes());
+                mac.update(b".");
+                mac.update(timestamp.to_string().as_bytes());
+                mac.update(b".");
+                mac.update(body);
+                format!("v1,{}", BASE64.encode(mac.finalize().into_bytes()))
+            }
+            Key::Ed25519(pair) => {
+                let timestamp = timestamp.to_string();
+                let mut content = Vec::with_capacity(msg_id.len() + timestamp.len() + body.len() + 2);
+                content.extend_from_slice(msg_id.as_bytes());
+                content.push(b'.');
+                content.extend_from_slice(timestamp.as_bytes());
+                content.push(b'.');
+                content.extend_from_slice(body);
+                format!("v1a,{}", BASE64.encode(pair.sign(&content).as_ref()))
+            }
+        }
     }
 }
 
@@ -202,7 +315,8 @@ impl KeyRing {
         )
     }
 
-    /// The `webhook-signature` header value: one `v1,` signature per secret, space separated.
+    /// The `webhook-signature` header value: one signature per secret (`v1,` or `v1a,` after its
+    /// scheme), space separated.
     pub fn signature_header(&self, now: Timestamp, msg_id: &str, timestamp: i64, body: &[u8]) -> String {
         self.signing_secrets(now)
             .map(|s| s.sign(msg_id, timestamp, body))
@@ -243,25 +357,36 @@ pub struct KeyRingPlan {
     pub change: KeyRingChange,
 }
 
+/// What the endpoint asks of its key ring.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WantedKeys {
+    /// `spec.secretRotation`.
+    pub rotation: i64,
+    /// `spec.signatureScheme`.
+    pub scheme: SignatureScheme,
+}
+
 /// Decides the key ring an endpoint should have.
 ///
 /// `existed_before` says whether the controller had already made a secret for this endpoint (its
 /// status names one), which tells a first creation from a deleted secret that needs repair.
-/// An existing valid secret is never regenerated except by a rotation.
+/// An existing valid secret is never regenerated except by a rotation, or by a change of scheme,
+/// which rotates the same way: the old key (of the old scheme) co-signs for the grace period.
 pub fn plan_key_ring<G>(
     stored: StoredKeyRing,
     existed_before: bool,
-    wanted_rotation: i64,
+    wanted: WantedKeys,
     now: Timestamp,
     grace: Duration,
     generate: G,
 ) -> KeyRingPlan
 where
-    G: FnOnce() -> SigningSecret,
+    G: FnOnce(SignatureScheme) -> SigningSecret,
 {
+    let wanted_rotation = wanted.rotation;
     let fresh = |change, generate: &mut Option<_>| KeyRingPlan {
         ring: KeyRing {
-            current: generate.take().map(|g: G| g()).expect("generates once"),
+            current: generate.take().map(|g: G| g(wanted.scheme)).expect("generates once"),
             rotation: wanted_rotation,
             previous: Vec::new(),
         },
@@ -285,9 +410,9 @@ where
             } else {
                 KeyRingChange::Unchanged
             };
-            if wanted_rotation > ring.rotation {
+            if wanted_rotation > ring.rotation || ring.current.scheme() != wanted.scheme {
                 let expires_at = now.checked_add(grace).unwrap_or(Timestamp::MAX);
-                let new = generate.take().map(|g| g()).expect("generates once");
+                let new = generate.take().map(|g| g(wanted.scheme)).expect("generates once");
                 let old = std::mem::replace(&mut ring.current, new);
                 ring.previous.push(PreviousSecret {
                     secret: old,
@@ -297,7 +422,7 @@ where
                     let excess = ring.previous.len() - MAX_PREVIOUS_SECRETS;
                     ring.previous.drain(..excess);
                 }
-                ring.rotation = wanted_rotation;
+                ring.rotation = ring.rotation.max(wanted_rotation);
                 change = KeyRingChange::Rotated;
             }
             KeyRingPlan { ring, change }
@@ -308,6 +433,13 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn hmac(rotation: i64) -> WantedKeys {
+        WantedKeys {
+            rotation,
+            scheme: SignatureScheme::HmacSha256,
+        }
+    }
 
     fn ts(s: i64) -> Timestamp {
         Timestamp::from_second(s).unwrap()
@@ -386,11 +518,23 @@ mod tests {
     #[test]
     fn plan_creates_then_keeps_the_secret() {
         let grace = Duration::from_secs(60);
-        let first = plan_key_ring(StoredKeyRing::Missing, false, 0, ts(10), grace, SigningSecret::generate);
+        let first = plan_key_ring(
+            StoredKeyRing::Missing,
+            false,
+            hmac(0),
+            ts(10),
+            grace,
+            SigningSecret::generate_with,
+        );
         assert_eq!(first.change, KeyRingChange::Created);
-        let again = plan_key_ring(StoredKeyRing::Valid(first.ring.clone()), true, 0, ts(20), grace, || {
-            panic!("must not generate")
-        });
+        let again = plan_key_ring(
+            StoredKeyRing::Valid(first.ring.clone()),
+            true,
+            hmac(0),
+            ts(20),
+            grace,
+            |_| panic!("must not generate"),
+        );
         assert_eq!(again.change, KeyRingChange::Unchanged);
         assert_eq!(again.ring, first.ring);
     }
@@ -398,16 +542,23 @@ mod tests {
     #[test]
     fn plan_repairs_deleted_and_corrupt_secrets() {
         let grace = Duration::from_secs(60);
-        let deleted = plan_key_ring(StoredKeyRing::Missing, true, 2, ts(10), grace, SigningSecret::generate);
+        let deleted = plan_key_ring(
+            StoredKeyRing::Missing,
+            true,
+            hmac(2),
+            ts(10),
+            grace,
+            SigningSecret::generate_with,
+        );
         assert!(matches!(deleted.change, KeyRingChange::Repaired { .. }));
         assert_eq!(deleted.ring.rotation, 2);
         let corrupt = plan_key_ring(
             StoredKeyRing::Corrupt("bad".into()),
             true,
-            0,
+            hmac(0),
             ts(10),
             grace,
-            SigningSecret::generate,
+            SigningSecret::generate_with,
         );
         assert_eq!(corrupt.change, KeyRingChange::Repaired { reason: "bad".into() });
     }
@@ -415,15 +566,23 @@ mod tests {
     #[test]
     fn rotation_keeps_the_previous_secret_until_the_grace_period_ends() {
         let grace = Duration::from_secs(60);
-        let ring = plan_key_ring(StoredKeyRing::Missing, false, 0, ts(0), grace, SigningSecret::generate).ring;
+        let ring = plan_key_ring(
+            StoredKeyRing::Missing,
+            false,
+            hmac(0),
+            ts(0),
+            grace,
+            SigningSecret::generate_with,
+        )
+        .ring;
         let old = ring.current.clone();
         let rotated = plan_key_ring(
             StoredKeyRing::Valid(ring),
             true,
-            1,
+            hmac(1),
             ts(100),
             grace,
-            SigningSecret::generate,
+            SigningSecret::generate_with,
         );
         assert_eq!(rotated.change, KeyRingChange::Rotated);
         assert_ne!(rotated.ring.current, old);
@@ -443,9 +602,14 @@ mod tests {
         );
         // After it, only the current secret signs, and the next plan prunes the old one.
         assert_eq!(rotated.ring.signing_secrets(ts(160)).count(), 1);
-        let pruned = plan_key_ring(StoredKeyRing::Valid(rotated.ring), true, 1, ts(160), grace, || {
-            panic!("no generation")
-        });
+        let pruned = plan_key_ring(
+            StoredKeyRing::Valid(rotated.ring),
+            true,
+            hmac(1),
+            ts(160),
+            grace,
+            |_| panic!("no generation"),
+        );
         assert_eq!(pruned.change, KeyRingChange::Pruned);
         assert!(pruned.ring.previous.is_empty());
         assert_eq!(pruned.ring.next_expiry(), None);
@@ -454,8 +618,16 @@ mod tests {
     #[test]
     fn a_rotation_already_done_is_not_repeated() {
         let grace = Duration::from_secs(60);
-        let ring = plan_key_ring(StoredKeyRing::Missing, false, 5, ts(0), grace, SigningSecret::generate).ring;
-        let plan = plan_key_ring(StoredKeyRing::Valid(ring), true, 5, ts(1), grace, || {
+        let ring = plan_key_ring(
+            StoredKeyRing::Missing,
+            false,
+            hmac(5),
+            ts(0),
+            grace,
+            SigningSecret::generate_with,
+        )
+        .ring;
+        let plan = plan_key_ring(StoredKeyRing::Valid(ring), true, hmac(5), ts(1), grace, |_| {
             panic!("no generation")
         });
         assert_eq!(plan.change, KeyRingChange::Unchanged);
@@ -464,15 +636,23 @@ mod tests {
     #[test]
     fn previous_secrets_are_bounded() {
         let grace = Duration::from_secs(3600);
-        let mut ring = plan_key_ring(StoredKeyRing::Missing, false, 0, ts(0), grace, SigningSecret::generate).ring;
+        let mut ring = plan_key_ring(
+            StoredKeyRing::Missing,
+            false,
+            hmac(0),
+            ts(0),
+            grace,
+            SigningSecret::generate_with,
+        )
+        .ring;
         for rotation in 1..=20 {
             ring = plan_key_ring(
                 StoredKeyRing::Valid(ring),
                 true,
-                rotation,
+                hmac(rotation),
                 ts(rotation),
                 grace,
-                SigningSecret::generate,
+                SigningSecret::generate_with,
             )
             .ring;
         }
@@ -483,14 +663,22 @@ mod tests {
     #[test]
     fn signature_header_has_one_signature_per_live_secret() {
         let grace = Duration::from_secs(60);
-        let ring = plan_key_ring(StoredKeyRing::Missing, false, 0, ts(0), grace, SigningSecret::generate).ring;
+        let ring = plan_key_ring(
+            StoredKeyRing::Missing,
+            false,
+            hmac(0),
+            ts(0),
+            grace,
+            SigningSecret::generate_with,
+        )
+        .ring;
         let ring = plan_key_ring(
             StoredKeyRing::Valid(ring),
             true,
-            1,
+            hmac(1),
             ts(0),
             grace,
-            SigningSecret::generate,
+            SigningSecret::generate_with,
         )
         .ring;
         let header = ring.signature_header(ts(1), "msg_1", 1, b"{}");
@@ -498,5 +686,135 @@ mod tests {
         assert_eq!(parts.len(), 2);
         assert!(parts.iter().all(|p| p.starts_with("v1,")));
         assert_eq!(parts[0], ring.current.sign("msg_1", 1, b"{}"));
+    }
+
+    /// RFC 8032, section 7.1, test 1: the seed and the public key it gives.
+    const RFC8032_SEED: &str = "9d61b19deffd5a60ba844af492ec2cc44449c5697b326919703bac031cae7f60";
+    const RFC8032_PUBLIC: &str = "d75a980182b10ab7d54bfed3c964073a0ee172f3daa62325af021a68f707511a";
+
+    fn unhex(s: &str) -> Vec<u8> {
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn ed25519_keys_have_svix_forms_and_sign_v1a_over_the_v1_content() {
+        let mut stored = unhex(RFC8032_SEED);
+        stored.extend(unhex(RFC8032_PUBLIC));
+        let key = SigningSecret::parse(&format!("whsk_{}", BASE64.encode(&stored))).unwrap();
+        assert_eq!(key.scheme(), SignatureScheme::Ed25519);
+        assert_eq!(
+            key.for_receiver(),
+            format!("whpk_{}", BASE64.encode(unhex(RFC8032_PUBLIC)))
+        );
+        let signature = key.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#);
+        let b64 = signature.strip_prefix("v1a,").expect("a v1a signature");
+        let public =
+            aws_lc_rs::signature::UnparsedPublicKey::new(&aws_lc_rs::signature::ED25519, unhex(RFC8032_PUBLIC));
+        public
+            .verify(
+                br#"msg_p5jXN8AQM9LWM0D4loKWxJek.1614265330.{"test": 2432232314}"#,
+                &BASE64.decode(b64).unwrap(),
+            )
+            .expect("verifies over {id}.{timestamp}.{body}");
+        // ed25519 is deterministic: the same message gives the same signature.
+        assert_eq!(
+            key.sign("msg_p5jXN8AQM9LWM0D4loKWxJek", 1614265330, br#"{"test": 2432232314}"#),
+            signature
+        );
+    }
+
+    #[test]
+    fn generated_ed25519_keys_round_trip_and_never_show_the_private_half() {
+        let key = SigningSecret::generate_with(SignatureScheme::Ed25519);
+        assert!(key.expose().starts_with("whsk_"));
+        assert_eq!(SigningSecret::parse(key.expose()).unwrap(), key);
+        let public = key.for_receiver();
+        assert!(public.starts_with("whpk_"));
+        assert_eq!(BASE64.decode(&public[5..]).unwrap().len(), 32);
+        assert!(!public.contains(&key.expose()[5..]));
+        assert!(!format!("{key:?}").contains(&key.expose()[5..]));
+        // The HMAC form is unchanged: what the receiver gets is the secret itself.
+        let hmac = SigningSecret::generate();
+        assert_eq!(hmac.for_receiver(), hmac.expose());
+    }
+
+    #[test]
+    fn a_private_key_whose_public_half_does_not_match_is_refused() {
+        let mut stored = unhex(RFC8032_SEED);
+        stored.extend([7u8; 32]);
+        assert_eq!(
+            SigningSecret::parse(&format!("whsk_{}", BASE64.encode(&stored))),
+            Err(InvalidSecret::BadEd25519Key)
+        );
+        assert_eq!(
+            SigningSecret::parse(&format!("whsk_{}", BASE64.encode(unhex(RFC8032_SEED)))),
+            Err(InvalidSecret::BadEd25519Key)
+        );
+    }
+
+    #[test]
+    fn a_change_of_scheme_rotates_and_both_schemes_co_sign_in_the_grace_period() {
+        let grace = Duration::from_secs(60);
+        let ring = plan_key_ring(
+            StoredKeyRing::Missing,
+            false,
+            hmac(0),
+            ts(0),
+            grace,
+            SigningSecret::generate_with,
+        )
+        .ring;
+        let ed25519 = WantedKeys {
+            rotation: 0,
+            scheme: SignatureScheme::Ed25519,
+        };
+        let changed = plan_key_ring(
+            StoredKeyRing::Valid(ring.clone()),
+            true,
+            ed25519,
+            ts(10),
+            grace,
+            SigningSecret::generate_with,
+        );
+        assert_eq!(changed.change, KeyRingChange::Rotated);
+        assert_eq!(changed.ring.current.scheme(), SignatureScheme::Ed25519);
+        assert_eq!(changed.ring.rotation, 0);
+        assert_eq!(changed.ring.previous[0].secret, ring.current);
+        let header = changed.ring.signature_header(ts(11), "msg_1", 11, b"{}");
+        let parts: Vec<_> = header.split(' ').collect();
+        assert!(parts[0].starts_with("v1a,") && parts[1].starts_with("v1,"), "{header}");
+        assert_eq!(parts[1], ring.current.sign("msg_1", 11, b"{}"));
+        // The key of the new scheme is kept from then on, and back to HMAC rotates again.
+        let kept = plan_key_ring(
+            StoredKeyRing::Valid(changed.ring.clone()),
+            true,
+            ed25519,
+            ts(12),
+            grace,
+            |_| panic!("no generation"),
+        );
+        assert_eq!(kept.change, KeyRingChange::Unchanged);
+        let back = plan_key_ring(
+            StoredKeyRing::Valid(changed.ring),
+            true,
+            hmac(1),
+            ts(13),
+            grace,
+            SigningSecret::generate_with,
+        );
+        assert_eq!(back.change, KeyRingChange::Rotated);
+        assert_eq!(back.ring.current.scheme(), SignatureScheme::HmacSha256);
+        assert_eq!(back.ring.rotation, 1);
+        let header = back.ring.signature_header(ts(14), "msg_1", 14, b"{}");
+        assert_eq!(
+            header
+                .split(' ')
+                .map(|p| p.split(',').next().unwrap())
+                .collect::<Vec<_>>(),
+            ["v1", "v1a", "v1"]
+        );
     }
 }

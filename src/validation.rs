@@ -138,8 +138,29 @@ pub fn validate_max_attempts(max_attempts: Option<u32>) -> Result<(), String> {
     }
 }
 
+/// Checks the name of a client certificate's Secret: a DNS-1123 subdomain, as Secret names are.
+pub fn validate_secret_name(name: &str) -> Result<(), String> {
+    let valid = (1..=253).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if valid {
+        Ok(())
+    } else {
+        Err(
+            "client_certificate_secret must be a Secret name: lowercase letters, digits, '-' and '.', at most 253"
+                .into(),
+        )
+    }
+}
+
 /// Checks a whole spec; the first problem found is returned.
 pub fn validate_spec(spec: &WebhookEndpointSpec, policy: UrlPolicy) -> Result<(), String> {
+    if let Some(certificate) = &spec.client_certificate {
+        validate_secret_name(&certificate.secret_name)?;
+    }
     validate_url(&spec.url, policy)?;
     validate_description(&spec.description)?;
     validate_event_types(&spec.event_types)?;
@@ -154,6 +175,14 @@ mod tests {
 
     const STRICT: UrlPolicy = UrlPolicy { allow_http: false };
     const LAX: UrlPolicy = UrlPolicy { allow_http: true };
+
+    #[test]
+    fn secret_names() {
+        assert!(validate_secret_name("client-tls.v2").is_ok());
+        for bad in ["", "Client", "-a", "a-", "a/b", &"a".repeat(254)] {
+            assert!(validate_secret_name(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn urls() {

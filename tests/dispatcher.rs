@@ -3,6 +3,8 @@
 
 mod support;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use capy_webhooks::resources::WebhookEndpoint;
@@ -13,6 +15,7 @@ use serde_json::{Value, json};
 use support::assert_conforms;
 use support::operator::{Operator, Options};
 use support::receiver::{Answer, Receiver};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ORG: &str = "org_deliver";
 const WAIT: Duration = Duration::from_secs(30);
@@ -89,6 +92,19 @@ async fn wait_received(receiver: &Receiver, n: usize) -> Vec<support::receiver::
     support::wait_for(&format!("{n} requests at the receiver"), WAIT, || async {
         let got = receiver.received();
         (got.len() >= n).then_some(got)
+    })
+    .await
+}
+
+/// Sends events until one arrives signed twice: the dispatcher's key cache follows the Secret
+/// through a watch, so the first ones after a rotation may still carry one signature.
+async fn wait_co_signed(s: &Setup, receiver: &Receiver) -> support::receiver::Received {
+    support::wait_for("a delivery signed with both keys", WAIT, || async {
+        s.op.ingest(ORG, "a.b", json!({})).await;
+        let got = wait_received(receiver, 1).await;
+        got.into_iter()
+            .last()
+            .filter(|r| r.header("webhook-signature").split(' ').count() == 2)
     })
     .await
 }
@@ -359,15 +375,7 @@ async fn during_rotation_both_secrets_sign_and_each_verifies() {
         .await;
     assert_eq!(status, 200);
     let new_secret = rotated["plaintext_secret"].as_str().unwrap().to_string();
-    // The dispatcher's key cache follows the Secret through a watch: wait for both signatures.
-    let request = support::wait_for("a delivery signed with both secrets", WAIT, || async {
-        s.op.ingest(ORG, "a.b", json!({})).await;
-        let got = wait_received(&receiver, 1).await;
-        got.into_iter()
-            .last()
-            .filter(|r| r.header("webhook-signature").split(' ').count() == 2)
-    })
-    .await;
+    let request = wait_co_signed(&s, &receiver).await;
     let signatures: Vec<String> = request
         .header("webhook-signature")
         .split(' ')
@@ -386,6 +394,72 @@ async fn during_rotation_both_secrets_sign_and_each_verifies() {
         };
         assert!(verify(other, &wrong).is_err());
     }
+}
+
+#[tokio::test]
+async fn ed25519_signatures_verify_with_pynacl_and_a_change_of_scheme_co_signs() {
+    let s = setup("ed25519", Options::default()).await;
+    let receiver = Receiver::start(vec![]).await;
+    let body = json!({"url": receiver.url("/"), "signature_scheme": "ed25519"});
+    let (status, created, _) = s.op.call("POST", &s.op.url(ORG, ""), Some(&s.key), Some(body)).await;
+    assert_eq!(status, 201, "{created}");
+    assert_conforms("EndpointWithSecret", &created);
+    assert_eq!(created["webhook_endpoint"]["signature_scheme"], "ed25519");
+    let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+    let public_key = created["plaintext_secret"].as_str().unwrap().to_string();
+    assert!(public_key.starts_with("whpk_"), "{public_key}");
+
+    // The Secret holds the private key; neither key is in the list answer.
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> = Api::namespaced(s.client.clone(), &s.ns);
+    let stored = secrets.get(&format!("{id}-signing")).await.unwrap();
+    let private = String::from_utf8(stored.data.unwrap()["signing-secret"].0.clone()).unwrap();
+    assert!(private.starts_with("whsk_"));
+    let (status, list, _) = s.op.call("GET", &s.op.url(ORG, ""), Some(&s.key), None).await;
+    assert_eq!(status, 200);
+    assert_conforms("EndpointList", &list);
+    assert_eq!(list["webhook_endpoints"][0]["signature_scheme"], "ed25519");
+    let listed = list.to_string();
+    assert!(!listed.contains(&public_key[5..]) && !listed.contains(&private[5..]));
+
+    s.op.ingest(ORG, "database.created", json!({"name": "orders"})).await;
+    let request = wait_received(&receiver, 1).await.remove(0);
+    let header = request.header("webhook-signature").to_string();
+    assert!(header.starts_with("v1a,") && !header.contains(' '), "{header}");
+    support::verify_v1a(&public_key, &request).expect("PyNaCl verifies the v1a signature");
+    // The verifier really checks: another body, or another key, fails.
+    let mut tampered = request.clone();
+    tampered.body = bytes::Bytes::from_static(b"{\"type\":\"other\"}");
+    assert!(support::verify_v1a(&public_key, &tampered).is_err());
+    let other_key = format!("whpk_{}", "A".repeat(43) + "=");
+    assert!(support::verify_v1a(&other_key, &request).is_err());
+
+    // Back to HMAC: the update answers with the new whsec_ secret, and during the grace period
+    // both keys sign, each verifying with its own implementation.
+    let (status, updated, _) =
+        s.op.call(
+            "PATCH",
+            &s.op.url(ORG, &format!("/{id}")),
+            Some(&s.key),
+            Some(json!({"signature_scheme": "hmac-sha256"})),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_conforms("EndpointResponse", &updated);
+    assert!(
+        updated["webhook_endpoint"].get("signature_scheme").is_none(),
+        "{updated}"
+    );
+    let secret = updated["plaintext_secret"].as_str().unwrap().to_string();
+    assert!(secret.starts_with("whsec_"), "{secret}");
+    let request = wait_co_signed(&s, &receiver).await;
+    let header = request.header("webhook-signature").to_string();
+    let (v1, v1a) = header.split_once(' ').unwrap();
+    assert!(v1.starts_with("v1,") && v1a.starts_with("v1a,"), "{header}");
+    verify(&secret, &request).expect("the standardwebhooks crate verifies the new v1 signature");
+    support::verify_v1a(&public_key, &request).expect("PyNaCl verifies the old key's v1a signature");
+    let mut only_v1 = request.clone();
+    only_v1.headers.insert("webhook-signature", v1.parse().unwrap());
+    assert!(support::verify_v1a(&public_key, &only_v1).is_err());
 }
 
 #[tokio::test]
@@ -830,4 +904,344 @@ async fn endpoints_on_one_host_reuse_connections_across_bursts() {
         "the second burst opened {fresh} new connections; the first opened {}",
         first.len()
     );
+}
+
+/// Certificates made at test time: one CA that issues the receiver's certificate (for
+/// `127.0.0.1`) and the client certificates the receiver accepts.
+struct TestPki {
+    ca: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+/// A certificate and its key, PEM.
+struct Issued {
+    cert: String,
+    key: String,
+}
+
+impl TestPki {
+    fn new() -> Self {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "capy test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+        Self { ca }
+    }
+
+    fn issue(&self, names: &[&str], common_name: &str, usage: rcgen::ExtendedKeyUsagePurpose) -> Issued {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, common_name);
+        params.extended_key_usages = vec![usage];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &*self.ca).unwrap();
+        Issued {
+            cert: cert.pem(),
+            key: key.serialize_pem(),
+        }
+    }
+}
+
+/// A TLS receiver on loopback that requires a client certificate issued by the test CA: it
+/// records the common name each accepted request came with, and counts refused handshakes.
+struct MtlsReceiver {
+    port: u16,
+    accepted: Arc<Mutex<Vec<(String, support::receiver::Received)>>>,
+    refused: Arc<AtomicUsize>,
+}
+
+impl MtlsReceiver {
+    async fn start(pki: &TestPki) -> Self {
+        use rustls::pki_types::PrivateKeyDer;
+        use rustls::pki_types::pem::PemObject;
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(pki.ca.der().clone()).unwrap();
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .build()
+            .unwrap();
+        let server = pki.issue(&["127.0.0.1"], "receiver", rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(
+                vec![rustls::pki_types::CertificateDer::from_pem_slice(server.cert.as_bytes()).unwrap()],
+                PrivateKeyDer::from_pem_slice(server.key.as_bytes()).unwrap(),
+            )
+            .unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let accepted = Arc::new(Mutex::new(Vec::new()));
+        let refused = Arc::new(AtomicUsize::new(0));
+        let (seen, refusals) = (accepted.clone(), refused.clone());
+        tokio::spawn(async move {
+            loop {
+                let Ok((tcp, remote)) = listener.accept().await else {
+                    return;
+                };
+                let (acceptor, seen, refusals) = (acceptor.clone(), seen.clone(), refusals.clone());
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(tcp).await else {
+                        refusals.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    };
+                    let Some(request) = read_request(&mut tls, remote).await else {
+                        // TLS 1.3: a missing certificate is refused after the client's Finished.
+                        refusals.fetch_add(1, Ordering::SeqCst);
+                        return;
+                    };
+                    let peer = tls.get_ref().1.peer_certificates().and_then(|c| c.first().cloned());
+                    let common_name = peer.map(|der| common_name_of(&der)).unwrap_or_default();
+                    seen.lock().unwrap().push((common_name, request));
+                    let _ = tls
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                    let _ = tls.shutdown().await;
+                });
+            }
+        });
+        Self {
+            port,
+            accepted,
+            refused,
+        }
+    }
+
+    fn url(&self) -> String {
+        format!("https://127.0.0.1:{}/mtls", self.port)
+    }
+
+    fn accepted(&self) -> Vec<(String, support::receiver::Received)> {
+        self.accepted.lock().unwrap().clone()
+    }
+}
+
+/// Reads one HTTP/1.1 request (headers, then `content-length` bytes of body).
+async fn read_request<S: tokio::io::AsyncRead + Unpin>(
+    stream: &mut S,
+    remote: std::net::SocketAddr,
+) -> Option<support::receiver::Received> {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
+    let mut lines = head.split("\r\n");
+    let path = lines.next()?.split(' ').nth(1)?.to_string();
+    let mut headers = warp::http::HeaderMap::new();
+    for line in lines.filter(|l| !l.is_empty()) {
+        let (name, value) = line.split_once(':')?;
+        headers.append(
+            warp::http::HeaderName::from_bytes(name.trim().as_bytes()).ok()?,
+            value.trim().parse().ok()?,
+        );
+    }
+    let length: usize = headers.get("content-length")?.to_str().ok()?.parse().ok()?;
+    while buf.len() < head_end + length {
+        let n = stream.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    Some(support::receiver::Received {
+        path,
+        headers,
+        body: bytes::Bytes::copy_from_slice(&buf[head_end..head_end + length]),
+        at: std::time::Instant::now(),
+        remote: Some(remote),
+    })
+}
+
+/// The subject's common name of a DER certificate, found by its OID (2.5.4.3) and read as the
+/// short string that follows: enough for the names this test issues.
+fn common_name_of(der: &[u8]) -> String {
+    const CN_OID: [u8; 5] = [0x06, 0x03, 0x55, 0x04, 0x03];
+    // The last common name in the certificate is the subject's (the issuer's comes first).
+    let Some(at) = der.windows(5).rposition(|w| w == CN_OID) else {
+        return String::new();
+    };
+    let len = der[at + 6] as usize;
+    String::from_utf8_lossy(&der[at + 7..at + 7 + len]).to_string()
+}
+
+async fn tls_secret(client: &Client, ns: &str, name: &str, type_: &str, cert: &str, key: &str) {
+    use k8s_openapi::ByteString;
+    let secret = k8s_openapi::api::core::v1::Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.into()),
+            ..Default::default()
+        },
+        type_: Some(type_.into()),
+        data: Some(
+            [
+                ("tls.crt".to_string(), ByteString(cert.as_bytes().to_vec())),
+                ("tls.key".to_string(), ByteString(key.as_bytes().to_vec())),
+            ]
+            .into(),
+        ),
+        ..Default::default()
+    };
+    Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+        .create(&Default::default(), &secret)
+        .await
+        .unwrap();
+}
+
+/// Creates an endpoint over REST: its id, its `plaintext_secret` and the whole answer.
+async fn create_endpoint(s: &Setup, body: Value) -> (String, String, Value) {
+    let (status, created, _) = s.op.call("POST", &s.op.url(ORG, ""), Some(&s.key), Some(body)).await;
+    assert_eq!(status, 201, "{created}");
+    assert_conforms("EndpointWithSecret", &created);
+    (
+        created["webhook_endpoint"]["id"].as_str().unwrap().to_string(),
+        created["plaintext_secret"].as_str().unwrap().to_string(),
+        created,
+    )
+}
+
+/// Waits until the endpoint's condition `type_` has `wanted` (status, reason); its message.
+async fn condition(s: &Setup, id: &str, type_: &str, wanted: (&str, &str)) -> String {
+    let endpoints: Api<WebhookEndpoint> = Api::namespaced(s.client.clone(), &s.ns);
+    support::wait_for(&format!("{id} {type_}={wanted:?}"), Duration::from_secs(60), || async {
+        let ep = endpoints.get(id).await.ok()?;
+        let c = ep.status?.conditions.into_iter().find(|c| c.type_ == type_)?;
+        (c.status == wanted.0 && c.reason == wanted.1).then_some(c.message)
+    })
+    .await
+}
+
+#[tokio::test]
+async fn mutual_tls_presents_the_named_certificate_and_refuses_without_a_usable_one() {
+    let pki = TestPki::new();
+    let s = setup(
+        "mtls",
+        Options {
+            receiver_roots_pem: pki.ca.pem().into_bytes(),
+            ..Options::default()
+        },
+    )
+    .await;
+    let receiver = MtlsReceiver::start(&pki).await;
+    let client_auth = rcgen::ExtendedKeyUsagePurpose::ClientAuth;
+    let capy = pki.issue(&[], "capy-webhooks-client", client_auth.clone());
+    tls_secret(
+        &s.client,
+        &s.ns,
+        "client-tls",
+        "kubernetes.io/tls",
+        &capy.cert,
+        &capy.key,
+    )
+    .await;
+    let create = |certificate: Option<&str>| {
+        let mut body = json!({"url": receiver.url()});
+        if let Some(name) = certificate {
+            body["client_certificate_secret"] = json!(name);
+        }
+        body
+    };
+
+    // With the certificate: delivered, the receiver saw it, and the signature verifies.
+    let (with_cert, secret, created) = create_endpoint(&s, create(Some("client-tls"))).await;
+    assert_eq!(created["webhook_endpoint"]["client_certificate_secret"], "client-tls");
+    condition(
+        &s,
+        &with_cert,
+        "ClientCertificateReady",
+        ("True", "ClientCertificateAvailable"),
+    )
+    .await;
+    s.op.ingest(ORG, "a.b", json!({"n": 1})).await;
+    let (common_name, request) = support::wait_for("a delivery over mutual TLS", WAIT, || async {
+        receiver.accepted().into_iter().next()
+    })
+    .await;
+    assert_eq!(common_name, "capy-webhooks-client");
+    assert_eq!(request.path, "/mtls");
+    verify(&secret, &request).expect("the signature verifies");
+    s.wait_delivery(&with_cert, "delivered over mutual TLS", |d| d["state"] == "succeeded")
+        .await;
+
+    // Without one, the receiver refuses the handshake: the attempt fails, nothing is accepted.
+    s.op.call("DELETE", &s.op.url(ORG, &format!("/{with_cert}")), Some(&s.key), None)
+        .await;
+    let (without, _, _) = create_endpoint(&s, create(None)).await;
+    s.op.ingest(ORG, "a.b", json!({"n": 2})).await;
+    let failed = s
+        .wait_delivery(&without, "an attempt refused by the receiver", |d| {
+            d["attempts"].as_u64() >= Some(1)
+        })
+        .await;
+    assert_ne!(failed["state"], "succeeded", "{failed}");
+    assert!(receiver.refused.load(Ordering::SeqCst) >= 1);
+    assert_eq!(receiver.accepted().len(), 1);
+    s.op.call("DELETE", &s.op.url(ORG, &format!("/{without}")), Some(&s.key), None)
+        .await;
+
+    // A Secret that is missing, not of type kubernetes.io/tls, or whose key is not the
+    // certificate's: the endpoint is not Ready, says why, and nothing is attempted.
+    let other = pki.issue(&[], "other", client_auth);
+    tls_secret(&s.client, &s.ns, "opaque-tls", "Opaque", &capy.cert, &capy.key).await;
+    tls_secret(
+        &s.client,
+        &s.ns,
+        "mismatched-tls",
+        "kubernetes.io/tls",
+        &capy.cert,
+        &other.key,
+    )
+    .await;
+    let mut refused = Vec::new();
+    for (name, reason) in [
+        ("later-tls", "ClientCertificateMissing"),
+        ("opaque-tls", "ClientCertificateNotTLS"),
+        ("mismatched-tls", "ClientCertificateMalformed"),
+    ] {
+        let (id, _, _) = create_endpoint(&s, create(Some(name))).await;
+        let message = condition(&s, &id, "Ready", ("False", reason)).await;
+        assert!(message.contains(name), "{message}");
+        assert!(!message.contains("PRIVATE KEY"), "{message}");
+        condition(&s, &id, "ClientCertificateReady", ("False", reason)).await;
+        refused.push(id);
+    }
+    let handshakes = receiver.refused.load(Ordering::SeqCst);
+    s.op.ingest(ORG, "a.b", json!({"n": 3})).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    for id in &refused {
+        let deliveries = s.deliveries(id).await;
+        assert_eq!(deliveries.len(), 1);
+        assert_eq!(deliveries[0]["state"], "pending", "{}", deliveries[0]);
+        assert_eq!(deliveries[0]["attempts"], 0, "{}", deliveries[0]);
+    }
+    assert_eq!(receiver.refused.load(Ordering::SeqCst), handshakes);
+    assert_eq!(receiver.accepted().len(), 1);
+
+    // The missing Secret appears: its endpoint's waiting delivery goes out with it.
+    tls_secret(
+        &s.client,
+        &s.ns,
+        "later-tls",
+        "kubernetes.io/tls",
+        &capy.cert,
+        &capy.key,
+    )
+    .await;
+    s.wait_delivery(&refused[0], "delivered once the Secret exists", |d| {
+        d["state"] == "succeeded"
+    })
+    .await;
+    assert_eq!(receiver.accepted().len(), 2);
+    condition(&s, &refused[0], "Ready", ("True", "Reconciled")).await;
 }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use capy_webhooks::delivery::outcome::AttemptOutcome;
 use capy_webhooks::delivery::sender::{AttemptResult, Sender, SenderConfig, USER_AGENT, envelope};
 use capy_webhooks::delivery::ssrf::TargetPolicy;
-use capy_webhooks::signing::{KeyRing, SigningSecret, StoredKeyRing, plan_key_ring};
+use capy_webhooks::signing::{KeyRing, SignatureScheme, SigningSecret, StoredKeyRing, WantedKeys, plan_key_ring};
 use jiff::Timestamp;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,10 +43,13 @@ fn new_ring(now: Timestamp) -> KeyRing {
     plan_key_ring(
         StoredKeyRing::Missing,
         false,
-        0,
+        WantedKeys {
+            rotation: 0,
+            scheme: SignatureScheme::HmacSha256,
+        },
         now,
         Duration::from_secs(3600),
-        SigningSecret::generate,
+        SigningSecret::generate_with,
     )
     .ring
 }
@@ -171,10 +174,13 @@ async fn rotation_grace_period_signs_twice_and_each_signature_verifies_alone() {
     let rotated = plan_key_ring(
         StoredKeyRing::Valid(before.clone()),
         true,
-        1,
+        WantedKeys {
+            rotation: 1,
+            scheme: SignatureScheme::HmacSha256,
+        },
         now,
         Duration::from_secs(3600),
-        SigningSecret::generate,
+        SigningSecret::generate_with,
     )
     .ring;
     assert_eq!(rotated.previous.len(), 1);

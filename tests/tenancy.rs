@@ -32,6 +32,8 @@ fn endpoint(name: &str, org: &str, url: &str) -> WebhookEndpoint {
             max_attempts: None,
             headers: Default::default(),
             rate_limit: None,
+            signature_scheme: Default::default(),
+            client_certificate: None,
         },
     )
 }

@@ -300,6 +300,28 @@ impl ApiState {
             .ok_or_else(|| ApiError::not_found(format!("webhook endpoint {id} not found")))
     }
 
+    /// Waits (up to `--controller-wait`) until the controller has completed rotation `target`
+    /// of the endpoint, and reads what receivers verify with from then on; 503 with
+    /// `not_yet` otherwise.
+    async fn new_key(
+        &self,
+        namespace: &str,
+        name: &str,
+        target: i64,
+        not_yet: &'static str,
+    ) -> Result<(WebhookEndpoint, String), ApiError> {
+        let rotated = self
+            .cache
+            .wait_for(namespace, name, self.config.controller_wait, |ep| {
+                ep.filter(|ep| secret_ready(ep) && ep.status.as_ref().is_some_and(|s| s.secret_rotation >= target))
+                    .cloned()
+            })
+            .await
+            .ok_or_else(|| ApiError::unavailable(not_yet, 5))?;
+        let secret = self.read_signing_secret(namespace, name).await?;
+        Ok((rotated, secret))
+    }
+
     async fn read_signing_secret(&self, namespace: &str, name: &str) -> Result<String, ApiError> {
         let secrets: Api<Secret> = Api::namespaced(self.client.clone(), namespace);
         let secret = secrets
@@ -307,7 +329,7 @@ impl ApiState {
             .await
             .map_err(|e| kube_error(e, "reading signing secret"))?;
         match stored_key_ring(secret.as_ref()) {
-            StoredKeyRing::Valid(ring) => Ok(ring.current.expose().to_string()),
+            StoredKeyRing::Valid(ring) => Ok(ring.current.for_receiver()),
             _ => Err(ApiError::unavailable(
                 "the signing secret is being repaired; retry shortly",
                 DEFAULT_RETRY_AFTER_SECS,
@@ -404,10 +426,33 @@ impl ApiState {
     async fn update(&self, org: String, id: String, body: Bytes) -> Result<Response, ApiError> {
         let request: UpdateRequest = parse_json(&body)?;
         let existing = self.find(&org, &id)?;
-        let patch = update_patch(&org, &request, self.config.url_policy).map_err(ApiError::bad_request)?;
+        let mut patch = update_patch(&org, &request, self.config.url_policy).map_err(ApiError::bad_request)?;
+        let scheme_change = model::scheme_change(&existing.spec, request.signature_scheme);
+        if let (Some((ops, _)), Some(all)) = (&scheme_change, patch.as_array_mut()) {
+            all.extend(ops.iter().cloned());
+        }
         let updated = self.patch_endpoint(&existing, patch).await?;
+        let Some((_, target)) = scheme_change else {
+            let body = EndpointResponse {
+                webhook_endpoint: endpoint_view(&updated),
+                plaintext_secret: None,
+            };
+            return Ok(warp::reply::json(&body).into_response());
+        };
+        // A new scheme is a new key: wait for it as rotate-secret does, and answer with it.
+        let ns = updated.namespace().unwrap_or_default();
+        let (rotated, secret) = self
+            .new_key(
+                &ns,
+                &id,
+                target,
+                "the signature scheme was changed but the controller has not made the new key yet; rotate-secret later to get it",
+            )
+            .await?;
+        info!(organization = %org, endpoint = %id, scheme = rotated.spec.signature_scheme.as_str(), "signature scheme changed");
         let body = EndpointResponse {
-            webhook_endpoint: endpoint_view(&updated),
+            webhook_endpoint: endpoint_view(&rotated),
+            plaintext_secret: Some(secret),
         };
         Ok(warp::reply::json(&body).into_response())
     }
@@ -535,20 +580,14 @@ impl ApiState {
                 Err(e) => return Err(kube_error(e, "rotating secret")),
             }
         };
-        let rotated = self
-            .cache
-            .wait_for(&ns, &id, self.config.controller_wait, |ep| {
-                ep.filter(|ep| secret_ready(ep) && ep.status.as_ref().is_some_and(|s| s.secret_rotation >= target))
-                    .cloned()
-            })
-            .await;
-        let Some(rotated) = rotated else {
-            return Err(ApiError::unavailable(
+        let (rotated, secret) = self
+            .new_key(
+                &ns,
+                &id,
+                target,
                 "the rotation was requested but the controller has not completed it yet; retry later to get the new secret",
-                5,
-            ));
-        };
-        let secret = self.read_signing_secret(&ns, &id).await?;
+            )
+            .await?;
         info!(organization = %org, endpoint = %id, rotation = target, by = %principal.credential, "secret rotated");
         let body = EndpointWithSecret {
             webhook_endpoint: endpoint_view(&rotated),

@@ -12,13 +12,13 @@ use serde_json::{Value, json};
 
 use crate::delivery_log::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, truncate_error};
 use crate::resources::{
-    EVENT_TYPE_PATTERN, FORBIDDEN_HEADERS, HEADER_VALUE_PATTERN, Health, MAX_ATTEMPTS_LIMIT, MAX_CUSTOM_HEADERS,
-    MAX_DESCRIPTION_LENGTH, MAX_EVENT_TYPE_LENGTH, MAX_EVENT_TYPES, MAX_HEADER_VALUE_LENGTH, MAX_RATE_LIMIT,
-    MAX_URL_LENGTH, ORGANIZATION_LABEL, WebhookEndpoint, WebhookEndpointSpec,
+    ClientCertificate, EVENT_TYPE_PATTERN, FORBIDDEN_HEADERS, HEADER_VALUE_PATTERN, Health, MAX_ATTEMPTS_LIMIT,
+    MAX_CUSTOM_HEADERS, MAX_DESCRIPTION_LENGTH, MAX_EVENT_TYPE_LENGTH, MAX_EVENT_TYPES, MAX_HEADER_VALUE_LENGTH,
+    MAX_RATE_LIMIT, MAX_URL_LENGTH, ORGANIZATION_LABEL, SignatureScheme, WebhookEndpoint, WebhookEndpointSpec,
 };
 use crate::validation::{
     UrlPolicy, validate_description, validate_event_types, validate_headers, validate_max_attempts,
-    validate_rate_limit, validate_url,
+    validate_rate_limit, validate_secret_name, validate_url,
 };
 
 // The doc comments of the types and fields below are the descriptions of the OpenAPI document
@@ -54,6 +54,19 @@ pub struct EndpointView {
     /// Where deliveries are sent.
     #[schemars(extend("format" = "uri"), length(max = MAX_URL_LENGTH))]
     pub url: String,
+    /// Extension: how deliveries are signed; present only when not the default `hmac-sha256`
+    /// (absent means `hmac-sha256`, so the documented object keeps its exact fields).
+    #[serde(skip_serializing_if = "is_default_scheme")]
+    #[schemars(default)]
+    pub signature_scheme: SignatureScheme,
+    /// Extension: the `kubernetes.io/tls` Secret whose certificate is presented to the receiver
+    /// (mutual TLS); absent when none is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_certificate_secret: Option<String>,
+}
+
+fn is_default_scheme(scheme: &SignatureScheme) -> bool {
+    *scheme == SignatureScheme::default()
 }
 
 /// An endpoint as the list shows it: the Endpoint object and its health.
@@ -81,10 +94,18 @@ pub struct EndpointList {
 pub struct EndpointWithSecret {
     /// The endpoint.
     pub webhook_endpoint: EndpointView,
-    /// The signing secret in clear text; shown only by create and rotate-secret.
-    #[schemars(extend("pattern" = format!("^{}", crate::signing::SECRET_PREFIX)))]
+    /// What receivers verify signatures with, shown only by create and rotate-secret: the
+    /// `whsec_` secret in clear text (`hmac-sha256`), or the `whpk_` public key (`ed25519`; the
+    /// private key never leaves the operator).
+    #[schemars(extend("pattern" = RECEIVER_KEY_PATTERN))]
     pub plaintext_secret: String,
 }
+
+/// Pattern of a Secret name (a DNS-1123 subdomain), as `validate_secret_name` checks it.
+pub const SECRET_NAME_PATTERN: &str = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$";
+
+/// Pattern of `plaintext_secret`: an HMAC secret or an ed25519 public key.
+pub const RECEIVER_KEY_PATTERN: &str = "^(whsec_|whpk_)";
 
 /// An endpoint: update.
 #[derive(Serialize, Debug, Clone, JsonSchema)]
@@ -92,6 +113,12 @@ pub struct EndpointWithSecret {
 pub struct EndpointResponse {
     /// The endpoint.
     pub webhook_endpoint: EndpointView,
+    /// Extension: present only when the update changed `signature_scheme`, which makes a new key
+    /// of the new scheme as a rotation does: what receivers verify with from now on (as in the
+    /// rotate-secret answer). The previous key co-signs for the grace period.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("pattern" = RECEIVER_KEY_PATTERN))]
+    pub plaintext_secret: Option<String>,
 }
 
 /// `DELETE .../webhook-endpoints/{id}`.
@@ -249,6 +276,16 @@ pub struct CreateRequest {
     #[serde(default)]
     #[schemars(extend("default" = true))]
     pub is_active: Option<bool>,
+    /// Extension: how deliveries are signed, `hmac-sha256` (default; `v1` signatures) or
+    /// `ed25519` (`v1a` signatures; `plaintext_secret` is then the `whpk_` public key).
+    #[serde(default)]
+    pub signature_scheme: Option<SignatureScheme>,
+    /// Extension: mutual TLS. The name of a Secret of type `kubernetes.io/tls` in the operator's
+    /// namespace whose certificate and key are presented to the receiver. Until it exists and
+    /// holds a usable certificate, the endpoint is not ready and nothing is delivered.
+    #[serde(default)]
+    #[schemars(length(min = 1, max = 253), pattern(SECRET_NAME_PATTERN))]
+    pub client_certificate_secret: Option<String>,
 }
 
 /// Body of `PATCH /webhook-endpoints/{id}`: any subset of the settable fields.
@@ -270,6 +307,14 @@ pub struct UpdateRequest {
     pub event_types: Option<Vec<String>>,
     /// New active flag.
     pub is_active: Option<bool>,
+    /// Extension: a new signature scheme (`hmac-sha256` or `ed25519`). A change makes a new key
+    /// as a rotation does, returned in the answer's `plaintext_secret`.
+    pub signature_scheme: Option<SignatureScheme>,
+    /// Extension: the `kubernetes.io/tls` Secret presented to the receiver (mutual TLS), or null
+    /// for none.
+    #[serde(default, deserialize_with = "given")]
+    #[schemars(with = "Option<String>", length(min = 1, max = 253), pattern(SECRET_NAME_PATTERN))]
+    pub client_certificate_secret: Option<Option<String>>,
 }
 
 pub use crate::resources::rfc3339;
@@ -320,6 +365,8 @@ pub fn endpoint_view(endpoint: &WebhookEndpoint) -> EndpointView {
         organization_id: endpoint.spec.organization_id.clone(),
         updated_at: rfc3339(updated_at(endpoint)),
         url: endpoint.spec.url.clone(),
+        signature_scheme: endpoint.spec.signature_scheme,
+        client_certificate_secret: endpoint.spec.client_certificate.as_ref().map(|c| c.secret_name.clone()),
     }
 }
 
@@ -344,6 +391,9 @@ pub fn new_endpoint(
     validate_description(&description)?;
     let event_types = request.event_types.unwrap_or_default();
     validate_event_types(&event_types)?;
+    if let Some(name) = &request.client_certificate_secret {
+        validate_secret_name(name)?;
+    }
     Ok(WebhookEndpoint {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
@@ -364,6 +414,10 @@ pub fn new_endpoint(
             max_attempts: None,
             headers: Default::default(),
             rate_limit: None,
+            signature_scheme: request.signature_scheme.unwrap_or_default(),
+            client_certificate: request
+                .client_certificate_secret
+                .map(|secret_name| ClientCertificate { secret_name }),
         },
         status: None,
     })
@@ -389,7 +443,32 @@ pub fn update_patch(organization_id: &str, request: &UpdateRequest, policy: UrlP
     if let Some(active) = request.is_active {
         ops.push(json!({"op": "add", "path": "/spec/active", "value": active}));
     }
+    match &request.client_certificate_secret {
+        None => {}
+        Some(Some(name)) => {
+            validate_secret_name(name)?;
+            ops.push(json!({"op": "add", "path": "/spec/clientCertificate", "value": {"secretName": name}}));
+        }
+        // `add` of null: absent or not, the field ends up removed.
+        Some(None) => ops.push(json!({"op": "add", "path": "/spec/clientCertificate", "value": null})),
+    }
     Ok(Value::Array(ops))
+}
+
+/// The operations an update adds when it changes the signature scheme, and the rotation the
+/// controller will have completed once the new key exists: the scheme, and `secretRotation`
+/// raised by one, so the update waits for the new key as rotate-secret does. `None` when the
+/// scheme does not change.
+pub fn scheme_change(existing: &WebhookEndpointSpec, wanted: Option<SignatureScheme>) -> Option<(Vec<Value>, i64)> {
+    let wanted = wanted.filter(|w| *w != existing.signature_scheme)?;
+    let target = existing.secret_rotation + 1;
+    Some((
+        vec![
+            json!({"op": "add", "path": "/spec/signatureScheme", "value": wanted}),
+            json!({"op": "add", "path": "/spec/secretRotation", "value": target}),
+        ],
+        target,
+    ))
 }
 
 /// A new endpoint name: `ep-` and a lowercase ULID (see [`crate::ids`]). Sortable by creation
@@ -702,6 +781,8 @@ pub(super) mod tests {
                 description: None,
                 event_types: None,
                 is_active: None,
+                signature_scheme: None,
+                client_certificate_secret: None,
             },
             LAX,
         )
@@ -763,6 +844,8 @@ pub(super) mod tests {
             description: None,
             event_types: None,
             is_active: None,
+            signature_scheme: None,
+            client_certificate_secret: None,
         };
         let ep = endpoint();
         assert!(ep.spec.active);

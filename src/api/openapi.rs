@@ -77,7 +77,7 @@ fn operation_doc(operation: Operation) -> Option<OperationDoc> {
         },
         UpdateEndpoint => doc(
             "updateWebhookEndpoint",
-            "Change any subset of url, description, event_types, is_active",
+            "Change any subset of url, description, event_types, is_active (and the extensions signature_scheme, client_certificate_secret)",
             Some(schema_of::<model::UpdateRequest>),
             (200, "Updated", schema_of::<model::EndpointResponse>),
         ),
@@ -605,7 +605,10 @@ mod tests {
             plaintext_secret: "whsec_c2VjcmV0".into(),
         };
         assert_described(&doc, "EndpointWithSecret", &serde_json::to_value(&with_secret).unwrap());
-        let updated = model::EndpointResponse { webhook_endpoint: view };
+        let updated = model::EndpointResponse {
+            webhook_endpoint: view,
+            plaintext_secret: None,
+        };
         assert_described(&doc, "EndpointResponse", &serde_json::to_value(&updated).unwrap());
         assert_described(
             &doc,

@@ -12,11 +12,13 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, ObjectMeta, Owne
 
 use kube::Resource;
 
+use crate::client_certificate::Problem;
 use crate::resources::{
-    COMPONENT_LABEL, CONDITION_READY, CONDITION_SECRET_READY, ENDPOINT_LABEL, MANAGED_BY, MANAGED_BY_LABEL,
-    ORGANIZATION_LABEL, SIGNING_SECRET_COMPONENT, WebhookEndpoint, WebhookEndpointStatus, signing_secret_name,
+    COMPONENT_LABEL, CONDITION_CLIENT_CERTIFICATE_READY, CONDITION_READY, CONDITION_SECRET_READY, ENDPOINT_LABEL,
+    MANAGED_BY, MANAGED_BY_LABEL, ORGANIZATION_LABEL, SIGNING_SECRET_COMPONENT, WebhookEndpoint, WebhookEndpointStatus,
+    signing_secret_name,
 };
-use crate::signing::{KeyRing, KeyRingChange, SigningSecret, plan_key_ring};
+use crate::signing::{KeyRing, KeyRingChange, SignatureScheme, SigningSecret, WantedKeys, plan_key_ring};
 use crate::signing_secret::{CURRENT_SECRET_KEY, PREVIOUS_SECRETS_KEY, ROTATION_ANNOTATION, stored_key_ring};
 use crate::telemetry::EventNote;
 use crate::validation::{UrlPolicy, validate_spec};
@@ -122,6 +124,8 @@ pub struct Observed<'a> {
     pub grace: Duration,
     /// The time of the reconcile.
     pub now: Timestamp,
+    /// The client certificate the endpoint names, judged (`None` when it names none).
+    pub client_certificate: Option<Result<(), Problem>>,
 }
 
 /// What a reconcile should do, decided without IO.
@@ -141,7 +145,10 @@ pub struct Decision {
 
 /// Decides a reconcile: validate, then build the desired Secret and status, the Event and the
 /// requeue time. `generate` makes a new signing secret when one is needed.
-pub fn decide(observed: &Observed<'_>, generate: impl FnOnce() -> SigningSecret) -> Result<Decision, &'static str> {
+pub fn decide(
+    observed: &Observed<'_>,
+    generate: impl FnOnce(SignatureScheme) -> SigningSecret,
+) -> Result<Decision, &'static str> {
     let endpoint = observed.endpoint;
     let namespace = endpoint.metadata.namespace.as_deref().ok_or("namespace")?;
     let name = endpoint.metadata.name.as_deref().ok_or("name")?;
@@ -166,7 +173,10 @@ pub fn decide(observed: &Observed<'_>, generate: impl FnOnce() -> SigningSecret)
                 let plan = plan_key_ring(
                     stored_key_ring(observed.secret),
                     existed_before,
-                    endpoint.spec.secret_rotation,
+                    WantedKeys {
+                        rotation: endpoint.spec.secret_rotation,
+                        scheme: endpoint.spec.signature_scheme,
+                    },
                     observed.now,
                     observed.grace,
                     generate,
@@ -191,16 +201,34 @@ pub fn decide(observed: &Observed<'_>, generate: impl FnOnce() -> SigningSecret)
         }
     };
     let status = desired_status(
+        observed.client_certificate.as_ref(),
         endpoint.status.as_ref(),
         endpoint.metadata.generation,
         &outcome,
         observed.now,
     );
     let status_changed = endpoint.status.as_ref() != Some(&status);
+    let mut event = event_for(&outcome, change.as_ref(), status_changed, observed.grace);
+    let mut requeue = requeue_after(&outcome, next_expiry, observed.now);
+    if let (Some(certificate), Outcome::Ready { .. }) = (&observed.client_certificate, &outcome) {
+        // The named Secret is not watched (it is anyone's): look at it again every so often.
+        requeue = Some(requeue.map_or(CLIENT_CERTIFICATE_RECHECK, |r| r.min(CLIENT_CERTIFICATE_RECHECK)));
+        if let Err(problem) = certificate
+            && event.is_none()
+            && status_changed
+        {
+            event = Some(EventNote {
+                warning: true,
+                reason: problem.reason(),
+                action: "CheckClientCertificate",
+                note: format!("{problem}; nothing is delivered until it is fixed"),
+            });
+        }
+    }
     Ok(Decision {
         secret,
-        event: event_for(&outcome, change.as_ref(), status_changed, observed.grace),
-        requeue: requeue_after(&outcome, next_expiry, observed.now),
+        event,
+        requeue,
         status,
         status_changed,
     })
@@ -330,13 +358,21 @@ fn secret_name_taken_message(secret_name: &str) -> String {
     )
 }
 
+/// How often an endpoint that names a client certificate is looked at again: the Secret it names
+/// is not watched (any Secret of the namespace may be named), so a fixed or broken certificate
+/// shows in the condition within this time. The dispatcher does not wait for it: it watches
+/// `kubernetes.io/tls` Secrets itself and sends nothing without a usable certificate.
+pub const CLIENT_CERTIFICATE_RECHECK: Duration = Duration::from_secs(30);
+
 /// The status the controller wants, given the current one.
 ///
 /// Fields other components own (health, delivery summary, their conditions) are carried over.
 /// Conditions keep their `lastTransitionTime` while their status stays the same, and `updatedAt`
 /// only moves when something else changed, so an unchanged status compares equal to the stored one
-/// and is not written.
+/// and is not written. An endpoint whose client certificate cannot be used (`client_certificate`)
+/// is not Ready, and says why in `ClientCertificateReady`.
 pub fn desired_status(
+    client_certificate: Option<&Result<(), Problem>>,
     current: Option<&WebhookEndpointStatus>,
     generation: Option<i64>,
     outcome: &Outcome,
@@ -386,6 +422,36 @@ pub fn desired_status(
             (owned("False", "InvalidSpec", reason.clone()), secret)
         }
     };
+    let mut ready = ready;
+    match (client_certificate, outcome) {
+        (None, _) => status
+            .conditions
+            .retain(|c| c.type_ != CONDITION_CLIENT_CERTIFICATE_READY),
+        // Refused before the certificate matters: its condition stays as it was.
+        (Some(_), outcome) if !matches!(outcome, Outcome::Ready { .. }) => {}
+        (Some(Ok(())), _) => set_condition(
+            &mut status.conditions,
+            CONDITION_CLIENT_CERTIFICATE_READY,
+            owned(
+                "True",
+                "ClientCertificateAvailable",
+                "the client certificate is presented to the receiver".to_string(),
+            ),
+            generation,
+            now,
+        ),
+        (Some(Err(problem)), _) => {
+            let message = format!("{problem}; nothing is delivered until it is fixed");
+            ready = owned("False", problem.reason(), message.clone());
+            set_condition(
+                &mut status.conditions,
+                CONDITION_CLIENT_CERTIFICATE_READY,
+                owned("False", problem.reason(), message),
+                generation,
+                now,
+            );
+        }
+    }
     set_condition(&mut status.conditions, CONDITION_READY, ready, generation, now);
     set_condition(
         &mut status.conditions,
@@ -501,7 +567,7 @@ mod tests {
             secret_name: "ep1-signing".into(),
             rotation: 0,
         };
-        let first = desired_status(None, Some(1), &ready, t0);
+        let first = desired_status(None, None, Some(1), &ready, t0);
         assert_eq!(first.observed_generation, Some(1));
         assert_eq!(first.secret_name.as_deref(), Some("ep1-signing"));
         assert_eq!(first.updated_at, Some(Time(t0)));
@@ -511,7 +577,7 @@ mod tests {
             ("True", "Reconciled")
         );
         // Same inputs later: identical status, so no write.
-        assert_eq!(desired_status(Some(&first), Some(1), &ready, t1), first);
+        assert_eq!(desired_status(None, Some(&first), Some(1), &ready, t1), first);
     }
 
     #[test]
@@ -519,6 +585,7 @@ mod tests {
         let t0 = Timestamp::from_second(1000).unwrap();
         let t1 = Timestamp::from_second(2000).unwrap();
         let first = desired_status(
+            None,
             None,
             Some(1),
             &Outcome::Ready {
@@ -528,6 +595,7 @@ mod tests {
             t0,
         );
         let second = desired_status(
+            None,
             Some(&first),
             Some(2),
             &Outcome::Ready {
@@ -551,6 +619,7 @@ mod tests {
         let t1 = Timestamp::from_second(2000).unwrap();
         let first = desired_status(
             None,
+            None,
             Some(1),
             &Outcome::Ready {
                 secret_name: "s".into(),
@@ -559,6 +628,7 @@ mod tests {
             t0,
         );
         let invalid = desired_status(
+            None,
             Some(&first),
             Some(2),
             &Outcome::InvalidSpec("url must use https://".into()),
@@ -581,6 +651,7 @@ mod tests {
         let t0 = Timestamp::from_second(1000).unwrap();
         let mut current = desired_status(
             None,
+            None,
             Some(1),
             &Outcome::Ready {
                 secret_name: "s".into(),
@@ -597,6 +668,7 @@ mod tests {
             last_transition_time: Time(t0),
         });
         let next = desired_status(
+            None,
             Some(&current),
             Some(1),
             &Outcome::Ready {
@@ -621,6 +693,8 @@ mod tests {
                 max_attempts: None,
                 headers: Default::default(),
                 rate_limit: None,
+                signature_scheme: Default::default(),
+                client_certificate: None,
             },
         );
         ep.metadata.namespace = Some("ns".into());
@@ -638,6 +712,7 @@ mod tests {
             url_policy: UrlPolicy { allow_http: false },
             grace: Duration::from_secs(3600),
             now: Timestamp::from_second(1000).unwrap(),
+            client_certificate: None,
         }
     }
 
@@ -649,7 +724,7 @@ mod tests {
     #[test]
     fn the_first_reconcile_creates_a_secret_and_says_so() {
         let ep = endpoint("uid-1", None);
-        let decision = decide(&observe(&ep, None, true), SigningSecret::generate).unwrap();
+        let decision = decide(&observe(&ep, None, true), SigningSecret::generate_with).unwrap();
         let secret = decision.secret.expect("a Secret to apply");
         assert_eq!(secret.metadata.owner_references.unwrap()[0].uid, "uid-1");
         assert!(decision.status_changed);
@@ -665,10 +740,10 @@ mod tests {
     #[test]
     fn a_settled_endpoint_writes_nothing_and_publishes_nothing() {
         let ep = endpoint("uid-1", None);
-        let first = decide(&observe(&ep, None, true), SigningSecret::generate).unwrap();
+        let first = decide(&observe(&ep, None, true), SigningSecret::generate_with).unwrap();
         let stored = first.secret.unwrap();
         let ep = endpoint("uid-1", Some(first.status));
-        let again = decide(&observe(&ep, Some(&stored), true), || unreachable!("no new secret")).unwrap();
+        let again = decide(&observe(&ep, Some(&stored), true), |_| unreachable!("no new secret")).unwrap();
         assert!(again.secret.is_none());
         assert!(!again.status_changed);
         assert_eq!(again.event, None);
@@ -677,7 +752,7 @@ mod tests {
     #[test]
     fn a_secret_of_another_owner_or_of_none_is_taken_and_never_used() {
         let other = endpoint("uid-other", None);
-        let theirs = decide(&observe(&other, None, true), SigningSecret::generate)
+        let theirs = decide(&observe(&other, None, true), SigningSecret::generate_with)
             .unwrap()
             .secret
             .unwrap();
@@ -687,7 +762,10 @@ mod tests {
         assert_eq!(secret_claim(None, "uid-1"), SecretClaim::Absent);
         for planted in [&theirs, &unowned] {
             assert_eq!(secret_claim(Some(planted), "uid-1"), SecretClaim::Taken);
-            let decision = decide(&observe(&ep, Some(planted), true), || unreachable!("nothing generated")).unwrap();
+            let decision = decide(&observe(&ep, Some(planted), true), |_| {
+                unreachable!("nothing generated")
+            })
+            .unwrap();
             assert!(decision.secret.is_none(), "the taken Secret is not written");
             assert_eq!(decision.status.secret_name, None);
             assert_eq!(
@@ -709,7 +787,7 @@ mod tests {
     #[test]
     fn an_unbound_namespace_gets_no_secret_and_one_event() {
         let ep = endpoint("uid-1", None);
-        let decision = decide(&observe(&ep, None, false), || unreachable!("nothing generated")).unwrap();
+        let decision = decide(&observe(&ep, None, false), |_| unreachable!("nothing generated")).unwrap();
         assert!(decision.secret.is_none());
         assert_eq!(
             condition(&decision.status, CONDITION_READY),
@@ -724,7 +802,7 @@ mod tests {
         );
         // Seen again, unchanged: no second Event.
         let ep = endpoint("uid-1", Some(decision.status));
-        let again = decide(&observe(&ep, None, false), || unreachable!()).unwrap();
+        let again = decide(&observe(&ep, None, false), |_| unreachable!()).unwrap();
         assert!(!again.status_changed);
         assert_eq!(again.event, None);
     }
@@ -733,7 +811,7 @@ mod tests {
     fn an_invalid_spec_is_refused_before_anything_else() {
         let mut ep = endpoint("uid-1", None);
         ep.spec.url = "http://hooks.example.com/in".into();
-        let decision = decide(&observe(&ep, None, false), || unreachable!()).unwrap();
+        let decision = decide(&observe(&ep, None, false), |_| unreachable!()).unwrap();
         assert!(decision.secret.is_none());
         assert_eq!(condition(&decision.status, CONDITION_READY).1, "InvalidSpec");
         assert_eq!(decision.event.map(|e| e.reason), Some("InvalidSpec"));
@@ -745,7 +823,7 @@ mod tests {
         let mut ep = endpoint("uid-1", None);
         ep.metadata.uid = None;
         assert_eq!(
-            decide(&observe(&ep, None, true), SigningSecret::generate).unwrap_err(),
+            decide(&observe(&ep, None, true), SigningSecret::generate_with).unwrap_err(),
             "uid"
         );
     }
@@ -786,6 +864,61 @@ mod tests {
         assert_eq!(
             requeue_after(&Outcome::InvalidSpec("x".into()), Some(expiry), now),
             None
+        );
+    }
+
+    #[test]
+    fn an_unusable_client_certificate_makes_the_endpoint_not_ready_and_says_why() {
+        let ep = endpoint("uid-1", None);
+        let problem = Problem::NotTls {
+            name: "client-tls".into(),
+            found: "Opaque".into(),
+        };
+        let observed = Observed {
+            client_certificate: Some(Err(problem.clone())),
+            ..observe(&ep, None, true)
+        };
+        let decision = decide(&observed, SigningSecret::generate_with).unwrap();
+        // The signing secret is still made: only the certificate is wrong.
+        assert!(decision.secret.is_some());
+        let condition = |status: &WebhookEndpointStatus, type_: &str| {
+            status.conditions.iter().find(|c| c.type_ == type_).cloned().unwrap()
+        };
+        let ready = condition(&decision.status, CONDITION_READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", "ClientCertificateNotTLS")
+        );
+        assert!(ready.message.contains("not kubernetes.io/tls"), "{}", ready.message);
+        let certificate = condition(&decision.status, CONDITION_CLIENT_CERTIFICATE_READY);
+        assert_eq!(certificate.status, "False");
+        assert_eq!(condition(&decision.status, CONDITION_SECRET_READY).status, "True");
+        assert_eq!(decision.requeue, Some(CLIENT_CERTIFICATE_RECHECK));
+
+        // Fixed: Ready again, the condition says the certificate is presented.
+        let mut fixed = ep.clone();
+        fixed.status = Some(decision.status.clone());
+        let observed = Observed {
+            client_certificate: Some(Ok(())),
+            ..observe(&fixed, None, true)
+        };
+        let decision = decide(&observed, SigningSecret::generate_with).unwrap();
+        assert_eq!(condition(&decision.status, CONDITION_READY).status, "True");
+        assert_eq!(
+            condition(&decision.status, CONDITION_CLIENT_CERTIFICATE_READY).status,
+            "True"
+        );
+
+        // No certificate named any more: the condition goes.
+        let mut plain = fixed.clone();
+        plain.status = Some(decision.status);
+        let decision = decide(&observe(&plain, None, true), SigningSecret::generate_with).unwrap();
+        assert!(
+            decision
+                .status
+                .conditions
+                .iter()
+                .all(|c| c.type_ != CONDITION_CLIENT_CERTIFICATE_READY)
         );
     }
 }

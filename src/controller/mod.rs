@@ -27,10 +27,11 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::backoff::retry_delay;
+use crate::client_certificate::identity_from_secret;
 use crate::endpoints::ControllerFeed;
 use crate::resources::{
-    CONDITION_READY, CONDITION_SECRET_READY, FIELD_MANAGER, ORGANIZATION_LABEL, Scope, WebhookEndpoint,
-    WebhookEndpointStatus, signing_secret_name,
+    CONDITION_CLIENT_CERTIFICATE_READY, CONDITION_READY, CONDITION_SECRET_READY, FIELD_MANAGER, ORGANIZATION_LABEL,
+    Scope, WebhookEndpoint, WebhookEndpointStatus, signing_secret_name,
 };
 use crate::signing::SigningSecret;
 use crate::signing_secret::signing_secret_selector;
@@ -166,6 +167,18 @@ async fn reconcile_inner(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Ac
         .await
         .map_err(Error::ReadSecretFailed)?;
 
+    // The client certificate the endpoint names, if any: read and judged like the dispatcher does.
+    let client_certificate = match &endpoint.spec.client_certificate {
+        None => None,
+        Some(certificate) => {
+            let secret = secrets
+                .get_opt(&certificate.secret_name)
+                .await
+                .map_err(Error::ReadSecretFailed)?;
+            Some(identity_from_secret(&certificate.secret_name, secret.as_ref()).map(drop))
+        }
+    };
+
     // Validate and build what should be: pure.
     let observed = Observed {
         endpoint,
@@ -174,8 +187,9 @@ async fn reconcile_inner(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Ac
         url_policy: ctx.config.url_policy,
         grace: ctx.config.rotation_grace_period,
         now: Timestamp::now(),
+        client_certificate,
     };
-    let decision = decide(&observed, SigningSecret::generate).map_err(Error::MissingMetadata)?;
+    let decision = decide(&observed, SigningSecret::generate_with).map_err(Error::MissingMetadata)?;
 
     // Apply what differs.
     ensure_organization_label(endpoint, &endpoints, ctx).await?;
@@ -269,7 +283,11 @@ async fn write_status(
     let conditions: Vec<_> = status
         .conditions
         .iter()
-        .filter(|c| c.type_ == CONDITION_READY || c.type_ == CONDITION_SECRET_READY)
+        .filter(|c| {
+            c.type_ == CONDITION_READY
+                || c.type_ == CONDITION_SECRET_READY
+                || c.type_ == CONDITION_CLIENT_CERTIFICATE_READY
+        })
         .collect();
     let patch = json!({
         "apiVersion": WebhookEndpoint::api_version(&()),

@@ -76,7 +76,8 @@ pub fn next_start(lane: &Lane<'_>, concurrency: usize) -> Option<Timestamp> {
 /// Nothing starts for an endpoint that is not `active`. Otherwise deliveries due by `now` are
 /// taken while fewer than `concurrency` attempts are in flight and the pacing allows one more
 /// (each start moves it by `1/rate_limit`, see [`paced`]). `found` says what each one is when
-/// its turn comes; a delivery taken twice in one plan starts once. Without `signing_keys`, the
+/// its turn comes; a delivery taken twice in one plan starts once. Without `signing_keys` (the
+/// signing keys, and the client certificate of an endpoint that names one), the
 /// first delivery that could be sent is postponed by [`SIGNING_KEYS_WAIT`] and the plan ends
 /// there.
 pub fn plan_starts(

@@ -1,7 +1,8 @@
 //! Sends one signed delivery attempt to a customer URL.
 //!
 //! One [`Sender`] holds one `reqwest::Client` shared by every endpoint, so connections to a
-//! receiver are kept alive across deliveries. Each attempt:
+//! receiver are kept alive across deliveries, and one more per distinct client certificate
+//! (mutual TLS: [`Sender::send_as`]), made on first use and cached. Each attempt:
 //!
 //! 1. checks the URL ([`check_target_url`]): `https` (or `http` when allowed), no credentials,
 //!    and an IP-literal host must pass the SSRF policy;
@@ -19,9 +20,11 @@
 //! body then fails or times out: the receiver has answered.
 
 use std::collections::BTreeMap;
+use std::collections::HashMap;
 use std::error::Error as StdError;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use jiff::Timestamp;
@@ -29,6 +32,7 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use url::{Host, Url};
 
+use crate::client_certificate::ClientIdentity;
 use crate::delivery::outcome::{AttemptOutcome, classify};
 use crate::delivery::schedule::parse_retry_after;
 use crate::delivery::ssrf::{self, TargetPolicy};
@@ -64,6 +68,9 @@ pub struct SenderConfig {
     /// on the next burst (at 100 endpoints on one host, connecting was about 40 % of the
     /// operator's CPU per delivery). Idle connections still close after 90 s.
     pub pool_idle_per_host: usize,
+    /// Certificate authorities (PEM) trusted for receivers besides the system's roots
+    /// (`--receiver-ca-file`): receivers inside the cluster or behind a private CA. Empty: none.
+    pub extra_roots_pem: Vec<u8>,
 }
 
 impl Default for SenderConfig {
@@ -75,6 +82,7 @@ impl Default for SenderConfig {
             allow_http: false,
             max_response_bytes: 1024,
             pool_idle_per_host: 1024,
+            extra_roots_pem: Vec::new(),
         }
     }
 }
@@ -92,34 +100,42 @@ pub struct AttemptResult {
     pub duration: Duration,
 }
 
-/// Sends signed delivery attempts through one keep-alive HTTP client. Cheap to clone.
+/// Clients with a client certificate kept at most; beyond it the cache starts over (an endpoint's
+/// renewed certificate is a new identity, so old ones would otherwise pile up).
+const MAX_IDENTITY_CLIENTS: usize = 256;
+
+/// Sends signed delivery attempts through keep-alive HTTP clients. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Sender {
     client: reqwest::Client,
-    policy: TargetPolicy,
-    allow_http: bool,
-    max_response_bytes: usize,
+    config: Arc<SenderConfig>,
+    /// One client per distinct client certificate, by [`ClientIdentity::fingerprint`].
+    with_identity: Arc<Mutex<HashMap<[u8; 32], reqwest::Client>>>,
 }
 
 impl Sender {
     /// Builds the HTTP client: SSRF-guarded resolver, no redirects, no proxies, keep-alive pool.
     pub fn new(config: SenderConfig) -> Result<Self, reqwest::Error> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .timeout(config.total_timeout)
-            .redirect(reqwest::redirect::Policy::none())
-            .no_proxy()
-            .https_only(!config.allow_http)
-            .pool_max_idle_per_host(config.pool_idle_per_host)
-            .user_agent(USER_AGENT)
-            .dns_resolver(GuardedResolver { policy: config.policy })
-            .build()?;
+        let client = build_client(&config, None)?;
         Ok(Self {
             client,
-            policy: config.policy,
-            allow_http: config.allow_http,
-            max_response_bytes: config.max_response_bytes,
+            config: Arc::new(config),
+            with_identity: Arc::default(),
         })
+    }
+
+    /// The client that presents `identity`, made on first use.
+    fn client_for(&self, identity: &ClientIdentity) -> Result<reqwest::Client, reqwest::Error> {
+        let mut clients = self.with_identity.lock().expect("client cache lock");
+        if let Some(client) = clients.get(&identity.fingerprint()) {
+            return Ok(client.clone());
+        }
+        let client = build_client(&self.config, Some(identity))?;
+        if clients.len() >= MAX_IDENTITY_CLIENTS {
+            clients.clear();
+        }
+        clients.insert(identity.fingerprint(), client.clone());
+        Ok(client)
     }
 
     /// Sends one attempt of a delivery.
@@ -143,9 +159,38 @@ impl Sender {
         ring: &KeyRing,
         now: Timestamp,
     ) -> AttemptResult {
+        self.send_as(None, url, headers, msg_id, body, ring, now).await
+    }
+
+    /// [`Self::send_with_headers`] presenting `identity`'s client certificate when the receiver
+    /// asks for one (mutual TLS), through the client kept for that identity.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn send_as(
+        &self,
+        identity: Option<&ClientIdentity>,
+        url: &str,
+        headers: &BTreeMap<String, String>,
+        msg_id: &str,
+        body: &[u8],
+        ring: &KeyRing,
+        now: Timestamp,
+    ) -> AttemptResult {
         let started = Instant::now();
+        let client = match identity.map(|i| self.client_for(i)).transpose() {
+            Ok(client) => client.unwrap_or_else(|| self.client.clone()),
+            Err(_) => {
+                return AttemptResult {
+                    outcome: AttemptOutcome::Refused("the client certificate could not be loaded".into()),
+                    response_excerpt: None,
+                    duration: started.elapsed(),
+                };
+            }
+        };
         let (outcome, response_excerpt) = match custom_headers(headers) {
-            Ok(custom) => self.attempt(url, custom, msg_id, body, ring, now, started).await,
+            Ok(custom) => {
+                self.attempt(&client, url, custom, msg_id, body, ring, now, started)
+                    .await
+            }
             Err(reason) => (AttemptOutcome::Refused(reason), None),
         };
         AttemptResult {
@@ -158,6 +203,7 @@ impl Sender {
     #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
+        client: &reqwest::Client,
         url: &str,
         custom: HeaderMap,
         msg_id: &str,
@@ -166,15 +212,14 @@ impl Sender {
         now: Timestamp,
         started: Instant,
     ) -> (AttemptOutcome, Option<String>) {
-        let target = match check_target_url(url, self.allow_http, self.policy) {
+        let target = match check_target_url(url, self.config.allow_http, self.config.policy) {
             Ok(target) => target,
             Err(reason) => return (AttemptOutcome::Refused(reason), None),
         };
         let host = target.host_str().unwrap_or_default().to_string();
         let timestamp = now.as_second();
         let signature = ring.signature_header(now, msg_id, timestamp, body);
-        let request = self
-            .client
+        let request = client
             .post(target)
             .headers(custom)
             .header(CONTENT_TYPE, "application/json")
@@ -194,9 +239,30 @@ impl Sender {
             .get(RETRY_AFTER)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| parse_retry_after(v, answered_at));
-        let excerpt = read_excerpt(&mut response, self.max_response_bytes).await;
+        let excerpt = read_excerpt(&mut response, self.config.max_response_bytes).await;
         (classify(status, retry_after), excerpt)
     }
+}
+
+/// An HTTP client of `config`: SSRF-guarded resolver, no redirects, no proxies, keep-alive pool,
+/// the extra receiver roots; presenting `identity` when given.
+fn build_client(config: &SenderConfig, identity: Option<&ClientIdentity>) -> Result<reqwest::Client, reqwest::Error> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .timeout(config.total_timeout)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .https_only(!config.allow_http)
+        .pool_max_idle_per_host(config.pool_idle_per_host)
+        .user_agent(USER_AGENT)
+        .dns_resolver(GuardedResolver { policy: config.policy });
+    if !config.extra_roots_pem.is_empty() {
+        builder = builder.tls_certs_merge(reqwest::Certificate::from_pem_bundle(&config.extra_roots_pem)?);
+    }
+    if let Some(identity) = identity {
+        builder = builder.identity(reqwest::Identity::from_pem(identity.pem())?);
+    }
+    builder.build()
 }
 
 /// The endpoint's custom headers as a header map, values marked sensitive.

@@ -32,6 +32,7 @@ use serde_json::Value;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
+use crate::client_certificate::{ClientIdentity, Problem, TLS_SECRET_TYPE, identity_from_secret};
 use crate::delivery::event_types::matches;
 use crate::delivery::schedule::RetrySchedule;
 use crate::delivery::sender::{Sender, SenderConfig, envelope};
@@ -89,6 +90,22 @@ pub struct DispatcherConfig {
     pub ready: ReadyHandle,
 }
 
+/// Runs a reflector's watch in the background for as long as the process lives; its errors are
+/// logged (the watcher's backoff retries them).
+fn drive<S>(stream: S, what: &'static str)
+where
+    S: futures::Stream<Item = Result<watcher::Event<Secret>, watcher::Error>> + Send + 'static,
+{
+    tokio::spawn(async move {
+        futures::pin_mut!(stream);
+        while let Some(event) = stream.next().await {
+            if let Err(e) = event {
+                warn!(error = %e, "{what} watch failed; retrying");
+            }
+        }
+    });
+}
+
 /// A cache of every endpoint's key ring, from a watch on the signing Secrets.
 #[derive(Clone)]
 struct KeyRings {
@@ -117,15 +134,7 @@ impl KeyRings {
                 secret.string_data = None;
                 secret.type_ = None;
             });
-        let stream = reflector::reflector(writer, events);
-        tokio::spawn(async move {
-            futures::pin_mut!(stream);
-            while let Some(event) = stream.next().await {
-                if let Err(e) = event {
-                    warn!(error = %e, "signing secret watch failed; retrying");
-                }
-            }
-        });
+        drive(reflector::reflector(writer, events), "signing secret");
         Self { store }
     }
 
@@ -140,6 +149,59 @@ impl KeyRings {
     }
 }
 
+/// A cache of the `kubernetes.io/tls` Secrets endpoints may present as client certificates, from
+/// a watch selecting that type, and the identities read from them (each read once per
+/// `resourceVersion`). A Secret of another type is not seen here: the controller names that
+/// problem in the endpoint's `ClientCertificateReady` condition.
+#[derive(Clone)]
+struct ClientIdentities {
+    store: Store<Secret>,
+    read: Arc<Mutex<HashMap<(String, String), (Option<String>, Result<ClientIdentity, Problem>)>>>,
+}
+
+impl ClientIdentities {
+    fn start(client: Client, scope: &Scope) -> Self {
+        let (store, writer) = reflector::store();
+        let config = watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}"));
+        let events = watcher(scope.api::<Secret>(client), config)
+            .default_backoff()
+            .modify(|secret: &mut Secret| {
+                let meta = std::mem::take(&mut secret.metadata);
+                secret.metadata = ObjectMeta {
+                    name: meta.name,
+                    namespace: meta.namespace,
+                    resource_version: meta.resource_version,
+                    ..Default::default()
+                };
+                secret.string_data = None;
+            });
+        drive(reflector::reflector(writer, events), "client certificate");
+        Self {
+            store,
+            read: Arc::default(),
+        }
+    }
+
+    /// The identity in Secret `name` of `namespace`, or why there is none.
+    fn get(&self, namespace: &str, name: &str) -> Result<ClientIdentity, Problem> {
+        let secret = self.store.get(&ObjectRef::new(name).within(namespace));
+        let version = secret.as_ref().and_then(|s| s.metadata.resource_version.clone());
+        let key = (namespace.to_string(), name.to_string());
+        let mut read = self.read.lock().expect("client identity lock");
+        if let Some((seen, identity)) = read.get(&key)
+            && *seen == version
+        {
+            return identity.clone();
+        }
+        let identity = identity_from_secret(name, secret.as_deref());
+        if read.len() >= 4096 {
+            read.clear();
+        }
+        read.insert(key, (version, identity.clone()));
+        identity
+    }
+}
+
 /// What every worker shares.
 pub(crate) struct Shared {
     client: Client,
@@ -147,6 +209,7 @@ pub(crate) struct Shared {
     sender: Sender,
     endpoints: EndpointCache,
     keys: KeyRings,
+    identities: ClientIdentities,
     /// The key of delivery-log segment MACs.
     log_key: LogKey,
     recorder: Recorder,
@@ -227,6 +290,7 @@ impl Dispatcher {
             .wait_until_ready()
             .await
             .map_err(|e| anyhow::anyhow!("signing secret cache never synced: {e}"))?;
+        let identities = ClientIdentities::start(client.clone(), &config.scope);
         endpoints.wait_ready().await?;
         let log_key = crate::delivery_log::load_or_create_key(&client, &config.home_namespace)
             .await
@@ -244,6 +308,7 @@ impl Dispatcher {
             sender,
             endpoints,
             keys,
+            identities,
             log_key,
             stopping,
             reload,

@@ -669,6 +669,17 @@ impl Worker {
                 .active
                 .then(|| self.shared.keys.ring(&self.namespace, &name))
                 .flatten();
+            // An endpoint that names a client certificate is sent nothing without a usable one:
+            // its deliveries wait, as they do for signing keys.
+            let identity = match (&endpoint.spec.client_certificate, endpoint.spec.active) {
+                (Some(certificate), true) => self
+                    .shared
+                    .identities
+                    .get(&self.namespace, &certificate.secret_name)
+                    .ok()
+                    .map(Some),
+                _ => Some(None),
+            };
             let state = self.endpoints.get_mut(&name).expect("listed above");
             let (log, in_flight) = (&self.log, &self.in_flight);
             let found = |id: &str| match log.get(id) {
@@ -686,7 +697,7 @@ impl Worker {
                 concurrency,
                 endpoint.spec.rate_limit,
                 endpoint.spec.active,
-                ring.is_some(),
+                ring.is_some() && identity.is_some(),
                 now,
                 found,
             );
@@ -710,7 +721,9 @@ impl Worker {
                         self.log.update(record);
                     }
                     Start::Send => {
-                        let (Some(ring), Some(record)) = (ring.clone(), self.log.get(&id)) else {
+                        let (Some(ring), Some(identity), Some(record)) =
+                            (ring.clone(), identity.clone(), self.log.get(&id))
+                        else {
                             continue;
                         };
                         let Some(body) = self.log.payload(&record.event_id).cloned() else {
@@ -732,7 +745,7 @@ impl Worker {
                             let spec = &endpoint.spec;
                             let result = shared
                                 .sender
-                                .send_with_headers(&spec.url, &spec.headers, &id, &body, &ring, at)
+                                .send_as(identity.as_ref(), &spec.url, &spec.headers, &id, &body, &ring, at)
                                 .instrument(span.clone())
                                 .await;
                             attempt_ended(&span, &result);

@@ -12,6 +12,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
+pub use crate::signing::SignatureScheme;
+
 /// API group of every resource this operator defines.
 pub const GROUP: &str = "webhooks.capydb.io";
 /// Field manager of every server-side apply this operator makes.
@@ -33,6 +35,9 @@ pub const SIGNING_SECRET_COMPONENT: &str = "signing-secret";
 pub const CONDITION_READY: &str = "Ready";
 /// Condition type: the signing secret exists and is valid.
 pub const CONDITION_SECRET_READY: &str = "SecretReady";
+/// Condition type: the client certificate the endpoint names can be presented (only on
+/// endpoints that name one).
+pub const CONDITION_CLIENT_CERTIFICATE_READY: &str = "ClientCertificateReady";
 
 /// Longest URL accepted, in characters (the REST contract's limit).
 pub const MAX_URL_LENGTH: usize = 2048;
@@ -185,6 +190,32 @@ pub struct WebhookEndpointSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = MAX_RATE_LIMIT))]
     pub rate_limit: Option<u32>,
+
+    /// How deliveries are signed: `hmac-sha256` (Standard Webhooks `v1`, a shared `whsec_`
+    /// secret; the default) or `ed25519` (`v1a`; the Secret holds the `whsk_` private key and
+    /// receivers verify with its `whpk_` public key). A change makes a new key of the new scheme
+    /// the way a rotation does: the previous key co-signs for the grace period.
+    #[serde(default, skip_serializing_if = "is_default_scheme")]
+    pub signature_scheme: SignatureScheme,
+
+    /// A client certificate the dispatcher presents to the receiver (mutual TLS). Unset: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<ClientCertificate>,
+}
+
+/// Where an endpoint's client certificate is.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ClientCertificate {
+    /// A Secret of type `kubernetes.io/tls` in the endpoint's namespace: `tls.crt` (the
+    /// certificate, then any intermediates) and `tls.key`. While it is missing, of another type or
+    /// malformed, the endpoint is not Ready and its deliveries wait.
+    #[schemars(length(min = 1, max = 253), pattern(r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    pub secret_name: String,
+}
+
+fn is_default_scheme(scheme: &SignatureScheme) -> bool {
+    *scheme == SignatureScheme::default()
 }
 
 /// Pattern of a custom header value: printable ASCII, spaces and tabs.

@@ -349,3 +349,52 @@ pub fn assert_conforms(schema: &str, value: &serde_json::Value) {
     let errors: Vec<String> = validator.iter_errors(value).map(|e| e.to_string()).collect();
     assert!(errors.is_empty(), "{schema} does not conform: {errors:?}\n{value:#}");
 }
+
+/// The Python with PyNaCl that verifies `v1a` (ed25519) signatures: `CAPY_VERIFIER_PYTHON` (set by
+/// `make test`), else what `hack/verifier-tools.sh` installs (once, cached) and prints.
+fn verifier_python() -> &'static Path {
+    static PYTHON: OnceLock<PathBuf> = OnceLock::new();
+    PYTHON.get_or_init(|| {
+        if let Some(python) = std::env::var_os("CAPY_VERIFIER_PYTHON") {
+            return PathBuf::from(python);
+        }
+        let out = Command::new(manifest_dir().join("hack/verifier-tools.sh"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("hack/verifier-tools.sh runs");
+        assert!(out.status.success(), "hack/verifier-tools.sh failed");
+        PathBuf::from(String::from_utf8(out.stdout).expect("a path").trim())
+    })
+}
+
+/// Verifies the `v1a` signatures of a received delivery with PyNaCl (libsodium, an ed25519 this
+/// project did not write) and the `whpk_` public key, as a receiver would: `Ok` when one
+/// verifies over `{webhook-id}.{webhook-timestamp}.{body}`.
+pub fn verify_v1a(public_key: &str, received: &receiver::Received) -> Result<(), String> {
+    use std::io::Write;
+    let mut child = Command::new(verifier_python())
+        .arg(manifest_dir().join("tests/support/verify_v1a.py"))
+        .args([
+            public_key,
+            received.header("webhook-id"),
+            received.header("webhook-timestamp"),
+            received.header("webhook-signature"),
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the verifier starts");
+    child
+        .stdin
+        .take()
+        .expect("stdin")
+        .write_all(&received.body)
+        .expect("the body reaches the verifier");
+    let out = child.wait_with_output().expect("the verifier ends");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).trim().to_string())
+    }
+}

@@ -81,6 +81,8 @@ pub struct Options {
     pub portal_session_ttl: jiff::SignedDuration,
     /// The delivery log's bounds.
     pub log: LogConfig,
+    /// `--receiver-ca-file`'s contents: CAs (PEM) trusted for receivers.
+    pub receiver_roots_pem: Vec<u8>,
 }
 
 impl Options {
@@ -116,6 +118,7 @@ impl Default for Options {
             clerk_required_roles: Vec::new(),
             allow_private_targets: true,
             portal_session_ttl: capy_webhooks::auth::portal_token::DEFAULT_TTL,
+            receiver_roots_pem: Vec::new(),
         }
     }
 }
@@ -183,6 +186,7 @@ impl Operator {
                         allow_metadata: false,
                     },
                     allow_http: true,
+                    extra_roots_pem: opts.receiver_roots_pem.clone(),
                     ..SenderConfig::default()
                 },
                 per_endpoint_concurrency: 8,

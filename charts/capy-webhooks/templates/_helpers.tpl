@@ -56,7 +56,9 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{/*
 RBAC rules: exactly what the operator does, shared by the Role and the ClusterRole.
 Kubernetes RBAC cannot restrict get/list/watch by label: the operator can read every Secret and
-ConfigMap where these rules apply, although it only ever selects its own by label.
+ConfigMap where these rules apply, although it selects its own by label, except client
+certificates (mutual TLS): the Secrets of type kubernetes.io/tls that endpoints name, which the
+controller gets by name and the dispatcher watches by type.
 */}}
 {{- define "capy-webhooks.homeRules" -}}
 # In the home (release) namespace only: revoking API keys (the api-key CLI deletes their Secrets
@@ -93,7 +95,9 @@ ConfigMap where these rules apply, although it only ever selects its own by labe
 # The same get and create make the operator's own key Secrets in the home namespace on first start
 # (`capy-webhooks-log-key`, `capy-webhooks-portal-key`, and `capy-webhooks-replica-key`, which
 # replicas sign forwarded work with).
-# Label-selected, but see the note above.
+# The same get, list and watch read the kubernetes.io/tls Secrets endpoints name in
+# `spec.clientCertificate` (mutual TLS to receivers), in the endpoints' namespaces.
+# Label-selected (client certificates by type), but see the note above.
 - apiGroups: [""]
   resources: ["secrets"]
   verbs: ["get", "list", "watch", "create", "patch"]

@@ -446,6 +446,8 @@
       description: $("create-description").value.trim(),
       event_types: parseEventTypes($("create-event-types").value),
     };
+    const scheme = $("create-scheme").value;
+    if (scheme && scheme !== "hmac-sha256") body.signature_scheme = scheme;
     submit.disabled = true;
     try {
       const data = await api("POST", "", body);
@@ -466,6 +468,15 @@
     const active = document.activeElement;
     state.secretReturnFocus = active && active !== document.body ? active : null;
     $("secret-value").textContent = secret;
+    // An ed25519 endpoint answers with its public key: not a secret, but the receiver needs it.
+    const publicKey = secret.startsWith("whpk_");
+    setText($("secret-title"), publicKey ? "Public key (Ed25519)" : "Signing secret");
+    setText(
+      $("secret-warning"),
+      publicKey
+        ? "Receivers verify v1a signatures with this public key. It is shown only now: copy it."
+        : "This secret is shown only once. Store it now."
+    );
     $("secret-panel").hidden = false;
     $("secret-title").focus();
   }
@@ -544,6 +555,7 @@
     setAttr($("detail-created"), "title", localTime(ep.created_at));
     setText($("detail-updated"), ep.updated_at);
     setAttr($("detail-updated"), "title", localTime(ep.updated_at));
+    setText($("detail-scheme"), ep.signature_scheme === "ed25519" ? "Ed25519 (v1a)" : "HMAC-SHA256 (v1)");
   }
 
   function updateDetailMeta() {
