@@ -156,8 +156,14 @@ impl KeyRings {
 #[derive(Clone)]
 struct ClientIdentities {
     store: Store<Secret>,
-    read: Arc<Mutex<HashMap<(String, String), (Option<String>, Result<ClientIdentity, Problem>)>>>,
+    read: Arc<Mutex<HashMap<SecretKey, ReadIdentity>>>,
 }
+
+/// A Secret's namespace and name.
+type SecretKey = (String, String);
+
+/// The identity read from a Secret, with the `resourceVersion` it was read at.
+type ReadIdentity = (Option<String>, Result<ClientIdentity, Problem>);
 
 impl ClientIdentities {
     fn start(client: Client, scope: &Scope) -> Self {
