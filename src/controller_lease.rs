@@ -4,19 +4,32 @@
 //! The holder renews its Lease before it expires; when the holder stops renewing (killed), another
 //! replica takes the Lease once it expired; a holder that shuts down releases it, so the handover
 //! is immediate.
+//!
+//! Immediate needs one thing the crate does not do: a replica that does not hold the Lease sleeps
+//! until the holder's renewal would expire (up to a whole duration) before it looks again, so it
+//! would notice a release only then. Each replica therefore also watches its Lease, and when the
+//! Lease is released while it does not lead, starts a fresh manager, which reads the Lease at once
+//! and takes it.
 
 use std::time::Duration;
 
-use kube::Client;
+use futures::StreamExt;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client};
 use kube_lease_manager::{LeaseManager, LeaseManagerBuilder};
-use tokio::sync::watch;
-use tracing::{info, warn};
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
 
 /// Field manager of the Leases this operator writes.
 pub const FIELD_MANAGER: &str = "capy-webhooks-leases";
 
 /// Name of the Lease the controller's leader holds.
 pub const CONTROLLER_LEASE: &str = "capy-webhooks-controller";
+
+/// How long to wait before building the Lease manager again after it failed.
+const RETRY_AFTER: Duration = Duration::from_secs(2);
 
 /// How a replica takes part in elections.
 #[derive(Debug, Clone)]
@@ -34,57 +47,160 @@ fn grace_seconds(duration: Duration) -> u64 {
     (duration.as_secs() / 3).max(1)
 }
 
+/// Whether a replica that does not lead should look at the Lease now rather than when the holder's
+/// renewal would expire: the Lease has no holder, so it was released (or never taken).
+fn released(lease: &Lease) -> bool {
+    lease
+        .spec
+        .as_ref()
+        .and_then(|spec| spec.holder_identity.as_deref())
+        .is_none_or(str::is_empty)
+}
+
 /// One Lease this replica competes for.
 pub struct Leadership {
     name: String,
     identity: String,
     leading: watch::Receiver<bool>,
-    task: tokio::task::JoinHandle<Result<LeaseManager, kube_lease_manager::LeaseManagerError>>,
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<()>,
 }
 
 impl Leadership {
     /// Starts competing for Lease `name` (created if missing).
     pub async fn compete(client: Client, config: &LeaseConfig, name: &str) -> anyhow::Result<Self> {
-        let duration = config.duration.as_secs().max(2);
-        let manager = LeaseManagerBuilder::new(client, name)
-            .with_namespace(&config.namespace)
-            .with_identity(&config.identity)
-            .with_duration(duration)
-            .with_grace(grace_seconds(config.duration).min(duration - 1))
-            .with_field_manager(FIELD_MANAGER)
-            .build()
+        // The first manager is built here so that a Lease that cannot be used (RBAC) is an error
+        // at start, not a warning in a loop.
+        let manager = build_manager(&client, config, name)
             .await
             .map_err(|e| anyhow::anyhow!("cannot use Lease {}/{name}: {e}", config.namespace))?;
-        let (leading, task) = manager.watch().await;
+        let (leading_tx, leading) = watch::channel(false);
+        let (stop, stopped) = oneshot::channel();
+        let task = tokio::spawn(supervise(
+            client,
+            config.clone(),
+            name.to_string(),
+            manager,
+            leading_tx,
+            stopped,
+        ));
         Ok(Self {
             name: name.to_string(),
             identity: config.identity.clone(),
             leading,
+            stop,
             task,
         })
     }
 
-    /// Whether this replica holds the Lease, as it changes. The Lease is released only once every
-    /// clone is dropped and [`Self::release`] is called.
+    /// Whether this replica holds the Lease, as it changes.
     pub fn leading(&self) -> watch::Receiver<bool> {
         self.leading.clone()
     }
 
     /// Releases the Lease (if held) so another replica takes over at once. Call it after the work
-    /// the Lease guards has stopped and dropped its [`Self::leading`] receivers.
+    /// the Lease guards has stopped.
     pub async fn release(self) {
         let Self {
             name,
             identity,
             leading,
+            stop,
             task,
         } = self;
         drop(leading);
+        let _ = stop.send(());
         match tokio::time::timeout(Duration::from_secs(5), task).await {
-            Ok(Ok(Ok(_))) => info!(lease = %name, %identity, "Lease released"),
-            Ok(Ok(Err(e))) => warn!(lease = %name, error = %e, "releasing the Lease failed; it expires instead"),
+            Ok(Ok(())) => info!(lease = %name, %identity, "stopped competing for the Lease"),
             Ok(Err(e)) => warn!(lease = %name, error = %e, "the Lease task failed"),
             Err(_) => warn!(lease = %name, "releasing the Lease timed out; it expires instead"),
+        }
+    }
+}
+
+/// Tells the receivers only of real changes, so a replaced manager wakes no one.
+fn set(leading: &watch::Sender<bool>, leads: bool) {
+    leading.send_if_modified(|current| std::mem::replace(current, leads) != leads);
+}
+
+async fn build_manager(
+    client: &Client,
+    config: &LeaseConfig,
+    name: &str,
+) -> Result<LeaseManager, kube_lease_manager::LeaseManagerError> {
+    let duration = config.duration.as_secs().max(2);
+    LeaseManagerBuilder::new(client.clone(), name)
+        .with_namespace(&config.namespace)
+        .with_identity(&config.identity)
+        .with_duration(duration)
+        .with_grace(grace_seconds(config.duration).min(duration - 1))
+        .with_field_manager(FIELD_MANAGER)
+        .build()
+        .await
+}
+
+/// Runs one Lease manager at a time, forwards whether it leads, and replaces it when the Lease is
+/// released while this replica does not lead (see the module's documentation).
+async fn supervise(
+    client: Client,
+    config: LeaseConfig,
+    name: String,
+    first: LeaseManager,
+    leading_tx: watch::Sender<bool>,
+    mut stopped: oneshot::Receiver<()>,
+) {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &config.namespace);
+    let mut releases = watcher(api, watcher::Config::default().fields(&format!("metadata.name={name}")))
+        .default_backoff()
+        .applied_objects()
+        .boxed();
+    let mut next = Some(first);
+    loop {
+        let manager = match next.take() {
+            Some(manager) => manager,
+            None => match build_manager(&client, &config, &name).await {
+                Ok(manager) => manager,
+                Err(e) => {
+                    warn!(lease = %name, error = %e, "cannot use the Lease; trying again");
+                    tokio::select! {
+                        _ = &mut stopped => return,
+                        () = tokio::time::sleep(RETRY_AFTER) => continue,
+                    }
+                }
+            },
+        };
+        let (mut inner, task) = manager.watch().await;
+        let stop = loop {
+            tokio::select! {
+                _ = &mut stopped => break true,
+                changed = inner.changed() => match changed {
+                    Ok(()) => {
+                        let leads = *inner.borrow_and_update();
+                        set(&leading_tx, leads);
+                    }
+                    // The manager gave up (an API error it does not retry): build another.
+                    Err(_) => break false,
+                },
+                Some(event) = releases.next() => match event {
+                    Ok(lease) if !*inner.borrow() && released(&lease) => {
+                        debug!(lease = %name, "the Lease was released; looking at it now");
+                        break false;
+                    }
+                    Ok(_) => {}
+                    Err(e) => debug!(lease = %name, error = %e, "watching the Lease"),
+                },
+            }
+        };
+        // Dropping the last receiver makes the manager release the Lease if it holds it, and end.
+        drop(inner);
+        match task.await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => warn!(lease = %name, error = %e, "releasing the Lease failed; it expires instead"),
+            Err(e) => warn!(lease = %name, error = %e, "the Lease task failed"),
+        }
+        set(&leading_tx, false);
+        if stop {
+            return;
         }
     }
 }
@@ -139,6 +255,22 @@ mod tests {
                 .await
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_lease_without_a_holder_is_released() {
+        use k8s_openapi::api::coordination::v1::LeaseSpec;
+        let lease = |holder: Option<&str>| Lease {
+            spec: Some(LeaseSpec {
+                holder_identity: holder.map(String::from),
+                ..LeaseSpec::default()
+            }),
+            ..Lease::default()
+        };
+        assert!(released(&lease(None)));
+        assert!(released(&lease(Some(""))));
+        assert!(released(&Lease::default()));
+        assert!(!released(&lease(Some("capy-webhooks-0"))));
     }
 
     #[test]
