@@ -1511,35 +1511,42 @@ async fn reqwest_proxy_names_the_host_and_fails_the_address_check() {
     assert!(err.contains("localhost"), "{err}");
 }
 
-/// A proxy that refuses CONNECT (wrong credentials, a port it does not allow): a retryable
-/// connection error naming its answer, never the credentials.
+/// One attempt through the egress proxy at `proxy_url` by a [`Sender`] of `config` (loopback
+/// targets and plain HTTP allowed), outside any operator.
+async fn send_through(
+    proxy_url: &str,
+    target: &str,
+    config: capy_webhooks::delivery::sender::SenderConfig,
+) -> capy_webhooks::delivery::sender::AttemptResult {
+    use capy_webhooks::delivery::sender::{Sender, SenderConfig};
+    let sender = Sender::new(SenderConfig {
+        allow_http: true,
+        policy: capy_webhooks::delivery::ssrf::TargetPolicy {
+            allow_private: true,
+            allow_metadata: false,
+        },
+        egress_proxy: Some(capy_webhooks::delivery::egress::EgressProxy::parse(proxy_url).unwrap()),
+        ..config
+    })
+    .unwrap();
+    let ring = capy_webhooks::signing::KeyRing {
+        current: capy_webhooks::signing::SigningSecret::generate(),
+        rotation: 0,
+        previous: vec![],
+    };
+    sender.send(target, "msg_1", b"{}", &ring, jiff::Timestamp::now()).await
+}
+
+/// A proxy refusing CONNECT (wrong credentials, a port it does not allow): a retryable
+/// connection error naming its answer, never the credentials. Through the tunnel, answers are
+/// read as without it.
 #[tokio::test]
 async fn a_proxy_refusing_connect_is_a_classified_connection_error() {
-    use capy_webhooks::delivery::egress::EgressProxy;
     use capy_webhooks::delivery::outcome::AttemptOutcome;
-    use capy_webhooks::delivery::sender::{Sender, SenderConfig};
     let plain = Receiver::start(vec![]).await;
     let proxy = Tinyproxy::start(&[plain.addr.port()]).await;
     let send = |proxy_url: String, target: String| async move {
-        let sender = Sender::new(SenderConfig {
-            allow_http: true,
-            policy: capy_webhooks::delivery::ssrf::TargetPolicy {
-                allow_private: true,
-                allow_metadata: false,
-            },
-            egress_proxy: Some(EgressProxy::parse(&proxy_url).unwrap()),
-            ..SenderConfig::default()
-        })
-        .unwrap();
-        let ring = capy_webhooks::signing::KeyRing {
-            current: capy_webhooks::signing::SigningSecret::generate(),
-            rotation: 0,
-            previous: vec![],
-        };
-        sender
-            .send(&target, "msg_1", b"{}", &ring, jiff::Timestamp::now())
-            .await
-            .outcome
+        send_through(&proxy_url, &target, Default::default()).await.outcome
     };
     let wrong = format!("http://{PROXY_USER}:not-the-password@127.0.0.1:{}", proxy.port);
     let outcome = send(wrong, plain.url("/hook")).await;
@@ -1568,4 +1575,47 @@ async fn a_proxy_refusing_connect_is_a_classified_connection_error() {
         AttemptOutcome::Success { status: 200 }
     );
     assert_eq!(plain.received().len(), 1);
+
+    // Retry-After and the body excerpt are read through the tunnel, and the attempt timeout
+    // covers a slow receiver.
+    plain.script(vec![Answer::RetryAfter(429, 7), Answer::Slow(Duration::from_secs(3))]);
+    let limited = send_through(&proxy.url(), &plain.url("/hook"), Default::default()).await;
+    assert_eq!(
+        limited.outcome,
+        AttemptOutcome::HttpFailure {
+            status: 429,
+            retry_after: Some(Duration::from_secs(7))
+        }
+    );
+    assert_eq!(limited.response_excerpt.as_deref(), Some("slow down"));
+    let short = capy_webhooks::delivery::sender::SenderConfig {
+        total_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let slow = send_through(&proxy.url(), &plain.url("/hook"), short).await;
+    assert_eq!(slow.outcome, AttemptOutcome::Timeout);
+    assert!(slow.duration < Duration::from_secs(2), "{:?}", slow.duration);
+}
+
+/// A proxy that accepts the connection and never answers: the connect timeout ends the attempt.
+#[tokio::test]
+async fn a_silent_proxy_is_a_timeout() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let config = capy_webhooks::delivery::sender::SenderConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let result = send_through(&format!("http://127.0.0.1:{port}"), "http://127.0.0.1:9/hook", config).await;
+    assert_eq!(
+        result.outcome,
+        capy_webhooks::delivery::outcome::AttemptOutcome::Timeout
+    );
+    assert!(result.duration < Duration::from_secs(2), "{:?}", result.duration);
 }
