@@ -83,6 +83,8 @@ pub struct Options {
     pub log: LogConfig,
     /// `--receiver-ca-file`'s contents: CAs (PEM) trusted for receivers.
     pub receiver_roots_pem: Vec<u8>,
+    /// `--egress-proxy`.
+    pub egress_proxy: Option<capy_webhooks::delivery::egress::EgressProxy>,
 }
 
 impl Options {
@@ -119,6 +121,7 @@ impl Default for Options {
             allow_private_targets: true,
             portal_session_ttl: capy_webhooks::auth::portal_token::DEFAULT_TTL,
             receiver_roots_pem: Vec::new(),
+            egress_proxy: None,
         }
     }
 }
@@ -187,6 +190,7 @@ impl Operator {
                     },
                     allow_http: true,
                     extra_roots_pem: opts.receiver_roots_pem.clone(),
+                    egress_proxy: opts.egress_proxy.clone(),
                     ..SenderConfig::default()
                 },
                 per_endpoint_concurrency: 8,
