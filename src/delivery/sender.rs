@@ -115,6 +115,9 @@ pub struct AttemptResult {
 /// renewed certificate is a new identity, so old ones would otherwise pile up).
 const MAX_IDENTITY_CLIENTS: usize = 256;
 
+/// Checked webhook URLs kept at most; beyond it the cache starts over.
+const MAX_CHECKED_TARGETS: usize = 4096;
+
 /// A [`Sender`]'s client could not be built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -148,6 +151,10 @@ pub struct Sender {
     config: Arc<SenderConfig>,
     /// One client per distinct client certificate, by [`ClientIdentity::fingerprint`].
     with_identity: Arc<Mutex<HashMap<[u8; 32], Client>>>,
+    /// [`check_target_url`]'s answer by URL: it depends only on the URL and this sender's fixed
+    /// policy, and parsing an endpoint's URL again for every attempt was a few per cent of the CPU
+    /// per delivery. Host names are still resolved and checked per connection.
+    checked_targets: Arc<Mutex<HashMap<String, Result<Url, String>>>>,
 }
 
 impl Sender {
@@ -159,7 +166,22 @@ impl Sender {
             client,
             config: Arc::new(config),
             with_identity: Arc::default(),
+            checked_targets: Arc::default(),
         })
+    }
+
+    /// [`check_target_url`] of `url` under this sender's policy, remembered.
+    fn checked_target(&self, url: &str) -> Result<Url, String> {
+        let mut checked = self.checked_targets.lock().expect("target cache lock");
+        if let Some(answer) = checked.get(url) {
+            return answer.clone();
+        }
+        let answer = check_target_url(url, self.config.allow_http, self.config.policy);
+        if checked.len() >= MAX_CHECKED_TARGETS {
+            checked.clear();
+        }
+        checked.insert(url.to_string(), answer.clone());
+        answer
     }
 
     /// The client that presents `identity`, made on first use.
@@ -250,7 +272,7 @@ impl Sender {
         now: Timestamp,
         started: Instant,
     ) -> (AttemptOutcome, Option<String>) {
-        let target = match check_target_url(url, self.config.allow_http, self.config.policy) {
+        let target = match self.checked_target(url) {
             Ok(target) => target,
             Err(reason) => return (AttemptOutcome::Refused(reason), None),
         };
