@@ -26,6 +26,7 @@ use capy_webhooks::endpoints::{self, EndpointCache};
 use capy_webhooks::forwarder::Router;
 use capy_webhooks::http::ServerLimits;
 use capy_webhooks::ingest::{IngestConfig, Replicas};
+use capy_webhooks::operational::{Emitter, OperationalTarget};
 use capy_webhooks::replica_key::ReplicaKey;
 use capy_webhooks::resources::{Scope, crd_yaml};
 use capy_webhooks::shards::coordinator::{self, CoordinatorConfig};
@@ -305,6 +306,26 @@ struct RunArgs {
     #[arg(long, env = "CAPY_WEBHOOKS_RECEIVER_CA_FILE")]
     receiver_ca_file: Option<PathBuf>,
 
+    /// Send operational webhooks (endpoint.created/updated/deleted/disabled/enabled,
+    /// delivery.exhausted) to this URL, signed like every delivery (Standard Webhooks `v1`), retried
+    /// on the retry schedule and subject to the same target rules (--allow-http,
+    /// --allow-private-targets). Needs --operational-webhook-secret-file.
+    #[arg(
+        long,
+        env = "CAPY_WEBHOOKS_OPERATIONAL_WEBHOOK_URL",
+        requires = "operational_webhook_secret_file"
+    )]
+    operational_webhook_url: Option<String>,
+
+    /// File holding the `whsec_` secret that signs operational webhooks (a mounted Secret; never
+    /// a flag's value or an environment variable).
+    #[arg(
+        long,
+        env = "CAPY_WEBHOOKS_OPERATIONAL_WEBHOOK_SECRET_FILE",
+        requires = "operational_webhook_url"
+    )]
+    operational_webhook_secret_file: Option<PathBuf>,
+
     /// Address of the operations port: /healthz, /readyz and /metrics (OpenMetrics text).
     #[arg(long, env = "CAPY_WEBHOOKS_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
     metrics_listen: SocketAddr,
@@ -563,6 +584,23 @@ fn scope_and_home(args: &RunArgs, in_cluster: Option<&str>) -> (Scope, String) {
     (scope, home)
 }
 
+/// Where operational webhooks go, when `--operational-webhook-url` is given: its URL checked like
+/// an endpoint's, its secret read from the file (whose content no error repeats).
+fn operational_target(args: &RunArgs, policy: UrlPolicy) -> anyhow::Result<Option<OperationalTarget>> {
+    let (Some(url), Some(file)) = (&args.operational_webhook_url, &args.operational_webhook_secret_file) else {
+        return Ok(None);
+    };
+    capy_webhooks::validation::validate_url(url, policy)
+        .map_err(|e| anyhow::anyhow!("--operational-webhook-url: {e}"))?;
+    let content = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the operational webhook secret from {}", file.display()))?;
+    let secret = capy_webhooks::operational::parse_secret_file(&content)?;
+    Ok(Some(OperationalTarget {
+        url: url.clone(),
+        secret,
+    }))
+}
+
 /// Clerk session settings, when a JWKS is given.
 fn clerk_config(args: &RunArgs) -> anyhow::Result<Option<ClerkConfig>> {
     let jwks = match (&args.clerk_jwks_url, &args.clerk_jwks_file) {
@@ -616,12 +654,19 @@ fn configure(
     let api_ready = ready(Component::Api, "api");
     let dispatcher_ready = ready(Component::Dispatcher, "dispatcher");
 
+    // One emitter per process: the controller (endpoint.*) and the dispatcher
+    // (delivery.exhausted) both hand their events to the owner of the operational log through it.
+    let emitter = Emitter::default();
+    if args.operational_webhook_url.is_some() && !wants(Component::Dispatcher) {
+        anyhow::bail!("--operational-webhook-url needs the dispatcher component in the same process");
+    }
     let controller = wants(Component::Controller).then(|| ControllerConfig {
         scope: scope.clone(),
         rotation_grace_period: args.rotation_grace_period,
         url_policy,
         metrics: metrics.clone(),
         ready: controller_ready,
+        operational: args.operational_webhook_url.is_some().then(|| emitter.clone()),
     });
     let dispatcher = if wants(Component::Dispatcher) {
         let token_file = args
@@ -659,6 +704,8 @@ fn configure(
             shutdown_grace: args.shutdown_grace,
             metrics: metrics.clone(),
             ready: dispatcher_ready,
+            operational: operational_target(args, url_policy)?,
+            emitter: emitter.clone(),
         };
         Some(DispatcherSetup {
             config,
@@ -818,6 +865,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         };
         tasks.spawn(async move { coordinator.await.context("the shard coordinator panicked") });
         let placement = shards.placement.clone();
+        let emitter = setup.config.emitter.clone();
         let start = Dispatcher::start(client.clone(), cache.clone(), setup.config, shards, stop_rx.clone());
         let Some(dispatcher) = start_step(&mut tasks, stopped(), start).await? else {
             return until_all_end(tasks).await;
@@ -839,6 +887,8 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             Duration::from_secs(12),
         )?;
         let work = WorkHandle::new(router);
+        // Operational events go to the owner of the operational log from here on.
+        emitter.connect(work.clone());
         let ingest = IngestConfig {
             server_limits,
             token,

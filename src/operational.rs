@@ -16,12 +16,17 @@
 //!
 //! No IO, no clock: every time and identity is passed in.
 
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
 use jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::signing::{InvalidSecret, SignatureScheme, SigningSecret};
+use crate::resources::{WebhookEndpoint, WebhookEndpointSpec};
+use crate::signing::{InvalidSecret, KeyRing, SignatureScheme, SigningSecret};
+use crate::work::{SubmitError, WorkHandle};
 
 /// The operational event types, as the `type` of the body says them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -64,14 +69,20 @@ impl OperationalEventType {
     }
 }
 
-/// What was last announced of an endpoint: the generation and `active` flag of its last
-/// operational event (kept durably with the endpoint, so a new leader knows it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Announced {
-    /// The `metadata.generation` the last event described.
-    pub generation: i64,
-    /// Whether the endpoint was active then.
-    pub active: bool,
+/// What was last announced of an endpoint (`status.announced`, written with the rest of the
+/// controller's status, so a new leader knows it).
+pub use crate::resources::Announced;
+
+/// What was announced of an endpoint with this status, at the latest: its `announced`, else (a
+/// status written before operational webhooks existed) its observed generation as it is now, so
+/// that an upgrade announces nothing of the endpoints that exist; `None` for a new endpoint.
+pub fn announced_of(status: Option<&crate::resources::WebhookEndpointStatus>, active: bool) -> Option<Announced> {
+    let status = status?;
+    status.announced.or_else(|| {
+        status
+            .observed_generation
+            .map(|generation| Announced { generation, active })
+    })
 }
 
 /// An endpoint as the controller observes it now.
@@ -241,6 +252,51 @@ pub fn endpoint_event_body(
     body(event_type, at, data)
 }
 
+/// The operational event an endpoint as observed now makes, given what was announced of it
+/// (`None`: nothing to tell). `at` is the event's timestamp.
+pub fn endpoint_event(
+    endpoint: &WebhookEndpoint,
+    announced: Option<Announced>,
+    at: Timestamp,
+) -> Option<OperationalEvent> {
+    let generation = endpoint.metadata.generation.unwrap_or(0);
+    let observed = Observed {
+        generation,
+        active: endpoint.spec.active,
+        deleted: false,
+    };
+    let event_type = endpoint_change(announced, observed)?;
+    Some(told(endpoint, event_type, generation, at))
+}
+
+/// The `endpoint.deleted` event of an endpoint that is gone.
+pub fn deleted_event(endpoint: &WebhookEndpoint, at: Timestamp) -> OperationalEvent {
+    told(endpoint, OperationalEventType::EndpointDeleted, 0, at)
+}
+
+fn told(
+    endpoint: &WebhookEndpoint,
+    event_type: OperationalEventType,
+    generation: i64,
+    at: Timestamp,
+) -> OperationalEvent {
+    let cause = (event_type == OperationalEventType::EndpointDisabled).then(|| {
+        let annotation = endpoint
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(AUTO_DISABLED_ANNOTATION));
+        disable_cause(annotation.map(String::as_str), generation)
+    });
+    let name = endpoint.metadata.name.as_deref().unwrap_or_default();
+    let uid = endpoint.metadata.uid.as_deref().unwrap_or_default();
+    OperationalEvent::new(
+        event_type,
+        Subject::Endpoint { uid, generation },
+        endpoint_event_body(event_type, at, &endpoint.spec.organization_id, name, cause.as_ref()),
+    )
+}
+
 /// What a `delivery.exhausted` event tells of the delivery: ids, attempts and how the last
 /// attempt failed. Never the payload, the receiver's URL or the error's text (which may name it).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -302,6 +358,158 @@ pub fn parse_secret_file(content: &str) -> Result<SigningSecret, SecretFileError
         return Err(SecretFileError::NotHmac);
     }
     Ok(secret)
+}
+
+/// The organization whose delivery log holds the operational deliveries (in the operator's home
+/// namespace). Its shard's owner sends them, like any organization's: exactly one replica at a
+/// time. Not an organization a customer has (REST never lists it).
+pub const OPERATIONAL_ORGANIZATION: &str = "capy-webhooks.operational";
+
+/// The name of the platform's endpoint in that log: not a valid object name, so no
+/// `WebhookEndpoint` can ever share it.
+pub const OPERATIONAL_ENDPOINT: &str = "_operational";
+
+/// Where operational events go: `--operational-webhook-url` and the secret of
+/// `--operational-webhook-secret-file`.
+#[derive(Clone)]
+pub struct OperationalTarget {
+    /// The platform's receiver.
+    pub url: String,
+    /// Signs every operational delivery (`v1`).
+    pub secret: SigningSecret,
+}
+
+impl std::fmt::Debug for OperationalTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OperationalTarget")
+            .field("url", &crate::traces::shown(&self.url))
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+impl OperationalTarget {
+    /// The platform's endpoint as the dispatcher handles it: an endpoint that is no object (no
+    /// uid, no status, never disabled), in `namespace`, always active, with the default retry
+    /// schedule.
+    pub fn endpoint(&self, namespace: &str) -> WebhookEndpoint {
+        let mut endpoint = WebhookEndpoint::new(
+            OPERATIONAL_ENDPOINT,
+            WebhookEndpointSpec {
+                organization_id: OPERATIONAL_ORGANIZATION.into(),
+                url: self.url.clone(),
+                description: String::new(),
+                event_types: Vec::new(),
+                active: true,
+                secret_rotation: 0,
+                max_attempts: None,
+                headers: Default::default(),
+                rate_limit: None,
+                signature_scheme: SignatureScheme::HmacSha256,
+                client_certificate: None,
+            },
+        );
+        endpoint.metadata.namespace = Some(namespace.to_string());
+        endpoint
+    }
+
+    /// The key ring that signs operational deliveries: the one secret.
+    pub fn key_ring(&self) -> KeyRing {
+        KeyRing {
+            current: self.secret.clone(),
+            rotation: 0,
+            previous: Vec::new(),
+        }
+    }
+}
+
+/// Hands operational events to the replica that owns the operational log, from whichever
+/// component tells them (the controller, the dispatcher): the process's work handle, once it
+/// exists (it wraps the dispatcher, which starts after the controller).
+#[derive(Clone, Default)]
+pub struct Emitter(Arc<OnceLock<WorkHandle>>);
+
+impl std::fmt::Debug for Emitter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Emitter")
+    }
+}
+
+impl Emitter {
+    /// Events go through `work` from now on (the first call counts).
+    pub fn connect(&self, work: WorkHandle) {
+        let _ = self.0.set(work);
+    }
+
+    /// Stores `event` in the operational log (or finds it there already); returns once durable.
+    pub async fn store(&self, event: OperationalEvent) -> Result<(), SubmitError> {
+        match self.0.get() {
+            Some(work) => work.operational(event).await,
+            None => Err(SubmitError::Unavailable(
+                "operational events cannot be stored before the dispatcher runs".into(),
+            )),
+        }
+    }
+
+    /// [`Self::store`], tried again with backoff until it is stored or `stopping` says so. The
+    /// event's ids are derived from its change: a try again never makes a second delivery.
+    pub async fn store_retrying(&self, event: OperationalEvent, stopping: impl Fn() -> bool) {
+        let mut attempt = 0;
+        loop {
+            let Err(e) = self.store(event.clone()).await else {
+                return;
+            };
+            attempt += 1;
+            if stopping() {
+                tracing::warn!(event = %event.event_id, event_type = %event.event_type, error = %e,
+                    "shutting down: the operational event was not stored");
+                return;
+            }
+            tracing::debug!(event = %event.event_id, error = %e, attempt, "operational event not stored yet; retrying");
+            tokio::time::sleep(crate::backoff::doubling(
+                attempt,
+                Duration::from_millis(200),
+                Duration::from_secs(10),
+            ))
+            .await;
+        }
+    }
+}
+
+/// One operational event, ready for the log: its derived ids and its body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OperationalEvent {
+    /// The event type (`endpoint.created`, ...).
+    pub event_type: String,
+    /// [`event_id`] of the change.
+    pub event_id: String,
+    /// [`delivery_id`] of the change.
+    pub delivery_id: String,
+    /// The Standard Webhooks body.
+    pub body: Value,
+}
+
+impl OperationalEvent {
+    /// The event of `event_type` about `subject`, with its `body`.
+    pub fn new(event_type: OperationalEventType, subject: Subject<'_>, body: Value) -> Self {
+        Self {
+            event_type: event_type.as_str().to_string(),
+            event_id: event_id(event_type, subject),
+            delivery_id: delivery_id(event_type, subject),
+            body,
+        }
+    }
+
+    /// The `delivery.exhausted` event of a delivery, told at `at`.
+    pub fn exhausted(at: Timestamp, exhausted: &Exhausted<'_>) -> Self {
+        Self::new(
+            OperationalEventType::DeliveryExhausted,
+            Subject::Delivery {
+                delivery_id: exhausted.delivery_id,
+            },
+            delivery_exhausted_body(at, exhausted),
+        )
+    }
 }
 
 #[cfg(test)]
