@@ -31,10 +31,19 @@ struct Replica {
     ops: u16,
     name: String,
     process: Option<OperatorProcess>,
+    /// Further flags, as `--flag value` pairs.
+    extra: Vec<(String, String)>,
 }
 
 impl Replica {
-    fn start(ns: &str, dir: &Path, name: &str, operational_url: &str, secret_file: &Path) -> Self {
+    fn start(
+        ns: &str,
+        dir: &Path,
+        name: &str,
+        operational_url: &str,
+        secret_file: &Path,
+        extra: &[(&str, &str)],
+    ) -> Self {
         let (api, ingest, ops) = (free_port(), free_port(), free_port());
         let mut replica = Self {
             api,
@@ -42,6 +51,7 @@ impl Replica {
             ops,
             name: name.to_string(),
             process: None,
+            extra: extra.iter().map(|(f, v)| (f.to_string(), v.to_string())).collect(),
         };
         replica.restart(ns, dir, operational_url, secret_file);
         replica
@@ -50,7 +60,7 @@ impl Replica {
     /// Starts the process (again) on the same ports and identity.
     fn restart(&mut self, ns: &str, dir: &Path, operational_url: &str, secret_file: &Path) {
         let (api, ingest, ops, name) = (self.api, self.ingest, self.ops, self.name.clone());
-        let flags = vec![
+        let mut flags = vec![
             ("--api-listen", format!("127.0.0.1:{api}")),
             ("--ingest-listen", format!("127.0.0.1:{ingest}")),
             ("--metrics-listen", format!("127.0.0.1:{ops}")),
@@ -63,6 +73,7 @@ impl Replica {
             ("--operational-webhook-url", operational_url.to_string()),
             ("--operational-webhook-secret-file", secret_file.display().to_string()),
         ];
+        flags.extend(self.extra.iter().map(|(f, v)| (f.as_str(), v.clone())));
         self.process = Some(OperatorProcess::start_replica(ns, dir, &name, flags));
     }
 
@@ -89,6 +100,11 @@ struct Scenario {
 
 impl Scenario {
     async fn start(prefix: &str) -> Self {
+        Self::start_with(prefix, &[]).await
+    }
+
+    /// [`Self::start`], with further flags for both replicas.
+    async fn start_with(prefix: &str, extra: &[(&str, &str)]) -> Self {
         let client = support::client().await;
         support::install_crd(&client).await;
         let ns = support::test_namespace(&client, prefix).await;
@@ -104,7 +120,7 @@ impl Scenario {
         let url = platform.url("/operational");
         let replicas = ["opwh-a", "opwh-b"]
             .iter()
-            .map(|name| Replica::start(&ns, dir.path(), name, &url, &secret_file))
+            .map(|name| Replica::start(&ns, dir.path(), name, &url, &secret_file, extra))
             .collect();
         Self {
             client,
@@ -116,6 +132,15 @@ impl Scenario {
             replicas,
             http: reqwest::Client::new(),
         }
+    }
+
+    /// An API key of `org`, and an endpoint of it created over REST (replica a) for `customers`.
+    async fn endpoint(&self, org: &str, customers: &Receiver) -> (String, String) {
+        let (_, key) = capy_webhooks::auth::api_keys::create_key(&self.client, &self.ns, org, None, None)
+            .await
+            .unwrap();
+        let id = create_endpoint(&self.http, self.replicas[0].api, org, &key, &customers.url("/c")).await;
+        (key, id)
     }
 
     /// `kill -9` of one replica, and the same replica started again.
@@ -283,18 +308,8 @@ async fn each_endpoint_change_is_told_once_in_order() {
     let _one = ONE_AT_A_TIME.lock().await;
     let mut scenario = Scenario::start("opwh-ep").await;
     let org = "org_opwh_lifecycle";
-    let (_, key) = capy_webhooks::auth::api_keys::create_key(&scenario.client, &scenario.ns, org, None, None)
-        .await
-        .unwrap();
     let customers = Receiver::start(Vec::new()).await;
-    let id = create_endpoint(
-        &scenario.http,
-        scenario.replicas[0].api,
-        org,
-        &key,
-        &customers.url("/c"),
-    )
-    .await;
+    let (key, id) = scenario.endpoint(org, &customers).await;
     const TYPES: &[&str] = &[
         "endpoint.created",
         "endpoint.updated",
@@ -440,4 +455,88 @@ async fn the_same_change_told_again_is_delivered_once_even_after_a_restart() {
     .await;
     op.stop().await;
     support::delete_namespace(&client, &ns).await;
+}
+
+/// An endpoint the health rule disables says so, with the rule's text; resumed and then paused by
+/// a user, it says `manual` (the dispatcher's annotation from the earlier disable is not taken for
+/// this one).
+#[tokio::test]
+async fn a_disable_says_whether_the_health_rule_or_a_user_did_it() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let scenario = Scenario::start_with("opwh-auto", &[("--auto-disable-after", "1s")]).await;
+    let org = "org_opwh_auto";
+    let customers = Receiver::start(vec![Answer::Status(500); 1000]).await;
+    let (key, id) = scenario.endpoint(org, &customers).await;
+    // Failures spanning more than a second: the second event's first failure disables it.
+    produce(&scenario.http, scenario.replicas[1].ingest, org).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    produce(&scenario.http, scenario.replicas[0].ingest, org).await;
+
+    let disabled = |n: usize| {
+        let scenario = &scenario;
+        async move {
+            support::wait_for(
+                &format!("{n} endpoint.disabled told"),
+                Duration::from_secs(60),
+                || async {
+                    let told = scenario.told(&["endpoint.disabled"]);
+                    let mut bodies: BTreeMap<String, Value> = BTreeMap::new();
+                    for r in &told {
+                        bodies.insert(
+                            r.header("webhook-id").to_string(),
+                            verified(scenario.secret.expose(), r),
+                        );
+                    }
+                    (bodies.len() >= n).then(|| {
+                        let mut bodies: Vec<Value> = bodies.into_values().collect();
+                        bodies.sort_by_key(|b| b["timestamp"].as_str().unwrap().to_string());
+                        bodies
+                    })
+                },
+            )
+            .await
+        }
+    };
+    let auto = disabled(1).await;
+    assert_eq!(auto[0]["data"]["endpoint_id"], id.as_str());
+    assert_eq!(auto[0]["data"]["reason"], "auto_disabled", "{}", auto[0]);
+    let detail = auto[0]["data"]["reason_detail"].as_str().unwrap();
+    assert!(detail.starts_with("every delivery attempt failed since"), "{detail}");
+
+    let url = format!(
+        "http://127.0.0.1:{}/v1/organizations/{org}/webhook-endpoints/{id}",
+        scenario.replicas[1].api
+    );
+    for active in [true, false] {
+        let r = scenario
+            .http
+            .patch(&url)
+            .bearer_auth(&key)
+            .json(&json!({"is_active": active}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        if active {
+            support::wait_for("endpoint.enabled told", Duration::from_secs(60), || async {
+                (!scenario.told(&["endpoint.enabled"]).is_empty()).then_some(())
+            })
+            .await;
+        }
+    }
+    let both = disabled(2).await;
+    assert_eq!(both[1]["data"]["reason"], "manual", "{}", both[1]);
+    assert_eq!(both[1]["data"]["reason_detail"], Value::Null);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ids = |t: &str| -> BTreeSet<String> {
+        scenario
+            .told(&[t])
+            .iter()
+            .map(|r| r.header("webhook-id").to_string())
+            .collect()
+    };
+    assert_eq!(ids("endpoint.disabled").len(), 2, "one per disable");
+    assert_eq!(ids("endpoint.enabled").len(), 1);
+    assert_eq!(ids("endpoint.created").len(), 1);
+    scenario.finish().await;
 }
