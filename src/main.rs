@@ -1119,6 +1119,30 @@ mod tests {
     }
 
     #[test]
+    fn operational_webhooks_need_both_flags_and_the_dispatcher() {
+        let parse = |flags: &[&str]| {
+            let argv = ["capy-webhooks", "run"].into_iter().chain(flags.iter().copied());
+            Cli::try_parse_from(argv).map(drop)
+        };
+        assert!(parse(&["--operational-webhook-url", "https://platform.example.com/hook"]).is_err());
+        assert!(parse(&["--operational-webhook-secret-file", "/secret"]).is_err());
+        let both = [
+            "--operational-webhook-url",
+            "https://platform.example.com/hook",
+            "--operational-webhook-secret-file",
+            "/secret",
+        ];
+        assert!(parse(&both).is_ok());
+        let without_dispatcher: Vec<&str> = both.iter().copied().chain(["--components", "api,controller"]).collect();
+        let e = setup(&without_dispatcher, None).err().expect("refused");
+        assert!(e.to_string().contains("needs the dispatcher"), "{e}");
+        // Off by default: the controller tells nothing, the dispatcher sends nothing.
+        let setup = setup_of(&["--ingest-token-file", "/t"]);
+        assert!(setup.controller.unwrap().operational.is_none());
+        assert!(setup.dispatcher.unwrap().config.operational.is_none());
+    }
+
+    #[test]
     fn clerk_sessions_are_configured_from_their_flags() {
         let setup = setup_of(&[
             "--components",

@@ -563,6 +563,73 @@ mod tests {
     }
 
     #[test]
+    fn an_upgrade_announces_nothing_of_the_endpoints_that_exist() {
+        use crate::resources::WebhookEndpointStatus;
+        assert_eq!(announced_of(None, true), None, "a new endpoint");
+        let before = WebhookEndpointStatus {
+            observed_generation: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(announced_of(Some(&before), false), announced(3, false));
+        let after = WebhookEndpointStatus {
+            observed_generation: Some(3),
+            announced: announced(2, true),
+            ..Default::default()
+        };
+        assert_eq!(announced_of(Some(&after), false), announced(2, true));
+    }
+
+    #[test]
+    fn an_endpoint_event_names_the_endpoint_by_its_rest_ids_and_its_change() {
+        let at = Timestamp::from_second(1_700_000_000).unwrap();
+        let target = OperationalTarget {
+            url: "https://user:pass@platform.example.com/hook".into(),
+            secret: SigningSecret::generate(),
+        };
+        let mut endpoint = target.endpoint("ns");
+        endpoint.metadata.name = Some("ep-1".into());
+        endpoint.metadata.uid = Some("uid-1".into());
+        endpoint.metadata.generation = Some(4);
+        endpoint.spec.organization_id = "org_1".into();
+        endpoint.spec.active = false;
+        endpoint.metadata.annotations = Some(
+            [(
+                AUTO_DISABLED_ANNOTATION.to_string(),
+                AutoDisabled {
+                    generation: 4,
+                    reason: "gone".into(),
+                }
+                .to_annotation(),
+            )]
+            .into(),
+        );
+        assert_eq!(endpoint_event(&endpoint, announced(4, true), at), None);
+        let event = endpoint_event(&endpoint, announced(3, true), at).unwrap();
+        assert_eq!(event.event_type, "endpoint.disabled");
+        assert_eq!(
+            event.event_id,
+            event_id(
+                EndpointDisabled,
+                Subject::Endpoint {
+                    uid: "uid-1",
+                    generation: 4
+                }
+            )
+        );
+        assert_eq!(event.body["data"]["endpoint_id"], "ep-1");
+        assert_eq!(event.body["data"]["reason"], "auto_disabled");
+        let text = event.body.to_string();
+        assert!(
+            !text.contains("platform.example.com") && !text.contains("pass"),
+            "{text}"
+        );
+        assert_eq!(deleted_event(&endpoint, at).event_type, "endpoint.deleted");
+        // The target's Debug shows neither the secret nor the URL's credentials.
+        let shown = format!("{target:?}");
+        assert!(!shown.contains("whsec_") && !shown.contains("pass"), "{shown}");
+    }
+
+    #[test]
     fn the_disable_cause_is_automatic_only_for_the_generation_the_dispatcher_made() {
         let auto = AutoDisabled {
             generation: 7,
