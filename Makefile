@@ -111,16 +111,20 @@ promtool: ## Build promtool (Prometheus' rule checker) from the Go module proxy 
 verifier-tools: ## Install PyNaCl (PyPI) that the tests verify ed25519 (v1a) signatures with, once (cached)
 	@hack/verifier-tools.sh >/dev/null
 
+.PHONY: egress-proxy
+egress-proxy: ## Unpack tinyproxy (Debian) that the egress proxy tests deliver through, once (cached)
+	@hack/egress-proxy.sh >/dev/null
+
 .PHONY: browser-tools
 browser-tools: ## Install headless Chromium and chromedriver (Debian) for the portal's browser test, once
 	@hack/browser-tools.sh
 
 .PHONY: test
-test: disk-check control-plane fuzz-tools verifier-tools promtool browser-tools otel-collector ## Every test: unit tests, integration tests on a real control plane, pods on a real node
+test: disk-check control-plane fuzz-tools verifier-tools promtool egress-proxy browser-tools otel-collector ## Every test: unit tests, integration tests on a real control plane, pods on a real node
 	$(CARGO) fmt --all -- --check
 	@# The images first: cargo holds target/ while tests run, so tests cannot build them.
 	@if [ "$$(uname -s)" = Linux ]; then hack/image.sh all >/dev/null; fi
-	CAPY_SCHEMATHESIS=$$(hack/fuzz-tools.sh) CAPY_VERIFIER_PYTHON=$$(hack/verifier-tools.sh) CAPY_OTELCOL=$$(hack/otel-collector.sh) CAPY_PROMTOOL=$$(hack/promtool.sh) $(CARGO) test --lib --bins --tests -- --test-threads=4
+	CAPY_SCHEMATHESIS=$$(hack/fuzz-tools.sh) CAPY_VERIFIER_PYTHON=$$(hack/verifier-tools.sh) CAPY_OTELCOL=$$(hack/otel-collector.sh) CAPY_PROMTOOL=$$(hack/promtool.sh) CAPY_TINYPROXY=$$(hack/egress-proxy.sh) $(CARGO) test --lib --bins --tests -- --test-threads=4
 	@if why=$$(hack/node.sh check); then \
 	  echo "pods tests: ran on a real node (tests/pods.rs)"; \
 	else \

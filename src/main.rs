@@ -16,6 +16,7 @@ use capy_webhooks::auth::api_keys::{self, ApiKeyIndex};
 use capy_webhooks::auth::clerk::{ClerkConfig, ClerkVerifier, JwksSource, check_jwks_url, jwks_http_client};
 use capy_webhooks::controller::{self, ControllerConfig};
 use capy_webhooks::controller_lease::{CONTROLLER_LEASE, Leadership, LeaseConfig, default_identity};
+use capy_webhooks::delivery::egress::EgressProxy;
 use capy_webhooks::delivery::schedule::{DEFAULT_SCHEDULE, RetrySchedule};
 use capy_webhooks::delivery::sender::SenderConfig;
 use capy_webhooks::delivery::ssrf::TargetPolicy;
@@ -313,6 +314,7 @@ struct RunArgs {
     #[arg(
         long,
         env = "CAPY_WEBHOOKS_OPERATIONAL_WEBHOOK_URL",
+        hide_env_values = true,
         requires = "operational_webhook_secret_file"
     )]
     operational_webhook_url: Option<String>,
@@ -325,6 +327,14 @@ struct RunArgs {
         requires = "operational_webhook_url"
     )]
     operational_webhook_secret_file: Option<PathBuf>,
+
+    /// Send every delivery through this HTTP proxy with CONNECT (http://[user:password@]host:port),
+    /// for a static source address. The proxy is asked to connect to the receiver's checked IP
+    /// address, never its name. The environment variable keeps credentials off the command line.
+    // A String, read by EgressProxy::parse below: clap's own errors would repeat the value,
+    // password included.
+    #[arg(long, env = "CAPY_WEBHOOKS_EGRESS_PROXY", hide_env_values = true)]
+    egress_proxy: Option<String>,
 
     /// Address of the operations port: /healthz, /readyz and /metrics (OpenMetrics text).
     #[arg(long, env = "CAPY_WEBHOOKS_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
@@ -564,6 +574,21 @@ struct ApiSetup {
 }
 
 /// `given`, else the in-cluster namespace, else `default`.
+/// `--egress-proxy`, read without ever repeating the URL (it may hold a password); the proxy's
+/// address (never its credentials) is logged once.
+fn egress_proxy(url: Option<&str>) -> anyhow::Result<Option<EgressProxy>> {
+    let Some(url) = url.filter(|u| !u.trim().is_empty()) else {
+        return Ok(None);
+    };
+    let proxy = EgressProxy::parse(url).map_err(|reason| anyhow::anyhow!("--egress-proxy: {reason}"))?;
+    info!(
+        proxy = %proxy.address(),
+        credentials = proxy.has_credentials(),
+        "deliveries go through the egress proxy (CONNECT to each receiver's checked address)"
+    );
+    Ok(Some(proxy))
+}
+
 fn namespace_or(given: Option<&str>, in_cluster: Option<&str>) -> String {
     given.or(in_cluster).unwrap_or("default").to_string()
 }
@@ -694,6 +719,7 @@ fn configure(
                         .with_context(|| format!("reading the receiver CAs from {}", path.display()))?,
                     None => Vec::new(),
                 },
+                egress_proxy: egress_proxy(args.egress_proxy.as_deref())?,
                 ..SenderConfig::default()
             },
             per_endpoint_concurrency: args.per_endpoint_concurrency,
@@ -1009,6 +1035,18 @@ mod tests {
         assert_eq!(parse_flag_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_flag_duration("1m30s").unwrap(), Duration::from_secs(90));
         assert!(parse_flag_duration("soon").is_err());
+    }
+
+    #[test]
+    fn egress_proxy_is_off_by_default_and_never_repeats_its_url() {
+        assert_eq!(run_args(&[]).egress_proxy, None);
+        assert_eq!(egress_proxy(None).unwrap(), None);
+        let args = run_args(&["--egress-proxy", "http://capy:hunter2@proxy.internal:3128"]);
+        let proxy = egress_proxy(args.egress_proxy.as_deref()).unwrap().unwrap();
+        assert_eq!(proxy.address(), "proxy.internal:3128");
+        let err = egress_proxy(Some("https://capy:hunter2@proxy.internal:3128")).unwrap_err();
+        assert!(err.to_string().starts_with("--egress-proxy: "), "{err}");
+        assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
     }
 
     #[test]

@@ -146,6 +146,9 @@ fn helm_lint_strict() {
         "tracing.samplingRatio=1.5",
         "tracing.enabled=true",
         "tracing.endpoint=collector:4318",
+        "egressProxy.url=https://proxy.internal:3128",
+        "egressProxy.url=proxy.internal:3128",
+        "egressProxy.url=http://proxy.internal:3128/path",
     ] {
         let out = support::helm(&["lint", "--strict", &chart(), "--set", bad]);
         assert!(!out.status.success(), "helm lint accepted --set {bad}");
@@ -245,6 +248,7 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             "networkPolicy.ingestFrom[0].namespaceSelector.matchLabels.capydb\\.io/tier=platform",
             "networkPolicy.ingestFrom[0].podSelector.matchLabels.app=capydb",
             "podDisruptionBudget.enabled=true",
+            "egressProxy.url=http://proxy.internal:3128",
         ],
         &[
             "crds.install=false",
@@ -259,6 +263,9 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
             "tracing.endpoint=http://otel-collector.observability:4318",
             "tracing.samplingRatio=0.25",
             "tracing.headersSecret=otlp-headers",
+            "egressProxy.url=http://ignored.internal:3128",
+            "egressProxy.existingSecret=egress-proxy",
+            "egressProxy.existingSecretKey=proxy-url",
         ],
     ];
     let dir = tempfile::tempdir().unwrap();
@@ -299,6 +306,15 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
         }
         if i == 1 {
             assert!(rendered.contains("--all-namespaces") && rendered.contains(&format!("--home-namespace={ns}")));
+            assert!(
+                rendered
+                    .contains("name: CAPY_WEBHOOKS_EGRESS_PROXY\n              value: \"http://proxy.internal:3128\""),
+                "{rendered}"
+            );
+        }
+        if i == 0 {
+            // Off by default.
+            assert!(!rendered.contains("CAPY_WEBHOOKS_EGRESS_PROXY"));
         }
         if i == 2 {
             for flag in [
@@ -310,9 +326,12 @@ async fn rendered_manifests_are_accepted_by_the_api_server() {
                 "--trace-sampling-ratio=0.25",
                 "name: OTEL_EXPORTER_OTLP_HEADERS",
                 "name: otlp-headers",
+                // The Secret wins over the plain URL, which is not rendered.
+                "name: CAPY_WEBHOOKS_EGRESS_PROXY\n              valueFrom:\n                secretKeyRef:\n                  name: egress-proxy\n                  key: proxy-url",
             ] {
                 assert!(rendered.contains(flag), "no {flag}");
             }
+            assert!(!rendered.contains("ignored.internal"));
         } else {
             // Traces are off by default: no exporter flag, no headers.
             assert!(!rendered.contains("--otlp-endpoint") && !rendered.contains("OTEL_EXPORTER_OTLP"));

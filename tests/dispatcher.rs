@@ -946,6 +946,7 @@ impl TestPki {
 /// A TLS receiver on loopback that requires a client certificate issued by the test CA: it
 /// records the common name each accepted request came with, and counts refused handshakes.
 struct MtlsReceiver {
+    host: &'static str,
     port: u16,
     accepted: Arc<Mutex<Vec<(String, support::receiver::Received)>>>,
     refused: Arc<AtomicUsize>,
@@ -953,6 +954,12 @@ struct MtlsReceiver {
 
 impl MtlsReceiver {
     async fn start(pki: &TestPki) -> Self {
+        Self::start_for(pki, "127.0.0.1").await
+    }
+
+    /// A receiver whose certificate names only `host` (a name or an IP address), reached at
+    /// `https://host:port/mtls`.
+    async fn start_for(pki: &TestPki, host: &'static str) -> Self {
         use rustls::pki_types::PrivateKeyDer;
         use rustls::pki_types::pem::PemObject;
         let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
@@ -961,7 +968,7 @@ impl MtlsReceiver {
         let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .unwrap();
-        let server = pki.issue(&["127.0.0.1"], "receiver", rcgen::ExtendedKeyUsagePurpose::ServerAuth);
+        let server = pki.issue(&[host], "receiver", rcgen::ExtendedKeyUsagePurpose::ServerAuth);
         let config = rustls::ServerConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .unwrap()
@@ -1004,6 +1011,7 @@ impl MtlsReceiver {
             }
         });
         Self {
+            host,
             port,
             accepted,
             refused,
@@ -1011,7 +1019,7 @@ impl MtlsReceiver {
     }
 
     fn url(&self) -> String {
-        format!("https://127.0.0.1:{}/mtls", self.port)
+        format!("https://{}:{}/mtls", self.host, self.port)
     }
 
     fn accepted(&self) -> Vec<(String, support::receiver::Received)> {
@@ -1244,4 +1252,370 @@ async fn mutual_tls_presents_the_named_certificate_and_refuses_without_a_usable_
     .await;
     assert_eq!(receiver.accepted().len(), 2);
     condition(&s, &refused[0], "Ready", ("True", "Reconciled")).await;
+}
+
+/// tinyproxy (Debian's, unpacked by hack/egress-proxy.sh) on a loopback port: a real HTTP CONNECT
+/// proxy that requires credentials and logs every request line.
+struct Tinyproxy {
+    port: u16,
+    log: std::path::PathBuf,
+    child: Option<tokio::process::Child>,
+    _dir: tempfile::TempDir,
+}
+
+/// The proxy's credentials in the tests: they must reach the proxy and nowhere else.
+const PROXY_USER: &str = "capy";
+const PROXY_PASSWORD: &str = "proxy-hunter2";
+
+impl Tinyproxy {
+    /// The executable: `CAPY_TINYPROXY`, else what `hack/egress-proxy.sh` unpacks (once, cached).
+    fn executable() -> std::path::PathBuf {
+        if let Some(path) = std::env::var_os("CAPY_TINYPROXY").filter(|p| !p.is_empty()) {
+            return path.into();
+        }
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/hack/egress-proxy.sh");
+        let out = std::process::Command::new(script)
+            .output()
+            .expect("hack/egress-proxy.sh runs");
+        assert!(
+            out.status.success(),
+            "hack/egress-proxy.sh: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().into()
+    }
+
+    /// Starts it allowing CONNECT to `connect_ports` (tinyproxy's default is 443 and 563 only).
+    async fn start(connect_ports: &[u16]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let port = {
+            let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            probe.local_addr().unwrap().port()
+        };
+        let log = dir.path().join("tinyproxy.log");
+        let mut conf = format!(
+            "Port {port}\nListen 127.0.0.1\nTimeout 30\nMaxClients 100\nLogFile \"{}\"\nLogLevel Connect\n\
+             Allow 127.0.0.1\nBasicAuth {PROXY_USER} {PROXY_PASSWORD}\n",
+            log.display()
+        );
+        for p in connect_ports {
+            conf.push_str(&format!("ConnectPort {p}\n"));
+        }
+        let conf_path = dir.path().join("tinyproxy.conf");
+        std::fs::write(&conf_path, conf).unwrap();
+        let child = tokio::process::Command::new(Self::executable())
+            .arg("-d")
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("tinyproxy starts");
+        support::wait_for("tinyproxy listening", Duration::from_secs(10), || async {
+            tokio::net::TcpStream::connect(("127.0.0.1", port)).await.ok()
+        })
+        .await;
+        Self {
+            port,
+            log,
+            child: Some(child),
+            _dir: dir,
+        }
+    }
+
+    /// `--egress-proxy`'s value, credentials included.
+    fn url(&self) -> String {
+        format!("http://{PROXY_USER}:{PROXY_PASSWORD}@127.0.0.1:{}", self.port)
+    }
+
+    /// The targets of every CONNECT the proxy was asked for, from its log
+    /// (`Request (file descriptor 5): CONNECT 127.0.0.1:8443 HTTP/1.1`).
+    fn connects(&self) -> Vec<String> {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines()
+            .filter_map(|line| line.split_once("): CONNECT ").map(|(_, rest)| rest))
+            .filter_map(|rest| rest.split(' ').next())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// Every request line the proxy logged (CONNECT or any other method).
+    fn requests(&self) -> usize {
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        log.lines().filter(|line| line.contains(": Request (")).count()
+    }
+
+    async fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.unwrap();
+        }
+    }
+}
+
+/// Every CONNECT names an IP address and port, never a host name: the proxy resolved nothing.
+fn connects_by_address(connects: &[String]) -> Result<(), String> {
+    match connects.iter().find(|t| t.parse::<std::net::SocketAddr>().is_err()) {
+        Some(named) => Err(format!("the proxy was asked to CONNECT to {named}")),
+        None if connects.is_empty() => Err("the proxy was asked for nothing".into()),
+        None => Ok(()),
+    }
+}
+
+#[tokio::test]
+async fn deliveries_tunnel_through_a_real_proxy_to_the_checked_address() {
+    let pki = TestPki::new();
+    let plain = Receiver::start(vec![]).await;
+    let tls = MtlsReceiver::start_for(&pki, "localhost").await;
+    let mut proxy = Tinyproxy::start(&[plain.addr.port(), tls.port]).await;
+    let s = setup(
+        "egress",
+        Options {
+            receiver_roots_pem: pki.ca.pem().into_bytes(),
+            egress_proxy: Some(capy_webhooks::delivery::egress::EgressProxy::parse(&proxy.url()).unwrap()),
+            ..Options::default()
+        },
+    )
+    .await;
+    let capy = pki.issue(&[], "capy-webhooks-client", rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    tls_secret(
+        &s.client,
+        &s.ns,
+        "client-tls",
+        "kubernetes.io/tls",
+        &capy.cert,
+        &capy.key,
+    )
+    .await;
+
+    // Both receivers are named `localhost`: the dispatcher resolves the name and checks it.
+    let plain_url = format!("http://localhost:{}/plain", plain.addr.port());
+    let (plain_id, plain_secret, _) = create_endpoint(&s, json!({"url": plain_url})).await;
+    let (tls_id, tls_secret_text, _) =
+        create_endpoint(&s, json!({"url": tls.url(), "client_certificate_secret": "client-tls"})).await;
+    condition(
+        &s,
+        &tls_id,
+        "ClientCertificateReady",
+        ("True", "ClientCertificateAvailable"),
+    )
+    .await;
+    s.op.ingest(ORG, "a.b", json!({"through": "the proxy"})).await;
+
+    // Plain HTTP is tunnelled too (not forwarded), with the original Host and a valid signature.
+    let received = wait_received(&plain, 1).await;
+    assert_eq!(received[0].path, "/plain");
+    assert_eq!(received[0].header("host"), format!("localhost:{}", plain.addr.port()));
+    verify(&plain_secret, &received[0]).expect("the signature verifies");
+    // TLS inside the tunnel: the certificate names only `localhost` (SNI and verification for the
+    // original name), and the receiver required and got the endpoint's client certificate.
+    let (common_name, request) = support::wait_for("a delivery over mutual TLS through the proxy", WAIT, || async {
+        tls.accepted().into_iter().next()
+    })
+    .await;
+    assert_eq!(common_name, "capy-webhooks-client");
+    assert_eq!(request.header("host"), format!("localhost:{}", tls.port));
+    verify(&tls_secret_text, &request).expect("the signature verifies");
+    for id in [&plain_id, &tls_id] {
+        s.wait_delivery(id, "delivered through the proxy", |d| d["state"] == "succeeded")
+            .await;
+    }
+
+    // The proxy was asked for checked addresses only, and for both receivers.
+    let connects = proxy.connects();
+    connects_by_address(&connects).unwrap();
+    for port in [plain.addr.port(), tls.port] {
+        assert!(
+            connects.iter().any(|t| t.ends_with(&format!(":{port}"))),
+            "no CONNECT to port {port}: {connects:?}"
+        );
+    }
+    assert_eq!(
+        proxy.requests(),
+        connects.len(),
+        "every request to the proxy was a CONNECT"
+    );
+
+    // The proxy stops: a classified, retried connection failure that names neither its address
+    // nor its credentials.
+    proxy.stop().await;
+    s.op.ingest(ORG, "a.b", json!({"n": 2})).await;
+    let failed = s
+        .wait_delivery(&plain_id, "attempts failing without the proxy", |d| {
+            d["attempts"].as_u64() >= Some(2)
+        })
+        .await;
+    assert_ne!(failed["state"], "succeeded", "{failed}");
+    let error = failed["last_error"].as_str().unwrap();
+    assert!(
+        error.starts_with("connection failed: connection to localhost failed: the egress proxy could not be reached"),
+        "{error}"
+    );
+    assert!(
+        !error.contains(PROXY_PASSWORD) && !error.contains(&proxy.port.to_string()),
+        "{error}"
+    );
+    assert_eq!(plain.received().len(), 1);
+}
+
+#[tokio::test]
+async fn the_guard_refuses_a_host_before_the_proxy_is_asked() {
+    let plain = Receiver::start(vec![]).await;
+    let proxy = Tinyproxy::start(&[plain.addr.port()]).await;
+    let s = setup(
+        "egress-guard",
+        Options {
+            allow_private_targets: false,
+            egress_proxy: Some(capy_webhooks::delivery::egress::EgressProxy::parse(&proxy.url()).unwrap()),
+            ..Options::default()
+        },
+    )
+    .await;
+    // `localhost` resolves to loopback, refused when private targets are not allowed.
+    let url = format!("http://localhost:{}/refused", plain.addr.port());
+    let (id, _, _) = create_endpoint(&s, json!({"url": url})).await;
+    s.op.ingest(ORG, "a.b", json!({"n": 1})).await;
+    let refused = s
+        .wait_delivery(&id, "an attempt refused by the guard", |d| {
+            d["attempts"].as_u64() >= Some(1)
+        })
+        .await;
+    let error = refused["last_error"].as_str().unwrap();
+    assert!(
+        error.contains("loopback address is not an allowed webhook target"),
+        "{error}"
+    );
+    assert_eq!(proxy.requests(), 0, "the proxy was asked: {:?}", proxy.connects());
+    assert!(plain.received().is_empty());
+}
+
+/// reqwest's own proxy support names the host in CONNECT: the check above catches it, which is
+/// why the tunnel is the dispatcher's own.
+#[tokio::test]
+async fn reqwest_proxy_names_the_host_and_fails_the_address_check() {
+    let pki = TestPki::new();
+    let tls = MtlsReceiver::start_for(&pki, "localhost").await;
+    let proxy = Tinyproxy::start(&[tls.port]).await;
+    let client = reqwest::Client::builder()
+        .proxy(reqwest::Proxy::all(proxy.url()).unwrap())
+        .build()
+        .unwrap();
+    // The handshake fails (the test CA is not trusted here); the CONNECT is logged before it.
+    let _ = client.post(tls.url()).body("{}").send().await;
+    let connects = support::wait_for("reqwest's CONNECT in the log", WAIT, || async {
+        Some(proxy.connects()).filter(|c| !c.is_empty())
+    })
+    .await;
+    assert_eq!(connects, vec![format!("localhost:{}", tls.port)]);
+    let err = connects_by_address(&connects).unwrap_err();
+    assert!(err.contains("localhost"), "{err}");
+}
+
+/// One attempt through the egress proxy at `proxy_url` by a [`Sender`] of `config` (loopback
+/// targets and plain HTTP allowed), outside any operator.
+async fn send_through(
+    proxy_url: &str,
+    target: &str,
+    config: capy_webhooks::delivery::sender::SenderConfig,
+) -> capy_webhooks::delivery::sender::AttemptResult {
+    use capy_webhooks::delivery::sender::{Sender, SenderConfig};
+    let sender = Sender::new(SenderConfig {
+        allow_http: true,
+        policy: capy_webhooks::delivery::ssrf::TargetPolicy {
+            allow_private: true,
+            allow_metadata: false,
+        },
+        egress_proxy: Some(capy_webhooks::delivery::egress::EgressProxy::parse(proxy_url).unwrap()),
+        ..config
+    })
+    .unwrap();
+    let ring = capy_webhooks::signing::KeyRing {
+        current: capy_webhooks::signing::SigningSecret::generate(),
+        rotation: 0,
+        previous: vec![],
+    };
+    sender.send(target, "msg_1", b"{}", &ring, jiff::Timestamp::now()).await
+}
+
+/// A proxy refusing CONNECT (wrong credentials, a port it does not allow): a retryable
+/// connection error naming its answer, never the credentials. Through the tunnel, answers are
+/// read as without it.
+#[tokio::test]
+async fn a_proxy_refusing_connect_is_a_classified_connection_error() {
+    use capy_webhooks::delivery::outcome::AttemptOutcome;
+    let plain = Receiver::start(vec![]).await;
+    let proxy = Tinyproxy::start(&[plain.addr.port()]).await;
+    let send = |proxy_url: String, target: String| async move {
+        send_through(&proxy_url, &target, Default::default()).await.outcome
+    };
+    let wrong = format!("http://{PROXY_USER}:not-the-password@127.0.0.1:{}", proxy.port);
+    let outcome = send(wrong, plain.url("/hook")).await;
+    let AttemptOutcome::ConnectError(error) = outcome else {
+        panic!("wrong credentials: {outcome:?}")
+    };
+    // tinyproxy answers 401 to wrong credentials (407 to none).
+    assert!(
+        error.ends_with("the egress proxy refused CONNECT with HTTP 401 (check the proxy's credentials)"),
+        "{error}"
+    );
+    assert!(!error.contains("not-the-password"), "{error}");
+    // tinyproxy refuses CONNECT to a port it was not told to allow.
+    let outcome = send(proxy.url(), "http://127.0.0.1:9/hook".into()).await;
+    let AttemptOutcome::ConnectError(error) = outcome else {
+        panic!("a refused port: {outcome:?}")
+    };
+    assert!(
+        error.ends_with("the egress proxy refused CONNECT with HTTP 403"),
+        "{error}"
+    );
+    assert!(!error.contains(PROXY_PASSWORD), "{error}");
+    // The right credentials and port: delivered.
+    assert_eq!(
+        send(proxy.url(), plain.url("/hook")).await,
+        AttemptOutcome::Success { status: 200 }
+    );
+    assert_eq!(plain.received().len(), 1);
+
+    // Retry-After and the body excerpt are read through the tunnel, and the attempt timeout
+    // covers a slow receiver.
+    plain.script(vec![Answer::RetryAfter(429, 7), Answer::Slow(Duration::from_secs(3))]);
+    let limited = send_through(&proxy.url(), &plain.url("/hook"), Default::default()).await;
+    assert_eq!(
+        limited.outcome,
+        AttemptOutcome::HttpFailure {
+            status: 429,
+            retry_after: Some(Duration::from_secs(7))
+        }
+    );
+    assert_eq!(limited.response_excerpt.as_deref(), Some("slow down"));
+    let short = capy_webhooks::delivery::sender::SenderConfig {
+        total_timeout: Duration::from_millis(500),
+        ..Default::default()
+    };
+    let slow = send_through(&proxy.url(), &plain.url("/hook"), short).await;
+    assert_eq!(slow.outcome, AttemptOutcome::Timeout);
+    assert!(slow.duration < Duration::from_secs(2), "{:?}", slow.duration);
+}
+
+/// A proxy that accepts the connection and never answers: the connect timeout ends the attempt.
+#[tokio::test]
+async fn a_silent_proxy_is_a_timeout() {
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = silent.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((tcp, _)) = silent.accept().await {
+            held.push(tcp);
+        }
+    });
+    let config = capy_webhooks::delivery::sender::SenderConfig {
+        connect_timeout: Duration::from_millis(300),
+        ..Default::default()
+    };
+    let result = send_through(&format!("http://127.0.0.1:{port}"), "http://127.0.0.1:9/hook", config).await;
+    assert_eq!(
+        result.outcome,
+        capy_webhooks::delivery::outcome::AttemptOutcome::Timeout
+    );
+    assert!(result.duration < Duration::from_secs(2), "{:?}", result.duration);
 }

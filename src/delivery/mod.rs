@@ -12,8 +12,10 @@
 //! - [`health`]: the health rule, when a failing endpoint is disabled and which reason it shows.
 //! - [`ssrf`]: which resolved addresses a delivery may connect to.
 //! - [`sender`]: one signed attempt over a keep-alive client with the SSRF guard in its resolver.
+//! - [`egress`]: the egress proxy's tunnel (`CONNECT` to the checked address), for [`sender`].
 
 pub mod due;
+pub mod egress;
 pub mod event_types;
 pub mod health;
 pub mod outcome;

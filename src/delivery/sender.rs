@@ -12,7 +12,9 @@
 //!    [`GuardedResolver`] that checks every address with [`ssrf::check_all`] and hands the client
 //!    exactly the checked addresses, so the connection goes to a checked address and DNS
 //!    rebinding cannot swap another one in. Redirects are never followed (a 3xx is a failure) and
-//!    no proxy from the environment is used, so neither can route around the guard;
+//!    no proxy from the environment is used, so neither can route around the guard. With an
+//!    egress proxy (`--egress-proxy`, [`super::egress`]) the same check runs in the tunnel's
+//!    connector, and the proxy is asked to `CONNECT` to the checked address;
 //! 4. classifies the status with [`classify`] (honouring `Retry-After` on 429 and 503) and reads
 //!    at most `max_response_bytes` of the body for the delivery log.
 //!
@@ -27,12 +29,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client as HyperClient;
+use hyper_util::rt::TokioExecutor;
 use jiff::Timestamp;
 use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use reqwest::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use url::{Host, Url};
 
 use crate::client_certificate::ClientIdentity;
+use crate::delivery::egress::{self, ConnectTimedOut, EgressProxy, ProxyError, TunnelConnector};
 use crate::delivery::outcome::{AttemptOutcome, classify};
 use crate::delivery::schedule::parse_retry_after;
 use crate::delivery::ssrf::{self, TargetPolicy};
@@ -71,6 +78,9 @@ pub struct SenderConfig {
     /// Certificate authorities (PEM) trusted for receivers besides the system's roots
     /// (`--receiver-ca-file`): receivers inside the cluster or behind a private CA. Empty: none.
     pub extra_roots_pem: Vec<u8>,
+    /// Every attempt goes through this HTTP CONNECT proxy (`--egress-proxy`), tunnelled to the
+    /// checked address; `None`: straight to the receiver.
+    pub egress_proxy: Option<EgressProxy>,
 }
 
 impl Default for SenderConfig {
@@ -83,6 +93,7 @@ impl Default for SenderConfig {
             max_response_bytes: 1024,
             pool_idle_per_host: 1024,
             extra_roots_pem: Vec::new(),
+            egress_proxy: None,
         }
     }
 }
@@ -104,18 +115,45 @@ pub struct AttemptResult {
 /// renewed certificate is a new identity, so old ones would otherwise pile up).
 const MAX_IDENTITY_CLIENTS: usize = 256;
 
+/// A [`Sender`]'s client could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Http(#[from] reqwest::Error),
+    #[error("{0}")]
+    Tls(String),
+}
+
+/// The keep-alive client attempts go through: reqwest straight to the receiver, or hyper-util's
+/// pooled client through the egress proxy's tunnel (the same hyper 1 stack underneath).
+#[derive(Clone)]
+enum Client {
+    Direct(reqwest::Client),
+    Tunnelled(Arc<HyperClient<TunnelConnector, Full<Bytes>>>),
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Client::Direct(_) => "Client::Direct",
+            Client::Tunnelled(_) => "Client::Tunnelled",
+        })
+    }
+}
+
 /// Sends signed delivery attempts through keep-alive HTTP clients. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Sender {
-    client: reqwest::Client,
+    client: Client,
     config: Arc<SenderConfig>,
     /// One client per distinct client certificate, by [`ClientIdentity::fingerprint`].
-    with_identity: Arc<Mutex<HashMap<[u8; 32], reqwest::Client>>>,
+    with_identity: Arc<Mutex<HashMap<[u8; 32], Client>>>,
 }
 
 impl Sender {
-    /// Builds the HTTP client: SSRF-guarded resolver, no redirects, no proxies, keep-alive pool.
-    pub fn new(config: SenderConfig) -> Result<Self, reqwest::Error> {
+    /// Builds the HTTP client: SSRF-guarded resolver, no redirects, no proxies from the
+    /// environment (only `egress_proxy`, tunnelled to checked addresses), keep-alive pool.
+    pub fn new(config: SenderConfig) -> Result<Self, BuildError> {
         let client = build_client(&config, None)?;
         Ok(Self {
             client,
@@ -125,7 +163,7 @@ impl Sender {
     }
 
     /// The client that presents `identity`, made on first use.
-    fn client_for(&self, identity: &ClientIdentity) -> Result<reqwest::Client, reqwest::Error> {
+    fn client_for(&self, identity: &ClientIdentity) -> Result<Client, BuildError> {
         let mut clients = self.with_identity.lock().expect("client cache lock");
         if let Some(client) = clients.get(&identity.fingerprint()) {
             return Ok(client.clone());
@@ -203,7 +241,7 @@ impl Sender {
     #[allow(clippy::too_many_arguments)]
     async fn attempt(
         &self,
-        client: &reqwest::Client,
+        client: &Client,
         url: &str,
         custom: HeaderMap,
         msg_id: &str,
@@ -219,6 +257,29 @@ impl Sender {
         let host = target.host_str().unwrap_or_default().to_string();
         let timestamp = now.as_second();
         let signature = ring.signature_header(now, msg_id, timestamp, body);
+        let client = match client {
+            Client::Direct(client) => client,
+            Client::Tunnelled(client) => {
+                let mut headers = custom;
+                headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+                headers.insert(reqwest::header::USER_AGENT, HeaderValue::from_static(USER_AGENT));
+                headers.insert(reqwest::header::ACCEPT, HeaderValue::from_static("*/*"));
+                let signed = [
+                    ("webhook-id", msg_id.to_string()),
+                    ("webhook-timestamp", timestamp.to_string()),
+                    ("webhook-signature", signature),
+                ];
+                for (name, value) in signed {
+                    match HeaderValue::try_from(value) {
+                        Ok(value) => headers.insert(name, value),
+                        Err(_) => return (AttemptOutcome::Refused(format!("the {name} header is not valid")), None),
+                    };
+                }
+                return self
+                    .attempt_tunnelled(client, &target, &host, headers, body, now, started)
+                    .await;
+            }
+        };
         let request = client
             .post(target)
             .headers(custom)
@@ -232,21 +293,84 @@ impl Sender {
             Err(err) => return (error_outcome(&err, &host), None),
         };
         let status = response.status().as_u16();
-        // An HTTP-date Retry-After is measured from when the answer arrived.
-        let answered_at = now.checked_add(started.elapsed()).unwrap_or(now);
-        let retry_after = response
-            .headers()
-            .get(RETRY_AFTER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| parse_retry_after(v, answered_at));
+        let retry_after = retry_after(response.headers(), now, started);
         let excerpt = read_excerpt(&mut response, self.config.max_response_bytes).await;
         (classify(status, retry_after), excerpt)
     }
+
+    /// [`Self::attempt`]'s request through the egress proxy's tunnel, with the same timeouts:
+    /// the connect timeout in the connector, the total timeout over the request and the body
+    /// read (a status already received is kept when the body read runs out of time).
+    #[allow(clippy::too_many_arguments)]
+    async fn attempt_tunnelled(
+        &self,
+        client: &HyperClient<TunnelConnector, Full<Bytes>>,
+        target: &Url,
+        host: &str,
+        headers: HeaderMap,
+        body: &[u8],
+        now: Timestamp,
+        started: Instant,
+    ) -> (AttemptOutcome, Option<String>) {
+        let mut request = http::Request::new(Full::new(Bytes::copy_from_slice(body)));
+        *request.method_mut() = http::Method::POST;
+        *request.uri_mut() = match target.as_str().parse() {
+            Ok(uri) => uri,
+            Err(_) => {
+                return (
+                    AttemptOutcome::Refused("the webhook URL is not a valid request URI".into()),
+                    None,
+                );
+            }
+        };
+        *request.headers_mut() = headers;
+        let deadline = tokio::time::Instant::from_std(started) + self.config.total_timeout;
+        let response = match tokio::time::timeout_at(deadline, client.request(request)).await {
+            Ok(Ok(response)) => response,
+            Ok(Err(err)) => return (tunnel_error_outcome(&err, host), None),
+            Err(_) => return (AttemptOutcome::Timeout, None),
+        };
+        let status = response.status().as_u16();
+        let retry_after = retry_after(response.headers(), now, started);
+        let cap = self.config.max_response_bytes;
+        let mut body = response.into_body();
+        let mut buf = Vec::new();
+        let read = async {
+            while buf.len() < cap {
+                match body.frame().await {
+                    Some(Ok(frame)) => {
+                        if let Ok(chunk) = frame.into_data() {
+                            let take = chunk.len().min(cap - buf.len());
+                            buf.extend_from_slice(&chunk[..take]);
+                        }
+                    }
+                    Some(Err(_)) | None => break,
+                }
+            }
+        };
+        let _ = tokio::time::timeout_at(deadline, read).await;
+        (classify(status, retry_after), excerpt_text(&buf, cap))
+    }
 }
 
-/// An HTTP client of `config`: SSRF-guarded resolver, no redirects, no proxies, keep-alive pool,
-/// the extra receiver roots; presenting `identity` when given.
-fn build_client(config: &SenderConfig, identity: Option<&ClientIdentity>) -> Result<reqwest::Client, reqwest::Error> {
+/// The client of `config`: through the egress proxy's tunnel when one is set, else reqwest
+/// straight to the receiver; presenting `identity` when given.
+fn build_client(config: &SenderConfig, identity: Option<&ClientIdentity>) -> Result<Client, BuildError> {
+    let Some(proxy) = &config.egress_proxy else {
+        return Ok(Client::Direct(build_direct(config, identity)?));
+    };
+    let tls = egress::tls_config(&config.extra_roots_pem, identity).map_err(BuildError::Tls)?;
+    let connector = TunnelConnector::new(proxy.clone(), config.policy, Arc::new(tls), config.connect_timeout);
+    let client = HyperClient::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(90))
+        .pool_max_idle_per_host(config.pool_idle_per_host)
+        .build(connector);
+    Ok(Client::Tunnelled(Arc::new(client)))
+}
+
+/// A reqwest client of `config`: SSRF-guarded resolver, no redirects, no proxies, keep-alive
+/// pool, the extra receiver roots; presenting `identity` when given.
+fn build_direct(config: &SenderConfig, identity: Option<&ClientIdentity>) -> Result<reqwest::Client, reqwest::Error> {
     let mut builder = reqwest::Client::builder()
         .connect_timeout(config.connect_timeout)
         .timeout(config.total_timeout)
@@ -263,6 +387,16 @@ fn build_client(config: &SenderConfig, identity: Option<&ClientIdentity>) -> Res
         builder = builder.identity(reqwest::Identity::from_pem(identity.pem())?);
     }
     builder.build()
+}
+
+/// The answer's `Retry-After`; an HTTP date is measured from when the answer arrived
+/// (`now` + the time since the attempt `started`).
+fn retry_after(headers: &HeaderMap, now: Timestamp, started: Instant) -> Option<Duration> {
+    let answered_at = now.checked_add(started.elapsed()).unwrap_or(now);
+    headers
+        .get(RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| parse_retry_after(v, answered_at))
 }
 
 /// The endpoint's custom headers as a header map, values marked sensitive.
@@ -306,7 +440,7 @@ pub fn envelope(event_type: &str, timestamp: Timestamp, data: &serde_json::Value
 
 /// The resolver refused a host because one of its addresses is not an allowed target.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct TargetRefused {
+pub(crate) struct TargetRefused {
     host: String,
     reason: String,
 }
@@ -332,12 +466,53 @@ impl Resolve for GuardedResolver {
         let policy = self.policy;
         let host = name.as_str().to_string();
         Box::pin(async move {
-            let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host.as_str(), 0)).await?.collect();
-            let ips: Vec<IpAddr> = addrs.iter().map(SocketAddr::ip).collect();
-            ssrf::check_all(&ips, policy).map_err(|reason| TargetRefused { host, reason })?;
+            let addrs = resolve_checked(&host, 0, policy).await?;
             Ok(Box::new(addrs.into_iter()) as Addrs)
         })
     }
+}
+
+/// Resolves `host` once with the system resolver and checks every address with
+/// [`ssrf::check_all`]: exactly the checked addresses (with `port`), or [`TargetRefused`].
+pub(crate) async fn resolve_checked(
+    host: &str,
+    port: u16,
+    policy: TargetPolicy,
+) -> Result<Vec<SocketAddr>, Box<dyn StdError + Send + Sync>> {
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    let ips: Vec<IpAddr> = addrs.iter().map(SocketAddr::ip).collect();
+    ssrf::check_all(&ips, policy).map_err(|reason| TargetRefused {
+        host: host.to_string(),
+        reason,
+    })?;
+    Ok(addrs)
+}
+
+/// Maps a failed tunnelled request to an outcome, as [`error_outcome`] does for reqwest's: the
+/// guard's refusal, a connect timeout, the proxy's failure (a retryable connection error that
+/// names the proxy's answer, never its address or credentials), or the innermost cause.
+fn tunnel_error_outcome(err: &hyper_util::client::legacy::Error, host: &str) -> AttemptOutcome {
+    let mut source = err.source();
+    let mut innermost: Option<&(dyn StdError + 'static)> = None;
+    while let Some(e) = source {
+        if let Some(refused) = e.downcast_ref::<TargetRefused>() {
+            return AttemptOutcome::Refused(refused.to_string());
+        }
+        if e.is::<ConnectTimedOut>() {
+            return AttemptOutcome::Timeout;
+        }
+        if let Some(proxy) = e.downcast_ref::<ProxyError>() {
+            return AttemptOutcome::ConnectError(format!("connection to {host} failed: {proxy}"));
+        }
+        innermost = Some(e);
+        source = e.source();
+    }
+    let what = if err.is_connect() {
+        "connection to"
+    } else {
+        "request to"
+    };
+    connect_error(what, host, innermost)
 }
 
 /// Maps a failed request to an outcome: the resolver's refusal, a timeout, or a short
@@ -365,7 +540,12 @@ fn error_outcome(err: &reqwest::Error, host: &str) -> AttemptOutcome {
     } else {
         "request to"
     };
-    let mut message = match innermost {
+    connect_error(what, host, innermost)
+}
+
+/// `{what} {host} failed: {cause}`, cut to [`MAX_ERROR_CHARS`].
+fn connect_error(what: &str, host: &str, cause: Option<&(dyn StdError + 'static)>) -> AttemptOutcome {
+    let mut message = match cause {
         Some(cause) => format!("{what} {host} failed: {cause}"),
         None => format!("{what} {host} failed"),
     };

@@ -85,6 +85,8 @@ pub struct Options {
     pub receiver_roots_pem: Vec<u8>,
     /// `--operational-webhook-url` and its secret.
     pub operational: Option<capy_webhooks::operational::OperationalTarget>,
+    /// `--egress-proxy`.
+    pub egress_proxy: Option<capy_webhooks::delivery::egress::EgressProxy>,
 }
 
 impl Options {
@@ -122,6 +124,7 @@ impl Default for Options {
             portal_session_ttl: capy_webhooks::auth::portal_token::DEFAULT_TTL,
             receiver_roots_pem: Vec::new(),
             operational: None,
+            egress_proxy: None,
         }
     }
 }
@@ -191,6 +194,7 @@ impl Operator {
                     },
                     allow_http: true,
                     extra_roots_pem: opts.receiver_roots_pem.clone(),
+                    egress_proxy: opts.egress_proxy.clone(),
                     ..SenderConfig::default()
                 },
                 per_endpoint_concurrency: 8,
