@@ -39,6 +39,9 @@ pub struct ControllerFeed {
     pub store: Store<WebhookEndpoint>,
     /// Which namespaces may serve which organizations.
     pub binding: NamespaceBinding,
+    /// Every endpoint the watch saw deleted, as it was last (a deletion hidden in a relist, after
+    /// the watch fell behind, is not seen).
+    pub deleted: broadcast::Receiver<Arc<WebhookEndpoint>>,
 }
 
 /// Change counters: the value of the global counter at each organization's last change, and at
@@ -62,10 +65,12 @@ impl EndpointCache {
         // its changes instead of keeping a second copy of every endpoint.
         let (store, writer) = reflector::store_shared(CONTROLLER_FEED_BUFFER);
         let trigger = if feeds_controller { writer.subscribe() } else { None };
+        let (deletions, deleted) = broadcast::channel(CONTROLLER_FEED_BUFFER);
         let feed = trigger.map(|trigger| ControllerFeed {
             trigger,
             store: store.clone(),
             binding: binding.clone(),
+            deleted,
         });
         let (tx, rx) = watch::channel(0u64);
         let (changed, _) = broadcast::channel(4096);
@@ -98,6 +103,10 @@ impl EndpointCache {
         tokio::spawn(async move {
             futures::pin_mut!(stream);
             while let Some(event) = stream.next().await {
+                if let Ok(Event::Delete(ep)) = &event {
+                    // No receiver (no controller here, or none leading) is fine.
+                    let _ = deletions.send(Arc::new(ep.clone()));
+                }
                 match event {
                     Ok(Event::Apply(ep) | Event::Delete(ep) | Event::InitApply(ep)) => {
                         let _ = notify.send(ObjectRef::from(&ep));

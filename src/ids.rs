@@ -22,7 +22,12 @@ pub fn id_at(now: Timestamp, random: [u8; 10]) -> String {
     let millis = now.as_millisecond().clamp(0, (1 << 48) - 1) as u128;
     let mut bytes = [0u8; 16];
     bytes[6..].copy_from_slice(&random);
-    let value = (millis << 80) | u128::from_be_bytes(bytes);
+    from_bits((millis << 80) | u128::from_be_bytes(bytes))
+}
+
+/// The id of the low 128 bits of `value` (the 26 characters hold 130 bits: the first character
+/// is at most `7`), for ids derived rather than drawn.
+pub fn from_bits(value: u128) -> String {
     (0..ID_LENGTH)
         .rev()
         .map(|i| char::from(CROCKFORD[((value >> (5 * i)) & 31) as usize]))

@@ -6,7 +6,8 @@
 //!    matching, health, SSRF classes, and the signed attempt), [`client_certificate`] (a client
 //!    certificate for mutual TLS and the `kubernetes.io/tls` Secret it comes from), [`backoff`];
 //! 3. what components share: [`signing_secret`] (the signing Secret's stored format), [`endpoints`]
-//!    (the one endpoint cache), [`tenancy`] (which namespaces serve which organizations),
+//!    (the one endpoint cache), [`operational`] (the operational webhooks' event types, ids and
+//!    bodies), [`tenancy`] (which namespaces serve which organizations),
 //!    [`delivery_log`] (the log the dispatcher writes and the REST facade
 //!    reads), [`work`] (the handle the REST facade and ingest use to reach work, wherever it is
 //!    done), [`http`], [`auth`], [`telemetry`] and [`traces`] (logs, metrics, spans), [`controller_lease`] and [`shards`] (who leads, who owns
@@ -34,6 +35,7 @@ pub mod forwarder;
 pub mod http;
 pub mod ids;
 pub mod ingest;
+pub mod operational;
 pub mod operator_keys;
 pub mod ops;
 pub mod replica_key;

@@ -27,6 +27,7 @@ use capy_webhooks::endpoints::{self, EndpointCache};
 use capy_webhooks::forwarder::Router;
 use capy_webhooks::http::ServerLimits;
 use capy_webhooks::ingest::{IngestConfig, Replicas};
+use capy_webhooks::operational::{Emitter, OperationalTarget};
 use capy_webhooks::replica_key::ReplicaKey;
 use capy_webhooks::resources::{Scope, crd_yaml};
 use capy_webhooks::shards::coordinator::{self, CoordinatorConfig};
@@ -305,6 +306,27 @@ struct RunArgs {
     /// (receivers inside the cluster, or behind a private CA).
     #[arg(long, env = "CAPY_WEBHOOKS_RECEIVER_CA_FILE")]
     receiver_ca_file: Option<PathBuf>,
+
+    /// Send operational webhooks (endpoint.created/updated/deleted/disabled/enabled,
+    /// delivery.exhausted) to this URL, signed like every delivery (Standard Webhooks `v1`), retried
+    /// on the retry schedule and subject to the same target rules (--allow-http,
+    /// --allow-private-targets). Needs --operational-webhook-secret-file.
+    #[arg(
+        long,
+        env = "CAPY_WEBHOOKS_OPERATIONAL_WEBHOOK_URL",
+        hide_env_values = true,
+        requires = "operational_webhook_secret_file"
+    )]
+    operational_webhook_url: Option<String>,
+
+    /// File holding the `whsec_` secret that signs operational webhooks (a mounted Secret; never
+    /// a flag's value or an environment variable).
+    #[arg(
+        long,
+        env = "CAPY_WEBHOOKS_OPERATIONAL_WEBHOOK_SECRET_FILE",
+        requires = "operational_webhook_url"
+    )]
+    operational_webhook_secret_file: Option<PathBuf>,
 
     /// Send every delivery through this HTTP proxy with CONNECT (http://[user:password@]host:port),
     /// for a static source address. The proxy is asked to connect to the receiver's checked IP
@@ -587,6 +609,23 @@ fn scope_and_home(args: &RunArgs, in_cluster: Option<&str>) -> (Scope, String) {
     (scope, home)
 }
 
+/// Where operational webhooks go, when `--operational-webhook-url` is given: its URL checked like
+/// an endpoint's, its secret read from the file (whose content no error repeats).
+fn operational_target(args: &RunArgs, policy: UrlPolicy) -> anyhow::Result<Option<OperationalTarget>> {
+    let (Some(url), Some(file)) = (&args.operational_webhook_url, &args.operational_webhook_secret_file) else {
+        return Ok(None);
+    };
+    capy_webhooks::validation::validate_url(url, policy)
+        .map_err(|e| anyhow::anyhow!("--operational-webhook-url: {e}"))?;
+    let content = std::fs::read_to_string(file)
+        .with_context(|| format!("reading the operational webhook secret from {}", file.display()))?;
+    let secret = capy_webhooks::operational::parse_secret_file(&content)?;
+    Ok(Some(OperationalTarget {
+        url: url.clone(),
+        secret,
+    }))
+}
+
 /// Clerk session settings, when a JWKS is given.
 fn clerk_config(args: &RunArgs) -> anyhow::Result<Option<ClerkConfig>> {
     let jwks = match (&args.clerk_jwks_url, &args.clerk_jwks_file) {
@@ -640,12 +679,19 @@ fn configure(
     let api_ready = ready(Component::Api, "api");
     let dispatcher_ready = ready(Component::Dispatcher, "dispatcher");
 
+    // One emitter per process: the controller (endpoint.*) and the dispatcher
+    // (delivery.exhausted) both hand their events to the owner of the operational log through it.
+    let emitter = Emitter::default();
+    if args.operational_webhook_url.is_some() && !wants(Component::Dispatcher) {
+        anyhow::bail!("--operational-webhook-url needs the dispatcher component in the same process");
+    }
     let controller = wants(Component::Controller).then(|| ControllerConfig {
         scope: scope.clone(),
         rotation_grace_period: args.rotation_grace_period,
         url_policy,
         metrics: metrics.clone(),
         ready: controller_ready,
+        operational: args.operational_webhook_url.is_some().then(|| emitter.clone()),
     });
     let dispatcher = if wants(Component::Dispatcher) {
         let token_file = args
@@ -684,6 +730,8 @@ fn configure(
             shutdown_grace: args.shutdown_grace,
             metrics: metrics.clone(),
             ready: dispatcher_ready,
+            operational: operational_target(args, url_policy)?,
+            emitter: emitter.clone(),
         };
         Some(DispatcherSetup {
             config,
@@ -843,6 +891,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         };
         tasks.spawn(async move { coordinator.await.context("the shard coordinator panicked") });
         let placement = shards.placement.clone();
+        let emitter = setup.config.emitter.clone();
         let start = Dispatcher::start(client.clone(), cache.clone(), setup.config, shards, stop_rx.clone());
         let Some(dispatcher) = start_step(&mut tasks, stopped(), start).await? else {
             return until_all_end(tasks).await;
@@ -864,6 +913,8 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             Duration::from_secs(12),
         )?;
         let work = WorkHandle::new(router);
+        // Operational events go to the owner of the operational log from here on.
+        emitter.connect(work.clone());
         let ingest = IngestConfig {
             server_limits,
             token,
@@ -1103,6 +1154,30 @@ mod tests {
 
     fn setup_of(flags: &[&str]) -> Setup {
         setup(flags, None).unwrap()
+    }
+
+    #[test]
+    fn operational_webhooks_need_both_flags_and_the_dispatcher() {
+        let parse = |flags: &[&str]| {
+            let argv = ["capy-webhooks", "run"].into_iter().chain(flags.iter().copied());
+            Cli::try_parse_from(argv).map(drop)
+        };
+        assert!(parse(&["--operational-webhook-url", "https://platform.example.com/hook"]).is_err());
+        assert!(parse(&["--operational-webhook-secret-file", "/secret"]).is_err());
+        let both = [
+            "--operational-webhook-url",
+            "https://platform.example.com/hook",
+            "--operational-webhook-secret-file",
+            "/secret",
+        ];
+        assert!(parse(&both).is_ok());
+        let without_dispatcher: Vec<&str> = both.iter().copied().chain(["--components", "api,controller"]).collect();
+        let e = setup(&without_dispatcher, None).err().expect("refused");
+        assert!(e.to_string().contains("needs the dispatcher"), "{e}");
+        // Off by default: the controller tells nothing, the dispatcher sends nothing.
+        let setup = setup_of(&["--ingest-token-file", "/t"]);
+        assert!(setup.controller.unwrap().operational.is_none());
+        assert!(setup.dispatcher.unwrap().config.operational.is_none());
     }
 
     #[test]

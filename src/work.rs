@@ -26,6 +26,7 @@ use warp::http::StatusCode;
 use crate::delivery_log::DeliveryRecord;
 use crate::endpoints::EndpointCache;
 use crate::http::{ApiError, DEFAULT_RETRY_AFTER_SECS};
+use crate::operational::{OPERATIONAL_ORGANIZATION, OperationalEvent};
 use crate::resources::WebhookEndpoint;
 
 /// Why an event, a test, a retry or a read could not be done.
@@ -188,6 +189,14 @@ pub enum WorkRequest {
         /// Until (exclusive).
         until: jiff::Timestamp,
     },
+    /// Store an operational event for the platform's receiver (see [`crate::operational`]), in
+    /// the log of [`OPERATIONAL_ORGANIZATION`], unless the log holds its delivery already (the
+    /// same change told again). Answered [`WorkReply::Submitted`] with the event id and 1 once
+    /// durable (stored now or before).
+    Operational {
+        /// The event.
+        event: OperationalEvent,
+    },
     /// Up to `limit` of an endpoint's deliveries, newest first. Answered
     /// [`WorkReply::Deliveries`].
     Deliveries {
@@ -203,6 +212,7 @@ impl WorkRequest {
     pub fn organization_id(&self) -> &str {
         match self {
             Self::Submit { organization_id, .. } | Self::Relay { organization_id, .. } => organization_id,
+            Self::Operational { .. } => OPERATIONAL_ORGANIZATION,
             Self::SendTest { endpoint }
             | Self::Retry { endpoint, .. }
             | Self::Recover { endpoint, .. }
@@ -305,6 +315,14 @@ impl WorkHandle {
         };
         match self.ask(request).await? {
             WorkReply::Submitted(id, n) => Ok((id, n)),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// [`WorkRequest::Operational`]: returns once the event is durable (stored now or before).
+    pub async fn operational(&self, event: OperationalEvent) -> Result<(), SubmitError> {
+        match self.ask(WorkRequest::Operational { event }).await? {
+            WorkReply::Submitted(..) => Ok(()),
             other => Err(unexpected(other)),
         }
     }

@@ -17,6 +17,7 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use base64::Engine;
+use serde::Deserialize;
 use serde_json::{Value, json};
 use support::receiver::Receiver;
 
@@ -162,6 +163,77 @@ fn render(ns: &str, sets: &[&str]) -> String {
         args.extend(["--set", s]);
     }
     ok("helm template", support::helm(&args))
+}
+
+/// The chart's Deployment as rendered with `sets`.
+fn rendered_deployment(sets: &[&str]) -> serde_yaml::Value {
+    let rendered = render("capy-system", sets);
+    serde_yaml::Deserializer::from_str(&rendered)
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+        .find(|doc| doc["kind"] == "Deployment")
+        .expect("a Deployment is rendered")
+}
+
+/// `operationalWebhook.*` renders the two flags and mounts the named Secret's key as the file the
+/// flag names, read-only; the secret is in no argument and no environment variable. Off by
+/// default, and refused half-configured.
+#[test]
+fn operational_webhook_values_render_the_flags_and_the_secret_file() {
+    let sets = [
+        "operationalWebhook.enabled=true",
+        "operationalWebhook.url=https://platform.example.com/capy/operational",
+        "operationalWebhook.existingSecret=platform-webhook",
+        "operationalWebhook.secretKey=whsec",
+    ];
+    let deployment = rendered_deployment(&sets);
+    let pod = &deployment["spec"]["template"]["spec"];
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert!(args.contains(&"--operational-webhook-url=https://platform.example.com/capy/operational"));
+    assert!(args.contains(&"--operational-webhook-secret-file=/etc/capy-webhooks/operational/secret"));
+    let volume = pod["volumes"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "operational-webhook-secret")
+        .expect("the secret's volume");
+    assert_eq!(volume["secret"]["secretName"], "platform-webhook");
+    assert_eq!(volume["secret"]["items"][0]["key"], "whsec");
+    assert_eq!(volume["secret"]["items"][0]["path"], "secret");
+    let mount = container["volumeMounts"]
+        .as_sequence()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "operational-webhook-secret")
+        .expect("the secret's mount");
+    assert_eq!(mount["mountPath"], "/etc/capy-webhooks/operational");
+    assert_eq!(mount["readOnly"], true);
+    let env = serde_yaml::to_string(&container["env"]).unwrap();
+    assert!(
+        !env.contains("platform-webhook") && !env.to_lowercase().contains("operational"),
+        "{env}"
+    );
+
+    // Off by default: no flag, no volume.
+    let default = serde_yaml::to_string(&rendered_deployment(&[])).unwrap();
+    assert!(!default.contains("operational"), "{default}");
+    // Half-configured is refused, naming what is missing.
+    for missing in [&sets[..1], &sets[..2], &[sets[0], sets[2]][..]] {
+        let mut args = vec!["template", RELEASE, "--namespace", "capy-system"];
+        let c = chart();
+        args.push(&c);
+        for s in missing {
+            args.extend(["--set", s]);
+        }
+        let out = support::helm(&args);
+        assert!(!out.status.success(), "rendered with only {missing:?}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains("operationalWebhook."));
+    }
 }
 
 #[tokio::test]

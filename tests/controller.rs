@@ -37,6 +37,7 @@ impl RunningController {
             url_policy: UrlPolicy { allow_http: false },
             metrics: metrics.clone(),
             ready: capy_webhooks::telemetry::ReadyHandle::detached(),
+            operational: None,
         };
         let cache = EndpointCache::start(
             client.clone(),

@@ -52,7 +52,7 @@ impl Replica {
 
     /// Starts the process again on the same ports and identity.
     fn restart(&mut self, ns: &str, dir: &Path) {
-        let args: Vec<String> = [
+        let flags = vec![
             ("--api-listen", format!("127.0.0.1:{}", self.api)),
             ("--ingest-listen", format!("127.0.0.1:{}", self.ingest)),
             ("--metrics-listen", format!("127.0.0.1:{}", self.ops)),
@@ -62,18 +62,8 @@ impl Replica {
             ("--shutdown-grace", "5s".into()),
             ("--log-write-budget", "0".into()),
             ("--controller-wait", "30s".into()),
-        ]
-        .into_iter()
-        .flat_map(|(flag, value)| [flag.to_string(), value])
-        .collect();
-        let log = format!("{}-{}.log", self.name, rand::random::<u16>());
-        self.process = Some(OperatorProcess::start(
-            ns,
-            &support::kubeconfig_path(),
-            dir,
-            &log,
-            &args,
-        ));
+        ];
+        self.process = Some(OperatorProcess::start_replica(ns, dir, &self.name, flags));
     }
 
     fn kill(&mut self) {

@@ -29,6 +29,7 @@ use tracing::{debug, info, warn};
 use crate::backoff::retry_delay;
 use crate::client_certificate::identity_from_secret;
 use crate::endpoints::ControllerFeed;
+use crate::operational::{Announced, Emitter, announced_of, deleted_event, endpoint_event};
 use crate::resources::{
     CONDITION_CLIENT_CERTIFICATE_READY, CONDITION_READY, CONDITION_SECRET_READY, FIELD_MANAGER, ORGANIZATION_LABEL,
     Scope, WebhookEndpoint, WebhookEndpointStatus, signing_secret_name,
@@ -53,6 +54,8 @@ pub struct ControllerConfig {
     pub metrics: Metrics,
     /// Flipped once the controller runs and its first list of endpoints is in.
     pub ready: ReadyHandle,
+    /// With operational webhooks on: how endpoint changes are told to the platform.
+    pub operational: Option<Emitter>,
 }
 
 /// Everything a reconcile needs, shared by all of them.
@@ -88,6 +91,10 @@ pub enum Error {
     /// Writing the status failed.
     #[error("writing the status failed: {0}")]
     WriteStatusFailed(#[source] kube::Error),
+    /// The endpoint's change could not be stored as an operational event (tried again; the
+    /// change is told once it is, and its status is written after that).
+    #[error("the operational event could not be stored: {0}")]
+    OperationalEventNotStored(#[source] crate::work::SubmitError),
 }
 
 impl Error {
@@ -189,7 +196,24 @@ async fn reconcile_inner(endpoint: &WebhookEndpoint, ctx: &Context) -> Result<Ac
         now: Timestamp::now(),
         client_certificate,
     };
-    let decision = decide(&observed, SigningSecret::generate_with).map_err(Error::MissingMetadata)?;
+    let mut decision = decide(&observed, SigningSecret::generate_with).map_err(Error::MissingMetadata)?;
+
+    // Tell the platform of the change (operational webhooks) before the status records it as
+    // told: a failure here, or a crash before the status is written, tells it again, under the
+    // same derived ids, which the operational log refuses to deliver twice.
+    let announced = announced_of(endpoint.status.as_ref(), endpoint.spec.active);
+    if let Some(emitter) = &ctx.config.operational
+        && let Some(event) = endpoint_event(endpoint, announced, Timestamp::now())
+    {
+        info!(%namespace, endpoint = %name, event_type = %event.event_type, event = %event.event_id,
+            "telling the platform of the endpoint's change");
+        emitter.store(event).await.map_err(Error::OperationalEventNotStored)?;
+    }
+    decision.status.announced = Some(Announced {
+        generation: endpoint.metadata.generation.unwrap_or(0),
+        active: endpoint.spec.active,
+    });
+    decision.status_changed = endpoint.status.as_ref() != Some(&decision.status);
 
     // Apply what differs.
     ensure_organization_label(endpoint, &endpoints, ctx).await?;
@@ -298,6 +322,7 @@ async fn write_status(
             "secretName": status.secret_name,
             "secretRotation": status.secret_rotation,
             "updatedAt": status.updated_at,
+            "announced": status.announced,
         }
     });
     endpoints
@@ -357,6 +382,7 @@ pub async fn run(
         trigger,
         store,
         binding,
+        deleted,
     } = feed;
     // The cache's change stream is drained at all times (a subscriber that stops reading stalls
     // the cache every component reads) and passed on only while leading.
@@ -364,6 +390,9 @@ pub async fn run(
     // Lease's channel, whose last drop releases the Lease.
     let (relay, relayed) = mpsc::channel::<Arc<WebhookEndpoint>>(RELAY_BUFFER);
     let (gate, gate_open) = watch::channel(false);
+    if let Some(emitter) = config.operational.clone() {
+        tell_deletions(deleted, gate_open.clone(), emitter);
+    }
     tokio::spawn(async move {
         futures::pin_mut!(trigger);
         while let Some(endpoint) = trigger.next().await {
@@ -413,6 +442,44 @@ pub async fn run(
     }
     info!("controller stopped");
     Ok(())
+}
+
+/// Tells the platform of every endpoint deleted while this replica leads (`endpoint.deleted`):
+/// deletions come from the watch, not from reconciles (an endpoint has no finalizer). Each is
+/// stored in the background, tried again until it is (its id is derived from the endpoint's uid,
+/// so a replica that took over and tells it too makes no second delivery).
+fn tell_deletions(
+    mut deleted: tokio::sync::broadcast::Receiver<Arc<WebhookEndpoint>>,
+    leading: watch::Receiver<bool>,
+    emitter: Emitter,
+) {
+    use tokio::sync::broadcast::error::RecvError;
+    tokio::spawn(async move {
+        loop {
+            let endpoint = match deleted.recv().await {
+                Ok(endpoint) => endpoint,
+                Err(RecvError::Lagged(n)) => {
+                    warn!(
+                        missed = n,
+                        "the controller fell behind endpoint deletions: some are not told to the platform"
+                    );
+                    continue;
+                }
+                Err(RecvError::Closed) => break,
+            };
+            if !*leading.borrow() {
+                continue;
+            }
+            let event = deleted_event(&endpoint, Timestamp::now());
+            info!(namespace = ?endpoint.metadata.namespace, endpoint = %endpoint.name_any(), event = %event.event_id,
+                "telling the platform the endpoint was deleted");
+            let (emitter, leading) = (emitter.clone(), leading.clone());
+            tokio::spawn(async move {
+                // Given up when the term ends: the next leader does not see this deletion.
+                emitter.store_retrying(event, move || !*leading.borrow()).await;
+            });
+        }
+    });
 }
 
 /// One term of leadership: the controller runs until `term_end`.
@@ -472,7 +539,8 @@ mod tests {
                 "ReadSecretFailed",
                 "WriteSecretFailed",
                 "WriteLabelFailed",
-                "WriteStatusFailed"
+                "WriteStatusFailed",
+                "OperationalEventNotStored"
             ]
         );
     }

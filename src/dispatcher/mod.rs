@@ -38,6 +38,9 @@ use crate::delivery::schedule::RetrySchedule;
 use crate::delivery::sender::{Sender, SenderConfig, envelope};
 use crate::delivery_log::{DeliveryLog, DeliveryRecord, LogConfig, LogKey, WriteBudget, new_delivery_id, new_event_id};
 use crate::endpoints::EndpointCache;
+use crate::operational::{
+    Emitter, OPERATIONAL_ENDPOINT, OPERATIONAL_ORGANIZATION, OperationalEvent, OperationalTarget,
+};
 use crate::resources::{Scope, WebhookEndpoint, signing_secret_name};
 use crate::shards::{Fence, Placement, SHARD_COUNT, ShardEvent, ShardFeed, shard_of};
 use crate::signing::{KeyRing, StoredKeyRing};
@@ -88,6 +91,11 @@ pub struct DispatcherConfig {
     pub metrics: Metrics,
     /// Flipped once the caches are synced and every log is recovered.
     pub ready: ReadyHandle,
+    /// Where operational events go (`--operational-webhook-url`), if anywhere.
+    pub operational: Option<OperationalTarget>,
+    /// How this replica hands operational events (`delivery.exhausted`) to the owner of the
+    /// operational log; connected to the process's work handle once it exists.
+    pub emitter: Emitter,
 }
 
 /// Runs a reflector's watch in the background for as long as the process lives; its errors are
@@ -228,9 +236,29 @@ pub(crate) struct Shared {
     /// read-back; under the same name it would pass for a second writer and have the whole shard
     /// read back (events answered 503 although durable, deliveries sent twice).
     seq_marks: Mutex<HashMap<WorkerKey, Arc<AtomicU64>>>,
+    /// The platform's endpoint and its key ring, when operational webhooks are on.
+    operational: Option<(Arc<WebhookEndpoint>, KeyRing)>,
 }
 
 impl Shared {
+    /// The platform's endpoint, if `namespace` and `name` are its.
+    fn operational_endpoint(&self, namespace: &str, name: &str) -> Option<Arc<WebhookEndpoint>> {
+        self.operational
+            .as_ref()
+            .filter(|(ep, _)| name == OPERATIONAL_ENDPOINT && ep.metadata.namespace.as_deref() == Some(namespace))
+            .map(|(ep, _)| ep.clone())
+    }
+
+    /// Hands an operational event to the owner of the operational log, trying again until it
+    /// is stored or the dispatcher stops.
+    async fn emit(self: Arc<Self>, event: OperationalEvent) {
+        let stopping = self.stopping.clone();
+        self.config
+            .emitter
+            .store_retrying(event, move || *stopping.borrow())
+            .await;
+    }
+
     /// A log about to get a worker: its names start above any this process used for it. Returns
     /// the mark the worker raises as it names segments (no lock nor key on its write path).
     fn resume_names(&self, key: &WorkerKey, log: &mut DeliveryLog) -> Arc<AtomicU64> {
@@ -291,6 +319,13 @@ impl Dispatcher {
         stopping: watch::Receiver<bool>,
     ) -> anyhow::Result<Self> {
         let sender = Sender::new(config.sender.clone())?;
+        let operational = config.operational.as_ref().map(|target| {
+            let namespace = match &config.scope {
+                Scope::Namespace(ns) => ns.clone(),
+                Scope::AllNamespaces => config.home_namespace.clone(),
+            };
+            (Arc::new(target.endpoint(&namespace)), target.key_ring())
+        });
         let keys = KeyRings::start(client.clone(), &config.scope);
         keys.store
             .wait_until_ready()
@@ -319,6 +354,7 @@ impl Dispatcher {
             stopping,
             reload,
             seq_marks: Mutex::default(),
+            operational,
         });
         let ShardFeed { mut events, placement } = shards;
         let dispatcher = Dispatcher {
@@ -912,6 +948,33 @@ impl Dispatcher {
             .map_err(|_| SubmitError::Unavailable("the dispatcher is shutting down".into()))
     }
 
+    /// Stores an operational event in the operational log (unless it holds the event's delivery
+    /// already); returns once durable.
+    async fn operational(&self, event: OperationalEvent) -> Result<(), SubmitError> {
+        let Some((endpoint, _)) = self.shared.operational.clone() else {
+            return Err(SubmitError::NotFound(
+                "no operational webhook is configured here".into(),
+            ));
+        };
+        if self.is_stopping() {
+            return Err(SubmitError::Unavailable("the dispatcher is shutting down".into()));
+        }
+        // Not refused by the write budget: a few events per change, which must not be lost to
+        // the customers' load.
+        let now = Timestamp::now();
+        let record = DeliveryRecord::pending(
+            event.delivery_id.clone(),
+            OPERATIONAL_ENDPOINT,
+            OPERATIONAL_ORGANIZATION,
+            (&event.event_id, &event.event_type),
+            self.shared.config.schedule.max_attempts(),
+            now,
+        );
+        let payload = Bytes::from(serde_json::to_vec(&event.body).expect("JSON values serialize"));
+        self.enqueue(&endpoint, (event.event_id, payload), vec![record], false)
+            .await
+    }
+
     /// Waits until every worker has finished (after `stopping` turned true): in-flight attempts
     /// end within the grace period and every change is written to the logs.
     pub async fn wait_stopped(&self) {
@@ -949,6 +1012,11 @@ impl Work for Dispatcher {
                     WorkRequest::Recover { endpoint, since, until } => {
                         let endpoint = endpoint.look_up(endpoints).await?;
                         WorkReply::Recovered(self.recover(&endpoint, since, until).await?)
+                    }
+                    WorkRequest::Operational { event } => {
+                        let id = event.event_id.clone();
+                        self.operational(event).await?;
+                        WorkReply::Submitted(id, 1)
                     }
                     WorkRequest::Deliveries { endpoint, limit } => {
                         let endpoint = endpoint.look_up(endpoints).await?;

@@ -27,9 +27,12 @@ use super::Shared;
 use super::status::{DispatchSummary, status_patch, transition_event};
 use crate::delivery::due::{Found, Lane, Start, next_start, plan_starts};
 use crate::delivery::health::{HealthWindow, disabled_reason, health};
-use crate::delivery::outcome::{NextStep, after_attempt, endpoint_after_attempt};
+use crate::delivery::outcome::{AttemptOutcome, NextStep, after_attempt, endpoint_after_attempt};
 use crate::delivery::sender::AttemptResult;
 use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, SegmentWrite, WritePipeline};
+use crate::operational::{
+    AUTO_DISABLED_ANNOTATION, AutoDisabled, Exhausted, OPERATIONAL_ORGANIZATION, OperationalEvent,
+};
 use crate::resources::{DeliverySummary, Health, WebhookEndpoint};
 use crate::shards::{Fence, shard_of};
 use crate::telemetry::{DeliveryOutcome, DueSlot, EventNote, WriteKind, publish_event};
@@ -301,10 +304,18 @@ impl Worker {
     }
 
     fn endpoint(&self, name: &str) -> Option<Arc<WebhookEndpoint>> {
+        if self.is_operational() {
+            return self.shared.operational_endpoint(&self.namespace, name);
+        }
         self.shared
             .endpoints
             .get(&self.namespace, name)
             .filter(|e| e.spec.organization_id == self.organization)
+    }
+
+    /// Whether this is the operational log: the platform's endpoint, no `WebhookEndpoint`.
+    fn is_operational(&self) -> bool {
+        self.organization == OPERATIONAL_ORGANIZATION
     }
 
     /// The state of an endpoint, made from its status on first use.
@@ -322,6 +333,9 @@ impl Worker {
     /// namespace no longer serves its organization (a label removed or changed, perhaps for a
     /// moment) is not: it is paused, its deliveries stay durable and resume with the binding.
     fn departed(&self, name: &str) -> bool {
+        if self.is_operational() {
+            return self.shared.operational_endpoint(&self.namespace, name).is_none();
+        }
         self.shared
             .endpoints
             .stored(&self.namespace, name)
@@ -514,6 +528,16 @@ impl Worker {
         ack: oneshot::Sender<Result<(), SubmitError>>,
     ) {
         let refused = |e: crate::delivery_log::LogFull| Err(SubmitError::Unavailable(e.to_string()));
+        // An operational event's delivery id is derived from its change: one the log holds
+        // already is that change told again (a new leader, a restart), and is not sent twice.
+        let (records, told_before): (Vec<_>, Vec<_>) = records
+            .into_iter()
+            .partition(|r| !(self.is_operational() && self.log.get(&r.id).is_some()));
+        if records.is_empty() && !told_before.is_empty() {
+            debug!(deliveries = told_before.len(), "operational event stored already");
+            let _ = ack.send(Ok(()));
+            return;
+        }
         let event_id = event.as_ref().map(|(id, _)| id.clone());
         if let Some((id, payload)) = event
             && let Err(e) = self.log.insert_event(&id, payload)
@@ -624,7 +648,7 @@ impl Worker {
             return;
         }
         state.backlog_full_told_at = Some(now);
-        let Some(current) = self.endpoint(endpoint) else {
+        let Some(current) = self.endpoint(endpoint).filter(|_| !self.is_operational()) else {
             return;
         };
         warn!(namespace = %self.namespace, endpoint, "the endpoint's backlog is full: new deliveries are stored failed");
@@ -664,11 +688,15 @@ impl Worker {
             let Some(endpoint) = self.endpoint(&name) else {
                 continue;
             };
-            let ring = endpoint
-                .spec
-                .active
-                .then(|| self.shared.keys.ring(&self.namespace, &name))
-                .flatten();
+            let ring = if self.is_operational() {
+                self.shared.operational.as_ref().map(|(_, ring)| ring.clone())
+            } else {
+                endpoint
+                    .spec
+                    .active
+                    .then(|| self.shared.keys.ring(&self.namespace, &name))
+                    .flatten()
+            };
             // An endpoint that names a client certificate is sent nothing without a usable one:
             // its deliveries wait, as they do for signing keys.
             let identity = match (&endpoint.spec.client_certificate, endpoint.spec.active) {
@@ -808,10 +836,14 @@ impl Worker {
             state.disabled_reason = Some(reason.clone());
             state.seen_inactive = false;
         }
+        if effect.next == NextStep::Failed {
+            self.tell_exhausted(&record, &result.outcome);
+        }
         self.log.update(record);
         let pending = self.log.pending_count_of(&endpoint_name) as u64;
         self.state(&endpoint_name).totals.pending = pending;
-        if let Some(reason) = on_endpoint.disable {
+        // The platform's endpoint is never disabled: its failures are logged and retried.
+        if let Some(reason) = on_endpoint.disable.filter(|_| !self.is_operational()) {
             metrics.endpoint_auto_disabled();
             self.disable(&endpoint_name, reason);
         }
@@ -1093,7 +1125,39 @@ impl Worker {
         }
     }
 
+    /// A delivery failed its last attempt: the platform is told (`delivery.exhausted`), once,
+    /// by this worker, the one that decides the delivery's outcome. Its ids and class only.
+    fn tell_exhausted(&self, record: &DeliveryRecord, outcome: &AttemptOutcome) {
+        if self.shared.operational.is_none() || self.is_operational() {
+            return;
+        }
+        let event = OperationalEvent::exhausted(
+            Timestamp::now(),
+            &Exhausted {
+                organization_id: &record.organization_id,
+                endpoint_id: &record.endpoint_id,
+                event_id: &record.event_id,
+                event_type: &record.event_type,
+                delivery_id: &record.id,
+                attempts: record.attempts,
+                last_error_class: outcome.metric_label(),
+                last_status: outcome.status(),
+            },
+        );
+        info!(namespace = %self.namespace, endpoint = %record.endpoint_id, delivery = %record.id,
+            event = %event.event_id, "delivery exhausted: telling the platform");
+        tokio::spawn(self.shared.clone().emit(event));
+    }
+
     fn disable(&self, endpoint: &str, reason: String) {
+        // The platform is told why (`endpoint.disabled`, by the controller): the annotation names
+        // the generation this patch makes, so a later pause by a user is not taken for this one.
+        let generation = self.endpoint(endpoint).and_then(|e| e.metadata.generation).unwrap_or(0) + 1;
+        let annotation = AutoDisabled {
+            generation,
+            reason: reason.clone(),
+        }
+        .to_annotation();
         let shared = self.shared.clone();
         let (namespace, name) = (self.namespace.clone(), endpoint.to_string());
         warn!(%namespace, endpoint = %name, %reason, "disabling endpoint");
@@ -1104,7 +1168,14 @@ impl Worker {
                 ..Default::default()
             };
             if let Err(e) = api
-                .patch(&name, &params, &Patch::Merge(json!({"spec": {"active": false}})))
+                .patch(
+                    &name,
+                    &params,
+                    &Patch::Merge(json!({
+                        "metadata": {"annotations": {AUTO_DISABLED_ANNOTATION: annotation}},
+                        "spec": {"active": false},
+                    })),
+                )
                 .await
             {
                 warn!(endpoint = %name, error = %e, "could not disable endpoint");
@@ -1144,7 +1215,8 @@ impl Worker {
         let endpoint = self.endpoint(name);
         let state = self.endpoints.get_mut(name).expect("a listed endpoint");
         state.summary_dirty = false;
-        let Some(endpoint) = endpoint else {
+        // The platform's endpoint has no status to write.
+        let Some(endpoint) = endpoint.filter(|_| self.organization != OPERATIONAL_ORGANIZATION) else {
             return;
         };
         let now = Timestamp::now();

@@ -305,6 +305,20 @@ pub struct WebhookEndpointStatus {
     /// When this status last changed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub updated_at: Option<Time>,
+
+    /// The generation and `active` flag of the endpoint the controller last announced to the
+    /// platform (operational webhooks): the next change is told against it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub announced: Option<Announced>,
+}
+
+/// What the controller last announced of an endpoint.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub struct Announced {
+    /// The `metadata.generation` it described.
+    pub generation: i64,
+    /// Whether the endpoint was active then.
+    pub active: bool,
 }
 
 /// Delivery counters kept in the endpoint's status.

@@ -83,6 +83,8 @@ pub struct Options {
     pub log: LogConfig,
     /// `--receiver-ca-file`'s contents: CAs (PEM) trusted for receivers.
     pub receiver_roots_pem: Vec<u8>,
+    /// `--operational-webhook-url` and its secret.
+    pub operational: Option<capy_webhooks::operational::OperationalTarget>,
     /// `--egress-proxy`.
     pub egress_proxy: Option<capy_webhooks::delivery::egress::EgressProxy>,
 }
@@ -121,6 +123,7 @@ impl Default for Options {
             allow_private_targets: true,
             portal_session_ttl: capy_webhooks::auth::portal_token::DEFAULT_TTL,
             receiver_roots_pem: Vec::new(),
+            operational: None,
             egress_proxy: None,
         }
     }
@@ -166,6 +169,7 @@ impl Operator {
                 url_policy,
                 metrics: metrics.clone(),
                 ready: ReadyHandle::detached(),
+                operational: None,
             };
             tokio::spawn(controller::run(
                 client.clone(),
@@ -201,6 +205,8 @@ impl Operator {
                 shutdown_grace: Duration::from_secs(5),
                 metrics: metrics.clone(),
                 ready: ReadyHandle::detached(),
+                operational: opts.operational.clone(),
+                emitter: Default::default(),
             };
             let dispatcher = Dispatcher::start(
                 client.clone(),
@@ -291,6 +297,12 @@ impl Operator {
             stop,
             dispatcher,
         }
+    }
+
+    /// The work handle of the dispatcher, when it runs.
+    #[allow(dead_code)] // not every test binary asks for work directly
+    pub fn work(&self) -> Option<WorkHandle> {
+        self.dispatcher.clone().map(WorkHandle::new)
     }
 
     /// Stops every component and waits for the dispatcher to drain.

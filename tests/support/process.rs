@@ -36,6 +36,18 @@ impl OperatorProcess {
         Self { child }
     }
 
+    /// [`Self::start`] with `flags` as `--flag value` pairs, logging to `<name>-<random>.log` (a
+    /// replica started again keeps the log of its earlier run).
+    #[allow(dead_code)] // not every test binary runs replicas
+    pub fn start_replica(ns: &str, dir: &Path, name: &str, flags: Vec<(&str, String)>) -> Self {
+        let args: Vec<String> = flags
+            .into_iter()
+            .flat_map(|(flag, value)| [flag.to_string(), value])
+            .collect();
+        let log = format!("{name}-{}.log", rand::random::<u16>());
+        Self::start(ns, &super::kubeconfig_path(), dir, &log, &args)
+    }
+
     /// SIGKILL, and reap it.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
