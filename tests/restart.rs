@@ -229,6 +229,23 @@ async fn a_fifo_endpoint_receives_in_ingest_order_across_a_restart() {
     })
     .await;
     assert_eq!(created["webhook_endpoint"]["ordering"], "fifo", "{created}");
+    let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+    // Update both ways; the Endpoint object names it only when fifo, the CR holds it.
+    for (ordering, shown) in [("unordered", Value::Null), ("fifo", json!("fifo"))] {
+        let res = http
+            .patch(format!("{base}/{id}"))
+            .bearer_auth(&key)
+            .json(&json!({"ordering": ordering}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let updated: Value = res.json().await.unwrap();
+        assert_eq!(updated["webhook_endpoint"]["ordering"], shown, "{updated}");
+    }
+    let endpoints: kube::Api<capy_webhooks::resources::WebhookEndpoint> = kube::Api::namespaced(client.clone(), &ns);
+    let stored = endpoints.get(&id).await.unwrap();
+    assert_eq!(stored.spec.ordering, capy_webhooks::resources::Ordering::Fifo);
 
     // The outcome of each request the receiver got: (event seq, succeeded).
     let outcomes = |receiver: &Receiver| -> Vec<(u64, bool)> {
