@@ -675,6 +675,7 @@ async fn create_crs(client: &Client, org: &str, url: &str, n: usize, prefix: &st
                         headers: Default::default(),
                         rate_limit: None,
                         signature_scheme: Default::default(),
+                        ordering: Default::default(),
                         client_certificate: None,
                     },
                 );

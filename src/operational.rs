@@ -406,6 +406,7 @@ impl OperationalTarget {
                 headers: Default::default(),
                 rate_limit: None,
                 signature_scheme: SignatureScheme::HmacSha256,
+                ordering: Default::default(),
                 client_certificate: None,
             },
         );

@@ -33,6 +33,7 @@ fn endpoint(name: &str, org: &str, url: &str) -> WebhookEndpoint {
             headers: Default::default(),
             rate_limit: None,
             signature_scheme: Default::default(),
+            ordering: Default::default(),
             client_certificate: None,
         },
     )

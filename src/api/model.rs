@@ -14,7 +14,8 @@ use crate::delivery_log::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, trunca
 use crate::resources::{
     ClientCertificate, EVENT_TYPE_PATTERN, FORBIDDEN_HEADERS, HEADER_VALUE_PATTERN, Health, MAX_ATTEMPTS_LIMIT,
     MAX_CUSTOM_HEADERS, MAX_DESCRIPTION_LENGTH, MAX_EVENT_TYPE_LENGTH, MAX_EVENT_TYPES, MAX_HEADER_VALUE_LENGTH,
-    MAX_RATE_LIMIT, MAX_URL_LENGTH, ORGANIZATION_LABEL, SignatureScheme, WebhookEndpoint, WebhookEndpointSpec,
+    MAX_RATE_LIMIT, MAX_URL_LENGTH, ORGANIZATION_LABEL, Ordering, SignatureScheme, WebhookEndpoint,
+    WebhookEndpointSpec,
 };
 use crate::validation::{
     UrlPolicy, validate_description, validate_event_types, validate_headers, validate_max_attempts,
@@ -63,6 +64,16 @@ pub struct EndpointView {
     /// (mutual TLS); absent when none is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub client_certificate_secret: Option<String>,
+    /// Extension: `fifo` when deliveries are attempted one at a time in ingest order (a failing
+    /// delivery holds back the later ones until it succeeds or exhausts its attempts); absent
+    /// means `unordered`, so the documented object keeps its exact fields.
+    #[serde(skip_serializing_if = "is_default_ordering")]
+    #[schemars(default)]
+    pub ordering: Ordering,
+}
+
+fn is_default_ordering(ordering: &Ordering) -> bool {
+    *ordering == Ordering::default()
 }
 
 fn is_default_scheme(scheme: &SignatureScheme) -> bool {
@@ -286,6 +297,11 @@ pub struct CreateRequest {
     #[serde(default)]
     #[schemars(length(min = 1, max = 253), pattern(SECRET_NAME_PATTERN))]
     pub client_certificate_secret: Option<String>,
+    /// Extension: `unordered` (default) or `fifo`: one delivery in flight at a time, in ingest
+    /// order; a failing delivery holds back the later ones until it succeeds or exhausts its
+    /// attempts.
+    #[serde(default)]
+    pub ordering: Option<Ordering>,
 }
 
 /// Body of `PATCH /webhook-endpoints/{id}`: any subset of the settable fields.
@@ -315,6 +331,9 @@ pub struct UpdateRequest {
     #[serde(default, deserialize_with = "given")]
     #[schemars(with = "Option<String>", length(min = 1, max = 253), pattern(SECRET_NAME_PATTERN))]
     pub client_certificate_secret: Option<Option<String>>,
+    /// Extension: `unordered` or `fifo` (one delivery in flight at a time, in ingest order).
+    /// Pending deliveries follow the new ordering at once.
+    pub ordering: Option<Ordering>,
 }
 
 pub use crate::resources::rfc3339;
@@ -367,6 +386,7 @@ pub fn endpoint_view(endpoint: &WebhookEndpoint) -> EndpointView {
         url: endpoint.spec.url.clone(),
         signature_scheme: endpoint.spec.signature_scheme,
         client_certificate_secret: endpoint.spec.client_certificate.as_ref().map(|c| c.secret_name.clone()),
+        ordering: endpoint.spec.ordering,
     }
 }
 
@@ -418,6 +438,7 @@ pub fn new_endpoint(
             client_certificate: request
                 .client_certificate_secret
                 .map(|secret_name| ClientCertificate { secret_name }),
+            ordering: request.ordering.unwrap_or_default(),
         },
         status: None,
     })
@@ -442,6 +463,9 @@ pub fn update_patch(organization_id: &str, request: &UpdateRequest, policy: UrlP
     }
     if let Some(active) = request.is_active {
         ops.push(json!({"op": "add", "path": "/spec/active", "value": active}));
+    }
+    if let Some(ordering) = request.ordering {
+        ops.push(json!({"op": "add", "path": "/spec/ordering", "value": ordering}));
     }
     match &request.client_certificate_secret {
         None => {}
@@ -724,6 +748,7 @@ pub(super) mod tests {
         ep.spec.headers.insert("X-Tenant".into(), "a".into());
         ep.spec.rate_limit = Some(5);
         ep.spec.max_attempts = Some(3);
+        ep.spec.ordering = Ordering::Fifo;
         ep
     }
 
@@ -783,6 +808,7 @@ pub(super) mod tests {
                 is_active: None,
                 signature_scheme: None,
                 client_certificate_secret: None,
+                ordering: None,
             },
             LAX,
         )
@@ -846,6 +872,7 @@ pub(super) mod tests {
             is_active: None,
             signature_scheme: None,
             client_certificate_secret: None,
+            ordering: None,
         };
         let ep = endpoint();
         assert!(ep.spec.active);
@@ -860,6 +887,44 @@ pub(super) mod tests {
                 .unwrap_err()
                 .contains("event type")
         );
+    }
+
+    #[test]
+    fn ordering_maps_both_ways_and_is_shown_only_when_fifo() {
+        // REST -> CR: absent is unordered; "fifo" is spec.ordering fifo.
+        assert_eq!(endpoint().spec.ordering, Ordering::Unordered);
+        let request: CreateRequest =
+            serde_json::from_value(json!({"url": "https://x.example/h", "ordering": "fifo"})).unwrap();
+        let fifo = new_endpoint("ep-2", "ns", "org_1", request, LAX).unwrap();
+        assert_eq!(fifo.spec.ordering, Ordering::Fifo);
+        // CR -> REST: the view shows it only when not the default, so the documented object
+        // keeps its exact fields.
+        assert_eq!(serde_json::to_value(endpoint_view(&fifo)).unwrap()["ordering"], "fifo");
+        assert!(
+            serde_json::to_value(endpoint_view(&endpoint()))
+                .unwrap()
+                .get("ordering")
+                .is_none()
+        );
+        // The CR's stored form: spec.ordering, absent when unordered.
+        assert_eq!(serde_json::to_value(&fifo.spec).unwrap()["ordering"], "fifo");
+        assert!(
+            serde_json::to_value(&endpoint().spec)
+                .unwrap()
+                .get("ordering")
+                .is_none()
+        );
+        // Update: one patch operation, either way; anything else is refused by name.
+        for (ordering, want) in [(Ordering::Fifo, "fifo"), (Ordering::Unordered, "unordered")] {
+            let req = UpdateRequest {
+                ordering: Some(ordering),
+                ..Default::default()
+            };
+            let patch = update_patch("org_1", &req, LAX).unwrap();
+            assert_eq!(patch[1], json!({"op": "add", "path": "/spec/ordering", "value": want}));
+        }
+        let err = serde_json::from_value::<UpdateRequest>(json!({"ordering": "lifo"})).unwrap_err();
+        assert!(err.to_string().contains("unknown variant `lifo`"), "{err}");
     }
 
     #[test]

@@ -694,6 +694,7 @@ mod tests {
                 headers: Default::default(),
                 rate_limit: None,
                 signature_scheme: Default::default(),
+                ordering: Default::default(),
                 client_certificate: None,
             },
         );

@@ -4,6 +4,12 @@
 //! flight and, with a rate limit, the time before which no attempt starts ([`Lane`]). Here is
 //! what it does with them at a given time: [`next_start`] (when to look again) and
 //! [`plan_starts`] (what to send, skip, fail or postpone). Plain data in, a decision out.
+//!
+//! A `fifo` endpoint ([`crate::resources::Ordering::Fifo`]) has a rule of its own
+//! ([`next_fifo_start`], [`plan_fifo_start`]): its head is its oldest pending delivery by ingest
+//! order, `(created_at, id)` ([`ingest_key_after`] keeps that order the order in which the
+//! worker accepted them), and only the head may be attempted, one attempt at a time; a retry of
+//! the head keeps its place, so nothing behind it starts before it succeeds or fails for good.
 
 use std::collections::{BTreeSet, HashSet};
 use std::time::Duration;
@@ -122,6 +128,112 @@ pub fn plan_starts(
         }
     }
     plan
+}
+
+/// What the dispatcher finds of a pending delivery of a `fifo` endpoint when it looks at the head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Queued {
+    /// Finished, or gone: no longer in the queue.
+    Gone,
+    /// Pending but not startable: its attempt is in flight, or it is not durable yet. It holds
+    /// the queue.
+    Busy,
+    /// Pending and durable, its next attempt due at this time.
+    Due(Timestamp),
+    /// Pending, but the event's payload is not in the log: it fails without an attempt.
+    PayloadLost,
+}
+
+/// When the head of a `fifo` lane may start: `order` holds its pending deliveries by ingest order
+/// (`(created_at, id)`); `None` while an attempt is in flight, the head is busy, or nothing is
+/// pending. Deliveries found gone are passed over (the next plan drops them).
+pub fn next_fifo_start(
+    order: &BTreeSet<(Timestamp, String)>,
+    in_flight: usize,
+    paced_until: Timestamp,
+    queued: impl Fn(&str) -> Queued,
+) -> Option<Timestamp> {
+    if in_flight > 0 {
+        return None;
+    }
+    for (_, id) in order {
+        match queued(id) {
+            Queued::Gone => continue,
+            Queued::Busy => return None,
+            Queued::Due(at) => return Some(at.max(paced_until)),
+            Queued::PayloadLost => return Some(Timestamp::MIN),
+        }
+    }
+    None
+}
+
+/// Decides what of a `fifo` lane starts at `now`: at most one attempt, of the head.
+///
+/// Walks `order` (pending deliveries by ingest order): those gone are dropped (`Skip`), those
+/// whose payload was lost fail (`Fail`) and the next becomes the head; a busy head (in flight, not
+/// durable yet) holds everything. A head due by `now`, with the pacing allowing it, is sent;
+/// without `signing_keys` nothing is sent and the lane is paced [`SIGNING_KEYS_WAIT`] ahead
+/// instead (the head keeps its place). Nothing starts for an endpoint that is not `active` or has
+/// an attempt in flight. Steps name deliveries by their `order` key.
+#[allow(clippy::too_many_arguments)]
+pub fn plan_fifo_start(
+    order: &BTreeSet<(Timestamp, String)>,
+    in_flight: usize,
+    paced_until: Timestamp,
+    rate_limit: Option<u32>,
+    active: bool,
+    signing_keys: bool,
+    now: Timestamp,
+    queued: impl Fn(&str) -> Queued,
+) -> StartPlan {
+    let mut plan = StartPlan {
+        steps: Vec::new(),
+        in_flight,
+        paced_until,
+    };
+    if !active || in_flight > 0 {
+        return plan;
+    }
+    for key in order {
+        let step = match queued(&key.1) {
+            Queued::Gone => Start::Skip,
+            Queued::PayloadLost => Start::Fail,
+            Queued::Busy => break,
+            Queued::Due(at) if at > now || plan.paced_until > now => break,
+            Queued::Due(_) if !signing_keys => {
+                plan.paced_until = now + SIGNING_KEYS_WAIT;
+                break;
+            }
+            Queued::Due(_) => {
+                plan.in_flight = 1;
+                if let Some(rate) = rate_limit {
+                    plan.paced_until = paced(plan.paced_until, now, rate);
+                }
+                plan.steps.push((key.clone(), Start::Send));
+                break;
+            }
+        };
+        plan.steps.push((key.clone(), step));
+    }
+    plan
+}
+
+/// The `created_at` a new delivery of a `fifo` endpoint is stored with, so that its ingest key
+/// `(created_at, id)` comes after `last`, the newest key pending for the endpoint: its own when it
+/// does already; else `last`'s time (when its id is greater) or one millisecond later. Ids of one
+/// millisecond are random, and two replicas' clocks differ: without this, a delivery accepted
+/// after another could sort before it.
+pub fn ingest_key_after(last: Option<&(Timestamp, String)>, created_at: Timestamp, id: &str) -> Timestamp {
+    match last {
+        Some((at, last_id)) if (created_at, id) <= (*at, last_id.as_str()) => {
+            if id > last_id.as_str() {
+                *at
+            } else {
+                *at + jiff::SignedDuration::from_millis(1)
+            }
+        }
+        _ => created_at,
+    }
 }
 
 #[cfg(test)]
@@ -258,5 +370,115 @@ mod tests {
             vec![("a", Start::Send), ("a", Start::Skip), ("b", Start::Send)]
         );
         assert_eq!(plan.in_flight, 2);
+    }
+
+    /// A fifo lane's lookup from `(id, what it is)` pairs; unknown ids are gone.
+    fn queued<'a>(table: &'a [(&'a str, Queued)]) -> impl Fn(&str) -> Queued + 'a {
+        move |id| {
+            table
+                .iter()
+                .find(|(name, _)| *name == id)
+                .map_or(Queued::Gone, |(_, q)| *q)
+        }
+    }
+
+    fn fifo_plan(
+        order: &BTreeSet<(Timestamp, String)>,
+        in_flight: usize,
+        rate: Option<u32>,
+        table: &[(&str, Queued)],
+    ) -> StartPlan {
+        plan_fifo_start(order, in_flight, at(0), rate, true, true, at(10), queued(table))
+    }
+
+    #[test]
+    fn a_fifo_head_blocks_the_deliveries_behind_it() {
+        use Queued::*;
+        // Ingest order a, b, c; b and c are due long before a's retry.
+        let order = due(&[(1, "a"), (2, "b"), (3, "c")]);
+        let table = [("a", Due(at(30))), ("b", Due(at(2))), ("c", Due(at(3)))];
+        let plan = fifo_plan(&order, 0, None, &table);
+        assert_eq!(steps(&plan), vec![], "nothing behind a waiting head starts");
+        assert_eq!(next_fifo_start(&order, 0, at(0), queued(&table)), Some(at(30)));
+        // The head in flight (or not durable yet) holds the lane too.
+        let busy = [("a", Busy), ("b", Due(at(2)))];
+        assert_eq!(steps(&fifo_plan(&order, 0, None, &busy)), vec![]);
+        assert_eq!(next_fifo_start(&order, 0, at(0), queued(&busy)), None);
+        // One attempt in flight: nothing, whatever is due.
+        let due_now = [("a", Due(at(1))), ("b", Due(at(2)))];
+        assert_eq!(steps(&fifo_plan(&order, 1, None, &due_now)), vec![]);
+        assert_eq!(next_fifo_start(&order, 1, at(0), queued(&due_now)), None);
+        // Due: the head alone starts, whatever else is due.
+        let plan = fifo_plan(&order, 0, None, &due_now);
+        assert_eq!(steps(&plan), vec![("a", Start::Send)]);
+        assert_eq!(plan.in_flight, 1);
+    }
+
+    #[test]
+    fn a_retried_head_keeps_its_place() {
+        use Queued::*;
+        // a failed its first attempt and is due again at 12; b arrived meanwhile, due at 5.
+        let order = due(&[(1, "a"), (4, "b")]);
+        let table = [("a", Due(at(12))), ("b", Due(at(5)))];
+        assert_eq!(steps(&fifo_plan(&order, 0, None, &table)), vec![]);
+        let later = plan_fifo_start(&order, 0, at(0), None, true, true, at(12), queued(&table));
+        assert_eq!(steps(&later), vec![("a", Start::Send)]);
+    }
+
+    #[test]
+    fn a_finished_head_releases_the_next() {
+        use Queued::*;
+        // a succeeded or exhausted its attempts (gone from the log's pending ones); x lost its
+        // payload: both leave the queue and b starts.
+        let order = due(&[(1, "a"), (2, "x"), (3, "b"), (4, "c")]);
+        let table = [("x", PayloadLost), ("b", Due(at(3))), ("c", Due(at(4)))];
+        let plan = fifo_plan(&order, 0, None, &table);
+        assert_eq!(
+            steps(&plan),
+            vec![("a", Start::Skip), ("x", Start::Fail), ("b", Start::Send)]
+        );
+        assert_eq!(next_fifo_start(&order, 0, at(0), queued(&table)), Some(Timestamp::MIN));
+        assert_eq!(next_fifo_start(&BTreeSet::new(), 0, at(0), queued(&table)), None);
+    }
+
+    #[test]
+    fn a_fifo_lane_is_paced_and_waits_for_its_keys() {
+        use Queued::*;
+        let order = due(&[(1, "a"), (2, "b")]);
+        let table = [("a", Due(at(1))), ("b", Due(at(2)))];
+        // Two per second: a starts and moves the pacing half a second on.
+        let plan = fifo_plan(&order, 0, Some(2), &table);
+        assert_eq!(steps(&plan), vec![("a", Start::Send)]);
+        assert_eq!(plan.paced_until, at(10) + jiff::SignedDuration::from_millis(500));
+        // Paced beyond now: nothing, and the next start waits for the pacing.
+        let held = plan_fifo_start(&order, 0, at(11), Some(2), true, true, at(10), queued(&table));
+        assert_eq!(steps(&held), vec![]);
+        assert_eq!(next_fifo_start(&order, 0, at(11), queued(&table)), Some(at(11)));
+        // Without signing keys the head keeps its place and the lane waits.
+        let keyless = plan_fifo_start(&order, 0, at(0), None, true, false, at(10), queued(&table));
+        assert_eq!(steps(&keyless), vec![]);
+        assert_eq!(keyless.paced_until, at(12));
+        // Inactive: nothing.
+        let paused = plan_fifo_start(&order, 0, at(0), None, false, true, at(10), queued(&table));
+        assert_eq!(steps(&paused), vec![]);
+    }
+
+    #[test]
+    fn ingest_keys_follow_the_order_deliveries_were_accepted() {
+        let ms = |n: i64| Timestamp::from_millisecond(1_700_000_000_000 + n).unwrap();
+        let last = (ms(5), "msg_m".to_string());
+        // Later: kept.
+        assert_eq!(ingest_key_after(Some(&last), ms(6), "msg_a"), ms(6));
+        assert_eq!(ingest_key_after(None, ms(1), "msg_a"), ms(1));
+        // Same millisecond, greater id: kept.
+        assert_eq!(ingest_key_after(Some(&last), ms(5), "msg_z"), ms(5));
+        // Same millisecond, smaller id, or an earlier clock: after the last.
+        assert_eq!(ingest_key_after(Some(&last), ms(5), "msg_a"), ms(6));
+        assert_eq!(ingest_key_after(Some(&last), ms(2), "msg_z"), ms(5));
+        assert_eq!(ingest_key_after(Some(&last), ms(2), "msg_a"), ms(6));
+        for (created, id) in [(ms(5), "msg_a"), (ms(2), "msg_z"), (ms(9), "msg_0")] {
+            let key = (ingest_key_after(Some(&last), created, id), id.to_string());
+            assert!(key > last, "{key:?}");
+        }
     }
 }

@@ -25,7 +25,9 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::Shared;
 use super::status::{DispatchSummary, status_patch, transition_event};
-use crate::delivery::due::{Found, Lane, Start, next_start, plan_starts};
+use crate::delivery::due::{
+    Found, Lane, Queued, Start, ingest_key_after, next_fifo_start, next_start, plan_fifo_start, plan_starts,
+};
 use crate::delivery::health::{HealthWindow, disabled_reason, health};
 use crate::delivery::outcome::{AttemptOutcome, NextStep, after_attempt, endpoint_after_attempt};
 use crate::delivery::sender::AttemptResult;
@@ -33,7 +35,7 @@ use crate::delivery_log::{DeliveryLog, DeliveryRecord, DeliveryState, SegmentWri
 use crate::operational::{
     AUTO_DISABLED_ANNOTATION, AutoDisabled, Exhausted, OPERATIONAL_ORGANIZATION, OperationalEvent,
 };
-use crate::resources::{DeliverySummary, Health, WebhookEndpoint};
+use crate::resources::{DeliverySummary, Health, Ordering as EndpointOrdering, WebhookEndpoint};
 use crate::shards::{Fence, shard_of};
 use crate::telemetry::{DeliveryOutcome, DueSlot, EventNote, WriteKind, publish_event};
 use crate::work::{Listed, SubmitError};
@@ -156,6 +158,9 @@ pub(crate) struct Added {
 struct EndpointState {
     /// Durable pending deliveries by due time.
     due: BTreeSet<(Timestamp, String)>,
+    /// Pending deliveries by ingest order, `(created_at, id)`, durable or not yet: the queue of a
+    /// `fifo` endpoint (kept for every endpoint, so that a change of ordering finds it).
+    order: BTreeSet<(Timestamp, String)>,
     in_flight: usize,
     /// With a rate limit, no attempt of this endpoint starts before this time.
     paced_until: Timestamp,
@@ -177,6 +182,7 @@ impl EndpointState {
         let status = endpoint.and_then(|e| e.status.clone()).unwrap_or_default();
         Self {
             due: BTreeSet::new(),
+            order: BTreeSet::new(),
             in_flight: 0,
             paced_until: Timestamp::UNIX_EPOCH,
             window: HealthWindow::default(),
@@ -285,19 +291,22 @@ impl Worker {
             reported_pending: 0,
             due_slot: shared.config.metrics.due_slot(),
         };
-        let due: Vec<(String, Timestamp, String)> = worker
+        let due: Vec<(String, Timestamp, Timestamp, String)> = worker
             .log
             .pending()
             .map(|r| {
                 (
                     r.endpoint_id.clone(),
                     r.next_attempt_at.unwrap_or(r.created_at),
+                    r.created_at,
                     r.id.clone(),
                 )
             })
             .collect();
-        for (endpoint, at, id) in due {
-            worker.state(&endpoint).due.insert((at, id));
+        for (endpoint, at, created, id) in due {
+            let state = worker.state(&endpoint);
+            state.due.insert((at, id.clone()));
+            state.order.insert((created, id));
         }
         worker.forget_departed_endpoints();
         worker
@@ -316,6 +325,22 @@ impl Worker {
     /// Whether this is the operational log: the platform's endpoint, no `WebhookEndpoint`.
     fn is_operational(&self) -> bool {
         self.organization == OPERATIONAL_ORGANIZATION
+    }
+
+    /// Whether an endpoint's deliveries go one at a time in ingest order.
+    fn is_fifo(&self, name: &str) -> bool {
+        self.endpoint(name)
+            .is_some_and(|e| e.spec.ordering == EndpointOrdering::Fifo)
+    }
+
+    /// When an attempt of endpoint `name` may start next (see [`next_start`], [`next_fifo_start`]).
+    fn next_start_of(&self, name: &str, state: &EndpointState) -> Option<Timestamp> {
+        if self.is_fifo(name) {
+            let queued = queued(&self.log, &self.in_flight, &self.unpersisted);
+            next_fifo_start(&state.order, state.in_flight, state.paced_until, queued)
+        } else {
+            next_start(&state.lane(), self.shared.config.per_endpoint_concurrency)
+        }
     }
 
     /// The state of an endpoint, made from its status on first use.
@@ -463,8 +488,8 @@ impl Worker {
                 now + now_ts.duration_until(ts).unsigned_abs()
             }
         };
-        for state in self.endpoints.values() {
-            if !stopping && let Some(start) = next_start(&state.lane(), self.shared.config.per_endpoint_concurrency) {
+        for (name, state) in &self.endpoints {
+            if !stopping && let Some(start) = self.next_start_of(name, state) {
                 wake = wake.min(at(start));
             }
             if state.summary_dirty && !state.summary_in_flight {
@@ -550,7 +575,13 @@ impl Worker {
             event: event_id,
         };
         let mut overflowed: Vec<String> = Vec::new();
-        for record in records {
+        for mut record in records {
+            if self.is_fifo(&record.endpoint_id) {
+                // Its place in the queue: after every delivery this worker accepted before it.
+                record.normalize();
+                let last = self.state(&record.endpoint_id).order.last().cloned();
+                record.created_at = ingest_key_after(last.as_ref(), record.created_at, &record.id);
+            }
             let id = record.id.clone();
             let endpoint = record.endpoint_id.clone();
             let stored = if fan_out {
@@ -571,9 +602,15 @@ impl Worker {
             added.deliveries.push(id);
         }
         for id in &added.deliveries {
-            if let Some(endpoint) = self.log.get(id).map(|r| r.endpoint_id.clone()) {
-                let pending = self.log.pending_count_of(&endpoint) as u64;
-                self.state(&endpoint).totals.pending = pending;
+            if let Some(r) = self.log.get(id) {
+                let (endpoint, created, pending) =
+                    (r.endpoint_id.clone(), r.created_at, r.state == DeliveryState::Pending);
+                let count = self.log.pending_count_of(&endpoint) as u64;
+                let state = self.state(&endpoint);
+                state.totals.pending = count;
+                if pending {
+                    state.order.insert((created, id.clone()));
+                }
             }
         }
         for endpoint in overflowed {
@@ -596,6 +633,7 @@ impl Worker {
             let pending = self.log.pending_count_of(&record.endpoint_id) as u64;
             let state = self.state(&record.endpoint_id);
             state.totals.pending = pending;
+            state.order.remove(&(record.created_at, id));
             if record.state == DeliveryState::Failed {
                 // Stored failed (the endpoint's backlog was full): it no longer exists either.
                 state.totals.failed = state.totals.failed.saturating_sub(1);
@@ -681,7 +719,7 @@ impl Worker {
         let names: Vec<String> = self
             .endpoints
             .iter()
-            .filter(|(_, s)| next_start(&s.lane(), concurrency).is_some_and(|at| at <= now))
+            .filter(|(name, s)| self.next_start_of(name, s).is_some_and(|at| at <= now))
             .map(|(name, _)| name.clone())
             .collect();
         for name in names {
@@ -708,31 +746,57 @@ impl Worker {
                     .map(Some),
                 _ => Some(None),
             };
+            let fifo = endpoint.spec.ordering == EndpointOrdering::Fifo;
             let state = self.endpoints.get_mut(&name).expect("listed above");
             let (log, in_flight) = (&self.log, &self.in_flight);
-            let found = |id: &str| match log.get(id) {
-                Some(r) if r.state == DeliveryState::Pending && !in_flight.contains(id) => {
-                    if log.payload(&r.event_id).is_some() {
-                        Found::Ready
-                    } else {
-                        Found::PayloadLost
+            let plan = if fifo {
+                plan_fifo_start(
+                    &state.order,
+                    state.in_flight,
+                    state.paced_until,
+                    endpoint.spec.rate_limit,
+                    endpoint.spec.active,
+                    ring.is_some() && identity.is_some(),
+                    now,
+                    queued(log, in_flight, &self.unpersisted),
+                )
+            } else {
+                let found = |id: &str| match log.get(id) {
+                    Some(r) if r.state == DeliveryState::Pending && !in_flight.contains(id) => {
+                        if log.payload(&r.event_id).is_some() {
+                            Found::Ready
+                        } else {
+                            Found::PayloadLost
+                        }
                     }
-                }
-                _ => Found::Stale,
+                    _ => Found::Stale,
+                };
+                plan_starts(
+                    &state.lane(),
+                    concurrency,
+                    endpoint.spec.rate_limit,
+                    endpoint.spec.active,
+                    ring.is_some() && identity.is_some(),
+                    now,
+                    found,
+                )
             };
-            let plan = plan_starts(
-                &state.lane(),
-                concurrency,
-                endpoint.spec.rate_limit,
-                endpoint.spec.active,
-                ring.is_some() && identity.is_some(),
-                now,
-                found,
-            );
             state.in_flight = plan.in_flight;
             state.paced_until = plan.paced_until;
             for (key, start) in plan.steps {
-                state.due.remove(&key);
+                if fifo {
+                    // The step names the queue's key; the delivery leaves the due times too.
+                    if let Some(r) = self.log.get(&key.1) {
+                        state
+                            .due
+                            .remove(&(r.next_attempt_at.unwrap_or(r.created_at), key.1.clone()));
+                    }
+                    if start != Start::Send {
+                        state.order.remove(&key);
+                    }
+                } else {
+                    state.due.remove(&key);
+                }
                 let (_, id) = key;
                 match start {
                     Start::Skip => {}
@@ -745,6 +809,7 @@ impl Worker {
                         };
                         warn!(endpoint = %name, delivery = %id, event = %record.event_id,
                             "the event's payload is not in the log; the delivery fails");
+                        state.order.remove(&(record.created_at, id.clone()));
                         record.fail("the event's payload was lost", now);
                         self.log.update(record);
                     }
@@ -822,12 +887,18 @@ impl Worker {
         let on_endpoint = endpoint_after_attempt(&effect, &state.totals, &state.window, at, auto_disable_after, active);
         state.totals = on_endpoint.totals;
         metrics.delivery(match effect.next {
-            NextStep::Succeeded => DeliveryOutcome::Succeeded,
+            NextStep::Succeeded => {
+                state.order.remove(&(record.created_at, id.clone()));
+                DeliveryOutcome::Succeeded
+            }
             NextStep::RetryAt(next) => {
                 state.due.insert((next, id.clone()));
                 DeliveryOutcome::Retried
             }
-            NextStep::Failed => DeliveryOutcome::Failed,
+            NextStep::Failed => {
+                state.order.remove(&(record.created_at, id.clone()));
+                DeliveryOutcome::Failed
+            }
         });
         state.summary_dirty = true;
         if let Some(reason) = &on_endpoint.disable {
@@ -884,6 +955,10 @@ impl Worker {
             self.recovered_at.insert(record.id.clone(), now);
             record.resend(now);
             self.unpersisted.insert(record.id.clone());
+            // A fifo endpoint attempts it at its ingest place: before the ones accepted after it.
+            self.state(&endpoint)
+                .order
+                .insert((record.created_at, record.id.clone()));
             self.log.update(record);
         }
         let pending = self.log.pending_count_of(&endpoint) as u64;
@@ -901,6 +976,7 @@ impl Worker {
             return;
         }
         record.resend(Timestamp::now());
+        self.state(&endpoint).order.insert((record.created_at, id.clone()));
         self.log.update(record.clone());
         let record = self.log.get(&id).cloned().unwrap_or(record);
         let payload = self.log.payload_json(&record.event_id);
@@ -1120,8 +1196,14 @@ impl Worker {
             let Some(r) = self.log.get(&id).filter(|r| r.state == DeliveryState::Pending) else {
                 continue;
             };
-            let (endpoint, at) = (r.endpoint_id.clone(), r.next_attempt_at.unwrap_or(r.created_at));
-            self.state(&endpoint).due.insert((at, id));
+            let (endpoint, at, created) = (
+                r.endpoint_id.clone(),
+                r.next_attempt_at.unwrap_or(r.created_at),
+                r.created_at,
+            );
+            let state = self.state(&endpoint);
+            state.due.insert((at, id.clone()));
+            state.order.insert((created, id));
         }
     }
 
@@ -1307,6 +1389,27 @@ impl Worker {
             }
             None => state.summary_dirty = true,
         }
+    }
+}
+
+/// What a `fifo` lane finds of its pending delivery `id`: in flight or not durable yet holds the
+/// queue; otherwise when it is due.
+fn queued<'a>(
+    log: &'a DeliveryLog,
+    in_flight: &'a HashSet<String>,
+    unpersisted: &'a HashSet<String>,
+) -> impl Fn(&str) -> Queued + 'a {
+    move |id| match log.get(id) {
+        Some(r) if r.state == DeliveryState::Pending => {
+            if in_flight.contains(id) || unpersisted.contains(id) {
+                Queued::Busy
+            } else if log.payload(&r.event_id).is_none() {
+                Queued::PayloadLost
+            } else {
+                Queued::Due(r.next_attempt_at.unwrap_or(r.created_at))
+            }
+        }
+        _ => Queued::Gone,
     }
 }
 

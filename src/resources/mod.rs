@@ -201,6 +201,38 @@ pub struct WebhookEndpointSpec {
     /// A client certificate the dispatcher presents to the receiver (mutual TLS). Unset: none.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_certificate: Option<ClientCertificate>,
+
+    /// `unordered` (the default: up to the dispatcher's per-endpoint concurrency in flight, each
+    /// delivery on its own schedule) or `fifo`: one attempt in flight at a time, in ingest order.
+    /// A failing delivery then holds back every later one until it succeeds or exhausts its
+    /// attempts.
+    #[serde(default, skip_serializing_if = "is_default_ordering")]
+    pub ordering: Ordering,
+}
+
+/// In what order an endpoint's deliveries are attempted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Ordering {
+    /// Each delivery on its own schedule, several in flight at once.
+    #[default]
+    Unordered,
+    /// One at a time, in ingest order: a failing head holds back the deliveries behind it.
+    Fifo,
+}
+
+impl Ordering {
+    /// The name used by the REST API and the CR.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Ordering::Unordered => "unordered",
+            Ordering::Fifo => "fifo",
+        }
+    }
+}
+
+fn is_default_ordering(ordering: &Ordering) -> bool {
+    *ordering == Ordering::default()
 }
 
 /// Where an endpoint's client certificate is.

@@ -556,6 +556,10 @@
     setText($("detail-updated"), ep.updated_at);
     setAttr($("detail-updated"), "title", localTime(ep.updated_at));
     setText($("detail-scheme"), ep.signature_scheme === "ed25519" ? "Ed25519 (v1a)" : "HMAC-SHA256 (v1)");
+    setText(
+      $("detail-ordering"),
+      ep.ordering === "fifo" ? "FIFO: one at a time, in ingest order" : "Unordered"
+    );
   }
 
   function updateDetailMeta() {
