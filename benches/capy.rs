@@ -6,8 +6,11 @@
 //! minutes), `--out PATH` (default BENCHMARKS.md), `--stop-after dispatch|latency|list` (print the
 //! rows so far and write nothing: for profiling one scenario), `--replicas-only` (only the
 //! scenarios with several replicas, [`replicas`]), `--pods-only` (only the pods on a real node,
-//! [`pods`]), `--traces-only` (only throughput with traces on beside off, [`traces`]).
+//! [`pods`]), `--traces-only` (only throughput with traces on beside off, [`traces`]), `--fifo-only` (only
+//! a fifo endpoint beside an unordered one, [`fifo`]).
 
+#[path = "capy/fifo.rs"]
+mod fifo;
 #[path = "loadgen.rs"]
 mod loadgen;
 #[path = "capy/pods.rs"]
@@ -52,6 +55,8 @@ struct Args {
     pods_only: bool,
     /// Run only the traces scenario (`--traces-only`).
     traces_only: bool,
+    /// Run only the ordered-endpoint scenario (`--fifo-only`).
+    fifo_only: bool,
 }
 
 fn args() -> Args {
@@ -61,6 +66,7 @@ fn args() -> Args {
     let mut replicas_only = false;
     let mut pods_only = false;
     let mut traces_only = false;
+    let mut fifo_only = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -70,6 +76,7 @@ fn args() -> Args {
             "--replicas-only" => replicas_only = true,
             "--pods-only" => pods_only = true,
             "--traces-only" => traces_only = true,
+            "--fifo-only" => fifo_only = true,
             "--bench" => {}
             other => eprintln!("ignoring argument {other}"),
         }
@@ -81,6 +88,7 @@ fn args() -> Args {
         replicas_only,
         pods_only,
         traces_only,
+        fifo_only,
     }
 }
 
@@ -803,6 +811,11 @@ async fn main() {
         println!("\n{}", table(&rows.borrow()));
         return;
     }
+    if args.fifo_only {
+        fifo::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
+        println!("\n{}", table(&rows.borrow()));
+        return;
+    }
     if args.replicas_only {
         replicas::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
         println!("\n{}", table(&rows.borrow()));
@@ -1102,6 +1115,7 @@ async fn main() {
     drop(op);
 
     traces::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
+    fifo::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
     eprintln!("[bench] traces done ({:?})", started.elapsed());
     replicas::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
     eprintln!("[bench] replicas done ({:?})", started.elapsed());
