@@ -903,8 +903,10 @@ async fn endpoints_on_one_host_reuse_connections_across_bursts() {
         "the first burst had many attempts in flight: {}",
         first.len()
     );
+    // A few new connections happen on a loaded machine (measured up to 15 of 145); a pool smaller
+    // than the attempts in flight opens most of the second burst's 80 anew.
     assert!(
-        fresh <= first.len() / 10,
+        fresh <= first.len() / 4,
         "the second burst opened {fresh} new connections; the first opened {}",
         first.len()
     );
