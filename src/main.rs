@@ -290,6 +290,11 @@ struct RunArgs {
     #[arg(long, env = "CAPY_WEBHOOKS_AUTO_DISABLE_AFTER", default_value = "5d", value_parser = parse_flag_duration)]
     auto_disable_after: Duration,
 
+    /// Payloads of finished deliveries older than this are erased from the delivery log (the
+    /// records stay, shown with `payload: null`); `0s` keeps them until the records go.
+    #[arg(long, env = "CAPY_WEBHOOKS_PAYLOAD_RETENTION", default_value = "30d", value_parser = parse_flag_duration)]
+    payload_retention: Duration,
+
     /// On SIGTERM, how long in-flight attempts may take to finish.
     #[arg(long, env = "CAPY_WEBHOOKS_SHUTDOWN_GRACE", default_value = "20s", value_parser = parse_flag_duration)]
     shutdown_grace: Duration,
@@ -725,6 +730,7 @@ fn configure(
             per_endpoint_concurrency: args.per_endpoint_concurrency,
             summary_interval: args.summary_interval,
             auto_disable_after: args.auto_disable_after,
+            payload_retention: (!args.payload_retention.is_zero()).then_some(args.payload_retention),
             budget: WriteBudget::new(args.log_write_budget),
             persist_timeout: Duration::from_secs(10),
             shutdown_grace: args.shutdown_grace,
@@ -1090,6 +1096,7 @@ mod tests {
         assert_eq!(config.per_endpoint_concurrency, 8);
         assert_eq!(config.summary_interval, Duration::from_secs(10));
         assert_eq!(config.auto_disable_after, Duration::from_secs(5 * 86_400));
+        assert_eq!(config.payload_retention, Some(Duration::from_secs(30 * 86_400)));
         assert_eq!(config.shutdown_grace, Duration::from_secs(20));
         assert_eq!(config.persist_timeout, Duration::from_secs(10));
         assert_eq!(config.sender.connect_timeout, Duration::from_secs(5));

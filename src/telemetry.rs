@@ -185,6 +185,7 @@ struct Inner {
     log_segments_rejected: Counter,
     log_second_writers: Counter,
     backlog_overflows: Counter,
+    payloads_expired: Counter,
     controller_leader: Gauge,
     owned_shards: Gauge,
     shard_handovers: Counter,
@@ -527,6 +528,12 @@ impl Metrics {
             "Deliveries stored failed without an attempt because their endpoint's backlog was full",
             backlog_overflows.clone(),
         );
+        let payloads_expired = Counter::default();
+        registry.register(
+            "payloads_expired",
+            "Event payloads erased from the delivery log because their retention was over (--payload-retention)",
+            payloads_expired.clone(),
+        );
         // Label values known up front are exported at zero, so rates work from the first scrape.
         for kind in [
             WriteKind::Secret,
@@ -571,6 +578,7 @@ impl Metrics {
                 log_segments_rejected,
                 log_second_writers,
                 backlog_overflows,
+                payloads_expired,
                 controller_leader,
                 owned_shards,
                 shard_handovers,
@@ -715,6 +723,11 @@ impl Metrics {
     /// Counts a delivery stored failed because its endpoint's backlog was full.
     pub fn backlog_overflow(&self) {
         self.inner.backlog_overflows.inc();
+    }
+
+    /// Counts event payloads erased because their retention was over.
+    pub fn payloads_expired(&self, events: u64) {
+        self.inner.payloads_expired.inc_by(events);
     }
 
     /// Counts a second writer of a delivery log, detected on a write.
@@ -1018,6 +1031,7 @@ mod tests {
         metrics.shard_handover();
         metrics.log_segment_rejected();
         metrics.backlog_overflow();
+        metrics.payloads_expired(3);
         metrics.log_second_writer();
         metrics.ready(true);
         metrics.shards_unowned(2);
@@ -1078,6 +1092,7 @@ mod tests {
             "capy_webhooks_shard_handovers_total 1",
             "capy_webhooks_log_segments_rejected_total 1",
             "capy_webhooks_endpoint_backlog_overflows_total 1",
+            "capy_webhooks_payloads_expired_total 3",
             "capy_webhooks_log_second_writers_total 1",
             "capy_webhooks_ready 1",
             "capy_webhooks_shards_unowned 2",

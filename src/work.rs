@@ -197,6 +197,15 @@ pub enum WorkRequest {
         /// The event.
         event: OperationalEvent,
     },
+    /// Erase an event's payload from every log of the organization; its pending deliveries end
+    /// `failed`. Answered [`WorkReply::Erased`] once durable; not found when no delivery of the
+    /// organization carries the event.
+    EraseEvent {
+        /// Organization id.
+        organization_id: String,
+        /// The event.
+        event_id: String,
+    },
     /// Up to `limit` of an endpoint's deliveries, newest first. Answered
     /// [`WorkReply::Deliveries`].
     Deliveries {
@@ -211,7 +220,9 @@ impl WorkRequest {
     /// The organization whose owner must do this.
     pub fn organization_id(&self) -> &str {
         match self {
-            Self::Submit { organization_id, .. } | Self::Relay { organization_id, .. } => organization_id,
+            Self::Submit { organization_id, .. }
+            | Self::Relay { organization_id, .. }
+            | Self::EraseEvent { organization_id, .. } => organization_id,
             Self::Operational { .. } => OPERATIONAL_ORGANIZATION,
             Self::SendTest { endpoint }
             | Self::Retry { endpoint, .. }
@@ -231,6 +242,8 @@ pub enum WorkReply {
     Listed(Box<Listed>),
     /// How many deliveries were sent again.
     Recovered(usize),
+    /// How many deliveries carry the erased event.
+    Erased(usize),
     /// Deliveries, newest first.
     Deliveries(Vec<Listed>),
     /// The owner's answer to a relayed event.
@@ -384,6 +397,18 @@ impl WorkHandle {
         };
         match self.ask(request).await? {
             WorkReply::Recovered(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// [`WorkRequest::EraseEvent`]: how many deliveries carry the erased event.
+    pub async fn erase_event(&self, organization_id: &str, event_id: &str) -> Result<usize, SubmitError> {
+        let request = WorkRequest::EraseEvent {
+            organization_id: organization_id.into(),
+            event_id: event_id.into(),
+        };
+        match self.ask(request).await? {
+            WorkReply::Erased(n) => Ok(n),
             other => Err(unexpected(other)),
         }
     }

@@ -1625,3 +1625,172 @@ async fn a_silent_proxy_is_a_timeout() {
     );
     assert!(result.duration < Duration::from_secs(2), "{:?}", result.duration);
 }
+
+/// Whether any delivery-log segment in `ns` holds `needle` in an entry (segments are packed, so
+/// they are decoded as the operator reads them).
+async fn log_holds(client: &Client, ns: &str, needle: &str) -> bool {
+    let cms: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(client.clone(), ns);
+    let selector = format!(
+        "{}={}",
+        capy_webhooks::resources::COMPONENT_LABEL,
+        capy_webhooks::delivery_log::COMPONENT
+    );
+    cms.list(&ListParams::default().labels(&selector))
+        .await
+        .unwrap()
+        .items
+        .iter()
+        .any(|cm| {
+            capy_webhooks::delivery_log::segment_entries(cm)
+                .unwrap()
+                .values()
+                .any(|v| v.contains(needle))
+        })
+}
+
+#[tokio::test]
+async fn erasing_an_event_removes_its_payload_from_every_delivery_and_configmap() {
+    // A retry an hour away: the failing endpoint's delivery stays pending.
+    let s = setup(
+        "erase",
+        Options {
+            schedule: "0s,1h",
+            ..Options::default()
+        },
+    )
+    .await;
+    let ok = Receiver::start(vec![]).await;
+    let failing = Receiver::start((0..8).map(|_| Answer::Status(500)).collect()).await;
+    let (ok_id, _) = s.endpoint(&ok.url("/"), &[]).await;
+    let (failing_id, _) = s.endpoint(&failing.url("/"), &[]).await;
+    let (status, accepted) =
+        s.op.ingest(ORG, "user.deleted", json!({"email": "ada-erase@example.com"}))
+            .await;
+    assert_eq!(status, 202, "{accepted}");
+    let event_id = accepted["id"].as_str().unwrap().to_string();
+    let (status, kept) =
+        s.op.ingest(ORG, "user.created", json!({"email": "grace@example.com"}))
+            .await;
+    assert_eq!(status, 202, "{kept}");
+    support::wait_for("both deliveries to the healthy endpoint", WAIT, || async {
+        let done = s.deliveries(&ok_id).await;
+        (done.len() == 2 && done.iter().all(|d| d["state"] == "succeeded")).then_some(())
+    })
+    .await;
+    support::wait_for("a first failed attempt of both", WAIT, || async {
+        let tried = s.deliveries(&failing_id).await;
+        (tried.len() == 2 && tried.iter().all(|d| d["attempts"] == 1 && d["state"] == "pending")).then_some(())
+    })
+    .await;
+    assert!(log_holds(&s.client, &s.ns, "ada-erase@example.com").await);
+
+    // Not for another organization, a portal session, or an id no delivery carries.
+    let events = |org: &str, id: &str| format!("{}/{org}/events/{id}", s.op.base);
+    let (status, body, _) =
+        s.op.call("DELETE", &events("org_other", &event_id), Some(&s.key), None)
+            .await;
+    assert_eq!(status, 403, "{body}");
+    let (status, body, _) =
+        s.op.call("DELETE", &events(ORG, "evt_unknown"), Some(&s.key), None)
+            .await;
+    assert_eq!(status, 404, "{body}");
+    let (status, session, _) =
+        s.op.call(
+            "POST",
+            &format!("{}/{ORG}/portal-sessions", s.op.base),
+            Some(&s.key),
+            None,
+        )
+        .await;
+    assert_eq!(status, 201, "{session}");
+    let portal = session["token"].as_str().unwrap();
+    let (status, body, _) = s.op.call("DELETE", &events(ORG, &event_id), Some(portal), None).await;
+    assert_eq!(status, 403, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("portal session"), "{body}");
+
+    let (status, erased, _) = s.op.call("DELETE", &events(ORG, &event_id), Some(&s.key), None).await;
+    assert_eq!(status, 200, "{erased}");
+    assert_conforms("Erased", &erased);
+    assert_eq!(erased, json!({"event_id": event_id, "deliveries": 2}));
+    // The answer comes once the tombstone is durable; the segment that held the payload is
+    // deleted right after.
+    support::wait_for(
+        "the payload's bytes gone from every ConfigMap",
+        Duration::from_secs(5),
+        || async { (!log_holds(&s.client, &s.ns, "ada-erase@example.com").await).then_some(()) },
+    )
+    .await;
+    assert!(
+        log_holds(&s.client, &s.ns, "grace@example.com").await,
+        "the other event stays"
+    );
+
+    let listed = s.deliveries(&ok_id).await;
+    let erased_one = listed.iter().find(|d| d["event_type"] == "user.deleted").unwrap();
+    assert_eq!(
+        erased_one["state"], "succeeded",
+        "a finished delivery keeps its outcome"
+    );
+    assert!(erased_one["payload"].is_null(), "{erased_one}");
+    let other = listed.iter().find(|d| d["event_type"] != "user.deleted").unwrap();
+    assert_eq!(other["payload"]["data"]["email"], "grace@example.com");
+    let pending = s.deliveries(&failing_id).await;
+    let pending = pending.iter().find(|d| d["event_type"] == "user.deleted").unwrap();
+    assert_eq!(pending["state"], "failed", "{pending}");
+    assert!(pending["payload"].is_null());
+    assert!(pending["last_error"].as_str().unwrap().contains("erased"), "{pending}");
+    assert!(pending["next_attempt_at"].is_null());
+
+    // Nothing of it can be sent again.
+    let retry = s.op.url(
+        ORG,
+        &format!("/{failing_id}/deliveries/{}/retry", pending["id"].as_str().unwrap()),
+    );
+    let (status, body, _) = s.op.call("POST", &retry, Some(&s.key), None).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(body["error"].as_str().unwrap().contains("erased"), "{body}");
+    // Idempotent.
+    let (status, again, _) = s.op.call("DELETE", &events(ORG, &event_id), Some(&s.key), None).await;
+    assert_eq!((status.as_u16(), again), (200, erased));
+    assert_eq!(
+        failing.received().len(),
+        2,
+        "the erased delivery was never attempted again"
+    );
+    let still = s.deliveries(&failing_id).await;
+    let other = still.iter().find(|d| d["event_type"] != "user.deleted").unwrap();
+    assert_eq!(
+        other["state"], "pending",
+        "the other event's delivery is untouched: {other}"
+    );
+}
+
+#[tokio::test]
+async fn payloads_past_their_retention_are_erased_and_the_records_stay() {
+    let s = setup(
+        "retention",
+        Options {
+            payload_retention: Some(Duration::from_secs(2)),
+            ..Options::default()
+        },
+    )
+    .await;
+    let receiver = Receiver::start(vec![]).await;
+    let (id, _) = s.endpoint(&receiver.url("/"), &[]).await;
+    let (status, _) =
+        s.op.ingest(ORG, "a.b", json!({"marker": "retained-for-two-seconds"}))
+            .await;
+    assert_eq!(status, 202);
+    let delivered = s.wait_delivery(&id, "delivered", |d| d["state"] == "succeeded").await;
+    assert_eq!(delivered["payload"]["data"]["marker"], "retained-for-two-seconds");
+    assert!(log_holds(&s.client, &s.ns, "retained-for-two-seconds").await);
+    let expired = s
+        .wait_delivery(&id, "the payload erased by retention", |d| d["payload"].is_null())
+        .await;
+    assert_eq!(expired["state"], "succeeded");
+    assert_eq!(expired["id"], delivered["id"]);
+    support::wait_for("the payload gone from the ConfigMaps", WAIT, || async {
+        (!log_holds(&s.client, &s.ns, "retained-for-two-seconds").await).then_some(())
+    })
+    .await;
+}

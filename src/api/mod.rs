@@ -246,6 +246,10 @@ impl ApiState {
             Operation::RecoverDeliveries => self.recover(org, id, body).await,
             Operation::GetSettings => self.settings(org, id, authorized(principal)?).await,
             Operation::UpdateSettings => self.update_settings(org, id, body).await,
+            Operation::EraseEvent => {
+                self.erase_event(org, matched.param(routes::EVENT), authorized(principal)?)
+                    .await
+            }
             Operation::CreatePortalSession => {
                 self.create_portal_session(org, authorized(principal)?, headers, body)
                     .await
@@ -653,6 +657,21 @@ impl ApiState {
         info!(organization = %org, endpoint = %id, recovered, %since, %until, "failed deliveries recovered");
         let body = model::Recovered { recovered };
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
+    }
+
+    /// Erases an event's payload from the organization's logs: `200 {"event_id", "deliveries"}`
+    /// once durable. An API key's or a session token's to do, never a portal session's.
+    async fn erase_event(&self, org: String, event_id: String, principal: Principal) -> Result<Response, ApiError> {
+        if matches!(principal.credential, crate::auth::CredentialKind::PortalSession { .. }) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "a portal session cannot erase events; use an API key or a session token",
+            ));
+        }
+        let deliveries = self.work()?.erase_event(&org, &event_id).await?;
+        info!(organization = %org, event = %event_id, deliveries, "event payload erased");
+        let body = model::Erased { event_id, deliveries };
+        Ok(warp::reply::json(&body).into_response())
     }
 
     /// Reserves room for one more endpoint of `org` until the returned guard drops (after the

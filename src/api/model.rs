@@ -245,6 +245,16 @@ pub struct Recovered {
     pub recovered: usize,
 }
 
+/// `DELETE .../events/{eventID}`.
+#[derive(Serialize, Debug, Clone, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct Erased {
+    /// The event erased.
+    pub event_id: String,
+    /// How many deliveries carry it (each now listed with `payload: null`).
+    pub deliveries: usize,
+}
+
 /// `POST .../portal-sessions`.
 #[derive(Serialize, Debug, Clone, JsonSchema)]
 #[schemars(deny_unknown_fields)]

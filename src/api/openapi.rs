@@ -180,6 +180,39 @@ fn operation_doc(operation: Operation) -> Option<OperationDoc> {
                 ),
             )
         },
+        EraseEvent => OperationDoc {
+            description: Some(
+                "Extension (erasure, e.g. for GDPR): the event's payload is erased from every delivery log of \
+                 the organization, and the ConfigMaps that stored it are rewritten without it. Its deliveries \
+                 stay, listed with `payload: null`; those still pending end `failed`, with `last_error` saying \
+                 the event was erased, and cannot be retried or recovered. Idempotent: erasing again answers \
+                 the same count. Not for portal sessions (403). Answers once the erasure is durable (no \
+                 attempt or read shows the payload again, even after a restart); the ConfigMap that held the \
+                 payload is deleted right after.",
+            ),
+            errors: &[
+                (
+                    403,
+                    "A valid credential of another organization, or a portal session (erasure needs an API key \
+                     or a session token).",
+                ),
+                (
+                    404,
+                    "No delivery of this organization carries the event (unknown, another organization's, or \
+                     pruned from the log).",
+                ),
+            ],
+            ..doc(
+                "eraseEvent",
+                "Erase an event's payload",
+                None,
+                (
+                    200,
+                    "The payload is erased; how many deliveries carried it.",
+                    schema_of::<model::Erased>,
+                ),
+            )
+        },
         CreatePortalSession => OperationDoc {
             description: Some(
                 "Extension: a signed, short-lived bearer token for the customer portal at `/portal/`, bound to \
@@ -258,6 +291,7 @@ fn path_parameter(name: &str) -> (&'static str, &'static str) {
         super::routes::ORG => ("orgID", "Organization id"),
         super::routes::ENDPOINT => ("endpointID", "Endpoint id"),
         super::routes::DELIVERY => ("deliveryID", "Delivery id"),
+        super::routes::EVENT => ("eventID", "Event id (`evt_...`), as ingest answered it"),
         other => panic!("path parameter :{other} has no documented name"),
     }
 }

@@ -32,6 +32,8 @@ pub enum Operation {
     GetSettings,
     /// `PATCH` an endpoint's delivery settings.
     UpdateSettings,
+    /// `DELETE` an event's payload from every delivery log of the organization.
+    EraseEvent,
     /// `POST` for a portal session token.
     CreatePortalSession,
     /// `GET` the OpenAPI document.
@@ -61,7 +63,7 @@ impl Operation {
         match self {
             ListEndpoints | ListDeliveries | GetSettings => Some(Access::Read),
             CreateEndpoint | UpdateEndpoint | DeleteEndpoint | RotateSecret | RetryDelivery | TestEndpoint
-            | RecoverDeliveries | UpdateSettings | CreatePortalSession => Some(Access::Write),
+            | RecoverDeliveries | UpdateSettings | CreatePortalSession | EraseEvent => Some(Access::Write),
             OpenApiDocument | PortalPage | PortalScript | PortalStyles => None,
         }
     }
@@ -73,7 +75,7 @@ impl Operation {
             CreateEndpoint | UpdateEndpoint | RecoverDeliveries | UpdateSettings => Some(BodyRule::Required),
             CreatePortalSession => Some(BodyRule::Optional),
             ListEndpoints | DeleteEndpoint | RotateSecret | ListDeliveries | RetryDelivery | TestEndpoint
-            | GetSettings | OpenApiDocument | PortalPage | PortalScript | PortalStyles => None,
+            | GetSettings | EraseEvent | OpenApiDocument | PortalPage | PortalScript | PortalStyles => None,
         }
     }
 
@@ -91,6 +93,8 @@ pub const ORG: &str = "org";
 pub const ENDPOINT: &str = "id";
 /// Path parameter of the delivery id.
 pub const DELIVERY: &str = "delivery";
+/// Path parameter of the event id.
+pub const EVENT: &str = "event";
 
 const fn route(template: &'static str, method: &'static str, operation: Operation) -> Route<Operation> {
     Route {
@@ -163,6 +167,7 @@ pub static ROUTES: RouteTable<Operation> = RouteTable::new(&[
         "POST",
         Operation::CreatePortalSession,
     ),
+    route("/v1/organizations/:org/events/:event", "DELETE", Operation::EraseEvent),
     route("/openapi.json", "GET", Operation::OpenApiDocument),
     route("/portal/", "GET", Operation::PortalPage),
     route("/portal/app.js", "GET", Operation::PortalScript),
@@ -261,6 +266,10 @@ mod tests {
             (
                 "/v1/organizations/org_1/portal-sessions",
                 "/v1/organizations/:org/portal-sessions".to_string(),
+            ),
+            (
+                "/v1/organizations/org_1/events/evt_01abc",
+                "/v1/organizations/:org/events/:event".to_string(),
             ),
         ] {
             assert_eq!(route_template(path), want, "{path}");

@@ -19,7 +19,9 @@
 //! every newer copy of it is stored too, so a read-back that lets the copy in the newest segment
 //! win never brings back an older state (a pending delivery already sent, say). It holds because
 //! segments are deleted oldest first and only once they hold no live version, and because the
-//! deletes of a batch are sent only after its creates succeeded.
+//! deletes of a batch are sent only after its creates succeeded. The one segment deleted out of
+//! that order is one holding an erased payload ([`DeliveryLog::erase_event`]): its live versions
+//! are copied into the same batch's creates first, so every entry's newest copy stays stored.
 //!
 //! When there are more segments than the live entries need ([`DeliveryLog::segment_limit`]), a
 //! batch compacts: it copies the live entries of the oldest segment into the segments it creates
@@ -239,13 +241,19 @@ struct Entry {
 
 #[derive(Clone, Debug)]
 struct EventEntry {
-    /// The envelope exactly as sent (JSON).
+    /// The envelope exactly as sent (JSON), or [`ERASED_PAYLOAD`] once erased.
     payload: Bytes,
     seq: Option<u64>,
     bytes: usize,
     /// Deliveries in the image that carry it.
     refs: usize,
+    /// Whether the payload was erased ([`DeliveryLog::erase_event`]): the entry is a tombstone.
+    erased: bool,
 }
+
+/// What an erased event's entry stores: a tombstone that wins over the payload, should a segment
+/// holding the payload be found again (its delete interrupted), so that it is deleted again.
+pub const ERASED_PAYLOAD: &str = "null";
 
 /// What the image keeps per endpoint.
 #[derive(Clone, Debug, Default)]
@@ -303,6 +311,9 @@ pub struct DeliveryLog {
     /// Segments a batch deletes whose delete is not confirmed yet: until it is, they may hold
     /// the only durable copy of an entry, so new segments' floors stay at or below them.
     unconfirmed_deletes: BTreeSet<u64>,
+    /// Segments holding an erased payload: the next batch copies their live entries and deletes
+    /// them, wherever they are in the journal.
+    purge: BTreeSet<u64>,
 }
 
 impl DeliveryLog {
@@ -325,6 +336,7 @@ impl DeliveryLog {
             next_seq: 1,
             avoided: BTreeSet::new(),
             unconfirmed_deletes: BTreeSet::new(),
+            purge: BTreeSet::new(),
         }
     }
 
@@ -478,7 +490,16 @@ impl DeliveryLog {
                         warn!(configmap = %name, key = %key, "undecodable event payload; ignored");
                         continue;
                     }
-                    log.detach_event(&key);
+                    let erased = value == ERASED_PAYLOAD;
+                    // A payload the erasure's tombstone supersedes is in a segment whose delete
+                    // did not happen: it goes again.
+                    if let Some(older) = log.detach_event(&key)
+                        && erased
+                        && !older.erased
+                        && let Some(older_seq) = older.seq
+                    {
+                        log.purge.insert(older_seq);
+                    }
                     log.dirty.remove(&key);
                     log.attach_event(key, Bytes::from(value), Some(seq));
                     continue;
@@ -570,7 +591,7 @@ impl DeliveryLog {
 
     /// The payload of an event, if the log holds it.
     pub fn payload(&self, event_id: &str) -> Option<&Bytes> {
-        self.events.get(event_id).map(|e| &e.payload)
+        self.events.get(event_id).filter(|e| !e.erased).map(|e| &e.payload)
     }
 
     /// The payload of an event as JSON, if the log holds it.
@@ -581,6 +602,56 @@ impl DeliveryLog {
     /// Number of events held.
     pub fn event_count(&self) -> usize {
         self.events.len()
+    }
+
+    /// Erases an event's payload: the image keeps a tombstone ([`ERASED_PAYLOAD`]) in its place
+    /// while deliveries carry it, and the next batch deletes the segment that stored the payload
+    /// (copying its other live entries), so the payload's bytes leave the API server. Returns the
+    /// ids of the deliveries carrying the event, oldest first (erased now or before: erasing is
+    /// idempotent), or `None` if no delivery here carries it. The caller decides what becomes of
+    /// pending ones: without a payload they cannot be sent.
+    pub fn erase_event(&mut self, id: &str) -> Option<Vec<String>> {
+        let carriers: Vec<String> = self
+            .records
+            .values()
+            .filter(|e| e.record.event_id == id)
+            .map(|e| e.record.id.clone())
+            .collect();
+        if carriers.is_empty() {
+            return None;
+        }
+        if self.events.get(id).is_some_and(|e| !e.erased) {
+            let event = self.detach_event(id).expect("checked above");
+            if let Some(seq) = event.seq {
+                self.purge.insert(seq);
+            }
+            self.attach_event(id.to_string(), Bytes::from_static(ERASED_PAYLOAD.as_bytes()), None);
+            self.events.get_mut(id).expect("just attached").refs = event.refs;
+            self.dirty.insert(id.to_string());
+        }
+        Some(carriers)
+    }
+
+    /// Events whose payload retention is over: every delivery carrying it is finished and was
+    /// created before `cutoff`. Erase them with [`Self::erase_event`]; their records stay.
+    pub fn expired_events(&self, cutoff: Timestamp) -> Vec<String> {
+        let mut expired: BTreeMap<&str, bool> = BTreeMap::new();
+        for entry in self.records.values() {
+            let record = &entry.record;
+            if self.events.get(&record.event_id).is_none_or(|e| e.erased) {
+                continue;
+            }
+            let over = record.is_finished() && record.created_at < cutoff;
+            expired
+                .entry(record.event_id.as_str())
+                .and_modify(|all| *all &= over)
+                .or_insert(over);
+        }
+        expired
+            .into_iter()
+            .filter(|(_, over)| *over)
+            .map(|(id, _)| id.to_string())
+            .collect()
     }
 
     /// Adds a new delivery (one with a known id is updated instead); the next batch stores it.
@@ -773,6 +844,7 @@ impl DeliveryLog {
         !self.dirty.is_empty()
             || !self.retired.is_empty()
             || !self.deleting.is_empty()
+            || !self.purge.is_empty()
             || self.segments.values().next().is_some_and(|s| s.live.is_empty())
     }
 
@@ -804,6 +876,17 @@ impl DeliveryLog {
                 self.dirty.insert(id.clone());
             }
             deleted.push(segment.name);
+        }
+        // Segments holding an erased payload go wherever they are: their live entries are copied
+        // into this batch's creates, which are durable before any delete is sent.
+        for seq in std::mem::take(&mut self.purge) {
+            if let Some(segment) = self.segments.remove(&seq) {
+                for id in &segment.live {
+                    self.forget_seq(id);
+                    self.dirty.insert(id.clone());
+                }
+                deleted.push(segment.name);
+            }
         }
 
         // Before the creates: no floor passes a segment until the API server confirmed its delete
@@ -1061,7 +1144,9 @@ impl DeliveryLog {
         Some(entry)
     }
 
+    /// Puts an event (or, with [`ERASED_PAYLOAD`], its tombstone) into the image's accounting.
     fn attach_event(&mut self, id: String, payload: Bytes, seq: Option<u64>) {
+        let erased = payload == ERASED_PAYLOAD.as_bytes();
         let bytes = event_bytes(&id, &payload);
         if let Some(segment) = seq.and_then(|seq| self.segments.get_mut(&seq)) {
             segment.live.insert(id.clone());
@@ -1075,6 +1160,7 @@ impl DeliveryLog {
                 seq,
                 bytes,
                 refs: 0,
+                erased,
             },
         );
     }

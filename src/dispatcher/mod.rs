@@ -80,6 +80,9 @@ pub struct DispatcherConfig {
     pub summary_interval: Duration,
     /// An endpoint whose deliveries all failed for this long is disabled.
     pub auto_disable_after: Duration,
+    /// Payloads of finished deliveries created longer ago than this are erased (`None`: kept
+    /// while their deliveries are).
+    pub payload_retention: Option<Duration>,
     /// Bytes per second the dispatcher may write through the API server; new work is refused
     /// while it is spent.
     pub budget: WriteBudget,
@@ -930,6 +933,41 @@ impl Dispatcher {
         self.await_durable(done).await
     }
 
+    /// Erases an event's payload from every log of the organization (one per namespace); returns
+    /// how many deliveries carry it, once durable. Not found when none does.
+    async fn erase_event(&self, organization_id: &str, event_id: &str) -> Result<usize, SubmitError> {
+        self.owned(organization_id)?;
+        let not_found = || SubmitError::NotFound(format!("event {event_id} not found"));
+        if !crate::delivery_log::is_event_key(event_id) {
+            return Err(not_found());
+        }
+        let workers: Vec<mpsc::Sender<Msg>> = self
+            .workers
+            .lock()
+            .expect("workers lock")
+            .iter()
+            .filter(|((_, organization), tx)| organization == organization_id && !tx.is_closed())
+            .map(|(_, tx)| tx.clone())
+            .collect();
+        let erasures = workers.into_iter().map(|tx| async move {
+            let (reply, done) = oneshot::channel();
+            tx.send(Msg::Erase {
+                event_id: event_id.to_string(),
+                reply,
+            })
+            .await
+            .map_err(|_| SubmitError::Unavailable("the dispatcher is shutting down".into()))?;
+            self.await_durable(done).await
+        });
+        let mut found = None;
+        for result in futures::future::join_all(erasures).await {
+            if let Some(count) = result? {
+                found = Some(found.unwrap_or(0) + count);
+            }
+        }
+        found.ok_or_else(not_found)
+    }
+
     /// Up to `limit` of an endpoint's deliveries, newest first, each with its event's payload:
     /// from memory, no API-server round trip.
     async fn deliveries(&self, endpoint: &WebhookEndpoint, limit: usize) -> Result<Vec<Listed>, SubmitError> {
@@ -1018,6 +1056,10 @@ impl Work for Dispatcher {
                         self.operational(event).await?;
                         WorkReply::Submitted(id, 1)
                     }
+                    WorkRequest::EraseEvent {
+                        organization_id,
+                        event_id,
+                    } => WorkReply::Erased(self.erase_event(&organization_id, &event_id).await?),
                     WorkRequest::Deliveries { endpoint, limit } => {
                         let endpoint = endpoint.look_up(endpoints).await?;
                         WorkReply::Deliveries(self.deliveries(&endpoint, limit).await?)

@@ -98,6 +98,12 @@ pub(crate) enum Msg {
         until: Timestamp,
         reply: oneshot::Sender<Result<usize, SubmitError>>,
     },
+    /// Erase an event's payload from this log; pending deliveries of it fail. Answered with the
+    /// number of deliveries carrying it once durable, `None` if none here does.
+    Erase {
+        event_id: String,
+        reply: oneshot::Sender<Result<Option<usize>, SubmitError>>,
+    },
     /// The newest deliveries of an endpoint, with their payloads.
     List {
         endpoint: String,
@@ -113,6 +119,12 @@ pub(crate) enum Msg {
     Wake,
 }
 
+/// `last_error` of a pending delivery whose event was erased before it was delivered.
+pub(crate) const ERASED_ERROR: &str = "the event was erased before it could be delivered";
+
+/// How often a worker looks for payloads past their retention, at most.
+const RETENTION_SWEEP_MAX: Duration = Duration::from_secs(60);
+
 /// Someone waiting for the next durable write.
 pub(crate) enum Ack {
     /// An event's deliveries: if they cannot be made durable, the caller is answered 503 and
@@ -120,6 +132,7 @@ pub(crate) enum Ack {
     Enqueued(Added, oneshot::Sender<Result<(), SubmitError>>),
     Retried(Box<Listed>, oneshot::Sender<Result<Listed, SubmitError>>),
     Recovered(usize, oneshot::Sender<Result<usize, SubmitError>>),
+    Erased(usize, oneshot::Sender<Result<Option<usize>, SubmitError>>),
 }
 
 impl Ack {
@@ -129,6 +142,7 @@ impl Ack {
             Ack::Enqueued(_, tx) => tx.is_closed(),
             Ack::Retried(_, tx) => tx.is_closed(),
             Ack::Recovered(_, tx) => tx.is_closed(),
+            Ack::Erased(_, tx) => tx.is_closed(),
         }
     }
 
@@ -142,6 +156,9 @@ impl Ack {
             }
             Ack::Recovered(count, tx) => {
                 let _ = tx.send(result.map(|()| count));
+            }
+            Ack::Erased(count, tx) => {
+                let _ = tx.send(result.map(|()| Some(count)));
             }
         }
     }
@@ -241,6 +258,8 @@ pub(crate) struct Worker {
     write_failed: bool,
     /// This worker's share of the pending-deliveries gauge.
     reported_pending: i64,
+    /// When payloads past their retention were last looked for.
+    retention_swept_at: Instant,
     /// This worker's share of the oldest-pending gauge (leaves it when the worker is dropped).
     due_slot: DueSlot,
     /// Turns true when the worker's shard is handed over or the process stops: drain.
@@ -289,6 +308,8 @@ impl Worker {
             recovered_at: HashMap::new(),
             names_mark,
             reported_pending: 0,
+            // The first sweep comes one interval after the start, not during a recovery's rush.
+            retention_swept_at: Instant::now(),
             due_slot: shared.config.metrics.due_slot(),
         };
         let due: Vec<(String, Timestamp, Timestamp, String)> = worker
@@ -410,6 +431,7 @@ impl Worker {
                 grace_deadline = Some(Instant::now() + self.shared.config.shutdown_grace);
             }
             if !is_stopping {
+                self.expire_payloads();
                 self.start_due_attempts();
             }
             self.start_writes();
@@ -502,6 +524,9 @@ impl Worker {
         if let Some(at) = self.write_retry_at {
             wake = wake.min(at);
         }
+        if let Some(retention) = self.shared.config.payload_retention.filter(|_| !stopping) {
+            wake = wake.min(self.retention_swept_at + retention_sweep_interval(retention));
+        }
         if let Some(d) = grace_deadline {
             wake = wake.min(d);
         }
@@ -531,6 +556,7 @@ impl Worker {
                 until,
                 reply,
             } => self.recover(endpoint, since, until, reply),
+            Msg::Erase { event_id, reply } => self.erase(&event_id, reply),
             Msg::List { endpoint, limit, reply } => {
                 let listed = self
                     .log
@@ -867,6 +893,14 @@ impl Worker {
         let Some(mut record) = self.log.get(&id).cloned() else {
             return;
         };
+        if record.state != DeliveryState::Pending {
+            // Finished while the attempt was in flight (its event erased): it stays as it is.
+            self.shared
+                .config
+                .metrics
+                .attempt(result.outcome.metric_label(), result.duration);
+            return;
+        }
         let active = self.endpoint(&endpoint_name).is_some_and(|e| e.spec.active);
         let metrics = self.shared.config.metrics.clone();
         metrics.attempt(result.outcome.metric_label(), result.duration);
@@ -939,6 +973,8 @@ impl Worker {
             .newest_first(&endpoint, usize::MAX)
             .into_iter()
             .filter(|r| r.state == DeliveryState::Failed && r.created_at >= since && r.created_at < until)
+            // Nothing to send without the payload (erased, or past its retention).
+            .filter(|r| self.log.payload(&r.event_id).is_some())
             // Recovered within the cool-down: not again, or one call repeated at once would be a
             // POST amplifier toward the endpoint's URL.
             .filter(|r| !recovered_at.contains_key(&r.id))
@@ -966,6 +1002,72 @@ impl Worker {
         self.waiting.push(Ack::Recovered(count, reply));
     }
 
+    /// Erases an event's payload (see [`DeliveryLog::erase_event`]); its pending deliveries fail
+    /// with [`ERASED_ERROR`]. Answers once durable with how many deliveries carry the event.
+    fn erase(&mut self, event_id: &str, reply: oneshot::Sender<Result<Option<usize>, SubmitError>>) {
+        let Some(carriers) = self.log.erase_event(event_id) else {
+            let _ = reply.send(Ok(None));
+            return;
+        };
+        let now = Timestamp::now();
+        for id in &carriers {
+            let Some(mut record) = self.log.get(id).filter(|r| r.state == DeliveryState::Pending).cloned() else {
+                continue;
+            };
+            let state = self.state(&record.endpoint_id);
+            state
+                .due
+                .remove(&(record.next_attempt_at.unwrap_or(record.created_at), id.clone()));
+            state.order.remove(&(record.created_at, id.clone()));
+            state.totals.failed += 1;
+            state.summary_dirty = true;
+            self.shared.config.metrics.delivery(DeliveryOutcome::Failed);
+            record.fail(ERASED_ERROR, now);
+            let endpoint = record.endpoint_id.clone();
+            self.log.update(record);
+            let pending = self.log.pending_count_of(&endpoint) as u64;
+            self.state(&endpoint).totals.pending = pending;
+        }
+        info!(namespace = %self.namespace, organization = %self.organization, event = event_id,
+            deliveries = carriers.len(), "event payload erased");
+        let ack = Ack::Erased(carriers.len(), reply);
+        if self.log.has_changes() {
+            self.waiting.push(ack);
+        } else if let Some(newest) = self.batch_acks.keys().max().copied() {
+            // Erased before, by a write still in flight: answered with it.
+            self.batch_acks.entry(newest).or_default().push(ack);
+        } else {
+            // Erased before, and durable: nothing to write.
+            ack.answer(Ok(()));
+        }
+    }
+
+    /// Erases the payloads past their retention (`--payload-retention`), at most once per sweep
+    /// interval; their delivery records stay.
+    fn expire_payloads(&mut self) {
+        let Some(retention) = self.shared.config.payload_retention else {
+            return;
+        };
+        let now = Instant::now();
+        if now < self.retention_swept_at + retention_sweep_interval(retention) {
+            return;
+        }
+        self.retention_swept_at = now;
+        let Ok(cutoff) = Timestamp::now().checked_sub(retention) else {
+            return;
+        };
+        let expired = self.log.expired_events(cutoff);
+        if expired.is_empty() {
+            return;
+        }
+        for event_id in &expired {
+            self.log.erase_event(event_id);
+        }
+        self.shared.config.metrics.payloads_expired(expired.len() as u64);
+        debug!(namespace = %self.namespace, organization = %self.organization, events = expired.len(),
+            "payloads past their retention erased");
+    }
+
     fn retry(&mut self, endpoint: String, id: String, reply: oneshot::Sender<Result<Listed, SubmitError>>) {
         let Some(mut record) = self.log.get(&id).filter(|r| r.endpoint_id == endpoint).cloned() else {
             let _ = reply.send(Err(SubmitError::NotFound(format!("delivery {id} not found"))));
@@ -973,6 +1075,12 @@ impl Worker {
         };
         if record.state == DeliveryState::Pending {
             let _ = reply.send(Err(SubmitError::Conflict(format!("delivery {id} is still pending"))));
+            return;
+        }
+        if self.log.payload(&record.event_id).is_none() {
+            let _ = reply.send(Err(SubmitError::Conflict(format!(
+                "delivery {id} cannot be sent again: its event's payload was erased"
+            ))));
             return;
         }
         record.resend(Timestamp::now());
@@ -1456,4 +1564,10 @@ fn attempt_ended(span: &tracing::Span, result: &AttemptResult) {
         span.record("error.type", result.outcome.metric_label());
         span.record("otel.status_code", "error");
     }
+}
+
+/// How often payloads past `retention` are looked for: a minute, or half the retention if that is
+/// shorter (a short retention is a test's, or a policy that wants payloads gone soon).
+fn retention_sweep_interval(retention: Duration) -> Duration {
+    (retention / 2).clamp(Duration::from_millis(100), RETENTION_SWEEP_MAX)
 }

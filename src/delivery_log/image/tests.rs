@@ -101,7 +101,11 @@ fn assert_in_sync(log: &DeliveryLog, server: &FakeServer) {
         for id in &segment.ids {
             match log.get(id) {
                 Some(record) => assert_eq!(data[id], record.to_stored(), "{id} in {}", segment.name),
-                None => assert_eq!(data[id].as_bytes(), &log.payload(id).unwrap()[..], "event {id}"),
+                None => assert_eq!(
+                    data[id].as_bytes(),
+                    log.payload(id).map_or(ERASED_PAYLOAD.as_bytes(), |p| &p[..]),
+                    "event {id}"
+                ),
             }
         }
     }
@@ -1757,4 +1761,158 @@ fn an_idle_log_stops_writing() {
         step(&mut log, &mut server);
     }
     assert_in_sync(&log, &server);
+}
+
+/// A payload whose bytes no ConfigMap of the server may hold once it is erased.
+fn secret_payload() -> Bytes {
+    Bytes::from_static(
+        br#"{"type":"user.deleted","timestamp":"2026-12-03T00:00:00Z","data":{"email":"ada@example.com"}}"#,
+    )
+}
+
+fn server_holds(server: &FakeServer, needle: &str) -> bool {
+    server
+        .objects
+        .values()
+        .any(|cm| entries(cm).values().any(|v| v.contains(needle)))
+}
+
+/// A log whose first segment holds event A (its delivery kept pending) and whose second holds
+/// the event to erase, S, with a delivery to each of two endpoints.
+fn journal_with_a_secret() -> (DeliveryLog, FakeServer, LogConfig) {
+    let cfg = config(10, 256 * 1024, 16);
+    let mut log = new_log(cfg.clone());
+    let mut server = FakeServer::default();
+    log.insert_event("evt_a", payload(10)).unwrap();
+    log.insert(delivery(0, "ep1", "evt_a")).unwrap();
+    commit(&mut log, &mut server);
+    log.insert_event("evt_s", secret_payload()).unwrap();
+    log.insert(delivery(1, "ep1", "evt_s")).unwrap();
+    log.insert(delivery(2, "ep2", "evt_s")).unwrap();
+    commit(&mut log, &mut server);
+    (log, server, cfg)
+}
+
+#[test]
+fn erasing_an_event_deletes_the_segment_holding_its_payload_wherever_it_is() {
+    // Segment 3 holds event B: S sits in the middle of the journal.
+    let (mut log, mut server, cfg) = journal_with_a_secret();
+    finish(&mut log, 1, 50);
+    log.insert_event("evt_b", payload(10)).unwrap();
+    log.insert(delivery(3, "ep1", "evt_b")).unwrap();
+    commit(&mut log, &mut server);
+    assert!(server_holds(&server, "ada@example.com"));
+    let segments_before = server.names();
+
+    assert_eq!(log.erase_event("evt_s"), Some(vec![id(1), id(2)]));
+    assert_eq!(log.erase_event("evt_nope"), None, "no delivery carries it");
+    assert!(log.payload("evt_s").is_none());
+    assert!(log.payload("evt_a").is_some() && log.payload("evt_b").is_some());
+    let writes = log.take_writes();
+    let deleted: Vec<&str> = writes.deletes().iter().map(SegmentWrite::name).collect();
+    assert_eq!(
+        deleted,
+        [segments_before[1].as_str()],
+        "the segment holding S, not the oldest"
+    );
+    let copied: Vec<String> = writes
+        .creates()
+        .iter()
+        .flat_map(|w| match w {
+            SegmentWrite::Create(cm) => entries(cm).into_keys().collect::<Vec<_>>(),
+            SegmentWrite::Delete { .. } => Vec::new(),
+        })
+        .collect();
+    assert!(
+        copied.contains(&id(2)),
+        "the live delivery it held is copied: {copied:?}"
+    );
+    assert!(copied.contains(&"evt_s".to_string()), "with the tombstone");
+    server.apply(&writes, None).unwrap();
+    assert!(
+        !server_holds(&server, "ada@example.com"),
+        "the payload's bytes are gone"
+    );
+    assert_in_sync(&log, &server);
+
+    let back = recover(&server, cfg);
+    assert!(back.payload("evt_s").is_none(), "still erased after a recovery");
+    assert_eq!(back.get(&id(1)), log.get(&id(1)), "the records stay");
+    assert_eq!(back.get(&id(2)), log.get(&id(2)));
+    assert!(back.payload("evt_a").is_some());
+    // Erasing again changes nothing.
+    assert_eq!(log.erase_event("evt_s"), Some(vec![id(1), id(2)]));
+    assert!(!log.has_changes());
+    // The tombstone goes with the last delivery carrying the event.
+    assert_eq!(log.remove_endpoint("ep1"), 3);
+    assert_eq!(log.remove_endpoint("ep2"), 1);
+    assert_eq!(log.event_count(), 0);
+}
+
+#[test]
+fn a_payload_whose_segment_outlived_its_erasure_is_deleted_again_after_a_recovery() {
+    let (mut log, mut server, cfg) = journal_with_a_secret();
+    log.erase_event("evt_s").unwrap();
+    let writes = log.take_writes();
+    // The creates land; the process dies before the delete.
+    let creates = writes.creates().len();
+    assert!(server.apply(&writes, Some(creates)).is_err());
+    assert!(server_holds(&server, "ada@example.com"));
+
+    let mut back = recover(&server, cfg);
+    assert!(back.payload("evt_s").is_none(), "the tombstone wins over the payload");
+    assert!(back.has_changes(), "the segment holding the payload is to be deleted");
+    commit(&mut back, &mut server);
+    assert!(!server_holds(&server, "ada@example.com"));
+    assert_in_sync(&back, &server);
+}
+
+#[test]
+fn an_event_erased_before_its_batch_is_written_never_stores_its_payload() {
+    let mut log = new_log(config(10, 256 * 1024, 16));
+    let mut server = FakeServer::default();
+    log.insert_event("evt_s", secret_payload()).unwrap();
+    log.insert(delivery(1, "ep1", "evt_s")).unwrap();
+    log.erase_event("evt_s").unwrap();
+    commit(&mut log, &mut server);
+    assert!(!server_holds(&server, "ada@example.com"));
+    assert_in_sync(&log, &server);
+
+    // Erased while its batch was in flight: that batch's segment goes with the next one.
+    log.insert_event("evt_t", secret_payload()).unwrap();
+    log.insert(delivery(2, "ep1", "evt_t")).unwrap();
+    let in_flight = log.take_writes();
+    log.erase_event("evt_t").unwrap();
+    server.apply(&in_flight, None).unwrap();
+    assert!(server_holds(&server, "ada@example.com"));
+    commit(&mut log, &mut server);
+    assert!(!server_holds(&server, "ada@example.com"));
+    assert_in_sync(&log, &server);
+}
+
+#[test]
+fn expired_events_are_those_whose_deliveries_all_finished_and_are_older_than_the_cutoff() {
+    let mut log = new_log(config(10, 256 * 1024, 16));
+    // evt_1: one delivery, finished, created at 1. evt_2: two deliveries, one still pending.
+    // evt_3: finished, created at 30 (after the cutoff).
+    log.insert_event("evt_1", payload(1)).unwrap();
+    log.insert(delivery(1, "ep1", "evt_1")).unwrap();
+    log.insert_event("evt_2", payload(1)).unwrap();
+    log.insert(delivery(2, "ep1", "evt_2")).unwrap();
+    log.insert(delivery(3, "ep2", "evt_2")).unwrap();
+    log.insert_event("evt_3", payload(1)).unwrap();
+    log.insert(delivery(30, "ep1", "evt_3")).unwrap();
+    finish(&mut log, 1, 40);
+    finish(&mut log, 2, 40);
+    finish(&mut log, 30, 40);
+    assert_eq!(log.expired_events(ts(20)), ["evt_1"]);
+    finish(&mut log, 3, 41);
+    assert_eq!(log.expired_events(ts(20)), ["evt_1", "evt_2"]);
+    assert_eq!(log.expired_events(ts(31)), ["evt_1", "evt_2", "evt_3"]);
+    log.erase_event("evt_1").unwrap();
+    assert_eq!(
+        log.expired_events(ts(20)),
+        ["evt_2"],
+        "an erased one is not expired again"
+    );
 }
