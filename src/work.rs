@@ -23,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use warp::http::StatusCode;
 
+use crate::delivery::attempt_stats::AttemptStats;
 use crate::delivery_log::DeliveryRecord;
 use crate::endpoints::EndpointCache;
 use crate::http::{ApiError, DEFAULT_RETRY_AFTER_SECS};
@@ -206,6 +207,11 @@ pub enum WorkRequest {
         /// The event.
         event_id: String,
     },
+    /// An endpoint's attempts of the last day, by hour. Answered [`WorkReply::AttemptStats`].
+    AttemptStats {
+        /// The endpoint.
+        endpoint: EndpointRef,
+    },
     /// Up to `limit` of an endpoint's deliveries, newest first. Answered
     /// [`WorkReply::Deliveries`].
     Deliveries {
@@ -227,7 +233,8 @@ impl WorkRequest {
             Self::SendTest { endpoint }
             | Self::Retry { endpoint, .. }
             | Self::Recover { endpoint, .. }
-            | Self::Deliveries { endpoint, .. } => &endpoint.organization_id,
+            | Self::Deliveries { endpoint, .. }
+            | Self::AttemptStats { endpoint } => &endpoint.organization_id,
         }
     }
 }
@@ -246,6 +253,8 @@ pub enum WorkReply {
     Erased(usize),
     /// Deliveries, newest first.
     Deliveries(Vec<Listed>),
+    /// An endpoint's attempts of the last day.
+    AttemptStats(AttemptStats),
     /// The owner's answer to a relayed event.
     #[serde(skip)]
     Relayed(OwnerAnswer),
@@ -409,6 +418,17 @@ impl WorkHandle {
         };
         match self.ask(request).await? {
             WorkReply::Erased(n) => Ok(n),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// [`WorkRequest::AttemptStats`]: the endpoint's attempts of the last day, by hour.
+    pub async fn attempt_stats(&self, endpoint: &WebhookEndpoint) -> Result<AttemptStats, SubmitError> {
+        let request = WorkRequest::AttemptStats {
+            endpoint: EndpointRef::of(endpoint),
+        };
+        match self.ask(request).await? {
+            WorkReply::AttemptStats(stats) => Ok(stats),
             other => Err(unexpected(other)),
         }
     }

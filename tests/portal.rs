@@ -34,6 +34,17 @@ async fn setup(prefix: &str, opts: Options) -> (kube::Client, String, Operator, 
     (client, ns, op, key)
 }
 
+/// [`setup`] with a dispatcher that makes one attempt per delivery (schedule `0s`): a failure is
+/// final at once.
+async fn setup_sending(prefix: &str) -> (kube::Client, String, Operator, String) {
+    let opts = Options {
+        dispatcher: true,
+        schedule: "0s",
+        ..Options::default()
+    };
+    setup(prefix, opts).await
+}
+
 fn sessions_url(op: &Operator, org: &str) -> String {
     format!("{}/{org}/portal-sessions", op.base)
 }
@@ -301,15 +312,7 @@ async fn wait_states(browser: &Browser, what: &str, want: &[&str]) {
 
 #[tokio::test]
 async fn the_portal_in_a_real_browser() {
-    let (client, ns, op, key) = setup(
-        "portal-browser",
-        Options {
-            dispatcher: true,
-            schedule: "0s",
-            ..Options::default()
-        },
-    )
-    .await;
+    let (client, ns, op, key) = setup_sending("portal-browser").await;
     let receiver = Receiver::start(vec![]).await;
     let (_driver, browser) = start_browser().await;
     let session = open_session(&op, &key, None).await;
@@ -528,5 +531,207 @@ async fn the_portal_in_a_real_browser() {
         .await;
     assert_eq!(status, StatusCode::FORBIDDEN);
 
+    browser.close().await.unwrap();
+}
+
+/// Where the README's picture of the chart is written (committed: the test refreshes it).
+fn chart_screenshot_path() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/images");
+    std::fs::create_dir_all(&dir).unwrap();
+    dir.join("portal-chart.png")
+}
+
+/// An attribute of the first element `css` matches.
+async fn attr(browser: &Browser, css: &str, name: &str) -> Option<String> {
+    browser.find(Locator::Css(css)).await.ok()?.attr(name).await.ok()?
+}
+
+/// Issue 24, item 5: an endpoint's attempts of the last 24 hours, by outcome and with the latency
+/// of the successful ones, over REST (`GET .../stats`, one organization only) and drawn in the
+/// portal as inline SVG under the page's CSP; the drawing is read back from the DOM and
+/// photographed for the README.
+#[tokio::test]
+async fn the_portal_charts_the_last_day_of_attempts() {
+    let (client, ns, op, key) = setup_sending("portal-chart").await;
+    let receiver = Receiver::start(vec![]).await;
+    let create = |path: &str| {
+        let body = json!({"url": receiver.url(path), "description": path.trim_start_matches('/')});
+        let (op, key, list) = (&op, &key, op.url(ORG, ""));
+        async move {
+            let (status, created, _) = op.call("POST", &list, Some(key), Some(body)).await;
+            assert_eq!(status, StatusCode::CREATED, "{created}");
+            created["webhook_endpoint"]["id"].as_str().unwrap().to_string()
+        }
+    };
+    let busy = create("/busy").await;
+    let quiet = create("/quiet").await;
+
+    // Four successes that take a while to answer, two failures: one attempt each (schedule "0s").
+    receiver.script(vec![
+        Answer::Slow(Duration::from_millis(40)),
+        Answer::Status(500),
+        Answer::Slow(Duration::from_millis(80)),
+        Answer::Slow(Duration::from_millis(120)),
+        Answer::Status(500),
+        Answer::Slow(Duration::from_millis(160)),
+    ]);
+    let test = op.url(ORG, &format!("/{busy}/test"));
+    for _ in 0..6 {
+        let (status, body, _) = op.call("POST", &test, Some(&key), None).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+    }
+    let deliveries = op.url(ORG, &format!("/{busy}/deliveries"));
+    support::wait_for("six finished deliveries", WAIT, || async {
+        let (_, body, _) = op.call("GET", &deliveries, Some(&key), None).await;
+        let list = body["deliveries"].as_array()?.clone();
+        (list.len() == 6 && list.iter().all(|d| d["state"] != "pending")).then_some(())
+    })
+    .await;
+
+    // Over REST: 24 hours, the attempts counted by outcome, latency only of the successes.
+    let stats_url = op.url(ORG, &format!("/{busy}/stats"));
+    let (status, stats, _) = op.call("GET", &stats_url, Some(&key), None).await;
+    assert_eq!(status, StatusCode::OK, "{stats}");
+    assert_conforms("EndpointStats", &stats);
+    let hours = stats["hours"].as_array().unwrap();
+    assert_eq!(hours.len(), 24);
+    assert_eq!(
+        (stats["succeeded"].as_u64(), stats["failed"].as_u64()),
+        (Some(4), Some(2))
+    );
+    let sum = |field: &str| hours.iter().map(|h| h[field].as_u64().unwrap()).sum::<u64>();
+    assert_eq!((sum("succeeded"), sum("failed")), (4, 2));
+    let since: jiff::Timestamp = stats["since"].as_str().unwrap().parse().unwrap();
+    let last: jiff::Timestamp = hours[23]["start"].as_str().unwrap().parse().unwrap();
+    assert!(
+        since <= jiff::Timestamp::now() && last <= jiff::Timestamp::now(),
+        "{stats}"
+    );
+    for hour in hours.iter().filter(|h| h["succeeded"].as_u64() > Some(0)) {
+        let (p50, p95) = (
+            hour["latency_p50_ms"].as_f64().unwrap(),
+            hour["latency_p95_ms"].as_f64().unwrap(),
+        );
+        // The receiver took 40 to 160 ms to answer each success.
+        assert!((30.0..=1000.0).contains(&p50) && p50 <= p95, "{hour}");
+    }
+    // The quiet endpoint: a day of zeros. Another organization sees neither.
+    let (_, quiet_stats, _) = op
+        .call("GET", &op.url(ORG, &format!("/{quiet}/stats")), Some(&key), None)
+        .await;
+    assert_eq!(
+        (quiet_stats["succeeded"].as_u64(), quiet_stats["failed"].as_u64()),
+        (Some(0), Some(0))
+    );
+    let (_, other_key) = op.mint_key(&client, &ns, "org_other", None).await;
+    let (status, body, _) = op.call("GET", &stats_url, Some(&other_key), None).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    let (status, body, _) = op
+        .call(
+            "GET",
+            &op.url("org_other", &format!("/{busy}/stats")),
+            Some(&other_key),
+            None,
+        )
+        .await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(!body.to_string().contains("succeeded"), "{body}");
+
+    // In the page, from a read-only session (the chart only reads).
+    let (_driver, browser) = start_browser().await;
+    let session = open_session(&op, &key, Some(json!({"read_only": true}))).await;
+    browser.goto(session["url"].as_str().unwrap()).await.unwrap();
+    let row = |id: &str| format!("#endpoints tr[data-endpoint-id=\"{id}\"]");
+    support::wait_for("both endpoints listed", WAIT, || async {
+        (present(&browser, &row(&busy)).await && present(&browser, &row(&quiet)).await).then_some(())
+    })
+    .await;
+    browser
+        .execute(
+            "window.cspViolations = [];
+             document.addEventListener('securitypolicyviolation', e => window.cspViolations.push(e.violatedDirective));",
+            vec![],
+        )
+        .await
+        .unwrap();
+    // Nothing attempted: said so, and no empty drawing.
+    click(&browser, &format!("{} .open", row(&quiet))).await;
+    support::wait_for("the empty state", WAIT, || async {
+        (text(&browser, "#chart-summary").await == "No attempts in the last 24 hours.").then_some(())
+    })
+    .await;
+    assert!(!present(&browser, "#chart svg").await);
+    click(&browser, "#detail-close").await;
+
+    click(&browser, &format!("{} .open", row(&busy))).await;
+    support::wait_for("the chart", WAIT, || async {
+        present(&browser, "#chart svg").await.then_some(())
+    })
+    .await;
+    let summary = text(&browser, "#chart-summary").await;
+    assert!(
+        summary.starts_with("6 attempts in the last 24 hours: 4 succeeded, 2 failed."),
+        "{summary}"
+    );
+    let label = attr(&browser, "#chart svg", "aria-label").await.unwrap_or_default();
+    assert_eq!(label, summary, "the drawing is named by its totals");
+    assert_eq!(attr(&browser, "#chart svg", "role").await.as_deref(), Some("img"));
+    // Read back from the drawing itself: 24 hours, whose bars add up to the totals.
+    let drawn = browser
+        .execute(
+            "const hours = [...document.querySelectorAll('#chart svg g.chart-hour')];
+             const n = (g, a) => Number(g.getAttribute(a));
+             const height = (sel) => [...document.querySelectorAll(sel)]
+               .reduce((sum, r) => sum + r.getBBox().height, 0);
+             return {
+               hours: hours.length,
+               succeeded: hours.reduce((s, g) => s + n(g, 'data-succeeded'), 0),
+               failed: hours.reduce((s, g) => s + n(g, 'data-failed'), 0),
+               succeededBars: height('#chart .bar-succeeded'),
+               failedBars: height('#chart .bar-failed'),
+               medians: document.querySelectorAll('#chart .chart-dot-p50').length,
+               titled: hours.every(g => g.querySelector('title').textContent.includes('succeeded')),
+               width: document.querySelector('#chart svg').getBoundingClientRect().width,
+             };",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (&drawn["hours"], &drawn["succeeded"], &drawn["failed"], &drawn["titled"]),
+        (&json!(24), &json!(4), &json!(2), &json!(true)),
+        "{drawn}"
+    );
+    // Stacked to scale: the successes' bars twice as tall as the failures'.
+    let (ok, bad) = (
+        drawn["succeededBars"].as_f64().unwrap(),
+        drawn["failedBars"].as_f64().unwrap(),
+    );
+    assert!(bad > 0.0 && (ok / bad - 2.0).abs() < 0.05, "{drawn}");
+    assert!(drawn["medians"].as_u64().unwrap() >= 1, "a latency point: {drawn}");
+    assert!(drawn["width"].as_f64().unwrap() > 300.0, "{drawn}");
+    // Drawn under the page's policy: the browser reported no violation of it, and nothing was
+    // loaded from elsewhere.
+    let checked = browser
+        .execute(
+            "return [window.cspViolations,
+                     performance.getEntriesByType('resource').filter(e => !e.name.startsWith(location.origin)).length]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(checked, json!([[], 0]), "CSP violations, requests elsewhere");
+
+    let section = browser.find(Locator::Css("#chart-section")).await.unwrap();
+    browser
+        .execute(
+            "document.getElementById('chart-section').scrollIntoView({block: 'center'})",
+            vec![],
+        )
+        .await
+        .unwrap();
+    let png = section.screenshot().await.expect("screenshot of the chart");
+    std::fs::write(chart_screenshot_path(), &png).unwrap();
+    screenshot(&browser, "portal-chart-page").await;
     browser.close().await.unwrap();
 }

@@ -892,6 +892,13 @@ async fn the_internal_work_route_trusts_nothing_in_its_body() {
         Some(1),
         "the forwarded test is listed through a: {deliveries}"
     );
+    // The attempt is counted where it was made (b) and read through a.
+    let stats = support::wait_for("the forwarded attempt counted", Duration::from_secs(20), || async {
+        let stats = get(format!("{rest}/{id}/stats")).await;
+        (stats["succeeded"].as_u64().unwrap_or(0) + stats["failed"].as_u64().unwrap_or(0) == 1).then_some(stats)
+    })
+    .await;
+    assert_eq!(stats["hours"].as_array().map(Vec::len), Some(24), "{stats}");
 
     let endpoints: kube::Api<capy_webhooks::resources::WebhookEndpoint> = kube::Api::namespaced(client.clone(), &ns);
     let real = EndpointRef::of(&endpoints.get(&id).await.unwrap());
@@ -955,6 +962,9 @@ async fn the_internal_work_route_trusts_nothing_in_its_body() {
             WorkRequest::Retry {
                 endpoint: reference.clone(),
                 delivery_id: "dlv_x".into(),
+            },
+            WorkRequest::AttemptStats {
+                endpoint: reference.clone(),
             },
         ] {
             let body = serde_json::to_vec(&op).unwrap();

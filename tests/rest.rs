@@ -252,6 +252,7 @@ async fn authentication_matrix_over_every_route() {
         ("DELETE", op.url(ORG, &format!("/{id}")), None),
         ("POST", op.url(ORG, &format!("/{id}/rotate-secret")), None),
         ("GET", op.url(ORG, &format!("/{id}/deliveries")), None),
+        ("GET", op.url(ORG, &format!("/{id}/stats")), None),
     ];
     for (method, url, body) in &routes {
         for (case, header, expected) in &cases {

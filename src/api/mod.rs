@@ -241,6 +241,7 @@ impl ApiState {
             Operation::DeleteEndpoint => self.delete(org, id, authorized(principal)?).await,
             Operation::RotateSecret => self.rotate_secret(org, id, authorized(principal)?).await,
             Operation::ListDeliveries => self.deliveries(org, id, query).await,
+            Operation::EndpointStats => self.stats(org, id).await,
             Operation::RetryDelivery => self.retry_delivery(org, id, matched.param(routes::DELIVERY)).await,
             Operation::TestEndpoint => self.test_endpoint(org, id).await,
             Operation::RecoverDeliveries => self.recover(org, id, body).await,
@@ -640,6 +641,15 @@ impl ApiState {
             }
         };
         Ok(warp::reply::json(&model::DeliveryList { deliveries }).into_response())
+    }
+
+    /// `GET .../stats`: the endpoint's attempts of the last 24 hours by hour, as the replica that
+    /// sends them counts them (asked of it when that is another replica).
+    async fn stats(&self, org: String, id: String) -> Result<Response, ApiError> {
+        self.within_rate(&org)?;
+        let endpoint = self.find(&org, &id)?;
+        let stats = self.work()?.attempt_stats(&endpoint).await?;
+        Ok(warp::reply::json(&model::EndpointStats::of(&stats)).into_response())
     }
 
     /// Sends the endpoint's failed deliveries of a window again (authenticated before the body

@@ -236,6 +236,69 @@ pub struct DeliveryResponse {
     pub delivery: DeliveryView,
 }
 
+/// `GET .../stats`: an endpoint's delivery attempts of the last 24 hours, by hour.
+#[derive(Serialize, Debug, Clone, PartialEq, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct EndpointStats {
+    /// When counting began (RFC 3339, UTC). Counts are kept in memory by the replica that sends
+    /// the endpoint's attempts, from when it took the endpoint's organization over (its start, or
+    /// a hand-over between replicas): hours before this show no attempts because none were
+    /// counted.
+    #[schemars(extend("format" = "date-time"))]
+    pub since: String,
+    /// Successful attempts in the hours shown.
+    pub succeeded: u64,
+    /// Failed attempts in the hours shown.
+    pub failed: u64,
+    /// The current hour and the 23 before it, oldest first, each present (zeros when nothing was
+    /// attempted).
+    #[schemars(length(min = crate::delivery::attempt_stats::HOURS, max = crate::delivery::attempt_stats::HOURS))]
+    pub hours: Vec<AttemptHour>,
+}
+
+/// One hour of an endpoint's delivery attempts.
+#[derive(Serialize, Debug, Clone, PartialEq, JsonSchema)]
+#[schemars(deny_unknown_fields)]
+pub struct AttemptHour {
+    /// The hour's start (RFC 3339, UTC, on the hour).
+    #[schemars(extend("format" = "date-time"))]
+    pub start: String,
+    /// Attempts answered with a 2xx.
+    pub succeeded: u64,
+    /// Attempts that failed: any other status, a timeout, a connection error, or an address the
+    /// operator refused to connect to.
+    pub failed: u64,
+    /// Median time a successful attempt took, from sending to the answer, in milliseconds
+    /// (estimated, to within about 10 %); null when none succeeded.
+    #[schemars(range(min = 0.0))]
+    pub latency_p50_ms: Option<f64>,
+    /// 95th percentile of the same; null when none succeeded.
+    #[schemars(range(min = 0.0))]
+    pub latency_p95_ms: Option<f64>,
+}
+
+impl EndpointStats {
+    /// The attempts as the REST API shows them.
+    pub fn of(stats: &crate::delivery::attempt_stats::AttemptStats) -> Self {
+        Self {
+            since: rfc3339(stats.since),
+            succeeded: stats.succeeded(),
+            failed: stats.failed(),
+            hours: stats
+                .hours
+                .iter()
+                .map(|h| AttemptHour {
+                    start: rfc3339(h.start),
+                    succeeded: h.succeeded,
+                    failed: h.failed,
+                    latency_p50_ms: h.latency_p50_ms,
+                    latency_p95_ms: h.latency_p95_ms,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// `POST .../recover`.
 #[derive(Serialize, Debug, Clone, JsonSchema)]
 #[schemars(deny_unknown_fields)]

@@ -102,6 +102,25 @@ fn operation_doc(operation: Operation) -> Option<OperationDoc> {
                 (200, "Deliveries, newest first", schema_of::<model::DeliveryList>),
             )
         },
+        EndpointStats => OperationDoc {
+            description: Some(
+                "Extension: the endpoint's delivery attempts of the current hour and the 23 before it (UTC \
+                 hours), each hour with its successful and failed attempts and the median and 95th percentile \
+                 latency of the successful ones: what the portal's chart draws. Counted in memory by the replica \
+                 that sends the endpoint's attempts, since `since` (when that replica took the endpoint's \
+                 organization over); nothing of it is stored.",
+            ),
+            ..doc(
+                "getWebhookEndpointStats",
+                "Attempts of the last 24 hours by hour (beyond the published contract)",
+                None,
+                (
+                    200,
+                    "24 hours of attempts, oldest first",
+                    schema_of::<model::EndpointStats>,
+                ),
+            )
+        },
         RetryDelivery => OperationDoc {
             errors: &[(409, "The delivery is still pending.")],
             ..doc(
@@ -662,6 +681,15 @@ mod tests {
             "Recovered",
             &serde_json::to_value(model::Recovered { recovered: 3 }).unwrap(),
         );
+        let mut history = crate::delivery::attempt_stats::AttemptHistory::default();
+        let now = jiff::Timestamp::from_second(1_796_637_600).unwrap();
+        history.record(now, true, std::time::Duration::from_millis(42));
+        history.record(now, false, std::time::Duration::from_millis(3));
+        let stats = model::EndpointStats::of(&history.stats(now, now));
+        let stats = serde_json::to_value(&stats).unwrap();
+        assert_described(&doc, "EndpointStats", &stats);
+        assert_described(&doc, "AttemptHour", &stats["hours"][23]);
+        assert_described(&doc, "AttemptHour", &stats["hours"][0]);
         let session = model::PortalSession {
             url: "http://localhost/portal/#token=capy_portal_abc.def".into(),
             token: "capy_portal_abc.def".into(),

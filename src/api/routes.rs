@@ -22,6 +22,8 @@ pub enum Operation {
     RotateSecret,
     /// `GET` an endpoint's deliveries, newest first.
     ListDeliveries,
+    /// `GET` an endpoint's attempts of the last 24 hours, by hour (the portal's chart).
+    EndpointStats,
     /// `POST` a finished delivery once more.
     RetryDelivery,
     /// `POST` a `webhook.test` event to one endpoint.
@@ -61,7 +63,7 @@ impl Operation {
     pub fn access(self) -> Option<Access> {
         use Operation::*;
         match self {
-            ListEndpoints | ListDeliveries | GetSettings => Some(Access::Read),
+            ListEndpoints | ListDeliveries | EndpointStats | GetSettings => Some(Access::Read),
             CreateEndpoint | UpdateEndpoint | DeleteEndpoint | RotateSecret | RetryDelivery | TestEndpoint
             | RecoverDeliveries | UpdateSettings | CreatePortalSession | EraseEvent => Some(Access::Write),
             OpenApiDocument | PortalPage | PortalScript | PortalStyles => None,
@@ -74,8 +76,8 @@ impl Operation {
         match self {
             CreateEndpoint | UpdateEndpoint | RecoverDeliveries | UpdateSettings => Some(BodyRule::Required),
             CreatePortalSession => Some(BodyRule::Optional),
-            ListEndpoints | DeleteEndpoint | RotateSecret | ListDeliveries | RetryDelivery | TestEndpoint
-            | GetSettings | EraseEvent | OpenApiDocument | PortalPage | PortalScript | PortalStyles => None,
+            ListEndpoints | DeleteEndpoint | RotateSecret | ListDeliveries | EndpointStats | RetryDelivery
+            | TestEndpoint | GetSettings | EraseEvent | OpenApiDocument | PortalPage | PortalScript | PortalStyles => None,
         }
     }
 
@@ -83,7 +85,10 @@ impl Operation {
     /// read deliveries (`--organization-rate-limit`): 429 beyond it.
     pub fn rate_limited(self) -> bool {
         use Operation::*;
-        matches!(self, ListDeliveries | RetryDelivery | TestEndpoint | RecoverDeliveries)
+        matches!(
+            self,
+            ListDeliveries | EndpointStats | RetryDelivery | TestEndpoint | RecoverDeliveries
+        )
     }
 }
 
@@ -136,6 +141,11 @@ pub static ROUTES: RouteTable<Operation> = RouteTable::new(&[
         "/v1/organizations/:org/webhook-endpoints/:id/deliveries",
         "GET",
         Operation::ListDeliveries,
+    ),
+    route(
+        "/v1/organizations/:org/webhook-endpoints/:id/stats",
+        "GET",
+        Operation::EndpointStats,
     ),
     route(
         "/v1/organizations/:org/webhook-endpoints/:id/deliveries/:delivery/retry",
@@ -257,6 +267,10 @@ mod tests {
             (
                 "/v1/organizations/org_1/webhook-endpoints/ep-01/settings",
                 format!("{base}/:id/settings"),
+            ),
+            (
+                "/v1/organizations/org_1/webhook-endpoints/ep-01/stats",
+                format!("{base}/:id/stats"),
             ),
             ("/openapi.json", "/openapi.json".to_string()),
             ("/portal", "/portal/".to_string()),

@@ -9,11 +9,13 @@
 //! - [`outcome`]: what an attempt's result means for the delivery and its endpoint (success,
 //!   retry, give up, totals, disable).
 //! - [`event_types`]: which endpoints an event goes to.
+//! - [`attempt_stats`]: an endpoint's attempts of the last 24 hours by hour (the portal's chart).
 //! - [`health`]: the health rule, when a failing endpoint is disabled and which reason it shows.
 //! - [`ssrf`]: which resolved addresses a delivery may connect to.
 //! - [`sender`]: one signed attempt over a keep-alive client with the SSRF guard in its resolver.
 //! - [`egress`]: the egress proxy's tunnel (`CONNECT` to the checked address), for [`sender`].
 
+pub mod attempt_stats;
 pub mod due;
 pub mod egress;
 pub mod event_types;

@@ -33,6 +33,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{info, warn};
 
 use crate::client_certificate::{ClientIdentity, Problem, TLS_SECRET_TYPE, identity_from_secret};
+use crate::delivery::attempt_stats::{AttemptHistory, AttemptStats};
 use crate::delivery::event_types::matches;
 use crate::delivery::schedule::RetrySchedule;
 use crate::delivery::sender::{Sender, SenderConfig, envelope};
@@ -287,6 +288,8 @@ struct ShardRun {
     aborts: Vec<tokio::task::AbortHandle>,
     /// Closed when the shard's Lease can no longer be trusted.
     fence: Fence,
+    /// When the shard's logs were read back here: attempts are counted from then.
+    taken_at: Timestamp,
 }
 
 /// A worker's key: the namespace and organization of its log.
@@ -544,6 +547,7 @@ impl Dispatcher {
                     tracker: tokio_util::task::TaskTracker::new(),
                     aborts: Vec::new(),
                     fence: fence.clone(),
+                    taken_at: Timestamp::now(),
                 };
                 if let Some(old) = shards.insert(shard, run) {
                     self.abort_run(shard, old);
@@ -986,6 +990,32 @@ impl Dispatcher {
             .map_err(|_| SubmitError::Unavailable("the dispatcher is shutting down".into()))
     }
 
+    /// An endpoint's attempts of the last day by hour, as counted here (in memory) since its
+    /// organization's worker started; without a worker (nothing happened since the shard was
+    /// taken), a day of zeros since then.
+    async fn attempt_stats(&self, endpoint: &WebhookEndpoint) -> Result<AttemptStats, SubmitError> {
+        let shutting_down = || SubmitError::Unavailable("the dispatcher is shutting down".into());
+        let Some(tx) = self.running_worker(endpoint)? else {
+            let shard = shard_of(&endpoint.spec.organization_id);
+            let now = Timestamp::now();
+            let since = self
+                .shards
+                .lock()
+                .expect("shards lock")
+                .get(&shard)
+                .map_or(now, |run| run.taken_at);
+            return Ok(AttemptHistory::default().stats(now, since));
+        };
+        let (reply, done) = oneshot::channel();
+        tx.send(Msg::Stats {
+            endpoint: endpoint.name_any(),
+            reply,
+        })
+        .await
+        .map_err(|_| shutting_down())?;
+        done.await.map_err(|_| shutting_down())
+    }
+
     /// Stores an operational event in the operational log (unless it holds the event's delivery
     /// already); returns once durable.
     async fn operational(&self, event: OperationalEvent) -> Result<(), SubmitError> {
@@ -1063,6 +1093,10 @@ impl Work for Dispatcher {
                     WorkRequest::Deliveries { endpoint, limit } => {
                         let endpoint = endpoint.look_up(endpoints).await?;
                         WorkReply::Deliveries(self.deliveries(&endpoint, limit).await?)
+                    }
+                    WorkRequest::AttemptStats { endpoint } => {
+                        let endpoint = endpoint.look_up(endpoints).await?;
+                        WorkReply::AttemptStats(self.attempt_stats(&endpoint).await?)
                     }
                 })
             };

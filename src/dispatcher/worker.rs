@@ -25,6 +25,7 @@ use tracing::{Instrument, debug, info, warn};
 
 use super::Shared;
 use super::status::{DispatchSummary, status_patch, transition_event};
+use crate::delivery::attempt_stats::{AttemptHistory, AttemptStats};
 use crate::delivery::due::{
     Found, Lane, Queued, Start, ingest_key_after, next_fifo_start, next_start, plan_fifo_start, plan_starts,
 };
@@ -110,6 +111,11 @@ pub(crate) enum Msg {
         limit: usize,
         reply: oneshot::Sender<Vec<Listed>>,
     },
+    /// An endpoint's attempts of the last day, by hour.
+    Stats {
+        endpoint: String,
+        reply: oneshot::Sender<AttemptStats>,
+    },
     /// A status summary write finished: `written` is what it wrote, if it succeeded.
     SummaryDone {
         endpoint: String,
@@ -182,6 +188,8 @@ struct EndpointState {
     /// With a rate limit, no attempt of this endpoint starts before this time.
     paced_until: Timestamp,
     window: HealthWindow,
+    /// Attempts of the last day by hour, for the portal's chart (in memory only).
+    attempts: AttemptHistory,
     totals: DeliverySummary,
     last_health: Health,
     disabled_reason: Option<String>,
@@ -203,6 +211,7 @@ impl EndpointState {
             in_flight: 0,
             paced_until: Timestamp::UNIX_EPOCH,
             window: HealthWindow::default(),
+            attempts: AttemptHistory::default(),
             totals: status.deliveries.clone().unwrap_or_default(),
             last_health: status.health.unwrap_or_default(),
             disabled_reason: status.disabled_reason,
@@ -268,6 +277,8 @@ pub(crate) struct Worker {
     fence: Fence,
     /// The shard of the organization.
     shard: u32,
+    /// When this worker started: its endpoints' attempt counts begin here.
+    started_at: Timestamp,
     /// Attempts, log writes and status writes in flight: when the worker is stopped at once (its
     /// shard lost), dropping them aborts them all, so nothing more is sent or written.
     tasks: tokio::task::JoinSet<()>,
@@ -287,6 +298,7 @@ impl Worker {
             stopping,
             fence,
             shard: shard_of(log.organization_id()),
+            started_at: Timestamp::now(),
             tasks: tokio::task::JoinSet::new(),
             namespace: log.namespace().to_string(),
             organization: log.organization_id().to_string(),
@@ -565,6 +577,13 @@ impl Worker {
                     .map(|r| (r.clone(), self.log.payload_json(&r.event_id)))
                     .collect();
                 let _ = reply.send(listed);
+            }
+            Msg::Stats { endpoint, reply } => {
+                let stats = match self.endpoints.get(&endpoint) {
+                    Some(state) => state.attempts.stats(Timestamp::now(), self.started_at),
+                    None => AttemptHistory::default().stats(Timestamp::now(), self.started_at),
+                };
+                let _ = reply.send(stats);
             }
             Msg::SummaryDone { endpoint, written } => self.summary_done(endpoint, written),
             Msg::Wake => self.forget_departed_endpoints(),
@@ -918,6 +937,7 @@ impl Worker {
         record.attempted(result.outcome.status(), effect.next, effect.last_error.clone(), at);
         let state = self.state(&endpoint_name);
         state.window.record(at, result.outcome.is_success());
+        state.attempts.record(at, result.outcome.is_success(), result.duration);
         let on_endpoint = endpoint_after_attempt(&effect, &state.totals, &state.window, at, auto_disable_after, active);
         state.totals = on_endpoint.totals;
         metrics.delivery(match effect.next {

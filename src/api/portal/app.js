@@ -14,6 +14,8 @@
   const LIST_INTERVAL_MS = 5000;
   const DELIVERY_INTERVAL_MS = 2000;
   const DELIVERY_LIMIT = 100;
+  // The chart's counts are hourly: a slower refresh than the deliveries' is plenty.
+  const STATS_INTERVAL_MS = 15000;
   // The refreshes share the organization's request budget with its own scripts: they stop while
   // the tab is hidden and back off on errors, as far as Retry-After or this asks.
   const MAX_BACKOFF_MS = 60000;
@@ -40,6 +42,10 @@
     deliveries: null,
     deliverySeq: 0,
     deliveryTimer: 0,
+    statsSeq: 0,
+    statsTimer: 0,
+    statsFailures: 0,
+    stats: null,
     secretReturnFocus: null,
   };
 
@@ -292,8 +298,10 @@
     state.detailId = null;
     clearTimeout(state.listTimer);
     clearTimeout(state.deliveryTimer);
+    clearTimeout(state.statsTimer);
     state.listSeq++;
     state.deliverySeq++;
+    state.statsSeq++;
     hideSecret(false);
     clearNotice();
     showSignedOut(message);
@@ -598,7 +606,9 @@
       row.classList.toggle("selected", row.getAttribute("data-endpoint-id") === id);
     }
     $("detail-title").focus();
+    resetChart();
     refreshDeliveries();
+    refreshStats();
   }
 
   function closeDetail(restoreFocus) {
@@ -606,6 +616,9 @@
     state.deliveries = null;
     state.deliverySeq++;
     clearTimeout(state.deliveryTimer);
+    state.statsSeq++;
+    clearTimeout(state.statsTimer);
+    resetChart();
     const section = $("endpoint-detail");
     section.hidden = true;
     section.removeAttribute("data-endpoint-id");
@@ -882,6 +895,289 @@
     });
   }
 
+  // ------------------------------------------------------------------ chart
+  //
+  // The endpoint's attempts of the last 24 hours (GET .../stats): a bar per hour, succeeded
+  // stacked under failed, and the median and 95th-percentile latency of the successful ones as
+  // lines on their own scale (right). Inline SVG built here: no library, nothing the CSP forbids
+  // (presentation comes from classes in app.css).
+
+  const SVG_NS = "http://www.w3.org/2000/svg";
+  const HOUR_MS = 3600 * 1000;
+  // Margins and height in CSS pixels: the drawing is as wide as its box (so its text stays
+  // readable from a phone to a wide screen), never narrower than CHART_MIN_WIDTH.
+  const CHART = { height: 220, left: 40, right: 58, top: 14, bottom: 28 };
+  const CHART_MIN_WIDTH = 320;
+
+  function svgEl(tag, className, attrs) {
+    const node = document.createElementNS(SVG_NS, tag);
+    if (className) node.setAttribute("class", className);
+    for (const name of Object.keys(attrs || {})) node.setAttribute(name, String(attrs[name]));
+    return node;
+  }
+
+  function svgText(x, y, text, className, anchor) {
+    const node = svgEl("text", className, { x: x, y: y, "text-anchor": anchor || "middle" });
+    node.textContent = text;
+    return node;
+  }
+
+  /** The smallest of 1, 2 or 5 times a power of ten at or above `value` (an axis maximum). */
+  function niceCeil(value) {
+    if (!(value > 0)) return 1;
+    const power = Math.pow(10, Math.floor(Math.log10(value)));
+    for (const m of [1, 2, 5, 10]) {
+      if (m * power >= value - 1e-9) return m * power;
+    }
+    return 10 * power;
+  }
+
+  function formatMs(ms) {
+    if (typeof ms !== "number" || !Number.isFinite(ms)) return "";
+    if (ms === 0) return "0";
+    if (ms >= 10000) return Math.round(ms / 1000) + " s";
+    if (ms >= 1000) return (ms / 1000).toFixed(1) + " s";
+    if (ms >= 10) return Math.round(ms) + " ms";
+    return ms.toFixed(1) + " ms";
+  }
+
+  function clockTime(date) {
+    return date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+
+  function plural(n, one, many) {
+    return n + " " + (n === 1 ? one : many);
+  }
+
+  /** The totals and latency range of a stats answer, and the sentence that says them. */
+  function describeStats(stats) {
+    const hours = Array.isArray(stats.hours) ? stats.hours : [];
+    let succeeded = 0;
+    let failed = 0;
+    const medians = [];
+    for (const h of hours) {
+      succeeded += Number(h.succeeded) || 0;
+      failed += Number(h.failed) || 0;
+      if (typeof h.latency_p50_ms === "number") medians.push(h.latency_p50_ms);
+    }
+    const total = succeeded + failed;
+    let text;
+    if (!total) {
+      text = "No attempts in the last 24 hours.";
+    } else {
+      text = plural(total, "attempt", "attempts") + " in the last 24 hours: " + succeeded + " succeeded, " +
+        failed + " failed.";
+      if (medians.length) {
+        const low = Math.min.apply(null, medians);
+        const high = Math.max.apply(null, medians);
+        text += low === high
+          ? " Median latency of successes " + formatMs(low) + "."
+          : " Median latency of successes per hour from " + formatMs(low) + " to " + formatMs(high) + ".";
+      }
+    }
+    return { hours: hours, succeeded: succeeded, failed: failed, total: total, text: text };
+  }
+
+  function hourTitle(start, h) {
+    const end = new Date(start.getTime() + HOUR_MS);
+    let text = clockTime(start) + "–" + clockTime(end) + ": " + (Number(h.succeeded) || 0) + " succeeded, " +
+      (Number(h.failed) || 0) + " failed";
+    if (typeof h.latency_p50_ms === "number") {
+      text += "; latency median " + formatMs(h.latency_p50_ms) + ", 95th percentile " + formatMs(h.latency_p95_ms);
+    }
+    return text;
+  }
+
+  /** A path through the points, broken where an hour has none (no line across a gap). */
+  function linePath(points) {
+    let d = "";
+    let open = false;
+    for (const p of points) {
+      if (p === null) {
+        open = false;
+        continue;
+      }
+      d += (open ? " L" : (d ? " M" : "M")) + p.x.toFixed(1) + " " + p.y.toFixed(1);
+      open = true;
+    }
+    return d;
+  }
+
+  function buildChart(stats, summary, boxWidth) {
+    const c = Object.assign({ width: Math.max(Math.round(boxWidth) || 0, CHART_MIN_WIDTH) }, CHART);
+    const plotWidth = c.width - c.left - c.right;
+    const plotHeight = c.height - c.top - c.bottom;
+    const bottom = c.top + plotHeight;
+    const hours = summary.hours;
+    const slot = plotWidth / Math.max(hours.length, 1);
+    const barWidth = Math.max(slot * 0.68, 1);
+    const countMax = niceCeil(Math.max.apply(null, hours.map((h) => (Number(h.succeeded) || 0) + (Number(h.failed) || 0)).concat([1])));
+    const latencies = [];
+    for (const h of hours) {
+      for (const v of [h.latency_p50_ms, h.latency_p95_ms]) if (typeof v === "number") latencies.push(v);
+    }
+    const latencyMax = latencies.length ? niceCeil(Math.max.apply(null, latencies)) : 0;
+    const yCount = (n) => bottom - (n / countMax) * plotHeight;
+    const yLatency = (ms) => bottom - (ms / latencyMax) * plotHeight;
+
+    const root = svgEl("svg", "chart-svg", {
+      viewBox: "0 0 " + c.width + " " + c.height,
+      role: "img",
+      "aria-label": summary.text,
+      "data-succeeded": summary.succeeded,
+      "data-failed": summary.failed,
+    });
+    const title = svgEl("title");
+    title.textContent = summary.text;
+    root.appendChild(title);
+
+    // Hours before counting began: nothing was counted there, which is not "no attempts".
+    const first = hours.length ? new Date(hours[0].start) : null;
+    const since = new Date(stats.since);
+    if (first && !Number.isNaN(since.getTime()) && since > first) {
+      const share = Math.min((since - first) / (hours.length * HOUR_MS), 1);
+      const width = share * plotWidth;
+      root.appendChild(svgEl("rect", "chart-uncounted", { x: c.left, y: c.top, width: width.toFixed(1), height: plotHeight }));
+      if (width > 90) {
+        root.appendChild(svgText(c.left + width / 2, c.top + plotHeight / 2, "not counted", "chart-uncounted-label"));
+      }
+    }
+
+    // Grid and both scales.
+    for (const share of [0, 0.5, 1]) {
+      const y = bottom - share * plotHeight;
+      root.appendChild(svgEl("line", "chart-grid", { x1: c.left, x2: c.left + plotWidth, y1: y, y2: y }));
+      const count = countMax * share;
+      root.appendChild(svgText(c.left - 6, y + 4, Number.isInteger(count) ? String(count) : count.toFixed(1), "chart-axis", "end"));
+      if (latencyMax) {
+        root.appendChild(svgText(c.left + plotWidth + 6, y + 4, formatMs(latencyMax * share), "chart-axis chart-axis-latency", "start"));
+      }
+    }
+
+    const p50 = [];
+    const p95 = [];
+    hours.forEach((h, i) => {
+      const start = new Date(h.start);
+      const succeeded = Number(h.succeeded) || 0;
+      const failed = Number(h.failed) || 0;
+      const x = c.left + i * slot + (slot - barWidth) / 2;
+      const group = svgEl("g", "chart-hour", {
+        "data-start": h.start,
+        "data-succeeded": succeeded,
+        "data-failed": failed,
+      });
+      const hourTitleNode = svgEl("title");
+      hourTitleNode.textContent = hourTitle(start, h);
+      group.appendChild(hourTitleNode);
+      // A transparent full-height target, so the hour's title shows wherever it is hovered.
+      group.appendChild(svgEl("rect", "chart-hit", { x: (c.left + i * slot).toFixed(1), y: c.top, width: slot.toFixed(1), height: plotHeight }));
+      const succeededTop = yCount(succeeded);
+      if (succeeded) {
+        group.appendChild(svgEl("rect", "bar-succeeded", {
+          x: x.toFixed(1), y: succeededTop.toFixed(1), width: barWidth.toFixed(1), height: Math.max(bottom - succeededTop, 1).toFixed(1),
+        }));
+      }
+      if (failed) {
+        const failedTop = yCount(succeeded + failed);
+        group.appendChild(svgEl("rect", "bar-failed", {
+          x: x.toFixed(1), y: failedTop.toFixed(1), width: barWidth.toFixed(1), height: Math.max(succeededTop - failedTop, 1).toFixed(1),
+        }));
+      }
+      root.appendChild(group);
+      const center = c.left + (i + 0.5) * slot;
+      p50.push(typeof h.latency_p50_ms === "number" ? { x: center, y: yLatency(h.latency_p50_ms) } : null);
+      p95.push(typeof h.latency_p95_ms === "number" ? { x: center, y: yLatency(h.latency_p95_ms) } : null);
+      // Every sixth hour is labelled, the current one last.
+      if ((hours.length - 1 - i) % 6 === 0 && !Number.isNaN(start.getTime())) {
+        root.appendChild(svgText(center, c.height - 8, clockTime(start), "chart-axis"));
+      }
+    });
+
+    if (latencyMax) {
+      root.appendChild(svgEl("path", "chart-line-p95", { d: linePath(p95) }));
+      root.appendChild(svgEl("path", "chart-line-p50", { d: linePath(p50) }));
+      for (const p of p95) if (p) root.appendChild(svgEl("circle", "chart-dot-p95", { cx: p.x.toFixed(1), cy: p.y.toFixed(1), r: 2.5 }));
+      for (const p of p50) if (p) root.appendChild(svgEl("circle", "chart-dot-p50", { cx: p.x.toFixed(1), cy: p.y.toFixed(1), r: 3.5 }));
+    }
+    root.appendChild(svgEl("line", "chart-baseline", { x1: c.left, x2: c.left + plotWidth, y1: bottom, y2: bottom }));
+    return root;
+  }
+
+  let chartResize = 0;
+
+  // The drawing is as wide as its box: drawn again (from the last answer) when the box changes.
+  function onChartResize() {
+    cancelAnimationFrame(chartResize);
+    chartResize = requestAnimationFrame(() => {
+      const drawn = document.querySelector("#chart svg");
+      if (!state.stats || !drawn) return;
+      const width = $("chart").clientWidth;
+      if (width && Math.abs(Math.max(width, CHART_MIN_WIDTH) - drawn.viewBox.baseVal.width) > 1) {
+        renderChart(state.stats);
+      }
+    });
+  }
+
+  function resetChart() {
+    state.stats = null;
+    setText($("chart-summary"), "Loading…");
+    $("chart").replaceChildren();
+    setText($("chart-note"), "");
+    $("chart-section").removeAttribute("data-total");
+  }
+
+  function renderChart(stats) {
+    state.stats = stats;
+    const summary = describeStats(stats);
+    const section = $("chart-section");
+    setText($("chart-summary"), summary.text);
+    section.setAttribute("data-total", String(summary.total));
+    const chart = $("chart");
+    if (!summary.total) {
+      chart.replaceChildren();
+    } else {
+      chart.replaceChildren(buildChart(stats, summary, chart.clientWidth || $("chart-section").clientWidth));
+    }
+    const since = new Date(stats.since);
+    const first = summary.hours.length ? new Date(summary.hours[0].start) : null;
+    let note = "One bar per hour, local time; latency on the right-hand scale. Refreshed every 15 seconds.";
+    if (first && !Number.isNaN(since.getTime()) && since > first) {
+      note = "Counted since " + since.toLocaleString() + ", when the replica that sends this endpoint's " +
+        "deliveries took it over; earlier hours were not counted. " + note;
+    }
+    setText($("chart-note"), note);
+  }
+
+  async function refreshStats() {
+    const id = state.detailId;
+    if (!id || state.signedOut) return;
+    const seq = ++state.statsSeq;
+    clearTimeout(state.statsTimer);
+    if (document.hidden) return; // resumed by the visibilitychange handler
+    let failed = null;
+    try {
+      const data = await api("GET", "/" + enc(id) + "/stats");
+      if (seq !== state.statsSeq || state.detailId !== id) return;
+      renderChart(data);
+      state.statsFailures = 0;
+    } catch (err) {
+      failed = err;
+      if (seq !== state.statsSeq || state.detailId !== id) return;
+      state.statsFailures += 1;
+      // Shown in the chart's place: the rest of the page works without it. A gone endpoint is
+      // the deliveries refresh's to report.
+      if (!err.silent && err.status !== 404) {
+        setText($("chart-summary"), "The chart is not available: " + (err.message || "request failed"));
+        $("chart").replaceChildren();
+      }
+    } finally {
+      if (seq === state.statsSeq && state.detailId === id && !state.signedOut) {
+        const delay = nextRefreshDelay(STATS_INTERVAL_MS, state.statsFailures, failed);
+        state.statsTimer = setTimeout(refreshStats, delay);
+      }
+    }
+  }
+
   // ------------------------------------------------------------------ setup
 
   function mountWriteControls() {
@@ -924,7 +1220,10 @@
     document.addEventListener("visibilitychange", () => {
       if (document.hidden || state.signedOut || !state.token) return;
       refreshList();
-      if (state.detailId) refreshDeliveries();
+      if (state.detailId) {
+        refreshDeliveries();
+        refreshStats();
+      }
     });
 
     if (!token) {
@@ -961,6 +1260,7 @@
     $("secret-dismiss").addEventListener("click", () => hideSecret(true));
     $("detail-close").addEventListener("click", () => closeDetail(true));
     $("delivery-filter").addEventListener("change", renderDeliveries);
+    window.addEventListener("resize", onChartResize);
 
     refreshList();
   }
