@@ -34,6 +34,8 @@ pub enum Operation {
     UpdateSettings,
     /// `POST` for a portal session token.
     CreatePortalSession,
+    /// `GET` the event-type catalog.
+    ListEventTypes,
     /// `GET` the OpenAPI document.
     OpenApiDocument,
     /// `GET` the portal page (`/portal` redirects to `/portal/`).
@@ -59,7 +61,7 @@ impl Operation {
     pub fn access(self) -> Option<Access> {
         use Operation::*;
         match self {
-            ListEndpoints | ListDeliveries | GetSettings => Some(Access::Read),
+            ListEndpoints | ListDeliveries | GetSettings | ListEventTypes => Some(Access::Read),
             CreateEndpoint | UpdateEndpoint | DeleteEndpoint | RotateSecret | RetryDelivery | TestEndpoint
             | RecoverDeliveries | UpdateSettings | CreatePortalSession => Some(Access::Write),
             OpenApiDocument | PortalPage | PortalScript | PortalStyles => None,
@@ -73,7 +75,7 @@ impl Operation {
             CreateEndpoint | UpdateEndpoint | RecoverDeliveries | UpdateSettings => Some(BodyRule::Required),
             CreatePortalSession => Some(BodyRule::Optional),
             ListEndpoints | DeleteEndpoint | RotateSecret | ListDeliveries | RetryDelivery | TestEndpoint
-            | GetSettings | OpenApiDocument | PortalPage | PortalScript | PortalStyles => None,
+            | GetSettings | ListEventTypes | OpenApiDocument | PortalPage | PortalScript | PortalStyles => None,
         }
     }
 
@@ -163,6 +165,7 @@ pub static ROUTES: RouteTable<Operation> = RouteTable::new(&[
         "POST",
         Operation::CreatePortalSession,
     ),
+    route("/v1/organizations/:org/event-types", "GET", Operation::ListEventTypes),
     route("/openapi.json", "GET", Operation::OpenApiDocument),
     route("/portal/", "GET", Operation::PortalPage),
     route("/portal/app.js", "GET", Operation::PortalScript),
@@ -261,6 +264,10 @@ mod tests {
             (
                 "/v1/organizations/org_1/portal-sessions",
                 "/v1/organizations/:org/portal-sessions".to_string(),
+            ),
+            (
+                "/v1/organizations/org_1/event-types",
+                "/v1/organizations/:org/event-types".to_string(),
             ),
         ] {
             assert_eq!(route_template(path), want, "{path}");
