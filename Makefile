@@ -56,8 +56,10 @@ deploy: node ## helm upgrade --install the chart on the node with the local imag
 
 .PHONY: crds
 crds: ## Regenerate crds/ (and the Helm chart's copy) from the Rust types
-	$(CARGO) run --quiet -- crd > crds/webhookendpoints.webhooks.capydb.io.yaml
+	$(CARGO) run --quiet -- crd --kind WebhookEndpoint > crds/webhookendpoints.webhooks.capydb.io.yaml
+	$(CARGO) run --quiet -- crd --kind WebhookEventType > crds/webhookeventtypes.webhooks.capydb.io.yaml
 	cp crds/webhookendpoints.webhooks.capydb.io.yaml charts/capy-webhooks/files/crd.yaml
+	cp crds/webhookeventtypes.webhooks.capydb.io.yaml charts/capy-webhooks/files/crd-webhookeventtypes.yaml
 
 .PHONY: build
 build: ## Build the operator (debug)
@@ -69,7 +71,7 @@ run: build ## Run the operator against $$KUBECONFIG, or a local control plane wh
 	if [ -z "$${KUBECONFIG:-}" ]; then $(MAKE) --no-print-directory cluster; export KUBECONFIG=$(CLUSTER_DIR)/kubeconfig; fi; \
 	kubectl=$$(hack/cluster.sh bin-dir)/kubectl; \
 	$$kubectl apply --server-side -f crds/ >/dev/null; \
-	$$kubectl wait --for=condition=Established --timeout=30s crd/webhookendpoints.webhooks.capydb.io >/dev/null; \
+	$$kubectl wait --for=condition=Established --timeout=30s crd/webhookendpoints.webhooks.capydb.io crd/webhookeventtypes.webhooks.capydb.io >/dev/null; \
 	key=$$(target/debug/capy-webhooks api-key create --org $(DEV_ORG) --name make-run --namespace default 2>/dev/null); \
 	mkdir -p $(CLUSTER_DIR); token_file=$(CLUSTER_DIR)/ingest-token; \
 	[ -s $$token_file ] || python3 -c 'import secrets; print(secrets.token_hex(24))' > $$token_file; \

@@ -22,6 +22,7 @@ use warp::http::{HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Reply};
 
+use crate::catalog::{CatalogWatch, EventVerdict, SchemaViolation};
 use crate::http::{ApiError, BodyRule, Route, RouteTable, bearer_token, parse_json, read_json_body};
 use crate::replica_key::{Refused, ReplicaKey, unix_now};
 use crate::telemetry::Metrics;
@@ -46,6 +47,10 @@ pub struct IngestConfig {
     /// With several replicas: what the others may ask of this one. `None`: every organization is
     /// served here, and nothing is forwarded here.
     pub replicas: Option<Replicas>,
+    /// The event-type catalog: `data` is validated against its type's schema.
+    pub catalog: CatalogWatch,
+    /// `--strict-event-types`: refuse events whose type is not in a non-empty catalog.
+    pub strict_event_types: bool,
 }
 
 /// What the internal work route ([`WORK_PATH`]) of a replica among several needs.
@@ -63,6 +68,7 @@ impl std::fmt::Debug for IngestConfig {
         f.debug_struct("IngestConfig")
             .field("token", &"<redacted>")
             .field("payload_limit", &self.payload_limit)
+            .field("strict_event_types", &self.strict_event_types)
             .finish()
     }
 }
@@ -166,11 +172,41 @@ fn validate(request: &EventRequest) -> Result<(), ApiError> {
     Ok(())
 }
 
+/// What the catalog's verdict on an event means for ingest: a 400 for data that does not conform
+/// to its type's schema, and for a type outside a non-empty catalog when `strict`; otherwise
+/// accepted, `true` when the type is outside the catalog (counted).
+fn catalog_rule(
+    verdict: Result<EventVerdict, SchemaViolation>,
+    event_type: &str,
+    strict: bool,
+) -> Result<bool, ApiError> {
+    match verdict {
+        Err(violation) => Err(ApiError::bad_request(violation.to_string())),
+        Ok(EventVerdict::NotInCatalog) if strict => Err(ApiError::bad_request(format!(
+            "event type {event_type} is not in the event-type catalog, and this operator accepts only catalog types"
+        ))),
+        Ok(EventVerdict::NotInCatalog) => Ok(true),
+        Ok(EventVerdict::Known | EventVerdict::NoCatalog) => Ok(false),
+    }
+}
+
 impl IngestState {
     /// The token was checked before the body was read (see [`IngestState::serve`]).
     async fn ingest(&self, org: String, headers: HeaderMap, body: Bytes) -> Result<Response, ApiError> {
         let request: EventRequest = parse_json(&body)?;
         validate(&request)?;
+        // Before relaying: every replica has the catalog, so a bad event goes no further. A
+        // schema is compiled once per version of its type, not here.
+        let verdict = self
+            .config
+            .catalog
+            .current()
+            .check_event(&request.event_type, &request.data);
+        let outside = catalog_rule(verdict, &request.event_type, self.config.strict_event_types)?;
+        // Counted once, where the producer sent it (not again by the owner it is relayed to).
+        if outside && !headers.contains_key(FORWARDED_HEADER) {
+            self.config.metrics.event_outside_catalog();
+        }
         let idempotency_key = headers
             .get("idempotency-key")
             .map(|v| v.to_str().map(str::to_string))
@@ -409,6 +445,9 @@ pub async fn run(
     listener: tokio::net::TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    // Events are checked against the catalog from the first one on: a strict operator must not
+    // accept, nor a lenient one count, against a catalog not yet read.
+    config.catalog.wait_ready().await;
     info!(listen = %listener.local_addr()?, "ingest serving");
     let limits = config.server_limits;
     crate::http::serve(listener, routes(work, config), shutdown, limits).await;
@@ -511,6 +550,30 @@ mod tests {
             data: json!([1]),
         };
         assert!(validate(&not_object).is_err());
+    }
+
+    #[test]
+    fn the_catalog_refuses_bad_data_always_and_unknown_types_only_when_strict() {
+        let violation = SchemaViolation {
+            event_type: "a.b".into(),
+            pointer: "/n".into(),
+            reason: "-1 is less than the minimum of 0".into(),
+        };
+        for strict in [false, true] {
+            let e = catalog_rule(Err(violation.clone()), "a.b", strict).unwrap_err();
+            assert_eq!(e.status, StatusCode::BAD_REQUEST);
+            assert_eq!(e.message, violation.to_string());
+            assert!(!catalog_rule(Ok(EventVerdict::Known), "a.b", strict).unwrap());
+            assert!(!catalog_rule(Ok(EventVerdict::NoCatalog), "a.b", strict).unwrap());
+        }
+        assert!(catalog_rule(Ok(EventVerdict::NotInCatalog), "x.y", false).unwrap());
+        let e = catalog_rule(Ok(EventVerdict::NotInCatalog), "x.y", true).unwrap_err();
+        assert_eq!(e.status, StatusCode::BAD_REQUEST);
+        assert!(
+            e.message.starts_with("event type x.y is not in the event-type catalog"),
+            "{}",
+            e.message
+        );
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //!    matching, health, SSRF classes, and the signed attempt), [`client_certificate`] (a client
 //!    certificate for mutual TLS and the `kubernetes.io/tls` Secret it comes from), [`backoff`];
 //! 3. what components share: [`signing_secret`] (the signing Secret's stored format), [`endpoints`]
-//!    (the one endpoint cache), [`operational`] (the operational webhooks' event types, ids and
+//!    (the one endpoint cache), [`catalog`] (the event-type catalog: its watch and its rules for
+//!    endpoints and ingest), [`operational`] (the operational webhooks' event types, ids and
 //!    bodies), [`tenancy`] (which namespaces serve which organizations),
 //!    [`delivery_log`] (the log the dispatcher writes and the REST facade
 //!    reads), [`work`] (the handle the REST facade and ingest use to reach work, wherever it is
@@ -23,6 +24,7 @@
 pub mod api;
 pub mod auth;
 pub mod backoff;
+pub mod catalog;
 pub mod client_certificate;
 pub mod controller;
 pub mod controller_lease;

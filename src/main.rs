@@ -14,6 +14,7 @@ use capy_webhooks::api::{self, ApiConfig};
 use capy_webhooks::auth::Authenticator;
 use capy_webhooks::auth::api_keys::{self, ApiKeyIndex};
 use capy_webhooks::auth::clerk::{ClerkConfig, ClerkVerifier, JwksSource, check_jwks_url, jwks_http_client};
+use capy_webhooks::catalog::CatalogWatch;
 use capy_webhooks::controller::{self, ControllerConfig};
 use capy_webhooks::controller_lease::{CONTROLLER_LEASE, Leadership, LeaseConfig, default_identity};
 use capy_webhooks::delivery::egress::EgressProxy;
@@ -29,7 +30,7 @@ use capy_webhooks::http::ServerLimits;
 use capy_webhooks::ingest::{IngestConfig, Replicas};
 use capy_webhooks::operational::{Emitter, OperationalTarget};
 use capy_webhooks::replica_key::ReplicaKey;
-use capy_webhooks::resources::{Scope, crd_yaml};
+use capy_webhooks::resources::{CrdKind, Scope, all_crds_yaml, kind_crd_yaml};
 use capy_webhooks::shards::coordinator::{self, CoordinatorConfig};
 use capy_webhooks::telemetry::{self, LogFormat, Metrics, Readiness, ReadyHandle};
 use capy_webhooks::tenancy::NamespaceBinding;
@@ -69,8 +70,12 @@ struct Cli {
 enum Command {
     /// Run the operator's components.
     Run(Box<RunArgs>),
-    /// Print the WebhookEndpoint CRD as YAML (what `crds/` holds).
-    Crd,
+    /// Print the CRDs as YAML (what `crds/` holds): every one, or the one of `--kind`.
+    Crd {
+        /// Only this kind's CRD (the content of its file in `crds/`).
+        #[arg(long, value_enum)]
+        kind: Option<CrdKindArg>,
+    },
     /// Print the REST API's OpenAPI 3.1 document (what `GET /openapi.json` serves).
     Openapi,
     /// Mint, list and revoke REST API keys (stored hashed as Secrets).
@@ -79,6 +84,17 @@ enum Command {
     /// Administer the delivery logs.
     #[command(subcommand)]
     DeliveryLog(DeliveryLogCommand),
+}
+
+/// A kind whose CRD `capy-webhooks crd --kind` prints.
+#[derive(ValueEnum, Clone, Copy, Debug)]
+enum CrdKindArg {
+    /// WebhookEndpoint (crds/webhookendpoints.webhooks.capydb.io.yaml).
+    #[value(name = "WebhookEndpoint")]
+    WebhookEndpoint,
+    /// WebhookEventType, the event-type catalog (crds/webhookeventtypes.webhooks.capydb.io.yaml).
+    #[value(name = "WebhookEventType")]
+    WebhookEventType,
 }
 
 #[derive(Subcommand, Debug)]
@@ -249,6 +265,12 @@ struct RunArgs {
     /// Largest event body accepted by the ingest port, in bytes; larger bodies get 413.
     #[arg(long, env = "CAPY_WEBHOOKS_INGEST_PAYLOAD_LIMIT", default_value_t = 64 * 1024)]
     ingest_payload_limit: usize,
+
+    /// Refuse (400) events whose type is not in the event-type catalog (the WebhookEventTypes of
+    /// the home namespace). Without it they are accepted and counted
+    /// (`capy_webhooks_events_outside_catalog_total`). An empty catalog accepts every type either way.
+    #[arg(long, env = "CAPY_WEBHOOKS_STRICT_EVENT_TYPES")]
+    strict_event_types: bool,
 
     /// Delays before each attempt, comma separated; its length is the default max_attempts.
     #[arg(
@@ -562,6 +584,8 @@ struct Setup {
     dispatcher: Option<DispatcherSetup>,
     /// The REST API's settings, when it runs.
     api: Option<ApiSetup>,
+    /// The event-type catalog the REST API and ingest read (watched only when one of them runs).
+    catalog: CatalogWatch,
 }
 
 /// The dispatcher's settings, and its ingest port's.
@@ -570,6 +594,8 @@ struct DispatcherSetup {
     /// File holding the ingest bearer token.
     token_file: PathBuf,
     payload_limit: usize,
+    /// `--strict-event-types`.
+    strict_event_types: bool,
 }
 
 /// The REST API's settings, and its Clerk sessions'.
@@ -663,6 +689,8 @@ fn configure(
     readiness: &Readiness,
 ) -> anyhow::Result<Setup> {
     let (scope, home_namespace) = scope_and_home(args, in_cluster);
+    // One catalog for the REST API and ingest, filled by a watch once the process runs.
+    let catalog = CatalogWatch::new();
     let url_policy = UrlPolicy {
         allow_http: args.allow_http,
     };
@@ -743,6 +771,7 @@ fn configure(
             config,
             token_file,
             payload_limit: args.ingest_payload_limit,
+            strict_event_types: args.strict_event_types,
         })
     } else {
         None
@@ -761,6 +790,7 @@ fn configure(
             ready: api_ready,
             portal_session_ttl: jiff::SignedDuration::try_from(args.portal_session_ttl)?,
             portal_url: args.portal_url.clone(),
+            catalog: catalog.clone(),
         };
         Some(ApiSetup {
             config,
@@ -776,6 +806,7 @@ fn configure(
         controller,
         dispatcher,
         api,
+        catalog,
     })
 }
 
@@ -817,6 +848,7 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
         controller,
         dispatcher,
         api,
+        catalog,
     } = configure(&args, in_cluster.as_deref(), &metrics, &readiness)?;
     info!(version = env!("CARGO_PKG_VERSION"), components = ?args.components, ?scope, "capy-webhooks starting");
 
@@ -861,6 +893,10 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
     // the dispatcher all read it.
     let binding = NamespaceBinding::start(client.clone(), &scope, &home_namespace);
     let cache = EndpointCache::start(client.clone(), &scope, binding, controller.is_some());
+    // The catalog lives in the home namespace only: the namespaced chart needs no cluster role.
+    if api.is_some() || dispatcher.is_some() {
+        tokio::spawn(catalog.clone().run(client.clone(), home_namespace.clone()));
+    }
     if let (Some(feed), Some(config)) = (cache.controller_feed(), controller) {
         // One controller at a time among the replicas: the holder of the controller Lease.
         let leases = LeaseConfig {
@@ -929,6 +965,8 @@ async fn run_operator(args: RunArgs) -> anyhow::Result<()> {
             idempotency_capacity: 100_000,
             metrics: metrics.clone(),
             replicas: Some(Replicas { key: replica_key, here }),
+            catalog: catalog.clone(),
+            strict_event_types: setup.strict_event_types,
         };
         tasks.spawn(capy_webhooks::ingest::run(
             work.clone(),
@@ -1017,8 +1055,12 @@ async fn cli() -> anyhow::Result<()> {
     // One rustls crypto provider for kube, reqwest and jsonwebtoken.
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     match Cli::parse().command {
-        Command::Crd => {
-            print!("{}", crd_yaml());
+        Command::Crd { kind } => {
+            match kind {
+                None => print!("{}", all_crds_yaml()),
+                Some(CrdKindArg::WebhookEndpoint) => print!("{}", kind_crd_yaml(CrdKind::WebhookEndpoint)),
+                Some(CrdKindArg::WebhookEventType) => print!("{}", kind_crd_yaml(CrdKind::WebhookEventType)),
+            }
             Ok(())
         }
         Command::Openapi => {
@@ -1053,6 +1095,31 @@ mod tests {
         let err = egress_proxy(Some("https://capy:hunter2@proxy.internal:3128")).unwrap_err();
         assert!(err.to_string().starts_with("--egress-proxy: "), "{err}");
         assert!(!format!("{err:?}").contains("hunter2"), "{err:?}");
+    }
+
+    #[test]
+    fn strict_event_types_is_off_by_default_and_reaches_ingest() {
+        let flags = ["--components", "dispatcher", "--ingest-token-file", "/t"];
+        let lenient = setup_of(&flags).dispatcher.unwrap();
+        assert!(!lenient.strict_event_types);
+        let strict = setup_of(&[&flags[..], &["--strict-event-types"]].concat())
+            .dispatcher
+            .unwrap();
+        assert!(strict.strict_event_types);
+    }
+
+    #[test]
+    fn crd_prints_every_kind_or_the_one_asked_for() {
+        let parse = |argv: &[&str]| match Cli::try_parse_from(argv).expect("parses").command {
+            Command::Crd { kind } => kind.map(|k| format!("{k:?}")),
+            other => panic!("not crd: {other:?}"),
+        };
+        assert_eq!(parse(&["capy-webhooks", "crd"]), None);
+        assert_eq!(
+            parse(&["capy-webhooks", "crd", "--kind", "WebhookEventType"]).as_deref(),
+            Some("WebhookEventType")
+        );
+        assert!(Cli::try_parse_from(["capy-webhooks", "crd", "--kind", "Nope"]).is_err());
     }
 
     #[test]

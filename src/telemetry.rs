@@ -182,6 +182,7 @@ struct Inner {
     apiserver_write_bytes: Family<KindLabels, Counter>,
     log_write_budget: Gauge,
     ingest_throttled: Counter,
+    events_outside_catalog: Counter,
     log_segments_rejected: Counter,
     log_second_writers: Counter,
     backlog_overflows: Counter,
@@ -456,6 +457,12 @@ impl Metrics {
             "Events, tests and retries refused with 503 because the write budget was spent",
             ingest_throttled.clone(),
         );
+        let events_outside_catalog = Counter::default();
+        registry.register(
+            "events_outside_catalog",
+            "Events accepted whose type is not in the non-empty event-type catalog (refused instead with --strict-event-types)",
+            events_outside_catalog.clone(),
+        );
         let controller_leader = Gauge::default();
         registry.register(
             "controller_leader",
@@ -575,6 +582,7 @@ impl Metrics {
                 apiserver_write_bytes,
                 log_write_budget,
                 ingest_throttled,
+                events_outside_catalog,
                 log_segments_rejected,
                 log_second_writers,
                 backlog_overflows,
@@ -698,6 +706,12 @@ impl Metrics {
     /// New work was refused because the write budget was spent.
     pub fn ingest_throttled(&self) {
         self.inner.ingest_throttled.inc();
+    }
+
+    /// An event was accepted although its type is not in the (non-empty) catalog. No label: type
+    /// names are the producers' to choose, and a label per name would be unbounded.
+    pub fn event_outside_catalog(&self) {
+        self.inner.events_outside_catalog.inc();
     }
 
     /// Whether this replica leads the controller.

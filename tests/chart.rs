@@ -98,13 +98,150 @@ fn release_namespace() -> &'static str {
 #[test]
 fn chart_copy_of_the_crd_matches_crds_dir() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let generated = std::fs::read_to_string(root.join(support::CRD_FILE)).unwrap();
-    let copy = std::fs::read_to_string(chart_dir().join("files/crd.yaml")).unwrap();
-    assert!(
-        generated == copy,
-        "charts/capy-webhooks/files/crd.yaml differs from {}: run `make crds`",
-        support::CRD_FILE
+    for (file, copy) in [
+        (support::CRD_FILE, "files/crd.yaml"),
+        (support::EVENT_TYPE_CRD_FILE, "files/crd-webhookeventtypes.yaml"),
+    ] {
+        let generated = std::fs::read_to_string(root.join(file)).unwrap();
+        let copied = std::fs::read_to_string(chart_dir().join(copy)).unwrap();
+        assert!(
+            generated == copied,
+            "charts/capy-webhooks/{copy} differs from {file}: run `make crds`"
+        );
+    }
+}
+
+/// `eventTypes` seeds the catalog: one WebhookEventType per item in the release's namespace,
+/// named after its type (or `resourceName`), which the API server accepts (server-side dry run);
+/// the CRD's CEL rule refuses a wildcard name. `strictEventTypes` renders the flag. The chart
+/// identity reads the catalog at home and nowhere else, and cannot change it.
+#[tokio::test]
+async fn seeded_event_types_render_as_webhookeventtypes_readable_by_the_chart_identity() {
+    let ns = release_namespace().to_string();
+    ok(
+        "event-type CRD established",
+        support::kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=90s",
+            "crd/webhookeventtypes.webhooks.capydb.io",
+        ]),
     );
+    let dir = tempfile::tempdir().unwrap();
+    let values = dir.path().join("values.yaml");
+    std::fs::write(
+        &values,
+        r#"strictEventTypes: true
+eventTypes:
+  - name: database.backup.completed
+    description: A backup of a database finished.
+    group: database
+    schema:
+      type: object
+      required: [database_id]
+      properties:
+        database_id: {type: string}
+    example: {database_id: db_1}
+  - name: legacy.export_done
+    deprecated: true
+  - name: user.created
+    resourceName: users-created
+"#,
+    )
+    .unwrap();
+    let c = chart();
+    let rendered = ok(
+        "helm template with eventTypes",
+        support::helm(&[
+            "template",
+            RELEASE,
+            &c,
+            "--namespace",
+            &ns,
+            "-f",
+            values.to_str().unwrap(),
+        ]),
+    );
+    let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .map(|doc| serde_yaml::Value::deserialize(doc).unwrap())
+        .collect();
+    let types: Vec<&serde_yaml::Value> = docs.iter().filter(|d| d["kind"] == "WebhookEventType").collect();
+    let names: Vec<&str> = types.iter().map(|t| t["metadata"]["name"].as_str().unwrap()).collect();
+    assert_eq!(
+        names,
+        ["database.backup.completed", "legacy.export-done", "users-created"]
+    );
+    for t in &types {
+        assert_eq!(t["apiVersion"], "webhooks.capydb.io/v1");
+        assert_eq!(t["metadata"]["namespace"].as_str(), Some(ns.as_str()));
+        assert!(t["spec"].get("resourceName").is_none(), "{t:?}");
+    }
+    assert_eq!(types[0]["spec"]["schema"]["required"][0], "database_id");
+    assert_eq!(types[0]["spec"]["example"]["database_id"], "db_1");
+    assert_eq!(types[1]["spec"]["deprecated"], true);
+    assert_eq!(types[2]["spec"]["name"], "user.created");
+    let deployment = docs.iter().find(|d| d["kind"] == "Deployment").unwrap();
+    assert!(
+        serde_yaml::to_string(deployment)
+            .unwrap()
+            .contains("- --strict-event-types")
+    );
+    assert!(
+        !serde_yaml::to_string(&rendered_deployment(&[]))
+            .unwrap()
+            .contains("strict-event-types")
+    );
+    // The CRD names the kind too: look at the documents' kinds.
+    let default_kinds: Vec<String> = serde_yaml::Deserializer::from_str(&render(&ns, &[]))
+        .filter_map(|doc| Some(serde_yaml::Value::deserialize(doc).ok()?["kind"].as_str()?.to_string()))
+        .collect();
+    assert!(
+        !default_kinds.iter().any(|k| k == "WebhookEventType"),
+        "no catalog by default: {default_kinds:?}"
+    );
+
+    // The API server takes them as rendered.
+    let file = dir.path().join("types.yaml");
+    let only_types: Vec<String> = types.iter().map(|t| serde_yaml::to_string(t).unwrap()).collect();
+    std::fs::write(&file, only_types.join("---\n")).unwrap();
+    let out = ok(
+        "kubectl apply --dry-run=server of the seeded catalog",
+        support::kubectl(&["apply", "--dry-run=server", "-n", &ns, "-f", file.to_str().unwrap()]),
+    );
+    assert_eq!(out.matches("webhookeventtype.webhooks.capydb.io/").count(), 3, "{out}");
+    // The CEL rule on the name refuses a wildcard (the schema can't express it with a pattern the
+    // operator does not share).
+    let bad = dir.path().join("bad.yaml");
+    std::fs::write(
+        &bad,
+        "apiVersion: webhooks.capydb.io/v1\nkind: WebhookEventType\nmetadata:\n  name: wildcard\nspec:\n  name: database.*\n",
+    )
+    .unwrap();
+    let out = support::kubectl(&["apply", "--dry-run=server", "-n", &ns, "-f", bad.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("name must be dot-separated segments"), "{stderr}");
+
+    // RBAC: read at home, nowhere else, never write.
+    let client = support::client().await;
+    let other = support::test_namespace(&client, "chart-catalog").await;
+    for verb in ["get", "list", "watch"] {
+        assert!(
+            can_i(&ns, &[verb, "webhookeventtypes.webhooks.capydb.io", "-n", &ns]),
+            "{verb}"
+        );
+        assert!(
+            !can_i(&ns, &[verb, "webhookeventtypes.webhooks.capydb.io", "-n", &other]),
+            "{verb} elsewhere"
+        );
+    }
+    for verb in ["create", "update", "patch", "delete"] {
+        assert!(
+            !can_i(&ns, &[verb, "webhookeventtypes.webhooks.capydb.io", "-n", &ns]),
+            "{verb}"
+        );
+    }
+    support::delete_namespace(&client, &other).await;
 }
 
 /// The chart's defaults are the binary's: the retry schedule is written once in the code, and

@@ -27,6 +27,7 @@ use warp::reply::Response;
 use warp::{Filter, Reply};
 
 use crate::auth::{Authenticator, Principal};
+use crate::catalog::CatalogWatch;
 use crate::endpoints::EndpointCache;
 use crate::http::{ApiError, DEFAULT_RETRY_AFTER_SECS, parse_json};
 use crate::resources::{CONDITION_SECRET_READY, Scope, WebhookEndpoint, signing_secret_name};
@@ -81,6 +82,8 @@ pub struct ApiConfig {
     /// The public URL the portal links start with (`https://webhooks.example.com`); without it,
     /// the scheme and host the request came with.
     pub portal_url: Option<String>,
+    /// The event-type catalog: listed, and what endpoints may subscribe to when it is not empty.
+    pub catalog: CatalogWatch,
 }
 
 /// Secret, in the home namespace, holding the key that signs portal sessions. Deleting it (and
@@ -255,6 +258,8 @@ impl ApiState {
                 self.create_portal_session(org, authorized(principal)?, headers, body)
                     .await
             }
+            // Serialized once per change of the catalog; the same for every organization.
+            Operation::ListEventTypes => Ok(json_response(self.config.catalog.current().listing())),
             Operation::OpenApiDocument => Ok(json_response(openapi::DOCUMENT_JSON.clone())),
             Operation::PortalPage => Ok(portal::page(path)),
             Operation::PortalScript => Ok(portal::script()),
@@ -384,6 +389,7 @@ impl ApiState {
         let ns = &self.config.home_namespace;
         let name = new_endpoint_name(Timestamp::now());
         let endpoint = new_endpoint(&name, ns, &org, request, self.config.url_policy).map_err(ApiError::bad_request)?;
+        let warnings = self.subscription_warnings(&endpoint.spec.event_types)?;
         let api: Api<WebhookEndpoint> = Api::namespaced(self.client.clone(), ns);
         let params = PostParams {
             field_manager: Some(API_FIELD_MANAGER.into()),
@@ -423,6 +429,7 @@ impl ApiState {
         let body = EndpointWithSecret {
             webhook_endpoint: endpoint_view(&ready),
             plaintext_secret: secret,
+            warnings,
         };
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::CREATED).into_response())
     }
@@ -432,6 +439,10 @@ impl ApiState {
         let request: UpdateRequest = parse_json(&body)?;
         let existing = self.find(&org, &id)?;
         let mut patch = update_patch(&org, &request, self.config.url_policy).map_err(ApiError::bad_request)?;
+        let warnings = match &request.event_types {
+            Some(event_types) => self.subscription_warnings(event_types)?,
+            None => Vec::new(),
+        };
         let scheme_change = model::scheme_change(&existing.spec, request.signature_scheme);
         if let (Some((ops, _)), Some(all)) = (&scheme_change, patch.as_array_mut()) {
             all.extend(ops.iter().cloned());
@@ -441,6 +452,7 @@ impl ApiState {
             let body = EndpointResponse {
                 webhook_endpoint: endpoint_view(&updated),
                 plaintext_secret: None,
+                warnings,
             };
             return Ok(warp::reply::json(&body).into_response());
         };
@@ -458,8 +470,19 @@ impl ApiState {
         let body = EndpointResponse {
             webhook_endpoint: endpoint_view(&rotated),
             plaintext_secret: Some(secret),
+            warnings,
         };
         Ok(warp::reply::json(&body).into_response())
+    }
+
+    /// Checks an endpoint's event types against the catalog (when it has types): 400 naming the
+    /// first unknown type or pattern; else the warnings for the answer (deprecated types).
+    fn subscription_warnings(&self, event_types: &[String]) -> Result<Vec<String>, ApiError> {
+        self.config
+            .catalog
+            .current()
+            .check_subscription(event_types)
+            .map_err(|e| ApiError::bad_request(e.to_string()))
     }
 
     async fn settings(&self, org: String, id: String, principal: Principal) -> Result<Response, ApiError> {
@@ -597,6 +620,7 @@ impl ApiState {
         let body = EndpointWithSecret {
             webhook_endpoint: endpoint_view(&rotated),
             plaintext_secret: secret,
+            warnings: Vec::new(),
         };
         Ok(warp::reply::json(&body).into_response())
     }
@@ -808,6 +832,8 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     cache.wait_ready().await?;
     auth.api_keys().wait_ready().await;
+    // Endpoints are checked against the catalog from the first request on.
+    config.catalog.wait_ready().await;
     let ready = config.ready.clone();
     // Every replica reads the same key Secret, so any replica accepts the sessions another issued.
     let (portal_key, _) =

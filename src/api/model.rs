@@ -110,6 +110,10 @@ pub struct EndpointWithSecret {
     /// private key never leaves the operator).
     #[schemars(extend("pattern" = RECEIVER_KEY_PATTERN))]
     pub plaintext_secret: String,
+    /// Extension: what the request did that is allowed but ill-advised, such as subscribing to a
+    /// deprecated event type of the catalog. Absent when there is none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// Pattern of a Secret name (a DNS-1123 subdomain), as `validate_secret_name` checks it.
@@ -130,6 +134,10 @@ pub struct EndpointResponse {
     #[serde(skip_serializing_if = "Option::is_none")]
     #[schemars(extend("pattern" = RECEIVER_KEY_PATTERN))]
     pub plaintext_secret: Option<String>,
+    /// Extension: what the request did that is allowed but ill-advised, such as subscribing to a
+    /// deprecated event type of the catalog. Absent when there is none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 /// `DELETE .../webhook-endpoints/{id}`.

@@ -258,6 +258,21 @@ fn operation_doc(operation: Operation) -> Option<OperationDoc> {
                 ),
             )
         },
+        ListEventTypes => OperationDoc {
+            description: Some(
+                "Extension: the event-type catalog, every `WebhookEventType` of the operator's namespace, by \
+                 name: what each type means, the JSON Schema its `data` must conform to (ingest refuses data \
+                 that does not), an example, and whether it is deprecated. The same for every organization. \
+                 When it is not empty, an endpoint's `event_types` must name its types or `prefix.*` patterns \
+                 that match one of them.",
+            ),
+            ..doc(
+                "listEventTypes",
+                "List the event-type catalog",
+                None,
+                (200, "The catalog, by name", schema_of::<crate::catalog::EventTypeList>),
+            )
+        },
         OpenApiDocument | PortalPage | PortalScript | PortalStyles => return None,
     })
 }
@@ -656,11 +671,13 @@ mod tests {
         let with_secret = model::EndpointWithSecret {
             webhook_endpoint: view.clone(),
             plaintext_secret: "whsec_c2VjcmV0".into(),
+            warnings: vec!["event type legacy.done is deprecated".into()],
         };
         assert_described(&doc, "EndpointWithSecret", &serde_json::to_value(&with_secret).unwrap());
         let updated = model::EndpointResponse {
             webhook_endpoint: view,
             plaintext_secret: None,
+            warnings: Vec::new(),
         };
         assert_described(&doc, "EndpointResponse", &serde_json::to_value(&updated).unwrap());
         assert_described(
@@ -668,6 +685,25 @@ mod tests {
             "Deleted",
             &serde_json::to_value(model::Deleted::default()).unwrap(),
         );
+        let catalog = crate::catalog::Catalog::build(
+            vec![crate::catalog::Source {
+                object: "ns/backup".into(),
+                version: "1".into(),
+                age: String::new(),
+                def: crate::catalog::EventTypeDef {
+                    name: "database.backup.completed".into(),
+                    description: "A backup finished".into(),
+                    group: Some("database".into()),
+                    schema: Some(json!({"type": "object", "required": ["database"]})),
+                    example: Some(json!({"database": "db_1"})),
+                    deprecated: false,
+                },
+            }],
+            &mut Default::default(),
+        );
+        let listing: Value = serde_json::from_slice(&catalog.listing()).unwrap();
+        assert_described(&doc, "EventTypeList", &listing);
+        assert_described(&doc, "EventTypeList", &json!({"event_types": []}));
         let settings = model::settings_view(&endpoint);
         assert_described(&doc, "Settings", &serde_json::to_value(&settings).unwrap());
         for delivery in model::tests::example_deliveries() {

@@ -38,6 +38,8 @@ pub enum Operation {
     EraseEvent,
     /// `POST` for a portal session token.
     CreatePortalSession,
+    /// `GET` the event-type catalog.
+    ListEventTypes,
     /// `GET` the OpenAPI document.
     OpenApiDocument,
     /// `GET` the portal page (`/portal` redirects to `/portal/`).
@@ -63,7 +65,7 @@ impl Operation {
     pub fn access(self) -> Option<Access> {
         use Operation::*;
         match self {
-            ListEndpoints | ListDeliveries | EndpointStats | GetSettings => Some(Access::Read),
+            ListEndpoints | ListDeliveries | EndpointStats | GetSettings | ListEventTypes => Some(Access::Read),
             CreateEndpoint | UpdateEndpoint | DeleteEndpoint | RotateSecret | RetryDelivery | TestEndpoint
             | RecoverDeliveries | UpdateSettings | CreatePortalSession | EraseEvent => Some(Access::Write),
             OpenApiDocument | PortalPage | PortalScript | PortalStyles => None,
@@ -77,7 +79,8 @@ impl Operation {
             CreateEndpoint | UpdateEndpoint | RecoverDeliveries | UpdateSettings => Some(BodyRule::Required),
             CreatePortalSession => Some(BodyRule::Optional),
             ListEndpoints | DeleteEndpoint | RotateSecret | ListDeliveries | EndpointStats | RetryDelivery
-            | TestEndpoint | GetSettings | EraseEvent | OpenApiDocument | PortalPage | PortalScript | PortalStyles => None,
+            | TestEndpoint | GetSettings | EraseEvent | ListEventTypes | OpenApiDocument | PortalPage | PortalScript
+            | PortalStyles => None,
         }
     }
 
@@ -178,6 +181,7 @@ pub static ROUTES: RouteTable<Operation> = RouteTable::new(&[
         Operation::CreatePortalSession,
     ),
     route("/v1/organizations/:org/events/:event", "DELETE", Operation::EraseEvent),
+    route("/v1/organizations/:org/event-types", "GET", Operation::ListEventTypes),
     route("/openapi.json", "GET", Operation::OpenApiDocument),
     route("/portal/", "GET", Operation::PortalPage),
     route("/portal/app.js", "GET", Operation::PortalScript),
@@ -284,6 +288,10 @@ mod tests {
             (
                 "/v1/organizations/org_1/events/evt_01abc",
                 "/v1/organizations/:org/events/:event".to_string(),
+            ),
+            (
+                "/v1/organizations/org_1/event-types",
+                "/v1/organizations/:org/event-types".to_string(),
             ),
         ] {
             assert_eq!(route_template(path), want, "{path}");

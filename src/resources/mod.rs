@@ -373,6 +373,98 @@ pub struct DeliverySummary {
     pub last_failure_at: Option<Time>,
 }
 
+/// Longest event-type name in the catalog, in characters (the longest pattern an endpoint may
+/// list).
+pub const MAX_CATALOG_NAME_LENGTH: usize = MAX_EVENT_TYPE_LENGTH;
+/// Pattern of a catalog event type's name: dot-separated segments, no wildcard.
+pub const EVENT_TYPE_NAME_PATTERN: &str = r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$";
+
+/// One event type of the catalog: what platform services may send and endpoints subscribe to.
+///
+/// Read only in the operator's home namespace (the namespaced chart needs no cluster role). When
+/// the catalog is empty, every type is accepted as before; once it has types, endpoints must
+/// subscribe to catalog types and ingest validates `data` against each type's schema.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "webhooks.capydb.io",
+    version = "v1",
+    kind = "WebhookEventType",
+    namespaced,
+    shortname = "whet",
+    category = "capydb",
+    doc = "An event type of the webhook catalog: its name, description, optional JSON Schema of `data`, and an example.",
+    printcolumn(
+        name = "Type",
+        type_ = "string",
+        json_path = ".spec.name",
+        description = "The event type"
+    ),
+    printcolumn(
+        name = "Group",
+        type_ = "string",
+        json_path = ".spec.group",
+        description = "Group shown to users"
+    ),
+    printcolumn(
+        name = "Deprecated",
+        type_ = "boolean",
+        json_path = ".spec.deprecated",
+        description = "Still accepted, with a warning to subscribers"
+    ),
+    printcolumn(
+        name = "Description",
+        type_ = "string",
+        json_path = ".spec.description",
+        priority = 1,
+        description = "What the event means"
+    ),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct WebhookEventTypeSpec {
+    /// The event type, e.g. `database.backup.completed`: dot-separated segments of letters,
+    /// digits, `_` and `-`, no wildcard; unique in the catalog (when two objects name the same
+    /// type, the older one counts).
+    #[schemars(length(min = 1, max = MAX_CATALOG_NAME_LENGTH))]
+    #[x_kube(validation = kube::core::Rule::new(
+        "self.matches('^[A-Za-z0-9_-]+(\\\\.[A-Za-z0-9_-]+)*$')"
+    ).message("name must be dot-separated segments of letters, digits, '_' and '-' (no wildcard), e.g. database.backup.completed"))]
+    pub name: String,
+
+    /// What the event means, shown to users choosing what to receive (at most 1024 characters).
+    #[serde(default)]
+    #[schemars(length(max = MAX_DESCRIPTION_LENGTH))]
+    pub description: String,
+
+    /// A group to show related types together (e.g. `database`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub group: Option<String>,
+
+    /// JSON Schema (draft 2020-12) of the event's `data`; ingest refuses data that does not
+    /// conform. Unset: any object.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_object_schema")]
+    pub schema: Option<serde_json::Value>,
+
+    /// An example of the event's `data`, shown to users.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "free_object_schema")]
+    pub example: Option<serde_json::Value>,
+
+    /// Deprecated types are still accepted; endpoints that subscribe to them get a warning.
+    #[serde(default)]
+    pub deprecated: bool,
+}
+
+/// Any JSON object, kept as written (a JSON Schema, an example payload).
+fn free_object_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "x-kubernetes-preserve-unknown-fields": true,
+    })
+}
+
 /// Which namespaces the operator serves.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Scope {
@@ -405,11 +497,47 @@ pub fn signing_secret_name(endpoint_name: &str) -> String {
     format!("{endpoint_name}-signing")
 }
 
-/// The CRD as YAML, exactly as checked in under `crds/`.
+/// The custom resources this operator defines, as `capy-webhooks crd --kind` names them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CrdKind {
+    /// `WebhookEndpoint`.
+    WebhookEndpoint,
+    /// `WebhookEventType` (the event-type catalog).
+    WebhookEventType,
+}
+
+impl CrdKind {
+    /// Every kind, in the order `capy-webhooks crd` prints them.
+    pub const ALL: [CrdKind; 2] = [CrdKind::WebhookEndpoint, CrdKind::WebhookEventType];
+
+    /// The file under `crds/` (and the chart's `files/`) that holds this kind's CRD.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            CrdKind::WebhookEndpoint => "webhookendpoints.webhooks.capydb.io.yaml",
+            CrdKind::WebhookEventType => "webhookeventtypes.webhooks.capydb.io.yaml",
+        }
+    }
+}
+
+/// The WebhookEndpoint CRD as YAML, exactly as checked in under `crds/`.
 pub fn crd_yaml() -> String {
-    let crd = WebhookEndpoint::crd();
+    kind_crd_yaml(CrdKind::WebhookEndpoint)
+}
+
+/// One kind's CRD as YAML, exactly as checked in under `crds/` ([`CrdKind::file_name`]).
+pub fn kind_crd_yaml(kind: CrdKind) -> String {
+    let crd = match kind {
+        CrdKind::WebhookEndpoint => WebhookEndpoint::crd(),
+        CrdKind::WebhookEventType => WebhookEventType::crd(),
+    };
     let yaml = serde_yaml::to_string(&crd).expect("the CRD always serializes");
     format!("# Generated by `capy-webhooks crd`; do not edit. Regenerate with `make crds`.\n{yaml}")
+}
+
+/// Every CRD as one multi-document YAML stream (what `capy-webhooks crd` prints without
+/// `--kind`): `capy-webhooks crd | kubectl apply -f -` installs them all.
+pub fn all_crds_yaml() -> String {
+    CrdKind::ALL.map(kind_crd_yaml).join("---\n")
 }
 
 #[cfg(test)]
@@ -440,16 +568,55 @@ mod tests {
     }
 
     #[test]
-    fn checked_in_crd_matches_the_types() {
-        let path = concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/crds/webhookendpoints.webhooks.capydb.io.yaml"
+    fn checked_in_crds_match_the_types() {
+        for kind in CrdKind::ALL {
+            let path = format!("{}/crds/{}", env!("CARGO_MANIFEST_DIR"), kind.file_name());
+            let on_disk = std::fs::read_to_string(&path).expect("crds/ file exists");
+            assert!(
+                on_disk == kind_crd_yaml(kind),
+                "crds/{} is stale: run `make crds`",
+                kind.file_name()
+            );
+        }
+    }
+
+    #[test]
+    fn event_type_crd_has_its_names_columns_and_name_rule() {
+        let crd = WebhookEventType::crd();
+        assert_eq!(
+            crd.metadata.name.as_deref(),
+            Some("webhookeventtypes.webhooks.capydb.io")
         );
-        let on_disk = std::fs::read_to_string(path).expect("crds/ file exists");
-        assert!(
-            on_disk == crd_yaml(),
-            "crds/webhookendpoints.webhooks.capydb.io.yaml is stale: run `make crds`"
+        assert_eq!(crd.spec.scope, "Namespaced");
+        let version = serde_json::to_value(&crd.spec.versions[0]).unwrap();
+        let columns: Vec<&str> = version["additionalPrinterColumns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(columns, ["Type", "Group", "Deprecated", "Description", "Age"]);
+        let spec = &version["schema"]["openAPIV3Schema"]["properties"]["spec"];
+        assert_eq!(spec["required"], serde_json::json!(["name"]));
+        let rule = spec["properties"]["name"]["x-kubernetes-validations"][0]["rule"]
+            .as_str()
+            .unwrap();
+        // The CEL rule's regex (CEL string escapes undone) is the one the operator uses.
+        assert_eq!(
+            rule,
+            format!("self.matches('{}')", EVENT_TYPE_NAME_PATTERN.replace('\\', "\\\\"))
         );
+        for free in ["schema", "example"] {
+            assert_eq!(spec["properties"][free]["x-kubernetes-preserve-unknown-fields"], true);
+        }
+    }
+
+    #[test]
+    fn all_crds_is_every_kind_in_one_stream() {
+        let all = all_crds_yaml();
+        assert_eq!(all.matches("kind: CustomResourceDefinition").count(), 2);
+        assert!(all.contains("name: webhookendpoints.webhooks.capydb.io"));
+        assert!(all.contains("name: webhookeventtypes.webhooks.capydb.io"));
     }
 
     #[test]

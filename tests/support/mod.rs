@@ -33,6 +33,8 @@ use kube::{Api, Client, Config};
 pub const FIELD_MANAGER: &str = "capy-webhooks-tests";
 /// Path of the CRD manifest, relative to the crate root.
 pub const CRD_FILE: &str = "crds/webhookendpoints.webhooks.capydb.io.yaml";
+/// The WebhookEventType CRD (the event-type catalog), as generated into `crds/`.
+pub const EVENT_TYPE_CRD_FILE: &str = "crds/webhookeventtypes.webhooks.capydb.io.yaml";
 
 struct Cluster {
     kubeconfig: PathBuf,
@@ -305,10 +307,17 @@ pub async fn unblock_configmap_creates(client: &Client, ns: &str) {
     .await;
 }
 
-/// Server-side applies the WebhookEndpoint CRD and waits until it is established and its served
-/// versions are in discovery. Idempotent: call it from every test that needs it.
+/// Server-side applies the CRDs (WebhookEndpoint, WebhookEventType) and waits until each is
+/// established and its served versions are in discovery. Idempotent: call it from every test that
+/// needs it.
 pub async fn install_crd(client: &Client) {
-    let path = manifest_dir().join(CRD_FILE);
+    for file in [CRD_FILE, EVENT_TYPE_CRD_FILE] {
+        install_crd_file(client, file).await;
+    }
+}
+
+async fn install_crd_file(client: &Client, file: &str) {
+    let path = manifest_dir().join(file);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     let crd: CustomResourceDefinition = serde_yaml::from_str(&text)
         .unwrap_or_else(|e| panic!("{} is not a CustomResourceDefinition: {e}", path.display()));

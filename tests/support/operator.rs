@@ -8,6 +8,7 @@ use capy_webhooks::api::{self, ApiConfig};
 use capy_webhooks::auth::Authenticator;
 use capy_webhooks::auth::api_keys::ApiKeyIndex;
 use capy_webhooks::auth::clerk::{ClerkConfig, ClerkVerifier, JwksSource};
+use capy_webhooks::catalog::CatalogWatch;
 use capy_webhooks::controller::{self, ControllerConfig};
 use capy_webhooks::delivery::sender::SenderConfig;
 use capy_webhooks::delivery::ssrf::TargetPolicy;
@@ -89,6 +90,8 @@ pub struct Options {
     pub operational: Option<capy_webhooks::operational::OperationalTarget>,
     /// `--egress-proxy`.
     pub egress_proxy: Option<capy_webhooks::delivery::egress::EgressProxy>,
+    /// `--strict-event-types`.
+    pub strict_event_types: bool,
 }
 
 impl Options {
@@ -128,6 +131,7 @@ impl Default for Options {
             receiver_roots_pem: Vec::new(),
             operational: None,
             egress_proxy: None,
+            strict_event_types: false,
         }
     }
 }
@@ -159,6 +163,8 @@ impl Operator {
         let home = opts.home_namespace.clone().unwrap_or_else(|| ns.to_string());
         let metrics = Metrics::new();
         let url_policy = UrlPolicy { allow_http: true };
+        // The catalog of the home namespace, as the binary watches it.
+        let catalog = CatalogWatch::start(client.clone(), &home);
         let cache = EndpointCache::start(
             client.clone(),
             &scope,
@@ -231,6 +237,8 @@ impl Operator {
                 idempotency_capacity: 1000,
                 metrics: metrics.clone(),
                 replicas: None,
+                catalog: catalog.clone(),
+                strict_event_types: opts.strict_event_types,
             };
             tokio::spawn(ingest::run(
                 WorkHandle::new(dispatcher.clone()),
@@ -274,6 +282,7 @@ impl Operator {
             ready: ReadyHandle::detached(),
             portal_session_ttl: opts.portal_session_ttl,
             portal_url: None,
+            catalog,
         };
         tokio::spawn(api::run(
             client.clone(),

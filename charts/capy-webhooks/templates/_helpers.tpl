@@ -71,6 +71,10 @@ controller gets by name and the dispatcher watches by type.
 - apiGroups: ["coordination.k8s.io"]
   resources: ["leases"]
   verbs: ["get", "list", "watch", "create", "update", "patch"]
+# The event-type catalog: WebhookEventTypes of the home namespace, read through a watch.
+- apiGroups: ["webhooks.capydb.io"]
+  resources: ["webhookeventtypes"]
+  verbs: ["get", "list", "watch"]
 {{- end }}
 
 {{- define "capy-webhooks.rules" -}}
