@@ -9,6 +9,7 @@
 //! - [`outcome`]: what an attempt's result means for the delivery and its endpoint (success,
 //!   retry, give up, totals, disable).
 //! - [`event_types`]: which endpoints an event goes to.
+//! - [`filter`]: endpoint filters in CEL, compiled when written and evaluated at ingest.
 //! - [`health`]: the health rule, when a failing endpoint is disabled and which reason it shows.
 //! - [`ssrf`]: which resolved addresses a delivery may connect to.
 //! - [`sender`]: one signed attempt over a keep-alive client with the SSRF guard in its resolver.
@@ -17,6 +18,7 @@
 pub mod due;
 pub mod egress;
 pub mod event_types;
+pub mod filter;
 pub mod health;
 pub mod outcome;
 pub mod schedule;
