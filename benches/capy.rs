@@ -463,6 +463,33 @@ async fn mint_key_in(client: &Client, http: &reqwest::Client, op: &Operator, ns:
     }
 }
 
+/// Patches every endpoint of `org` with `body` over REST (each must answer 200), then gives the
+/// dispatcher, which reads endpoints from its watch, a moment to see the change.
+async fn patch_endpoints(http: &reqwest::Client, op: &Operator, org: &str, key: &str, body: &Value) {
+    let base = format!("{}/v1/organizations/{org}/webhook-endpoints", op.api);
+    let list: Value = http
+        .get(&base)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for endpoint in list["webhook_endpoints"].as_array().expect("the endpoints") {
+        let id = endpoint["id"].as_str().expect("an endpoint's id");
+        let r = http
+            .patch(format!("{base}/{id}"))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}
+
 /// Creates `n` endpoints over REST; returns the create latencies in ms.
 async fn create_endpoints(
     http: &reqwest::Client,

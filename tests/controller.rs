@@ -619,7 +619,7 @@ async fn a_bad_filter_written_with_kubectl_gets_a_clear_condition() {
     })
     .await;
     assert!(
-        message.contains("line 1, column 41: event has no field 'kind'"),
+        message.contains("line 1, column 40: event has no field 'kind'"),
         "{message}"
     );
 
