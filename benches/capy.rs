@@ -7,10 +7,13 @@
 //! rows so far and write nothing: for profiling one scenario), `--replicas-only` (only the
 //! scenarios with several replicas, [`replicas`]), `--pods-only` (only the pods on a real node,
 //! [`pods`]), `--traces-only` (only throughput with traces on beside off, [`traces`]), `--fifo-only` (only
-//! a fifo endpoint beside an unordered one, [`fifo`]).
+//! a fifo endpoint beside an unordered one, [`fifo`]), `--filter-only` (only dispatch with a CEL
+//! filter on every endpoint beside none, [`filter`]).
 
 #[path = "capy/fifo.rs"]
 mod fifo;
+#[path = "capy/filter.rs"]
+mod filter;
 #[path = "loadgen.rs"]
 mod loadgen;
 #[path = "capy/pods.rs"]
@@ -57,6 +60,8 @@ struct Args {
     traces_only: bool,
     /// Run only the ordered-endpoint scenario (`--fifo-only`).
     fifo_only: bool,
+    /// Run only the endpoint-filter scenario (`--filter-only`).
+    filter_only: bool,
 }
 
 fn args() -> Args {
@@ -67,6 +72,7 @@ fn args() -> Args {
     let mut pods_only = false;
     let mut traces_only = false;
     let mut fifo_only = false;
+    let mut filter_only = false;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -77,6 +83,7 @@ fn args() -> Args {
             "--pods-only" => pods_only = true,
             "--traces-only" => traces_only = true,
             "--fifo-only" => fifo_only = true,
+            "--filter-only" => filter_only = true,
             "--bench" => {}
             other => eprintln!("ignoring argument {other}"),
         }
@@ -89,6 +96,7 @@ fn args() -> Args {
         pods_only,
         traces_only,
         fifo_only,
+        filter_only,
     }
 }
 
@@ -455,6 +463,33 @@ async fn mint_key_in(client: &Client, http: &reqwest::Client, op: &Operator, ns:
     }
 }
 
+/// Patches every endpoint of `org` with `body` over REST (each must answer 200), then gives the
+/// dispatcher, which reads endpoints from its watch, a moment to see the change.
+async fn patch_endpoints(http: &reqwest::Client, op: &Operator, org: &str, key: &str, body: &Value) {
+    let base = format!("{}/v1/organizations/{org}/webhook-endpoints", op.api);
+    let list: Value = http
+        .get(&base)
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for endpoint in list["webhook_endpoints"].as_array().expect("the endpoints") {
+        let id = endpoint["id"].as_str().expect("an endpoint's id");
+        let r = http
+            .patch(format!("{base}/{id}"))
+            .bearer_auth(key)
+            .json(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+}
+
 /// Creates `n` endpoints over REST; returns the create latencies in ms.
 async fn create_endpoints(
     http: &reqwest::Client,
@@ -684,6 +719,7 @@ async fn create_crs(client: &Client, org: &str, url: &str, n: usize, prefix: &st
                         rate_limit: None,
                         signature_scheme: Default::default(),
                         ordering: Default::default(),
+                        filter: None,
                         client_certificate: None,
                     },
                 );
@@ -813,6 +849,11 @@ async fn main() {
     }
     if args.fifo_only {
         fifo::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
+        println!("\n{}", table(&rows.borrow()));
+        return;
+    }
+    if args.filter_only {
+        filter::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
         println!("\n{}", table(&rows.borrow()));
         return;
     }
@@ -1116,6 +1157,7 @@ async fn main() {
 
     traces::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
     fifo::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
+    filter::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
     eprintln!("[bench] traces done ({:?})", started.elapsed());
     replicas::run(&cp, &client, &http, &rx, workdir.path(), q, &row).await;
     eprintln!("[bench] replicas done ({:?})", started.elapsed());

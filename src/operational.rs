@@ -407,6 +407,7 @@ impl OperationalTarget {
                 rate_limit: None,
                 signature_scheme: SignatureScheme::HmacSha256,
                 ordering: Default::default(),
+                filter: None,
                 client_certificate: None,
             },
         );

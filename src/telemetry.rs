@@ -165,6 +165,10 @@ impl MetricConstructor<Histogram> for LatencyBuckets {
 /// Seconds: from 5 ms to 30 s (create and rotate-secret wait for the controller up to 10 s).
 const LATENCY_BUCKETS: [f64; 12] = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
 
+/// Reasons of `capy_webhooks_filter_errors_total`: those of
+/// [`crate::delivery::filter::EvalError::label`], and `invalid` for a filter that does not compile.
+pub const FILTER_ERROR_REASONS: [&str; 5] = ["missing_field", "type", "not_bool", "other", "invalid"];
+
 struct Inner {
     registry: Registry,
     reconciles: Counter,
@@ -194,6 +198,7 @@ struct Inner {
     shards_unowned: Gauge,
     first_attempt_delay: Histogram,
     endpoints_auto_disabled: Counter,
+    filter_errors: Family<ReasonLabels, Counter>,
     oldest_pending_age: Gauge,
     /// Per dispatcher worker ([`DueSlot`]): when its longest-waiting due attempt became due, in
     /// Unix milliseconds. Read at scrape into `oldest_pending_age`.
@@ -541,7 +546,16 @@ impl Metrics {
             "Event payloads erased from the delivery log because their retention was over (--payload-retention)",
             payloads_expired.clone(),
         );
+        let filter_errors = Family::<ReasonLabels, Counter>::default();
+        registry.register(
+            "filter_errors",
+            "Endpoint filters that did not give a bool at ingest (no match), by reason",
+            filter_errors.clone(),
+        );
         // Label values known up front are exported at zero, so rates work from the first scrape.
+        for reason in FILTER_ERROR_REASONS {
+            let _ = filter_errors.get_or_create(&ReasonLabels { reason });
+        }
         for kind in [
             WriteKind::Secret,
             WriteKind::EndpointStatus,
@@ -594,6 +608,7 @@ impl Metrics {
                 shards_unowned,
                 first_attempt_delay,
                 endpoints_auto_disabled,
+                filter_errors,
                 oldest_pending_age,
                 due_slots: Mutex::new(HashMap::new()),
                 next_due_slot: AtomicU64::new(0),
@@ -767,6 +782,17 @@ impl Metrics {
     /// Counts an endpoint the dispatcher disabled for failing.
     pub fn endpoint_auto_disabled(&self) {
         self.inner.endpoints_auto_disabled.inc();
+    }
+
+    /// An endpoint filter did not give a bool at ingest, so the event was not delivered to that
+    /// endpoint. `reason` is one of [`FILTER_ERROR_REASONS`] (others are counted as `other`).
+    pub fn filter_error(&self, reason: &'static str) {
+        let reason = if FILTER_ERROR_REASONS.contains(&reason) {
+            reason
+        } else {
+            "other"
+        };
+        self.inner.filter_errors.get_or_create(&ReasonLabels { reason }).inc();
     }
 
     /// A new slot in the oldest-pending gauge, for one dispatcher worker.
@@ -1051,6 +1077,8 @@ mod tests {
         metrics.shards_unowned(2);
         metrics.first_attempt_started(Duration::from_millis(30));
         metrics.endpoint_auto_disabled();
+        metrics.filter_error("missing_field");
+        metrics.filter_error("made-up");
         let slot = metrics.due_slot();
         slot.set(Some(unix_millis_now() - 90_000));
         let text = metrics.encode();
@@ -1100,6 +1128,9 @@ mod tests {
             "capy_webhooks_apiserver_write_bytes_total{kind=\"endpoint_status\"} 0",
             "capy_webhooks_log_write_budget_bytes 524288",
             "capy_webhooks_ingest_throttled_total 1",
+            "capy_webhooks_filter_errors_total{reason=\"missing_field\"} 1",
+            "capy_webhooks_filter_errors_total{reason=\"other\"} 1",
+            "capy_webhooks_filter_errors_total{reason=\"invalid\"} 0",
             "capy_webhooks_reconcile_errors_total{reason=\"MissingMetadata\"} 0",
             "capy_webhooks_controller_leader 1",
             "capy_webhooks_owned_shards 5",

@@ -156,6 +156,17 @@ pub fn validate_secret_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Checks an endpoint filter: CEL that compiles to a bool within the cost limit (see
+/// [`crate::delivery::filter`]); the message has the line and column of the problem.
+pub fn validate_filter(filter: &str) -> Result<(), String> {
+    if filter.trim().is_empty() {
+        return Err("filter must not be empty (omit it, or null in an update, for none)".into());
+    }
+    crate::delivery::filter::Filter::compile(filter)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// Checks a whole spec; the first problem found is returned.
 pub fn validate_spec(spec: &WebhookEndpointSpec, policy: UrlPolicy) -> Result<(), String> {
     if let Some(certificate) = &spec.client_certificate {
@@ -166,7 +177,8 @@ pub fn validate_spec(spec: &WebhookEndpointSpec, policy: UrlPolicy) -> Result<()
     validate_event_types(&spec.event_types)?;
     validate_headers(&spec.headers)?;
     validate_rate_limit(spec.rate_limit)?;
-    validate_max_attempts(spec.max_attempts)
+    validate_max_attempts(spec.max_attempts)?;
+    spec.filter.as_deref().map_or(Ok(()), validate_filter)
 }
 
 #[cfg(test)]

@@ -107,6 +107,7 @@ fn endpoint(name: &str, org: &str) -> WebhookEndpoint {
             rate_limit: None,
             signature_scheme: Default::default(),
             ordering: Default::default(),
+            filter: None,
             client_certificate: None,
         },
     )
@@ -564,5 +565,66 @@ async fn invalid_spec_waits_for_a_change() {
     .await
     .unwrap();
     wait_ready(&api, "ep1").await;
+    ctl.stop().await;
+}
+
+/// The Ready condition of `name` once it is `False` with reason `InvalidSpec`.
+async fn wait_invalid_spec(api: &Api<WebhookEndpoint>, name: &str) -> String {
+    support::wait_for("InvalidSpec condition", WAIT, || async {
+        api.get(name).await.ok().and_then(|ep| {
+            ep.status?
+                .conditions
+                .into_iter()
+                .find(|c| c.type_ == CONDITION_READY && c.status == "False" && c.reason == "InvalidSpec")
+                .map(|c| c.message)
+        })
+    })
+    .await
+}
+
+/// A filter is CEL the CRD schema cannot check: written with kubectl past the REST facade, a
+/// filter that does not compile makes the endpoint not Ready, with the position in the message.
+#[tokio::test]
+async fn a_bad_filter_written_with_kubectl_gets_a_clear_condition() {
+    let (client, ns) = setup("filter").await;
+    let ctl = RunningController::start(&client, &ns, Duration::from_secs(3600));
+    let api: Api<WebhookEndpoint> = Api::namespaced(client.clone(), &ns);
+    let manifest = |filter: &str| {
+        format!(
+            "apiVersion: webhooks.capydb.io/v1\nkind: WebhookEndpoint\nmetadata:\n  name: ep1\n  namespace: {ns}\n\
+             spec:\n  organizationId: org_a\n  url: https://hooks.example.com/in\n  filter: {}\n",
+            serde_json::to_string(filter).unwrap()
+        )
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let apply = |filter: &str| {
+        let file = dir.path().join("ep.yaml");
+        std::fs::write(&file, manifest(filter)).unwrap();
+        support::ok(
+            "kubectl apply",
+            support::kubectl(&["apply", "-f", file.to_str().unwrap()]),
+        );
+    };
+
+    apply("event.data.region.startsWith('eu-') &&");
+    let message = wait_invalid_spec(&api, "ep1").await;
+    assert!(
+        message.contains("filter has a syntax error at line 1, column "),
+        "{message}"
+    );
+
+    apply("event.data.size > 'big'.size() && event.kind == 'x'");
+    let message = support::wait_for("the type error's condition", WAIT, || async {
+        Some(wait_invalid_spec(&api, "ep1").await).filter(|m| m.contains("type error"))
+    })
+    .await;
+    assert!(
+        message.contains("line 1, column 40: event has no field 'kind'"),
+        "{message}"
+    );
+
+    apply("event.data.region.startsWith('eu-')");
+    let ep = wait_ready(&api, "ep1").await;
+    assert_eq!(ep.spec.filter.as_deref(), Some("event.data.region.startsWith('eu-')"));
     ctl.stop().await;
 }

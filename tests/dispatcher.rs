@@ -1794,3 +1794,184 @@ async fn payloads_past_their_retention_are_erased_and_the_records_stay() {
     })
     .await;
 }
+/// Endpoint filters in CEL end to end: an endpoint with a filter gets only the events it gives
+/// `true` for (one without gets them all, so an event that is missing was not merely late); a
+/// filter that does not compile is a 400 with its position; the filter shows in the list,
+/// and an update changes or clears it.
+#[tokio::test]
+async fn a_filter_lets_only_matching_events_through_and_can_be_changed_and_cleared() {
+    let s = setup("filter", Options::default()).await;
+    let (filtered_rx, all_rx) = (Receiver::start(vec![]).await, Receiver::start(vec![]).await);
+    let filter = "event.data.region.startsWith('eu-') && event.data.tags.exists(t, t == 'prod')";
+    let (status, created, _) =
+        s.op.call(
+            "POST",
+            &s.op.url(ORG, ""),
+            Some(&s.key),
+            Some(json!({"url": filtered_rx.url("/f"), "filter": filter})),
+        )
+        .await;
+    assert_eq!(status, 201, "{created}");
+    assert_conforms("EndpointWithSecret", &created);
+    assert_eq!(created["webhook_endpoint"]["filter"], filter);
+    let id = created["webhook_endpoint"]["id"].as_str().unwrap().to_string();
+    s.endpoint(&all_rx.url("/a"), &[]).await;
+
+    // The list shows it (the contract has no GET of one endpoint); the CR holds it in spec.filter.
+    let (_, list, _) = s.op.call("GET", &s.op.url(ORG, ""), Some(&s.key), None).await;
+    assert_conforms("EndpointList", &list);
+    let listed: Vec<_> = list["webhook_endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["filter"].clone())
+        .collect();
+    assert!(
+        listed.contains(&json!(filter)) && listed.contains(&Value::Null),
+        "{list}"
+    );
+    let api: Api<WebhookEndpoint> = Api::namespaced(s.client.clone(), &s.ns);
+    assert_eq!(api.get(&id).await.unwrap().spec.filter.as_deref(), Some(filter));
+
+    // Ingest: the answer counts the deliveries, two when the filter matches, one otherwise. A
+    // missing field (`tags`) and a field of another type (`region`) are no match, not an error.
+    let events = [
+        (json!({"region": "eu-west-1", "tags": ["prod"]}), true),
+        (json!({"region": "us-east-1", "tags": ["prod"]}), false),
+        (json!({"region": "eu-west-1", "tags": ["dev"]}), false),
+        (json!({"region": "eu-west-1"}), false),
+        (json!({"region": 7, "tags": ["prod"]}), false),
+        (json!({"region": "eu-central-1", "tags": ["dev", "prod"]}), true),
+    ];
+    for (data, matches) in &events {
+        let (status, accepted) = s.op.ingest(ORG, "database.created", data.clone()).await;
+        assert_eq!(status, 202, "{accepted}");
+        assert_eq!(accepted["deliveries"], if *matches { 2 } else { 1 }, "{data}");
+    }
+    wait_received(&all_rx, events.len()).await;
+    let mut wanted: Vec<_> = events.iter().filter(|(_, m)| *m).map(|(d, _)| d.clone()).collect();
+    wanted.sort_by_key(|d| d.to_string());
+    let got = wait_received(&filtered_rx, wanted.len()).await;
+    let mut seen: Vec<_> = got.iter().map(|r| r.json()["data"].clone()).collect();
+    seen.sort_by_key(|d| d.to_string());
+    assert_eq!(seen, wanted, "the filtered endpoint got exactly the matching events");
+    let errors = s.op.metrics.encode();
+    assert!(
+        errors.lines().any(
+            |l| l.starts_with("capy_webhooks_filter_errors_total{reason=\"missing_field\"} ") && !l.ends_with(" 0")
+        ),
+        "the missing field is counted:\n{errors}"
+    );
+
+    // Refused with the position: a syntax error, a type error, a result that is not a bool.
+    for (bad, want) in [
+        ("event.data.region ==", "filter has a syntax error at line 1, column "),
+        (
+            "event.type == 1",
+            "filter has a type error at line 1, column 12: no matching overload for '=='",
+        ),
+        ("event.type", "a filter must give a bool"),
+        (
+            "event.data.tags.exists(a, event.data.tags.exists(b, a == b))",
+            "filter is too costly",
+        ),
+    ] {
+        for (method, url) in [("POST", s.op.url(ORG, "")), ("PATCH", s.op.url(ORG, &format!("/{id}")))] {
+            let body = if method == "POST" {
+                json!({"url": filtered_rx.url("/f"), "filter": bad})
+            } else {
+                json!({"filter": bad})
+            };
+            let (status, err, _) = s.op.call(method, &url, Some(&s.key), Some(body)).await;
+            assert_eq!(status, 400, "{method} {bad}: {err}");
+            assert!(err["error"].as_str().unwrap().contains(want), "{method} {bad}: {err}");
+        }
+    }
+
+    // Change it: now only `billing.*` events with a big amount.
+    let changed = "event.type.startsWith('billing.') && event.data.amount >= 1000";
+    let (status, updated, _) =
+        s.op.call(
+            "PATCH",
+            &s.op.url(ORG, &format!("/{id}")),
+            Some(&s.key),
+            Some(json!({"filter": changed})),
+        )
+        .await;
+    assert_eq!(status, 200, "{updated}");
+    assert_eq!(updated["webhook_endpoint"]["filter"], changed);
+    // The dispatcher's cache follows the CR through a watch: probe until it has the new filter.
+    support::wait_for("the changed filter in force", WAIT, || async {
+        let (_, accepted) = s.op.ingest(ORG, "billing.charged", json!({"amount": 5000})).await;
+        (accepted["deliveries"] == 2).then_some(())
+    })
+    .await;
+    let (_, accepted) = s.op.ingest(ORG, "billing.charged", json!({"amount": 10})).await;
+    assert_eq!(accepted["deliveries"], 1);
+    let (_, accepted) =
+        s.op.ingest(
+            ORG,
+            "database.created",
+            json!({"region": "eu-west-1", "tags": ["prod"]}),
+        )
+        .await;
+    assert_eq!(accepted["deliveries"], 1, "the old filter is gone");
+
+    // Clear it: the field goes from the object and the CR, and every event is delivered.
+    let (status, cleared, _) =
+        s.op.call(
+            "PATCH",
+            &s.op.url(ORG, &format!("/{id}")),
+            Some(&s.key),
+            Some(json!({"filter": null})),
+        )
+        .await;
+    assert_eq!(status, 200, "{cleared}");
+    assert!(cleared["webhook_endpoint"].get("filter").is_none(), "{cleared}");
+    assert!(api.get(&id).await.unwrap().spec.filter.is_none());
+    support::wait_for("no filter in force", WAIT, || async {
+        let (_, accepted) = s.op.ingest(ORG, "anything.at_all", json!({})).await;
+        (accepted["deliveries"] == 2).then_some(())
+    })
+    .await;
+}
+
+/// The README's filter block (`<!-- filter-test: readme-rest -->`), verbatim, with bash, curl and
+/// jq against this operator: `API` and `AUTH` as its walk-through with curl sets them.
+#[tokio::test]
+async fn the_readme_filter_commands_work_verbatim() {
+    let s = setup("filter-readme", Options::default()).await;
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let after = readme
+        .split_once("<!-- filter-test: readme-rest -->")
+        .expect("the README marks its block")
+        .1;
+    let block = after.split_once("```sh\n").expect("a sh block after the marker").1;
+    let script = block.split_once("\n```").expect("the block ends").0;
+    let out = tokio::process::Command::new("bash")
+        .args(["-euo", "pipefail", "-c", &format!("{script}\necho \"F=$F\"")])
+        .env("API", format!("{}/{ORG}", s.op.base))
+        .env("AUTH", format!("Authorization: Bearer {}", s.key))
+        .output()
+        .await
+        .expect("bash runs");
+    let stdout = support::ok("the README's filter commands", out);
+    let id = stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("F="))
+        .expect("the block names its endpoint");
+    assert!(id.starts_with("ep-"), "{stdout}");
+    assert!(
+        stdout.contains(r#""filter": "event.data.size_bytes > 1000000000""#),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(r#""error": "filter has a syntax error at line 1, column 14: "#),
+        "{stdout}"
+    );
+    let api: Api<WebhookEndpoint> = Api::namespaced(s.client.clone(), &s.ns);
+    assert!(
+        api.get(id).await.unwrap().spec.filter.is_none(),
+        "the last command cleared it"
+    );
+}

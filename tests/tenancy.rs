@@ -34,6 +34,7 @@ fn endpoint(name: &str, org: &str, url: &str) -> WebhookEndpoint {
             rate_limit: None,
             signature_scheme: Default::default(),
             ordering: Default::default(),
+            filter: None,
             client_certificate: None,
         },
     )

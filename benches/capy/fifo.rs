@@ -7,7 +7,7 @@ use std::path::Path;
 use kube::Client;
 use serde_json::json;
 
-use super::{ControlPlane, Operator, Receiver, create_endpoints, dispatch_burst, mint_key_in, settle};
+use super::{ControlPlane, Operator, Receiver, create_endpoints, dispatch_burst, mint_key_in, patch_endpoints, settle};
 
 const NS: &str = "bench-fifo";
 
@@ -40,26 +40,7 @@ pub(super) async fn run(
         let key = mint_key_in(client, http, &op, NS, &org).await;
         create_endpoints(http, &op, &org, &key, &url, 1).await;
         if ordering == "fifo" {
-            let list: serde_json::Value = http
-                .get(format!("{}/v1/organizations/{org}/webhook-endpoints", op.api))
-                .bearer_auth(&key)
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
-            let id = list["webhook_endpoints"][0]["id"].as_str().expect("the endpoint's id");
-            let r = http
-                .patch(format!("{}/v1/organizations/{org}/webhook-endpoints/{id}", op.api))
-                .bearer_auth(&key)
-                .json(&json!({"ordering": "fifo"}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
-            // The dispatcher reads the endpoint from its watch: give the change a moment.
-            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+            patch_endpoints(http, &op, &org, &key, &json!({"ordering": "fifo"})).await;
         }
         let ops = dispatch_burst(http, &op, &org, rx, events, 1).await;
         settle(http, &op).await;

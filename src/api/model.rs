@@ -13,12 +13,12 @@ use serde_json::{Value, json};
 use crate::delivery_log::{DeliveryRecord, DeliveryState, MAX_ERROR_CHARS, truncate_error};
 use crate::resources::{
     ClientCertificate, EVENT_TYPE_PATTERN, FORBIDDEN_HEADERS, HEADER_VALUE_PATTERN, Health, MAX_ATTEMPTS_LIMIT,
-    MAX_CUSTOM_HEADERS, MAX_DESCRIPTION_LENGTH, MAX_EVENT_TYPE_LENGTH, MAX_EVENT_TYPES, MAX_HEADER_VALUE_LENGTH,
-    MAX_RATE_LIMIT, MAX_URL_LENGTH, ORGANIZATION_LABEL, Ordering, SignatureScheme, WebhookEndpoint,
-    WebhookEndpointSpec,
+    MAX_CUSTOM_HEADERS, MAX_DESCRIPTION_LENGTH, MAX_EVENT_TYPE_LENGTH, MAX_EVENT_TYPES, MAX_FILTER_LENGTH,
+    MAX_HEADER_VALUE_LENGTH, MAX_RATE_LIMIT, MAX_URL_LENGTH, ORGANIZATION_LABEL, Ordering, SignatureScheme,
+    WebhookEndpoint, WebhookEndpointSpec,
 };
 use crate::validation::{
-    UrlPolicy, validate_description, validate_event_types, validate_headers, validate_max_attempts,
+    UrlPolicy, validate_description, validate_event_types, validate_filter, validate_headers, validate_max_attempts,
     validate_rate_limit, validate_secret_name, validate_url,
 };
 
@@ -70,6 +70,12 @@ pub struct EndpointView {
     #[serde(skip_serializing_if = "is_default_ordering")]
     #[schemars(default)]
     pub ordering: Ordering,
+    /// Extension: the endpoint's CEL filter over `event.type` and `event.data`: only the events
+    /// it gives `true` for are delivered. Absent when the endpoint has none, so the documented
+    /// object keeps its exact fields.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_FILTER_LENGTH))]
+    pub filter: Option<String>,
 }
 
 fn is_default_ordering(ordering: &Ordering) -> bool {
@@ -383,6 +389,13 @@ pub struct CreateRequest {
     /// attempts.
     #[serde(default)]
     pub ordering: Option<Ordering>,
+    /// Extension: a CEL expression over `event.type` (a string) and `event.data` (the event's
+    /// object), e.g. `event.data.region.startsWith("eu-")`: only the events it gives `true` for
+    /// are delivered. Refused with its line and column when it does not compile or is too costly;
+    /// an evaluation error (such as a missing field) is no match.
+    #[serde(default)]
+    #[schemars(length(min = 1, max = MAX_FILTER_LENGTH))]
+    pub filter: Option<String>,
 }
 
 /// Body of `PATCH /webhook-endpoints/{id}`: any subset of the settable fields.
@@ -415,6 +428,11 @@ pub struct UpdateRequest {
     /// Extension: `unordered` or `fifo` (one delivery in flight at a time, in ingest order).
     /// Pending deliveries follow the new ordering at once.
     pub ordering: Option<Ordering>,
+    /// Extension: a new CEL filter (the rules of create), or null for none. Applies to events
+    /// ingested from then on.
+    #[serde(default, deserialize_with = "given")]
+    #[schemars(with = "Option<String>", length(min = 1, max = MAX_FILTER_LENGTH))]
+    pub filter: Option<Option<String>>,
 }
 
 pub use crate::resources::rfc3339;
@@ -468,6 +486,7 @@ pub fn endpoint_view(endpoint: &WebhookEndpoint) -> EndpointView {
         signature_scheme: endpoint.spec.signature_scheme,
         client_certificate_secret: endpoint.spec.client_certificate.as_ref().map(|c| c.secret_name.clone()),
         ordering: endpoint.spec.ordering,
+        filter: endpoint.spec.filter.clone(),
     }
 }
 
@@ -495,6 +514,9 @@ pub fn new_endpoint(
     if let Some(name) = &request.client_certificate_secret {
         validate_secret_name(name)?;
     }
+    if let Some(filter) = &request.filter {
+        validate_filter(filter)?;
+    }
     Ok(WebhookEndpoint {
         metadata: ObjectMeta {
             name: Some(name.to_string()),
@@ -520,6 +542,7 @@ pub fn new_endpoint(
                 .client_certificate_secret
                 .map(|secret_name| ClientCertificate { secret_name }),
             ordering: request.ordering.unwrap_or_default(),
+            filter: request.filter,
         },
         status: None,
     })
@@ -547,6 +570,15 @@ pub fn update_patch(organization_id: &str, request: &UpdateRequest, policy: UrlP
     }
     if let Some(ordering) = request.ordering {
         ops.push(json!({"op": "add", "path": "/spec/ordering", "value": ordering}));
+    }
+    match &request.filter {
+        None => {}
+        Some(Some(filter)) => {
+            validate_filter(filter)?;
+            ops.push(json!({"op": "add", "path": "/spec/filter", "value": filter}));
+        }
+        // As for the certificate: `add` of null removes the field, present or not.
+        Some(None) => ops.push(json!({"op": "add", "path": "/spec/filter", "value": null})),
     }
     match &request.client_certificate_secret {
         None => {}
@@ -890,6 +922,7 @@ pub(super) mod tests {
                 signature_scheme: None,
                 client_certificate_secret: None,
                 ordering: None,
+                filter: None,
             },
             LAX,
         )
@@ -954,6 +987,7 @@ pub(super) mod tests {
             signature_scheme: None,
             client_certificate_secret: None,
             ordering: None,
+            filter: None,
         };
         let ep = endpoint();
         assert!(ep.spec.active);
@@ -999,6 +1033,7 @@ pub(super) mod tests {
         for (ordering, want) in [(Ordering::Fifo, "fifo"), (Ordering::Unordered, "unordered")] {
             let req = UpdateRequest {
                 ordering: Some(ordering),
+                filter: None,
                 ..Default::default()
             };
             let patch = update_patch("org_1", &req, LAX).unwrap();

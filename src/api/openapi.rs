@@ -77,7 +77,7 @@ fn operation_doc(operation: Operation) -> Option<OperationDoc> {
         },
         UpdateEndpoint => doc(
             "updateWebhookEndpoint",
-            "Change any subset of url, description, event_types, is_active (and the extensions signature_scheme, client_certificate_secret, ordering)",
+            "Change any subset of url, description, event_types, is_active (and the extensions signature_scheme, client_certificate_secret, ordering, filter)",
             Some(schema_of::<model::UpdateRequest>),
             (200, "Updated", schema_of::<model::EndpointResponse>),
         ),

@@ -79,8 +79,8 @@ impl Operation {
             CreateEndpoint | UpdateEndpoint | RecoverDeliveries | UpdateSettings => Some(BodyRule::Required),
             CreatePortalSession => Some(BodyRule::Optional),
             ListEndpoints | DeleteEndpoint | RotateSecret | ListDeliveries | EndpointStats | RetryDelivery
-            | TestEndpoint | GetSettings | EraseEvent | ListEventTypes | OpenApiDocument | PortalPage | PortalScript
-            | PortalStyles => None,
+            | TestEndpoint | GetSettings | EraseEvent | ListEventTypes | OpenApiDocument | PortalPage
+            | PortalScript | PortalStyles => None,
         }
     }
 

@@ -695,6 +695,7 @@ mod tests {
                 rate_limit: None,
                 signature_scheme: Default::default(),
                 ordering: Default::default(),
+                filter: None,
                 client_certificate: None,
             },
         );

@@ -10,6 +10,7 @@
 //!   retry, give up, totals, disable).
 //! - [`event_types`]: which endpoints an event goes to.
 //! - [`attempt_stats`]: an endpoint's attempts of the last 24 hours by hour (the portal's chart).
+//! - [`filter`]: endpoint filters in CEL, compiled when written and evaluated at ingest.
 //! - [`health`]: the health rule, when a failing endpoint is disabled and which reason it shows.
 //! - [`ssrf`]: which resolved addresses a delivery may connect to.
 //! - [`sender`]: one signed attempt over a keep-alive client with the SSRF guard in its resolver.
@@ -19,6 +20,7 @@ pub mod attempt_stats;
 pub mod due;
 pub mod egress;
 pub mod event_types;
+pub mod filter;
 pub mod health;
 pub mod outcome;
 pub mod schedule;

@@ -35,6 +35,7 @@ use tracing::{info, warn};
 use crate::client_certificate::{ClientIdentity, Problem, TLS_SECRET_TYPE, identity_from_secret};
 use crate::delivery::attempt_stats::{AttemptHistory, AttemptStats};
 use crate::delivery::event_types::matches;
+use crate::delivery::filter::{EventInput, FilterCache};
 use crate::delivery::schedule::RetrySchedule;
 use crate::delivery::sender::{Sender, SenderConfig, envelope};
 use crate::delivery_log::{DeliveryLog, DeliveryRecord, LogConfig, LogKey, WriteBudget, new_delivery_id, new_event_id};
@@ -240,6 +241,8 @@ pub(crate) struct Shared {
     /// read-back; under the same name it would pass for a second writer and have the whole shard
     /// read back (events answered 503 although durable, deliveries sent twice).
     seq_marks: Mutex<HashMap<WorkerKey, Arc<AtomicU64>>>,
+    /// Endpoint filters, compiled once per text (not per event).
+    filters: FilterCache,
     /// The platform's endpoint and its key ring, when operational webhooks are on.
     operational: Option<(Arc<WebhookEndpoint>, KeyRing)>,
 }
@@ -360,6 +363,7 @@ impl Dispatcher {
             stopping,
             reload,
             seq_marks: Mutex::default(),
+            filters: FilterCache::default(),
             operational,
         });
         let ShardFeed { mut events, placement } = shards;
@@ -851,6 +855,8 @@ impl Dispatcher {
         let event_id = new_event_id(now);
         let payload =
             Bytes::from(serde_json::to_vec(&envelope(event_type, now, &data)).expect("JSON values serialize"));
+        // The event as filters see it, converted once and only if an endpoint has a filter.
+        let mut input = None;
         let targets: Vec<_> = self
             .shared
             .endpoints
@@ -858,6 +864,7 @@ impl Dispatcher {
             .into_iter()
             .filter(|ep| ep.spec.active && ep.metadata.deletion_timestamp.is_none())
             .filter(|ep| matches(&ep.spec.event_types, event_type))
+            .filter(|ep| self.passes_filter(ep, &mut input, event_type, &data))
             .collect();
         // One log per namespace: the organization's endpoints usually share one.
         let mut by_namespace: BTreeMap<String, (Arc<WebhookEndpoint>, Vec<DeliveryRecord>)> = BTreeMap::new();
@@ -878,6 +885,30 @@ impl Dispatcher {
             return Err(err);
         }
         Ok((event_id, targets.len()))
+    }
+
+    /// Whether the endpoint's filter, if any, gives `true` for the event. A filter that does not
+    /// compile, an evaluation error and a non-bool result are no match, counted by reason.
+    fn passes_filter(
+        &self,
+        endpoint: &WebhookEndpoint,
+        input: &mut Option<EventInput>,
+        event_type: &str,
+        data: &Value,
+    ) -> bool {
+        let Some(source) = endpoint.spec.filter.as_deref() else {
+            return true;
+        };
+        let metrics = &self.shared.config.metrics;
+        let Some(filter) = self.shared.filters.get(source) else {
+            metrics.filter_error("invalid");
+            return false;
+        };
+        let input = input.get_or_insert_with(|| EventInput::new(event_type, data));
+        filter.evaluate(input).unwrap_or_else(|e| {
+            metrics.filter_error(e.label());
+            false
+        })
     }
 
     /// Sends a `webhook.test` event to one endpoint now (whatever its event types); returns the

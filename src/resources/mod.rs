@@ -208,7 +208,18 @@ pub struct WebhookEndpointSpec {
     /// attempts.
     #[serde(default, skip_serializing_if = "is_default_ordering")]
     pub ordering: Ordering,
+
+    /// A CEL expression over `event.type` and `event.data`: only the events it gives `true` for
+    /// are delivered (on top of `eventTypes`). Unset: every event of the types. A filter that does
+    /// not compile, or is estimated too costly, makes the endpoint not Ready (`InvalidSpec`) and
+    /// matches nothing; an evaluation error is no match (README, "Filtering with CEL").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = MAX_FILTER_LENGTH))]
+    pub filter: Option<String>,
 }
+
+/// Longest endpoint filter, in characters (see [`crate::delivery::filter`]).
+pub const MAX_FILTER_LENGTH: usize = 2048;
 
 /// In what order an endpoint's deliveries are attempted.
 #[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, JsonSchema)]
