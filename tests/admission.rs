@@ -75,9 +75,12 @@ fn the_policy_is_rendered_only_with_cluster_wide_scope_or_on_request() {
             .filter(|k| cluster_scoped.contains(k))
             .collect()
     };
-    // The chart's default serves its own namespace: nothing cluster-wide but the CRD, which
-    // `crds.install` governs.
-    assert_eq!(scoped(&render("scope", &[])), ["CustomResourceDefinition"]);
+    // The chart's default serves its own namespace: nothing cluster-wide but the CRDs
+    // (WebhookEndpoint, WebhookEventType), which `crds.install` governs.
+    assert_eq!(
+        scoped(&render("scope", &[])),
+        ["CustomResourceDefinition", "CustomResourceDefinition"]
+    );
     assert_eq!(scoped(&render("scope", &["crds.install=false"])), Vec::<String>::new());
     // With every namespace served, the policy and its binding, named after the release.
     let docs = render("scope", &["watchAllNamespaces=true", "crds.install=false"]);
