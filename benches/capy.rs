@@ -517,6 +517,30 @@ async fn create_endpoints(
 
 /// Sends `events` events with CONCURRENCY in flight (the load generator a peer is measured with,
 /// [`loadgen`]); returns deliveries/s until the receiver got `expected` requests.
+/// A namespace of its own and one operator in it (write budget off), ready: how each
+/// single-scenario comparison (fifo, filter) starts.
+async fn scenario_operator(
+    cp: &ControlPlane,
+    client: &kube::Client,
+    http: &reqwest::Client,
+    workdir: &Path,
+    ns: &str,
+    name: &str,
+) -> Operator {
+    create_namespace(client, ns).await;
+    let op = Operator::start_in(
+        ns,
+        name,
+        &cp.kubeconfig,
+        workdir,
+        "10s",
+        &["--log-write-budget", "0"],
+        "warn",
+    );
+    op.wait_ready(http).await;
+    op
+}
+
 async fn dispatch_burst(
     http: &reqwest::Client,
     op: &Operator,

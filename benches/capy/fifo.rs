@@ -7,7 +7,9 @@ use std::path::Path;
 use kube::Client;
 use serde_json::json;
 
-use super::{ControlPlane, Operator, Receiver, create_endpoints, dispatch_burst, mint_key_in, patch_endpoints, settle};
+use super::{
+    ControlPlane, Receiver, create_endpoints, dispatch_burst, mint_key_in, patch_endpoints, scenario_operator, settle,
+};
 
 const NS: &str = "bench-fifo";
 
@@ -21,19 +23,9 @@ pub(super) async fn run(
     quick: bool,
     row: &impl Fn(&str, String, String, &str),
 ) {
-    super::create_namespace(client, NS).await;
     let events = if quick { 400 } else { 4000 };
     let url = format!("{}/deliver", rx.addr);
-    let mut op = Operator::start_in(
-        NS,
-        "fifo",
-        &cp.kubeconfig,
-        workdir,
-        "10s",
-        &["--log-write-budget", "0"],
-        "warn",
-    );
-    op.wait_ready(http).await;
+    let mut op = scenario_operator(cp, client, http, workdir, NS, "fifo").await;
     let mut results = Vec::new();
     for ordering in ["unordered", "fifo"] {
         let org = format!("org_fifo_{ordering}");
