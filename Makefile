@@ -126,7 +126,7 @@ test: disk-check control-plane fuzz-tools verifier-tools promtool egress-proxy b
 	$(CARGO) fmt --all -- --check
 	@# The images first: cargo holds target/ while tests run, so tests cannot build them.
 	@if [ "$$(uname -s)" = Linux ]; then hack/image.sh all >/dev/null; fi
-	CAPY_SCHEMATHESIS=$$(hack/fuzz-tools.sh) CAPY_VERIFIER_PYTHON=$$(hack/verifier-tools.sh) CAPY_OTELCOL=$$(hack/otel-collector.sh) CAPY_PROMTOOL=$$(hack/promtool.sh) CAPY_TINYPROXY=$$(hack/egress-proxy.sh) $(CARGO) test --lib --bins --tests -- --test-threads=4
+	CAPY_SCHEMATHESIS=$$(hack/fuzz-tools.sh) CAPY_VERIFIER_PYTHON=$$(hack/verifier-tools.sh) CAPY_OTELCOL=$$(hack/otel-collector.sh) CAPY_PROMTOOL=$$(hack/promtool.sh) CAPY_TINYPROXY=$$(hack/egress-proxy.sh) $(CARGO) test --no-fail-fast --lib --bins --tests -- --test-threads=4
 	@if why=$$(hack/node.sh check); then \
 	  echo "pods tests: ran on a real node (tests/pods.rs)"; \
 	else \
