@@ -243,6 +243,11 @@ impl Catalog {
         self.names.iter().map(|n| &self.by_name[n].def)
     }
 
+    /// The definition of one type, if the catalog has it.
+    pub fn definition(&self, name: &str) -> Option<&EventTypeDef> {
+        self.by_name.get(name).map(|entry| &entry.def)
+    }
+
     /// `{"event_types": [...]}`, serialized once per catalog.
     pub fn listing(&self) -> Bytes {
         self.listing.clone()

@@ -159,12 +159,15 @@ pub fn validate_secret_name(name: &str) -> Result<(), String> {
 /// Checks an endpoint filter: CEL that compiles to a bool within the cost limit (see
 /// [`crate::delivery::filter`]); the message has the line and column of the problem.
 pub fn validate_filter(filter: &str) -> Result<(), String> {
+    compile_filter(filter).map(drop)
+}
+
+/// [`validate_filter`], answering the compiled filter.
+pub fn compile_filter(filter: &str) -> Result<crate::delivery::filter::Filter, String> {
     if filter.trim().is_empty() {
         return Err("filter must not be empty (omit it, or null in an update, for none)".into());
     }
-    crate::delivery::filter::Filter::compile(filter)
-        .map(drop)
-        .map_err(|e| e.to_string())
+    crate::delivery::filter::Filter::compile(filter).map_err(|e| e.to_string())
 }
 
 /// Checks a whole spec; the first problem found is returned.

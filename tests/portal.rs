@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use capy_webhooks::resources::WebhookEndpoint;
+use capy_webhooks::resources::{WebhookEndpoint, WebhookEventType, WebhookEventTypeSpec};
 use fantoccini::{Client as Browser, ClientBuilder, Locator};
 use kube::Api;
 use reqwest::StatusCode;
@@ -534,16 +534,42 @@ async fn the_portal_in_a_real_browser() {
     browser.close().await.unwrap();
 }
 
-/// Where the chart's screenshot is written: with the others under `target/`, or over the README's
-/// committed picture (`docs/images/portal-chart.png`) when `CAPY_UPDATE_README_IMAGES=1` (a test
-/// run must not leave the checkout changed: the picture shows the time it was taken).
-fn chart_screenshot_path() -> PathBuf {
+/// Where a screenshot the README shows is written: with the others under `target/`, or over the
+/// README's committed picture (`docs/images/<name>.png`) when `CAPY_UPDATE_README_IMAGES=1` (a
+/// test run must not leave the checkout changed: the pictures show the time they were taken).
+fn readme_screenshot_path(name: &str) -> PathBuf {
     if std::env::var("CAPY_UPDATE_README_IMAGES").as_deref() == Ok("1") {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/images");
         std::fs::create_dir_all(&dir).unwrap();
-        return dir.join("portal-chart.png");
+        return dir.join(format!("{name}.png"));
     }
-    screenshots_dir().join("portal-chart.png")
+    screenshots_dir().join(format!("{name}.png"))
+}
+
+/// Starts recording the page's Content-Security-Policy violations (see [`assert_within_csp`]).
+async fn watch_csp(browser: &Browser) {
+    browser
+        .execute(
+            "window.cspViolations = [];
+             document.addEventListener('securitypolicyviolation', e => window.cspViolations.push(e.violatedDirective));",
+            vec![],
+        )
+        .await
+        .unwrap();
+}
+
+/// The browser reported no violation of the page's policy since [`watch_csp`], and the page
+/// loaded nothing from another origin.
+async fn assert_within_csp(browser: &Browser) {
+    let checked = browser
+        .execute(
+            "return [window.cspViolations,
+                     performance.getEntriesByType('resource').filter(e => !e.name.startsWith(location.origin)).length]",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(checked, json!([[], 0]), "CSP violations, requests elsewhere");
 }
 
 /// An attribute of the first element `css` matches.
@@ -651,14 +677,7 @@ async fn the_portal_charts_the_last_day_of_attempts() {
         (present(&browser, &row(&busy)).await && present(&browser, &row(&quiet)).await).then_some(())
     })
     .await;
-    browser
-        .execute(
-            "window.cspViolations = [];
-             document.addEventListener('securitypolicyviolation', e => window.cspViolations.push(e.violatedDirective));",
-            vec![],
-        )
-        .await
-        .unwrap();
+    watch_csp(&browser).await;
     // Nothing attempted: said so, and no empty drawing.
     click(&browser, &format!("{} .open", row(&quiet))).await;
     support::wait_for("the empty state", WAIT, || async {
@@ -717,15 +736,7 @@ async fn the_portal_charts_the_last_day_of_attempts() {
     assert!(drawn["width"].as_f64().unwrap() > 300.0, "{drawn}");
     // Drawn under the page's policy: the browser reported no violation of it, and nothing was
     // loaded from elsewhere.
-    let checked = browser
-        .execute(
-            "return [window.cspViolations,
-                     performance.getEntriesByType('resource').filter(e => !e.name.startsWith(location.origin)).length]",
-            vec![],
-        )
-        .await
-        .unwrap();
-    assert_eq!(checked, json!([[], 0]), "CSP violations, requests elsewhere");
+    assert_within_csp(&browser).await;
 
     let section = browser.find(Locator::Css("#chart-section")).await.unwrap();
     browser
@@ -736,7 +747,306 @@ async fn the_portal_charts_the_last_day_of_attempts() {
         .await
         .unwrap();
     let png = section.screenshot().await.expect("screenshot of the chart");
-    std::fs::write(chart_screenshot_path(), &png).unwrap();
+    std::fs::write(readme_screenshot_path("portal-chart"), &png).unwrap();
     screenshot(&browser, "portal-chart-page").await;
     browser.close().await.unwrap();
+}
+
+/// Creates a WebhookEventType for the catalog of the operator's namespace.
+async fn create_event_type(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+    group: Option<&str>,
+    example: Option<Value>,
+    deprecated: bool,
+) {
+    let spec = WebhookEventTypeSpec {
+        name: name.into(),
+        description: format!("Sent when {}", name.replace('.', " ")),
+        group: group.map(str::to_string),
+        schema: None,
+        example,
+        deprecated,
+    };
+    let api: Api<WebhookEventType> = Api::namespaced(client.clone(), ns);
+    let object = WebhookEventType::new(&name.replace('.', "-"), spec);
+    api.create(&kube::api::PostParams::default(), &object).await.unwrap();
+}
+
+/// The outcomes shown under a filter field after "Try on the examples": type → sent or not, and
+/// why not when the evaluation failed.
+async fn tried(browser: &Browser, prefix: &str) -> Value {
+    browser
+        .execute(
+            &format!(
+                "return [...document.querySelectorAll('#{prefix}-filter-results li')].map(li => [
+                   li.getAttribute('data-event-type'), li.getAttribute('data-matches') === 'true',
+                   (li.querySelector('.filter-why') || {{}}).textContent || null])"
+            ),
+            vec![],
+        )
+        .await
+        .unwrap()
+}
+
+/// Sets a form field's value as typing would.
+async fn type_into(browser: &Browser, css: &str, text: &str) {
+    let field = browser.find(Locator::Css(css)).await.unwrap();
+    field.clear().await.unwrap();
+    field.send_keys(text).await.unwrap();
+}
+
+/// Issue 25, item 4: the portal's endpoint forms pick event types from the catalog (grouped, with
+/// descriptions, deprecation and examples), and a filter is tried on the chosen types' examples
+/// before saving, by the server (`POST .../filters/test`) as ingest would evaluate it; what is
+/// saved is what was picked and tried.
+#[tokio::test]
+async fn the_portal_picks_event_types_from_the_catalog_and_tries_a_filter() {
+    let (client, ns, op, key) = setup("portal-catalog", Options::default()).await;
+    let eu = json!({"database_id": "db_1", "region": "eu-west-1", "size_gb": 10});
+    let us = json!({"database_id": "db_2", "region": "us-east-1"});
+    let catalog_types = [
+        ("database.created", Some("Databases"), Some(eu.clone()), false),
+        ("database.deleted", Some("Databases"), Some(us), false),
+        ("backup.completed", None, Some(json!({"size_bytes": 5})), false),
+        ("legacy.ping", None, None, true),
+    ];
+    for (name, group, example, deprecated) in catalog_types {
+        create_event_type(&client, &ns, name, group, example, deprecated).await;
+    }
+    let catalog = format!("{}/{ORG}/event-types", op.base);
+    support::wait_for("the catalog read", WAIT, || async {
+        let (_, body, _) = op.call("GET", &catalog, Some(&key), None).await;
+        (body["event_types"].as_array()?.len() == 4).then_some(())
+    })
+    .await;
+
+    // Over REST: on the catalog's example unless data is given, from any credential of the
+    // organization (a read-only portal session too), refused as an endpoint's filter would be.
+    let try_url = format!("{}/{ORG}/filters/test", op.base);
+    let eu_only = r#"event.data.region.startsWith("eu-")"#;
+    let attempt = |credential: String, body: Value| {
+        let (op, try_url) = (&op, &try_url);
+        async move { op.call("POST", try_url, Some(&credential), Some(body)).await }
+    };
+    let (status, result, _) = attempt(
+        key.clone(),
+        json!({"filter": eu_only, "event_type": "database.created"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{result}");
+    assert_conforms("FilterTestResult", &result);
+    assert_eq!(
+        result,
+        json!({"matches": true, "evaluation_error": null, "used_example": true})
+    );
+    let ro = open_session(&op, &key, Some(json!({"read_only": true}))).await["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let (status, result, _) = attempt(
+        ro,
+        json!({"filter": eu_only, "event_type": "database.created", "data": {"region": "us-west-2"}}),
+    )
+    .await;
+    assert_eq!(
+        (status, &result["matches"], &result["used_example"]),
+        (StatusCode::OK, &json!(false), &json!(false))
+    );
+    let (status, result, _) = attempt(
+        key.clone(),
+        json!({"filter": "event.data.region ==", "event_type": "database.created"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{result}");
+    assert!(
+        result["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("filter has a syntax error at line 1, column"),
+        "{result}"
+    );
+    let (status, result, _) = attempt(key.clone(), json!({"filter": "true", "event_type": "legacy.ping"})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{result}");
+    assert!(
+        result["error"].as_str().unwrap().contains("no example of legacy.ping"),
+        "{result}"
+    );
+    let (_, other_key) = op.mint_key(&client, &ns, "org_other", None).await;
+    let (status, result, _) = attempt(other_key, json!({"filter": "true", "event_type": "database.created"})).await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{result}");
+
+    // In the page: the create form lists the catalog, grouped, described, with examples.
+    let (_driver, browser) = start_browser().await;
+    let session = open_session(&op, &key, None).await;
+    browser.goto(session["url"].as_str().unwrap()).await.unwrap();
+    watch_csp(&browser).await;
+    support::wait_for("the catalog in the create form", WAIT, || async {
+        visible(&browser, "#create-catalog .catalog-type").await.then_some(())
+    })
+    .await;
+    let listed = browser
+        .execute(
+            "return [...document.querySelectorAll('#create-catalog .catalog-group')].map(g => ({
+               group: (g.querySelector('.catalog-group-name') || {}).textContent || null,
+               types: [...g.querySelectorAll('.catalog-type')].map(t => [
+                 t.getAttribute('data-event-type'),
+                 t.querySelector('.catalog-description').textContent,
+                 !!t.querySelector('.badge-deprecated'),
+                 !!t.querySelector('details.catalog-example')]),
+             }))",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        listed,
+        json!([
+            {"group": "Databases", "types": [
+                ["database.created", "Sent when database created", false, true],
+                ["database.deleted", "Sent when database deleted", false, true]]},
+            {"group": null, "types": [
+                ["backup.completed", "Sent when backup completed", false, true],
+                ["legacy.ping", "Sent when legacy ping", true, false]]},
+        ]),
+        "grouped (ungrouped last), described, deprecation and examples shown"
+    );
+    assert_eq!(text(&browser, "#create-event-types-label").await, "Other patterns");
+    // An example opens to the JSON the catalog holds.
+    click(&browser, "#create-catalog [data-event-type='database.created'] summary").await;
+    let example = text(&browser, "#create-catalog [data-event-type='database.created'] pre").await;
+    assert_eq!(serde_json::from_str::<Value>(&example).unwrap(), eu);
+    click(&browser, "#create-catalog [data-event-type='database.created'] summary").await;
+
+    // Two database types picked and a filter tried on their examples: the server's verdicts.
+    click(&browser, "#create-catalog [data-event-type='database.created'] input").await;
+    click(&browser, "#create-catalog [data-event-type='database.deleted'] input").await;
+    type_into(&browser, "#create-url", "https://hooks.example.com/eu").await;
+    type_into(&browser, "#create-filter", "event.data.region ==").await;
+    click(&browser, "#create-filter-try").await;
+    support::wait_for("the syntax error shown", WAIT, || async {
+        let shown = text(&browser, "#create-filter-results").await;
+        shown
+            .starts_with("filter has a syntax error at line 1, column")
+            .then_some(())
+    })
+    .await;
+    type_into(&browser, "#create-filter", "event.data.size_gb > 5").await;
+    assert_eq!(
+        text(&browser, "#create-filter-results").await,
+        "",
+        "an edit clears the old result"
+    );
+    click(&browser, "#create-filter-try").await;
+    let verdicts = support::wait_for("verdicts on both examples", WAIT, || async {
+        let shown = tried(&browser, "create").await;
+        (shown.as_array()?.len() == 2).then_some(shown)
+    })
+    .await;
+    // The deleted example has no size_gb: no match, and the page says why.
+    assert_eq!(verdicts[0], json!(["database.created", true, null]), "{verdicts}");
+    assert_eq!(
+        (&verdicts[1][0], &verdicts[1][1]),
+        (&json!("database.deleted"), &json!(false)),
+        "{verdicts}"
+    );
+    assert!(verdicts[1][2].as_str().unwrap_or("").contains("size_gb"), "{verdicts}");
+    screenshot(&browser, "portal-catalog-page").await;
+    browser
+        .execute(
+            "document.querySelector('#create-slot section').scrollIntoView({block: 'start'})",
+            vec![],
+        )
+        .await
+        .unwrap();
+    // Tall enough for the whole card: an element's screenshot stops at the viewport's edge.
+    browser.set_window_size(1280, 1700).await.unwrap();
+    let card = browser.find(Locator::Css("#create-slot section")).await.unwrap();
+    std::fs::write(
+        readme_screenshot_path("portal-catalog"),
+        card.screenshot().await.expect("screenshot of the create form"),
+    )
+    .unwrap();
+
+    // The filter everyone wants, plus a pattern the list does not name, saved as tried.
+    type_into(&browser, "#create-filter", eu_only).await;
+    type_into(&browser, "#create-event-types", "backup.*").await;
+    click(&browser, "#create-filter-try").await;
+    // backup.* brings backup.completed's example in: it has no region, so no match, and why.
+    let verdicts = support::wait_for("the eu filter tried on three examples", WAIT, || async {
+        let shown = tried(&browser, "create").await;
+        (shown.as_array()?.len() == 3 && shown[0][0] == "backup.completed").then_some(shown)
+    })
+    .await;
+    // In the catalog's order, by name.
+    assert_eq!(
+        (&verdicts[0][0], &verdicts[0][1], &verdicts[1], &verdicts[2]),
+        (
+            &json!("backup.completed"),
+            &json!(false),
+            &json!(["database.created", true, null]),
+            &json!(["database.deleted", false, null]),
+        ),
+        "{verdicts}"
+    );
+    assert!(verdicts[0][2].as_str().unwrap_or("").contains("region"), "{verdicts}");
+    click(&browser, "#create-submit").await;
+    let list = op.url(ORG, "");
+    let created = support::wait_for("the endpoint created", WAIT, || async {
+        let (_, body, _) = op.call("GET", &list, Some(&key), None).await;
+        body["webhook_endpoints"].as_array()?.first().cloned()
+    })
+    .await;
+    assert_eq!(
+        (&created["event_types"], &created["filter"]),
+        (
+            &json!(["database.created", "database.deleted", "backup.*"]),
+            &json!(eu_only)
+        ),
+        "{created}"
+    );
+
+    // Opened again, the endpoint shows its picks as ticks and its filter; read-only sessions see
+    // them disabled and may still try the filter.
+    let ro = open_session(&op, &key, Some(json!({"read_only": true}))).await;
+    browser.goto("about:blank").await.unwrap();
+    browser.goto(ro["url"].as_str().unwrap()).await.unwrap();
+    watch_csp(&browser).await;
+    let id = created["id"].as_str().unwrap();
+    click(&browser, &format!("#endpoints tr[data-endpoint-id=\"{id}\"] .open")).await;
+    support::wait_for("the detail's catalog", WAIT, || async {
+        visible(&browser, "#detail-catalog .catalog-type").await.then_some(())
+    })
+    .await;
+    let ticks = browser
+        .execute(
+            "return [...document.querySelectorAll('#detail-catalog input.catalog-check')]
+               .map(c => [c.value, c.checked, c.disabled])",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        ticks,
+        json!([
+            ["database.created", true, true],
+            ["database.deleted", true, true],
+            ["backup.completed", false, true],
+            ["legacy.ping", false, true],
+        ])
+    );
+    let patterns = browser.find(Locator::Css("#detail-event-types")).await.unwrap();
+    assert_eq!(patterns.prop("value").await.unwrap().as_deref(), Some("backup.*"));
+    let filter = browser.find(Locator::Css("#detail-filter")).await.unwrap();
+    assert_eq!(filter.prop("value").await.unwrap().as_deref(), Some(eu_only));
+    click(&browser, "#detail-filter-try").await;
+    support::wait_for("a read-only session tries the filter", WAIT, || async {
+        (tried(&browser, "detail").await.as_array()?.len() == 3).then_some(())
+    })
+    .await;
+    assert_within_csp(&browser).await;
+    browser.close().await.unwrap();
+    op.stop().await;
+    support::delete_namespace(&client, &ns).await;
 }

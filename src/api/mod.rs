@@ -260,6 +260,7 @@ impl ApiState {
             }
             // Serialized once per change of the catalog; the same for every organization.
             Operation::ListEventTypes => Ok(json_response(self.config.catalog.current().listing())),
+            Operation::TestFilter => self.test_filter(org, body),
             Operation::OpenApiDocument => Ok(json_response(openapi::DOCUMENT_JSON.clone())),
             Operation::PortalPage => Ok(portal::page(path)),
             Operation::PortalScript => Ok(portal::script()),
@@ -691,6 +692,15 @@ impl ApiState {
         info!(organization = %org, endpoint = %id, recovered, %since, %until, "failed deliveries recovered");
         let body = model::Recovered { recovered };
         Ok(warp::reply::with_status(warp::reply::json(&body), StatusCode::ACCEPTED).into_response())
+    }
+
+    /// Tries a filter on an event (authenticated before the body was read): `200 {"matches",
+    /// ...}`; nothing is sent or stored. Rate-limited: each call compiles and evaluates CEL.
+    fn test_filter(&self, org: String, body: Bytes) -> Result<Response, ApiError> {
+        self.within_rate(&org)?;
+        let request: model::FilterTestRequest = parse_json(&body)?;
+        let result = model::test_filter(&request, &self.config.catalog.current()).map_err(ApiError::bad_request)?;
+        Ok(warp::reply::json(&result).into_response())
     }
 
     /// Erases an event's payload from the organization's logs: `200 {"event_id", "deliveries"}`

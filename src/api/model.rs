@@ -627,6 +627,80 @@ pub struct RecoverRequest {
     pub until: Option<String>,
 }
 
+/// Body of `POST /v1/organizations/{org}/filters/test`: a filter and an event to try it on.
+#[derive(Deserialize, Debug, Clone, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "FilterTest")]
+pub struct FilterTestRequest {
+    /// The CEL filter, under the rules of an endpoint's `filter`.
+    #[schemars(length(min = 1, max = MAX_FILTER_LENGTH))]
+    pub filter: String,
+    /// The event's type, `event.type` (an exact type, no wildcard).
+    #[schemars(length(min = 1, max = MAX_EVENT_TYPE_LENGTH), pattern(EVENT_TYPE_PATTERN))]
+    pub event_type: String,
+    /// The event's `data` (an object). When absent or null, the example of `event_type` in the
+    /// event-type catalog.
+    #[serde(default)]
+    #[schemars(with = "Option<serde_json::Map<String, Value>>")]
+    pub data: Option<Value>,
+}
+
+/// Answer of `POST .../filters/test`.
+#[derive(Serialize, Debug, Clone, PartialEq, JsonSchema)]
+#[schemars(rename = "FilterTestResult", deny_unknown_fields)]
+pub struct FilterTestResult {
+    /// Whether the filter gives `true` for the event, that is whether an endpoint with this
+    /// filter (and matching `event_types`) would be sent the event.
+    pub matches: bool,
+    /// Why the filter did not give a bool (a field the event lacks, a type mismatch, ...): the
+    /// event then does not match, as at ingest. `null` when it gave one.
+    pub evaluation_error: Option<String>,
+    /// Whether `data` was the catalog's example of the type (the request gave none).
+    pub used_example: bool,
+}
+
+/// Tries a filter on an event as ingest would, without sending anything: the filter must
+/// compile under the rules of an endpoint's (the same message when it does not), and `data`,
+/// when the request has none, is the catalog's example of the type.
+pub fn test_filter(request: &FilterTestRequest, catalog: &crate::catalog::Catalog) -> Result<FilterTestResult, String> {
+    let filter = crate::validation::compile_filter(&request.filter)?;
+    if request.event_type.ends_with(".*") {
+        return Err("event_type must be an exact type, not a pattern".into());
+    }
+    crate::validation::validate_event_type(&request.event_type)?;
+    let (data, used_example) = match &request.data {
+        Some(Value::Null) | None => {
+            let example = catalog
+                .definition(&request.event_type)
+                .and_then(|def| def.example.clone())
+                .ok_or_else(|| {
+                    format!(
+                        "give data: the event-type catalog has no example of {}",
+                        request.event_type
+                    )
+                })?;
+            (example, true)
+        }
+        Some(data) => (data.clone(), false),
+    };
+    if !data.is_object() {
+        return Err("data must be a JSON object".into());
+    }
+    let input = crate::delivery::filter::EventInput::new(&request.event_type, &data);
+    Ok(match filter.evaluate(&input) {
+        Ok(matches) => FilterTestResult {
+            matches,
+            evaluation_error: None,
+            used_example,
+        },
+        Err(e) => FilterTestResult {
+            matches: false,
+            evaluation_error: Some(e.to_string()),
+            used_example,
+        },
+    })
+}
+
 /// Longest window one recovery covers.
 pub const MAX_RECOVER_WINDOW: jiff::SignedDuration = jiff::SignedDuration::from_hours(14 * 24);
 
@@ -793,6 +867,102 @@ pub(super) mod tests {
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, Time};
 
     const LAX: UrlPolicy = UrlPolicy { allow_http: true };
+
+    fn catalog_with_example() -> crate::catalog::Catalog {
+        let def = crate::catalog::EventTypeDef {
+            name: "database.created".into(),
+            description: "A database was created".into(),
+            group: None,
+            schema: None,
+            example: Some(json!({"region": "eu-west-1", "size_gb": 10})),
+            deprecated: false,
+        };
+        let source = crate::catalog::Source {
+            object: "ns/database-created".into(),
+            version: "1".into(),
+            age: "2026-01-01T00:00:00Z".into(),
+            def,
+        };
+        crate::catalog::Catalog::build(vec![source], &mut crate::catalog::SchemaCache::default())
+    }
+
+    fn filter_test(filter: &str, event_type: &str, data: Option<Value>) -> FilterTestRequest {
+        FilterTestRequest {
+            filter: filter.into(),
+            event_type: event_type.into(),
+            data,
+        }
+    }
+
+    #[test]
+    fn a_filter_is_tried_on_the_catalog_example_unless_data_is_given() {
+        let catalog = catalog_with_example();
+        let eu = r#"event.data.region.startsWith("eu-")"#;
+        let tried = test_filter(&filter_test(eu, "database.created", None), &catalog).unwrap();
+        assert_eq!(
+            tried,
+            FilterTestResult {
+                matches: true,
+                evaluation_error: None,
+                used_example: true
+            }
+        );
+        let given = json!({"region": "us-east-1"});
+        let tried = test_filter(&filter_test(eu, "database.created", Some(given)), &catalog).unwrap();
+        assert!(!tried.matches && !tried.used_example && tried.evaluation_error.is_none());
+        // null is "not given", as an update's null is.
+        let tried = test_filter(&filter_test(eu, "database.created", Some(Value::Null)), &catalog).unwrap();
+        assert!(tried.matches && tried.used_example);
+        // Any type may be tried with data of one's own, in or out of the catalog.
+        let tried = test_filter(
+            &filter_test(r#"event.type == "other.thing""#, "other.thing", Some(json!({}))),
+            &catalog,
+        )
+        .unwrap();
+        assert!(tried.matches);
+    }
+
+    #[test]
+    fn a_missing_field_is_no_match_and_says_why() {
+        let tried = test_filter(
+            &filter_test("event.data.owner == \"ada\"", "database.created", None),
+            &catalog_with_example(),
+        )
+        .unwrap();
+        assert!(!tried.matches);
+        let why = tried.evaluation_error.unwrap();
+        assert!(why.contains("owner"), "{why}");
+    }
+
+    #[test]
+    fn a_filter_test_refuses_what_an_endpoint_would_and_bad_events() {
+        let catalog = catalog_with_example();
+        let refused = |r: FilterTestRequest| test_filter(&r, &catalog).unwrap_err();
+        let syntax = refused(filter_test("event.type ==", "database.created", None));
+        assert!(
+            syntax.starts_with("filter has a syntax error at line 1, column"),
+            "{syntax}"
+        );
+        assert_eq!(
+            syntax,
+            crate::validation::validate_filter("event.type ==").unwrap_err(),
+            "the message an endpoint write gives"
+        );
+        let typed = refused(filter_test("event.data + 1", "database.created", None));
+        assert!(typed.contains("type error"), "{typed}");
+        assert!(refused(filter_test(" ", "database.created", None)).contains("must not be empty"));
+        let no_example = refused(filter_test("true", "backup.done", None));
+        assert_eq!(
+            no_example,
+            "give data: the event-type catalog has no example of backup.done"
+        );
+        assert!(refused(filter_test("true", "database.*", Some(json!({})))).contains("exact type"));
+        assert!(refused(filter_test("true", "no spaces", Some(json!({})))).contains("is invalid"));
+        assert_eq!(
+            refused(filter_test("true", "database.created", Some(json!([1])))),
+            "data must be a JSON object"
+        );
+    }
 
     fn ts(s: i64) -> Timestamp {
         Timestamp::from_second(s).unwrap()

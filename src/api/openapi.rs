@@ -273,6 +273,26 @@ fn operation_doc(operation: Operation) -> Option<OperationDoc> {
                 (200, "The catalog, by name", schema_of::<crate::catalog::EventTypeList>),
             )
         },
+        TestFilter => OperationDoc {
+            description: Some(
+                "Extension: tries a CEL filter on an event, as ingest would evaluate an endpoint's `filter`, \
+                 without sending or storing anything: the portal's \"Try\" button. The filter is refused as \
+                 on an endpoint (400 with line and column). Without `data`, the catalog's example of \
+                 `event_type` is the event's data (400 when the catalog has none). An evaluation error (a \
+                 field the event lacks, a type mismatch) is no match, as at ingest, and is said in \
+                 `evaluation_error`. Any credential of the organization, read-only portal sessions included.",
+            ),
+            ..doc(
+                "testFilter",
+                "Try a filter on an event",
+                Some(schema_of::<model::FilterTestRequest>),
+                (
+                    200,
+                    "Whether the filter matches the event",
+                    schema_of::<model::FilterTestResult>,
+                ),
+            )
+        },
         OpenApiDocument | PortalPage | PortalScript | PortalStyles => return None,
     })
 }

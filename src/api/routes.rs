@@ -40,6 +40,8 @@ pub enum Operation {
     CreatePortalSession,
     /// `GET` the event-type catalog.
     ListEventTypes,
+    /// `POST` a filter and an event: whether the filter matches it (nothing is sent).
+    TestFilter,
     /// `GET` the OpenAPI document.
     OpenApiDocument,
     /// `GET` the portal page (`/portal` redirects to `/portal/`).
@@ -65,7 +67,9 @@ impl Operation {
     pub fn access(self) -> Option<Access> {
         use Operation::*;
         match self {
-            ListEndpoints | ListDeliveries | EndpointStats | GetSettings | ListEventTypes => Some(Access::Read),
+            ListEndpoints | ListDeliveries | EndpointStats | GetSettings | ListEventTypes | TestFilter => {
+                Some(Access::Read)
+            }
             CreateEndpoint | UpdateEndpoint | DeleteEndpoint | RotateSecret | RetryDelivery | TestEndpoint
             | RecoverDeliveries | UpdateSettings | CreatePortalSession | EraseEvent => Some(Access::Write),
             OpenApiDocument | PortalPage | PortalScript | PortalStyles => None,
@@ -76,7 +80,9 @@ impl Operation {
     pub fn body(self) -> Option<BodyRule> {
         use Operation::*;
         match self {
-            CreateEndpoint | UpdateEndpoint | RecoverDeliveries | UpdateSettings => Some(BodyRule::Required),
+            CreateEndpoint | UpdateEndpoint | RecoverDeliveries | UpdateSettings | TestFilter => {
+                Some(BodyRule::Required)
+            }
             CreatePortalSession => Some(BodyRule::Optional),
             ListEndpoints | DeleteEndpoint | RotateSecret | ListDeliveries | EndpointStats | RetryDelivery
             | TestEndpoint | GetSettings | EraseEvent | ListEventTypes | OpenApiDocument | PortalPage
@@ -90,7 +96,7 @@ impl Operation {
         use Operation::*;
         matches!(
             self,
-            ListDeliveries | EndpointStats | RetryDelivery | TestEndpoint | RecoverDeliveries
+            ListDeliveries | EndpointStats | RetryDelivery | TestEndpoint | RecoverDeliveries | TestFilter
         )
     }
 }
@@ -182,6 +188,7 @@ pub static ROUTES: RouteTable<Operation> = RouteTable::new(&[
     ),
     route("/v1/organizations/:org/events/:event", "DELETE", Operation::EraseEvent),
     route("/v1/organizations/:org/event-types", "GET", Operation::ListEventTypes),
+    route("/v1/organizations/:org/filters/test", "POST", Operation::TestFilter),
     route("/openapi.json", "GET", Operation::OpenApiDocument),
     route("/portal/", "GET", Operation::PortalPage),
     route("/portal/app.js", "GET", Operation::PortalScript),

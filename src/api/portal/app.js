@@ -46,6 +46,10 @@
     statsTimer: 0,
     statsFailures: 0,
     stats: null,
+    // The event-type catalog; null until it is read.
+    catalog: null,
+    catalogTimer: 0,
+    orgBase: "",
     secretReturnFocus: null,
   };
 
@@ -222,7 +226,13 @@
     }
   }
 
-  async function api(method, path, body) {
+  /** A request to a route under the organization's endpoints (`path` follows `.../webhook-endpoints`). */
+  function api(method, path, body) {
+    return request(method, state.base + path, body);
+  }
+
+  /** A request to any route of the API (`url` is a path from the server's root). */
+  async function request(method, url, body) {
     if (state.signedOut || !state.token) throw new ApiError(MSG_EXPIRED, 401, true);
     const init = {
       method: method,
@@ -238,7 +248,7 @@
 
     let response;
     try {
-      response = await fetch(state.base + path, init);
+      response = await fetch(url, init);
     } catch (_) {
       throw new ApiError("Could not reach the server. Check your connection; the page keeps retrying.", 0);
     }
@@ -299,6 +309,7 @@
     clearTimeout(state.listTimer);
     clearTimeout(state.deliveryTimer);
     clearTimeout(state.statsTimer);
+    clearTimeout(state.catalogTimer);
     state.listSeq++;
     state.deliverySeq++;
     state.statsSeq++;
@@ -382,8 +393,11 @@
     const cells = tr.cells;
     setText(cells[0], ep.url);
     setText(cells[1], ep.description);
-    setText(cells[2], formatEventTypes(ep.event_types) || "All events");
-    cells[2].classList.toggle("muted", !formatEventTypes(ep.event_types));
+    // A filter narrows the types further: said beside them, the expression in the tooltip.
+    const types = formatEventTypes(ep.event_types) || "All events";
+    setText(cells[2], ep.filter ? types + " (filtered)" : types);
+    setAttr(cells[2], "title", ep.filter ? "Filter: " + ep.filter : "");
+    cells[2].classList.toggle("muted", !formatEventTypes(ep.event_types) && !ep.filter);
     const health = ep.health || "unknown";
     const badge = cells[3].firstChild;
     const cls = "health health-" + classToken(health);
@@ -452,14 +466,17 @@
     const body = {
       url: url,
       description: $("create-description").value.trim(),
-      event_types: parseEventTypes($("create-event-types").value),
+      event_types: pickerValue("create"),
     };
+    const filter = $("create-filter").value.trim();
+    if (filter) body.filter = filter;
     const scheme = $("create-scheme").value;
     if (scheme && scheme !== "hmac-sha256") body.signature_scheme = scheme;
     submit.disabled = true;
     try {
       const data = await api("POST", "", body);
       form.reset();
+      $("create-filter-results").replaceChildren();
       notify("Endpoint created.", "success");
       refreshList();
       if (data.plaintext_secret) showSecret(data.plaintext_secret);
@@ -547,7 +564,9 @@
     setText($("detail-title"), ep.url || "Endpoint");
     $("detail-url").value = ep.url || "";
     $("detail-description").value = ep.description || "";
-    $("detail-event-types").value = formatEventTypes(ep.event_types);
+    setPickerValue("detail", Array.isArray(ep.event_types) ? ep.event_types : []);
+    $("detail-filter").value = ep.filter || "";
+    $("detail-filter-results").replaceChildren();
     $("detail-active").checked = Boolean(ep.is_active);
     fillDetailMeta(ep);
   }
@@ -644,7 +663,9 @@
     const body = {
       url: url,
       description: $("detail-description").value.trim(),
-      event_types: parseEventTypes($("detail-event-types").value),
+      event_types: pickerValue("detail"),
+      // null removes a filter; the same null when there was none changes nothing.
+      filter: $("detail-filter").value.trim() || null,
       is_active: $("detail-active").checked,
     };
     const save = $("detail-save");
@@ -1178,6 +1199,225 @@
     }
   }
 
+
+  // ---------------------------------------------------------------- catalog
+  //
+  // The event-type catalog (GET .../event-types). When it has types, each endpoint form lists them
+  // to pick from, with their descriptions and examples; the text field stays for prefix patterns
+  // (`backup.*`) and for types the list does not name. A filter can be tried on the examples
+  // before saving (POST .../filters/test): the server evaluates it as ingest would, so what the
+  // page says is what delivery will do.
+
+  const CATALOG_RETRY_MS = 5000;
+  // Each try is a request that counts against the organization's rate.
+  const MAX_FILTER_TRIES = 12;
+  const PICKERS = ["create", "detail"];
+
+  function catalogTypes() {
+    return Array.isArray(state.catalog) ? state.catalog : [];
+  }
+
+  function hasExample(type) {
+    return type.example !== null && type.example !== undefined;
+  }
+
+  /** Whether an event-type pattern (`a.b` or `a.*`) covers the type `name`, as the server matches. */
+  function patternCovers(pattern, name) {
+    return pattern === name || (pattern.endsWith(".*") && name.startsWith(pattern.slice(0, -1)));
+  }
+
+  async function loadCatalog() {
+    if (state.signedOut) return;
+    clearTimeout(state.catalogTimer);
+    try {
+      const data = await request("GET", state.orgBase + "/event-types");
+      state.catalog = Array.isArray(data.event_types) ? data.event_types : [];
+      for (const prefix of PICKERS) buildPicker(prefix);
+    } catch (err) {
+      // The forms work without it (free text, as with an empty catalog): tried again quietly.
+      if (!err.silent) state.catalogTimer = setTimeout(loadCatalog, CATALOG_RETRY_MS);
+    }
+  }
+
+  function pickerBox(prefix) {
+    const box = $(prefix + "-catalog");
+    return box && !box.hidden ? box : null;
+  }
+
+  /** The event types a form says: the types picked from the catalog, then the text field's. */
+  function pickerValue(prefix) {
+    const picked = [];
+    const box = pickerBox(prefix);
+    if (box) {
+      for (const check of box.querySelectorAll("input.catalog-check")) if (check.checked) picked.push(check.value);
+    }
+    for (const pattern of parseEventTypes($(prefix + "-event-types").value)) {
+      if (!picked.includes(pattern)) picked.push(pattern);
+    }
+    return picked;
+  }
+
+  /** Shows `list` in a form: catalog types as ticks, the rest (patterns, unlisted types) as text. */
+  function setPickerValue(prefix, list) {
+    const listed = new Set();
+    const box = pickerBox(prefix);
+    if (box) {
+      for (const check of box.querySelectorAll("input.catalog-check")) {
+        check.checked = list.includes(check.value);
+        if (check.checked) listed.add(check.value);
+      }
+    }
+    $(prefix + "-event-types").value = formatEventTypes(list.filter((p) => !listed.has(p)));
+  }
+
+  function typeOption(prefix, type, index, readOnly) {
+    const id = prefix + "-type-" + index;
+    const item = el("div", "catalog-type" + (type.deprecated ? " deprecated" : ""));
+    item.setAttribute("data-event-type", type.name);
+    const check = el("input", "catalog-check");
+    check.type = "checkbox";
+    check.id = id;
+    check.value = type.name;
+    check.disabled = readOnly;
+    const label = el("label", "catalog-label");
+    label.htmlFor = id;
+    label.appendChild(el("code", "catalog-name", type.name));
+    if (type.deprecated) label.appendChild(el("span", "badge badge-deprecated", "deprecated"));
+    item.appendChild(check);
+    item.appendChild(label);
+    if (type.description) {
+      const description = el("p", "catalog-description", type.description);
+      description.id = id + "-description";
+      check.setAttribute("aria-describedby", description.id);
+      item.appendChild(description);
+    }
+    if (hasExample(type)) {
+      const example = el("details", "catalog-example");
+      example.appendChild(el("summary", null, "Example"));
+      let text;
+      try {
+        text = JSON.stringify(type.example, null, 2);
+      } catch (_) {
+        text = String(type.example);
+      }
+      example.appendChild(el("pre", null, text));
+      item.appendChild(example);
+    }
+    return item;
+  }
+
+  /** Lists the catalog in a form (grouped, ungrouped types last), keeping what it says. */
+  function buildPicker(prefix) {
+    const box = $(prefix + "-catalog");
+    if (!box) return; // a read-only session has no create form
+    const value = pickerValue(prefix);
+    const types = catalogTypes();
+    const label = $(prefix + "-event-types-label");
+    const help = $(prefix + "-event-types-help");
+    if (!types.length) {
+      box.hidden = true;
+      box.replaceChildren();
+      return;
+    }
+    const readOnly = prefix === "detail" && state.ro;
+    $(prefix + "-filter-try-row").hidden = !types.some(hasExample);
+    const groups = new Map();
+    for (const type of types) {
+      const group = type.group || "";
+      if (!groups.has(group)) groups.set(group, []);
+      groups.get(group).push(type);
+    }
+    const order = Array.from(groups.keys()).sort((a, b) => (a === "") - (b === "") || a.localeCompare(b));
+    const fieldset = el("fieldset", "catalog-list");
+    fieldset.appendChild(el("legend", "catalog-legend", "Event types"));
+    let index = 0;
+    for (const group of order) {
+      const section = el("div", "catalog-group");
+      if (group) section.appendChild(el("p", "catalog-group-name", group));
+      for (const type of groups.get(group)) section.appendChild(typeOption(prefix, type, index++, readOnly));
+      fieldset.appendChild(section);
+    }
+    box.replaceChildren(fieldset);
+    box.hidden = false;
+    setText(label, "Other patterns");
+    if (help) {
+      help.textContent = readOnly
+        ? "Patterns and types the list does not name. Nothing chosen means all events."
+        : "Comma-separated prefixes such as backup.*, or types the list does not name. With nothing chosen, every event is sent.";
+    }
+    setPickerValue(prefix, value);
+  }
+
+  /** The catalog types a form's filter is tried on: those it subscribes to that have an example. */
+  function typesToTry(prefix) {
+    const withExample = catalogTypes().filter(hasExample);
+    const chosen = pickerValue(prefix);
+    if (!chosen.length) return withExample; // every event
+    return withExample.filter((type) => chosen.some((pattern) => patternCovers(pattern, type.name)));
+  }
+
+  function filterNote(results, text, className) {
+    results.replaceChildren(el("p", className || "filter-note", text));
+  }
+
+  function onTryFilter(prefix) {
+    const results = $(prefix + "-filter-results");
+    const filter = $(prefix + "-filter").value.trim();
+    if (!filter) {
+      filterNote(results, "Enter a filter to try it.");
+      return;
+    }
+    const all = typesToTry(prefix);
+    if (!all.length) {
+      filterNote(
+        results,
+        catalogTypes().some(hasExample)
+          ? "None of the chosen event types has an example to try the filter on."
+          : "The event-type catalog has no examples to try the filter on."
+      );
+      return;
+    }
+    const types = all.slice(0, MAX_FILTER_TRIES);
+    return withButton($(prefix + "-filter-try"), async () => {
+      results.setAttribute("aria-busy", "true");
+      try {
+        const list = el("ul", "filter-result-list");
+        for (const type of types) {
+          let result;
+          try {
+            result = await request("POST", state.orgBase + "/filters/test", { filter: filter, event_type: type.name });
+          } catch (err) {
+            // The filter itself is refused (syntax, types, cost): the server's words, with the position.
+            if (err.status === 400) {
+              filterNote(results, err.message, "filter-error");
+              return;
+            }
+            throw err;
+          }
+          const item = el("li", result.matches ? "filter-match" : "filter-miss");
+          item.setAttribute("data-event-type", type.name);
+          item.setAttribute("data-matches", String(Boolean(result.matches)));
+          item.appendChild(el("span", "filter-verdict", result.matches ? "Sent" : "Not sent"));
+          item.appendChild(el("code", null, type.name));
+          if (result.evaluation_error) item.appendChild(el("span", "filter-why", result.evaluation_error));
+          list.appendChild(item);
+        }
+        results.replaceChildren(list);
+        if (all.length > types.length) {
+          results.appendChild(el("p", "muted small", "Tried on the first " + types.length + " of " + all.length + " examples."));
+        }
+      } finally {
+        results.removeAttribute("aria-busy");
+      }
+    });
+  }
+
+  function mountFilterTry(prefix) {
+    $(prefix + "-filter-try").addEventListener("click", () => onTryFilter(prefix));
+    // A result says what the filter did when it was tried: gone once the filter changes.
+    $(prefix + "-filter").addEventListener("input", () => $(prefix + "-filter-results").replaceChildren());
+  }
+
   // ------------------------------------------------------------------ setup
 
   function mountWriteControls() {
@@ -1193,10 +1433,11 @@
     $("detail-delete-cancel").addEventListener("click", onDeleteCancel);
     $("detail-delete-confirm").addEventListener("click", onDeleteConfirm);
     $("recover-form").addEventListener("submit", onRecover);
+    mountFilterTry("create");
   }
 
   function makeDetailReadOnly() {
-    for (const id of ["detail-url", "detail-description", "detail-event-types"]) {
+    for (const id of ["detail-url", "detail-description", "detail-event-types", "detail-filter"]) {
       $(id).readOnly = true;
     }
     $("detail-active").disabled = true;
@@ -1240,7 +1481,8 @@
     state.org = claims.org;
     state.exp = claims.exp;
     state.ro = claims.ro;
-    state.base = "/v1/organizations/" + enc(state.org) + "/webhook-endpoints";
+    state.orgBase = "/v1/organizations/" + enc(state.org);
+    state.base = state.orgBase + "/webhook-endpoints";
 
     if (state.ro) {
       for (const id of ["tpl-create", "tpl-detail-save", "tpl-detail-actions", "tpl-recover"]) removeTemplate(id);
@@ -1261,8 +1503,11 @@
     $("detail-close").addEventListener("click", () => closeDetail(true));
     $("delivery-filter").addEventListener("change", renderDeliveries);
     window.addEventListener("resize", onChartResize);
+    // Trying a filter only reads: read-only sessions may too.
+    mountFilterTry("detail");
 
     refreshList();
+    loadCatalog();
   }
 
   if (document.readyState === "loading") {
