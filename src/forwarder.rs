@@ -160,6 +160,12 @@ impl Router {
         for (name, value) in self.key.sign("POST", WORK_PATH, unix_now(), &body) {
             post = post.header(name, value);
         }
+        // The owner's work (a retry, a test event, an erasure...) continues the trace of the
+        // request that asked for it, as a relayed event does. Not signed, and not needed to be:
+        // it only places spans.
+        if let Some(traceparent) = crate::traces::current_traceparent() {
+            post = post.header(crate::traces::TRACEPARENT, traceparent);
+        }
         let response = post
             .body(body)
             .send()

@@ -2,7 +2,8 @@
 //! (built from the Go module proxy by `hack/otel-collector.sh`) that writes what it receives to a
 //! file. A producer's `traceparent` on an event makes the event's ingest and every attempt of its
 //! delivery, one before a restart of the operator and one after, spans of the producer's trace;
-//! the receiver never sees a trace header.
+//! the receiver never sees a trace header. With two replicas, work a replica forwards to the
+//! organization's owner stays in the trace of the request that asked for it.
 
 mod support;
 
@@ -332,6 +333,115 @@ async fn an_events_ingest_and_attempts_before_and_after_a_restart_are_spans_of_t
             .attr("capy.log.bytes")
             .is_some_and(|n| n.parse::<u64>().unwrap() > 0),
         "{write:?}"
+    );
+    support::delete_namespace(&client, &ns).await;
+}
+
+/// A REST request to either of two replicas, one of which owns the organization: the other
+/// forwards the work (a test event) over `/internal/v1/work`, and the owner's span of that work is
+/// a child of the asking replica's request span, in the caller's trace; the test event's attempt
+/// joins the same trace.
+#[tokio::test]
+async fn forwarded_work_stays_in_the_trace_of_the_request_that_asked_for_it() {
+    let client = support::client().await;
+    support::install_crd(&client).await;
+    let ns = support::test_namespace(&client, "traces-fwd").await;
+    let dir = tempfile::tempdir().unwrap();
+    let collector_port = free_port();
+    let file = dir.path().join("spans.jsonl");
+    let _collector = Collector::start(dir.path(), collector_port, &file);
+    support::wait_for("the collector listens", Duration::from_secs(30), || async {
+        std::net::TcpStream::connect(("127.0.0.1", collector_port)).ok()
+    })
+    .await;
+
+    let receiver = Receiver::start(vec![]).await;
+    let replicas: Vec<(u16, OperatorProcess)> = ["trace-a", "trace-b"]
+        .iter()
+        .map(|name| {
+            let api = free_port();
+            let flags = vec![
+                ("--api-listen", format!("127.0.0.1:{api}")),
+                ("--ingest-listen", format!("127.0.0.1:{}", free_port())),
+                ("--metrics-listen", format!("127.0.0.1:{}", free_port())),
+                ("--identity", name.to_string()),
+                ("--lease-duration", "6s".into()),
+                ("--otlp-endpoint", format!("http://127.0.0.1:{collector_port}")),
+                ("--trace-sampling-ratio", "1".into()),
+                ("--shutdown-grace", "5s".into()),
+            ];
+            (api, OperatorProcess::start_replica(&ns, dir.path(), name, flags))
+        })
+        .collect();
+    let http = reqwest::Client::new();
+    let (_, key) = capy_webhooks::auth::api_keys::create_key(&client, &ns, ORG, None, None)
+        .await
+        .unwrap();
+    let endpoint_id = support::process::create_endpoint(&http, replicas[0].0, ORG, &key, &receiver.url("/t")).await;
+
+    // One test event asked of each replica, each in a trace of its own caller.
+    let mut traces = Vec::new();
+    for (api, _) in &replicas {
+        let (trace_id, caller_span) = (random_hex(16), random_hex(8));
+        let url = format!("http://127.0.0.1:{api}/v1/organizations/{ORG}/webhook-endpoints/{endpoint_id}/test");
+        support::wait_for("a test event accepted", Duration::from_secs(60), || async {
+            let res = http
+                .post(&url)
+                .bearer_auth(&key)
+                .header("traceparent", format!("00-{trace_id}-{caller_span}-01"))
+                .send()
+                .await
+                .ok()?;
+            (res.status() == 202).then_some(())
+        })
+        .await;
+        traces.push(trace_id);
+    }
+    support::wait_for("both test events received", Duration::from_secs(30), || async {
+        (receiver.received().len() >= 2).then_some(())
+    })
+    .await;
+    for (_, mut process) in replicas {
+        terminate(&mut process);
+    }
+
+    const WORK: &str = "POST /internal/v1/work";
+    let spans = support::wait_for("the forwarded work's span", Duration::from_secs(30), || {
+        let spans = spans(&file);
+        let forwarded = spans.iter().any(|s| s.name == WORK && traces.contains(&s.trace_id));
+        async move { forwarded.then_some(spans) }
+    })
+    .await;
+    let summary = || format!("{spans:#?}");
+    // Exactly one of the two requests was forwarded: the one to the replica that does not own
+    // the organization.
+    let work: Vec<&Span> = spans
+        .iter()
+        .filter(|s| s.name == WORK && traces.contains(&s.trace_id))
+        .collect();
+    assert_eq!(work.len(), 1, "{}", summary());
+    let work = work[0];
+    let asked = spans
+        .iter()
+        .find(|s| s.span_id == work.parent)
+        .unwrap_or_else(|| panic!("the work span's parent is not exported: {}", summary()));
+    assert_eq!(asked.trace_id, work.trace_id);
+    assert_eq!(
+        asked.name, "POST /v1/organizations/:org/webhook-endpoints/:id/test",
+        "{asked:?}"
+    );
+    assert_eq!(
+        work.attr("http.response.status_code").as_deref(),
+        Some("200"),
+        "{work:?}"
+    );
+    // The attempt of the forwarded test event is in the caller's trace too.
+    assert!(
+        spans
+            .iter()
+            .any(|s| s.name == "webhook attempt" && s.trace_id == work.trace_id),
+        "no attempt in the forwarded request's trace: {}",
+        summary()
     );
     support::delete_namespace(&client, &ns).await;
 }
