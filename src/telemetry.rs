@@ -54,9 +54,21 @@ pub fn init(format: LogFormat, tracer: Option<opentelemetry_sdk::trace::Tracer>)
         Some(tracer) => {
             let spans =
                 tracing_subscriber::filter::Targets::new().with_target(crate::traces::TARGET, tracing::Level::TRACE);
-            registry
-                .with(tracing_opentelemetry::layer().with_tracer(tracer).with_filter(spans))
-                .init()
+            // Only the attributes each span sets itself: the layer's defaults add source location,
+            // thread and target to every span, time every poll of an instrumented future for
+            // busy/idle attributes, and make each poll activate an OpenTelemetry context. At an
+            // attempt span per delivery that is work per delivery for attributes no one asked
+            // for (`make bench`, row "traces on"). Without activation, parents are found through
+            // the tracing spans, and nothing here reads an activated context (`crate::traces`
+            // reads the tracing span's).
+            let layer = tracing_opentelemetry::layer()
+                .with_location(false)
+                .with_threads(false)
+                .with_target(false)
+                .with_tracked_inactivity(false)
+                .with_context_activation(false)
+                .with_tracer(tracer);
+            registry.with(layer.with_filter(spans)).init()
         }
     }
 }

@@ -406,11 +406,18 @@ async fn forwarded_work_stays_in_the_trace_of_the_request_that_asked_for_it() {
     }
 
     const WORK: &str = "POST /internal/v1/work";
-    let spans = support::wait_for("the forwarded work's span", Duration::from_secs(30), || {
-        let spans = spans(&file);
-        let forwarded = spans.iter().any(|s| s.name == WORK && traces.contains(&s.trace_id));
-        async move { forwarded.then_some(spans) }
-    })
+    // The collector writes what each replica exported at its own pace: wait for the work span and
+    // for a span of each caller's trace on the asking side.
+    let spans = support::wait_for(
+        "the forwarded work's span and its parent",
+        Duration::from_secs(30),
+        || {
+            let spans = spans(&file);
+            let written = |s: &Span| s.name == WORK && spans.iter().any(|p| p.span_id == s.parent);
+            let complete = spans.iter().any(written);
+            async move { complete.then_some(spans) }
+        },
+    )
     .await;
     let summary = || format!("{spans:#?}");
     // Exactly one of the two requests was forwarded: the one to the replica that does not own
