@@ -601,7 +601,10 @@ async fn a_rolling_restart_loses_nothing() {
         "answers other than 202 and 503: {:?}",
         produced.other
     );
-    assert!(produced.accepted.len() >= 5000, "{} events", produced.accepted.len());
+    // The producer paces itself at 100 events/s and falls behind on a busy machine (CI ran 4,944
+    // in the minute once): what matters is that the stream went on through every restart and
+    // that none of it is lost, not the machine's speed.
+    assert!(produced.accepted.len() >= 2500, "{} events", produced.accepted.len());
     wait_delivered(&sc.receiver, &sc.targets, &produced.accepted, Duration::from_secs(120)).await;
     sc.finish().await;
 }
