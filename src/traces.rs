@@ -1,10 +1,14 @@
 //! Traces: OpenTelemetry spans of REST requests, ingest, delivery-log writes and delivery
 //! attempts, exported over OTLP/HTTP with protobuf when an endpoint is configured; off otherwise.
 //!
-//! Every exported span is a `tracing` span with the target [`TARGET`]. Only the OpenTelemetry
-//! layer (installed by [`crate::telemetry::init`] when tracing is on) listens to that target; the
-//! log filter turns it off. So with tracing off, a span costs what a disabled `tracing` callsite
-//! costs (one cached interest check), and the helpers here return at once ([`enabled`]).
+//! Every exported span but the attempts' is a `tracing` span with the target [`TARGET`]. Only the
+//! OpenTelemetry layer (installed by [`crate::telemetry::init`] when tracing is on) listens to
+//! that target; the log filter turns it off. So with tracing off, a span costs what a disabled
+//! `tracing` callsite costs (one cached interest check), and the helpers here return at once
+//! ([`enabled`]). Attempt spans, one per delivery attempt and so most of the spans, are built with
+//! the OpenTelemetry API directly ([`AttemptSpan`]): they need no `tracing` span (nothing logs
+//! inside them), and skipping the layer's bookkeeping per span and per poll is most of what
+//! tracing costs per delivery.
 //!
 //! The producer's trace: a W3C `traceparent` on the ingest request parents the request's span,
 //! so the ingest span is in the producer's trace. The ingest span's context is kept with each
@@ -13,10 +17,12 @@
 //! always parented, so that each attempt is in the producer's trace. Nothing of this is ever sent
 //! to a receiver: attempts carry no tracing header.
 
+use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use opentelemetry::trace::{
-    SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+    Span as _, SpanContext, SpanId, SpanKind, Status, TraceContextExt, TraceFlags, TraceId, TraceState, Tracer as _,
+    TracerProvider as _,
 };
 use opentelemetry::{Context, KeyValue};
 use opentelemetry_otlp::{Protocol, WithExportConfig};
@@ -34,6 +40,9 @@ pub const TRACES_PATH: &str = "/v1/traces";
 pub const TRACEPARENT: &str = "traceparent";
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
+
+/// The tracer attempt spans are built with: the first [`Tracing::start`]'s (a process starts one).
+static ATTEMPT_TRACER: OnceLock<Tracer> = OnceLock::new();
 
 /// Whether spans are exported (an endpoint was configured and the exporter started).
 #[inline]
@@ -120,6 +129,7 @@ impl Tracing {
             .with_resource(resource)
             .build();
         let tracer = provider.tracer("capy-webhooks");
+        let _ = ATTEMPT_TRACER.set(tracer.clone());
         ENABLED.store(true, Ordering::Relaxed);
         Ok((Self { provider }, tracer))
     }
@@ -214,6 +224,79 @@ pub fn current_stored() -> Option<String> {
 /// another sends with it.
 pub fn current_traceparent() -> Option<String> {
     current_context().map(|c| format!("00-{}", encode_dashed(&c)))
+}
+
+/// The span of one delivery attempt (`webhook attempt`, kind client): a child of the context the
+/// delivery kept ([`encode`]), so it is in the producer's trace however late; a root span (sampled
+/// at the ratio) when it kept none. It names the receiver's host, never the URL's path or query
+/// (they may carry credentials). Ends when [`AttemptSpan::end`] is called or it is dropped.
+#[derive(Debug)]
+pub struct AttemptSpan(Option<opentelemetry_sdk::trace::Span>);
+
+/// What an attempt span names: the endpoint, the delivery, its event and which attempt it is.
+#[derive(Debug, Clone, Copy)]
+pub struct AttemptOf<'a> {
+    /// The endpoint's id.
+    pub endpoint: &'a str,
+    /// The delivery's id.
+    pub delivery: &'a str,
+    /// The event's id.
+    pub event: &'a str,
+    /// 1 for the first attempt.
+    pub attempt: u64,
+    /// The receiver's URL (only its host is kept).
+    pub url: &'a str,
+    /// The delivery's stored trace context ([`encode`]), if it kept one.
+    pub parent: Option<&'a str>,
+}
+
+impl AttemptSpan {
+    /// Starts the span of an attempt; nothing (and no allocation) when tracing is off.
+    pub fn start(of: AttemptOf<'_>) -> Self {
+        if !enabled() {
+            return Self(None);
+        }
+        let Some(tracer) = ATTEMPT_TRACER.get() else {
+            return Self(None);
+        };
+        let mut attributes = Vec::with_capacity(8);
+        attributes.push(KeyValue::new("capy.endpoint.id", of.endpoint.to_string()));
+        attributes.push(KeyValue::new("capy.delivery.id", of.delivery.to_string()));
+        attributes.push(KeyValue::new("capy.event.id", of.event.to_string()));
+        attributes.push(KeyValue::new("capy.attempt", of.attempt as i64));
+        if let Some(host) = url::Url::parse(of.url)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string))
+        {
+            attributes.push(KeyValue::new("server.address", host));
+        }
+        let parent = match of.parent.and_then(decode) {
+            Some(parent) => Context::new().with_remote_span_context(parent),
+            None => Context::new(),
+        };
+        let span = tracer
+            .span_builder("webhook attempt")
+            .with_kind(SpanKind::Client)
+            .with_attributes(attributes)
+            .start_with_context(tracer, &parent);
+        Self(Some(span))
+    }
+
+    /// Ends the span with how the attempt went: the receiver's status when it answered, and the
+    /// outcome's class (`timeout`, `connect_error`, ...) when the attempt failed.
+    pub fn end(mut self, status: Option<u16>, error_class: Option<&'static str>) {
+        let Some(mut span) = self.0.take() else {
+            return;
+        };
+        if let Some(status) = status {
+            span.set_attribute(KeyValue::new("http.response.status_code", i64::from(status)));
+        }
+        if let Some(class) = error_class {
+            span.set_attribute(KeyValue::new("error.type", class));
+            span.set_status(Status::error(""));
+        }
+        span.end();
+    }
 }
 
 /// `trace-span-flags`, as in a `traceparent` after its version.

@@ -872,7 +872,14 @@ impl Worker {
                             let waited = Duration::try_from(record.created_at.duration_until(now)).unwrap_or_default();
                             self.shared.config.metrics.first_attempt_started(waited);
                         }
-                        let span = attempt_span(&name, &endpoint.spec.url, record);
+                        let span = crate::traces::AttemptSpan::start(crate::traces::AttemptOf {
+                            endpoint: &name,
+                            delivery: &record.id,
+                            event: &record.event_id,
+                            attempt: u64::from(record.attempts) + 1,
+                            url: &endpoint.spec.url,
+                            parent: record.trace.as_deref(),
+                        });
                         self.in_flight.insert(id.clone());
                         let endpoint = endpoint.clone();
                         let shared = self.shared.clone();
@@ -884,9 +891,9 @@ impl Worker {
                             let result = shared
                                 .sender
                                 .send_as(identity.as_ref(), &spec.url, &spec.headers, &id, &body, &ring, at)
-                                .instrument(span.clone())
                                 .await;
-                            attempt_ended(&span, &result);
+                            let failed = (!result.outcome.is_success()).then(|| result.outcome.metric_label());
+                            span.end(result.outcome.status(), failed);
                             let _ = tx
                                 .send(Msg::AttemptDone {
                                     id,
@@ -1538,51 +1545,6 @@ fn queued<'a>(
             }
         }
         _ => Queued::Gone,
-    }
-}
-
-/// The span of one attempt: a child of the span that accepted the event, when the delivery kept
-/// its context (so it is in the producer's trace, however late), else a root span. It names the
-/// receiver's host only, never the URL's path or query (they may carry credentials).
-fn attempt_span(endpoint: &str, url: &str, record: &DeliveryRecord) -> tracing::Span {
-    let span = tracing::info_span!(
-        target: crate::traces::TARGET,
-        "attempt",
-        otel.name = "webhook attempt",
-        otel.kind = "client",
-        capy.endpoint.id = endpoint,
-        capy.delivery.id = %record.id,
-        capy.event.id = %record.event_id,
-        capy.attempt = u64::from(record.attempts) + 1,
-        server.address = tracing::field::Empty,
-        http.response.status_code = tracing::field::Empty,
-        error.type = tracing::field::Empty,
-        otel.status_code = tracing::field::Empty,
-    );
-    if span.is_disabled() {
-        return span;
-    }
-    if let Some(host) = url::Url::parse(url).ok().and_then(|u| u.host_str().map(str::to_string)) {
-        span.record("server.address", host.as_str());
-    }
-    if let Some(parent) = record.trace.as_deref().and_then(crate::traces::decode) {
-        crate::traces::set_parent(&span, &parent);
-    }
-    span
-}
-
-/// Records how an attempt ended on its span: the status when the receiver answered, and the
-/// outcome's class (`timeout`, `connect_error`, ...) when it failed.
-fn attempt_ended(span: &tracing::Span, result: &AttemptResult) {
-    if span.is_disabled() {
-        return;
-    }
-    if let Some(status) = result.outcome.status() {
-        span.record("http.response.status_code", status);
-    }
-    if !result.outcome.is_success() {
-        span.record("error.type", result.outcome.metric_label());
-        span.record("otel.status_code", "error");
     }
 }
 
